@@ -1,0 +1,1 @@
+"""One module per CLI command (see `mlx_tinyllama.trace.COMMANDS`)."""
