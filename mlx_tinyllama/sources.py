@@ -1,0 +1,234 @@
+"""One resolver for every `--model` spec, and the loader that builds the MLX model.
+
+Specs:
+- a local HF directory: config.json + model.safetensors, or shards listed in
+  model.safetensors.index.json;
+- a `.gguf` file (see gguf.py);
+- a Hugging Face repo id (`TinyLlama/TinyLlama-1.1B-Chat-v1.0`): the local HF
+  cache first; a download only with `allow_download` and a network;
+- `synthetic[:preset][:seed=N]`: a generated model of the TinyLlama architecture
+  (synthetic.py), written as an HF directory and loaded like one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import ModelConfig, load_config
+from .errors import UserError
+from .model import TinyLlama
+from .ops import KERNELS, POLICIES, Ops
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+DTYPE_ALIASES = {"fp16": "float16", "f16": "float16", "half": "float16", "bf16": "bfloat16",
+                 "fp32": "float32", "f32": "float32", "float": "float32"}
+HF_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+               "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ModelSource:
+    spec: str
+    path: Path  # HF directory or .gguf file
+    format: str  # "hf" or "gguf"
+    origin: str  # "local", "hf-cache", "download", "synthetic"
+    details: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        extra = f" ({self.details['layout']})" if "layout" in self.details else ""
+        return f"{self.spec} [{self.format}, {self.origin}: {self.path}]{extra}"
+
+
+@dataclass
+class LoadedModel:
+    model: TinyLlama
+    config: ModelConfig
+    source: ModelSource
+    dtype: str
+
+    @property
+    def ops(self) -> Ops:
+        return self.model.ops
+
+
+def dtype_name(name: str) -> str:
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} (or fp16/bf16/fp32)")
+    return name
+
+
+def resolve(spec: str, allow_download: bool = False, progress=None) -> ModelSource:
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from . import synthetic
+
+        preset, seed = synthetic.parse_spec(spec)
+        path = synthetic.materialize(preset, seed, progress=progress)
+        return ModelSource(spec, path, "hf", "synthetic", {"preset": preset, "seed": seed})
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        return ModelSource(spec, path, "gguf", "local")
+    if path.is_dir():
+        return ModelSource(spec, path, "hf", "local")
+    if path.exists():
+        raise UserError(f"{spec} is a file but neither a GGUF file nor a model directory")
+    if REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _resolve_repo(spec, allow_download)
+    raise UserError(
+        f"model {spec!r} not found: give a model directory, a .gguf file, a Hugging Face repo id "
+        "(e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0) or synthetic[:preset]"
+    )
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_repo(repo_id: str, allow_download: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS, local_files_only=True))
+        if (path / "config.json").is_file():
+            return ModelSource(repo_id, path, "hf", "hf-cache")
+    except Exception:  # not in the cache (huggingface_hub raises several types here)
+        pass
+    how = (
+        f"download it on a machine with network: `huggingface-cli download {repo_id}` "
+        f"(or `python -m mlx_tinyllama.trace --model {repo_id} --download`), "
+        "or pass a local directory with --model PATH"
+    )
+    if not allow_download:
+        raise UserError(f"{repo_id} is not in the local Hugging Face cache; {how}")
+    if _offline():
+        raise UserError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {how}")
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS))
+    except Exception as e:  # network errors, missing repo, auth
+        raise UserError(f"could not download {repo_id}: {type(e).__name__}: {e}; {how}") from None
+    return ModelSource(repo_id, path, "hf", "download")
+
+
+def tokenizer_location(spec: str) -> Path:
+    """Where the tokenizer of a model spec lives (directory or .gguf), without loading weights."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from . import synthetic
+
+        synthetic.parse_spec(spec)  # validates the preset
+        return synthetic.PACKAGE_TOKENIZER.parent
+    return resolve(spec).path
+
+
+# --- weights --------------------------------------------------------------------
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is malformed: {e}") from None
+        files = [model_dir / n for n in names]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{model_dir} lacks shard(s) listed in its index: {', '.join(missing)}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(model_dir.glob("*.safetensors"))
+    if others:
+        return others
+    raise UserError(
+        f"{model_dir} has no weights: expected model.safetensors or model.safetensors.index.json "
+        "(PyTorch .bin checkpoints are not read: convert them to safetensors)"
+    )
+
+
+def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f), format="safetensors"))
+        except Exception as e:  # truncated or not a safetensors file
+            raise UserError(f"cannot read {f}: {e} (truncated or not a safetensors file?)") from None
+    return weights
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from .synthetic import weight_shapes
+
+    return weight_shapes(cfg)
+
+
+def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) -> None:
+    expected = expected_shapes(cfg)
+    weights.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    for name in [n for n in weights if n.endswith("rotary_emb.inv_freq")]:
+        weights.pop(name)  # old transformers checkpoints store this buffer; it is recomputed
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise UserError(f"{where} lacks {len(missing)} weight(s), e.g. {', '.join(missing[:3])}")
+    unexpected = [n for n in weights if n not in expected]
+    if unexpected:
+        raise UserError(f"{where} has weights this Llama model does not use, e.g. {', '.join(unexpected[:3])}")
+    for n, shape in expected.items():
+        if tuple(weights[n].shape) != shape:
+            raise UserError(
+                f"weight {n} in {where} has shape {tuple(weights[n].shape)}, but config.json implies {shape}"
+            )
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops: Ops) -> TinyLlama:
+    model = TinyLlama(cfg, ops)
+    dt = DTYPES[dtype]
+    model.load_weights([(n, w.astype(dt)) for n, w in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def make_ops(policy: str = "hf", kernels: str | None = None) -> Ops:
+    if policy not in POLICIES:
+        raise UserError(f"unknown precision policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if kernels is None:
+        kernels = "fused" if policy == "hf" else "explicit"
+    if kernels not in KERNELS:
+        raise UserError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+    if policy != "hf" and kernels == "fused":
+        raise UserError(f"policy {policy!r} runs on explicit kernels only (fused kernels follow the 'hf' policy)")
+    return Ops(policy, kernels)
+
+
+def load(spec: str, dtype: str = "float16", policy: str = "hf", kernels: str | None = None,
+         allow_download: bool = False, progress=None) -> LoadedModel:
+    """Resolve `spec`, read its weights, and return the MLX model in `dtype`."""
+    dtype = dtype_name(dtype)
+    ops = make_ops(policy, kernels)
+    source = resolve(spec, allow_download, progress=progress)
+    if source.format == "gguf":
+        from .gguf import load_gguf
+
+        ckpt = load_gguf(source.path, DTYPES[dtype])
+        cfg, weights = ckpt.config, dict(ckpt.weights)
+        source.details.update(ckpt.info)
+    else:
+        cfg = load_config(source.path)
+        weights = read_safetensors(weight_files(source.path))
+    check_weights(weights, cfg, str(source.path))
+    model = build_model(cfg, weights, dtype, ops)
+    return LoadedModel(model, cfg, source, dtype)

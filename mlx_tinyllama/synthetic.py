@@ -1,0 +1,173 @@
+"""Generated models of the TinyLlama architecture, written as normal HF directories.
+
+No TinyLlama weights reach the machines this project is tested on, so correctness
+is proven differentially: the same generated weights go through transformers and
+through this package. `materialize()` writes config.json + model.safetensors +
+tokenizer.model (+ tokenizer_config.json with TinyLlama's chat template) so a
+synthetic model takes exactly the same loader path as a real checkpoint.
+
+Weights are deterministic in (preset, seed): each tensor draws from its own
+generator seeded by (seed, tensor name). They are stored as float16 values so
+that fp16, bf16-free fp32 runs and transformers all see identical numbers.
+Scales follow a trained model's shape of activations: O(1) after each RMSNorm,
+attention that is neither uniform nor one-hot, a residual stream that grows
+slowly over 22 layers, logits with a few clear leaders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import UserError
+
+TINYLLAMA = ModelConfig()  # the exact TinyLlama-1.1B architecture (defaults of ModelConfig)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tinyllama": TINYLLAMA,
+    "tiny": replace(TINYLLAMA, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=0),
+    "small": replace(TINYLLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=0),
+    "medium": replace(TINYLLAMA, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=0),
+}
+DEFAULT_PRESET = "tinyllama"
+
+# Extra presets (e.g. fp16 stress models) register here: name -> (config, weight tweak).
+# A tweak gets (name, array) and returns the array to store.
+WEIGHT_TWEAKS: dict[str, object] = {}
+
+PACKAGE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer.model"
+FORMAT_VERSION = 1  # bump when the generator changes, so caches regenerate
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MLX_TINYLLAMA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mlx_tinyllama"
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """`synthetic`, `synthetic:tiny`, `synthetic:tiny:seed=3` -> (preset, seed)."""
+    parts = spec.split(":")[1:]
+    preset, seed = DEFAULT_PRESET, 0
+    for part in parts:
+        if part.startswith("seed="):
+            try:
+                seed = int(part[5:])
+            except ValueError:
+                raise UserError(f"bad seed in {spec!r}") from None
+        elif part:
+            preset = part
+    if preset not in PRESETS:
+        raise UserError(f"unknown synthetic preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    return preset, seed
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a Llama checkpoint, HF names, HF shapes ([out, in] for linears)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
+    fan_in = shape[-1]
+    if "embed_tokens" in name:
+        return 0.02  # small embeddings, as in trained Llamas (seed: embed values ~1e-2)
+    if "q_proj" in name or "k_proj" in name:
+        return 1.6 / np.sqrt(fan_in)  # scaled scores with std ~2: peaked but not one-hot attention
+    if "o_proj" in name or "down_proj" in name:
+        return 0.7 / np.sqrt(fan_in)  # each layer adds O(1) to the residual stream
+    if "lm_head" in name:
+        return 3.0 / np.sqrt(fan_in)  # logits std ~3: a few clear leaders
+    return 1.0 / np.sqrt(fan_in)
+
+
+def generate_weight(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> np.ndarray:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)  # norms near 1, not all equal
+    else:
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(_std(name, shape, cfg))
+    return w.astype(np.float16)
+
+
+def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None = None,
+                progress=None) -> Path:
+    """Write (once) and return the HF directory of a synthetic model."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown synthetic preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    cfg = PRESETS[preset]
+    out = (root or cache_root()) / f"synthetic-{preset}-seed{seed}-v{FORMAT_VERSION}"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    from safetensors.numpy import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tweak = WEIGHT_TWEAKS.get(preset)
+        shapes = weight_shapes(cfg)
+        tensors = {}
+        for k, (name, shape) in enumerate(shapes.items()):
+            w = generate_weight(name, shape, cfg, seed)
+            tensors[name] = tweak(name, w) if tweak else w
+            if progress:
+                progress(k + 1, len(shapes))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        hf = cfg.to_hf_dict()
+        hf["mlx_tinyllama_synthetic"] = {"preset": preset, "seed": seed, "version": FORMAT_VERSION}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        shutil.copyfile(PACKAGE_TOKENIZER, tmp / "tokenizer.model")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _tokenizer_config() -> dict:
+    from .chat_template import TINYLLAMA_CHAT_TEMPLATE
+
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "model_max_length": 2048,
+        "chat_template": TINYLLAMA_CHAT_TEMPLATE,
+    }
