@@ -1,0 +1,112 @@
+"""The prompt options shared by `run`, `generate`, `paths`, `stability`, `bench` and `tokens`.
+
+Without a prompt option the prompt is the seed's chat prompt (system "You are a
+friendly chatbot." + user "Hello! How are you?" + generation prompt) rendered with
+the model's chat template, without BOS: exactly the reference's 38 ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chat_template import SEED_MESSAGES, render_chat, template_for
+from .errors import UserError
+from .tokenizer import KINDS, load_tokenizer
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None  # None when the ids were given directly
+    pieces: list[str] = field(default_factory=list)
+    source: str = "seed chat prompt"
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prompt (default: the seed's chat prompt, 38 ids)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
+    which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
+    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly (no tokenizer, --bos ignored)")
+    which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
+    group.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
+                       help="prepend BOS (id 1); the reference did not (default: --no-bos)")
+    group.add_argument("--tokenizer", choices=KINDS, default="sentencepiece",
+                       help="sentencepiece: tokenizer.model, the ground truth (default); "
+                            "hf: the model's tokenizer.json through `tokenizers`, as transformers does")
+
+
+def parse_ids(text: str, option: str = "--token-ids") -> list[int]:
+    """`1,2,3` (spaces and surrounding brackets allowed) -> [1, 2, 3]."""
+    body = text.strip().strip("[]").replace(" ", "")
+    if not body:
+        raise UserError(f"{option}: no token ids given")
+    ids = []
+    for pos, item in enumerate(body.split(",")):
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise UserError(f"{option}: {item!r} at position {pos} is not an integer token id") from None
+    return ids
+
+
+def check_ids(ids: list[int], vocab_size: int, option: str = "--token-ids") -> None:
+    for pos, i in enumerate(ids):
+        if not 0 <= i < vocab_size:
+            raise UserError(f"{option}: id {i} at position {pos} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def read_prompt_file(path) -> str:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"--prompt-file: {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"--prompt-file: cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file: {path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
+def prompt_text(args, chat_template_dir, eos_token: str = "</s>", bos_token: str = "<s>") -> tuple[str | None, str]:
+    """(text, source) for the options in `args`; text is None for --token-ids."""
+    system = getattr(args, "system", None)
+    chat = getattr(args, "chat", None)
+    if system is not None and chat is None:
+        raise UserError("--system needs --chat USER")
+    if getattr(args, "token_ids", None) is not None:
+        return None, "--token-ids"
+    if getattr(args, "prompt", None) is not None:
+        return args.prompt, "--prompt"
+    if getattr(args, "prompt_file", None) is not None:
+        return read_prompt_file(args.prompt_file), f"--prompt-file {args.prompt_file}"
+    if chat is not None:
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages.append({"role": "user", "content": chat})
+        source = "--chat"
+    else:
+        messages, source = list(SEED_MESSAGES), "seed chat prompt"
+    text = render_chat(messages, add_generation_prompt=True, template=template_for(chat_template_dir),
+                       eos_token=eos_token, bos_token=bos_token)
+    return text, source
+
+
+def resolve_prompt(args, tokenizer_location: Path, chat_template_dir: Path | None) -> Prompt:
+    """The prompt's ids (and text and pieces) from the options added by `add_prompt_arguments`."""
+    tokenizer = load_tokenizer(tokenizer_location, getattr(args, "tokenizer", None) or "sentencepiece")
+    specials = {i: p for p, i in tokenizer.special_ids.items()}
+    text, source = prompt_text(args, chat_template_dir, eos_token=specials.get(tokenizer.eos_id, "</s>"),
+                               bos_token=specials.get(tokenizer.bos_id, "<s>"))
+    if text is None:
+        ids = parse_ids(args.token_ids)
+        check_ids(ids, tokenizer.vocab_size)
+    else:
+        ids = tokenizer.encode(text, bos=bool(getattr(args, "bos", False)))
+    if not ids:  # nothing downstream can run on zero tokens
+        raise UserError(f"{source}: the prompt is empty, it gives no tokens")
+    return Prompt(ids=ids, text=text, pieces=tokenizer.pieces(ids), source=source)
