@@ -1,0 +1,487 @@
+"""Load a llama.cpp GGUF checkpoint as HF-named MLX weights, a ModelConfig and a
+SentencePiece tokenizer.
+
+Two things make a GGUF differ from a Hugging Face directory:
+
+* Names and config: `blk.N.attn_q.weight` instead of `model.layers.N.self_attn.q_proj.weight`,
+  `llama.*` metadata instead of config.json.
+* The Q/K layout. llama.cpp's converter permutes the rows of `attn_q` / `attn_k`
+  within each head so that its interleaved-pair RoPE (rotating rows 2i, 2i+1)
+  computes what transformers' rotate-half RoPE computes on rows i, i + D/2:
+
+      GGUF row  h*D + 2*i + j   holds   HF row  h*D + j*(D/2) + i      (i < D/2, j in {0, 1})
+
+  We undo it per head (for K with the number of KV heads), so that the taps
+  `attn.q` / `attn.k` mean the same thing as for an HF checkpoint.
+
+Weights go through `mx.load` (MLX reads GGUF natively: F32, F16, BF16, and Q8_0 /
+Q4_0 / Q4_1 as weight/scales/biases triplets with group size 32) and are
+dequantized with `mx.dequantize` in float32, which reproduces ggml's dequantization
+bit for bit. K-quants and Q5_x are dequantized by gguf-py's reference code instead:
+MLX's own conversion of those types did not match it in our checks.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig
+from .errors import UserError
+
+QK_LAYOUT = "llama.cpp interleaved-pair layout, un-permuted per head to HF rotate-half"
+
+# Types MLX's GGUF reader returns as dense arrays or affine-quantized triplets.
+_MLX_DENSE = {"F32", "F16", "BF16"}
+_MLX_AFFINE = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
+# Types dequantized with gguf-py's numpy reference implementation.
+_GGUF_PY = {"Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+SUPPORTED_TYPES = tuple(sorted(_MLX_DENSE | set(_MLX_AFFINE) | _GGUF_PY))
+
+# GGUF tensor name -> HF parameter name ("{i}" is the layer index).
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16,
+           "fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+
+
+@dataclass
+class GGUFCheckpoint:
+    config: ModelConfig
+    weights: dict[str, mx.array]  # HF names, requested dtype, Q/K in HF (rotate-half) layout
+    info: dict = field(default_factory=dict)  # format, version, tensor types, Q/K layout
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
+        if parts[2] in _LAYER_NAMES:
+            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def permute_qk(w, n_heads: int):
+    """llama.cpp's permutation (HF rotate-half rows -> interleaved pairs), per head.
+
+    Works on numpy and mx arrays of shape [n_heads * D, in]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w, n_heads: int):
+    """The inverse of `permute_qk`: interleaved pairs -> HF rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def _to_dtype(dtype) -> mx.Dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+        return _DTYPES[dtype]
+    return dtype
+
+
+# GGUF value types (gguf spec): id -> struct format; 8 is string, 9 is array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+       7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+class _Truncated(Exception):
+    pass
+
+
+@dataclass
+class _TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first), i.e. GGUF's ne reversed
+    type_id: int
+    type_name: str
+    offset: int  # absolute, in bytes
+    n_bytes: int
+
+
+@dataclass
+class _Header:
+    version: int
+    fields: dict  # key -> python value (numeric arrays as lists)
+    tensors: dict  # name -> _TensorInfo, file order
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise _Truncated(f"needs byte {self.pos + n}, the file has {len(self.buf)}")
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype == 6:
+            # GGUF stores float32: read 1e-05, not 9.99999974e-06 (the shortest decimal
+            # that round-trips in float32 is what the writer meant).
+            return float(str(np.float32(self.unpack("f"))))
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            sub, n = self.unpack("I"), self.unpack("Q")
+            if sub in _NP:  # numeric arrays in one read: the vocabulary's scores and types
+                a = np.frombuffer(self.take(n * np.dtype(_NP[sub]).itemsize), dtype=np.dtype(_NP[sub]).newbyteorder("<"))
+                return a.tolist()
+            return [self.value(sub) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _parse(path: Path, buf) -> _Header:
+    """The GGUF header (metadata and tensor table) of a little-endian GGUF v2/v3 file.
+
+    Our own small parser: gguf-py's GGUFReader builds numpy views per string and takes
+    ~2 s on a 32000-token vocabulary; this takes tens of milliseconds."""
+    import gguf
+
+    size = len(buf)
+    if size < 4:
+        raise UserError(f"{path} is truncated: {size} bytes, too short for a GGUF header")
+    if bytes(buf[:4]) != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file: its magic is {bytes(buf[:4])!r}, expected b'GGUF'")
+    c = _Cursor(buf)
+    try:
+        c.take(4)
+        version = c.unpack("I")
+        if version not in (2, 3):
+            hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
+            raise UserError(f"{path} is GGUF version {version}{hint}; this tool reads little-endian versions 2 and 3")
+        n_tensors, n_kv = c.unpack("Q"), c.unpack("Q")
+        fields = {}
+        for _ in range(n_kv):
+            key = c.string()
+            fields[key] = c.value(c.unpack("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            ne = [c.unpack("Q") for _ in range(c.unpack("I"))]
+            infos.append((name, ne, c.unpack("I"), c.unpack("Q")))
+    except _Truncated as e:
+        raise UserError(f"{path} is truncated in its header: {e}") from None
+    except (ValueError, struct.error) as e:
+        raise UserError(f"{path} has a corrupt header: {e}") from None
+    align = int(fields.get("general.alignment", 32))
+    data_start = -(-c.pos // align) * align
+    tensors = {}
+    for name, ne, type_id, rel in infos:
+        try:
+            qtype = gguf.GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UserError(f"{path}: tensor {name} has the unknown ggml type id {type_id}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n_elem = int(np.prod(ne)) if ne else 1
+        info = _TensorInfo(name, tuple(reversed(ne)), type_id, qtype.name, data_start + rel,
+                           n_elem // block * type_size)
+        if info.offset + info.n_bytes > size:
+            raise UserError(
+                f"{path} is truncated: tensor {name} ends at byte {info.offset + info.n_bytes}, "
+                f"the file has {size}"
+            )
+        tensors[name] = info
+    fields["GGUF.version"] = version
+    return _Header(version, fields, tensors)
+
+
+def _open(path) -> tuple[_Header, "mmap.mmap"]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (truncated), not a GGUF file")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return _parse(path, buf), buf
+
+
+def _field(header: _Header, key: str, default=None):
+    v = header.fields.get(key)
+    return default if v is None else v
+
+
+def _require_llama(header, path) -> None:
+    arch = _field(header, "general.architecture")
+    if arch != "llama":
+        raise UserError(
+            f"{path}: general.architecture is {arch!r}, not 'llama': this tool runs the Llama "
+            "architecture (TinyLlama, Llama 2) only"
+        )
+
+
+def _config(header, path, tensors: dict) -> ModelConfig:
+    def get(key, default=None, required=False):
+        v = _field(header, f"llama.{key}", default)
+        if required and v is None:
+            raise UserError(f"{path} lacks the GGUF metadata key llama.{key}")
+        return v
+
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path} has no token_embd.weight tensor")
+    hidden = int(get("embedding_length", required=True))
+    n_heads = int(get("attention.head_count", required=True))
+    n_kv = int(get("attention.head_count_kv", n_heads))
+    head_dim = int(get("attention.key_length", hidden // n_heads))
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise UserError(f"{path}: rope.dimension_count {rope_dim} != head_dim {head_dim} (partial RoPE is not Llama)")
+    scaling = get("rope.scaling.type")
+    factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 1.0)
+    if scaling in (None, "none") and factor == 1.0:
+        rope_type = "default"
+    elif scaling in (None, "linear"):
+        rope_type = "linear"
+    else:
+        raise UserError(f"{path}: unsupported RoPE scaling {scaling!r}; this tool runs default and linear RoPE")
+    # The embedding's row count is the vocabulary the model computes logits over.
+    vocab = int(tensors["token_embd.weight"].shape[0])
+    return ModelConfig(
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length", required=True)),
+        num_hidden_layers=int(get("block_count", required=True)),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        vocab_size=vocab,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_type=rope_type,
+        rope_factor=factor if rope_type == "linear" else 1.0,
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        head_dim=head_dim,
+        bos_token_id=int(_field(header, "tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(_field(header, "tokenizer.ggml.eos_token_id", 2)),
+    )
+
+
+def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
+    shapes = {
+        "model.embed_tokens.weight": (c.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for n in range(c.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
+    return shapes
+
+
+def _dequantize(name: str, ttype: str, tensor: _TensorInfo, buf, mlx_arrays: dict) -> mx.array:
+    """One tensor as float32 (float16/bfloat16 kept as is: they are exact already)."""
+    if ttype in _MLX_DENSE:
+        return mlx_arrays[name]
+    if ttype in _MLX_AFFINE:
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else name
+        # float32 scales/biases: in float16, scale*q + bias would round; in float32 it
+        # equals ggml's d*q (+ m) exactly.
+        return mx.dequantize(
+            mlx_arrays[name],
+            mlx_arrays[prefix + ".scales"].astype(mx.float32),
+            mlx_arrays[prefix + ".biases"].astype(mx.float32),
+            group_size=32,
+            bits=_MLX_AFFINE[ttype],
+        )
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(tensor.type_id)
+    raw = np.frombuffer(buf, dtype=np.uint8, count=tensor.n_bytes, offset=tensor.offset)
+    raw = raw.reshape(gguf.quants.quant_shape_to_byte_shape(tensor.shape, qtype))
+    return mx.array(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+
+
+def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
+    """Read a Llama GGUF: config from `llama.*` metadata, weights under HF names in `dtype`
+    (dequantized), Q/K rows un-permuted to the HF layout."""
+    dtype = _to_dtype(dtype)
+    path = Path(path)
+    header, buf = _open(path)
+    _require_llama(header, path)
+    tensors = header.tensors
+    unknown = [n for n in tensors if hf_name(n) is None]
+    if unknown:
+        raise UserError(f"{path} holds tensors this Llama loader does not know: {', '.join(unknown[:8])}")
+    types = {n: t.type_name for n, t in tensors.items()}
+    bad = sorted({ty for ty in types.values() if ty not in SUPPORTED_TYPES})
+    if bad:
+        raise UserError(
+            f"{path} uses the tensor type(s) {', '.join(bad)}, which this tool cannot dequantize; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    config = _config(header, path, tensors)
+    expected = _expected_shapes(config)
+    mapped = {hf_name(n): n for n in tensors}
+    missing = [n for n in expected if n not in mapped]
+    extra = [n for n in mapped if n not in expected]
+    if missing or extra:
+        raise UserError(
+            f"{path} does not match its own metadata ({config.num_hidden_layers} layers"
+            f"{', tied embeddings' if config.tie_word_embeddings else ''}): "
+            + (f"missing {', '.join(missing[:6])}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {', '.join(extra[:6])}" if extra else "")
+        )
+
+    need_mlx = any(ty in _MLX_DENSE or ty in _MLX_AFFINE for ty in types.values())
+    try:
+        mlx_arrays = mx.load(str(path)) if need_mlx else {}
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"MLX cannot read {path}: {e}") from None
+
+    weights: dict[str, mx.array] = {}
+    for hf, gname in mapped.items():
+        w = _dequantize(gname, types[gname], tensors[gname], buf, mlx_arrays)
+        if tuple(w.shape) != expected[hf]:
+            raise UserError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, expected {expected[hf]} for {hf}")
+        if hf.endswith("q_proj.weight"):
+            w = unpermute_qk(w, config.num_attention_heads)
+        elif hf.endswith("k_proj.weight"):
+            w = unpermute_qk(w, config.num_key_value_heads)
+        weights[hf] = w.astype(dtype)
+    mx.eval(list(weights.values()))
+    del mlx_arrays
+    buf.close()
+
+    file_type = _field(header, "general.file_type")
+    try:
+        import gguf
+
+        file_type_name = gguf.LlamaFileType(file_type).name if file_type is not None else None
+    except ValueError:
+        file_type_name = str(file_type)
+    info = {
+        "format": "GGUF",
+        "path": str(path),
+        "gguf_version": int(_field(header, "GGUF.version")),
+        "name": _field(header, "general.name"),
+        "file_type": file_type_name,
+        "tensor_types": dict(sorted(Counter(types.values()).items())),
+        "qk_layout": QK_LAYOUT,
+        "tied_embeddings": config.tie_word_embeddings,
+        "dtype": str(dtype).replace("mlx.core.", ""),
+    }
+    return GGUFCheckpoint(config=config, weights=weights, info=info)
+
+
+def describe(info: dict) -> str:
+    """One line for a run's output: format, version, tensor types, Q/K layout."""
+    types = ", ".join(f"{k}×{v}" for k, v in info["tensor_types"].items())
+    return f"GGUF v{info['gguf_version']} ({types}); Q/K: {info['qk_layout']}"
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_model_proto(path) -> bytes:
+    """A serialized SentencePiece ModelProto rebuilt from `tokenizer.ggml.*` metadata.
+
+    The Llama tokenizer is a SentencePiece BPE model with byte fallback and an
+    identity normalizer that adds a dummy "▁" prefix; with the pieces, scores and
+    types copied from the GGUF, it encodes exactly like the original tokenizer.model.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    path = Path(path)
+    header, buf = _open(path)
+    buf.close()
+    model = _field(header, "tokenizer.ggml.model")
+    if model is None or _field(header, "tokenizer.ggml.tokens") is None:
+        raise UserError(f"{path} carries no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens)")
+    if model != "llama":
+        raise UserError(
+            f"{path}: tokenizer.ggml.model is {model!r}; only the SentencePiece 'llama' tokenizer "
+            "(TinyLlama, Llama 2) can be rebuilt from GGUF metadata"
+        )
+    tokens = _field(header, "tokenizer.ggml.tokens")
+    n = len(tokens)
+    scores = _field(header, "tokenizer.ggml.scores") or [0.0] * n
+    types = _field(header, "tokenizer.ggml.token_type") or [1] * n
+    if len(scores) != n or len(types) != n:
+        raise UserError(f"{path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
+
+    proto = pb.ModelProto()
+    valid_types = {v.number for v in pb.ModelProto.SentencePiece.Type.DESCRIPTOR.values}
+    for piece, score, ttype in zip(tokens, scores, types):
+        sp = proto.pieces.add()
+        sp.piece = piece
+        sp.score = float(score)
+        # gguf's TokenType numbers are sentencepiece's (NORMAL=1 ... BYTE=6).
+        sp.type = int(ttype) if int(ttype) in valid_types else pb.ModelProto.SentencePiece.NORMAL
+
+    def tok_id(key, default):
+        v = _field(header, key, default)
+        return -1 if v is None or not (0 <= int(v) < n) else int(v)
+
+    ts = proto.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = n
+    ts.byte_fallback = any(int(t) == pb.ModelProto.SentencePiece.BYTE for t in types)
+    ts.unk_id = tok_id("tokenizer.ggml.unknown_token_id", 0)
+    ts.bos_id = tok_id("tokenizer.ggml.bos_token_id", 1)
+    ts.eos_id = tok_id("tokenizer.ggml.eos_token_id", 2)
+    ts.pad_id = tok_id("tokenizer.ggml.padding_token_id", None)
+    for attr, idx in (("unk_piece", ts.unk_id), ("bos_piece", ts.bos_id), ("eos_piece", ts.eos_id),
+                      ("pad_piece", ts.pad_id)):
+        if idx >= 0:
+            setattr(ts, attr, tokens[idx])
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(_field(header, "tokenizer.ggml.add_space_prefix", True))
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return proto.SerializeToString()
