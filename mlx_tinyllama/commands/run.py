@@ -1,0 +1,148 @@
+"""`run` (the default command): one prefill with taps, a table of the stages in
+forward order, and the top-k next tokens. `--json`, `--dump`, `--compare`,
+`--report` write or check what a user's engine must reproduce."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .. import cli_common
+from ..errors import UserError
+
+# The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
+# output, the final norm and the logits.
+DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*.out", "final_norm", "logits")
+
+
+def add_arguments(p) -> None:
+    cli_common.add_model_arguments(p)
+    from ..prompt import add_prompt_arguments
+
+    add_prompt_arguments(p)
+    p.add_argument("--taps", action="append", metavar="GLOB",
+                   help="stages to record, by glob (repeatable): 'layers.0.*', '*.attn.probs', 'logits', '*' "
+                        f"(default: {' '.join(DEFAULT_TAPS)})")
+    p.add_argument("--top-k", type=int, default=10, help="how many next-token candidates to show (default 10)")
+    p.add_argument("--json", metavar="PATH", help="write tokens, per-tap stats and top-k as JSON")
+    p.add_argument("--dump", metavar="PATH.safetensors", help="write the full tensors of the selected taps")
+    p.add_argument("--compare", metavar="REF", help="compare this run with a reference (see the compare command)")
+    p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report of this run")
+    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+
+
+def main(args) -> int:
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    for opt in ("json", "report"):
+        _check_writable(getattr(args, opt))
+    if args.dump and not args.dump.endswith(".safetensors"):
+        raise UserError("--dump writes safetensors: give a path ending in .safetensors")
+    _check_writable(args.dump)
+    lm = cli_common.load_model(args)
+    prompt = _prompt(args, lm)
+    if args.compare:
+        from ..compare import compare_from_run
+
+        return compare_from_run(args, lm, prompt)
+
+    patterns = args.taps or list(DEFAULT_TAPS)
+    taps, logits = cli_common.forward(lm, prompt.ids, patterns, mode="full" if args.dump else "stats")
+    tokenizer = _tokenizer(lm, args)
+    result = {
+        "model": model_header(lm),
+        "dtype": lm.dtype,
+        "policy": lm.ops.policy,
+        "kernels": lm.ops.kernels,
+        "device": cli_common.device_description(),
+        "versions": cli_common.versions(),
+        "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
+        "tokens": prompt.ids,
+        "taps": taps.stats() if taps else {},
+        "top_k": cli_common.top_k(logits[-1], args.top_k, tokenizer),
+    }
+    if args.dump:
+        _dump(args.dump, taps, result)
+    if args.json:
+        cli_common.write_json(args.json, result)
+    if args.report or args.plots:
+        from ..report import run_report
+
+        run_report(result, lm, prompt, html_path=args.report, plots_dir=args.plots)
+    print_result(result)
+    return 0
+
+
+def model_header(lm) -> dict:
+    src = lm.source
+    return {"spec": src.spec, "format": src.format, "origin": src.origin, "path": str(src.path),
+            "details": src.details, "config": lm.config.as_dict()}
+
+
+def _prompt(args, lm):
+    from ..prompt import resolve_prompt
+
+    location = lm.source.path
+    return resolve_prompt(args, location, location if location.is_dir() else None)
+
+
+def _tokenizer(lm, args):
+    from ..tokenizer import load_tokenizer
+
+    return load_tokenizer(lm.source.path, getattr(args, "tokenizer", None) or "sentencepiece")
+
+
+def _check_writable(path) -> None:
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UserError(f"cannot write {path}: its directory does not exist")
+
+
+def _dump(path: str, taps, result: dict) -> None:
+    import json
+
+    import mlx.core as mx
+
+    if taps is None:
+        raise UserError("--dump needs at least one tap")
+    meta = {"tokens": json.dumps(result["tokens"]), "dtype": result["dtype"], "policy": result["policy"],
+            "model": result["model"]["spec"], "format": "mlx_tinyllama.dump/1"}
+    mx.save_safetensors(path, dict(taps.tensors), metadata=meta)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.5g}"
+    return str(v)
+
+
+def print_result(result: dict) -> None:
+    from rich.table import Table
+
+    con = cli_common.console()
+    m = result["model"]
+    con.print(f"[bold]{m['spec']}[/] ({m['format']}, {m['origin']}) · {result['dtype']} · policy {result['policy']}"
+              f" · {result['kernels']} kernels · {result['device']}")
+    ids = result["tokens"]
+    con.print(f"prompt: {len(ids)} tokens ({result['prompt']['source']}): {ids}")
+    if result["taps"]:
+        t = Table(title="stages in forward order", show_lines=False)
+        for col in ("stage", "shape", "min", "max", "mean", "std", "absmax", "nan", "inf", "row 0 [:3]", "last row [:3]"):
+            t.add_column(col, justify="left" if col in ("stage", "shape") else "right", no_wrap=True)
+        for name, s in result["taps"].items():
+            bad = s["nan"] or s["inf"]
+            style = "bold red" if bad else None
+            t.add_row(name, "×".join(map(str, s["shape"])), *(_fmt(s[k]) for k in ("min", "max", "mean", "std", "absmax")),
+                      str(s["nan"]), str(s["inf"]), ", ".join(_fmt(v) for v in s["first"]),
+                      ", ".join(_fmt(v) for v in s["last"]), style=style)
+        con.print(t)
+    t = Table(title="next token (last position)")
+    for col in ("rank", "id", "token", "logit", "prob"):
+        t.add_column(col, justify="right")
+    for r, e in enumerate(result["top_k"], 1):
+        t.add_row(str(r), str(e["token_id"]), repr(e["token"]) if e["token"] is not None else "", _fmt(e["logit"]),
+                  f"{e['prob']:.3f}")
+    con.print(t)

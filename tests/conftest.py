@@ -1,0 +1,54 @@
+"""Shared fixtures. Synthetic models are generated once per test session into a
+temporary cache (MLX_TINYLLAMA_CACHE), so tests never write to the user's home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = Path(tempfile.mkdtemp(prefix="mlx_tinyllama_test_cache_"))
+os.environ.setdefault("MLX_TINYLLAMA_CACHE", str(_CACHE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# The seed's 38 reference ids (no BOS) for its chat prompt.
+SEED_IDS = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451, 29889, 2, 29871, 13,
+            29966, 29989, 1792, 29989, 29958, 13, 10994, 29991, 1128, 526, 366, 29973, 2, 29871, 13,
+            29966, 29989, 465, 22137, 29989, 29958, 13]
+SEED_PROMPT = "<|system|>\nYou are a friendly chatbot.</s>\n<|user|>\nHello! How are you?</s>\n<|assistant|>\n"
+
+
+def has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_torch = pytest.mark.skipif(not has_torch(), reason="needs the dev extra (torch + transformers)")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from mlx_tinyllama.synthetic import materialize
+
+    return materialize("tiny", 0)
+
+
+@pytest.fixture(scope="session")
+def small_dir() -> Path:
+    from mlx_tinyllama.synthetic import materialize
+
+    return materialize("small", 0)
+
+
+@pytest.fixture(scope="session")
+def seed_ids() -> list[int]:
+    return list(SEED_IDS)
