@@ -148,8 +148,13 @@ class _Namer:
         except Exception:  # an id outside the vocabulary: show the id alone
             return None
 
-    def show(self, ids) -> str:
-        return ", ".join(f"{i} `{p}`" if (p := self.piece(i)) is not None else str(i) for i in ids)
+    def show(self, ids, limit: int = 8) -> str:
+        """`id \`piece\``, ...; long runs keep their first and last few."""
+        one = lambda i: f"{i} `{p}`" if (p := self.piece(i)) is not None else str(i)  # noqa: E731
+        if len(ids) <= limit:
+            return ", ".join(one(i) for i in ids)
+        half = limit // 2
+        return ", ".join([one(i) for i in ids[:half]] + [f"... ({len(ids) - limit} more)"] + [one(i) for i in ids[-half:]])
 
     def name(self, expected, actual, i1, i2, j1, j2) -> Difference:
         exp, act = expected[i1:i2], actual[j1:j2]
