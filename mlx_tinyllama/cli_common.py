@@ -152,9 +152,14 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def _console(stderr: bool = False):
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (logs, CI, diffs against another engine) gets wide tables, not 80 columns.
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def console():

@@ -175,17 +175,22 @@ def _stats_arrays(x: mx.array, token_axis: int) -> dict[str, mx.array]:
     zero = mx.zeros_like(xf)
     xz = mx.where(finite, xf, zero)
     big = mx.array(np.finfo(np.float32).max, dtype=mx.float32)
-    mean = xz.sum() / mx.maximum(n_finite, 1)
-    var = mx.where(finite, (xf - mean) ** 2, zero).sum() / mx.maximum(n_finite, 1)
+    n = mx.maximum(n_finite, 1).astype(mx.float32)
+    absmax = mx.abs(xz).max()
+    # Moments on x / absmax: masked scores hold the float32 minimum, whose plain sum overflows.
+    scale = mx.maximum(absmax, mx.array(np.finfo(np.float32).tiny, dtype=mx.float32))
+    xs = xz / scale
+    mean_s = xs.sum() / n
+    var_s = mx.where(finite, (xs - mean_s) ** 2, zero).sum() / n
     first_row = _row(x, token_axis, 0)
     last_row = _row(x, token_axis, -1)
     return {
         "min": mx.where(finite, xf, big).min(),
         "max": mx.where(finite, xf, -big).max(),
-        "mean": mean,
-        "std": mx.sqrt(var),
-        "absmax": mx.abs(xz).max(),
-        "sum": xz.sum(),
+        "mean": mean_s * scale,
+        "std": mx.sqrt(var_s) * scale,
+        "absmax": absmax,
+        "sum": mean_s * scale * n,
         "nan": nan.sum(),
         "inf": inf.sum(),
         "finite": n_finite,

@@ -115,7 +115,7 @@ def _fmt(v) -> str:
             return "nan"
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.3e}"
-        return f"{v:.5g}"
+        return f"{v:.4g}"
     return str(v)
 
 
@@ -130,7 +130,8 @@ def print_result(result: dict) -> None:
     con.print(f"prompt: {len(ids)} tokens ({result['prompt']['source']}): {ids}")
     if result["taps"]:
         t = Table(title="stages in forward order", show_lines=False)
-        for col in ("stage", "shape", "min", "max", "mean", "std", "absmax", "nan", "inf", "row 0 [:3]", "last row [:3]"):
+        for col in ("stage", "shape", "min", "max", "mean", "std", "absmax", "nan", "inf", "row 0 [:3]",
+                    "last row [:3]"):
             t.add_column(col, justify="left" if col in ("stage", "shape") else "right", no_wrap=True)
         for name, s in result["taps"].items():
             bad = s["nan"] or s["inf"]
