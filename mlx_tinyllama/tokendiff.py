@@ -128,9 +128,18 @@ def compare_ids(expected, actual, tokenizer=None) -> Alignment:
     `tokenizer` (optional, anything with `piece`, `bos_id`, `special_ids`) supplies pieces."""
     expected, actual = [int(i) for i in expected], [int(i) for i in actual]
     ops = align(expected, actual)
-    namer = _Namer(tokenizer)
+    namer = _Namer(tokenizer if tokenizer is not None else _packaged_tokenizer())
     diffs = [namer.name(expected, actual, *h) for h in _hunks(ops, len(expected), len(actual))]
     return Alignment(expected, actual, ops, diffs)
+
+
+def _packaged_tokenizer():
+    """TinyLlama's (Llama 2's) tokenizer shipped with the package: pieces when none is given."""
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_file(Path(__file__).parent / "data" / "tokenizer.model")
 
 
 class _Namer:
@@ -149,7 +158,7 @@ class _Namer:
             return None
 
     def show(self, ids, limit: int = 8) -> str:
-        """`id \`piece\``, ...; long runs keep their first and last few."""
+        """Ids with their pieces; long runs keep their first and last few."""
         one = lambda i: f"{i} `{p}`" if (p := self.piece(i)) is not None else str(i)  # noqa: E731
         if len(ids) <= limit:
             return ", ".join(one(i) for i in ids)
