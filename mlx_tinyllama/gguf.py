@@ -17,8 +17,9 @@ Two things make a GGUF differ from a Hugging Face directory:
 Weights go through `mx.load` (MLX reads GGUF natively: F32, F16, BF16, and Q8_0 /
 Q4_0 / Q4_1 as weight/scales/biases triplets with group size 32) and are
 dequantized with `mx.dequantize` in float32, which reproduces ggml's dequantization
-bit for bit. K-quants and Q5_x are dequantized by gguf-py's reference code instead:
-MLX's own conversion of those types did not match it in our checks.
+bit for bit. A file with any other type (Q5_x, K-quants) is read with numpy and
+gguf-py's reference dequantizer instead: mx.load fails on Q5_x, and its K-quant
+conversion (to float16) disagreed with gguf-py's in our checks.
 """
 
 from __future__ import annotations
@@ -321,24 +322,31 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _dequantize(name: str, ttype: str, tensor: _TensorInfo, buf, mlx_arrays: dict) -> mx.array:
-    """One tensor as float32 (float16/bfloat16 kept as is: they are exact already)."""
+def _from_mlx(name: str, ttype: str, mlx_arrays: dict) -> mx.array:
+    """One tensor from mx.load's result, float32 (float16/bfloat16 kept: they are exact)."""
     if ttype in _MLX_DENSE:
         return mlx_arrays[name]
-    if ttype in _MLX_AFFINE:
-        prefix = name[: -len(".weight")] if name.endswith(".weight") else name
-        # float32 scales/biases: in float16, scale*q + bias would round; in float32 it
-        # equals ggml's d*q (+ m) exactly.
-        return mx.dequantize(
-            mlx_arrays[name],
-            mlx_arrays[prefix + ".scales"].astype(mx.float32),
-            mlx_arrays[prefix + ".biases"].astype(mx.float32),
-            group_size=32,
-            bits=_MLX_AFFINE[ttype],
-        )
+    prefix = name[: -len(".weight")] if name.endswith(".weight") else name
+    # float32 scales/biases: in float16, scale*q + bias would round; in float32 it
+    # equals ggml's d*q (+ m) exactly.
+    return mx.dequantize(
+        mlx_arrays[name],
+        mlx_arrays[prefix + ".scales"].astype(mx.float32),
+        mlx_arrays[prefix + ".biases"].astype(mx.float32),
+        group_size=32,
+        bits=_MLX_AFFINE[ttype],
+    )
+
+
+def _from_numpy(tensor: _TensorInfo, buf) -> mx.array:
+    """One tensor read from the mapped file and dequantized by gguf-py's reference code."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType(tensor.type_id)
+    if tensor.type_name in ("F32", "F16"):
+        dt = np.dtype("<f4" if tensor.type_name == "F32" else "<f2")
+        return mx.array(np.frombuffer(buf, dt, count=tensor.n_bytes // dt.itemsize, offset=tensor.offset)
+                        .reshape(tensor.shape))
     raw = np.frombuffer(buf, dtype=np.uint8, count=tensor.n_bytes, offset=tensor.offset)
     raw = raw.reshape(gguf.quants.quant_shape_to_byte_shape(tensor.shape, qtype))
     return mx.array(gguf.quants.dequantize(raw, qtype).astype(np.float32))
@@ -376,15 +384,18 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
             + (f"unexpected {', '.join(extra[:6])}" if extra else "")
         )
 
-    need_mlx = any(ty in _MLX_DENSE or ty in _MLX_AFFINE for ty in types.values())
-    try:
-        mlx_arrays = mx.load(str(path)) if need_mlx else {}
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"MLX cannot read {path}: {e}") from None
+    # mx.load when MLX reads every tensor type natively; otherwise (it fails on Q5_x and
+    # its K-quant conversion disagreed with ggml's reference) everything from numpy.
+    native = all(ty in _MLX_DENSE or ty in _MLX_AFFINE for ty in types.values())
+    if native:
+        try:
+            mlx_arrays = mx.load(str(path))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"MLX cannot read {path}: {e}") from None
 
     weights: dict[str, mx.array] = {}
     for hf, gname in mapped.items():
-        w = _dequantize(gname, types[gname], tensors[gname], buf, mlx_arrays)
+        w = _from_mlx(gname, types[gname], mlx_arrays) if native else _from_numpy(tensors[gname], buf)
         if tuple(w.shape) != expected[hf]:
             raise UserError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, expected {expected[hf]} for {hf}")
         if hf.endswith("q_proj.weight"):
@@ -393,7 +404,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
             w = unpermute_qk(w, config.num_key_value_heads)
         weights[hf] = w.astype(dtype)
     mx.eval(list(weights.values()))
-    del mlx_arrays
+    mlx_arrays = None
     buf.close()
 
     file_type = _field(header, "general.file_type")
@@ -411,9 +422,11 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
         "file_type": file_type_name,
         "tensor_types": dict(sorted(Counter(types.values()).items())),
         "qk_layout": QK_LAYOUT,
+        "read_by": "mx.load + mx.dequantize" if native else "gguf-py reference dequantizer",
         "tied_embeddings": config.tie_word_embeddings,
         "dtype": str(dtype).replace("mlx.core.", ""),
     }
+    info["layout"] = describe(info)  # the line sources.ModelSource.describe() shows in a run's output
     return GGUFCheckpoint(config=config, weights=weights, info=info)
 
 

@@ -19,7 +19,7 @@ from .config import ModelConfig, load_config
 from .errors import UserError
 from .gguf import _GLOBAL_NAMES, _LAYER_NAMES, permute_qk
 
-OUT_TYPES = ("f32", "f16", "q8_0")
+OUT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0")  # the quantized ones: gguf-py's reference quantizers
 PERMUTE_MODES = ("once", "none", "twice")
 
 
@@ -79,9 +79,9 @@ def _add_tokenizer(writer, tokenizer_path: Path, vocab_size: int) -> None:
 
 
 def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> dict:
-    """Write `out_path` (GGUF) from `hf_dir`. out_type: f32 | f16 | q8_0 (1-D norms stay F32,
-    and a Q8_0 matrix whose row length is not a multiple of 32 falls back to F16, as in
-    llama.cpp). permute: once (correct) | none | twice (deliberately wrong files).
+    """Write `out_path` (GGUF) from `hf_dir`. out_type: f32 | f16 | q8_0 | q4_0 | q4_1 | q5_0
+    (1-D norms stay F32, and a matrix whose row length is not a multiple of the block size
+    falls back to F16, as in llama.cpp). permute: once (correct) | none | twice (deliberately wrong files).
     Returns {gguf tensor name: type name written}."""
     import gguf
 
@@ -97,8 +97,8 @@ def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> d
     if missing:
         raise UserError(f"{hf_dir} lacks the weights {', '.join(missing[:6])}")
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    file_type = gguf.LlamaFileType.ALL_F32 if out_type == "f32" else gguf.LlamaFileType[f"MOSTLY_{out_type.upper()}"]
+    qtype = gguf.GGMLQuantizationType[out_type.upper()] if out_type.startswith("q") else None
     writer = gguf.GGUFWriter(str(out_path), "llama")
     writer.add_name(hf_dir.name)
     writer.add_file_type(int(file_type))
@@ -134,10 +134,10 @@ def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> d
         if w.ndim == 1 or out_type == "f32":
             writer.add_tensor(gname, w.astype(np.float32))
             written[gname] = "F32"
-        elif out_type == "q8_0" and w.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            written[gname] = "Q8_0"
+        elif qtype is not None and w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            q = gguf.quants.quantize(w.astype(np.float32), qtype)
+            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=qtype)
+            written[gname] = qtype.name
         else:
             writer.add_tensor(gname, w.astype(np.float16))
             written[gname] = "F16"
