@@ -54,10 +54,12 @@ class Tokenizer:
     def from_model_proto(cls, data: bytes, source: str = "<model proto>") -> "Tokenizer":
         import sentencepiece as spm
 
+        processor = None
         try:
-            processor = spm.SentencePieceProcessor(model_proto=bytes(data))
+            if data:  # an empty proto "loads" and then logs C++ errors on every call
+                processor = spm.SentencePieceProcessor(model_proto=bytes(data))
         except (RuntimeError, OSError, TypeError, ValueError):
-            processor = None
+            pass
         # an empty proto "loads" with no pieces: that is corrupt too
         if processor is None or processor.vocab_size() == 0:
             raise UserError(f"{source} is not a valid SentencePiece model (corrupt or truncated tokenizer.model?)")
