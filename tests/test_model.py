@@ -1,0 +1,168 @@
+"""The forward pass against transformers on the same generated weights, tap by tap."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import SEED_IDS, needs_torch
+from mlx_tinyllama import sources
+from mlx_tinyllama.taps import Taps, select, stage_of, tap_names
+
+# fp32 vs fp32: both sides round differently only in summation order (BLAS), so the
+# normalised error sits near float32's unit roundoff squared times depth (measured
+# 1e-12 on 4 layers, 1.2e-10 on the attention probabilities of 22 layers).
+FP32_NMSE = 1e-10
+FP32_NMSE_PROBS_22_LAYERS = 1e-9
+
+
+def nmse(a: np.ndarray, b: np.ndarray) -> float:
+    keep = b > -1e4 if b.min() < -1e4 else np.ones(b.shape, bool)  # masked scores: compare unmasked part
+    d = (a - b)[keep]
+    return float((d ** 2).sum() / max((b[keep] ** 2).sum(), 1e-30))
+
+
+def run_ours(spec_or_dir, dtype, ids, kernels=None, names=None):
+    lm = sources.load(str(spec_or_dir), dtype, kernels=kernels)
+    names = names or tap_names(lm.config.num_hidden_layers)
+    taps = Taps(names, "full")
+    logits = lm.model(mx.array(ids), tap=taps)
+    mx.eval(logits, taps.tensors)
+    return lm, {n: np.array(t.astype(mx.float32)) for n, t in taps.tensors.items()}
+
+
+def run_reference(model_dir, dtype, ids):
+    from mlx_tinyllama.reference import hf
+
+    ref, _ = hf.capture(hf.load_hf_model(model_dir, dtype), ids)
+    return {n: t.float().numpy() for n, t in ref.items()}
+
+
+@needs_torch
+@pytest.mark.parametrize("kernels", ["fused", "explicit"])
+def test_fp32_every_tap_of_every_layer_matches_transformers(small_dir, kernels):
+    _, ours = run_ours(small_dir, "float32", SEED_IDS, kernels)
+    ref = run_reference(small_dir, "float32", SEED_IDS)
+    assert list(ours) == list(ref)  # same canonical names, same forward order
+    for name in ref:
+        assert ours[name].shape == ref[name].shape, name
+        err = nmse(ours[name], ref[name])
+        assert err < FP32_NMSE, f"{name}: NMSE {err:.3g}"
+    top_ours = np.argsort(-ours["logits"][-1])[:10]
+    top_ref = np.argsort(-ref["logits"][-1])[:10]
+    assert top_ours.tolist() == top_ref.tolist()
+
+
+# Half precision: one rounding of the result is a relative error of u (fp16 u = 2^-11,
+# bf16 u = 2^-8), i.e. NMSE ~u²/3 per rounding. Both sides round at each of the ~20
+# stages per layer, in different orders, so the error accumulates over layers:
+# measured on `tiny` (2 layers) 3e-6 (fp16) and 1.3e-4 (bf16); on `small` (4 layers)
+# 1.5e-5 and 9e-4. Bound: 64·u² per layer (fp16 1.5e-5, bf16 9.8e-4 per layer).
+HALF_U = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kernels", ["fused", "explicit"])
+def test_half_precision_matches_transformers_within_dtype_tolerance(tiny_dir, dtype, kernels):
+    lm, ours = run_ours(tiny_dir, dtype, SEED_IDS, kernels)
+    ref = run_reference(tiny_dir, dtype, SEED_IDS)
+    n_layers = lm.config.num_hidden_layers
+    for name in ref:
+        layer, _ = (int(name.split(".")[1]), 0) if name.startswith("layers.") else (n_layers - 1, 0)
+        bound = 64 * HALF_U[dtype] ** 2 * (layer + 1)
+        err = nmse(ours[name], ref[name])
+        assert err < bound, f"{dtype} {kernels} {name}: NMSE {err:.3g} > {bound:.3g}"
+    if dtype == "float16":
+        top_ours = np.argsort(-ours["logits"][-1])[:10]
+        top_ref = np.argsort(-ref["logits"][-1])[:10]
+        assert top_ours.tolist() == top_ref.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kernels", ["fused", "explicit"])
+def test_taps_do_not_change_results(tiny_dir, dtype, kernels):
+    lm = sources.load(str(tiny_dir), dtype, kernels=kernels)
+    ids = mx.array(SEED_IDS)
+    off = lm.model(ids)
+    everything = Taps(tap_names(lm.config.num_hidden_layers), "stats")
+    on = lm.model(ids, tap=everything)
+    probs_only = Taps(select(["*.attn.probs"], lm.config.num_hidden_layers), "full")
+    some = lm.model(ids, tap=probs_only)
+    everything.stats()
+    assert mx.array_equal(off, on).item()
+    assert mx.array_equal(off, some).item()
+
+
+def test_fused_and_explicit_kernels_agree(small_dir):
+    _, fused = run_ours(small_dir, "float32", SEED_IDS, "fused")
+    _, explicit = run_ours(small_dir, "float32", SEED_IDS, "explicit")
+    for name in fused:
+        assert nmse(fused[name], explicit[name]) < FP32_NMSE, name
+
+
+def test_tap_shapes_follow_the_table(tiny_dir):
+    lm, ours = run_ours(tiny_dir, "float32", SEED_IDS[:7])
+    c = lm.config
+    dims = {"T": 7, "S": 7, "H": c.num_attention_heads, "KV": c.num_key_value_heads, "D": c.head_dim,
+            "I": c.intermediate_size, "V": c.vocab_size, "hidden": c.hidden_size,
+            "H*D": c.num_attention_heads * c.head_dim}
+    for name, value in ours.items():
+        symbolic = stage_of(name).shape.strip("[]").split(", ")
+        assert list(value.shape) == [dims[s] for s in symbolic], name
+
+
+def test_stats_match_numpy(tiny_dir):
+    lm = sources.load(str(tiny_dir), "float32")
+    taps = Taps(["layers.0.mlp.prod", "layers.0.attn.q"], "full")
+    lm.model(mx.array(SEED_IDS), tap=taps)
+    stats = taps.stats()
+    x = np.array(taps.tensors["layers.0.mlp.prod"])
+    s = stats["layers.0.mlp.prod"]
+    assert s["shape"] == list(x.shape)
+    np.testing.assert_allclose([s["min"], s["max"], s["mean"], s["std"], s["absmax"]],
+                               [x.min(), x.max(), x.mean(), x.std(), np.abs(x).max()], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(s["sum"], x.sum(), rtol=1e-4)
+    np.testing.assert_allclose(s["first"], x[0, :3])
+    np.testing.assert_allclose(s["last"], x[-1, :3])
+    q = np.array(taps.tensors["layers.0.attn.q"])
+    np.testing.assert_allclose(stats["layers.0.attn.q"]["last"], q[0, -1, :3])  # head 0, last token
+
+
+def test_stats_count_non_finite_values():
+    from mlx_tinyllama.taps import tensor_stats
+
+    x = mx.array([[1.0, float("nan"), -3.0], [float("inf"), 2.0, 0.5]])
+    s = tensor_stats(x)
+    assert (s["nan"], s["inf"], s["finite"]) == (1, 1, 4)
+    assert s["absmax"] == 3.0 and s["min"] == -3.0 and s["max"] == 2.0
+
+
+def test_unknown_tap_glob_lists_valid_names():
+    from mlx_tinyllama.errors import UserError
+
+    with pytest.raises(UserError, match="layers.i.attn.probs"):
+        select(["layers.0.attn.softmax"], 2)
+    with pytest.raises(UserError):
+        select(["layers.5.*"], 2)  # layer out of range matches nothing
+
+
+@needs_torch
+@pytest.mark.slow
+def test_full_tinyllama_shape_fp32_matches_transformers_on_logits_and_last_layer():
+    """The exact TinyLlama-1.1B architecture (22 layers, GQA 32/4) end to end in fp32."""
+    from mlx_tinyllama.synthetic import materialize
+
+    model_dir = materialize("tinyllama", 0)
+    names = select(["embed", "layers.*.out", "layers.21.attn.probs", "final_norm", "logits"], 22)
+    lm, ours = run_ours(model_dir, "float32", SEED_IDS, names=names)
+    assert lm.config.num_hidden_layers == 22 and lm.config.num_key_value_heads == 4
+    ref = run_reference(model_dir, "float32", SEED_IDS)
+    for name in names:
+        bound = FP32_NMSE_PROBS_22_LAYERS if name.endswith("probs") else FP32_NMSE
+        assert nmse(ours[name], ref[name]) < bound, name
+    assert np.argsort(-ours["logits"][-1])[:10].tolist() == np.argsort(-ref["logits"][-1])[:10].tolist()
+    # Generated weights behave like a trained model's: finite, growing slowly, not exploding.
+    absmax = [np.abs(ours[f"layers.{i}.out"]).max() for i in range(22)]
+    assert all(np.isfinite(absmax)) and 1 < absmax[-1] < 100
