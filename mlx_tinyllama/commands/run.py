@@ -126,6 +126,8 @@ def print_result(result: dict) -> None:
     m = result["model"]
     con.print(f"[bold]{m['spec']}[/] ({m['format']}, {m['origin']}) · {result['dtype']} · policy {result['policy']}"
               f" · {result['kernels']} kernels · {result['device']}")
+    con.print(f"weights: {m['path']}" + (f" · {m['details']['layout']}" if "layout" in m["details"] else ""),
+              markup=False)
     ids = result["tokens"]
     con.print(f"prompt: {len(ids)} tokens ({result['prompt']['source']}): {ids}")
     if result["taps"]:
