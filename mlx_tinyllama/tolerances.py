@@ -1,0 +1,306 @@
+"""THE one place where comparison tolerances are derived, documented and overridden.
+
+Every comparison in this package (compare, paths, stability, gguf checks) asks
+this module "how far apart may these two numbers be?". The answer comes from
+the dtypes of both sides, the metric, and how deep in the network the stage is.
+
+Model (docs/compare.md has the measurements behind each constant):
+
+    nmse  <=  SAFETY * (C_ROUND * u_eff**2 + C_ACC * u_fp32**2) * max(1, depth)**GROWTH_EXPONENT
+
+- u_eff = max(unit roundoff of side a, of side b): the coarser side dominates
+  (an fp32 run against an fp16 reference is as far from it as fp16 is from exact;
+  measured: ours fp32 vs transformers fp16 == transformers fp16 vs transformers fp32).
+- C_ROUND: squared ulps of the coarser dtype that a stage of layer 0 is off by
+  (measured max 20, bf16 vs fp32; 9 for fp16 vs fp16; 14 for fp16 vs fp32).
+- C_ACC: fp32 accumulation-order noise that both sides carry whatever their
+  storage dtype (reductions in different orders; measured max 620 squared fp32 ulps).
+- depth: 0 = embedding, i+1 = layer i, L+1 = final norm and logits. Errors injected
+  in each layer feed every later one; measured NMSE grows like depth**1.5 (the
+  attention probabilities of the last layer are the worst stage: 9x layer 0's after
+  4 layers, 15x after 6; 4**1.5 = 8, 6**1.5 = 14.7).
+- SAFETY: headroom over the worst value measured on synthetic models. Faults
+  (softmax axis, RoPE, mask off by one, GQA mapping, ...) give NMSE >= 1e-2 at the
+  faulty stage, far above every tolerance of layer 0 (fp16: 5e-5).
+
+Element-wise metrics on a few values (the seed's "row 0, columns 0:3"), sums and
+logits use the square root of the same budget, because their error is an
+amplitude, not a power:
+
+    rel_rms = max|a-b| / rms(b)      <=  6 * sqrt(nmse tolerance)   (a max over few elements: 6 sigma)
+    logit_err = max|a-b| / rms(row)  <=  6 * sqrt(nmse tolerance)
+    sum_rel = |sum a - sum b| / sum|b|  <=  2 * sqrt(nmse tolerance) (|sum e| <= sum|e| ~ 1.25 rms(e)/rms(b) * sum|b|)
+
+Overrides: `Tolerances.from_overrides(["nmse=1e-6", "layers.0.attn.probs:nmse=1e-4",
+"*.mlp.*:rel_rms=0.01", "scale=10"])`. Run `python -m mlx_tinyllama.tolerances`
+to re-measure the constants (needs torch + transformers).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+# Unit roundoff u = 2^-(mantissa bits + 1): the largest relative error of one rounding.
+UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float64": 2.0 ** -53}
+_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "f16": "float16",
+            "half": "float16", "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "double": "float64"}
+
+# Measured constants (`python -m mlx_tinyllama.tolerances small medium`; table in docs/compare.md).
+C_ROUND = 20.0
+C_ACC = 620.0
+GROWTH_EXPONENT = 1.5
+SAFETY = 10.0
+AMPLITUDE_FACTOR = {"rel_rms": 6.0, "logit_err": 6.0, "sum_rel": 2.0}
+
+# Metrics that are counts and must be exactly zero (ties at a top-k boundary excepted).
+COUNT_METRICS = ("top1", "topk_missing", "mask_mismatch", "nonfinite")
+AMPLITUDE_METRICS = ("rel_rms", "sum_rel", "logit_err")
+METRICS = ("nmse",) + AMPLITUDE_METRICS + COUNT_METRICS
+
+# Attention scores at or below this are "masked" (transformers adds finfo.min; fp16's is -65504).
+MASKED_BELOW = -0.5 * 65504.0
+
+
+def dtype_key(dtype) -> str:
+    """'float16' for 'fp16', np.float16, mx.float16, torch.float16, 'F16' (ggml), ..."""
+    name = str(dtype).lower().replace("mlx.core.", "").replace("torch.", "").replace("<class 'numpy.", "")
+    name = name.strip("'>")
+    name = _ALIASES.get(name, name)
+    if name not in UNIT_ROUNDOFF:
+        raise UserError(f"unknown dtype {dtype!r} for tolerances; known: {', '.join(UNIT_ROUNDOFF)} "
+                        f"(or {', '.join(_ALIASES)})")
+    return name
+
+
+def unit_roundoff(dtype) -> float:
+    return UNIT_ROUNDOFF[dtype_key(dtype)]
+
+
+def depth_of(tap: str, n_layers: int) -> int:
+    """0 for the embedding, i+1 for layer i's stages, n_layers+1 for the final norm and logits."""
+    if tap.startswith("layers."):
+        return int(tap.split(".")[1]) + 1
+    if tap in ("embed",) or tap.startswith("embed"):
+        return 0
+    return n_layers + 1
+
+
+def growth(tap: str, n_layers: int) -> float:
+    return float(max(1, depth_of(tap, n_layers))) ** GROWTH_EXPONENT
+
+
+def nmse_budget(dtype_a, dtype_b) -> float:
+    """The NMSE tolerance of a depth-0 stage for these two dtypes, before overrides."""
+    u_eff = max(unit_roundoff(dtype_a), unit_roundoff(dtype_b))
+    return SAFETY * (C_ROUND * u_eff ** 2 + C_ACC * UNIT_ROUNDOFF["float32"] ** 2)
+
+
+def tolerance_for(tap: str, metric: str, dtype_a, dtype_b, n_layers: int) -> float:
+    """The derived tolerance (no overrides) of `metric` at `tap` between dtypes a and b."""
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
+    if metric in COUNT_METRICS:
+        return 0.0
+    nmse = nmse_budget(dtype_a, dtype_b) * growth(tap, n_layers)
+    if metric == "nmse":
+        return nmse
+    return AMPLITUDE_FACTOR[metric] * math.sqrt(nmse)
+
+
+@dataclass
+class Tolerances:
+    """Derived tolerances plus user overrides (`[glob:]metric=value`, `scale=F`)."""
+
+    overrides: list[tuple[str, str, float]] = field(default_factory=list)  # (tap glob, metric, value)
+    scale: float = 1.0
+
+    @classmethod
+    def from_overrides(cls, items: list[str] | None) -> "Tolerances":
+        tol = cls()
+        for raw in items or []:
+            tol.add(raw)
+        return tol
+
+    def add(self, raw: str) -> None:
+        text = raw.strip()
+        if "=" not in text:
+            raise UserError(f"--tol {raw!r}: expected [TAP_GLOB:]METRIC=VALUE or scale=FACTOR, "
+                            f"e.g. nmse=1e-6 or layers.0.attn.probs:nmse=1e-4")
+        key, value_text = text.rsplit("=", 1)
+        try:
+            value = float(value_text)
+        except ValueError:
+            raise UserError(f"--tol {raw!r}: {value_text!r} is not a number") from None
+        if not value >= 0:
+            raise UserError(f"--tol {raw!r}: a tolerance must be a number >= 0")
+        pattern, _, metric = key.rpartition(":")
+        if metric == "scale" and not pattern:
+            self.scale = value
+            return
+        if metric not in METRICS:
+            raise UserError(f"--tol {raw!r}: unknown metric {metric!r}; metrics: {', '.join(METRICS)}, scale")
+        self.overrides.append((pattern or "*", metric, value))
+
+    def get(self, tap: str, metric: str, dtype_a, dtype_b, n_layers: int) -> float:
+        for pattern, m, value in reversed(self.overrides):  # the last matching override wins
+            if m == metric and fnmatch.fnmatchcase(tap, pattern):
+                return value
+        return tolerance_for(tap, metric, dtype_a, dtype_b, n_layers) * self.scale
+
+    def describe(self) -> dict:
+        return {"model": "nmse <= SAFETY*(C_ROUND*u_eff^2 + C_ACC*u_fp32^2)*max(1,depth)^GROWTH_EXPONENT; "
+                         "rel_rms/logit_err/sum_rel <= AMPLITUDE_FACTOR*sqrt(nmse tolerance); counts must be 0",
+                "C_ROUND": C_ROUND, "C_ACC": C_ACC, "GROWTH_EXPONENT": GROWTH_EXPONENT, "SAFETY": SAFETY,
+                "AMPLITUDE_FACTOR": AMPLITUDE_FACTOR, "scale": self.scale,
+                "overrides": [f"{p}:{m}={v}" for p, m, v in self.overrides]}
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+def _as_f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def first_nonfinite(x) -> tuple[int, ...] | None:
+    """Index of the first NaN/Inf of x in C order, or None."""
+    bad = ~np.isfinite(_as_f64(x))
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+
+
+def metrics(a, b, known=None, masked: bool = False) -> dict:
+    """Differences of a (the side under test) from b (the reference), same shape.
+
+    Returns nmse = sum((a-b)^2)/sum(b^2), max_abs, max_rel (|a-b|/|b| where |b| is
+    not tiny), cosine, rel_rms = max|a-b| / rms(b), the first non-finite index of
+    each side, nonfinite = how many positions are non-finite in a but finite in b.
+    `known`: a boolean mask of the positions to compare (sparse dumps).
+    `masked`: attention scores after the causal mask: positions masked (<= MASKED_BELOW)
+    on both sides are equal by definition; masked on one side only are counted in
+    mask_mismatch and excluded from the other metrics.
+    """
+    a, b = _as_f64(a), _as_f64(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    sel = np.ones(a.shape, bool) if known is None else np.asarray(known, bool)
+    out = {"first_nonfinite_a": first_nonfinite(np.where(sel, a, 0.0)),
+           "first_nonfinite_b": first_nonfinite(np.where(sel, b, 0.0)), "mask_mismatch": 0}
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    out["nonfinite"] = int((sel & ~fa & fb).sum())
+    if masked:
+        ma, mb = fa & (a <= MASKED_BELOW), fb & (b <= MASKED_BELOW)
+        out["mask_mismatch"] = int((sel & (ma != mb)).sum())
+        sel = sel & ~ma & ~mb
+    both = sel & fa & fb
+    n = int(both.sum())
+    out["compared"] = n
+    if n == 0:
+        nan = float("nan")
+        out.update(nmse=nan if out["nonfinite"] == 0 else math.inf, max_abs=nan, max_rel=nan, cosine=nan, rel_rms=nan)
+        if out["nonfinite"]:
+            out.update(max_abs=math.inf, rel_rms=math.inf)
+        return out
+    av, bv = a[both], b[both]
+    d = av - bv
+    power = float(np.sum(bv * bv))
+    err = float(np.sum(d * d))
+    rms_b = math.sqrt(power / n)
+    out["nmse"] = err / power if power > 0 else (0.0 if err == 0 else math.inf)
+    out["max_abs"] = float(np.max(np.abs(d)))
+    big = np.abs(bv) > max(rms_b * 1e-3, 1e-30)  # relative error is meaningless near zero
+    out["max_rel"] = float(np.max(np.abs(d[big]) / np.abs(bv[big]))) if big.any() else 0.0
+    na, nb = float(np.linalg.norm(av)), math.sqrt(power)
+    out["cosine"] = float(np.dot(av, bv) / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    out["rel_rms"] = out["max_abs"] / rms_b if rms_b > 0 else (0.0 if out["max_abs"] == 0 else math.inf)
+    if out["nonfinite"]:  # NaN where the reference is finite: nothing else matters
+        out["nmse"] = out["rel_rms"] = math.inf
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Measurement (python -m mlx_tinyllama.tolerances): the numbers behind the constants.
+
+
+def measure(presets=("small", "medium"), kernels=("fused", "explicit")) -> list[dict]:
+    """NMSE per tap of several (side a, side b) pairs on synthetic models, with NMSE/u_eff^2."""
+    import mlx.core as mx
+
+    from . import sources
+    from .reference import hf
+    from .synthetic import materialize
+    from .taps import Taps, tap_names
+
+    ids = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451, 29889, 2, 29871, 13,
+           29966, 29989, 1792, 29989, 29958, 13, 10994, 29991, 1128, 526, 366, 29973, 2, 29871, 13,
+           29966, 29989, 465, 22137, 29989, 29958, 13]
+    rows = []
+    for preset in presets:
+        model_dir = materialize(preset, 0)
+        n_layers = sources.load(f"synthetic:{preset}", "float32").config.num_hidden_layers
+        ref = {dt: {k: v.float().numpy() for k, v in hf.capture(hf.load_hf_model(model_dir, dt), ids)[0].items()}
+               for dt in ("float32", "float16", "bfloat16")}
+        ours = {}
+        for dt in ("float32", "float16", "bfloat16"):
+            for kern in kernels:
+                lm = sources.load(str(model_dir), dt, "hf", kern)
+                taps = Taps(tap_names(n_layers), "full")
+                lm.model(mx.array(ids), tap=taps)
+                ours[(dt, kern)] = {k: np.array(v.astype(mx.float32)) for k, v in taps.tensors.items()}
+        pairs = [(f"ours {dt} {k} vs transformers {dt}", ours[(dt, k)], ref[dt], dt, dt)
+                 for dt in ("float32", "float16", "bfloat16") for k in kernels]
+        pairs += [("transformers float16 vs transformers float32", ref["float16"], ref["float32"], "float16", "float32"),
+                  ("transformers bfloat16 vs transformers float32", ref["bfloat16"], ref["float32"], "bfloat16", "float32"),
+                  ("ours float32 fused vs transformers float16", ours[("float32", kernels[0])], ref["float16"],
+                   "float32", "float16")]
+        for label, a, b, da, db in pairs:
+            for tap in tap_names(n_layers):
+                m = metrics(a[tap], b[tap], masked=tap.endswith("scores_masked"))
+                u_eff = max(unit_roundoff(da), unit_roundoff(db))
+                rows.append({"preset": preset, "pair": label, "tap": tap, "depth": depth_of(tap, n_layers),
+                             "nmse": m["nmse"], "nmse_per_u2": m["nmse"] / u_eff ** 2,
+                             "nmse_per_u32_2": m["nmse"] / UNIT_ROUNDOFF["float32"] ** 2,
+                             "tolerance": tolerance_for(tap, "nmse", da, db, n_layers), "mask_mismatch": m["mask_mismatch"]})
+    return rows
+
+
+def _summarize(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="NMSE per pair: max over taps, and headroom against the derived tolerance")
+    for col in ("preset", "pair", "max nmse", "at tap", "max nmse/u_eff²", "layer-0 max", "last-layer max",
+                "min tolerance/nmse"):
+        table.add_column(col)
+    keys = sorted({(r["preset"], r["pair"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for preset, pair in keys:
+        sel = [r for r in rows if r["preset"] == preset and r["pair"] == pair]
+        worst = max(sel, key=lambda r: r["nmse"])
+        last_depth = max(r["depth"] for r in sel if r["tap"].startswith("layers."))
+        l0 = max(r["nmse"] for r in sel if r["depth"] == 1)
+        ll = max(r["nmse"] for r in sel if r["depth"] == last_depth)
+        headroom = min(r["tolerance"] / r["nmse"] if r["nmse"] > 0 else math.inf for r in sel)
+        table.add_row(preset, pair, f"{worst['nmse']:.2e}", worst["tap"], f"{max(r['nmse_per_u2'] for r in sel):.3g}",
+                      f"{l0:.2e}", f"{ll:.2e}", f"{headroom:.3g}")
+    Console().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover - a measurement tool, its output is in docs/compare.md
+    import json
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--json=")]
+    rows = measure(tuple(args) or ("small", "medium"))
+    for a in sys.argv[1:]:
+        if a.startswith("--json="):
+            with open(a[7:], "w") as f:
+                json.dump(rows, f)
+    _summarize(rows)
