@@ -1,0 +1,799 @@
+"""Self-contained HTML reports (and the same plots as PNG files) for `run`,
+`compare`, `paths` and `stability`.
+
+One report is one HTML file: the figures are base64 PNGs inside it, the data
+behind the heat maps is a JSON block inside it (`<script type="application/json"
+id="divergence-data">` and friends), so it opens anywhere without a network.
+The HTML comes from a jinja2 template with autoescape on; the figures come from
+plots.py.
+
+Entry points (each writes `html_path` and/or PNGs into `plots_dir`, either may be None):
+    run_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
+    compare_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
+    paths_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
+    stability_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
+options: attention_layers, attention_heads (lists of ints; default: first and
+last layer, heads 0 and 1). `lm` lets the report run one more forward pass to
+measure every stage and record the attention probabilities.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .taps import GLOBAL_HEAD, GLOBAL_TAIL, LAYER_STAGES, Taps, split_name, stage_of, tap_names
+
+# Magnitude panels: which layer stages go together in one plot.
+MAGNITUDE_PANELS = (
+    ("norms (RMSNorm outputs)", ("attn_norm", "mlp_norm")),
+    ("attention projections", ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.context", "attn.out")),
+    ("attention scores", ("attn.scores", "attn.scores_scaled", "attn.probs")),
+    ("MLP", ("mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down")),
+    ("residual stream", ("resid_mid", "out")),
+)
+# Masked scores hold the dtype minimum above the diagonal: their absmax is the mask, not data.
+NOT_PLOTTED = ("attn.scores_masked",)
+DEFAULT_ATTENTION_HEADS = (0, 1)
+LAYER_STAGE_NAMES = [s.name for s in LAYER_STAGES]
+GLOBAL_NAMES = [s.name for s in GLOBAL_HEAD + GLOBAL_TAIL]
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+@dataclass
+class Plot:
+    """One figure: its file stem (for --plots), title, caption and PNG bytes."""
+
+    stem: str
+    title: str
+    caption: str
+    png: bytes
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass
+class Section:
+    """One part of the page. `kind` picks the template block; `data` goes into a JSON script block."""
+
+    id: str
+    title: str
+    intro: str = ""
+    plots: list[Plot] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)  # {"caption", "columns", "rows", "bad_rows"}
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    data: dict | None = None
+    data_id: str | None = None
+
+
+def add_report_arguments(parser) -> None:
+    """Report options a command can add next to `--report`/`--plots`."""
+    g = parser.add_argument_group("report")
+    g.add_argument("--attention-layers", metavar="0,21", help="layers whose attention maps the report shows "
+                   "(default: the first and the last)")
+    g.add_argument("--attention-heads", metavar="0,1", help="query heads to show per layer (default: 0,1)")
+
+
+def report_options(args) -> dict:
+    """The keyword options of the *_report functions from parsed `add_report_arguments` options."""
+    return {"attention_layers": parse_int_list(getattr(args, "attention_layers", None), "--attention-layers"),
+            "attention_heads": parse_int_list(getattr(args, "attention_heads", None), "--attention-heads")}
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    items = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise UserError(f"{option}: expected comma-separated integers like 0,1, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option}: no values given")
+    return values
+
+
+def _check_outputs(html_path, plots_dir) -> None:
+    """Fail before any work when an output cannot be written (one clear message, nothing written)."""
+    if html_path is not None:
+        parent = Path(html_path).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise UserError(f"cannot write report {html_path}: directory {parent} does not exist")
+    if plots_dir is not None:
+        d = Path(plots_dir).expanduser()
+        if d.exists() and not d.is_dir():
+            raise UserError(f"--plots {plots_dir}: exists and is not a directory")
+        if not d.exists() and not d.resolve().parent.is_dir():
+            raise UserError(f"--plots {plots_dir}: its parent directory does not exist")
+
+
+def _plot(stem: str, title: str, caption: str, fig) -> Plot:
+    from .plots import png_bytes
+
+    return Plot(stem, title, caption, png_bytes(fig))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.5g}"
+    return str(v)
+
+
+def _num(v) -> float:
+    """A JSON number back to float: write_json stores NaN/Inf as strings."""
+    if v is None:
+        return float("nan")
+    if isinstance(v, str):
+        return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(v.lower(), math.nan)
+    return float(v)
+
+
+def _json_safe(obj):
+    """NaN/Inf as strings (JSON has neither), numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else ("nan" if math.isnan(f) else ("inf" if f > 0 else "-inf"))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Observation: one extra forward pass for magnitudes and attention maps
+
+
+class _BothTaps:
+    """Feeds one forward pass to two recorders: stats of every stage, full tensors of a few."""
+
+    enabled = True
+
+    def __init__(self, stats: Taps, full: Taps):
+        self.stats, self.full = stats, full
+
+    def wants(self, name: str) -> bool:
+        return self.stats.wants(name) or self.full.wants(name)
+
+    def __call__(self, name, x):
+        self.full(name, x)
+        return self.stats(name, x)
+
+
+@dataclass
+class Observation:
+    stats: dict[str, dict]
+    probs: dict[int, np.ndarray]  # layer -> [H, T, S] float32
+    last_logits: object  # mx.array [V]
+
+
+def observe(lm, ids: list[int], attention_layers: list[int]) -> Observation:
+    """Every stage's stats and the attention probabilities of `attention_layers`, in one prefill."""
+    import mlx.core as mx
+
+    from .cli_common import check_ids
+
+    check_ids(ids, lm.config)
+    n = lm.config.num_hidden_layers
+    stats = Taps(tap_names(n), "stats")
+    full = Taps([f"layers.{i}.attn.probs" for i in attention_layers], "full")
+    logits = lm.model(mx.array(ids), tap=_BothTaps(stats, full))
+    mx.eval(logits)
+    probs = {}
+    for name, t in full.tensors.items():
+        probs[split_name(name)[0]] = np.array(t.astype(mx.float32))
+    return Observation(stats.stats(), probs, logits[0, -1])
+
+
+def _choose(values: list[int] | None, default: list[int], limit: int, what: str) -> list[int]:
+    chosen = list(dict.fromkeys(values if values is not None else default))
+    bad = [v for v in chosen if not 0 <= v < limit]
+    if bad:
+        raise UserError(f"{what} {bad[0]} does not exist: the model has {limit} (0..{limit - 1})")
+    return chosen
+
+
+# ---------------------------------------------------------------------------
+# Header
+
+
+def _header(result: dict, lm, prompt) -> dict:
+    from . import cli_common
+
+    model = result.get("model")
+    if isinstance(model, dict):
+        spec, fmt, origin = model.get("spec"), model.get("format"), model.get("origin")
+        config = model.get("config")
+    else:
+        spec, fmt, origin, config = model, result.get("format"), None, None
+    if lm is not None:
+        spec = spec or lm.source.spec
+        fmt = fmt or lm.source.format
+        origin = origin or lm.source.origin
+        config = config or lm.config.as_dict()
+    ids = _prompt_ids(result, prompt)
+    pieces = _prompt_pieces(result, prompt, ids, lm)
+    text = getattr(prompt, "text", None) if prompt is not None else (result.get("prompt") or {}).get("text")
+    versions = result.get("versions") or cli_common.versions()
+    return {
+        "model": spec or "?",
+        "format": fmt or "?",
+        "origin": origin or "",
+        "dtype": result.get("dtype") or (lm.dtype if lm is not None else "?"),
+        "policy": result.get("policy") or (lm.ops.policy if lm is not None else ""),
+        "kernels": result.get("kernels") or (lm.ops.kernels if lm is not None else ""),
+        "device": result.get("device") or cli_common.device_description(),
+        "config": config or {},
+        "prompt_text": text,
+        "prompt_source": getattr(prompt, "source", None) or (result.get("prompt") or {}).get("source", ""),
+        "tokens": [{"pos": i, "id": t, "piece": pieces[i] if i < len(pieces) else ""} for i, t in enumerate(ids)],
+        "versions": versions,
+        "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _prompt_ids(result: dict, prompt) -> list[int]:
+    if prompt is not None and getattr(prompt, "ids", None):
+        return list(prompt.ids)
+    for key in ("tokens", "ids", "prompt_ids"):
+        if isinstance(result.get(key), list):
+            return list(result[key])
+    p = result.get("prompt")
+    if isinstance(p, dict):
+        for key in ("ids", "tokens"):
+            if isinstance(p.get(key), list):
+                return list(p[key])
+    return []
+
+
+def _prompt_pieces(result: dict, prompt, ids: list[int], lm) -> list[str]:
+    if prompt is not None and getattr(prompt, "pieces", None):
+        return list(prompt.pieces)
+    p = result.get("prompt")
+    if isinstance(p, dict) and p.get("pieces"):
+        return list(p["pieces"])
+    tok = _tokenizer(lm)
+    return tok.pieces(ids) if tok is not None and ids else []
+
+
+def _tokenizer(lm):
+    if lm is None:
+        return None
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(lm.source.path, "sentencepiece")
+    except UserError:  # a model without a tokenizer still gets a report, with ids only
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+def rms_of(stats: dict) -> float:
+    """Root mean square from the recorded mean and (population) std."""
+    mean, std = _num(stats.get("mean")), _num(stats.get("std"))
+    return math.sqrt(mean * mean + std * std)
+
+
+def magnitude_data(stats: dict[str, dict], n_layers: int) -> tuple[list[dict], dict[str, dict]]:
+    """Per-layer absmax/RMS series per panel (only stages that were recorded), and the global stages."""
+    panels = []
+    for title, stages in MAGNITUDE_PANELS:
+        series = {}
+        for stage in stages:
+            names = [f"layers.{i}.{stage}" for i in range(n_layers)]
+            if not any(n in stats for n in names):
+                continue
+            series[stage] = {
+                "absmax": [_num(stats[n]["absmax"]) if n in stats else math.nan for n in names],
+                "rms": [rms_of(stats[n]) if n in stats else math.nan for n in names],
+            }
+        if series:
+            panels.append({"title": title, "series": series})
+    globals_ = {n: {"absmax": _num(stats[n]["absmax"]), "rms": rms_of(stats[n])} for n in GLOBAL_NAMES if n in stats}
+    return panels, globals_
+
+
+def magnitude_section(stats: dict[str, dict], n_layers: int, source: str) -> Section:
+    from .plots import FP16_MAX, magnitude_figure
+
+    sec = Section("magnitudes", "Per-layer magnitudes")
+    panels, globals_ = magnitude_data(stats, n_layers)
+    if not panels and not globals_:
+        sec.intro = "This result recorded no per-stage statistics, so there is nothing to plot."
+        return sec
+    sec.intro = (f"Largest absolute value (solid) and root mean square (dashed) of each stage, per layer, "
+                 f"on a log scale; the dotted red line is the fp16 limit {FP16_MAX:g}. Source: {source}. "
+                 f"Masked scores are left out: above the diagonal they hold the dtype minimum.")
+    fig = magnitude_figure(panels, list(range(n_layers)), globals_)
+    sec.plots.append(_plot("magnitudes", "absmax and RMS per layer", "", fig))
+    over = [(n, s) for n, s in stats.items() if s.get("nan") or s.get("inf")
+            or (_num(s.get("absmax")) > FP16_MAX and split_name(n)[1] not in NOT_PLOTTED)]
+    rows = [[n, _fmt(_num(s.get("absmax"))), _fmt(rms_of(s)), str(s.get("nan", 0)), str(s.get("inf", 0))]
+            for n, s in over]
+    if rows:
+        sec.tables.append({"caption": "stages beyond the fp16 range or non-finite",
+                           "columns": ["tap", "absmax", "rms", "nan", "inf"], "rows": rows,
+                           "bad_rows": list(range(len(rows)))})
+    sec.data = {"source": source, "layers": n_layers,
+                "absmax": {n: _num(s.get("absmax")) for n, s in stats.items()},
+                "rms": {n: rms_of(s) for n, s in stats.items()}}
+    sec.data_id = "magnitude-data"
+    return sec
+
+
+def attention_section(probs: dict[int, np.ndarray], pieces: list[str], heads: list[int]) -> Section:
+    from .plots import attention_figure
+
+    sec = Section("attention", "Attention maps")
+    sec.intro = ("Softmax probabilities (attn.probs) of the selected layers and query heads: row = query token, "
+                 "column = key token. A correct causal model is zero above the diagonal and every row sums to 1.")
+    for layer in sorted(probs):
+        p = probs[layer][heads]
+        fig = attention_figure(p, pieces, layer=layer, heads=heads)
+        row_sums = p.sum(axis=-1)
+        upper = float(np.triu(p, k=1 + p.shape[2] - p.shape[1]).max()) if p.size else 0.0
+        caption = (f"row sums {row_sums.min():.4f}..{row_sums.max():.4f}; largest probability above the diagonal "
+                   f"{_fmt(upper)}")
+        sec.plots.append(_plot(f"attention_layer{layer}", f"layer {layer}", caption, fig))
+    return sec
+
+
+def top_k_section(entries: list[dict]) -> Section:
+    from .plots import top_k_figure
+
+    sec = Section("top-k", "Next-token candidates")
+    if not entries:
+        sec.intro = "This result has no next-token candidates."
+        return sec
+    sec.intro = "The most likely next tokens after the last prompt position."
+    sec.tables.append({"caption": "top-k at the last position", "columns": ["rank", "id", "token", "logit", "prob"],
+                       "rows": [[str(r), str(e["token_id"]), repr(e.get("token")) if e.get("token") is not None else "",
+                                 _fmt(_num(e["logit"])), f"{_num(e['prob']):.4f}"]
+                                for r, e in enumerate(entries, 1)], "bad_rows": []})
+    sec.plots.append(_plot("top_k", "next-token probabilities", "", top_k_figure(entries)))
+    return sec
+
+
+# ---------------------------------------------------------------------------
+# Comparison data: stage × layer NMSE
+
+
+def divergence_matrix(values: dict[str, float], n_layers: int, first_tap: str | None) -> dict:
+    """The heat-map data: rows = layer stages in forward order, columns = layers, cells = the
+    error of that tap (NaN = not compared); global taps apart; the first divergence located."""
+    matrix = [[_num(values.get(f"layers.{i}.{stage}")) for i in range(n_layers)] for stage in LAYER_STAGE_NAMES]
+    globals_ = {n: _num(values[n]) for n in GLOBAL_NAMES if n in values}
+    first = None
+    if first_tap:
+        layer, stage = split_name(first_tap)
+        first = {"tap": first_tap, "stage": stage, "layer": layer,
+                 "row": LAYER_STAGE_NAMES.index(stage) if layer is not None else None}
+    return {"stages": LAYER_STAGE_NAMES, "layers": list(range(n_layers)), "matrix": matrix,
+            "globals": globals_, "first_divergence": first}
+
+
+def _first_tap(first) -> str | None:
+    """compare/paths/stability name their first bad tap as a string or inside a dict."""
+    if first is None or isinstance(first, str):
+        return first
+    if isinstance(first, dict):
+        return first.get("tap") or first.get("name")
+    return None
+
+
+def _infer_layers(names, lm) -> int:
+    if lm is not None:
+        return lm.config.num_hidden_layers
+    layers = [split_name(n)[0] for n in names if n.startswith("layers.")]
+    return max(layers) + 1 if layers else 0
+
+
+def heatmap_plot(data: dict, *, stem: str, title: str, label: str, mark_label: str, cmap: str = "viridis") -> Plot:
+    from .plots import stage_layer_heatmap
+
+    matrix = np.array(data["matrix"], dtype=np.float64)
+    first = data.get("first_divergence")
+    mark = (first["row"], first["layer"]) if first and first.get("row") is not None else None
+    labels, extra = list(data["stages"]), data.get("globals") or {}
+    if extra:  # the global taps as one extra row, each in a column of its own, left to right
+        row = np.full((1, matrix.shape[1]), np.nan)
+        for j, n in enumerate(extra):
+            if j < row.shape[1]:
+                row[0, j] = extra[n]
+        matrix = np.vstack([matrix, row])
+        labels.append("globals: " + ", ".join(extra))
+    fig = stage_layer_heatmap(matrix, labels, data["layers"], title=title, colorbar_label=label, mark=mark,
+                              mark_label=mark_label, cmap=cmap)
+    caption = ("grey = not measured" + (f"; red frame = {mark_label}: {first['tap']}" if first else "")
+               + (f"; bottom row = {', '.join(extra)} in columns 0..{len(extra) - 1}" if extra else ""))
+    return _plot(stem, title, caption, fig)
+
+
+# ---------------------------------------------------------------------------
+# Page
+
+
+@dataclass
+class Report:
+    kind: str
+    title: str
+    header: dict
+    sections: list[Section]
+    status: str = ""
+    status_ok: bool | None = None
+
+
+def render_html(report: Report) -> str:
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("mlx_tinyllama", "templates"),
+                      autoescape=select_autoescape(["html", "j2"], default_for_string=True, default=True),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    sections = [{"section": s, "data_json": _json_safe(s.data) if s.data is not None else None}
+                for s in report.sections]
+    return env.get_template("report.html.j2").render(report=report, header=report.header, sections=sections)
+
+
+def write_report(report: Report, html_path, plots_dir) -> None:
+    if html_path is not None:
+        Path(html_path).expanduser().write_text(render_html(report), encoding="utf-8")
+    if plots_dir is not None:
+        d = Path(plots_dir).expanduser()
+        d.mkdir(exist_ok=True)
+        for sec in report.sections:
+            for p in sec.plots:
+                (d / f"{report.kind}_{p.stem}.png").write_bytes(p.png)
+
+
+def _observed_sections(result: dict, lm, prompt, attention_layers, attention_heads, *,
+                       fallback_stats: dict | None, fallback_source: str) -> tuple[list[Section], Observation | None]:
+    """Magnitudes (from a fresh forward pass when `lm` is given) and attention maps."""
+    ids = _prompt_ids(result, prompt)
+    if lm is None or not ids:
+        stats = fallback_stats or {}
+        n = _infer_layers(stats, None)
+        sec = magnitude_section(stats, n, fallback_source)
+        att = Section("attention", "Attention maps",
+                      intro="Attention maps need the model: this report was written without one.")
+        return [sec, att], None
+    n = lm.config.num_hidden_layers
+    layers = _choose(attention_layers, sorted({0, n - 1}), n, "attention layer")
+    heads = _choose(attention_heads, [h for h in DEFAULT_ATTENTION_HEADS if h < lm.config.num_attention_heads],
+                    lm.config.num_attention_heads, "attention head")
+    obs = observe(lm, ids, layers)
+    source = f"a forward pass of every stage on this model ({lm.dtype}, policy {lm.ops.policy})"
+    pieces = _prompt_pieces(result, prompt, ids, lm)
+    return [magnitude_section(obs.stats, n, source), attention_section(obs.probs, pieces, heads)], obs
+
+
+def _top_k_entries(result: dict, lm, obs: Observation | None, k: int = 10) -> list[dict]:
+    if result.get("top_k"):
+        return list(result["top_k"])
+    if obs is None:
+        return []
+    from .cli_common import top_k
+
+    return top_k(obs.last_logits, k, _tokenizer(lm))
+
+
+def _build(kind: str, title: str, result: dict, lm, prompt, html_path, plots_dir, middle, options) -> Report:
+    """Header, magnitudes, the command's own sections (`middle`), attention maps, top-k."""
+    _check_outputs(html_path, plots_dir)
+    header = _header(result, lm, prompt)
+    observed, obs = _observed_sections(result, lm, prompt, options.get("attention_layers"),
+                                       options.get("attention_heads"),
+                                       fallback_stats=options.get("fallback_stats"),
+                                       fallback_source=options.get("fallback_source", "the result's taps"))
+    own, status, ok = middle(obs)
+    sections = [observed[0], *own, observed[1], top_k_section(_top_k_entries(result, lm, obs))]
+    report = Report(kind, title, header, sections, status, ok)
+    write_report(report, html_path, plots_dir)
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def run_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+               attention_heads=None) -> Report:
+    """The `run` command's report: header, magnitudes, attention maps, top-k."""
+    opts = {"attention_layers": attention_layers, "attention_heads": attention_heads,
+            "fallback_stats": result.get("taps") or {}, "fallback_source": "the run's taps"}
+    return _build("run", "Forward pass", result, lm, prompt, html_path, plots_dir, lambda obs: ([], "", None), opts)
+
+
+def compare_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+                   attention_heads=None) -> Report:
+    """The comparison report: NMSE heat map stage × layer with the first divergence, and the table."""
+    opts = {"attention_layers": attention_layers, "attention_heads": attention_heads}
+    return _build("compare", "Comparison against a reference", result, lm, prompt, html_path, plots_dir,
+                  lambda obs: comparison_sections(result, lm), opts)
+
+
+def paths_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+                 attention_heads=None) -> Report:
+    """The paths report: prefill vs decode (and other paths) difference per position and stage."""
+    opts = {"attention_layers": attention_layers, "attention_heads": attention_heads}
+    return _build("paths", "Prefill vs decode paths", result, lm, prompt, html_path, plots_dir,
+                  lambda obs: paths_sections(result, lm), opts)
+
+
+def stability_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+                     attention_heads=None) -> Report:
+    """The stability report: headroom per stage and layer, first non-finite stage, fp16-vs-fp32 drift."""
+    opts = {"attention_layers": attention_layers, "attention_heads": attention_heads,
+            "fallback_stats": _stability_stats(result), "fallback_source": "the stability run's taps"}
+    return _build("stability", "Numerical stability", result, lm, prompt, html_path, plots_dir,
+                  lambda obs: stability_sections(result, lm), opts)
+
+
+# ---------------------------------------------------------------------------
+# Command-specific sections. Each returns (sections, status line, ok or None).
+
+
+def _describe(tap: str | None) -> str:
+    if not tap:
+        return ""
+    try:
+        return stage_of(tap).what
+    except KeyError:
+        return ""
+
+
+def _entry_values(entries: list[dict], preferred: str = "nmse") -> tuple[dict[str, float], str]:
+    """One number per tap for the heat map: the `preferred` metric where a tap has it."""
+    values: dict[str, float] = {}
+    metric_of: dict[str, str] = {}
+    for e in entries:
+        tap, metric = e.get("tap"), e.get("metric", "")
+        if tap is None:
+            continue
+        if tap not in values or (metric == preferred and metric_of[tap] != preferred):
+            values[tap], metric_of[tap] = _num(e.get("value")), metric
+    metrics = sorted(set(metric_of.values()))
+    return values, (preferred if preferred in metrics else ", ".join(metrics) or preferred)
+
+
+def _first_failing(entries: list[dict], n_layers: int) -> str | None:
+    """The first tap in forward order with a failed check: used when a result names no first divergence."""
+    order = {n: k for k, n in enumerate(tap_names(n_layers))}
+    bad = [e["tap"] for e in entries if e.get("ok") is False and e.get("tap") in order]
+    return min(bad, key=order.__getitem__) if bad else None
+
+
+def comparison_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
+    entries = list(result.get("entries") or [])
+    n = _infer_layers([e.get("tap", "") for e in entries], lm)
+    values, metric = _entry_values(entries)
+    first = _first_tap(result.get("first_divergence")) or _first_failing(entries, n)
+    status = str(result.get("status") or ("diverged" if first else "ok"))
+    ok = first is None and all(e.get("ok", True) is not False for e in entries)
+    data = divergence_matrix(values, n, first)
+    data.update(metric=metric, status=status)
+    sec = Section("divergence", "Divergence map", data=data, data_id="divergence-data")
+    sec.intro = (f"Error of every compared stage against the reference ({metric}, log scale), stages in forward "
+                 "order from top to bottom. The first stage that fails its tolerance is framed in red: "
+                 "everything after it inherits the error, so fix that stage first.")
+    sec.facts = [("status", status), ("first divergence", first or "none"), ("what it is", _describe(first))]
+    if entries:
+        sec.plots.append(heatmap_plot(data, stem="divergence", title=f"{metric} vs reference, stage × layer",
+                                      label=f"{metric} (log)", mark_label="first divergence"))
+    table = _entries_table(entries, first)
+    secs = [sec, Section("comparison-table", "Comparison table", tables=[table] if table else [],
+                         intro="" if entries else "This comparison has no entries.")]
+    return secs, f"comparison: {status}" + (f", first divergence at {first}" if first else ""), ok
+
+
+def _entries_table(entries: list[dict], first: str | None) -> dict | None:
+    if not entries:
+        return None
+    rows, bad = [], []
+    for k, e in enumerate(entries):
+        rows.append([str(e.get("tap", "")), str(e.get("metric", "")), _fmt(_num(e.get("value"))),
+                     _fmt(_num(e.get("tolerance"))) if e.get("tolerance") is not None else "",
+                     _fmt(e.get("ok")) + ("  ← first divergence" if first and e.get("tap") == first else "")])
+        if e.get("ok") is False:
+            bad.append(k)
+    return {"caption": "every check, in forward order", "columns": ["tap", "metric", "value", "tolerance", "ok"],
+            "rows": rows, "bad_rows": bad}
+
+
+# --- paths -------------------------------------------------------------------------
+
+
+def _path_list(result: dict) -> list[dict]:
+    paths = result.get("paths") or []
+    return list(paths.values()) if isinstance(paths, dict) else list(paths)
+
+
+def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
+    from .plots import drift_figure
+
+    paths = _path_list(result)
+    first = result.get("first_divergence") or None
+    ok = result.get("agree")
+    sec = Section("paths", "Prefill vs decode")
+    sec.intro = ("Each cached path (decode = one token per step, chunk-k = k tokens per step) against the single "
+                 "prefill, position by position. A correct KV cache gives the prefill's numbers at every position.")
+    tol = (result.get("tolerance") or {}).get("nmse")
+    sec.facts = [("first divergence", _path_divergence_text(first)), ("what it is", _describe(_first_tap(first))),
+                 ("tolerance", f"per-row NMSE ≤ {_fmt(_num(tol))}" if tol is not None else "")]
+    if result.get("fault"):
+        sec.facts.append(("injected fault", f"{result['fault'].get('name')}"
+                          + (f" at position {result['fault']['position']}" if result["fault"].get("position")
+                             is not None else "")))
+    by_pos = {p.get("path", f"path {k}"): [_num(v) for v in p.get("logits_nmse_by_position") or []]
+              for k, p in enumerate(paths)}
+    by_pos = {k: v for k, v in by_pos.items() if v}
+    if by_pos:
+        n = max(len(v) for v in by_pos.values())
+        fig = drift_figure(list(range(n)), {k: v + [math.nan] * (n - len(v)) for k, v in by_pos.items()},
+                           title="logits NMSE vs prefill, per position", ylabel="NMSE (log)")
+        fig.axes[0].set_xlabel("token position")
+        sec.plots.append(_plot("paths_logits", "logits difference per position", "gaps = exactly equal", fig))
+    data = _tap_position_data(result, first)
+    if data is not None:
+        sec.data, sec.data_id = data, "paths-data"
+        sec.plots.append(_position_heatmap(data))
+    else:
+        sec.facts.append(("per stage and position", "not in this result (it has per-position logits only)"))
+    rows = [[str(p.get("path")), str(p.get("steps", "")), _fmt(p.get("agree")), str(p.get("worst_tap", "")),
+             _fmt(_num(p.get("worst_tap_nmse"))), _fmt(_num(p.get("logits_max_abs_diff"))),
+             _fmt(_num(p.get("logits_max_nmse")))] for p in paths]
+    if rows:
+        sec.tables.append({"caption": "paths", "columns": ["path", "steps", "agree", "worst tap", "worst NMSE",
+                                                           "logits max |Δ|", "logits max NMSE"],
+                           "rows": rows, "bad_rows": [k for k, p in enumerate(paths) if p.get("agree") is False]})
+    cont = result.get("continuation")
+    if cont:
+        sec.facts.append(("greedy continuation", f"{cont.get('n')} tokens, "
+                          + ("cached = recomputed" if cont.get("agree") else
+                             f"first mismatch at step {cont.get('first_mismatch_step')}")))
+    status = "paths agree" if ok else ("paths diverge: " + _path_divergence_text(first) if first else "paths differ")
+    return [sec], status, ok if ok is not None else None
+
+
+def _path_divergence_text(first) -> str:
+    if not first:
+        return "none"
+    return f"{first.get('path')} path, {first.get('tap')}, position {first.get('position')}"
+
+
+def _tap_position_data(result: dict, first) -> dict | None:
+    """Stage × position matrix (max over layers) from the result's per-tap, per-position NMSE
+    (`nmse_by_tap_position`: {path: {tap: [per position]}}), for the first diverging path."""
+    table = result.get("nmse_by_tap_position")
+    if not table:
+        return None
+    path = (first or {}).get("path") or next(iter(table))
+    per_tap = table.get(path) or {}
+    n_pos = max((len(v) for v in per_tap.values()), default=0)
+    stages = [s for s in LAYER_STAGE_NAMES + GLOBAL_NAMES if any(split_name(t)[1] == s for t in per_tap)]
+    matrix = np.full((len(stages), n_pos), np.nan)
+    for tap, values in per_tap.items():
+        r = stages.index(split_name(tap)[1])
+        row = np.array([_num(v) for v in values])
+        matrix[r, :len(row)] = np.fmax(matrix[r, :len(row)], row)
+    mark = None
+    if first and first.get("tap") and split_name(first["tap"])[1] in stages:
+        mark = {"tap": first["tap"], "stage": split_name(first["tap"])[1], "position": first.get("position"),
+                "row": stages.index(split_name(first["tap"])[1])}
+    return {"path": path, "stages": stages, "positions": list(range(n_pos)), "matrix": matrix.tolist(),
+            "first_divergence": mark}
+
+
+def _position_heatmap(data: dict) -> Plot:
+    from .plots import stage_layer_heatmap
+
+    first = data["first_divergence"]
+    mark = (first["row"], first["position"]) if first and first.get("position") is not None else None
+    fig = stage_layer_heatmap(np.array(data["matrix"], dtype=np.float64), data["stages"], data["positions"],
+                              title=f"{data['path']} vs prefill: NMSE per stage (max over layers) and position",
+                              colorbar_label="row NMSE (log)", mark=mark, mark_label="first divergence",
+                              column_label="token position")
+    return _plot("paths_stage_position", f"{data['path']} vs prefill per stage and position",
+                 "grey = not measured" + (f"; red frame = first divergence {first['tap']}" if first else ""), fig)
+
+
+# --- stability -------------------------------------------------------------------------
+
+
+def _policies(result: dict) -> dict[str, dict]:
+    pol = result.get("policies") or {}
+    if isinstance(pol, list):
+        return {p.get("policy", f"policy {k}"): p for k, p in enumerate(pol)}
+    return dict(pol)
+
+
+def _per_tap(policy_result: dict) -> dict[str, dict]:
+    taps = policy_result.get("taps") or {}
+    if isinstance(taps, list):
+        return {t["tap"]: t for t in taps if "tap" in t}
+    return dict(taps)
+
+
+def _stability_stats(result: dict) -> dict[str, dict]:
+    """Per-tap stats of the first policy for the magnitude plot when the report has no model."""
+    for p in _policies(result).values():
+        taps = _per_tap(p)
+        if taps and all(isinstance(v, dict) and "absmax" in v for v in taps.values()):
+            return {t: {"absmax": v["absmax"], "mean": v.get("mean", 0.0), "std": v.get("std", v.get("rms", 0.0)),
+                        "nan": v.get("nan", 0), "inf": v.get("inf", 0)} for t, v in taps.items()}
+    return {}
+
+
+def stability_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
+    from .plots import drift_figure
+
+    policies = _policies(result)
+    secs = []
+    problems = []
+    for name, p in policies.items():
+        taps = _per_tap(p)
+        first = _first_tap(p.get("first_nonfinite"))
+        if first:
+            problems.append(f"{name}: {first}")
+        n = _infer_layers(taps, lm)
+        headroom = {t: _num(v.get("headroom")) for t, v in taps.items() if isinstance(v, dict) and "headroom" in v}
+        sec = Section(f"stability-{_slug(name)}", f"Stability · policy {name}")
+        sec.intro = ("Headroom = how many times a stage's largest value could grow before it reaches the fp16 "
+                     "limit 65504 (log scale; ≤ 1 means it overflows). The first stage with NaN/Inf is framed in red.")
+        sec.facts = [("first non-finite stage", first or "none"), ("what it is", _describe(first))]
+        if headroom:
+            data = divergence_matrix(headroom, n, first)
+            sec.data, sec.data_id = data, f"headroom-data-{_slug(name)}"
+            sec.plots.append(heatmap_plot(data, stem=f"headroom_{_slug(name)}", cmap="RdYlGn",
+                                          title=f"fp16 headroom per stage and layer (policy {name})",
+                                          label="headroom (log)", mark_label="first non-finite"))
+        secs.append(sec)
+    drift = _drift_series(result, policies)
+    if drift:
+        n = max(len(v) for v in drift.values())
+        sec = Section("drift", "fp16 vs fp32 drift per layer", data={"nmse_by_layer": drift}, data_id="drift-data")
+        sec.intro = "NMSE of each layer's output against an fp32 run of the same weights: how error grows with depth."
+        sec.plots.append(_plot("drift", "fp16 vs fp32 NMSE per layer", "gaps = exactly equal",
+                               drift_figure(list(range(n)), drift, title="fp16 vs fp32 drift per layer",
+                                            ylabel="NMSE vs fp32 (log)")))
+        secs.append(sec)
+    status = "no non-finite values" if not problems else "non-finite values: " + "; ".join(problems)
+    return secs, status, not problems
+
+
+def _drift_series(result: dict, policies: dict[str, dict]) -> dict[str, list[float]]:
+    """{policy: NMSE vs fp32 per layer}, from `drift` ({policy: [..]}) or each policy's `drift`."""
+    top = result.get("drift")
+    if isinstance(top, dict):
+        return {k: [_num(v) for v in vals] for k, vals in top.items() if isinstance(vals, list)}
+    return {k: [_num(v) for v in p["drift"]] for k, p in policies.items() if isinstance(p.get("drift"), list)}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-") or "x"
