@@ -1,0 +1,221 @@
+"""`compare`: check a run, or another engine's numbers, against a reference and name
+the first stage that diverges.
+
+    compare --ref refs/synthetic-tiny-fp32.json                 # this package's run vs a reference
+    compare --against their_dump.safetensors --model synthetic:tiny   # their dump vs this package's run
+    compare --against llama_eval_callback.log --ref REF          # their log vs a reference
+
+Exit code 0: every compared stage within tolerance; 1: something diverges; 2: bad input.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import cli_common
+from .. import refs as R
+from ..errors import UserError
+from ..tolerances import Tolerances
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ref", metavar="REF", help="reference: a refs/*.json manifest, a seed bundle (refs/*.seed.json, "
+                                                "optionally #SOURCE), or one of the seed's JSON files")
+    p.add_argument("--against", metavar="FILE", help="another engine's numbers: .safetensors/.npz tensors, a stats "
+                                                     "JSON (run --json shape), or a llama.cpp eval-callback log")
+    p.add_argument("--map", metavar="FILE.json", help="name mapping {their name: canonical tap} for --against")
+    p.add_argument("--layout", choices=("hf", "gguf"), help="Q/K layout of --against (default: gguf for llama.cpp "
+                                                           "logs, hf otherwise)")
+    p.add_argument("--against-dtype", metavar="DTYPE", help="precision of --against for tolerances (default: "
+                                                            "its tensors' dtype)")
+    p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V",
+                   help="override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4, scale=10")
+    p.add_argument("--json", metavar="PATH", help="write the comparison (status, first_divergence, entries) as JSON")
+    p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
+    cli_common.add_model_arguments(p)
+    p.set_defaults(model=None)  # None: the reference's own model (full-tensor references), else synthetic
+    from ..prompt import add_prompt_arguments
+
+    add_prompt_arguments(p)
+
+
+def main(args) -> int:
+    if not args.ref and not args.against:
+        raise UserError("compare needs --ref REF and/or --against FILE")
+    _check_writable(args.json)
+    tol = Tolerances.from_overrides(args.tol)
+    name_map = R.read_name_map(args.map)
+    references = _load_ref(args.ref) if args.ref else None
+    if args.against:
+        candidate = R.load(args.against, name_map, args.layout)
+        if len(candidate) != 1:
+            raise UserError(f"--against {args.against}: holds {len(candidate)} sources; give one dump")
+        candidate = candidate[0]
+        if args.against_dtype:
+            from ..tolerances import dtype_key
+
+            candidate.dtype = dtype_key(args.against_dtype)
+    if references is not None and not args.against:  # this package's run against the reference
+        from ..compare import needs_shortcut, run_side
+
+        lm, prompt = _load_run(args, references)
+        candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
+        return finish(args, _compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids)), lm, prompt)
+    if references is None:  # their dump against this package's run
+        lm, prompt = _load_run(args, [candidate])
+        from ..compare import run_side
+
+        references = [run_side(lm, prompt.ids)]
+        return finish(args, _compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids)), lm, prompt)
+    cfg = _config(args, references)  # their dump against a stored reference
+    n_tokens = next((r.n_tokens for r in references if r.n_tokens), None) or candidate.n_tokens
+    if not n_tokens:
+        raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
+    return finish(args, _compare(candidate, references, tol, cfg, n_tokens))
+
+
+def _compare(candidate, references, tol, cfg, n_tokens) -> dict:
+    from ..compare import compare
+
+    return compare(candidate, references, tol, cfg, n_tokens)
+
+
+def _load_ref(spec: str) -> list[R.Side]:
+    path, _, source = spec.partition("#")
+    sides = R.load(path)
+    if source:
+        chosen = [s for s in sides if s.name.endswith("#" + source)]
+        if not chosen:
+            raise UserError(f"{path} has no source {source!r}; sources: "
+                            + ", ".join(s.name.split("#", 1)[-1] for s in sides))
+        return chosen
+    return sides
+
+
+def _prompt_given(args) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("prompt", "prompt_file", "token_ids", "chat"))
+
+
+def _load_run(args, sides: list[R.Side]):
+    """Load --model (default: a full-tensor reference's own model spec) and resolve the prompt."""
+    from ..prompt import Prompt
+
+    if args.model is None:
+        specs = [s.provenance.get("model") for s in sides if s.kind == "full-tensors"]
+        args.model = next((m for m in specs if m), "synthetic")
+    lm = cli_common.load_model(args)
+    ids_from_dump = next((s.ids for s in sides if s.kind not in ("full-tensors", "seed-json") and s.ids), None)
+    if ids_from_dump and not _prompt_given(args):
+        cli_common.check_ids(ids_from_dump, lm.config)
+        return lm, Prompt(ids=list(ids_from_dump), text=None, source="the dump's token ids")
+    from .run import _prompt
+
+    return lm, _prompt(args, lm)
+
+
+def _config(args, references) -> dict:
+    for r in references:
+        cfg = r.config or {}
+        if all(cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                    "intermediate_size", "vocab_size")):
+            return cfg
+    from .. import sources
+    from ..config import load_config
+
+    spec = args.model or "synthetic"
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from ..synthetic import PRESETS, parse_spec
+
+        return PRESETS[parse_spec(spec)[0]].as_dict()
+    src = sources.resolve(spec)
+    if src.format == "gguf":
+        raise UserError("give --model as an HF directory or synthetic preset to tell the model shape")
+    return load_config(src.path).as_dict()
+
+
+def _check_writable(path) -> None:
+    from pathlib import Path
+
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UserError(f"cannot write {path}: its directory does not exist")
+
+
+def finish(args, result: dict, lm=None, prompt=None) -> int:
+    """Print the table, write --json (and run's --report when asked); return the exit code."""
+    if getattr(args, "json", None):
+        cli_common.write_json(args.json, result)
+    if getattr(args, "report", None) and lm is not None:
+        _report(args, result, lm, prompt)
+    print_result(result, show_all=bool(getattr(args, "all", False)))
+    return 0 if result["status"] == "match" else 1
+
+
+def _report(args, result, lm, prompt) -> None:
+    try:
+        from ..report import run_report
+    except ImportError:
+        raise UserError("--report needs the report module (mlx_tinyllama/report.py), which is not installed") from None
+    from .run import model_header
+
+    run_result = {"model": model_header(lm), "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
+                  "device": cli_common.device_description(), "versions": cli_common.versions(),
+                  "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
+                  "tokens": prompt.ids, "taps": {}, "top_k": [], "compare": result}
+    run_report(run_result, lm, prompt, html_path=args.report, plots_dir=getattr(args, "plots", None))
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-2:
+        return f"{v:.2e}"
+    return f"{v:.4g}"
+
+
+def print_result(result: dict, show_all: bool = False) -> None:
+    from rich.table import Table
+
+    con = cli_common.console()
+    refs_ = ", ".join(f"{r['name']} ({r['dtype'] or '?'})" for r in result["references"])
+    cand = result["candidate"]
+    con.print(f"[bold]compare[/] {cand['name']} ({cand['dtype'] or '?'}) against {refs_}")
+    for s in result["skipped"]:
+        con.print(f"[yellow]skipped[/] {s['source']}: {s['reason']}")
+    entries = result["entries"]
+    if not show_all and result["first_divergence"]:
+        keep = {result["first_divergence"]}
+        d = result["divergence"]
+        keep |= {x["tap"] for x in (d["before"], d["after"]) if x}
+        entries = [e for e in entries if e["tap"] in keep or not e["ok"]][:60]
+    t = Table(title="stages in forward order" + ("" if show_all or not result["first_divergence"] else
+                                                  " (around the first divergence; --all for every entry)"))
+    for col in ("stage", "index", "metric", "value", "tolerance", "ok"):
+        t.add_column(col, justify="left" if col in ("stage", "index", "metric") else "right", no_wrap=True)
+    for e in entries:
+        style = None if e["ok"] else "bold red"
+        t.add_row(e["tap"], e["index"], e["metric"], _fmt(e["value"]), _fmt(e["tolerance"]),
+                  "yes" if e["ok"] else "NO", style=style)
+    con.print(t)
+    n_ok = sum(e["ok"] for e in result["entries"])
+    con.print(f"{n_ok}/{len(result['entries'])} entries within tolerance over {len(result['stages'])} stages")
+    if result["not_compared"]:
+        con.print(f"not compared: {len(result['not_compared'])} item(s), e.g. "
+                  f"{result['not_compared'][0]['key']}: {result['not_compared'][0]['reason']}")
+    nf = result["first_nonfinite"]
+    if nf:
+        con.print(f"[red]first non-finite value[/]: {nf['tap']}{nf['index']} = {nf['value']} ({nf['count']} in that tap)")
+    if result["status"] == "match":
+        con.print("[bold green]match[/]: every compared stage is within tolerance")
+        return
+    d = result["divergence"]
+    err = d["error"]
+    con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {_fmt(err['value'])}, "
+              f"tolerance {_fmt(err['tolerance'])} ({_fmt(err['ratio'])}x) at {err['index']}")
+    if d["before"]:
+        con.print(f"  before: {d['before']['tap']} {'matches' if d['before']['ok'] else 'differs'}")
+    if d["after"]:
+        con.print(f"  after:  {d['after']['tap']} {'matches' if d['after']['ok'] else 'differs'}"
+                  f" ({d['after']['metric']} {_fmt(d['after']['value'])})")
+    con.print(f"  hint: {d['hint']}")

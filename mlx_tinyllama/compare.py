@@ -1,0 +1,422 @@
+"""Compare a run (or another engine's dump) with a reference, stage by stage, and
+name the first stage that diverges, with its neighbours, the size of the error,
+the first non-finite value and a plain-language hint.
+
+The result is a plain dict (the `compare --json` object, also what the report
+draws): {status: "match"|"diverged", first_divergence: tap|None, entries: [{tap,
+metric, value, tolerance, ok, index, key, source, details}], stages: [{tap, ok,
+ratio, metric}], divergence: {...}|None, first_nonfinite: {...}|None, skipped,
+not_compared, missing, candidate, references, tolerances}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import refs as R
+from .errors import UserError
+from .taps import split_name, stage_of
+from .tolerances import Tolerances, metrics
+
+CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "vocab_size", "head_dim")
+
+# What to look at when a stage is the first to diverge (by stage name within a layer).
+HINTS = {
+    "embed": "the embedding lookup: check the token ids (an extra BOS makes 39 ids instead of 38), the row index "
+             "into embed_tokens, and that the table is not transposed",
+    "attn_norm": "the RMSNorm before attention: mean of squares over the hidden axis in fp32, eps inside the sqrt, "
+                 "then the cast and the multiply by the weight",
+    "attn.q": "the query projection: q_proj weight orientation, and the split into heads ([T, H*D] -> [H, T, D])",
+    "attn.k": "the key projection: k_proj weight orientation, KV head count, and the split into KV heads",
+    "attn.v": "the value projection: v_proj weight orientation and the split into KV heads",
+    "attn.q_rope": "the rotary embedding of the queries: rotate-half (HF) vs interleaved pairs (GGUF weights), "
+                   "positions starting at 0, theta, and cos/sin over head_dim/2 frequencies",
+    "attn.k_rope": "the rotary embedding of the keys: rotate-half vs interleaved pairs, positions, theta",
+    "attn.scores": "Q·Kᵀ: the query-head -> KV-head mapping (head h uses KV head h // n_rep) and K's transpose",
+    "attn.scores_scaled": "the score scale: it must be 1/sqrt(head_dim)",
+    "attn.scores_masked": "the causal mask: query t sees keys 0..t only; masked entries get the dtype's minimum",
+    "attn.probs": "the attention softmax: over the key axis (the last one), in fp32, after subtracting the row max",
+    "attn.context": "probs·V: the KV-head mapping for V, and merging heads back to [T, H*D] in head order",
+    "attn.out": "the output projection o_proj",
+    "resid_mid": "the residual add after attention: it adds the o_proj output to the layer's input (not to the "
+                 "normed input)",
+    "mlp_norm": "the RMSNorm before the MLP (post_attention_layernorm): fp32 statistics, eps, weight",
+    "mlp.gate": "the gate projection gate_proj",
+    "mlp.up": "the up projection up_proj",
+    "mlp.act": "the activation: SiLU = x·sigmoid(x) (not GELU), applied to the gate",
+    "mlp.prod": "SiLU(gate) × up: check which of the two gets the activation",
+    "mlp.down": "the down projection down_proj",
+    "out": "the residual add after the MLP",
+    "final_norm": "the final RMSNorm (model.norm)",
+    "logits": "the lm_head projection (tied or not tied to the embedding)",
+    R.SHORTCUT_NORM: "the final RMSNorm applied to layer 0's output",
+    R.SHORTCUT_LOGITS: "the lm_head applied to norm(layer 0's output)",
+}
+
+
+def _stage_key(tap: str) -> str:
+    return split_name(tap)[1] if tap.startswith("layers.") else tap
+
+
+def describe(tap: str) -> str:
+    if tap in R.SHORTCUT_TAPS:
+        return HINTS[tap]
+    return stage_of(tap).what
+
+
+# ---------------------------------------------------------------------------
+# Compatibility: refuse a reference made for other ids or another model shape
+
+
+def incompatibility(candidate: R.Side, reference: R.Side, cfg: dict | None) -> str | None:
+    """Why these two sides cannot be compared (None when they can)."""
+    if candidate.ids is not None and reference.ids is not None and list(candidate.ids) != list(reference.ids):
+        from .tokendiff import compare_ids
+
+        diff = compare_ids(reference.ids, candidate.ids)
+        first = diff.differences[0].message if diff.differences else ""
+        return (f"{reference.name} was made for different token ids: {len(reference.ids)} ids there, "
+                f"{len(candidate.ids)} here ({first})")
+    nc, nr = candidate.n_tokens, reference.n_tokens
+    if nc is not None and nr is not None and nc != nr:
+        extra = f" ({reference.ids_note})" if reference.ids_note else ""
+        return f"{reference.name} was made for {nr} tokens, this run has {nc}{extra}"
+    for other in (reference.config, candidate.config):
+        if other and cfg:
+            diffs = [f"{k}={other[k]} there vs {cfg[k]} here" for k in CONFIG_KEYS
+                     if other.get(k) is not None and cfg.get(k) is not None and int(other[k]) != int(cfg[k])]
+            if diffs:
+                who = reference.name if other is reference.config else candidate.name
+                return f"{who} is for a different model shape: " + ", ".join(diffs)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Entries
+
+
+def _entry(tap, metric, value, tolerance, index="full", key="", source="", details=None, note="") -> dict:
+    ok = bool(value <= tolerance) if not (isinstance(value, float) and math.isnan(value)) else False
+    return {"tap": tap, "metric": metric, "value": float(value), "tolerance": float(tolerance), "ok": ok,
+            "index": index, "key": key, "source": source, "details": details or {}, "note": note}
+
+
+class _Ctx:
+    def __init__(self, candidate, reference, tol: Tolerances, cfg: dict, n_tokens: int):
+        self.c, self.r, self.tol, self.cfg, self.T = candidate, reference, tol, cfg, n_tokens
+        self.L = int(cfg["num_hidden_layers"])
+        self._canon: dict = {}
+
+    def tolerance(self, tap, metric):
+        return self.tol.get(tap, metric, self.c.dtype or "float32", self.r.dtype or "float32", self.L)
+
+    def full(self, side: R.Side, tap: str):
+        """Side's full tensor of tap in canonical layout (np.float64), or None; raises ValueError on bad shape."""
+        if tap not in side.tensors:
+            return None
+        k = (id(side), tap)
+        if k not in self._canon:
+            x, _, rows, notes = R.to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
+            if rows is not None:
+                raise ValueError(f"{side.name}: {tap} holds only {len(rows)} of {self.T} token rows")
+            self._canon[k] = np.asarray(x, np.float64)
+        return self._canon[k]
+
+
+def compare_sides(candidate: R.Side, reference: R.Side, tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+    """Entries for every reference number that the candidate can be compared with, in forward order."""
+    ctx = _Ctx(candidate, reference, tol, cfg, n_tokens)
+    entries, missing = [], []
+    for tap in R.tap_order(ctx.L):
+        ref_items = [i for i in reference.items if i.tap == tap]
+        cand_items = [i for i in candidate.items if i.tap == tap]
+        if tap not in reference.tensors and not ref_items:
+            continue
+        try:
+            cf, rf = ctx.full(candidate, tap), ctx.full(reference, tap)
+        except ValueError as e:
+            entries.append(_entry(tap, "shape", math.inf, 0, note=str(e), source=reference.name))
+            continue
+        got = []
+        if rf is not None and cf is not None:
+            got += _full_vs_full(ctx, tap, cf, rf)
+        for item in ref_items:
+            match = next((c for c in cand_items if c.selector == item.selector), None)
+            if cf is not None:
+                got += _item_entries(ctx, tap, item.selector, cf, None, None, item.value, item, reference_is_item=True)
+            elif match is not None:
+                got += _item_entries(ctx, tap, item.selector, None, match.value, None, item.value, item,
+                                     reference_is_item=True)
+        if rf is not None and cf is None:
+            for item in cand_items:
+                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item, reference_is_item=False)
+        if not got:
+            missing.append(tap)
+        for e in got:
+            e["source"] = reference.name
+        entries += got
+    return {"entries": entries, "missing": missing}
+
+
+def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
+    masked = tap.endswith("attn.scores_masked")
+    m = metrics(a, b, masked=masked)
+    details = {k: m[k] for k in ("max_abs", "max_rel", "cosine", "rel_rms", "compared")}
+    details["first_nonfinite"] = list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None
+    out = [_entry(tap, "nmse", m["nmse"], ctx.tolerance(tap, "nmse"), details=details)]
+    if masked:
+        out.append(_entry(tap, "mask_mismatch", m["mask_mismatch"], 0))
+    if m["nonfinite"]:
+        out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, details=details))
+    return out
+
+
+def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_full, ref_value, item: R.Item,
+                  reference_is_item: bool) -> list[dict]:
+    """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set."""
+    axis = R.token_axis_of(tap)
+    full = cand_full if cand_full is not None else ref_full
+    index, key = sel.key, item.key
+    if sel.kind == "topk":
+        return _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, index, key)
+    if sel.kind == "full":  # a sparse dump (llama.cpp log) against a full tensor
+        values = cand_value if cand_value is not None else ref_value
+        try:
+            x, known, rows, notes = R.to_canonical(tap, values, item.known, ctx.cfg, ctx.T,
+                                                   (ctx.c if cand_value is not None else ctx.r).layout)
+        except ValueError as e:
+            return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
+        other = full if rows is None else _rows(full, rows, axis)
+        a, b = (x, other) if cand_value is not None else (other, x)
+        m = metrics(a, b, known=known, masked=tap.endswith("attn.scores_masked"))
+        scale = _rms(other)
+        value = m["max_abs"] / scale if scale > 0 else m["max_abs"]
+        tol = ctx.tolerance(tap, "rel_rms") + item.resolution / scale if scale > 0 else item.resolution
+        details = {"max_abs": m["max_abs"], "compared": m["compared"], "scale_rms": scale, "layout": notes,
+                   "first_nonfinite": list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None}
+        out = [_entry(tap, "rel_rms", value if m["compared"] else (math.inf if m["nonfinite"] else 0.0), tol, index,
+                      key, details=details, note="; ".join(notes))]
+        if m["nonfinite"]:
+            out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, index, key, details=details))
+        return out
+    a = sel.extract(cand_full, axis) if cand_full is not None else np.asarray(cand_value, np.float64)
+    b = sel.extract(ref_full, axis) if ref_full is not None else np.asarray(ref_value, np.float64)
+    if np.shape(a) != np.shape(b):
+        return [_entry(tap, "shape", math.inf, 0, index, key, note=f"{np.shape(a)} vs {np.shape(b)}")]
+    scale = sel.scale(full, axis) if full is not None else float(np.max(np.abs(b))) if np.size(b) else 0.0
+    err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    nonfinite = int(np.sum(~np.isfinite(np.asarray(a, np.float64)) & np.isfinite(np.asarray(b, np.float64))))
+    metric = "sum_rel" if sel.kind in ("sum", "row_sum") else "rel_rms"
+    value = math.inf if nonfinite or not math.isfinite(err) else (err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
+    tol = ctx.tolerance(tap, metric) + (item.resolution / scale if scale > 0 else 0.0)
+    details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
+               "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
+    return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
+
+
+def _rows(x: np.ndarray, rows: list[int], axis: int) -> np.ndarray:
+    return np.take(x, rows, axis=axis)
+
+
+def _rms(x) -> float:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+
+
+def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, index, key) -> list[dict]:
+    axis = R.token_axis_of(tap)
+    c_row = sel.row_of(cand_full, axis).astype(np.float64) if cand_full is not None else None
+    r_row = sel.row_of(ref_full, axis).astype(np.float64) if ref_full is not None else None
+    c_list = cand_value if cand_value is not None else sel.extract(cand_full, axis)
+    r_list = ref_value if ref_value is not None else sel.extract(ref_full, axis)
+    row = c_row if c_row is not None else r_row
+    scale = _rms(row) if row is not None else float(np.std([e["logit"] for e in r_list]) or 1.0)
+    margin = ctx.tolerance(tap, "logit_err") * scale  # logits closer than this are ties
+
+    def cand_logit(i):
+        if c_row is not None:
+            return float(c_row[i])
+        return next((e["logit"] for e in c_list if e["token_id"] == i), None)
+
+    def ref_logit(i):
+        if r_row is not None:
+            return float(r_row[i])
+        return next((e["logit"] for e in r_list if e["token_id"] == i), None)
+
+    pairs = [(e["token_id"], cand_logit(e["token_id"]), e["logit"]) for e in r_list]
+    diffs = [abs(c - r) for _, c, r in pairs if c is not None]
+    bad = [i for i, c, r in pairs if c is not None and not (math.isfinite(c) and math.isfinite(r))]
+    err = math.inf if bad else (max(diffs) if diffs else 0.0)
+    out = [_entry(tap, "logit_err", err / scale if scale > 0 else err, ctx.tolerance(tap, "logit_err"), index, key,
+                  details={"max_abs": err, "scale_rms": scale, "compared_ids": len(diffs)})]
+    c_top, r_top = c_list[0]["token_id"], r_list[0]["token_id"]
+    tie = False
+    if c_top != r_top:
+        a, b = cand_logit(c_top), cand_logit(r_top)
+        ra, rb = ref_logit(c_top), ref_logit(r_top)
+        tie = (a is not None and b is not None and abs(a - b) <= margin) or \
+              (ra is not None and rb is not None and abs(ra - rb) <= margin)
+    out.append(_entry(tap, "top1", 0 if c_top == r_top or tie else 1, 0, index, key,
+                      details={"candidate": c_top, "reference": r_top, "tie": tie}))
+    c_ids = {e["token_id"] for e in c_list}
+    boundary = r_list[-1]["logit"]
+    lost = [e["token_id"] for e in r_list if e["token_id"] not in c_ids and e["logit"] > boundary + margin]
+    out.append(_entry(tap, "topk_missing", len(lost), 0, index, key,
+                      details={"missing_ids": lost, "candidate_ids": [e["token_id"] for e in c_list],
+                               "reference_ids": [e["token_id"] for e in r_list]}))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Putting it together
+
+
+def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+    """Compare the candidate with every compatible reference; the result dict (see module doc)."""
+    entries, missing, skipped, used = [], [], [], []
+    for ref in references:
+        reason = incompatibility(candidate, ref, cfg)
+        if reason:
+            skipped.append({"source": ref.name, "reason": reason})
+            continue
+        part = compare_sides(candidate, ref, tol, cfg, n_tokens)
+        entries += part["entries"]
+        missing += [{"source": ref.name, "tap": t} for t in part["missing"]]
+        used.append(ref)
+    if not used:
+        raise UserError("nothing to compare: " + "; ".join(s["reason"] for s in skipped))
+    if not entries:
+        raise UserError(f"no stage of {', '.join(r.name for r in used)} could be compared with {candidate.name}: "
+                        "no tap names in common (give --map for another engine's names)")
+    order = {t: k for k, t in enumerate(R.tap_order(int(cfg["num_hidden_layers"])))}
+    entries.sort(key=lambda e: order.get(e["tap"], len(order)))
+    stages = _stages(entries)
+    first = next((s["tap"] for s in stages if not s["ok"]), None)
+    not_compared = [dict(n, source=r.name) for r in used for n in r.not_comparable]
+    not_compared += [dict(n, source=candidate.name) for n in candidate.not_comparable]
+    return {
+        "status": "match" if first is None else "diverged",
+        "first_divergence": first,
+        "divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
+        "first_nonfinite": _first_nonfinite(candidate, order),
+        "entries": entries,
+        "stages": stages,
+        "candidate": candidate.header(),
+        "references": [r.header() for r in used],
+        "skipped": skipped,
+        "not_compared": not_compared,
+        "missing": missing,
+        "tolerances": tol.describe(),
+    }
+
+
+def _ratio(e: dict) -> float:
+    v, t = e["value"], e["tolerance"]
+    if math.isnan(v):
+        return math.inf
+    if t == 0:
+        return 0.0 if v == 0 else math.inf
+    return v / t
+
+
+def _stages(entries: list[dict]) -> list[dict]:
+    out: dict[str, dict] = {}
+    for e in entries:
+        s = out.setdefault(e["tap"], {"tap": e["tap"], "ok": True, "ratio": 0.0, "metric": e["metric"], "worst": e})
+        s["ok"] = s["ok"] and e["ok"]
+        r = _ratio(e)
+        if r > s["ratio"] or s["worst"] is e:
+            s.update(ratio=r, metric=e["metric"], worst=e)
+    return [{"tap": s["tap"], "ok": s["ok"], "ratio": s["ratio"], "metric": s["metric"],
+             "value": s["worst"]["value"], "tolerance": s["worst"]["tolerance"]} for s in out.values()]
+
+
+def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int) -> dict:
+    k = next(i for i, s in enumerate(stages) if s["tap"] == first)
+    before = stages[k - 1] if k > 0 else None
+    after = stages[k + 1] if k + 1 < len(stages) else None
+    bad = [e for e in entries if e["tap"] == first and not e["ok"]]
+    worst = max(bad, key=_ratio)
+    return {"tap": first, "what": describe(first), "hint": hint(first, before, n_layers),
+            "before": before, "after": after,
+            "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
+                      "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}
+
+
+def _predecessor(tap: str, n_layers: int) -> str | None:
+    """The canonical tap just before `tap` in forward order (its input, for most stages)."""
+    if tap in R.SHORTCUT_TAPS:
+        return "layers.0.out" if tap == R.SHORTCUT_NORM else R.SHORTCUT_NORM
+    names = R.tap_order(n_layers)
+    i = names.index(tap)
+    return names[i - 1] if i > 0 else None
+
+
+def hint(tap: str, before: dict | None, n_layers: int) -> str:
+    inside = HINTS.get(_stage_key(tap), describe(tap))
+    pred = _predecessor(tap, n_layers)
+    if before is None:
+        return f"the first compared stage already differs: look at {inside}"
+    if before["tap"] == pred:
+        return f"inputs to this stage match, its output does not: the fault is inside {inside}"
+    return (f"the last matching stage is {before['tap']}; the fault is between it and {tap} "
+            f"(stages in between were not compared): start with {inside}")
+
+
+def _first_nonfinite(candidate: R.Side, order: dict) -> dict | None:
+    for tap in sorted(candidate.tensors, key=lambda t: order.get(t, len(order))):
+        x = np.asarray(candidate.tensors[tap])
+        bad = ~np.isfinite(x)
+        if bad.any():
+            idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), x.shape))
+            return {"tap": tap, "index": list(idx), "value": str(x[idx]), "count": int(bad.sum())}
+    return None
+
+
+# ---------------------------------------------------------------------------
+# This package's own run as a Side
+
+
+def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None) -> R.Side:
+    """Every tap of one prefill of `ids` as full float32 tensors (+ the 1-layer shortcut if asked)."""
+    import mlx.core as mx
+
+    from .cli_common import forward
+
+    taps, _ = forward(lm, ids, ["*"], mode="full")
+    tensors = {n: np.array(v.astype(mx.float32)) for n, v in taps.tensors.items()}
+    if shortcut:
+        out0 = taps.tensors["layers.0.out"][None]
+        model = lm.model
+        norm = lm.ops.rms_norm(out0, model.model.norm.weight, lm.config.rms_norm_eps)
+        head = model.model.embed_tokens.as_linear if lm.config.tie_word_embeddings else model.lm_head
+        logits = head(norm)
+        tensors[R.SHORTCUT_NORM] = np.array(norm[0].astype(mx.float32))
+        tensors[R.SHORTCUT_LOGITS] = np.array(logits[0].astype(mx.float32))
+    return R.Side(name=name or f"this package ({lm.source.spec}, {lm.dtype})", kind="run", dtype=lm.dtype,
+                  ids=list(ids), n_tokens=len(ids), config=lm.config.as_dict(), tensors=tensors,
+                  provenance={"model": lm.source.spec, "policy": lm.ops.policy, "kernels": lm.ops.kernels})
+
+
+def needs_shortcut(references: list[R.Side]) -> bool:
+    return any(i.tap in R.SHORTCUT_TAPS for r in references for i in r.items)
+
+
+def compare_run(lm, ids: list[int], reference_path: str, tol: Tolerances) -> dict:
+    """This package's run of `ids` against the reference file(s) at `reference_path`: the result dict."""
+    references = R.load(reference_path)
+    candidate = run_side(lm, ids, shortcut=needs_shortcut(references))
+    return compare(candidate, references, tol, lm.config.as_dict(), len(ids))
+
+
+def compare_from_run(args, lm, prompt) -> int:
+    """`run --compare REF`: compare this run with REF, print the table, write --json; 0 match, 1 diverged."""
+    from .commands.compare import finish
+
+    tol = Tolerances.from_overrides(getattr(args, "tol", None))
+    result = compare_run(lm, prompt.ids, args.compare, tol)
+    return finish(args, result, lm=lm, prompt=prompt)
