@@ -120,7 +120,6 @@ class TinyLlama(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # RoPE constants (not parameters): inverse frequencies and position scale.
         self._rope = (rope_inv_freq(cfg.head_dim, cfg.rope_theta), 1.0 / cfg.rope_factor)
-        self.freeze(keys=[])  # nothing here trains; keeps parameters() to weights only
 
     @property
     def layers(self):
