@@ -22,6 +22,7 @@ FP16_MAX = 65504.0
 DPI = 110
 # Token labels beyond this many positions are thinned out so they stay legible.
 MAX_TOKEN_LABELS = 48
+HEATMAP_FLOOR = 1e-16
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -116,10 +117,12 @@ def stage_layer_heatmap(matrix: np.ndarray, stages: list[str], layers: list[int]
     norm = None
     if log:
         positive = matrix[np.isfinite(matrix) & (matrix > 0)]
-        floor = positive.min() if positive.size else 1e-12
         ceil = positive.max() if positive.size else 1.0
+        # Below 1e-16 everything is "equal to rounding": a deeper floor would spend the colour scale on noise.
+        floor = max(positive.min(), HEATMAP_FLOOR) if positive.size else HEATMAP_FLOOR
+        floor = min(floor, ceil)
         # Exact zeros (bit-identical stages) sit at the floor of the scale.
-        shown = np.ma.masked_invalid(np.where(matrix == 0, floor, matrix))
+        shown = np.ma.masked_invalid(np.where(np.isfinite(matrix), np.clip(matrix, floor, None), matrix))
         norm = LogNorm(vmin=floor, vmax=max(ceil, floor * 10))
     colormap = _with_bad_color(cmap)
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=colormap, norm=norm)

@@ -431,7 +431,7 @@ def heatmap_plot(data: dict, *, stem: str, title: str, label: str, mark_label: s
         labels.append("globals: " + ", ".join(extra))
     fig = stage_layer_heatmap(matrix, labels, data["layers"], title=title, colorbar_label=label, mark=mark,
                               mark_label=mark_label, cmap=cmap)
-    caption = ("grey = not measured" + (f"; red frame = {mark_label}: {first['tap']}" if first else "")
+    caption = ("grey = not measured; values below 1e-16 are drawn at 1e-16" + (f"; red frame = {mark_label}: {first['tap']}" if first else "")
                + (f"; bottom row = {', '.join(extra)} in columns 0..{len(extra) - 1}" if extra else ""))
     return _plot(stem, title, caption, fig)
 
@@ -481,7 +481,8 @@ def _observed_sections(result: dict, lm, prompt, attention_layers, attention_hea
         n = _infer_layers(stats, None)
         sec = magnitude_section(stats, n, fallback_source)
         att = Section("attention", "Attention maps",
-                      intro="Attention maps need the model: this report was written without one.")
+                      intro="Attention maps need the model and the prompt's token ids; this report had "
+                            + ("no token ids." if lm is not None else "no model."))
         return [sec, att], None
     n = lm.config.num_hidden_layers
     layers = _choose(attention_layers, sorted({0, n - 1}), n, "attention layer")
@@ -550,7 +551,7 @@ def stability_report(result: dict, lm, prompt, html_path=None, plots_dir=None, a
                      attention_heads=None) -> Report:
     """The stability report: headroom per stage and layer, first non-finite stage, fp16-vs-fp32 drift."""
     opts = {"attention_layers": attention_layers, "attention_heads": attention_heads,
-            "fallback_stats": _stability_stats(result), "fallback_source": "the stability run's taps"}
+            "fallback_stats": _stability_stats(result), "fallback_source": "the float32 reference run's absmax"}
     return _build("stability", "Numerical stability", result, lm, prompt, html_path, plots_dir,
                   lambda obs: stability_sections(result, lm), opts)
 
@@ -576,8 +577,11 @@ def _entry_values(entries: list[dict], preferred: str = "nmse") -> tuple[dict[st
         tap, metric = e.get("tap"), e.get("metric", "")
         if tap is None:
             continue
+        value = _num(e.get("value"))
         if tap not in values or (metric == preferred and metric_of[tap] != preferred):
-            values[tap], metric_of[tap] = _num(e.get("value")), metric
+            values[tap], metric_of[tap] = value, metric
+        elif metric == metric_of[tap] and not value <= values[tap]:  # the worst of several references (NaN wins)
+            values[tap] = value
     metrics = sorted(set(metric_of.values()))
     return values, (preferred if preferred in metrics else ", ".join(metrics) or preferred)
 
@@ -603,6 +607,13 @@ def comparison_sections(result: dict, lm) -> tuple[list[Section], str, bool | No
                  "order from top to bottom. The first stage that fails its tolerance is framed in red: "
                  "everything after it inherits the error, so fix that stage first.")
     sec.facts = [("status", status), ("first divergence", first or "none"), ("what it is", _describe(first))]
+    divergence = result.get("divergence") or {}
+    if divergence.get("hint"):
+        sec.facts.append(("where to look", divergence["hint"]))
+    nonfinite = result.get("first_nonfinite")
+    if nonfinite:
+        sec.facts.append(("first non-finite value", f"{_first_tap(nonfinite)} {nonfinite.get('index', '')}"
+                          if isinstance(nonfinite, dict) else str(nonfinite)))
     if entries:
         sec.plots.append(heatmap_plot(data, stem="divergence", title=f"{metric} vs reference, stage × layer",
                                       label=f"{metric} (log)", mark_label="first divergence"))
@@ -726,73 +737,88 @@ def _position_heatmap(data: dict) -> Plot:
 # --- stability -------------------------------------------------------------------------
 
 
-def _policies(result: dict) -> dict[str, dict]:
-    pol = result.get("policies") or {}
-    if isinstance(pol, list):
-        return {p.get("policy", f"policy {k}"): p for k, p in enumerate(pol)}
-    return dict(pol)
-
-
-def _per_tap(policy_result: dict) -> dict[str, dict]:
-    taps = policy_result.get("taps") or {}
-    if isinstance(taps, list):
-        return {t["tap"]: t for t in taps if "tap" in t}
-    return dict(taps)
+def _runs(result: dict) -> dict[str, dict]:
+    """{"float16 · hf": run, ...} from stability's runs{dtype: {policy: run}}."""
+    out = {}
+    for dtype, by_policy in (result.get("runs") or {}).items():
+        for policy, run in by_policy.items():
+            out[f"{dtype} · {policy}"] = run
+    return out
 
 
 def _stability_stats(result: dict) -> dict[str, dict]:
-    """Per-tap stats of the first policy for the magnitude plot when the report has no model."""
-    for p in _policies(result).values():
-        taps = _per_tap(p)
-        if taps and all(isinstance(v, dict) and "absmax" in v for v in taps.values()):
-            return {t: {"absmax": v["absmax"], "mean": v.get("mean", 0.0), "std": v.get("std", v.get("rms", 0.0)),
-                        "nan": v.get("nan", 0), "inf": v.get("inf", 0)} for t, v in taps.items()}
-    return {}
+    """The float32 reference's absmax per tap, for the magnitude plot when the report has no model
+    (stability records no mean/std, so RMS is left out)."""
+    taps = (result.get("reference") or {}).get("taps") or {}
+    return {t: {"absmax": v["absmax"], "mean": math.nan, "std": math.nan, "nan": 0, "inf": 0}
+            for t, v in taps.items() if isinstance(v, dict) and "absmax" in v}
 
 
 def stability_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
     from .plots import drift_figure
 
-    policies = _policies(result)
-    secs = []
-    problems = []
-    for name, p in policies.items():
-        taps = _per_tap(p)
-        first = _first_tap(p.get("first_nonfinite"))
-        if first:
-            problems.append(f"{name}: {first}")
+    secs, problems, drift = [], [], {}
+    for name, run in _runs(result).items():
+        taps = run.get("taps") or {}
         n = _infer_layers(taps, lm)
+        first = run.get("first_nonfinite") or run.get("first_collapse")
+        what = "first non-finite" if run.get("first_nonfinite") else "first collapse"
+        if first:
+            problems.append(f"{name}: {what} at {first}")
+        sec = Section(f"stability-{_slug(name)}", f"Stability · {name}")
+        sec.intro = ("Headroom = log2(65504 / absmax): how many doublings a stage's largest value has left before "
+                     "the fp16 limit (≤ 0: beyond it). The first stage with NaN/Inf (or, failing that, the first "
+                     "whose rows collapse to zero) is framed in red.")
+        origin = run.get("origin") or {}
+        sec.facts = [("first non-finite stage", run.get("first_nonfinite") or "none"),
+                     ("first collapsed stage", run.get("first_collapse") or "none"),
+                     ("what it is", _describe(first))]
+        if origin.get("explanation"):
+            sec.facts.append(("why", origin["explanation"]))
         headroom = {t: _num(v.get("headroom")) for t, v in taps.items() if isinstance(v, dict) and "headroom" in v}
-        sec = Section(f"stability-{_slug(name)}", f"Stability · policy {name}")
-        sec.intro = ("Headroom = how many times a stage's largest value could grow before it reaches the fp16 "
-                     "limit 65504 (log scale; ≤ 1 means it overflows). The first stage with NaN/Inf is framed in red.")
-        sec.facts = [("first non-finite stage", first or "none"), ("what it is", _describe(first))]
         if headroom:
             data = divergence_matrix(headroom, n, first)
+            data.update(metric="headroom (log2 doublings to 65504)", run=name)
             sec.data, sec.data_id = data, f"headroom-data-{_slug(name)}"
-            sec.plots.append(heatmap_plot(data, stem=f"headroom_{_slug(name)}", cmap="RdYlGn",
-                                          title=f"fp16 headroom per stage and layer (policy {name})",
-                                          label="headroom (log)", mark_label="first non-finite"))
+            sec.plots.append(headroom_plot(data, stem=f"headroom_{_slug(name)}", mark_label=what,
+                                           title=f"fp16 headroom per stage and layer ({name})"))
+        series = [_num((taps.get(f"layers.{i}.out") or {}).get("nmse")) for i in range(n)]
+        if any(math.isfinite(v) for v in series):
+            drift[name] = series
         secs.append(sec)
-    drift = _drift_series(result, policies)
     if drift:
         n = max(len(v) for v in drift.values())
-        sec = Section("drift", "fp16 vs fp32 drift per layer", data={"nmse_by_layer": drift}, data_id="drift-data")
-        sec.intro = "NMSE of each layer's output against an fp32 run of the same weights: how error grows with depth."
-        sec.plots.append(_plot("drift", "fp16 vs fp32 NMSE per layer", "gaps = exactly equal",
-                               drift_figure(list(range(n)), drift, title="fp16 vs fp32 drift per layer",
+        sec = Section("drift", "Low precision vs fp32: drift per layer", data={"nmse_by_layer": drift},
+                      data_id="drift-data")
+        sec.intro = "NMSE of each layer's output against the float32 run of the same weights: how error grows with depth."
+        sec.plots.append(_plot("drift", "NMSE vs fp32 per layer (layer outputs)", "gaps = exactly equal or non-finite",
+                               drift_figure(list(range(n)), drift, title="drift from fp32 per layer",
                                             ylabel="NMSE vs fp32 (log)")))
         secs.append(sec)
-    status = "no non-finite values" if not problems else "non-finite values: " + "; ".join(problems)
+    for dtype, text in (result.get("recommendation") or {}).items():
+        if secs:
+            secs[0].facts.insert(0, (f"recommendation ({dtype})", text))
+    status = "all runs finite" if not problems else "; ".join(problems)
     return secs, status, not problems
 
 
-def _drift_series(result: dict, policies: dict[str, dict]) -> dict[str, list[float]]:
-    """{policy: NMSE vs fp32 per layer}, from `drift` ({policy: [..]}) or each policy's `drift`."""
-    top = result.get("drift")
-    if isinstance(top, dict):
-        return {k: [_num(v) for v in vals] for k, vals in top.items() if isinstance(vals, list)}
-    return {k: [_num(v) for v in p["drift"]] for k, p in policies.items() if isinstance(p.get("drift"), list)}
+def headroom_plot(data: dict, *, stem: str, title: str, mark_label: str) -> Plot:
+    """Headroom is already a logarithm (doublings, may be negative or inf): a linear, clipped scale."""
+    from .plots import stage_layer_heatmap
+
+    matrix = np.array(data["matrix"], dtype=np.float64)
+    # inf headroom = no finite non-zero value (all NaN after an overflow, or all zero): grey, not "safe".
+    matrix = np.where(np.isposinf(matrix), np.nan, matrix)
+    first = data.get("first_divergence")
+    mark = (first["row"], first["layer"]) if first and first.get("row") is not None else None
+    fig = stage_layer_heatmap(np.clip(matrix, *HEADROOM_RANGE), data["stages"], data["layers"], title=title,
+                              colorbar_label="headroom, doublings (clipped)", mark=mark, mark_label=mark_label,
+                              log=False, cmap="RdYlGn")
+    return _plot(stem, title, "red = little or no headroom; grey = not measured or no finite non-zero value"
+                 + (f"; red frame = {mark_label}: {first['tap']}" if first else ""), fig)
+
+
+HEADROOM_RANGE = (-4.0, 20.0)
 
 
 def _slug(text: str) -> str:

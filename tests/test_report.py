@@ -208,7 +208,8 @@ def test_comparison_report_marks_the_injected_fault(tiny_dir, tmp_path):
     for name in ref:
         value = _nmse(got[name], ref[name])
         entries.append({"tap": name, "metric": "nmse", "value": value, "tolerance": 0.0, "ok": value == 0.0})
-    result = {"status": "diverged", "entries": entries}  # no first_divergence: the report finds it
+    # No first_divergence given: the report finds it from the failed checks.
+    result = {"status": "diverged", "entries": entries, "tokens": ids}
     out = tmp_path / "compare.html"
     rep = report_mod.compare_report(result, faulty, None, html_path=out, plots_dir=tmp_path / "plots",
                                     attention_layers=[0], attention_heads=[0])
@@ -224,7 +225,8 @@ def test_comparison_report_marks_the_injected_fault(tiny_dir, tmp_path):
     assert matrix[row, 0] > 1e-3  # the fault is large ...
     assert (matrix[:row, 0] == 0).all()  # ... and nothing before it differs
     assert "divergence" in {p.stem for s in rep.sections for p in s.plots}
-    assert (tmp_path / "plots" / "compare_divergence.png").is_file()
+    saved = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert {"compare_divergence.png", "compare_magnitudes.png", "compare_attention_layer0.png"} <= saved
 
 
 # ---------------------------------------------------------------------------
