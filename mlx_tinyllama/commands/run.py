@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", metavar="REF", help="compare this run with a reference (see the compare command)")
     p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report of this run")
     p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+    from ..report import add_report_arguments
+
+    add_report_arguments(p)
 
 
 def main(args) -> int:
@@ -66,9 +69,9 @@ def main(args) -> int:
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        from ..report import run_report
+        from ..report import report_options, run_report
 
-        run_report(result, lm, prompt, html_path=args.report, plots_dir=args.plots)
+        run_report(result, lm, prompt, html_path=args.report, plots_dir=args.plots, **report_options(args))
     print_result(result)
     return 0
 
