@@ -1,0 +1,119 @@
+"""`paths`: run the prompt as one prefill, token by token through the KV cache, and
+in chunks; compare every tap of every position; report the first divergence.
+Exit code 0 when every path agrees with the prefill, 1 when one does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import cli_common
+from ..errors import UserError
+from .run import _check_writable, _prompt, model_header
+
+
+def add_arguments(p) -> None:
+    cli_common.add_model_arguments(p)
+    from ..prompt import add_prompt_arguments
+
+    add_prompt_arguments(p)
+    p.add_argument("--chunk", type=int, action="append", metavar="K",
+                   help="also prefill in chunks of K tokens through the cache (repeatable; default: the smallest "
+                        "K >= 2 that divides the prompt length and the smallest that does not)")
+    p.add_argument("--continue", dest="continue_n", type=int, default=8, metavar="N",
+                   help="greedy continuation check: N tokens through the cache vs N full prefills (default 8; 0: off)")
+    p.add_argument("--fault", metavar="NAME",
+                   help="inject a fault to see the check catch it: drop-kv[:P] (cache loses position P), "
+                        "rope-decode-offset (RoPE one position late in cached steps), or a faults.py ops fault")
+    p.add_argument("--tol", action="append", metavar="[TAP_GLOB:]nmse=V|scale=F",
+                   help="override the derived tolerance (see docs/compare.md), e.g. nmse=1e-6 or scale=10")
+    p.add_argument("--json", metavar="PATH", help="write the result (first_divergence, per-path differences) as JSON")
+    p.add_argument("--report", metavar="PATH.html", help="write an HTML report of the check")
+    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+
+
+def default_chunks(T: int) -> list[int]:
+    """One chunk size that divides T and one that does not (when T allows them)."""
+    sizes = range(2, T)
+    divides = next((k for k in sizes if T % k == 0), None)
+    not_divides = next((k for k in sizes if T % k), None)
+    return [k for k in (divides, not_divides) if k is not None]
+
+
+def main(args) -> int:
+    from ..paths import check_paths
+    from ..tolerances import Tolerances
+
+    if args.continue_n < 0:
+        raise UserError(f"--continue must be >= 0, got {args.continue_n}")
+    for path in (args.json, args.report):
+        _check_writable(path)
+    if args.plots and not Path(args.plots).is_dir():
+        raise UserError(f"--plots {args.plots}: not a directory")
+    tolerances = Tolerances.from_overrides(args.tol)
+    lm = cli_common.load_model(args)
+    prompt = _prompt(args, lm)
+    cli_common.check_ids(prompt.ids, lm.config)
+    chunks = args.chunk if args.chunk else default_chunks(len(prompt.ids))
+    check = check_paths(lm.model, prompt.ids, chunks, args.continue_n, lm.dtype, args.fault, tolerances)
+    result = {"model": model_header(lm), "policy": lm.ops.policy, "kernels": lm.ops.kernels,
+              "device": cli_common.device_description(), "versions": cli_common.versions(),
+              "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}, **check}
+    if args.json:
+        cli_common.write_json(args.json, result)
+    if args.report or args.plots:
+        _report(result, lm, prompt, args.report, args.plots)
+    print_result(result)
+    return 0 if result["agree"] else 1
+
+
+def _report(result, lm, prompt, html_path, plots_dir) -> None:
+    try:
+        from ..report import paths_report
+    except ImportError:
+        raise UserError("--report needs the report module (mlx_tinyllama.report.paths_report)") from None
+    paths_report(result, lm, prompt, html_path, plots_dir)
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}" if v == v else "nan"
+
+
+def print_result(result: dict) -> None:
+    from rich.table import Table
+
+    con = cli_common.console()
+    m = result["model"]
+    con.print(f"[bold]{m['spec']}[/] · {result['dtype']} · policy {result['policy']} · {result['kernels']} kernels"
+              f" · {result['device']}")
+    con.print(f"prompt: {len(result['tokens'])} tokens ({result['prompt']['source']})")
+    if result["fault"]:
+        f = result["fault"]
+        con.print(f"[yellow]fault injected: {f['name']}" + (f" at position {f['position']}" if f["position"] is not None
+                                                             else "") + "[/]")
+    t = Table(title="each path against the one-call prefill (rows compared tap by tap, in the order computed)")
+    for col in ("path", "steps", "agree", "first divergence", "worst tap (NMSE / tolerance)", "logits max |Δ|",
+                "logits max NMSE"):
+        t.add_column(col, justify="right" if col in ("steps", "logits max |Δ|", "logits max NMSE") else "left")
+    for p in result["paths"]:
+        d = p["first_divergence"]
+        where = f"{d['tap']} @ position {d['position']}" if d else "-"
+        t.add_row(p["path"], str(p["steps"]), "[green]yes[/]" if p["agree"] else "[bold red]NO[/]", where,
+                  f"{p['worst_tap']} ({_num(p['worst_tap_nmse'])} / {_num(p['worst_tap_tolerance'])})",
+                  _num(p["logits_max_abs_diff"]), _num(p["logits_max_nmse"]))
+    con.print(t)
+    c = result["continuation"]
+    if c:
+        if c["agree"]:
+            con.print(f"greedy continuation: {c['n']} tokens through the cache == {c['n']} full prefills "
+                      f"[green]agree[/] (logits max |Δ| {_num(c['logits_max_abs_diff'])}): {c['cached_tokens']}")
+        else:
+            i = c["first_mismatch_step"]
+            con.print(f"greedy continuation: [bold red]differs at generated token {i}[/]: cache "
+                      f"{c['cached_tokens'][i]} vs prefill {c['recomputed_tokens'][i]} "
+                      f"(cache: {c['cached_tokens']}, prefill: {c['recomputed_tokens']})")
+    d = result["first_divergence_detail"]
+    if d:
+        con.print(f"[bold red]first divergence[/]: path {d['path']}, tap {d['tap']}, position {d['position']} "
+                  f"(step {d['step']}): {d['reason']}")
+    elif result["agree"]:
+        con.print("[green]all paths agree with the prefill at every tap and position[/]")
