@@ -32,6 +32,7 @@ class ModelConfig:
     model_type: str = "llama"
 
     def __post_init__(self):
+        self._check_sizes()
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -39,6 +40,19 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+
+    def _check_sizes(self) -> None:
+        """Zero or negative sizes would crash later (division, reshape) far from their cause."""
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} is {getattr(self, name)}; it must be a positive integer")
+        if self.head_dim < 0:
+            raise UserError(f"head_dim is {self.head_dim}; it must be a positive integer")
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} is {getattr(self, name)}; it must be positive")
 
     @property
     def n_rep(self) -> int:
@@ -93,7 +107,13 @@ def _rope_from_hf(d: dict) -> tuple[float, str, float]:
     """rope_theta / rope_scaling (transformers 4.x) or rope_parameters (5.x)."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
-    theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise UserError(f"config.json's {key} is {value!r}; expected an object such as "
+                            '{"rope_type": "linear", "factor": 2.0} or null')
+    theta = d.get("rope_theta")
+    if theta is None:  # transformers 5.x keeps it in rope_parameters (and may write rope_theta: null)
+        theta = params.get("rope_theta", 10000.0)
     rope = {**params, **scaling}
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -101,8 +121,13 @@ def _rope_from_hf(d: dict) -> tuple[float, str, float]:
             f"unsupported rope scaling {rope_type!r}; this tool runs {', '.join(SUPPORTED_ROPE_TYPES)} RoPE "
             "(TinyLlama uses the default)"
         )
-    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return float(theta), rope_type, factor
+    try:
+        factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        theta = float(theta)
+    except (TypeError, ValueError):
+        raise UserError(f"config.json's rope_theta ({theta!r}) or rope factor ({rope.get('factor')!r}) "
+                        "is not a number") from None
+    return theta, rope_type, factor
 
 
 def config_from_hf_dict(d: dict) -> ModelConfig:
@@ -124,6 +149,8 @@ def config_from_hf_dict(d: dict) -> ModelConfig:
     theta, rope_type, factor = _rope_from_hf(d)
     eos = d.get("eos_token_id", 2)
     if isinstance(eos, list):
+        if not eos:
+            raise UserError("config.json's eos_token_id is an empty list")
         eos = eos[0]
     try:
         return ModelConfig(
@@ -131,7 +158,8 @@ def config_from_hf_dict(d: dict) -> ModelConfig:
             intermediate_size=int(d["intermediate_size"]),
             num_hidden_layers=int(d["num_hidden_layers"]),
             num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            num_key_value_heads=int(d["num_attention_heads"] if d.get("num_key_value_heads") is None
+                                    else d["num_key_value_heads"]),  # absent: no GQA, as transformers
             vocab_size=int(d["vocab_size"]),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
