@@ -84,6 +84,7 @@ class Settings:
     tap_overhead: bool = True
     stages: bool = True
     peak_bandwidth_gbs: float | None = None
+    fast_ops: bool = False  # also time ours with fast.FastOps ("ours_fastops")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -224,6 +225,16 @@ def mlx_lm_engine(lm) -> MLXEngine:
 
 def ours_engine(lm) -> MLXEngine:
     return MLXEngine("ours", lm.model, lm.model.make_cache)
+
+
+def ours_fastops_engine(lm) -> MLXEngine:
+    """A second TinyLlama on the same weight arrays, running fast.FastOps."""
+    from .model import TinyLlama
+
+    model = TinyLlama(lm.config, lm.model.ops)
+    model.load_weights(tree_flatten(lm.model.parameters()), strict=True)
+    fast.accelerate(model)
+    return MLXEngine("ours_fastops", model, model.make_cache)
 
 
 class TorchEngine:
@@ -406,11 +417,11 @@ def decode_section(engines: dict, s: Settings, cfg, per_token_bytes: int, peak: 
 
 
 def add_ratios(row: dict) -> None:
-    """ours / other, from the median tokens/s of each (>1: ours is faster)."""
-    ours = row["engines"]["ours"]["tokens_per_s"]
-    for name, e in row["engines"].items():
-        if name != "ours":
-            row[f"ratio_ours_over_{name}"] = ratio(ours, e["tokens_per_s"])
+    """ours / other engine, from the median tokens/s of each (>1: ours is faster)."""
+    speeds = {name: e["tokens_per_s"] for name, e in row["engines"].items()}
+    for a in (n for n in speeds if n.startswith("ours")):
+        for b in (n for n in speeds if not n.startswith("ours")):
+            row[f"ratio_{a}_over_{b}"] = ratio(speeds[a], speeds[b])
 
 
 def tokens_agreement(engines: dict) -> dict:
@@ -663,6 +674,8 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     device = device_report(s.peak_bandwidth_gbs)
     wb = weight_bytes(lm)
     engines = {"ours": ours_engine(lm)}
+    if s.fast_ops:
+        engines["ours_fastops"] = ours_fastops_engine(lm)
     if s.with_mlx_lm:
         engines["mlx_lm"] = mlx_lm_engine(lm)
     result = {

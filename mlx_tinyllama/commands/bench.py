@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
                    help="skip mlx-lm's Llama side by side")
     g.add_argument("--with-transformers", action="store_true",
                    help="also time transformers (torch; CUDA if available) on the same weights")
+    g.add_argument("--fast-ops", action="store_true",
+                   help="also time ours with fast.FastOps (fewer kernel launches, bit-identical logits) as ours_fastops")
     g.add_argument("--no-tap-overhead", dest="tap_overhead", action="store_false",
                    help="skip the taps off / stats on every stage / full dump of one layer comparison")
     g.add_argument("--no-stages", dest="stages", action="store_false", help="skip the per-stage cost")
@@ -46,7 +48,7 @@ def settings(args) -> bench.Settings:
         decode_context=args.decode_context, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         tap_layer=args.tap_layer, tap_prompt_length=args.tap_prompt_length, with_mlx_lm=args.with_mlx_lm,
         with_transformers=args.with_transformers, tap_overhead=args.tap_overhead, stages=args.stages,
-        peak_bandwidth_gbs=args.peak_bandwidth_gbs,
+        peak_bandwidth_gbs=args.peak_bandwidth_gbs, fast_ops=args.fast_ops,
     )
 
 
@@ -74,8 +76,12 @@ def _gb(n) -> str:
     return f"{n / 1e9:.2f} GB" if n else "-"
 
 
+def _ratio_label(col: str) -> str:
+    return col.replace("ratio_", "").replace("_over_", " / ") if col.startswith("ratio_") else col
+
+
 def _ratio_cols(rows: list[dict]) -> list[str]:
-    return sorted({k for r in rows for k in r if k.startswith("ratio_ours_over_")})
+    return sorted({k for r in rows for k in r if k.startswith("ratio_")})
 
 
 def print_result(r: dict) -> None:
@@ -95,7 +101,7 @@ def print_result(r: dict) -> None:
     t = Table(title="prefill (tokens/s, median; spread = (max-min)/median)")
     engines = list(rows[0]["engines"])
     for col in ["tokens", *engines, *_ratio_cols(rows), "peak memory (ours)"]:
-        t.add_column(col.replace("ratio_ours_over_", "ours / "), justify="right")
+        t.add_column(_ratio_label(col), justify="right")
     for row in rows:
         t.add_row(str(row["tokens"]),
                   *(f"{row['engines'][e]['tokens_per_s']:.1f} ±{100 * row['engines'][e]['spread']:.0f}%" for e in engines),
@@ -112,7 +118,7 @@ def print_result(r: dict) -> None:
                   f"{e['achieved_weight_gbs']:.1f}", frac, _gb(e["peak_memory_bytes"]))
     con.print(t)
     for col in _ratio_cols([dec]):
-        con.print(f"decode {col.replace('ratio_ours_over_', 'ours / ')}: {dec[col]:.3f} (tokens/s ratio)")
+        con.print(f"decode {_ratio_label(col)}: {dec[col]:.3f} (tokens/s ratio)")
 
     if "tap_overhead" in r:
         to = r["tap_overhead"]
