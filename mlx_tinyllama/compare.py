@@ -202,10 +202,15 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
         if m["nonfinite"]:
             out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, index, key, details=details))
         return out
+    masked = tap.endswith("attn.scores_masked")
+    if masked and sel.kind in ("sum", "row_sum"):
+        return []  # a sum of masked scores is the mask value (the dtype's minimum) times a count: not comparable
     a = sel.extract(cand_full, axis) if cand_full is not None else np.asarray(cand_value, np.float64)
     b = sel.extract(ref_full, axis) if ref_full is not None else np.asarray(ref_value, np.float64)
     if np.shape(a) != np.shape(b):
         return [_entry(tap, "shape", math.inf, 0, index, key, note=f"{np.shape(a)} vs {np.shape(b)}")]
+    if masked:
+        return _masked_row_entries(ctx, tap, sel, a, b, full, axis, item)
     scale = sel.scale(full, axis) if full is not None else float(np.max(np.abs(b))) if np.size(b) else 0.0
     err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
     nonfinite = int(np.sum(~np.isfinite(np.asarray(a, np.float64)) & np.isfinite(np.asarray(b, np.float64))))
@@ -215,6 +220,21 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
                "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
+
+
+def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
+    """Row samples of masked scores: the mask positions must agree; the rest is compared like any row."""
+    from .tolerances import MASKED_BELOW
+
+    m = metrics(a, b, masked=True)
+    row = sel.row_of(full, axis) if full is not None else np.asarray(b, np.float64)
+    scale = _rms(row[row > MASKED_BELOW])
+    value = 0.0 if m["compared"] == 0 else (m["max_abs"] / scale if scale > 0 else math.inf)
+    if m["nonfinite"]:
+        value = math.inf
+    details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "scale": scale}
+    return [_entry(tap, "mask_mismatch", m["mask_mismatch"], 0, sel.key, item.key, details=details),
+            _entry(tap, "rel_rms", value, ctx.tolerance(tap, "rel_rms"), sel.key, item.key, details=details)]
 
 
 def _rows(x: np.ndarray, rows: list[int], axis: int) -> np.ndarray:

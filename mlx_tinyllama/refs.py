@@ -732,7 +732,8 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
     def apply(fn):
         return [fn(a) for a in arrays]
 
-    while arrays[0].ndim > len(want) and arrays[0].shape[0] == 1:
+    while arrays[0].shape and arrays[0].shape[0] == 1 and (
+            arrays[0].ndim > len(want) or (arrays[0].ndim == 3 and want[0] != 1)):  # batch dimension
         arrays = apply(lambda a: a[0])
     shape = arrays[0].shape
     stage = split_name(tap)[1] if tap.startswith("layers.") else tap
