@@ -153,12 +153,12 @@ def _print_layers(con, result: dict, n: int) -> None:
     from rich.table import Table
 
     ref = result["reference"]["layers"]
-    t = Table(title="float32 absmax per layer and stage kind (headroom in doublings)")
+    t = Table(title="per layer: float32 absmax by stage kind (headroom in doublings), then each run's worst NMSE")
     t.add_column("layer", justify="right")
     for kind in stability.LAYER_KINDS:
         t.add_column(kind, justify="right")
     for label, _ in _runs(result):
-        t.add_column(f"worst NMSE {label}", justify="right")
+        t.add_column(label, justify="right")
     for i in range(n):
         cells = [f"{_fmt(ref['absmax'][k][i])} ({_fmt(ref['headroom'][k][i])})" for k in stability.LAYER_KINDS]
         worst = [_fmt(max(run["layers"]["nmse"][k][i] for k in stability.LAYER_KINDS)) for _, run in _runs(result)]
