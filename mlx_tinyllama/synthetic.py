@@ -171,3 +171,7 @@ def _tokenizer_config() -> dict:
         "model_max_length": 2048,
         "chat_template": TINYLLAMA_CHAT_TEMPLATE,
     }
+
+
+# The fp16 stress presets register themselves into PRESETS and WEIGHT_TWEAKS.
+from . import stress  # noqa: E402,F401
