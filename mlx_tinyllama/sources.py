@@ -108,7 +108,7 @@ def _resolve_repo(repo_id: str, allow_download: bool) -> ModelSource:
     except Exception:  # not in the cache (huggingface_hub raises several types here)
         pass
     how = (
-        f"download it on a machine with network: `huggingface-cli download {repo_id}` "
+        f"download it on a machine with network: `{_hub_cli()} download {repo_id}` "
         f"(or `python -m mlx_tinyllama.trace --model {repo_id} --download`), "
         "or pass a local directory with --model PATH"
     )
@@ -121,6 +121,17 @@ def _resolve_repo(repo_id: str, allow_download: bool) -> ModelSource:
     except Exception as e:  # network errors, missing repo, auth
         raise UserError(f"could not download {repo_id}: {type(e).__name__}: {e}; {how}") from None
     return ModelSource(repo_id, path, "hf", "download")
+
+
+def _hub_cli() -> str:
+    """The Hub's command-line tool: `hf` since huggingface_hub 0.34; 1.0 removed `huggingface-cli`."""
+    import huggingface_hub
+
+    try:
+        major, minor = (int(x) for x in huggingface_hub.__version__.split(".")[:2])
+    except ValueError:  # a dev build with an odd version string: assume a current one
+        return "hf"
+    return "hf" if (major, minor) >= (0, 34) else "huggingface-cli"
 
 
 def tokenizer_location(spec: str) -> Path:
