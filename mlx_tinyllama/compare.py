@@ -205,6 +205,16 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
     masked = tap.endswith("attn.scores_masked")
     if masked and sel.kind in ("sum", "row_sum"):
         return []  # a sum of masked scores is the mask value (the dtype's minimum) times a count: not comparable
+    if sel.kind == "sum" and item.source_shape is not None:  # their tensor may hold some token rows only
+        try:
+            _, _, rows, _ = R.to_canonical(tap, np.zeros(item.source_shape), None, ctx.cfg, ctx.T,
+                                           (ctx.c if cand_value is not None else ctx.r).layout)
+        except ValueError as e:
+            return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
+        if rows is not None:
+            full = _rows(full, rows, axis)
+            cand_full = full if cand_full is not None else None
+            ref_full = full if ref_full is not None else None
     a = sel.extract(cand_full, axis) if cand_full is not None else np.asarray(cand_value, np.float64)
     b = sel.extract(ref_full, axis) if ref_full is not None else np.asarray(ref_value, np.float64)
     if np.shape(a) != np.shape(b):

@@ -129,6 +129,7 @@ class Item:
     resolution: float = 0.0  # absolute precision of the printed values
     note: str = ""
     token_rows: list[int] | None = None  # only these token positions (e.g. llama.cpp's last layer)
+    source_shape: tuple | None = None  # sums of another engine's tensor: its shape, to find the rows it covers
 
 
 @dataclass
@@ -688,7 +689,8 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
             side.items.append(Item(tap, Selector("full"), t.values, key=f"{t.name} ({t.op}) #{k + 1}", known=t.known,
                                    resolution=LLAMACPP_PRINT_RESOLUTION, note="printed values (first/last 3 per dim)"))
         if t.sum is not None:
-            side.items.append(Item(tap, Selector("sum"), np.float64(t.sum), key=f"{t.name} ({t.op}) #{k + 1} sum"))
+            side.items.append(Item(tap, Selector("sum"), np.float64(t.sum), key=f"{t.name} ({t.op}) #{k + 1} sum",
+                                   source_shape=t.values.shape))
     side.dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(types.pop()) if len(types) == 1 else "float32"
     return side
 
@@ -735,6 +737,10 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
     while arrays[0].shape and arrays[0].shape[0] == 1 and (
             arrays[0].ndim > len(want) or (arrays[0].ndim == 3 and want[0] != 1)):  # batch dimension
         arrays = apply(lambda a: a[0])
+    # ggml drops a 1-token dimension (its outermost): [hidden] for [T, hidden], [H, D] or [H*D] for [H, T, D]
+    one = arrays[0].shape
+    if (len(want) == 2 and one == want[1:]) or (len(want) == 3 and one in ((want[0], want[2]), (want[0] * want[2],))):
+        arrays = apply(lambda a: a[None])
     shape = arrays[0].shape
     stage = split_name(tap)[1] if tap.startswith("layers.") else tap
     tok_axis = token_axis_of(tap)

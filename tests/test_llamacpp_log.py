@@ -1,0 +1,144 @@
+"""llama.cpp `llama-eval-callback` logs: a log written here from known tensors, in llama.cpp's
+layout (ggml's reversed dims, GGUF-permuted Q/K rows, only the last token after the last
+layer, "%12.4f" values, first/last 3 per dimension), parses and compares correctly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SEED_IDS
+from mlx_tinyllama import refs as R
+from mlx_tinyllama import sources
+from mlx_tinyllama.compare import compare, run_side
+from mlx_tinyllama.errors import UserError
+from mlx_tinyllama.tolerances import Tolerances
+
+
+def ggml_block(name: str, op: str, x: np.ndarray, type_: str = "f32") -> str:
+    """One tensor as llama.cpp prints it: x is in numpy order (ggml ne reversed)."""
+    ne = list(reversed(x.shape)) + [1] * (4 - x.ndim)
+    x4 = x.reshape(ne[3], ne[2], ne[1], ne[0])
+    shape = ", ".join(map(str, ne))
+    lines = [f"ggml_debug: {name:>24} = ({type_}) {op:>10}(src0{{{shape}}}, }}) = {{{shape}}}"]
+
+    def idx(n):
+        return list(range(n)) if n <= 6 else [0, 1, 2, None, n - 3, n - 2, n - 1]
+
+    for i3 in range(ne[3]):
+        lines.append("    [")
+        for i2 in idx(ne[2]):
+            if i2 is None:
+                lines.append("        ..., ")
+                continue
+            lines.append("        [")
+            for i1 in idx(ne[1]):
+                if i1 is None:
+                    lines.append("            ..., ")
+                    continue
+                vals = ["   ..., " if i0 is None else f"{x4[i3, i2, i1, i0]:12.4f}" for i0 in idx(ne[0])]
+                lines.append("            [" + ", ".join(v.strip(", ") if v.strip() == "...," else v for v in vals)
+                             .replace("..., ,", "...,") + "  ],")
+            lines.append("        ],")
+        lines.append("    ]")
+        lines.append(f"    sum = {float(np.sum(x, dtype=np.float32)):f}")
+    return "\n".join(lines)
+
+
+def to_gguf(q: np.ndarray) -> np.ndarray:
+    """HF rotate-half rows -> GGUF interleaved pairs, per head (convert_hf_to_gguf's permute)."""
+    H, T, D = q.shape
+    return q.reshape(H, T, 2, D // 2).swapaxes(-1, -2).reshape(H, T, D)
+
+
+def llamacpp_log(t: dict, n_layers: int, permute: bool = True, perturb: str | None = None) -> str:
+    """The eval-callback log of a llama.cpp run whose tensors equal `t` (canonical taps)."""
+    perm = to_gguf if permute else (lambda a: a)
+    heads_t = lambda a: a.transpose(1, 0, 2)  # noqa: E731  [H, T, D] -> ggml {D, H, T} printed as [T, H, D]
+    out = [ggml_block("inp_embd", "GET_ROWS", t["embed"])]
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        last = i == n_layers - 1
+        tail = (lambda a: a[-1:]) if last else (lambda a: a)  # llama.cpp keeps the output rows only
+        q, k = heads_t(perm(t[p + "attn.q"])), heads_t(perm(t[p + "attn.k"]))
+        blocks = [
+            ("norm", "RMS_NORM", t[p + "attn_norm"] * 0.5), (f"attn_norm", "MUL", t[p + "attn_norm"]),
+            ("Qcur", "MUL_MAT", q.reshape(q.shape[0], -1)), ("Kcur", "MUL_MAT", k.reshape(k.shape[0], -1)),
+            ("Vcur", "MUL_MAT", heads_t(t[p + "attn.v"]).reshape(q.shape[0], -1)),
+            ("Qcur", "ROPE", heads_t(perm(t[p + "attn.q_rope"]))), ("Kcur", "ROPE", heads_t(perm(t[p + "attn.k_rope"]))),
+            ("Vcur", "RESHAPE", heads_t(t[p + "attn.v"])),
+            ("kq", "MUL_MAT", t[p + "attn.scores"]), ("kq_soft_max", "SOFT_MAX", t[p + "attn.probs"]),
+            ("kqv_out", "CONT", t[p + "attn.context"]), ("attn_out", "MUL_MAT", t[p + "attn.out"]),
+            ("ffn_inp", "ADD", tail(t[p + "resid_mid"])), ("ffn_norm", "MUL", tail(t[p + "mlp_norm"])),
+            ("ffn_up", "MUL_MAT", tail(t[p + "mlp.up"])), ("ffn_gate", "MUL_MAT", tail(t[p + "mlp.gate"])),
+            ("ffn_swiglu", "SWIGLU", tail(t[p + "mlp.prod"])), ("ffn_out", "MUL_MAT", tail(t[p + "mlp.down"])),
+            ("ffn_out", "ADD", tail(t[p + "out"])), ("l_out", "ADD", tail(t[p + "out"])),
+        ]
+        for name, op, x in blocks:
+            x = np.array(x, np.float32)
+            if perturb == f"{name}-{i}/{op}":
+                x.flat[1] += 1.0 + 2 * np.abs(x).max()
+            out.append(ggml_block(f"{name}-{i}", op, x))
+    out.append(ggml_block("result_norm", "MUL", t["final_norm"][-1:]))
+    out.append(ggml_block("result_output", "MUL_MAT", t["logits"][-1:]))
+    return "\n".join(["llama_model_loader: loaded meta data ...", *out, "llama_perf_context_print: done"]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def run():
+    lm = sources.load("synthetic:tiny", "float32")
+    return run_side(lm, SEED_IDS), lm.config.as_dict()
+
+
+def _compare(text, tmp_path, run, layout=None):
+    side, cfg = run
+    path = tmp_path / "eval.log"
+    path.write_text(text)
+    return compare(R.load(path, layout=layout)[0], [side], Tolerances(), cfg, len(SEED_IDS))
+
+
+def test_log_parses_into_the_printed_values(run):
+    side, cfg = run
+    tensors = R.parse_llamacpp_tensors(llamacpp_log(side.tensors, 2))
+    names = [(t.name, t.op) for t in tensors]
+    assert names[:3] == [("inp_embd", "GET_ROWS"), ("norm-0", "RMS_NORM"), ("attn_norm-0", "MUL")]
+    emb = tensors[0]
+    assert emb.values.shape == (38, 64) and emb.known.sum() == 36  # 6 rows x 6 columns printed
+    np.testing.assert_allclose(emb.values[emb.known].reshape(6, 6)[0, :3], side.tensors["embed"][0, :3], atol=5e-5)
+    assert emb.sum == pytest.approx(float(side.tensors["embed"].sum()), abs=1e-5)
+    assert R.llamacpp_tap("Qcur-0", "ROPE", 1, 2) == "layers.0.attn.q_rope"
+    assert R.llamacpp_tap("ffn_out-1", "ADD", 1, 2) == "layers.1.out"
+
+
+def test_log_of_a_correct_run_matches_every_mapped_stage(run, tmp_path):
+    result = _compare(llamacpp_log(run[0].tensors, 2), tmp_path, run)
+    assert result["status"] == "match", result["divergence"]
+    stages = {s["tap"] for s in result["stages"]}
+    assert {"embed", "layers.0.attn.q", "layers.0.attn.k_rope", "layers.0.attn.probs", "layers.1.out",
+            "final_norm", "logits"} <= stages
+    assert any(n["key"].startswith("norm-0") for n in result["not_compared"])
+
+
+@pytest.mark.parametrize("which,tap", [("Kcur-0/MUL_MAT", "layers.0.attn.k"), ("Qcur-1/ROPE", "layers.1.attn.q_rope"),
+                                       ("kq_soft_max-0/SOFT_MAX", "layers.0.attn.probs"),
+                                       ("ffn_out-1/ADD", "layers.1.out")])
+def test_one_wrong_printed_value_names_its_stage(run, tmp_path, which, tap):
+    result = _compare(llamacpp_log(run[0].tensors, 2, perturb=which), tmp_path, run)
+    assert result["first_divergence"] == tap
+
+
+def test_qk_permutation_matters(run, tmp_path):
+    # an HF-layout log read as GGUF layout: Q is "wrong" at once
+    result = _compare(llamacpp_log(run[0].tensors, 2, permute=False), tmp_path, run)
+    assert result["first_divergence"] == "layers.0.attn.q"
+    result = _compare(llamacpp_log(run[0].tensors, 2, permute=False), tmp_path, run, layout="hf")
+    assert result["status"] == "match"
+
+
+def test_truncated_log_is_refused(run, tmp_path):
+    text = llamacpp_log(run[0].tensors, 2)
+    cut = "\n".join(line for k, line in enumerate(text.splitlines()) if k != 4)  # drop one printed row
+    with pytest.raises(UserError, match="truncated or edited"):
+        R.parse_llamacpp_tensors(cut)
+    with pytest.raises(UserError, match="no 'ggml_debug"):
+        R.parse_llamacpp_log("ggml_debug but nothing else\n")
