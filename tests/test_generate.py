@@ -1,0 +1,154 @@
+"""Generation through the KV cache: greedy tokens equal transformers' and mlx-lm's,
+sampling is reproducible, stops are reported, tapped steps record the right rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_tinyllama import sources
+from mlx_tinyllama.generate import Sampling, generate_tokens
+from mlx_tinyllama.taps import tap_names
+from mlx_tinyllama.trace import main as trace
+
+from conftest import needs_torch
+
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def small32(small_dir):
+    return sources.load(str(small_dir), "float32")
+
+
+@pytest.fixture(scope="module")
+def greedy_small(small32, seed_ids):
+    return generate_tokens(small32.model, seed_ids, STEPS, stop_at_eos=False).token_ids
+
+
+@needs_torch
+def test_greedy_equals_transformers_generate(small_dir, seed_ids, greedy_small):
+    import torch
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(small_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # greedy; no EOS so that both run all 32 steps
+        out = hf.generate(torch.tensor([seed_ids]), max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    theirs = out[0, len(seed_ids):].tolist()
+    assert len(theirs) == STEPS
+    assert greedy_small == theirs
+
+
+def test_greedy_equals_mlx_lm_generate(small_dir, seed_ids, greedy_small):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(small_dir)  # mlx-lm's own Llama on the same weights
+    steps = generate_step(mx.array(seed_ids), model, max_tokens=STEPS)
+    theirs = [int(token) for token, _ in steps]
+    assert greedy_small == theirs
+
+
+def test_sampling_is_reproducible_with_a_seed(small32, seed_ids, greedy_small):
+    def sample(**kw):
+        return generate_tokens(small32.model, seed_ids, 12, Sampling(**kw), stop_at_eos=False).token_ids
+
+    a = sample(temperature=1.0, top_p=0.95, seed=7)
+    assert a == sample(temperature=1.0, top_p=0.95, seed=7)
+    assert a != sample(temperature=1.0, top_p=0.95, seed=8)
+    assert a != greedy_small[:12]
+    assert sample(temperature=1.0, top_k=1, seed=3) == greedy_small[:12]  # top-1 sampling is greedy
+
+
+class EosAfter:
+    """A model whose logits make EOS the argmax once `n` tokens were fed after the prompt."""
+
+    def __init__(self, inner, prompt_len: int, n: int):
+        self.inner, self.config, self.at = inner, inner.config, prompt_len + n
+
+    def make_cache(self):
+        return self.inner.make_cache()
+
+    def __call__(self, ids, cache=None, tap=None):
+        logits = self.inner(ids, cache=cache)
+        if cache[0].offset >= self.at:
+            logits = logits + mx.where(mx.arange(logits.shape[-1]) == 2, 1e4, 0.0)
+        return logits
+
+
+def test_stops_at_eos(small32, seed_ids):
+    gen = generate_tokens(EosAfter(small32.model, len(seed_ids), 3), seed_ids, 20)
+    assert gen.stop_reason == "eos" and len(gen.token_ids) == 4 and gen.token_ids[-1] == 2
+
+
+def test_tapped_step_records_the_rows_of_that_step(small32, seed_ids):
+    names = tap_names(4)
+    gen = generate_tokens(small32.model, seed_ids, 5, stop_at_eos=False, tap_step=3, tap_names=names, tap_mode="full")
+    seq = seed_ids + gen.token_ids[:3]  # step 3 feeds generated token 2 at position len(prompt) + 2
+    full = {}
+    from mlx_tinyllama.taps import Taps
+
+    taps = Taps(names, "full")
+    small32.model(mx.array(seq), tap=taps)
+    pos = len(seq) - 1
+    assert gen.taps.tensors["layers.0.attn.probs"].shape == (8, 1, len(seq))
+    for name in ("layers.0.attn.q_rope", "layers.3.out", "logits"):
+        ax = 1 if name.endswith("q_rope") else 0
+        step = np.array(gen.taps.tensors[name])
+        full[name] = np.take(np.array(taps.tensors[name]), [pos], axis=ax)
+        assert np.allclose(step, full[name], rtol=1e-4, atol=1e-5), name
+
+
+@pytest.fixture()
+def short_context_dir(tiny_dir, tmp_path):
+    """The tiny model with max_position_embeddings = 42."""
+    d = tmp_path / "short"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 42
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_generation_stops_at_max_position_embeddings(short_context_dir, tmp_path, capfd):
+    out = tmp_path / "g.json"
+    rc = trace(["generate", "--model", str(short_context_dir), "--dtype", "float32", "--max-tokens", "10",
+                "--ignore-eos", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["stop_reason"] == "max_position" and len(r["token_ids"]) == 42 - 38
+    assert "max_position_embeddings=42" in capfd.readouterr().err
+
+
+def test_command_streams_text_and_writes_json(tiny_dir, tmp_path, capfd):
+    out = tmp_path / "g.json"
+    rc = trace(["generate", "--model", str(tiny_dir), "--dtype", "float32", "--chat", "Hi!", "--max-tokens", "8",
+                "--tap-step", "2", "--taps", "layers.0.attn.probs", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and len(r["token_ids"]) == 8 and r["stop_reason"] == "max_tokens"
+    assert capfd.readouterr().out == r["text"] + "\n"
+    assert r["prompt"]["source"] == "--chat" and "Hi!" in r["prompt"]["text"]
+    probs = r["taps"]["layers.0.attn.probs"]
+    assert probs["shape"] == [4, 1, len(r["prompt_ids"]) + 2]
+
+
+def test_temperature_zero_is_greedy(tiny_dir, tmp_path):
+    outs = []
+    for extra in ([], ["--temperature", "0", "--top-p", "0.5", "--seed", "1"]):
+        out = tmp_path / f"g{len(extra)}.json"
+        trace(["generate", "--model", str(tiny_dir), "--dtype", "float32", "--max-tokens", "6", "--json", str(out),
+               *extra])
+        outs.append(json.loads(out.read_text())["token_ids"])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("argv", [["--temperature", "-0.5"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"],
+                                  ["--max-tokens", "0"], ["--taps", "logits"], ["--tap-step", "64"],
+                                  ["--tap-step", "0", "--taps", "nope"], ["--json", "/nonexistent/g.json"]])
+def test_bad_input_exits_2(tiny_dir, argv, capsys):
+    assert trace(["generate", "--model", str(tiny_dir), *argv]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
