@@ -11,8 +11,9 @@ from .. import cli_common
 from ..errors import UserError
 
 # The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
-# output, the final norm and the logits.
-DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*.out", "final_norm", "logits")
+# output, the final norm and the logits. A glob's `*` also matches dots, so
+# `layers.*.out` would add every layer's attn.out too; `*[0-9].out` is the layer output only.
+DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*[0-9].out", "final_norm", "logits")
 
 
 def add_arguments(p) -> None:
@@ -27,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--json", metavar="PATH", help="write tokens, per-tap stats and top-k as JSON")
     p.add_argument("--dump", metavar="PATH.safetensors", help="write the full tensors of the selected taps")
     p.add_argument("--compare", metavar="REF", help="compare this run with a reference (see the compare command)")
+    p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V",
+                   help="with --compare: override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4")
     p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report of this run")
     p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
     from ..report import add_report_arguments
@@ -96,8 +99,13 @@ def _tokenizer(lm, args):
 
 
 def _check_writable(path) -> None:
-    if path and not Path(path).resolve().parent.is_dir():
+    """Checked before the model loads, so a bad output path costs nothing and leaves no partial outputs."""
+    if not path:
+        return
+    if not Path(path).resolve().parent.is_dir():
         raise UserError(f"cannot write {path}: its directory does not exist")
+    if Path(path).is_dir():
+        raise UserError(f"cannot write {path}: it is a directory; give a file path")
 
 
 def _dump(path: str, taps, result: dict) -> None:
