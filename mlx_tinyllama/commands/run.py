@@ -11,8 +11,9 @@ from .. import cli_common
 from ..errors import UserError
 
 # The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
-# output, the final norm and the logits.
-DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*.out", "final_norm", "logits")
+# output, the final norm and the logits. A glob's `*` also matches dots, so
+# `layers.*.out` would add every layer's attn.out too; `*[0-9].out` is the layer output only.
+DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*[0-9].out", "final_norm", "logits")
 
 
 def add_arguments(p) -> None:
