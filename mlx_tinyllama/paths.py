@@ -260,12 +260,6 @@ def dropping_cache(model, position: int) -> list:
     return [DroppingKVCache(position) for _ in model.layers]
 
 
-PATH_FAULTS = {
-    "drop-kv": "a KV cache that loses the entry at position P (drop-kv:P; default T // 2)",
-    "rope-decode-offset": "RoPE one position late in every cached step (offset > 0), right in the prefill",
-}
-
-
 def parse_fault(spec: str | None, T: int):
     """`drop-kv[:P]`, `rope-decode-offset`, or a faults.OPS_FAULTS name -> (name, position or None)."""
     if spec is None:

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--continue", dest="continue_n", type=int, default=8, metavar="N",
                    help="greedy continuation check: N tokens through the cache vs N full prefills (default 8; 0: off)")
     p.add_argument("--fault", metavar="NAME",
-                   help="inject a fault to see the check catch it: drop-kv[:P] (cache loses position P), "
+                   help="inject a fault to see the check catch it: drop-kv[:P] (the cache loses position P; default T//2), "
                         "rope-decode-offset (RoPE one position late in cached steps), or a faults.py ops fault")
     p.add_argument("--tol", action="append", metavar="[TAP_GLOB:]nmse=V|scale=F",
                    help="override the derived tolerance (see docs/compare.md), e.g. nmse=1e-6 or scale=10")
