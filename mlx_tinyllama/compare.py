@@ -91,7 +91,22 @@ def incompatibility(candidate: R.Side, reference: R.Side, cfg: dict | None) -> s
             if diffs:
                 who = reference.name if other is reference.config else candidate.name
                 return f"{who} is for a different model shape: " + ", ".join(diffs)
-    return None
+    return _other_weights(candidate, reference)
+
+
+def _other_weights(candidate: R.Side, reference: R.Side) -> str | None:
+    """A full-tensor reference records the sha256 of its weights: name a different checkpoint up
+    front, rather than report a 'divergence' at the embedding."""
+    wanted, path = reference.provenance.get("weights_sha256"), candidate.provenance.get("weights_path")
+    if not wanted or not path:
+        return None
+    from .reference.hf import weights_digest
+
+    have = weights_digest(path)
+    if have == wanted:
+        return None
+    return (f"{reference.name} was computed on other weights (sha256 {wanted[:12]}…) than "
+            f"{candidate.provenance.get('model')} (sha256 {have[:12]}…): regenerate it with scripts/make_reference.py")
 
 
 # ---------------------------------------------------------------------------
@@ -429,7 +444,8 @@ def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None
         tensors[R.SHORTCUT_LOGITS] = np.array(logits[0].astype(mx.float32))
     return R.Side(name=name or f"this package ({lm.source.spec}, {lm.dtype})", kind="run", dtype=lm.dtype,
                   ids=list(ids), n_tokens=len(ids), config=lm.config.as_dict(), tensors=tensors,
-                  provenance={"model": lm.source.spec, "policy": lm.ops.policy, "kernels": lm.ops.kernels})
+                  provenance={"model": lm.source.spec, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
+                              "weights_path": str(lm.source.path) if lm.source.format == "hf" else None})
 
 
 def needs_shortcut(references: list[R.Side]) -> bool:

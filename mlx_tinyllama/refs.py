@@ -391,7 +391,8 @@ def _load_manifest(path: Path, data: dict) -> Side:
     if missing:
         raise UserError(f"{path}: {tensor_file.name} lacks {len(missing)} declared tap(s), e.g. {missing[0]}")
     side = Side(name=path.name, kind="full-tensors", dtype=dtype, ids=ids, n_tokens=len(ids),
-                config=model.get("config"), provenance=dict(data.get("provenance", {}), model=model.get("spec")))
+                config=model.get("config"), provenance=dict(data.get("provenance", {}), model=model.get("spec"),
+                                                            weights_sha256=model.get("weights_sha256")))
     rows = data.get("token_rows", {})  # taps stored for some token positions only (kept small)
     for name in declared:
         x = tensors[name]

@@ -160,6 +160,7 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     (["--token-ids", "1,2,3"], "different token ids"),
     (["--bos"], "extra BOS"),
     (["--model", "synthetic:small"], "different model shape"),
+    (["--model", "synthetic:tiny:seed=1"], "computed on other weights"),
     (["--tol", "nmse"], "expected [TAP_GLOB:]METRIC=VALUE"),
     (["--tol", "foo=1"], "unknown metric"),
 ])
