@@ -121,14 +121,14 @@ def _cuda_available() -> bool:
 
 
 def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import mlx_tinyllama
 
     out = {"mlx_tinyllama": mlx_tinyllama.__version__, "mlx": mx.__version__, "python": platform.python_version()}
-    try:
-        import mlx_lm
-
-        out["mlx_lm"] = mlx_lm.__version__
-    except Exception:  # optional for the header only
+    try:  # metadata only: importing mlx_lm would pull in transformers and torch (seconds)
+        out["mlx_lm"] = version("mlx-lm")
+    except PackageNotFoundError:
         pass
     return out
 
