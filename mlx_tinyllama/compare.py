@@ -3,10 +3,12 @@ name the first stage that diverges, with its neighbours, the size of the error,
 the first non-finite value and a plain-language hint.
 
 The result is a plain dict (the `compare --json` object, also what the report
-draws): {status: "match"|"diverged", first_divergence: tap|None, entries: [{tap,
-metric, value, tolerance, ok, index, key, source, details}], stages: [{tap, ok,
-ratio, metric}], divergence: {...}|None, first_nonfinite: {...}|None, skipped,
-not_compared, missing, candidate, references, tolerances}.
+draws): {tokens: [ids]|None, status: "match"|"diverged", first_divergence: tap|None,
+entries: [{tap, metric, value, tolerance, ok, index, key, source, details}], stages:
+[{tap, ok, ratio, metric}], divergence: {tap, what, hint, qk_permutation, before,
+after, error}|None, first_nonfinite: {...}|None, skipped, not_compared, missing,
+candidate, references, tolerances}. The commands add `prompt: {text, source,
+pieces}` when they know the prompt.
 """
 
 from __future__ import annotations
@@ -181,7 +183,12 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     m = metrics(a, b, masked=masked)
     details = {k: m[k] for k in ("max_abs", "max_rel", "cosine", "rel_rms", "compared")}
     details["first_nonfinite"] = list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None
-    out = [_entry(tap, "nmse", m["nmse"], ctx.tolerance(tap, "nmse"), details=details)]
+    tol = ctx.tolerance(tap, "nmse")
+    if not m["nmse"] <= tol and _stage_key(tap) in QK_STAGES:
+        permuted = qk_permutation(a, b, tol)
+        if permuted:
+            details["qk_permutation"] = permuted
+    out = [_entry(tap, "nmse", m["nmse"], tol, details=details)]
     if masked:
         out.append(_entry(tap, "mask_mismatch", m["mask_mismatch"], 0))
     if m["nonfinite"]:
@@ -245,6 +252,52 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
                "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
+
+
+# ---------------------------------------------------------------------------
+# Q/K layout: values right, order along head_dim wrong
+
+QK_STAGES = ("attn.q", "attn.k")
+
+
+def qk_permutation(candidate: np.ndarray, reference: np.ndarray, tol: float) -> dict | None:
+    """When a diverging Q or K tap ([heads, T, D]) holds, for every (head, token), the
+    reference's values in another order along head_dim, say so, and which of llama.cpp's
+    per-head row permutations (gguf.permute_qk) or its inverse (gguf.unpermute_qk) puts
+    the candidate back into the reference's layout. None when the values themselves differ."""
+    from .gguf import permute_qk, unpermute_qk
+
+    a, b = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
+    if a.shape != b.shape or a.ndim != 3 or a.shape[-1] % 2 or not np.isfinite(a).all():
+        return None
+    sorted_nmse = metrics(np.sort(a, axis=-1), np.sort(b, axis=-1))["nmse"]
+    if not sorted_nmse <= tol:
+        return None
+    heads, tokens, head_dim = a.shape
+    rows = a.transpose(0, 2, 1).reshape(heads * head_dim, tokens)  # weight-row order: head-major, then head_dim
+
+    def fixed_by(fn) -> float:
+        back = fn(rows, heads).reshape(heads, head_dim, tokens).transpose(0, 2, 1)
+        return metrics(back, b)["nmse"]
+
+    fixes = {"gguf.unpermute_qk": fixed_by(unpermute_qk), "gguf.permute_qk": fixed_by(permute_qk)}
+    fix = next((name for name, err in fixes.items() if err <= tol), None)
+    return {"sorted_nmse": sorted_nmse, "fixed_by": fix, "nmse_after_fix": fixes}
+
+
+def _qk_hint(tap: str, perm: dict) -> str:
+    which = "Q" if tap.endswith("attn.q") else "K"
+    text = (f"the {which} rows are permuted within heads: every (head, token) row holds the reference's values "
+            "in another order along head_dim (sorted, they agree), so the weights are right but their row layout "
+            "is not: a GGUF's llama.cpp interleaved-pair Q/K layout was not undone (or undone twice). RoPE, the "
+            "scores and everything after them diverge from here")
+    if perm.get("fixed_by") == "gguf.unpermute_qk":
+        text += ("; llama.cpp's inverse permutation (gguf.unpermute_qk, per head) turns these rows into the "
+                 "reference's: the interleaved layout is still in place (not undone, or the file was permuted twice)")
+    elif perm.get("fixed_by") == "gguf.permute_qk":
+        text += ("; llama.cpp's permutation (gguf.permute_qk, per head) turns these rows into the reference's: "
+                 "they were un-permuted once too often (a file that was never permuted, un-permuted on load)")
+    return text
 
 
 def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
@@ -344,6 +397,7 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     not_compared = [dict(n, source=r.name) for r in used for n in r.not_comparable]
     not_compared += [dict(n, source=candidate.name) for n in candidate.not_comparable]
     return {
+        "tokens": _tokens(candidate, used),
         "status": "match" if first is None else "diverged",
         "first_divergence": first,
         "divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
@@ -357,6 +411,14 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
         "missing": missing,
         "tolerances": tol.describe(),
     }
+
+
+def _tokens(candidate: R.Side, references: list[R.Side]) -> list[int] | None:
+    """The compared token ids (the report's header and attention maps need them)."""
+    for side in (candidate, *references):
+        if side.ids:
+            return [int(i) for i in side.ids]
+    return None
 
 
 def _ratio(e: dict) -> float:
@@ -386,7 +448,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     after = stages[k + 1] if k + 1 < len(stages) else None
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
-    return {"tap": first, "what": describe(first), "hint": hint(first, before, n_layers),
+    perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
+    text = _qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}
