@@ -138,6 +138,8 @@ class PathComparison:
     worst_tap_nmse: float
     worst_tap_tolerance: float
     logits_nmse_by_position: list[float] = field(default_factory=list)
+    # tap -> row NMSE at every absolute position (for the report's stage × position map)
+    nmse_by_tap_position: dict[str, list[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"path": self.path, "chunk": self.chunk, "steps": self.steps,
@@ -178,6 +180,8 @@ def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[[str], floa
     `tolerance(tap)` is the NMSE a row may be off by."""
     ref_taps = prefill.steps[0].taps
     first, worst, worst_ratio, worst_err = None, "", -1.0, 0.0
+    n_positions = sum(s.length for s in run.steps)
+    by_position: dict[str, list[float]] = {}
     for k, step in enumerate(run.steps):
         for name, x in step.taps.items():
             tol = tolerance(name)
@@ -186,6 +190,8 @@ def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[[str], floa
                 err, reason = np.full(step.length, np.inf), rows
             else:
                 err, reason = row_errors(*rows), ""
+            row = by_position.setdefault(name, [float("nan")] * n_positions)
+            row[step.start:step.start + step.length] = [float(e) for e in err]
             ratio = float(err.max()) / tol if tol > 0 else (0.0 if err.max() == 0 else np.inf)
             if ratio > worst_ratio:
                 worst, worst_ratio, worst_err = name, ratio, float(err.max())
@@ -199,7 +205,7 @@ def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[[str], floa
     return PathComparison(run.name, run.chunk, len(run.steps), first,
                           float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf"),
                           float(logits_err.max()), worst, worst_err, tolerance(worst),
-                          [float(e) for e in logits_err])
+                          [float(e) for e in logits_err], by_position)
 
 
 # --- greedy continuation ---------------------------------------------------------------
@@ -320,6 +326,7 @@ def check_paths(model, ids: list[int], chunks=(), continue_n: int = 0, dtype: st
                       "layer_0": tolerance("layers.0.attn.q"), "logits": tolerance("logits")},
         "fault": {"name": fault_name, "position": fault_pos} if fault_name else None,
         "paths": [c.as_dict() for c in comparisons],
+        "nmse_by_tap_position": {c.path: c.nmse_by_tap_position for c in comparisons},
         "first_divergence": {k: first.as_dict()[k] for k in ("path", "tap", "position")} if first else None,
         "first_divergence_detail": first.as_dict() if first else None,
         "logits_max_abs_diff": {c.path: c.logits_max_abs_diff for c in comparisons},
