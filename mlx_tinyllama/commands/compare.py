@@ -32,6 +32,12 @@ def add_arguments(p) -> None:
                    help="override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4, scale=10")
     p.add_argument("--json", metavar="PATH", help="write the comparison (status, first_divergence, entries) as JSON")
     p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
+    p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report (divergence map, "
+                                                         "table, magnitudes, attention maps)")
+    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+    from ..report import add_report_arguments
+
+    add_report_arguments(p)
     cli_common.add_model_arguments(p)
     p.set_defaults(model=None)  # None: the reference's own model (full-tensor references), else synthetic
     from ..prompt import add_prompt_arguments
@@ -43,6 +49,10 @@ def main(args) -> int:
     if not args.ref and not args.against:
         raise UserError("compare needs --ref REF and/or --against FILE")
     _check_writable(args.json)
+    from ..report import check_report_outputs, report_options
+
+    check_report_outputs(args.report, args.plots)
+    report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
     name_map = R.read_name_map(args.map)
     references = _load_ref(args.ref) if args.ref else None
@@ -141,27 +151,33 @@ def _check_writable(path) -> None:
 
 
 def finish(args, result: dict, lm=None, prompt=None) -> int:
-    """Print the table, write --json (and run's --report when asked); return the exit code."""
+    """Print the table, write --json and --report/--plots (compare's own or run's); return the exit code."""
+    _describe_run(result, lm, prompt)
     if getattr(args, "json", None):
         cli_common.write_json(args.json, result)
-    if getattr(args, "report", None) and lm is not None:
+    if getattr(args, "report", None) or getattr(args, "plots", None):
         _report(args, result, lm, prompt)
     print_result(result, show_all=bool(getattr(args, "all", False)))
     return 0 if result["status"] == "match" else 1
 
 
-def _report(args, result, lm, prompt) -> None:
-    try:
-        from ..report import run_report
-    except ImportError:
-        raise UserError("--report needs the report module (mlx_tinyllama/report.py), which is not installed") from None
-    from .run import model_header
+def _describe_run(result: dict, lm, prompt) -> None:
+    """Add what the report's header shows: the model and the prompt (when this package ran)."""
+    if prompt is not None:
+        result["prompt"] = {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}
+        result["tokens"] = list(prompt.ids)
+    if lm is not None:
+        from .run import model_header
 
-    run_result = {"model": model_header(lm), "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-                  "device": cli_common.device_description(), "versions": cli_common.versions(),
-                  "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-                  "tokens": prompt.ids, "taps": {}, "top_k": [], "compare": result}
-    run_report(run_result, lm, prompt, html_path=args.report, plots_dir=getattr(args, "plots", None))
+        result.update(model=model_header(lm), dtype=lm.dtype, policy=lm.ops.policy, kernels=lm.ops.kernels,
+                      device=cli_common.device_description(), versions=cli_common.versions())
+
+
+def _report(args, result, lm, prompt) -> None:
+    from ..report import compare_report, report_options
+
+    compare_report(result, lm, prompt, html_path=getattr(args, "report", None),
+                   plots_dir=getattr(args, "plots", None), **report_options(args))
 
 
 def _fmt(v: float) -> str:

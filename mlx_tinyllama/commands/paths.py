@@ -4,8 +4,6 @@ Exit code 0 when every path agrees with the prefill, 1 when one does not."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import cli_common
 from ..errors import UserError
 from .run import _check_writable, _prompt, model_header
@@ -29,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", metavar="PATH", help="write the result (first_divergence, per-path differences) as JSON")
     p.add_argument("--report", metavar="PATH.html", help="write an HTML report of the check")
     p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+    from ..report import add_report_arguments
+
+    add_report_arguments(p)
 
 
 def default_chunks(T: int) -> list[int]:
@@ -47,8 +48,10 @@ def main(args) -> int:
         raise UserError(f"--continue must be >= 0, got {args.continue_n}")
     for path in (args.json, args.report):
         _check_writable(path)
-    if args.plots and not Path(args.plots).is_dir():
-        raise UserError(f"--plots {args.plots}: not a directory")
+    from ..report import check_report_outputs, report_options
+
+    check_report_outputs(args.report, args.plots)
+    options = report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
     prompt = _prompt(args, lm)
@@ -61,17 +64,18 @@ def main(args) -> int:
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        _report(result, lm, prompt, args.report, args.plots)
+        _report(result, lm, prompt, args.report, args.plots, options)
     print_result(result)
     return 0 if result["agree"] else 1
 
 
-def _report(result, lm, prompt, html_path, plots_dir) -> None:
+def _report(result, lm, prompt, html_path, plots_dir, options: dict) -> None:
     try:
         from ..report import paths_report
     except ImportError:
         raise UserError("--report needs the report module (mlx_tinyllama.report.paths_report)") from None
-    paths_report(result, lm, prompt, html_path, plots_dir)
+    given = {k: v for k, v in options.items() if v is not None}  # unset: the report's defaults
+    paths_report(result, lm, prompt, html_path, plots_dir, **given)
 
 
 def _num(v: float) -> str:

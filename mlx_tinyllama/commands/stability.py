@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report")
     p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+    from ..report import add_report_arguments
+
+    add_report_arguments(p)
 
 
 def selected_dtypes(args) -> list[str]:
@@ -52,9 +55,10 @@ def main(args) -> int:
 
     dtypes, policies = selected_dtypes(args), selected_policies(args)
     stability.check_output_dir(args.json, "--json")
-    stability.check_output_dir(args.report, "--report")
-    if args.plots:
-        stability.check_output_dir(args.plots, "--plots")
+    from ..report import check_report_outputs, report_options
+
+    check_report_outputs(args.report, args.plots)
+    options = report_options(args)  # a malformed --attention-layers fails before the models load
 
     def prompt_for(lm):
         from ..prompt import resolve_prompt
@@ -70,7 +74,7 @@ def main(args) -> int:
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        stability.write_report(result, lm, prompt, args.report, args.plots)
+        stability.write_report(result, lm, prompt, args.report, args.plots, **options)
     print_result(result, args.taps)
     return 0
 
