@@ -121,12 +121,16 @@ def stage_layer_heatmap(matrix: np.ndarray, stages: list[str], layers: list[int]
         # Below 1e-16 everything is "equal to rounding": a deeper floor would spend the colour scale on noise.
         floor = max(positive.min(), HEATMAP_FLOOR) if positive.size else HEATMAP_FLOOR
         floor = min(floor, ceil)
-        # Exact zeros (bit-identical stages) sit at the floor of the scale.
-        shown = np.ma.masked_invalid(np.where(np.isfinite(matrix), np.clip(matrix, floor, None), matrix))
-        norm = LogNorm(vmin=floor, vmax=max(ceil, floor * 10))
+        vmax = max(ceil, floor * 10)
+        # Exact zeros (bit-identical stages) sit at the floor of the scale; +inf (an error that is
+        # not a number: NaN against a value, a shape mismatch) above its top, in the "over" colour.
+        clipped = np.where(np.isposinf(matrix), vmax * 10, np.clip(matrix, floor, None))
+        shown = np.ma.masked_invalid(np.where(np.isfinite(matrix) | np.isposinf(matrix), clipped, matrix))
+        norm = LogNorm(vmin=floor, vmax=vmax)
     colormap = _with_bad_color(cmap)
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=colormap, norm=norm)
-    fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.9)
+    fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.9,
+                 extend="max" if log and np.isposinf(matrix).any() else "neither")
     ax.set_yticks(range(len(stages)), stages, fontsize=8)
     step = 1 if len(layers) <= 24 else 2
     ax.set_xticks(range(0, len(layers), step), [str(v) for v in layers[::step]], fontsize=8)
@@ -143,7 +147,7 @@ def stage_layer_heatmap(matrix: np.ndarray, stages: list[str], layers: list[int]
 def _with_bad_color(name: str):
     from matplotlib import colormaps
 
-    return colormaps[name].with_extremes(bad="#d9d9d9")
+    return colormaps[name].with_extremes(bad="#d9d9d9", over="#e020c0")
 
 
 def drift_figure(layers: list[int], series: dict[str, list[float]], *, title: str, ylabel: str) -> Figure:

@@ -105,9 +105,16 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
     return values
 
 
+def check_report_outputs(html_path, plots_dir) -> None:
+    """For commands: refuse an unwritable --report/--plots before any model loads."""
+    _check_outputs(html_path, plots_dir)
+
+
 def _check_outputs(html_path, plots_dir) -> None:
     """Fail before any work when an output cannot be written (one clear message, nothing written)."""
     if html_path is not None:
+        if Path(html_path).expanduser().is_dir():
+            raise UserError(f"cannot write report {html_path}: it is a directory; give a file path")
         parent = Path(html_path).expanduser().resolve().parent
         if not parent.is_dir():
             raise UserError(f"cannot write report {html_path}: directory {parent} does not exist")
@@ -230,6 +237,8 @@ def _header(result: dict, lm, prompt) -> dict:
         config = model.get("config")
     else:
         spec, fmt, origin, config = model, result.get("format"), None, None
+    candidate = result.get("candidate") or {}  # a comparison without a model: describe the compared side
+    spec = spec or candidate.get("name")
     if lm is not None:
         spec = spec or lm.source.spec
         fmt = fmt or lm.source.format
@@ -243,7 +252,7 @@ def _header(result: dict, lm, prompt) -> dict:
         "model": spec or "?",
         "format": fmt or "?",
         "origin": origin or "",
-        "dtype": result.get("dtype") or (lm.dtype if lm is not None else "?"),
+        "dtype": result.get("dtype") or (lm.dtype if lm is not None else candidate.get("dtype") or "?"),
         "policy": result.get("policy") or (lm.ops.policy if lm is not None else ""),
         "kernels": result.get("kernels") or (lm.ops.kernels if lm is not None else ""),
         "device": result.get("device") or cli_common.device_description(),
@@ -673,7 +682,7 @@ def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
     data = _tap_position_data(result, first)
     if data is not None:
         sec.data, sec.data_id = data, "paths-data"
-        sec.plots.append(_position_heatmap(data))
+        sec.plots += [_position_heatmap(path_data) for path_data in data["paths"]]
     else:
         sec.facts.append(("per stage and position", "not in this result (it has per-position logits only)"))
     rows = [[str(p.get("path")), str(p.get("steps", "")), _fmt(p.get("agree")), str(p.get("worst_tap", "")),
@@ -699,24 +708,34 @@ def _path_divergence_text(first) -> str:
 
 
 def _tap_position_data(result: dict, first) -> dict | None:
-    """Stage × position matrix (max over layers) from the result's per-tap, per-position NMSE
-    (`nmse_by_tap_position`: {path: {tap: [per position]}}), for the first diverging path."""
+    """Per path, a stage × position matrix of the row NMSE against the prefill (max over layers,
+    so a row is one stage kind of every layer) from the result's `nmse_by_tap_position`
+    ({path: {tap: [per position]}}); each path's own first divergence marked on its map, the
+    overall first one (`first`: the path that diverged first in the order checked) at the top."""
     table = result.get("nmse_by_tap_position")
     if not table:
         return None
-    path = (first or {}).get("path") or next(iter(table))
-    per_tap = table.get(path) or {}
-    n_pos = max((len(v) for v in per_tap.values()), default=0)
-    stages = [s for s in LAYER_STAGE_NAMES + GLOBAL_NAMES if any(split_name(t)[1] == s for t in per_tap)]
+    own = {p.get("path"): p.get("first_divergence") for p in _path_list(result)}
+    paths = [_path_matrix(path, per_tap, own.get(path) or first) for path, per_tap in table.items() if per_tap]
+    mark = next((p["first_divergence"] for p in paths
+                 if p["first_divergence"] and first and p["path"] == first.get("path")), None)
+    return {"metric": "row NMSE vs the prefill, max over layers", "paths": paths, "first_divergence": mark}
+
+
+def _path_matrix(path: str, per_tap: dict[str, list], first) -> dict:
+    n_pos = max(len(v) for v in per_tap.values())
+    stages = [s for s in GLOBAL_NAMES[:1] + LAYER_STAGE_NAMES + GLOBAL_NAMES[1:]
+              if any(split_name(t)[1] == s for t in per_tap)]
     matrix = np.full((len(stages), n_pos), np.nan)
     for tap, values in per_tap.items():
         r = stages.index(split_name(tap)[1])
-        row = np.array([_num(v) for v in values])
-        matrix[r, :len(row)] = np.fmax(matrix[r, :len(row)], row)
+        row = np.array([_num(v) for v in values], dtype=np.float64)
+        matrix[r, :len(row)] = np.fmax(matrix[r, :len(row)], row)  # NaN = not measured, never wins
     mark = None
-    if first and first.get("tap") and split_name(first["tap"])[1] in stages:
-        mark = {"tap": first["tap"], "stage": split_name(first["tap"])[1], "position": first.get("position"),
-                "row": stages.index(split_name(first["tap"])[1])}
+    if first and first.get("path") == path and split_name(first.get("tap") or "")[1] in stages:
+        stage = split_name(first["tap"])[1]
+        mark = {"path": path, "tap": first["tap"], "stage": stage, "position": first.get("position"),
+                "row": stages.index(stage)}
     return {"path": path, "stages": stages, "positions": list(range(n_pos)), "matrix": matrix.tolist(),
             "first_divergence": mark}
 
@@ -727,11 +746,13 @@ def _position_heatmap(data: dict) -> Plot:
     first = data["first_divergence"]
     mark = (first["row"], first["position"]) if first and first.get("position") is not None else None
     fig = stage_layer_heatmap(np.array(data["matrix"], dtype=np.float64), data["stages"], data["positions"],
-                              title=f"{data['path']} vs prefill: NMSE per stage (max over layers) and position",
+                              title=f"{data['path']} vs prefill: row NMSE per stage (max over layers) and position",
                               colorbar_label="row NMSE (log)", mark=mark, mark_label="first divergence",
                               column_label="token position")
-    return _plot("paths_stage_position", f"{data['path']} vs prefill per stage and position",
-                 "grey = not measured" + (f"; red frame = first divergence {first['tap']}" if first else ""), fig)
+    return _plot(f"{_slug(data['path'])}_stage_position", f"{data['path']} vs prefill per stage and position",
+                 "grey = not measured; magenta = not comparable (NaN/Inf where the prefill has a number, or "
+                 "another number of keys)" + (f"; red frame = first divergence {first['tap']} at position "
+                                              f"{first['position']}" if first else ""), fig)
 
 
 # --- stability -------------------------------------------------------------------------
