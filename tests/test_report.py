@@ -5,6 +5,7 @@ an injected fault first changes the numbers."""
 from __future__ import annotations
 
 import base64
+import html
 import html.parser
 import io
 import json
@@ -174,59 +175,244 @@ def test_bad_attention_selection_is_a_user_error(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Divergence map with an injected fault
+# compare --report: compare's own result, an injected fault, the committed reference
+
+REPO = Path(__file__).resolve().parents[1]
+REF_FP32 = REPO / "refs" / "synthetic-tiny-fp32.json"
+REPORT_SECTIONS = {"header", "magnitudes", "attention", "top-k"}
 
 
-def _nmse(a: np.ndarray, ref: np.ndarray) -> float:
-    a, ref = a.astype(np.float64), ref.astype(np.float64)
-    return float(((a - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-300))
+def data_block(page: PageParser, block_id: str):
+    return json.loads(page.scripts[block_id])
 
 
-def _full_taps(lm, ids):
-    import mlx.core as mx
-
-    from mlx_tinyllama.taps import Taps, tap_names
-
-    taps = Taps(tap_names(lm.config.num_hidden_layers), "full")
-    mx.eval(lm.model(mx.array(ids), tap=taps))
-    return {n: np.array(t.astype(mx.float32)) for n, t in taps.tensors.items()}
+def number(v) -> float:
+    """A JSON number as the report writes it (NaN/Inf as strings)."""
+    return float(v) if not isinstance(v, str) else float(v.replace("inf", "Infinity"))
 
 
-def test_comparison_report_marks_the_injected_fault(tiny_dir, tmp_path):
-    """softmax over the wrong axis vs a clean run of the same weights: the map's first
-    divergence is layers.0.attn.probs, the stage faults.py says the fault breaks.
-    Both runs use explicit kernels in fp32, so every stage before the fault is
-    bit-identical: a check passes only at exactly zero error."""
-    from mlx_tinyllama import faults, sources
+@pytest.fixture(scope="module")
+def fault_compare(tmp_path_factory):
+    """`compare --ref refs/synthetic-tiny-fp32.json --report --plots --json` on a model whose
+    softmax runs over the wrong axis: the command's own result, report and JSON."""
+    from mlx_tinyllama import cli_common, faults
 
-    ids = [529, 29989, 5205, 29989, 29958, 13, 3492, 526]
-    clean = sources.load(str(tiny_dir), "float32", kernels="explicit")
-    faulty = sources.load(str(tiny_dir), "float32", kernels="explicit")
-    expected = faults.inject(faulty.model, "softmax-axis")
-    ref, got = _full_taps(clean, ids), _full_taps(faulty, ids)
-    entries = []
-    for name in ref:
-        value = _nmse(got[name], ref[name])
-        entries.append({"tap": name, "metric": "nmse", "value": value, "tolerance": 0.0, "ok": value == 0.0})
-    # No first_divergence given: the report finds it from the failed checks.
-    result = {"status": "diverged", "entries": entries, "tokens": ids}
-    out = tmp_path / "compare.html"
-    rep = report_mod.compare_report(result, faulty, None, html_path=out, plots_dir=tmp_path / "plots",
-                                    attention_layers=[0], attention_heads=[0])
-    page = parse_page(out)
-    assert {"header", "magnitudes", "divergence", "comparison-table", "attention", "top-k"} <= set(page.section_ids)
-    data = json.loads(page.scripts["divergence-data"])
+    out = tmp_path_factory.mktemp("compare")
+    load_model = cli_common.load_model
+    expected = []
+
+    def faulty_load(args):
+        lm = load_model(args)
+        expected.append(faults.inject(lm.model, "softmax-axis"))
+        return lm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli_common, "load_model", faulty_load)
+        rc = trace_main(["compare", "--ref", str(REF_FP32), "--model", "synthetic:tiny", "--dtype", "float32",
+                         "--report", str(out / "compare.html"), "--plots", str(out / "plots"),
+                         "--json", str(out / "compare.json"), "--attention-layers", "0", "--attention-heads", "0"])
+    result = json.loads((out / "compare.json").read_text())
+    return rc, expected[0], out, result
+
+
+def test_compare_report_marks_the_injected_fault(fault_compare):
+    """The heat map data comes from compare's own entries: the first divergence is
+    layers.0.attn.probs (where faults.py says softmax-axis breaks), every stage before it
+    is within its tolerance against transformers, the fault itself far outside."""
+    rc, expected, out, result = fault_compare
+    assert rc == 1 and result["first_divergence"] == expected == "layers.0.attn.probs"
+    page = parse_page(out / "compare.html")
+    assert REPORT_SECTIONS | {"divergence", "comparison-table"} <= set(page.section_ids), page.section_ids
+    data = data_block(page, "divergence-data")
     first = data["first_divergence"]
-    assert first["tap"] == expected == "layers.0.attn.probs"
-    assert (first["stage"], first["layer"]) == ("attn.probs", 0)
+    assert (first["tap"], first["stage"], first["layer"]) == (expected, "attn.probs", 0)
     row = data["stages"].index("attn.probs")
-    assert first["row"] == row
-    matrix = np.array(data["matrix"], dtype=np.float64)
-    assert matrix[row, 0] > 1e-3  # the fault is large ...
-    assert (matrix[:row, 0] == 0).all()  # ... and nothing before it differs
-    assert "divergence" in {p.stem for s in rep.sections for p in s.plots}
-    saved = {p.name for p in (tmp_path / "plots").glob("*.png")}
-    assert {"compare_divergence.png", "compare_magnitudes.png", "compare_attention_layer0.png"} <= saved
+    assert first["row"] == row and data["status"] == "diverged"
+    nmse = {e["tap"]: e for e in result["entries"] if e["metric"] == "nmse"}
+    matrix = np.array([[number(v) for v in r] for r in data["matrix"]])
+    for r, stage in enumerate(data["stages"][:row]):  # the map holds compare's numbers, all within tolerance
+        e = nmse[f"layers.0.{stage}"]
+        assert matrix[r, 0] == pytest.approx(e["value"], rel=1e-12, abs=0) and e["ok"], stage
+    fault = nmse[expected]
+    assert matrix[row, 0] == pytest.approx(fault["value"]) and fault["value"] > 100 * fault["tolerance"]
+    assert data["globals"]["embed"] == pytest.approx(nmse["embed"]["value"], abs=1e-30)
+    # The hint and the comparison table are on the page.
+    text = (out / "compare.html").read_text(encoding="utf-8")
+    assert "inside the attention softmax" in text and "← first divergence" in text
+    assert {"compare_divergence.png", "compare_magnitudes.png", "compare_attention_layer0.png",
+            "compare_top_k.png"} <= {f.name for f in (out / "plots").glob("*.png")}
+
+
+def test_compare_report_header_has_the_tokens_and_attention_maps(fault_compare):
+    from conftest import SEED_IDS
+
+    _, _, out, result = fault_compare
+    assert result["tokens"] == SEED_IDS and len(result["prompt"]["pieces"]) == len(SEED_IDS)
+    text = (out / "compare.html").read_text(encoding="utf-8")
+    assert text.count('class="tok"') == len(SEED_IDS)
+    assert "<dd>38 tokens" in text and "synthetic:tiny" in text
+    page = parse_page(out / "compare.html")
+    attention = [i for i in page.images if i["data-plot"].startswith("attention_layer")]
+    assert [i["data-plot"] for i in attention] == ["attention_layer0"]  # --attention-layers 0
+
+
+def test_compare_report_from_the_json_alone(fault_compare, tmp_path):
+    """A report made later from `compare --json` (no model): tokens and pieces from the result."""
+    from conftest import SEED_IDS
+
+    _, expected, out, result = fault_compare
+    report_mod.compare_report(result, None, None, html_path=tmp_path / "later.html")
+    page = parse_page(tmp_path / "later.html")
+    assert data_block(page, "divergence-data")["first_divergence"]["tap"] == expected
+    text = (tmp_path / "later.html").read_text(encoding="utf-8")
+    assert text.count('class="tok"') == len(SEED_IDS)
+    for token_id, piece in zip(SEED_IDS[:6], result["prompt"]["pieces"][:6]):
+        assert f"{html.escape(piece, quote=False)}<span class=\"id\">{token_id}</span>" in text
+
+
+# ---------------------------------------------------------------------------
+# paths --report: prefill vs decode per stage and position
+
+PATHS_IDS = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451]
+DROP = 5
+
+
+@pytest.fixture(scope="module")
+def drop_kv_paths(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paths")
+    rc = trace_main(["paths", "--model", "synthetic:tiny", "--dtype", "float32", "--token-ids",
+                     ",".join(map(str, PATHS_IDS)), "--chunk", "4", "--continue", "0", "--fault", f"drop-kv:{DROP}",
+                     "--report", str(out / "paths.html"), "--plots", str(out / "plots"),
+                     "--json", str(out / "paths.json"), "--attention-layers", "0", "--attention-heads", "0"])
+    return rc, out, json.loads((out / "paths.json").read_text())
+
+
+def test_paths_report_marks_the_dropped_cache_entry(drop_kv_paths):
+    """The decode map's first divergence is layers.0.attn.scores at the dropped position
+    (the step sees one key too few); before it every stage of every position agrees."""
+    rc, out, result = drop_kv_paths
+    assert rc == 1
+    assert result["first_divergence"] == {"path": "decode", "tap": "layers.0.attn.scores", "position": DROP}
+    page = parse_page(out / "paths.html")
+    assert REPORT_SECTIONS | {"paths"} <= set(page.section_ids), page.section_ids
+    data = data_block(page, "paths-data")
+    maps = {m["path"]: m for m in data["paths"]}
+    assert list(maps) == ["decode", "chunk-4"]
+    decode = maps["decode"]
+    mark = decode["first_divergence"]
+    assert (mark["tap"], mark["stage"], mark["position"]) == ("layers.0.attn.scores", "attn.scores", DROP)
+    assert mark["row"] == decode["stages"].index("attn.scores") and data["first_divergence"] == mark
+    matrix = np.array([[number(v) for v in r] for r in decode["matrix"]])
+    assert matrix.shape == (len(decode["stages"]), len(PATHS_IDS)) and decode["stages"][0] == "embed"
+    assert np.isposinf(matrix[mark["row"], DROP])  # another number of keys: not comparable
+    assert (matrix[:, :DROP] <= result["tolerance"]["layer_0"]).all()  # every stage agrees before it
+    # The chunk path has its own mark: the first row of the chunk that holds the dropped position.
+    own = result["paths"][1]["first_divergence"]
+    chunk_mark = maps["chunk-4"]["first_divergence"]
+    assert (chunk_mark["tap"], chunk_mark["position"]) == (own["tap"], own["position"])
+    assert own["position"] == DROP // 4 * 4 and own["tap"] == "layers.0.attn.scores"
+    assert {"paths_decode_stage_position.png", "paths_chunk-4_stage_position.png",
+            "paths_attention_layer0.png"} <= {f.name for f in (out / "plots").glob("*.png")}
+
+
+def test_paths_map_is_the_max_over_layers_of_the_result(drop_kv_paths):
+    _, out, result = drop_kv_paths
+    data = data_block(parse_page(out / "paths.html"), "paths-data")
+    decode = next(m for m in data["paths"] if m["path"] == "decode")
+    per_tap = result["nmse_by_tap_position"]["decode"]
+    from mlx_tinyllama.taps import split_name, tap_names
+
+    assert list(per_tap) == tap_names(2)
+    for r, stage in enumerate(decode["stages"]):
+        rows = np.array([[number(v) for v in per_tap[t]] for t in per_tap if split_name(t)[1] == stage])
+        np.testing.assert_array_equal(np.array([number(v) for v in decode["matrix"][r]]), rows.max(axis=0))
+
+
+# ---------------------------------------------------------------------------
+# stability --report: headroom, first non-finite stage, drift
+
+
+def test_stability_report_marks_the_first_nonfinite_stage(tmp_path):
+    from mlx_tinyllama import stress
+
+    rc = trace_main(["stability", "--model", "synthetic:stress-mlp", "--policies", "hf",
+                     "--report", str(tmp_path / "s.html"), "--plots", str(tmp_path / "plots"),
+                     "--json", str(tmp_path / "s.json"), "--attention-layers", "1", "--attention-heads", "0"])
+    assert rc == 0
+    run = json.loads((tmp_path / "s.json").read_text())["runs"]["float16"]["hf"]
+    assert run["first_nonfinite"] == stress.STRESS_PRESETS["stress-mlp"].breaks == "layers.1.mlp.prod"
+    page = parse_page(tmp_path / "s.html")
+    assert REPORT_SECTIONS | {"stability-float16-hf", "drift"} <= set(page.section_ids), page.section_ids
+    data = data_block(page, "headroom-data-float16-hf")
+    first = data["first_divergence"]
+    assert (first["tap"], first["stage"], first["layer"]) == ("layers.1.mlp.prod", "mlp.prod", 1)
+    assert first["row"] == data["stages"].index("mlp.prod")
+    for r, stage in enumerate(data["stages"]):  # the map holds the run's headroom
+        for layer in (0, 1):
+            np.testing.assert_allclose(number(data["matrix"][r][layer]),  # inf = all zero: equal, not close
+                                       number(run["taps"][f"layers.{layer}.{stage}"]["headroom"]), rtol=1e-12)
+    drift = data_block(page, "drift-data")["nmse_by_layer"]["float16 · hf"]
+    assert number(drift[0]) == pytest.approx(run["taps"]["layers.0.out"]["nmse"])
+    assert "SiLU(gate)×up" in (tmp_path / "s.html").read_text(encoding="utf-8")  # the explanation
+    assert {"stability_headroom_float16-hf.png", "stability_drift.png", "stability_attention_layer1.png"} <= {
+        f.name for f in (tmp_path / "plots").glob("*.png")}
+
+
+@pytest.mark.parametrize("command", ["compare", "paths", "stability"])
+def test_report_options_are_checked_before_any_work(command, tmp_path, capsys):
+    extra = ["--ref", str(REF_FP32)] if command == "compare" else []
+    argv = [command, "--model", "synthetic:tiny", *extra, "--report", str(tmp_path / "no" / "r.html")]
+    assert trace_main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+    argv = [command, "--model", "synthetic:tiny", *extra, "--report", str(tmp_path / "r.html"),
+            "--attention-heads", "0,x"]
+    assert trace_main(argv) == 2
+    assert "--attention-heads" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# compare's hint for a wrong Q/K layout (a GGUF whose llama.cpp permutation is off)
+
+
+@pytest.mark.parametrize("permute, fix", [("none", "gguf.permute_qk"), ("twice", "gguf.unpermute_qk")])
+def test_wrong_gguf_qk_layout_gets_the_permutation_hint(permute, fix, tiny_dir, tmp_path):
+    from conftest import SEED_IDS
+
+    from mlx_tinyllama import sources
+    from mlx_tinyllama.compare import compare_run
+    from mlx_tinyllama.gguf_write import convert
+    from mlx_tinyllama.tolerances import Tolerances
+
+    path = tmp_path / f"tiny-{permute}.gguf"
+    convert(tiny_dir, path, out_type="f16", permute=permute)
+    result = compare_run(sources.load(str(path), "float32"), SEED_IDS, str(REF_FP32), Tolerances())
+    assert result["first_divergence"] == "layers.0.attn.q" and result["tokens"] == SEED_IDS
+    d = result["divergence"]
+    assert "permuted within heads" in d["hint"] and "interleaved" in d["hint"]
+    assert d["qk_permutation"]["fixed_by"] == fix
+    assert d["qk_permutation"]["sorted_nmse"] <= d["error"]["tolerance"] < d["error"]["value"]
+
+
+def test_correct_gguf_layout_matches_and_other_q_errors_get_no_permutation_hint(tiny_dir, tmp_path):
+    from conftest import SEED_IDS
+
+    from mlx_tinyllama import sources
+    from mlx_tinyllama.compare import compare_run, qk_permutation
+    from mlx_tinyllama.gguf import permute_qk
+    from mlx_tinyllama.gguf_write import convert
+    from mlx_tinyllama.tolerances import Tolerances
+
+    path = tmp_path / "tiny-once.gguf"
+    convert(tiny_dir, path, out_type="f16", permute="once")
+    assert compare_run(sources.load(str(path), "float32"), SEED_IDS, str(REF_FP32), Tolerances())["status"] == "match"
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 5, 8))  # [heads, T, head_dim]
+    rows = ref.transpose(0, 2, 1).reshape(32, 5)
+    shuffled = permute_qk(rows, 4).reshape(4, 8, 5).transpose(0, 2, 1)
+    assert qk_permutation(shuffled, ref, 1e-12)["fixed_by"] == "gguf.unpermute_qk"
+    assert qk_permutation(ref * 1.01, ref, 1e-12) is None  # wrong values, not a wrong order
+    assert qk_permutation(ref[:, :, ::-1], ref, 1e-12)["fixed_by"] is None  # another order: said, no fix named
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +451,7 @@ def _chromium(binary: str, profile: Path, *extra: str) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_chromium_renders_the_report(run_report_files, tmp_path):
-    binary = chromium_or_skip()
-    html_path, _ = run_report_files
+def _render_check(binary: str, html_path: Path, tmp_path: Path, n_images: int) -> None:
     url = html_path.resolve().as_uri()
     shot = tmp_path / "shot.png"
     proc = _chromium(binary, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
@@ -282,7 +466,21 @@ def test_chromium_renders_the_report(run_report_files, tmp_path):
     assert (pixels < 80).mean() > 0.01  # the dark page header and plot lines are there
     # The page's own check: every embedded figure decoded in the browser.
     dom = _chromium(binary, tmp_path / "profile-dom", "--dump-dom", "--virtual-time-budget=5000", url)
-    assert 'data-render-check="ok 4/4"' in dom.stdout, dom.stdout[:400] + dom.stderr[-1000:]
+    assert f'data-render-check="ok {n_images}/{n_images}"' in dom.stdout, dom.stdout[:400] + dom.stderr[-1000:]
+
+
+def test_chromium_renders_the_report(run_report_files, tmp_path):
+    binary = chromium_or_skip()
+    html_path, _ = run_report_files
+    _render_check(binary, html_path, tmp_path, 4)
+
+
+def test_chromium_renders_the_compare_report(fault_compare, tmp_path):
+    binary = chromium_or_skip()
+    _, _, out, _ = fault_compare
+    n = len(parse_page(out / "compare.html").images)
+    assert n == 4  # magnitudes, divergence, one attention layer, top-k
+    _render_check(binary, out / "compare.html", tmp_path, n)
 
 
 def test_missing_chromium_fails_when_required(monkeypatch):
