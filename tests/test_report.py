@@ -270,6 +270,19 @@ def test_compare_report_from_the_json_alone(fault_compare, tmp_path):
         assert f"{html.escape(piece, quote=False)}<span class=\"id\">{token_id}</span>" in text
 
 
+def test_run_compare_writes_the_comparison_report(tmp_path):
+    """`run --compare REF --report`: the same comparison report, here for a clean run (status match)."""
+    out = tmp_path / "run-compare.html"
+    rc = trace_main(["run", "--model", "synthetic:tiny", "--dtype", "float32", "--compare", str(REF_FP32),
+                     "--report", str(out), "--attention-layers", "1", "--attention-heads", "0"])
+    assert rc == 0
+    page = parse_page(out)
+    assert REPORT_SECTIONS | {"divergence", "comparison-table"} <= set(page.section_ids)
+    data = data_block(page, "divergence-data")
+    assert data["status"] == "match" and data["first_divergence"] is None
+    assert [i["data-plot"] for i in page.images] == ["magnitudes", "divergence", "attention_layer1", "top_k"]
+
+
 # ---------------------------------------------------------------------------
 # paths --report: prefill vs decode per stage and position
 
