@@ -133,6 +133,23 @@ def versions() -> dict:
     return out
 
 
+def fmt(v, digits: int = 4) -> str:
+    """One number format for every table: `digits` significant digits, scientific when tiny or huge."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.{max(digits - 2, 1)}e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
 def _clean(obj):
     """JSON has no NaN/Inf: write them as strings so files stay valid JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):

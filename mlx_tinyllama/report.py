@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import UserError
 from .taps import GLOBAL_HEAD, GLOBAL_TAIL, LAYER_STAGES, Taps, split_name, stage_of, tap_names
+from .cli_common import fmt
 
 # Magnitude panels: which layer stages go together in one plot.
 MAGNITUDE_PANELS = (
@@ -130,22 +131,6 @@ def _plot(stem: str, title: str, caption: str, fig) -> Plot:
     from .plots import png_bytes
 
     return Plot(stem, title, caption, png_bytes(fig))
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3e}"
-        return f"{v:.5g}"
-    return str(v)
 
 
 def _num(v) -> float:
@@ -344,7 +329,7 @@ def magnitude_section(stats: dict[str, dict], n_layers: int, source: str) -> Sec
     sec.plots.append(_plot("magnitudes", "absmax and RMS per layer", "", fig))
     over = [(n, s) for n, s in stats.items() if s.get("nan") or s.get("inf")
             or (_num(s.get("absmax")) > FP16_MAX and split_name(n)[1] not in NOT_PLOTTED)]
-    rows = [[n, _fmt(_num(s.get("absmax"))), _fmt(rms_of(s)), str(s.get("nan", 0)), str(s.get("inf", 0))]
+    rows = [[n, fmt(_num(s.get("absmax"))), fmt(rms_of(s)), str(s.get("nan", 0)), str(s.get("inf", 0))]
             for n, s in over]
     if rows:
         sec.tables.append({"caption": "stages beyond the fp16 range or non-finite",
@@ -369,7 +354,7 @@ def attention_section(probs: dict[int, np.ndarray], pieces: list[str], heads: li
         row_sums = p.sum(axis=-1)
         upper = float(np.triu(p, k=1 + p.shape[2] - p.shape[1]).max()) if p.size else 0.0
         caption = (f"row sums {row_sums.min():.4f}..{row_sums.max():.4f}; largest probability above the diagonal "
-                   f"{_fmt(upper)}")
+                   f"{fmt(upper)}")
         sec.plots.append(_plot(f"attention_layer{layer}", f"layer {layer}", caption, fig))
     return sec
 
@@ -384,7 +369,7 @@ def top_k_section(entries: list[dict]) -> Section:
     sec.intro = "The most likely next tokens after the last prompt position."
     sec.tables.append({"caption": "top-k at the last position", "columns": ["rank", "id", "token", "logit", "prob"],
                        "rows": [[str(r), str(e["token_id"]), repr(e.get("token")) if e.get("token") is not None else "",
-                                 _fmt(_num(e["logit"])), f"{_num(e['prob']):.4f}"]
+                                 fmt(_num(e["logit"])), f"{_num(e['prob']):.4f}"]
                                 for r, e in enumerate(entries, 1)], "bad_rows": []})
     sec.plots.append(_plot("top_k", "next-token probabilities", "", top_k_figure(entries)))
     return sec
@@ -637,9 +622,9 @@ def _entries_table(entries: list[dict], first: str | None) -> dict | None:
         return None
     rows, bad = [], []
     for k, e in enumerate(entries):
-        rows.append([str(e.get("tap", "")), str(e.get("metric", "")), _fmt(_num(e.get("value"))),
-                     _fmt(_num(e.get("tolerance"))) if e.get("tolerance") is not None else "",
-                     _fmt(e.get("ok")) + ("  ← first divergence" if first and e.get("tap") == first else "")])
+        rows.append([str(e.get("tap", "")), str(e.get("metric", "")), fmt(_num(e.get("value"))),
+                     fmt(_num(e.get("tolerance"))) if e.get("tolerance") is not None else "",
+                     fmt(e.get("ok")) + ("  ← first divergence" if first and e.get("tap") == first else "")])
         if e.get("ok") is False:
             bad.append(k)
     return {"caption": "every check, in forward order", "columns": ["tap", "metric", "value", "tolerance", "ok"],
@@ -665,7 +650,7 @@ def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
                  "prefill, position by position. A correct KV cache gives the prefill's numbers at every position.")
     tol = (result.get("tolerance") or {}).get("nmse")
     sec.facts = [("first divergence", _path_divergence_text(first)), ("what it is", _describe(_first_tap(first))),
-                 ("tolerance", f"per-row NMSE ≤ {_fmt(_num(tol))}" if tol is not None else "")]
+                 ("tolerance", f"per-row NMSE ≤ {fmt(_num(tol))}" if tol is not None else "")]
     if result.get("fault"):
         sec.facts.append(("injected fault", f"{result['fault'].get('name')}"
                           + (f" at position {result['fault']['position']}" if result["fault"].get("position")
@@ -685,9 +670,9 @@ def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
         sec.plots += [_position_heatmap(path_data) for path_data in data["paths"]]
     else:
         sec.facts.append(("per stage and position", "not in this result (it has per-position logits only)"))
-    rows = [[str(p.get("path")), str(p.get("steps", "")), _fmt(p.get("agree")), str(p.get("worst_tap", "")),
-             _fmt(_num(p.get("worst_tap_nmse"))), _fmt(_num(p.get("logits_max_abs_diff"))),
-             _fmt(_num(p.get("logits_max_nmse")))] for p in paths]
+    rows = [[str(p.get("path")), str(p.get("steps", "")), fmt(p.get("agree")), str(p.get("worst_tap", "")),
+             fmt(_num(p.get("worst_tap_nmse"))), fmt(_num(p.get("logits_max_abs_diff"))),
+             fmt(_num(p.get("logits_max_nmse")))] for p in paths]
     if rows:
         sec.tables.append({"caption": "paths", "columns": ["path", "steps", "agree", "worst tap", "worst NMSE",
                                                            "logits max |Δ|", "logits max NMSE"],

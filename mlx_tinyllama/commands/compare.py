@@ -10,12 +10,12 @@ Exit code 0: every compared stage within tolerance; 1: something diverges; 2: ba
 
 from __future__ import annotations
 
-import math
 
 from .. import cli_common
 from .. import refs as R
 from ..errors import UserError
 from ..tolerances import Tolerances
+from ..cli_common import fmt
 
 
 def add_arguments(p) -> None:
@@ -180,16 +180,6 @@ def _report(args, result, lm, prompt) -> None:
                    plots_dir=getattr(args, "plots", None), **report_options(args))
 
 
-def _fmt(v: float) -> str:
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return str(v)
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-2:
-        return f"{v:.2e}"
-    return f"{v:.4g}"
-
-
 def print_result(result: dict, show_all: bool = False) -> None:
     from rich.table import Table
 
@@ -211,7 +201,7 @@ def print_result(result: dict, show_all: bool = False) -> None:
         t.add_column(col, justify="left" if col in ("stage", "index", "metric") else "right", no_wrap=True)
     for e in entries:
         style = None if e["ok"] else "bold red"
-        t.add_row(e["tap"], e["index"], e["metric"], _fmt(e["value"]), _fmt(e["tolerance"]),
+        t.add_row(e["tap"], e["index"], e["metric"], fmt(e["value"]), fmt(e["tolerance"]),
                   "yes" if e["ok"] else "NO", style=style)
     con.print(t)
     n_ok = sum(e["ok"] for e in result["entries"])
@@ -227,11 +217,11 @@ def print_result(result: dict, show_all: bool = False) -> None:
         return
     d = result["divergence"]
     err = d["error"]
-    con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {_fmt(err['value'])}, "
-              f"tolerance {_fmt(err['tolerance'])} ({_fmt(err['ratio'])}x) at {err['index']}")
+    con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {fmt(err['value'])}, "
+              f"tolerance {fmt(err['tolerance'])} ({fmt(err['ratio'])}x) at {err['index']}")
     if d["before"]:
         con.print(f"  before: {d['before']['tap']} {'matches' if d['before']['ok'] else 'differs'}")
     if d["after"]:
         con.print(f"  after:  {d['after']['tap']} {'matches' if d['after']['ok'] else 'differs'}"
-                  f" ({d['after']['metric']} {_fmt(d['after']['value'])})")
+                  f" ({d['after']['metric']} {fmt(d['after']['value'])})")
     con.print(f"  hint: {d['hint']}")

@@ -11,7 +11,8 @@ import time
 
 from .. import cli_common
 from ..errors import UserError
-from .run import DEFAULT_TAPS, _check_writable, _fmt, _prompt, _tokenizer, model_header
+from ..cli_common import fmt
+from .run import DEFAULT_TAPS, _check_writable, _prompt, _tokenizer, model_header
 
 
 def add_arguments(p) -> None:
@@ -117,7 +118,7 @@ def _summary(result: dict) -> None:
         for col in ("stage", "shape", "min", "max", "mean", "std", "nan", "inf", "last row [:3]"):
             t.add_column(col, justify="left" if col in ("stage", "shape") else "right", no_wrap=True)
         for name, s in result["taps"].items():
-            t.add_row(name, "×".join(map(str, s["shape"])), *(_fmt(s[k]) for k in ("min", "max", "mean", "std")),
-                      str(s["nan"]), str(s["inf"]), ", ".join(_fmt(v) for v in s["last"]),
+            t.add_row(name, "×".join(map(str, s["shape"])), *(fmt(s[k]) for k in ("min", "max", "mean", "std")),
+                      str(s["nan"]), str(s["inf"]), ", ".join(fmt(v) for v in s["last"]),
                       style="bold red" if s["nan"] or s["inf"] else None)
         con.print(t)

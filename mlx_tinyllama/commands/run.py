@@ -4,11 +4,11 @@ forward order, and the top-k next tokens. `--json`, `--dump`, `--compare`,
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from .. import cli_common
 from ..errors import UserError
+from ..cli_common import fmt
 
 # The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
 # output, the final norm and the logits. A glob's `*` also matches dots, so
@@ -120,16 +120,6 @@ def _dump(path: str, taps, result: dict) -> None:
     mx.save_safetensors(path, dict(taps.tensors), metadata=meta)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3e}"
-        return f"{v:.4g}"
-    return str(v)
-
-
 def print_result(result: dict) -> None:
     from rich.table import Table
 
@@ -149,14 +139,14 @@ def print_result(result: dict) -> None:
         for name, s in result["taps"].items():
             bad = s["nan"] or s["inf"]
             style = "bold red" if bad else None
-            t.add_row(name, "×".join(map(str, s["shape"])), *(_fmt(s[k]) for k in ("min", "max", "mean", "std", "absmax")),
-                      str(s["nan"]), str(s["inf"]), ", ".join(_fmt(v) for v in s["first"]),
-                      ", ".join(_fmt(v) for v in s["last"]), style=style)
+            t.add_row(name, "×".join(map(str, s["shape"])), *(fmt(s[k]) for k in ("min", "max", "mean", "std", "absmax")),
+                      str(s["nan"]), str(s["inf"]), ", ".join(fmt(v) for v in s["first"]),
+                      ", ".join(fmt(v) for v in s["last"]), style=style)
         con.print(t)
     t = Table(title="next token (last position)")
     for col in ("rank", "id", "token", "logit", "prob"):
         t.add_column(col, justify="right")
     for r, e in enumerate(result["top_k"], 1):
-        t.add_row(str(r), str(e["token_id"]), repr(e["token"]) if e["token"] is not None else "", _fmt(e["logit"]),
+        t.add_row(str(r), str(e["token_id"]), repr(e["token"]) if e["token"] is not None else "", fmt(e["logit"]),
                   f"{e['prob']:.3f}")
     con.print(t)

@@ -6,11 +6,11 @@ policy an engine needs. See docs/stability.md."""
 from __future__ import annotations
 
 import fnmatch
-import math
 
 from .. import cli_common, stability
 from ..errors import UserError
 from ..taps import tap_names
+from ..cli_common import fmt
 
 
 def add_arguments(p) -> None:
@@ -83,18 +83,6 @@ def main(args) -> int:
 # Tables
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.2e}"
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _runs(result: dict):
     for dtype, by_policy in result["runs"].items():
         for policy, run in by_policy.items():
@@ -117,7 +105,7 @@ def print_result(result: dict, patterns=None) -> None:
     for label, run in _runs(result):
         low = min((v["headroom"], k) for k, v in run["taps"].items())
         t.add_row(label, run["first_nonfinite"] or "-", run["first_collapse"] or "-",
-                  f"{_fmt(low[0])} at {low[1]}", _fmt(run["taps"]["logits"]["nmse"]),
+                  f"{fmt(low[0])} at {low[1]}", fmt(run["taps"]["logits"]["nmse"]),
                   style=None if stability.sound(run) else "bold red")
     con.print(t)
     for label, run in _runs(result):
@@ -146,9 +134,9 @@ def _print_tap_tables(con, result: dict, n: int, patterns) -> None:
         for name in names:
             s = run["taps"][name]
             bad = s["nan"] or s["inf"] or s["collapsed_rows"]
-            t.add_row(name, _fmt(ref[name]["absmax"]), _fmt(ref[name]["headroom"]), _fmt(s["absmax"]),
-                      _fmt(s["headroom"]), str(s["nan"]), str(s["inf"]), str(s["underflow"]),
-                      str(s["collapsed_rows"]), _fmt(s["nmse"]), _fmt(s["max_abs_err"]),
+            t.add_row(name, fmt(ref[name]["absmax"]), fmt(ref[name]["headroom"]), fmt(s["absmax"]),
+                      fmt(s["headroom"]), str(s["nan"]), str(s["inf"]), str(s["underflow"]),
+                      str(s["collapsed_rows"]), fmt(s["nmse"]), fmt(s["max_abs_err"]),
                       style="bold red" if bad else ("yellow" if s["headroom"] < 1 else None))
         con.print(t)
 
@@ -164,8 +152,8 @@ def _print_layers(con, result: dict, n: int) -> None:
     for label, _ in _runs(result):
         t.add_column(label, justify="right")
     for i in range(n):
-        cells = [f"{_fmt(ref['absmax'][k][i])} ({_fmt(ref['headroom'][k][i])})" for k in stability.LAYER_KINDS]
-        worst = [_fmt(max(run["layers"]["nmse"][k][i] for k in stability.LAYER_KINDS)) for _, run in _runs(result)]
+        cells = [f"{fmt(ref['absmax'][k][i])} ({fmt(ref['headroom'][k][i])})" for k in stability.LAYER_KINDS]
+        worst = [fmt(max(run["layers"]["nmse"][k][i] for k in stability.LAYER_KINDS)) for _, run in _runs(result)]
         t.add_row(str(i), *cells, *worst)
     con.print(t)
 
