@@ -79,6 +79,7 @@ class Settings:
     seed: int = 0
     tap_layer: int = 0
     tap_prompt_length: int | None = None  # default: the first prompt length
+    tap_decode_tokens: int = 16  # stats on every stage cost a host read per tap per step
     with_mlx_lm: bool = True
     with_transformers: bool = False
     tap_overhead: bool = True
@@ -100,7 +101,7 @@ def parse_lengths(text: str) -> list[int]:
 def validate(s: Settings, cfg=None) -> None:
     """Bad numbers -> UserError (exit 2) before any time is spent. Without `cfg`
     only the checks that need no model run."""
-    for name in ("decode_tokens", "repeats", "decode_context"):
+    for name in ("decode_tokens", "repeats", "decode_context", "tap_decode_tokens"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(s, name)})")
     if s.warmup < 0:
@@ -117,9 +118,10 @@ def validate(s: Settings, cfg=None) -> None:
     for t in lengths:
         if t > limit:
             raise UserError(f"prompt length {t} is beyond the model's context (max_position_embeddings={limit})")
-    if s.decode_context + s.decode_tokens > limit:
+    if s.decode_context + max(s.decode_tokens, s.tap_decode_tokens) > limit:
         raise UserError(
-            f"--decode-context {s.decode_context} + --decode-tokens {s.decode_tokens} is beyond the model's "
+            f"--decode-context {s.decode_context} + --decode-tokens {s.decode_tokens} (or --tap-decode-tokens "
+            f"{s.tap_decode_tokens}) is beyond the model's "
             f"context (max_position_embeddings={limit})"
         )
     if not 0 <= s.tap_layer < cfg.num_hidden_layers:
@@ -250,8 +252,9 @@ class TorchEngine:
             raise UserError(f"--with-transformers needs torch and transformers ({e.name} is missing)") from None
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = LlamaForCausalLM.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa").to(self.device).eval()
+        torch_dtype = getattr(torch, dtype)
+        self.model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, attn_implementation="sdpa")
+        self.model.to(device=self.device, dtype=torch_dtype).eval()  # older transformers ignore dtype=
         self.peak_memory = 0
         self.tokens: list[int] | None = None
 
@@ -291,11 +294,12 @@ class TorchEngine:
         generated = []
 
         def steps():
-            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-            for _ in range(n):
-                o = self.model(state["tok"], past_key_values=state["pkv"], use_cache=True)
-                state["pkv"], state["tok"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-                generated.append(state["tok"])
+            with warnings.catch_warnings():  # transformers 5 renames past_key_values; older ones lack the new name
+                warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+                for _ in range(n):
+                    o = self.model(state["tok"], past_key_values=state["pkv"], use_cache=True)
+                    state["pkv"], state["tok"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+                    generated.append(state["tok"])
 
         elapsed = self._timed(steps)
         if self.tokens is None:
@@ -507,12 +511,12 @@ def tap_overhead_section(lm, s: Settings) -> dict:
     T = s.tap_prompt_length or s.prompt_lengths[0]
     ids = synthetic_ids(T, cfg.vocab_size, s.seed)
     context = synthetic_ids(s.decode_context, cfg.vocab_size, s.seed)
-    out = {"prefill_tokens": T, "decode_context": s.decode_context, "decode_tokens": s.decode_tokens,
+    n = s.tap_decode_tokens
+    out = {"prefill_tokens": T, "decode_context": s.decode_context, "decode_tokens": n,
            "full_layer": s.tap_layer, "stats_taps": len(tap_names(cfg.num_hidden_layers)),
            "full_taps": len(LAYER_STAGES)}
     for phase, run, work in (("prefill", lambda m: tapped_prefill(model, ids, m, s.tap_layer), T),
-                             ("decode", lambda m: tapped_decode(model, context, s.decode_tokens, m, s.tap_layer),
-                              s.decode_tokens)):
+                             ("decode", lambda m: tapped_decode(model, context, n, m, s.tap_layer), n)):
         times = alternate({m: (lambda m=m: run(m)) for m in TAP_MODES}, s.repeats, s.warmup)
         modes = {m: summarize(times[m], work) for m in TAP_MODES}
         off = modes["off"]["median_s"]
@@ -636,6 +640,9 @@ def check_metal_capture(path: str | None) -> None:
             f"--metal-capture records a Metal GPU trace for Xcode and needs MLX's Metal backend (a Mac with "
             f"Apple silicon); this run is on {cli_common.device_description()}"
         )
+    if os.environ.get("MTL_CAPTURE_ENABLED") != "1":
+        raise UserError("Metal capture needs the environment variable MTL_CAPTURE_ENABLED=1 from the start: "
+                        "run again as `MTL_CAPTURE_ENABLED=1 python -m mlx_tinyllama.trace bench ...`")
     p = Path(path)
     if p.suffix != ".gputrace":
         raise UserError("--metal-capture writes an Xcode GPU trace: give a path ending in .gputrace")
@@ -646,12 +653,7 @@ def check_metal_capture(path: str | None) -> None:
 
 
 def metal_capture(lm, s: Settings, path: str) -> dict:
-    """One decode step recorded with MLX's Metal capture API (MTL_CAPTURE_ENABLED=1 must be set)."""
-    import os
-
-    if os.environ.get("MTL_CAPTURE_ENABLED") != "1":
-        raise UserError("Metal capture needs the environment variable MTL_CAPTURE_ENABLED=1: "
-                        "run again as `MTL_CAPTURE_ENABLED=1 python -m mlx_tinyllama.trace bench ...`")
+    """One decode step recorded with MLX's Metal capture API (checked by check_metal_capture)."""
     cache = lm.model.make_cache()
     context = synthetic_ids(s.decode_context, lm.config.vocab_size, s.seed)
     token = fast.next_token(fast.prefill(fast.model_step(lm.model), context, cache))

@@ -17,13 +17,13 @@ from mlx_tinyllama.trace import main
 
 from conftest import needs_torch
 
-REPEATS, DECODE, LENGTHS = 2, 4, (8, 20)
+REPEATS, DECODE, TAP_DECODE, LENGTHS = 2, 4, 3, (8, 20)
 
 
 def run_bench(tmp_path, *extra) -> dict:
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", "synthetic:tiny", "--dtype", "float32", "--prompt-lengths",
-            ",".join(map(str, LENGTHS)), "--decode-tokens", str(DECODE), "--decode-context", "6",
+            ",".join(map(str, LENGTHS)), "--decode-tokens", str(DECODE), "--decode-context", "6", "--tap-decode-tokens", str(TAP_DECODE),
             "--repeats", str(REPEATS), "--warmup", "1", "--json", str(out), *extra]
     assert main(argv) == 0
     return json.loads(out.read_text())
@@ -94,7 +94,8 @@ def test_tap_overhead(result):
     to = result["tap_overhead"]
     assert to["stats_taps"] == len(tap_names(PRESETS["tiny"].num_hidden_layers))
     assert to["prefill_tokens"] == LENGTHS[0]
-    for phase, work in (("prefill", LENGTHS[0]), ("decode", DECODE)):
+    assert to["decode_tokens"] == TAP_DECODE
+    for phase, work in (("prefill", LENGTHS[0]), ("decode", TAP_DECODE)):
         modes = to[phase]["modes"]
         assert set(modes) == {"off", "stats_all", "full_layer"}
         for s in modes.values():
@@ -136,6 +137,7 @@ def test_with_transformers(tmp_path):
     (["--prompt-lengths", "8,x"], "comma-separated integers"),
     (["--decode-context", "2000", "--decode-tokens", "100"], "beyond the model's context"),
     (["--tap-layer", "9"], "not a layer"),
+    (["--tap-decode-tokens", "0"], "--tap-decode-tokens must be at least 1"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, args, message):
     out = tmp_path / "never.json"
@@ -145,11 +147,14 @@ def test_bad_input_exits_2(tmp_path, capsys, args, message):
     assert not out.exists()
 
 
-def test_metal_capture_needs_metal(tmp_path, capsys):
-    path = tmp_path / ("trace.gputrace" if not mx.metal.is_available() else "trace.txt")
+def test_metal_capture_needs_metal(tmp_path, capsys, monkeypatch):
+    """Off a Mac: a clear message. On a Mac: the path must be a new .gputrace."""
+    metal = mx.metal.is_available()
+    monkeypatch.setenv("MTL_CAPTURE_ENABLED", "1")
+    path = tmp_path / ("trace.txt" if metal else "trace.gputrace")
     assert main(["bench", "--model", "synthetic:tiny", "--metal-capture", str(path)]) == 2
     err = capsys.readouterr().err
-    assert ("needs MLX's Metal backend" if not mx.metal.is_available() else ".gputrace") in err
+    assert (".gputrace" if metal else "needs MLX's Metal backend") in err
     assert not path.exists()
 
 

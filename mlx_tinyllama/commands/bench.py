@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
     g.add_argument("--tap-layer", type=int, default=0, help="layer whose stages are fully dumped (default 0)")
     g.add_argument("--tap-prompt-length", type=int, default=None, metavar="T",
                    help="prefill length for tap overhead and per-stage cost (default: first --prompt-lengths)")
+    g.add_argument("--tap-decode-tokens", type=int, default=16, metavar="N",
+                   help="decode tokens per sample when measuring tap overhead (default 16)")
     g.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s", dest="peak_bandwidth_gbs",
                    help="the device's peak memory bandwidth, if the built-in table does not know it")
     o = p.add_argument_group("output")
@@ -46,7 +48,8 @@ def settings(args) -> bench.Settings:
     return bench.Settings(
         prompt_lengths=bench.parse_lengths(args.prompt_lengths), decode_tokens=args.decode_tokens,
         decode_context=args.decode_context, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-        tap_layer=args.tap_layer, tap_prompt_length=args.tap_prompt_length, with_mlx_lm=args.with_mlx_lm,
+        tap_layer=args.tap_layer, tap_prompt_length=args.tap_prompt_length,
+        tap_decode_tokens=args.tap_decode_tokens, with_mlx_lm=args.with_mlx_lm,
         with_transformers=args.with_transformers, tap_overhead=args.tap_overhead, stages=args.stages,
         peak_bandwidth_gbs=args.peak_bandwidth_gbs, fast_ops=args.fast_ops,
     )
