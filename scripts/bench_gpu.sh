@@ -60,9 +60,14 @@ run() {
   export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLX_TINYLLAMA_CACHE=/tmp/mlx_tinyllama_cache
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv \
     | tee "$OUT/nvidia-smi.csv"
-  python3 -c 'import mlx.core as mx, mlx_lm, torch, transformers; print("mlx", mx.__version__, mx.default_device(),
-mx.device_info(), "| mlx_lm", mlx_lm.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)' \
-    | tee "$OUT/versions.txt"
+  python3 -c 'import mlx.core as mx, torch, transformers; print("mlx", mx.__version__, mx.default_device(),
+mx.device_info(), "| torch", torch.__version__, "| transformers", transformers.__version__)' | tee "$OUT/versions.txt"
+  # mlx-lm imports transformers at package level: if the image's copy is too old for it, bench without it.
+  local side_by_side=""
+  if ! python3 -c 'import mlx_lm; print("mlx_lm", mlx_lm.__version__)' 2>"$OUT/mlx_lm_import.err"; then
+    side_by_side=--no-mlx-lm
+    echo "mlx-lm does not import here (see mlx_lm_import.err): running without it" >&2
+  fi
   # The device's copy bandwidth, a measured ceiling for decode (bytes read + written).
   python3 - <<'EOF' | tee "$OUT/copy_bandwidth.txt"
 import torch
@@ -77,7 +82,7 @@ EOF
   python3 -c 'from mlx_tinyllama.synthetic import materialize; print(materialize("tinyllama", 0))'
   set -o pipefail
   timeout 480 python3 -m mlx_tinyllama.trace bench --model synthetic:tinyllama --dtype float16 \
-    --prompt-lengths 38,128,512,2048 --decode-tokens 128 --repeats 5 --warmup 2 --with-transformers --fast-ops \
+    --prompt-lengths 38,128,512,2048 --decode-tokens 128 --repeats 5 --warmup 2 --with-transformers --fast-ops $side_by_side \
     --json "$OUT/bench_h200_fp16.json" 2>&1 | tee "$OUT/bench_h200_fp16.log"
 }
 
