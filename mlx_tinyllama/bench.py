@@ -21,7 +21,6 @@ Method (docs/benchmarks.md says more):
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
 import statistics
