@@ -84,7 +84,6 @@ class Settings:
     tap_overhead: bool = True
     stages: bool = True
     peak_bandwidth_gbs: float | None = None
-    fast_ops: bool = False  # also time ours with fast.FastOps ("ours_fastops")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -226,16 +225,6 @@ def mlx_lm_engine(lm) -> MLXEngine:
 
 def ours_engine(lm) -> MLXEngine:
     return MLXEngine("ours", lm.model, lm.model.make_cache)
-
-
-def ours_fastops_engine(lm) -> MLXEngine:
-    """A second TinyLlama on the same weight arrays, running fast.FastOps."""
-    from .model import TinyLlama
-
-    model = TinyLlama(lm.config, lm.model.ops)
-    model.load_weights(tree_flatten(lm.model.parameters()), strict=True)
-    fast.accelerate(model)
-    return MLXEngine("ours_fastops", model, model.make_cache)
 
 
 class TorchEngine:
@@ -675,8 +664,6 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     device = device_report(s.peak_bandwidth_gbs)
     wb = weight_bytes(lm)
     engines = {"ours": ours_engine(lm)}
-    if s.fast_ops:
-        engines["ours_fastops"] = ours_fastops_engine(lm)
     if s.with_mlx_lm:
         engines["mlx_lm"] = mlx_lm_engine(lm)
     result = {

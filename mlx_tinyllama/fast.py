@@ -8,22 +8,14 @@ The model's numbers are not touched here: every helper calls the same
   device never waits for Python. Only the token ids are synchronised, one step
   behind, exactly as mlx-lm's `generate_step` does.
 - `prefill` evaluates the whole logits array once, with no per-layer sync.
-
-`FastOps` is a proposal for ops.py, measured by `bench --fast-ops`: the same
-arithmetic in fewer kernel launches (a compiled SiLU, RoPE frequencies divided
-once instead of twice per layer and step). Its logits are bit-identical to
-`Ops`' (tests/test_bench.py checks fp32 and fp16). Launches matter on a GPU,
-where a TinyLlama decode step is ~300 small kernels.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import mlx.core as mx
 
-from .ops import Ops
 
 # A forward call with the KV cache: ids [1, T] -> logits [1, T, vocab].
 Step = Callable[[mx.array, list | None], mx.array]
@@ -80,37 +72,3 @@ def model_step(model) -> Step:
         return model(ids, cache=cache)
 
     return step
-
-
-@partial(mx.compile, shapeless=True)
-def _compiled_silu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(x)  # Ops.silu's expression, fused into one kernel
-
-
-class FastOps(Ops):
-    """`Ops` (fused kernels, "hf" policy) with fewer launches per step."""
-
-    def silu(self, x: mx.array) -> mx.array:
-        return _compiled_silu(x)
-
-    def rope(self, x: mx.array, offset: int, inv_freq: mx.array, position_scale: float) -> mx.array:
-        return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=position_scale,
-                            offset=offset, freqs=_frequencies(inv_freq))
-
-
-_FREQUENCIES: dict[int, tuple[mx.array, mx.array]] = {}
-
-
-def _frequencies(inv_freq: mx.array) -> mx.array:
-    """1 / inv_freq, computed once per model (Ops.rope divides on every call)."""
-    hit = _FREQUENCIES.get(id(inv_freq))
-    if hit is None or hit[0] is not inv_freq:
-        hit = _FREQUENCIES[id(inv_freq)] = (inv_freq, 1.0 / inv_freq)
-        mx.eval(hit[1])
-    return hit[1]
-
-
-def accelerate(model) -> None:
-    """Swap in FastOps where the model runs fused "hf" kernels (the only fast path)."""
-    if model.ops.fused and type(model.ops) is Ops:
-        model.ops = FastOps(model.ops.policy, model.ops.kernels)

@@ -26,15 +26,15 @@ class SoftmaxAxis(Ops):
 
 @dataclass(frozen=True)
 class RopeInterleaved(Ops):
-    def rope(self, x, offset, inv_freq, position_scale):
-        return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=position_scale,
-                            offset=offset, freqs=1.0 / inv_freq)  # GGML-style pairs on HF-layout weights
+    def rope(self, x, offset, rope):
+        return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=rope.position_scale,
+                            offset=offset, freqs=rope.freqs)  # GGML-style pairs on HF-layout weights
 
 
 @dataclass(frozen=True)
 class RopeOffset(Ops):
-    def rope(self, x, offset, inv_freq, position_scale):
-        return super().rope(x, offset + 1, inv_freq, position_scale)  # positions start at 1, not 0
+    def rope(self, x, offset, rope):
+        return super().rope(x, offset + 1, rope)  # positions start at 1, not 0
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .ops import Ops, rope_inv_freq
+from .ops import Ops, Rope
 from .taps import ATTENTION_INTERNALS, NO_TAPS
 
 
@@ -44,8 +44,8 @@ class Attention(nn.Module):
         q = tap(p + "attn.q", self.heads(self.q_proj(h), self.n_heads))
         k = tap(p + "attn.k", self.heads(self.k_proj(h), self.n_kv))
         v = tap(p + "attn.v", self.heads(self.v_proj(h), self.n_kv))
-        q = tap(p + "attn.q_rope", ops.rope(q, offset, *rope))
-        k = tap(p + "attn.k_rope", ops.rope(k, offset, *rope))
+        q = tap(p + "attn.q_rope", ops.rope(q, offset, rope))
+        k = tap(p + "attn.k_rope", ops.rope(k, offset, rope))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # all S = offset + T keys/values so far
         if ops.fused:
@@ -118,8 +118,7 @@ class TinyLlama(nn.Module):
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # RoPE constants (not parameters): inverse frequencies and position scale.
-        self._rope = (rope_inv_freq(cfg.head_dim, cfg.rope_theta), 1.0 / cfg.rope_factor)
+        self._rope = Rope.make(cfg.head_dim, cfg.rope_theta, 1.0 / cfg.rope_factor)  # constants, not parameters
 
     @property
     def layers(self):

@@ -18,6 +18,7 @@ Fault injection (see `faults.py`) subclasses Ops and overrides one method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +36,28 @@ def rope_inv_freq(head_dim: int, theta: float) -> mx.array:
     """1 / theta^(2i/d) in float32, as transformers' default RoPE computes it."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     return mx.array((1.0 / (np.float32(theta) ** exponent)).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Rope:
+    """RoPE constants of a model: inverse frequencies (transformers' float32 values),
+    their reciprocals for mx.fast.rope (divided once, not per call), position scale."""
+
+    inv_freq: mx.array
+    freqs: mx.array
+    position_scale: float = 1.0
+
+    @classmethod
+    def make(cls, head_dim: int, theta: float, position_scale: float = 1.0) -> "Rope":
+        inv_freq = rope_inv_freq(head_dim, theta)
+        freqs = 1.0 / inv_freq
+        mx.eval(inv_freq, freqs)
+        return cls(inv_freq, freqs, position_scale)
+
+
+@partial(mx.compile, shapeless=True)
+def _silu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(x)  # one fused kernel; the same arithmetic as the explicit form
 
 
 def rotate_half(x: mx.array) -> mx.array:
@@ -72,15 +95,12 @@ class Ops:
         return weight * (x32 * mx.rsqrt(variance + eps)).astype(x.dtype)
 
     # --- RoPE (rotate-half, as transformers) -----------------------------------
-    def rope(self, x: mx.array, offset: int, inv_freq: mx.array, position_scale: float) -> mx.array:
+    def rope(self, x: mx.array, offset: int, rope: Rope) -> mx.array:
         """x: [B, heads, T, D] at positions offset .. offset+T-1."""
         if self.fused:
-            base = None
-            return mx.fast.rope(
-                x, x.shape[-1], traditional=False, base=base, scale=position_scale,
-                offset=offset, freqs=1.0 / inv_freq,
-            )
-        cos, sin = self.rope_cos_sin(x.shape[-2], offset, inv_freq, position_scale, x.dtype)
+            return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=rope.position_scale,
+                                offset=offset, freqs=rope.freqs)
+        cos, sin = self.rope_cos_sin(x.shape[-2], offset, rope.inv_freq, rope.position_scale, x.dtype)
         return x * cos + rotate_half(x) * sin
 
     def rope_cos_sin(self, T: int, offset: int, inv_freq, position_scale, dtype):
@@ -138,4 +158,4 @@ class Ops:
 
     # --- MLP ------------------------------------------------------------------
     def silu(self, x: mx.array) -> mx.array:
-        return x * mx.sigmoid(x)
+        return _silu(x) if self.fused else x * mx.sigmoid(x)

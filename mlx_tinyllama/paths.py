@@ -254,8 +254,8 @@ def decode_rope_offset(ops: Ops) -> Ops:
 
     @dataclass(frozen=True)
     class DecodeRopeOffset(type(ops)):
-        def rope(self, x, offset, inv_freq, position_scale):
-            return super().rope(x, offset + 1 if offset > 0 else 0, inv_freq, position_scale)
+        def rope(self, x, offset, rope):
+            return super().rope(x, offset + 1 if offset > 0 else 0, rope)
 
     return DecodeRopeOffset(policy=ops.policy, kernels=ops.kernels)
 

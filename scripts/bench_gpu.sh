@@ -82,7 +82,7 @@ EOF
   python3 -c 'from mlx_tinyllama.synthetic import materialize; print(materialize("tinyllama", 0))'
   set -o pipefail
   timeout 480 python3 -m mlx_tinyllama.trace bench --model synthetic:tinyllama --dtype float16 \
-    --prompt-lengths 38,128,512,2048 --decode-tokens 128 --repeats 5 --warmup 2 --with-transformers --fast-ops $side_by_side \
+    --prompt-lengths 38,128,512,2048 --decode-tokens 128 --repeats 5 --warmup 2 --with-transformers $side_by_side \
     --json "$OUT/bench_h200_fp16.json" 2>&1 | tee "$OUT/bench_h200_fp16.log"
 }
 

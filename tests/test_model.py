@@ -166,3 +166,15 @@ def test_full_tinyllama_shape_fp32_matches_transformers_on_logits_and_last_layer
     # Generated weights behave like a trained model's: finite, growing slowly, not exploding.
     absmax = [np.abs(ours[f"layers.{i}.out"]).max() for i in range(22)]
     assert all(np.isfinite(absmax)) and 1 < absmax[-1] < 100
+
+
+def test_batched_stats_do_not_depend_on_flushing(tiny_dir):
+    """Stats are computed in batches of same-shape taps; flushing after every tap
+    (the memory bound) must give exactly the same numbers as one batch at the end."""
+    lm = sources.load(str(tiny_dir), "float16")
+    names = tap_names(lm.config.num_hidden_layers)
+    one_batch, every_tap = Taps(names, "stats"), Taps(names, "stats", flush_bytes=1)
+    lm.model(mx.array(SEED_IDS), tap=one_batch)
+    lm.model(mx.array(SEED_IDS), tap=every_tap)
+    a, b = one_batch.stats(), every_tap.stats()
+    assert list(a) == names and a == b

@@ -26,8 +26,6 @@ def add_arguments(p) -> None:
                    help="skip mlx-lm's Llama side by side")
     g.add_argument("--with-transformers", action="store_true",
                    help="also time transformers (torch; CUDA if available) on the same weights")
-    g.add_argument("--fast-ops", action="store_true",
-                   help="also time ours with fast.FastOps (fewer kernel launches, bit-identical logits) as ours_fastops")
     g.add_argument("--no-tap-overhead", dest="tap_overhead", action="store_false",
                    help="skip the taps off / stats on every stage / full dump of one layer comparison")
     g.add_argument("--no-stages", dest="stages", action="store_false", help="skip the per-stage cost")
@@ -51,7 +49,7 @@ def settings(args) -> bench.Settings:
         tap_layer=args.tap_layer, tap_prompt_length=args.tap_prompt_length,
         tap_decode_tokens=args.tap_decode_tokens, with_mlx_lm=args.with_mlx_lm,
         with_transformers=args.with_transformers, tap_overhead=args.tap_overhead, stages=args.stages,
-        peak_bandwidth_gbs=args.peak_bandwidth_gbs, fast_ops=args.fast_ops,
+        peak_bandwidth_gbs=args.peak_bandwidth_gbs,
     )
 
 
