@@ -5,6 +5,7 @@
 #   bash scripts/bench_gpu.sh prepare   # here, with network: wheels into .whl/gpu1, .whl/gpu2
 #   bash scripts/bench_gpu.sh stash     # device call 1 (carry .whl/gpu1): part one -> /root/stash
 #   bash scripts/bench_gpu.sh run       # device call 2 (carry .whl/gpu2), at once: install, bench -> $OUT
+#   bash scripts/bench_gpu.sh tests     # (same call or the next) the differential tests on the GPU
 #
 # Why two calls: the mlx-cuda-13 wheel (86 MiB) is over the 64 MiB a device call
 # may carry, so it travels split in two, and the machine stays warm only ~30 s
@@ -86,9 +87,21 @@ EOF
     --json "$OUT/bench_h200_fp16.json" 2>&1 | tee "$OUT/bench_h200_fp16.log"
 }
 
+# The differential tests on MLX's CUDA backend (the reference, transformers, runs on torch's CPU).
+gpu_tests() {
+  : "${OUT:?run on the device machine, where \$OUT is set}"
+  install
+  export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  python3 -c 'import mlx.core as mx; print("default device:", mx.default_device())' | tee "$OUT/gpu_tests.log"
+  set -o pipefail
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_model.py tests/test_paths.py \
+    tests/test_compare.py tests/test_stability.py 2>&1 | tee -a "$OUT/gpu_tests.log"
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   stash) stash ;;
   run) run ;;
-  *) echo "usage: $0 prepare|stash|run" >&2; exit 2 ;;
+  tests) gpu_tests ;;
+  *) echo "usage: $0 prepare|stash|run|tests" >&2; exit 2 ;;
 esac
