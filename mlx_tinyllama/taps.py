@@ -202,6 +202,8 @@ def batch_stats(xs: list[mx.array], token_axis: int = 0) -> list[dict]:
     NaN and Inf are counted apart. first/last: 3 values of the first and last token row
     (head-major taps [H, T, ...]: of head 0)."""
     x0 = xs[0]
+    if mx.default_device().type == mx.gpu and x0.size:
+        return _device_batch_stats(xs, token_axis)
     a = np.stack([to_numpy(x) for x in xs])
     flat = a.reshape(len(xs), -1)
     n = flat.shape[1]
@@ -224,6 +226,47 @@ def batch_stats(xs: list[mx.array], token_axis: int = 0) -> list[dict]:
                  absmax=float(max(-lo[i], hi[i])), sum=float(mean[i] * n), nan=0, inf=0, finite=n,
                  first=_row(a[i], token_axis, 0), last=_row(a[i], token_axis, -1))
             for i in range(len(xs))]
+
+
+def _device_batch_stats(xs: list[mx.array], token_axis: int) -> list[dict]:
+    """The same statistics on a GPU: a handful of kernels for the whole group, and only
+    the results cross to the host (copying every tapped tensor out would cost more than
+    the forward pass). float32 accumulation; moments on x / absmax, since masked scores
+    hold the float32 minimum, whose plain sum overflows."""
+    x = mx.stack(xs).astype(mx.float32)
+    n_rows = x.shape[0]
+    flat = x.reshape(n_rows, -1)
+    nan, inf = mx.isnan(flat), mx.isinf(flat)
+    finite = mx.logical_not(mx.logical_or(nan, inf))
+    count = finite.sum(axis=1)
+    zero = mx.zeros_like(flat)
+    big = mx.array(np.finfo(np.float32).max, mx.float32)
+    absmax = mx.where(finite, mx.abs(flat), zero).max(axis=1)
+    scale = mx.maximum(absmax, mx.array(np.finfo(np.float32).tiny, mx.float32))[:, None]
+    xs_ = mx.where(finite, flat, zero) / scale
+    c = mx.maximum(count, 1).astype(mx.float32)
+    mean_s = xs_.sum(axis=1) / c
+    var_s = mx.where(finite, (xs_ - mean_s[:, None]) ** 2, zero).sum(axis=1) / c
+    first = (x[:, 0] if token_axis == 0 or x.ndim < 3 else x[:, 0, 0]).reshape(n_rows, -1)[:, :3]
+    last = (x[:, -1] if token_axis == 0 or x.ndim < 3 else x[:, 0, -1]).reshape(n_rows, -1)[:, :3]
+    if x.ndim == 2:  # 1-D taps: the row is the tensor
+        first = last = flat[:, :3]
+    parts = {"min": mx.where(finite, flat, big).min(axis=1), "max": mx.where(finite, flat, -big).max(axis=1),
+             "mean": mean_s * scale[:, 0], "std": mx.sqrt(var_s) * scale[:, 0], "absmax": absmax,
+             "nan": nan.sum(axis=1), "inf": inf.sum(axis=1), "finite": count,
+             "first": first, "last": last}
+    mx.eval(parts)
+    host = {k: v.tolist() for k, v in parts.items()}
+    head = {"shape": list(xs[0].shape), "dtype": str(xs[0].dtype).replace("mlx.core.", "")}
+    out = []
+    for i in range(n_rows):
+        d = dict(head, **{k: host[k][i] for k in host})
+        d["nan"], d["inf"], d["finite"] = int(d["nan"]), int(d["inf"]), int(d["finite"])
+        d["sum"] = d["mean"] * d["finite"]  # in Python floats: masked scores' sum exceeds float32
+        if d["finite"] == 0:
+            d.update({k: float("nan") for k in ("min", "max", "mean", "std", "absmax", "sum")})
+        out.append(d)
+    return out
 
 
 def _stats_of_finite(head: dict, finite: np.ndarray, nan: int, inf: int, a: np.ndarray, token_axis: int) -> dict:

@@ -178,3 +178,19 @@ def test_batched_stats_do_not_depend_on_flushing(tiny_dir):
     lm.model(mx.array(SEED_IDS), tap=every_tap)
     a, b = one_batch.stats(), every_tap.stats()
     assert list(a) == names and a == b
+
+
+def test_gpu_stats_path_agrees_with_the_host_path():
+    """On a GPU, tap statistics are reduced on the device; here both paths run on the
+    same tensors (finite, NaN-holding, masked-score-like) and must agree."""
+    from mlx_tinyllama.taps import _device_batch_stats, batch_stats
+
+    base = [mx.random.normal((4, 7, 16), key=mx.random.key(i)) * 3 for i in range(3)]
+    nan = mx.where(mx.random.uniform(shape=(4, 7, 16), key=mx.random.key(9)) > 0.9, float("nan"), base[0])
+    masked = mx.where(mx.triu(mx.ones((7, 16)), k=1) > 0, float(np.finfo(np.float32).min), base[1])
+    xs = [*base, nan, masked]
+    for host, device in zip(batch_stats(xs, 1), _device_batch_stats(xs, 1)):
+        assert host.keys() == device.keys()
+        for k, v in host.items():
+            np.testing.assert_allclose(np.array(device[k], float), np.array(v, float), rtol=2e-5, atol=1e-6,
+                                       err_msg=k) if k not in ("shape", "dtype") else None
