@@ -75,8 +75,8 @@ class MLP(nn.Module):
     def __call__(self, h, ops: Ops, tap, p: str):
         gate = tap(p + "mlp.gate", self.gate_proj(h))
         up = tap(p + "mlp.up", self.up_proj(h))
-        act = tap(p + "mlp.act", ops.silu(gate))
-        prod = tap(p + "mlp.prod", act * up)
+        act = tap(p + "mlp.act", ops.silu(gate)) if not ops.fused or tap.wants(p + "mlp.act") else None
+        prod = tap(p + "mlp.prod", ops.swiglu(gate, up, act))  # fused: one kernel, act only observed
         return self.down_proj(prod)
 
 

@@ -60,6 +60,11 @@ def _silu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)  # one fused kernel; the same arithmetic as the explicit form
 
 
+@partial(mx.compile, shapeless=True)
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return (gate * mx.sigmoid(gate)) * up  # SiLU(gate) × up in one kernel, each step rounded as unfused
+
+
 def rotate_half(x: mx.array) -> mx.array:
     half = x.shape[-1] // 2
     return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -159,3 +164,10 @@ class Ops:
     # --- MLP ------------------------------------------------------------------
     def silu(self, x: mx.array) -> mx.array:
         return _silu(x) if self.fused else x * mx.sigmoid(x)
+
+    def swiglu(self, gate: mx.array, up: mx.array, act: mx.array | None) -> mx.array:
+        """SiLU(gate) × up. Fused: one kernel from gate and up (act, if computed for a tap,
+        is not read); explicit: act × up."""
+        if self.fused:
+            return _swiglu(gate, up)
+        return act * up

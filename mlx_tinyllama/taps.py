@@ -60,7 +60,7 @@ GLOBAL_TAIL = (
 
 # The attention internals that a fused attention kernel does not expose: on the
 # fused path they are recomputed from the same q_rope/k_rope for observation.
-ATTENTION_INTERNALS = ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs")
+ATTENTION_INTERNALS = ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs")# Likewise mlp.act: the fused path computes SiLU(gate) × up in one kernel.
 
 _BY_SUFFIX = {s.name: s for s in GLOBAL_HEAD + LAYER_STAGES + GLOBAL_TAIL}
 

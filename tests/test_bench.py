@@ -184,10 +184,13 @@ def test_pipelined_decode_matches_synced_and_full_recompute(tiny_dir):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
-def test_compiled_silu_is_the_explicit_arithmetic(dtype):
+def test_compiled_silu_and_swiglu_are_the_explicit_arithmetic(dtype):
     """The fused path's compiled SiLU saves launches, not digits: bit-identical to x * sigmoid(x)."""
     from mlx_tinyllama.ops import Ops
 
     x = (mx.random.normal((64, 173)) * 4).astype(dtype)
-    fused, explicit = Ops("hf", "fused").silu(x), Ops("hf", "explicit").silu(x)
-    assert fused.dtype == explicit.dtype and mx.array_equal(fused, explicit).item()
+    up = (mx.random.normal((64, 173)) * 4).astype(dtype)
+    fused, explicit = Ops("hf", "fused"), Ops("hf", "explicit")
+    assert mx.array_equal(fused.silu(x), explicit.silu(x)).item()
+    one_kernel, two_steps = fused.swiglu(x, up, None), explicit.swiglu(x, up, explicit.silu(x))
+    assert one_kernel.dtype == two_steps.dtype and mx.array_equal(one_kernel, two_steps).item()
