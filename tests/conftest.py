@@ -4,13 +4,15 @@ temporary cache (MLX_TINYLLAMA_CACHE), so tests never write to the user's home."
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-_CACHE = Path(tempfile.mkdtemp(prefix="mlx_tinyllama_test_cache_"))
-os.environ.setdefault("MLX_TINYLLAMA_CACHE", str(_CACHE))
+_OWN_CACHE = "MLX_TINYLLAMA_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["MLX_TINYLLAMA_CACHE"] = tempfile.mkdtemp(prefix="mlx_tinyllama_test_cache_")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +38,12 @@ def has_torch() -> bool:
 _REQUIRE_REFERENCE = os.environ.get("MLX_TINYLLAMA_REQUIRE_REFERENCE") == "1"
 needs_torch = pytest.mark.skipif(not has_torch() and not _REQUIRE_REFERENCE,
                                  reason="needs the dev extra (torch + transformers)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's synthetic models (2.2 GB for the full TinyLlama shape) go with it."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["MLX_TINYLLAMA_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
