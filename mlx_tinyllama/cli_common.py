@@ -34,20 +34,20 @@ def add_model_arguments(parser, default_dtype: str = "float16") -> None:
 
 
 def _progress():
-    """A rich progress bar on a terminal for big models; silent otherwise."""
+    """A rich progress bar on a terminal (generating or reading big weights); silent otherwise."""
     if not sys.stderr.isatty():
         return None, None
     from rich.progress import Progress
 
     prog = Progress(transient=True, console=_console(stderr=True))
-    task = prog.add_task("generating synthetic weights", total=None)
+    task = prog.add_task("loading", total=None)
     started = [False]
 
-    def update(done, total):
+    def update(done, total, label="loading"):
         if not started[0]:
             prog.start()
             started[0] = True
-        prog.update(task, completed=done, total=total)
+        prog.update(task, completed=done, total=total, description=label)
 
     return prog, update
 

@@ -205,11 +205,17 @@ def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) ->
             )
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops: Ops) -> TinyLlama:
+def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops: Ops, progress=None) -> TinyLlama:
     model = TinyLlama(cfg, ops)
     dt = DTYPES[dtype]
     model.load_weights([(n, w.astype(dt)) for n, w in weights.items()], strict=True)
-    mx.eval(model.parameters())
+    # Weights are read lazily from the file: evaluating them layer by layer shows progress.
+    parts = [model.model.embed_tokens, *model.model.layers, model.model.norm]
+    parts += [model.lm_head] if not cfg.tie_word_embeddings else []
+    for k, part in enumerate(parts):
+        mx.eval(part.parameters())
+        if progress:
+            progress(k + 1, len(parts), f"reading weights ({dtype})")
     return model
 
 
@@ -241,5 +247,5 @@ def load(spec: str, dtype: str = "float16", policy: str = "hf", kernels: str | N
         cfg = load_config(source.path)
         weights = read_safetensors(weight_files(source.path))
     check_weights(weights, cfg, str(source.path))
-    model = build_model(cfg, weights, dtype, ops)
+    model = build_model(cfg, weights, dtype, ops, progress)
     return LoadedModel(model, cfg, source, dtype)

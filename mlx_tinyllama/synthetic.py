@@ -139,7 +139,7 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
             w = generate_weight(name, shape, cfg, seed)
             tensors[name] = tweak(name, w) if tweak else w
             if progress:
-                progress(k + 1, len(shapes))
+                progress(k + 1, len(shapes), "generating synthetic weights")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         hf = cfg.to_hf_dict()
