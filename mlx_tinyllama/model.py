@@ -50,7 +50,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # all S = offset + T keys/values so far
         if ops.fused:
             ctx = ops.fused_attention(q, k, v, self.scale)
-            if any(tap.wants(p + s) for s in ATTENTION_INTERNALS):
+            if tap.enabled and any(tap.wants(p + s) for s in ATTENTION_INTERNALS):
                 self.probs(q, k, ops, tap, p)  # observed only: the data path above is untouched
         else:
             ctx = ops.pv(self.probs(q, k, ops, tap, p), v)
@@ -75,7 +75,8 @@ class MLP(nn.Module):
     def __call__(self, h, ops: Ops, tap, p: str):
         gate = tap(p + "mlp.gate", self.gate_proj(h))
         up = tap(p + "mlp.up", self.up_proj(h))
-        act = tap(p + "mlp.act", ops.silu(gate)) if not ops.fused or tap.wants(p + "mlp.act") else None
+        observe_act = tap.enabled and tap.wants(p + "mlp.act")
+        act = tap(p + "mlp.act", ops.silu(gate)) if not ops.fused or observe_act else None
         prod = tap(p + "mlp.prod", ops.swiglu(gate, up, act))  # fused: one kernel, act only observed
         return self.down_proj(prod)
 
