@@ -79,9 +79,11 @@ class Section:
     data_id: str | None = None
 
 
-def add_report_arguments(parser) -> None:
-    """Report options a command can add next to `--report`/`--plots`."""
+def add_report_arguments(parser, what: str = "this run") -> None:
+    """`--report`, `--plots` and the attention-map options, for every command that reports."""
     g = parser.add_argument_group("report")
+    g.add_argument("--report", metavar="PATH.html", help=f"write a self-contained HTML report of {what}")
+    g.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
     g.add_argument("--attention-layers", metavar="0,21", help="layers whose attention maps the report shows "
                    "(default: the first and the last)")
     g.add_argument("--attention-heads", metavar="0,1", help="query heads to show per layer (default: 0,1)")

@@ -32,12 +32,9 @@ def add_arguments(p) -> None:
                    help="override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4, scale=10")
     p.add_argument("--json", metavar="PATH", help="write the comparison (status, first_divergence, entries) as JSON")
     p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
-    p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report (divergence map, "
-                                                         "table, magnitudes, attention maps)")
-    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
     from ..report import add_report_arguments
 
-    add_report_arguments(p)
+    add_report_arguments(p, "the comparison (divergence map, table)")
     cli_common.add_model_arguments(p)
     p.set_defaults(model=None)  # None: the reference's own model (full-tensor references), else synthetic
     from ..prompt import add_prompt_arguments

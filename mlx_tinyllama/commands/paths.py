@@ -25,11 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tol", action="append", metavar="[TAP_GLOB:]nmse=V|scale=F",
                    help="override the derived tolerance (see docs/compare.md), e.g. nmse=1e-6 or scale=10")
     p.add_argument("--json", metavar="PATH", help="write the result (first_divergence, per-path differences) as JSON")
-    p.add_argument("--report", metavar="PATH.html", help="write an HTML report of the check")
-    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
     from ..report import add_report_arguments
 
-    add_report_arguments(p)
+    add_report_arguments(p, "the check")
 
 
 def default_chunks(T: int) -> list[int]:

@@ -30,11 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", metavar="REF", help="compare this run with a reference (see the compare command)")
     p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V",
                    help="with --compare: override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4")
-    p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report of this run")
-    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
     from ..report import add_report_arguments
 
-    add_report_arguments(p)
+    add_report_arguments(p, "this run")
 
 
 def main(args) -> int:

@@ -29,11 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--taps", action="append", metavar="GLOB",
                    help="stages to show in the per-tap tables (the JSON always has every stage; default: all)")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    p.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML report")
-    p.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
     from ..report import add_report_arguments
 
-    add_report_arguments(p)
+    add_report_arguments(p, "the stability run")
 
 
 def selected_dtypes(args) -> list[str]:
