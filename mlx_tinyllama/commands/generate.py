@@ -61,13 +61,22 @@ def main(args) -> int:
     names = select(args.taps or DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
     tokenizer = _tokenizer(lm, args)
     stream = TextStream(tokenizer, _write_stdout)
+    stamps: list[float] = []  # when each token was chosen: prefill and decode rates apart
+
+    def on_token(token: int) -> None:
+        stamps.append(time.perf_counter())
+        stream(token)
+
+    cache = lm.model.make_cache()  # outside the clock: its first use imports mlx-lm
     started = time.perf_counter()
     gen = generate_tokens(lm.model, prompt.ids, args.max_tokens, sampling, stop_at_eos=not args.ignore_eos,
-                          on_token=stream, tap_step=args.tap_step, tap_names=names)
+                          on_token=on_token, tap_step=args.tap_step, tap_names=names, cache=cache)
     seconds = time.perf_counter() - started
     text = stream.finish()
     _write_stdout("\n")
     result = _result(args, lm, prompt, sampling, gen, text, tokenizer, seconds)
+    result["prefill_seconds"] = stamps[0] - started if stamps else None
+    result["decode_tokens_per_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     _summary(result)
     if args.json:
         cli_common.write_json(args.json, result)
@@ -109,7 +118,11 @@ def _summary(result: dict) -> None:
     n = len(result["token_ids"])
     msg = STOP_MESSAGES[result["stop_reason"]].format(max_pos=result["max_position_embeddings"],
                                                       prompt=len(result["prompt_ids"]), generated=n)
-    rate = f", {n / result['seconds']:.1f} tokens/s" if result["seconds"] > 0 and n else ""
+    rate = ""
+    if result.get("prefill_seconds") is not None:
+        rate = f", prefill of {len(result['prompt_ids'])} tokens {1e3 * result['prefill_seconds']:.0f} ms"
+    if result.get("decode_tokens_per_s"):
+        rate += f", decode {result['decode_tokens_per_s']:.1f} tokens/s"
     con.print(f"[dim]{n} tokens{rate}; {msg}[/]" if result["stop_reason"] != "max_position" else f"[yellow]{msg}[/]")
     if result["tap_step"] is not None and not result["taps"]:
         con.print(f"[yellow]step {result['tap_step']} was not reached: generation stopped after {n} steps[/]")
