@@ -98,10 +98,18 @@ gpu_tests() {
     tests/test_compare.py tests/test_stability.py 2>&1 | tee -a "$OUT/gpu_tests.log"
 }
 
+# Any command with the CUDA build of MLX installed, e.g. `exec python3 -m mlx_tinyllama.trace ...`.
+gpu_exec() {
+  install
+  export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  "$@"
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   stash) stash ;;
   run) run ;;
   tests) gpu_tests ;;
-  *) echo "usage: $0 prepare|stash|run|tests" >&2; exit 2 ;;
+  exec) shift; gpu_exec "$@" ;;
+  *) echo "usage: $0 prepare|stash|run|tests|exec CMD..." >&2; exit 2 ;;
 esac
