@@ -175,8 +175,16 @@ class Taps:
         groups: dict[tuple, list[tuple[str, mx.array]]] = {}
         for name, value in self._pending:  # same shape: one vectorised computation for the group
             groups.setdefault((tuple(value.shape), value.dtype, stage_of(name).token_axis), []).append((name, value))
-        for (_, _, axis), items in groups.items():
-            self._stats.update(zip([n for n, _ in items], batch_stats([v for _, v in items], axis)))
+        if _stats_on_device():  # all groups' kernels, then one host read per group
+            lazy = {key: _device_group([v for _, v in items], key[2]) for key, items in groups.items()}
+            mx.eval(list(lazy.values()))
+            for key, items in groups.items():
+                floats, counts = lazy[key]
+                rows = _device_rows(items[0][1], np.array(floats), np.array(counts))
+                self._stats.update(zip([n for n, _ in items], rows))
+        else:
+            for (_, _, axis), items in groups.items():
+                self._stats.update(zip([n for n, _ in items], batch_stats([v for _, v in items], axis)))
         self._pending, self._pending_bytes = [], 0
 
     def stats(self) -> dict[str, dict]:
@@ -185,6 +193,11 @@ class Taps:
             return {n: tensor_stats(self.tensors[n], stage_of(n).token_axis) for n in self.order}
         self._flush()
         return {n: self._stats[n] for n in self.order}
+
+
+def _stats_on_device() -> bool:
+    """GPUs reduce on the device; CPUs (and the host side of unified memory) use numpy."""
+    return mx.default_device().type == mx.gpu
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
@@ -202,7 +215,7 @@ def batch_stats(xs: list[mx.array], token_axis: int = 0) -> list[dict]:
     NaN and Inf are counted apart. first/last: 3 values of the first and last token row
     (head-major taps [H, T, ...]: of head 0)."""
     x0 = xs[0]
-    if mx.default_device().type == mx.gpu and x0.size:
+    if _stats_on_device() and x0.size:
         return _device_batch_stats(xs, token_axis)
     a = np.stack([to_numpy(x) for x in xs])
     flat = a.reshape(len(xs), -1)
@@ -229,10 +242,19 @@ def batch_stats(xs: list[mx.array], token_axis: int = 0) -> list[dict]:
 
 
 def _device_batch_stats(xs: list[mx.array], token_axis: int) -> list[dict]:
-    """The same statistics on a GPU: a handful of kernels for the whole group, and only
-    the results cross to the host (copying every tapped tensor out would cost more than
-    the forward pass). float32 accumulation; moments on x / absmax, since masked scores
-    hold the float32 minimum, whose plain sum overflows."""
+    """The same statistics on a GPU; see `_device_group`."""
+    floats, counts = _device_group(xs, token_axis)
+    mx.eval(floats, counts)
+    return _device_rows(xs[0], np.array(floats), np.array(counts))
+
+
+def _device_group(xs: list[mx.array], token_axis: int) -> tuple[mx.array, mx.array]:
+    """Lazy statistics of same-shape tensors on the device: a handful of kernels for the
+    group, two small arrays to bring back (copying every tapped tensor to the host would
+    cost more than the forward pass). float32 accumulation, moments on x / absmax (masked
+    scores hold the float32 minimum, whose plain sum overflows).
+    Returns floats [n, 11] (min, max, mean, std, absmax, first 3, last 3) and counts
+    [n, 3] (nan, inf, finite)."""
     x = mx.stack(xs).astype(mx.float32)
     n_rows = x.shape[0]
     flat = x.reshape(n_rows, -1)
@@ -247,21 +269,24 @@ def _device_batch_stats(xs: list[mx.array], token_axis: int) -> list[dict]:
     c = mx.maximum(count, 1).astype(mx.float32)
     mean_s = xs_.sum(axis=1) / c
     var_s = mx.where(finite, (xs_ - mean_s[:, None]) ** 2, zero).sum(axis=1) / c
-    first = (x[:, 0] if token_axis == 0 or x.ndim < 3 else x[:, 0, 0]).reshape(n_rows, -1)[:, :3]
-    last = (x[:, -1] if token_axis == 0 or x.ndim < 3 else x[:, 0, -1]).reshape(n_rows, -1)[:, :3]
     if x.ndim == 2:  # 1-D taps: the row is the tensor
         first = last = flat[:, :3]
-    parts = {"min": mx.where(finite, flat, big).min(axis=1), "max": mx.where(finite, flat, -big).max(axis=1),
-             "mean": mean_s * scale[:, 0], "std": mx.sqrt(var_s) * scale[:, 0], "absmax": absmax,
-             "nan": nan.sum(axis=1), "inf": inf.sum(axis=1), "finite": count,
-             "first": first, "last": last}
-    mx.eval(parts)
-    host = {k: v.tolist() for k, v in parts.items()}
-    head = {"shape": list(xs[0].shape), "dtype": str(xs[0].dtype).replace("mlx.core.", "")}
+    else:
+        first = (x[:, 0] if token_axis == 0 else x[:, 0, 0]).reshape(n_rows, -1)[:, :3]
+        last = (x[:, -1] if token_axis == 0 else x[:, 0, -1]).reshape(n_rows, -1)[:, :3]
+    floats = mx.concatenate([mx.stack([mx.where(finite, flat, big).min(axis=1), mx.where(finite, flat, -big).max(axis=1),
+                                       mean_s * scale[:, 0], mx.sqrt(var_s) * scale[:, 0], absmax], axis=1),
+                             first, last], axis=1)
+    counts = mx.stack([nan.sum(axis=1), inf.sum(axis=1), count], axis=1)
+    return floats, counts
+
+
+def _device_rows(x0: mx.array, floats: np.ndarray, counts: np.ndarray) -> list[dict]:
+    head = {"shape": list(x0.shape), "dtype": str(x0.dtype).replace("mlx.core.", "")}
     out = []
-    for i in range(n_rows):
-        d = dict(head, **{k: host[k][i] for k in host})
-        d["nan"], d["inf"], d["finite"] = int(d["nan"]), int(d["inf"]), int(d["finite"])
+    for f, (nan, inf, finite) in zip(floats.tolist(), counts.tolist()):
+        d = dict(head, min=f[0], max=f[1], mean=f[2], std=f[3], absmax=f[4], nan=int(nan), inf=int(inf),
+                 finite=int(finite), first=f[5:8], last=f[8:11])
         d["sum"] = d["mean"] * d["finite"]  # in Python floats: masked scores' sum exceeds float32
         if d["finite"] == 0:
             d.update({k: float("nan") for k in ("min", "max", "mean", "std", "absmax", "sum")})

@@ -191,3 +191,25 @@ def test_gpu_stats_path_agrees_with_the_host_path():
         for k, v in host.items():
             np.testing.assert_allclose(np.array(device[k], float), np.array(v, float), rtol=2e-5, atol=1e-6,
                                        err_msg=k) if k not in ("shape", "dtype") else None
+
+
+def test_recorder_gives_the_same_stats_on_the_gpu_path(tiny_dir, monkeypatch):
+    """The recorder's GPU branch (all groups reduced on the device, one read per group),
+    forced here on the CPU, gives the host path's numbers."""
+    import mlx_tinyllama.taps as taps_module
+
+    lm = sources.load(str(tiny_dir), "float16")
+    names = tap_names(lm.config.num_hidden_layers)
+    host = Taps(names, "stats")
+    lm.model(mx.array(SEED_IDS), tap=host)
+    monkeypatch.setattr(taps_module, "_stats_on_device", lambda: True)
+    device = Taps(names, "stats")
+    lm.model(mx.array(SEED_IDS), tap=device)
+    a, b = host.stats(), device.stats()
+    assert list(a) == list(b) == names
+    for name in names:
+        for k, v in a[name].items():
+            if k in ("shape", "dtype", "nan", "inf", "finite"):
+                assert b[name][k] == v, (name, k)
+            else:  # float32 on the device vs float64 on the host
+                np.testing.assert_allclose(b[name][k], v, rtol=1e-4, atol=1e-6, err_msg=f"{name} {k}")
