@@ -163,13 +163,12 @@ def compare_sides(candidate: R.Side, reference: R.Side, tol: Tolerances, cfg: di
         for item in ref_items:
             match = next((c for c in cand_items if c.selector == item.selector), None)
             if cf is not None:
-                got += _item_entries(ctx, tap, item.selector, cf, None, None, item.value, item, reference_is_item=True)
+                got += _item_entries(ctx, tap, item.selector, cf, None, None, item.value, item)
             elif match is not None:
-                got += _item_entries(ctx, tap, item.selector, None, match.value, None, item.value, item,
-                                     reference_is_item=True)
+                got += _item_entries(ctx, tap, item.selector, None, match.value, None, item.value, item)
         if rf is not None and cf is None:
             for item in cand_items:
-                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item, reference_is_item=False)
+                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item)
         if not got:
             missing.append(tap)
         for e in got:
@@ -196,8 +195,7 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     return out
 
 
-def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_full, ref_value, item: R.Item,
-                  reference_is_item: bool) -> list[dict]:
+def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_full, ref_value, item: R.Item) -> list[dict]:
     """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set."""
     axis = R.token_axis_of(tap)
     full = cand_full if cand_full is not None else ref_full

@@ -22,7 +22,6 @@ last token's rows).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .taps import LAYER_STAGES, split_name, stage_of, tap_names
+from .taps import split_name, stage_of, tap_names
 
 SEED_FORMAT = "mlx_tinyllama.seed-refs/1"
 MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # reference/hf.py's manifest
@@ -781,11 +780,3 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
         arrays = apply(unpermute_gguf)
         notes.append("GGUF per-head Q/K row permutation undone")
     return arrays[0], (arrays[1] if known is not None else None), token_rows, notes
-
-
-def layer_stage_names() -> list[str]:
-    return [s.name for s in LAYER_STAGES]
-
-
-def finite_or_none(v: float):
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None

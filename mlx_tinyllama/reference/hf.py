@@ -22,7 +22,6 @@ from pathlib import Path
 
 from ..taps import tap_names
 
-TORCH_DTYPES = ("float16", "bfloat16", "float32")
 MANIFEST_FORMAT = "mlx_tinyllama.reference/1"
 
 
