@@ -38,6 +38,16 @@ class RopeOffset(Ops):
 
 
 @dataclass(frozen=True)
+class DecodeRopeOffset(Ops):
+    """RoPE one position late whenever a cache offset is non-zero: decode steps use the
+    wrong position while the prefill is right. (`RopeOffset`, which shifts every path, is
+    invisible to the paths check: RoPE is relative, both paths shift alike.)"""
+
+    def rope(self, x, offset, rope):
+        return super().rope(x, offset + 1 if offset > 0 else 0, rope)
+
+
+@dataclass(frozen=True)
 class MaskOffByOne(Ops):
     def causal_mask(self, T, S, dtype):
         rows = mx.arange(S - T, S)[:, None] + 1  # each query also sees the next token
@@ -97,6 +107,16 @@ def inject(model, name: str):
     cls, first_tap, _ = OPS_FAULTS[name]
     model.ops = cls(policy=model.ops.policy, kernels="explicit")
     return first_tap
+
+
+def decode_rope_offset(model) -> None:
+    """Put the decode-only RoPE offset into `model`'s ops (in place); caught by the paths check."""
+    model.ops = DecodeRopeOffset(policy=model.ops.policy, kernels=model.ops.kernels)
+
+
+def dropping_caches(model, position: int) -> list:
+    """One `DroppingKVCache` per layer: every layer loses the entry at `position`."""
+    return [DroppingKVCache(position) for _ in model.layers]
 
 
 class DroppingKVCache:

@@ -25,9 +25,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from . import faults
 from .errors import UserError
 from .generate import Sampling, generate_tokens, greedy_by_recompute
-from .ops import Ops
 from .taps import Taps, stage_of, tap_names
 from .tolerances import Tolerances
 
@@ -243,35 +243,13 @@ def greedy_continuation(model, ids: list[int], n: int, cache: list | None = None
     return Continuation(n, gen.token_ids, tokens, max(diffs) if diffs else 0.0)
 
 
-# --- faults for demonstrations ------------------------------------------------------------
-
-
-def decode_rope_offset(ops: Ops) -> Ops:
-    """`ops` with RoPE one position late whenever a cache offset is non-zero: the engine
-    bug where decode steps use the wrong position while the prefill is right. (A shift
-    applied on every path, faults.py's "rope-offset", is invisible here: RoPE is
-    relative, both paths shift alike.)"""
-
-    @dataclass(frozen=True)
-    class DecodeRopeOffset(type(ops)):
-        def rope(self, x, offset, rope):
-            return super().rope(x, offset + 1 if offset > 0 else 0, rope)
-
-    return DecodeRopeOffset(policy=ops.policy, kernels=ops.kernels)
-
-
-def dropping_cache(model, position: int) -> list:
-    from .faults import DroppingKVCache
-
-    return [DroppingKVCache(position) for _ in model.layers]
+# --- faults for demonstrations (defined in faults.py) ----------------------------------------
 
 
 def parse_fault(spec: str | None, T: int):
     """`drop-kv[:P]`, `rope-decode-offset`, or a faults.OPS_FAULTS name -> (name, position or None)."""
     if spec is None:
         return None, None
-    from .faults import OPS_FAULTS
-
     name, _, arg = spec.partition(":")
     if name == "drop-kv":
         try:
@@ -284,9 +262,9 @@ def parse_fault(spec: str | None, T: int):
         return name, pos
     if arg:
         raise UserError(f"--fault {name} takes no argument")
-    if name == "rope-decode-offset" or name in OPS_FAULTS:
+    if name == "rope-decode-offset" or name in faults.OPS_FAULTS:
         return name, None
-    raise UserError(f"unknown fault {spec!r}; faults: drop-kv[:P], rope-decode-offset, {', '.join(OPS_FAULTS)}")
+    raise UserError(f"unknown fault {spec!r}; faults: drop-kv[:P], rope-decode-offset, {', '.join(faults.OPS_FAULTS)}")
 
 
 # --- the whole check ------------------------------------------------------------------
@@ -304,14 +282,12 @@ def check_paths(model, ids: list[int], chunks=(), continue_n: int = 0, dtype: st
     saved_ops = model.ops
     try:
         if fault_name == "rope-decode-offset":
-            model.ops = decode_rope_offset(model.ops)
+            faults.decode_rope_offset(model)
         elif fault_name not in (None, "drop-kv"):
-            from .faults import inject
-
-            inject(model, fault_name)
+            faults.inject(model, fault_name)
 
         def cache():
-            return dropping_cache(model, fault_pos) if fault_name == "drop-kv" else None
+            return faults.dropping_caches(model, fault_pos) if fault_name == "drop-kv" else None
 
         prefill = run_path(model, ids, None)
         comparisons = [compare_path(run_path(model, ids, k, cache=cache()), prefill, tolerance) for k in (1, *chunks)]
