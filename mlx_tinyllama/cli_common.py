@@ -64,22 +64,9 @@ def load_model(args) -> sources.LoadedModel:
             prog.stop()
 
 
-def check_ids(ids: list[int], cfg) -> None:
-    if not ids:
-        raise UserError("the prompt is empty: no tokens to run")
-    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < cfg.vocab_size]
-    if bad:
-        i, t = bad[0]
-        raise UserError(f"token id {t} at position {i} is outside the vocabulary (0..{cfg.vocab_size - 1})")
-    if len(ids) > cfg.max_position_embeddings:
-        raise UserError(
-            f"the prompt has {len(ids)} tokens, more than max_position_embeddings={cfg.max_position_embeddings}"
-        )
-
-
 def forward(lm: sources.LoadedModel, ids: list[int], patterns=(), mode: str = "stats"):
     """One prefill of `ids` with the taps matching `patterns`. Returns (Taps or None, logits [T, V])."""
-    check_ids(ids, lm.config)
+    lm.config.check_ids(ids)
     names = select(patterns, lm.config.num_hidden_layers) if patterns else []
     taps = Taps(names, mode) if names else None
     logits = lm.model(mx.array(ids), tap=taps) if taps else lm.model(mx.array(ids))

@@ -63,6 +63,18 @@ class ModelConfig:
     def attn_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
+    def check_ids(self, ids: list[int]) -> None:
+        """Token ids this model can run: non-empty, inside the vocabulary, within its context."""
+        if not ids:
+            raise UserError("the prompt is empty: no tokens to run")
+        bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            i, t = bad[0]
+            raise UserError(f"token id {t} at position {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(ids) > self.max_position_embeddings:
+            raise UserError(f"the prompt has {len(ids)} tokens, more than "
+                            f"max_position_embeddings={self.max_position_embeddings}")
+
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         qo = 2 * h * self.num_attention_heads * self.head_dim

@@ -72,9 +72,8 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int, sampling: Sam
     sampling.check()
     if max_tokens < 0:
         raise UserError(f"--max-tokens must be >= 0, got {max_tokens}")
+    model.config.check_ids(list(prompt_ids))
     max_pos = model.config.max_position_embeddings
-    if len(prompt_ids) > max_pos:
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens, more than max_position_embeddings={max_pos}")
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = sampling.sampler()

@@ -189,9 +189,7 @@ def observe(lm, ids: list[int], attention_layers: list[int]) -> Observation:
     """Every stage's stats and the attention probabilities of `attention_layers`, in one prefill."""
     import mlx.core as mx
 
-    from .cli_common import check_ids
-
-    check_ids(ids, lm.config)
+    lm.config.check_ids(ids)
     n = lm.config.num_hidden_layers
     stats = Taps(tap_names(n), "stats")
     full = Taps([f"layers.{i}.attn.probs" for i in attention_layers], "full")

@@ -362,9 +362,7 @@ def run_stability(spec: str, ids: list[int] | None, dtypes: list[str], policies:
     ref_lm = sources.load(spec, "float32", "hf", "explicit", allow_download=allow_download)
     prompt = prompt_for(ref_lm) if ids is None else None
     ids = prompt.ids if prompt is not None else ids
-    from .cli_common import check_ids
-
-    check_ids(ids, ref_lm.config)
+    ref_lm.config.check_ids(ids)
     ref = capture(ref_lm, ids)
     header = {"spec": ref_lm.source.spec, "format": ref_lm.source.format, "origin": ref_lm.source.origin,
               "path": str(ref_lm.source.path), "details": ref_lm.source.details, "config": cfg.as_dict()}

@@ -113,7 +113,7 @@ def _load_run(args, sides: list[R.Side]):
     lm = cli_common.load_model(args)
     ids_from_dump = next((s.ids for s in sides if s.kind not in ("full-tensors", "seed-json") and s.ids), None)
     if ids_from_dump and not _prompt_given(args):
-        cli_common.check_ids(ids_from_dump, lm.config)
+        lm.config.check_ids(ids_from_dump)
         return lm, Prompt(ids=list(ids_from_dump), text=None, source="the dump's token ids")
     from .run import _prompt
 

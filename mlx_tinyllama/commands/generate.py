@@ -57,7 +57,7 @@ def main(args) -> int:
     _check_writable(args.json)
     lm = cli_common.load_model(args)
     prompt = _prompt(args, lm)
-    cli_common.check_ids(prompt.ids, lm.config)
+    lm.config.check_ids(prompt.ids)
     names = select(args.taps or DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
     tokenizer = _tokenizer(lm, args)
     stream = TextStream(tokenizer, _write_stdout)

@@ -53,7 +53,7 @@ def main(args) -> int:
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
     prompt = _prompt(args, lm)
-    cli_common.check_ids(prompt.ids, lm.config)
+    lm.config.check_ids(prompt.ids)
     chunks = args.chunk if args.chunk else default_chunks(len(prompt.ids))
     check = check_paths(lm.model, prompt.ids, chunks, args.continue_n, lm.dtype, args.fault, tolerances)
     result = {"model": model_header(lm), "policy": lm.ops.policy, "kernels": lm.ops.kernels,
