@@ -352,6 +352,17 @@ def _from_numpy(tensor: _TensorInfo, buf) -> mx.array:
     return mx.array(gguf.quants.dequantize(raw, qtype).astype(np.float32))
 
 
+def read_config(path) -> ModelConfig:
+    """The model config from a GGUF's metadata, without reading its tensors."""
+    path = Path(path)
+    header, buf = _open(path)
+    try:
+        _require_llama(header, path)
+        return _config(header, path, header.tensors)
+    finally:
+        buf.close()
+
+
 def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
     """Read a Llama GGUF: config from `llama.*` metadata, weights under HF names in `dtype`
     (dequantized), Q/K rows un-permuted to the HF layout."""

@@ -134,6 +134,21 @@ def _hub_cli() -> str:
     return "hf" if (major, minor) >= (0, 34) else "huggingface-cli"
 
 
+def read_config(spec: str) -> ModelConfig:
+    """The config of a model spec without reading (or generating) its weights."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from . import synthetic
+
+        preset, _ = synthetic.parse_spec(spec)
+        return synthetic.PRESETS[preset]
+    source = resolve(spec)
+    if source.format == "gguf":
+        from .gguf import read_config as read_gguf_config
+
+        return read_gguf_config(source.path)
+    return load_config(source.path)
+
+
 def tokenizer_location(spec: str) -> Path:
     """Where the tokenizer of a model spec lives (directory or .gguf), without loading weights."""
     if spec == "synthetic" or spec.startswith("synthetic:"):

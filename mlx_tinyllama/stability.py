@@ -86,24 +86,6 @@ def check_low_dtypes(dtypes: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def model_config(spec: str):
-    """The config of a model spec without reading (or generating) its weights."""
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        from . import synthetic
-
-        preset, _ = synthetic.parse_spec(spec)
-        return synthetic.PRESETS[preset]
-    source = sources.resolve(spec)
-    if source.format == "gguf":
-        from . import gguf
-
-        header, _ = gguf._open(source.path)
-        return gguf._config(header, source.path, header.tensors)
-    from .config import load_config
-
-    return load_config(source.path)
-
-
 def physical_memory() -> int | None:
     """Bytes of memory the device can use (unified memory on Apple silicon), or None if unknown."""
     try:
@@ -357,7 +339,7 @@ def run_stability(spec: str, ids: list[int] | None, dtypes: list[str], policies:
     dtypes, policies = check_low_dtypes(dtypes), check_policies(policies)
     if kernels not in (None, "explicit", "fused"):
         raise UserError(f"unknown kernels {kernels!r}; choose fused or explicit")
-    cfg = model_config(spec)
+    cfg = sources.read_config(spec)
     check_fits(cfg)
     ref_lm = sources.load(spec, "float32", "hf", "explicit", allow_download=allow_download)
     prompt = prompt_for(ref_lm) if ids is None else None

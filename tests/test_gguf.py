@@ -320,3 +320,14 @@ def test_wrong_qk_layout_is_detected_at_layer0_q(wrong, ggufs, hf_run, ids):
     q, q_ref = taps["layers.0.attn.q"], ref_taps["layers.0.attn.q"]
     assert np.array_equal(np.sort(q, axis=-1), np.sort(q_ref, axis=-1))
     assert not np.allclose(logits, ref_logits, atol=1e-2)
+
+
+def test_read_config_without_tensors(ggufs, tiny_dir, tmp_path):
+    """`sources.read_config` (used by `stability` to size a run before loading) reads a GGUF's
+    metadata only, equal to the HF config, and refuses another architecture."""
+    from mlx_tinyllama import sources
+
+    assert sources.read_config(str(ggufs["f16"])) == load_config(tiny_dir)
+    assert sources.read_config(str(tiny_dir)) == load_config(tiny_dir)
+    with pytest.raises(UserError, match="not 'llama'"):
+        sources.read_config(str(_minimal_gguf(tmp_path / "gpt2.gguf", arch="gpt2")))
