@@ -7,3 +7,17 @@ is a bug in this package and keeps its traceback.
 
 class UserError(Exception):
     """Bad input (file, option, model, prompt): reported as one line, exit code 2."""
+
+
+def read_bytes(path, what: str) -> bytes:
+    """The bytes of a file the user named; a missing or unreadable one is a UserError
+    that says which option or file kind (`what`) it was."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what}: {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"{what}: cannot read {path}: {e.strerror or e}") from None

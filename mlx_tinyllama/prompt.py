@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat_template import SEED_MESSAGES, render_chat, template_for
-from .errors import UserError
+from .errors import UserError, read_bytes
 from .tokenizer import KINDS, load_tokenizer
 
 
@@ -61,12 +61,7 @@ def check_ids(ids: list[int], vocab_size: int, option: str = "--token-ids") -> N
 
 def read_prompt_file(path) -> str:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"--prompt-file: {path} does not exist") from None
-    except OSError as e:
-        raise UserError(f"--prompt-file: cannot read {path}: {e.strerror or e}") from None
+    data = read_bytes(path, "--prompt-file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

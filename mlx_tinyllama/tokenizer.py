@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, read_bytes
 
 KINDS = ("sentencepiece", "hf")
 
@@ -42,13 +42,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"tokenizer file {path} does not exist") from None
-        except OSError as e:
-            raise UserError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
-        return cls.from_model_proto(data, source=str(path))
+        return cls.from_model_proto(read_bytes(path, "tokenizer file"), source=str(path))
 
     @classmethod
     def from_model_proto(cls, data: bytes, source: str = "<model proto>") -> "Tokenizer":
