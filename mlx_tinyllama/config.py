@@ -63,6 +63,29 @@ class ModelConfig:
     def attn_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter of a Llama checkpoint: HF names, HF shapes ([out, in] for linears)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            })
+        shapes["model.norm.weight"] = (h,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        return shapes
+
     def check_ids(self, ids: list[int]) -> None:
         """Token ids this model can run: non-empty, inside the vocabulary, within its context."""
         if not ids:
@@ -76,12 +99,7 @@ class ModelConfig:
                             f"max_position_embeddings={self.max_position_embeddings}")
 
     def num_parameters(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        qo = 2 * h * self.num_attention_heads * self.head_dim
-        kv = 2 * h * self.num_key_value_heads * self.head_dim
-        per_layer = qo + kv + 3 * h * i + 2 * h
-        head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_hidden_layers * per_layer + h + head
+        return sum(math.prod(shape) for shape in self.weight_shapes().values())
 
     def to_hf_dict(self) -> dict:
         """A config.json that transformers' LlamaConfig (4.x and 5.x) reads back to the same model."""

@@ -298,30 +298,6 @@ def _config(header, path, tensors: dict) -> ModelConfig:
     )
 
 
-def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
-    shapes = {
-        "model.embed_tokens.weight": (c.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for n in range(c.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
-            p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
-            p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
-            p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        })
-    return shapes
-
-
 def _from_mlx(name: str, ttype: str, mlx_arrays: dict) -> mx.array:
     """One tensor from mx.load's result, float32 (float16/bfloat16 kept: they are exact)."""
     if ttype in _MLX_DENSE:
@@ -382,7 +358,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
             f"supported: {', '.join(SUPPORTED_TYPES)}"
         )
     config = _config(header, path, tensors)
-    expected = _expected_shapes(config)
+    expected = config.weight_shapes()
     mapped = {hf_name(n): n for n in tensors}
     missing = [n for n in expected if n not in mapped]
     extra = [n for n in mapped if n not in expected]

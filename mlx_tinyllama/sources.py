@@ -196,15 +196,12 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from .synthetic import weight_shapes
-
-    return weight_shapes(cfg)
-
-
 def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) -> None:
-    expected = expected_shapes(cfg)
-    weights.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    """Refuse missing, unknown or wrongly shaped weights; drop (in place) the ones a Llama
+    checkpoint may carry that this model recomputes or does not use."""
+    expected = cfg.weight_shapes()
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # tied: the embedding serves as lm_head
     for name in [n for n in weights if n.endswith("rotary_emb.inv_freq")]:
         weights.pop(name)  # old transformers checkpoints store this buffer; it is recomputed
     missing = [n for n in expected if n not in weights]

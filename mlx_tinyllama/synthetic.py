@@ -72,29 +72,6 @@ def parse_spec(spec: str) -> tuple[str, int]:
     return preset, seed
 
 
-def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of a Llama checkpoint, HF names, HF shapes ([out, in] for linears)."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for n in range(cfg.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
-            p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
-            p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
-            p + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        })
-    shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes
-
-
 def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
     fan_in = shape[-1]
     if "embed_tokens" in name:
@@ -133,7 +110,7 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tweak = WEIGHT_TWEAKS.get(preset)
-        shapes = weight_shapes(cfg)
+        shapes = cfg.weight_shapes()
         tensors = {}
         for k, (name, shape) in enumerate(shapes.items()):
             w = generate_weight(name, shape, cfg, seed)
