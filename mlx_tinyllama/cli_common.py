@@ -64,6 +64,38 @@ def load_model(args) -> sources.LoadedModel:
             prog.stop()
 
 
+def check_writable(path, option: str = "") -> None:
+    """Checked before the model loads, so a bad output path costs nothing and leaves no partial outputs."""
+    if not path:
+        return
+    what = f"{option} {path}" if option else str(path)
+    if not Path(path).expanduser().resolve().parent.is_dir():
+        raise UserError(f"cannot write {what}: its directory does not exist")
+    if Path(path).expanduser().is_dir():
+        raise UserError(f"cannot write {what}: it is a directory; give a file path")
+
+
+def prompt_for(args, lm: sources.LoadedModel):
+    """The prompt options in `args`, tokenized with the model's tokenizer and chat template."""
+    from .prompt import resolve_prompt
+
+    location = lm.source.path
+    return resolve_prompt(args, location, location if location.is_dir() else None)
+
+
+def tokenizer_for(lm: sources.LoadedModel, args=None):
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(lm.source.path, getattr(args, "tokenizer", None) or "sentencepiece")
+
+
+def model_header(lm: sources.LoadedModel) -> dict:
+    """Which model a result is about: spec, format, where it came from, its config."""
+    src = lm.source
+    return {"spec": src.spec, "format": src.format, "origin": src.origin, "path": str(src.path),
+            "details": src.details, "config": lm.config.as_dict()}
+
+
 def forward(lm: sources.LoadedModel, ids: list[int], patterns=(), mode: str = "stats"):
     """One prefill of `ids` with the taps matching `patterns`. Returns (Taps or None, logits [T, V])."""
     lm.config.check_ids(ids)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -402,8 +401,3 @@ def write_report(result: dict, lm, prompt, html_path: str | None, plots_dir: str
         raise UserError("--report/--plots need mlx_tinyllama.report (the HTML report module), "
                         "which this installation lacks") from None
     stability_report(result, lm, prompt, html_path, plots_dir, **options)
-
-
-def check_output_dir(path: str | None, option: str) -> None:
-    if path and not Path(path).expanduser().resolve().parent.is_dir():
-        raise UserError(f"{option} {path}: its directory does not exist")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 
 from .. import bench, cli_common
-from ..errors import UserError
 
 
 def add_arguments(p) -> None:
@@ -56,11 +55,7 @@ def settings(args) -> bench.Settings:
 def main(args) -> int:
     s = settings(args)
     bench.check_metal_capture(args.metal_capture)  # before minutes of loading
-    if args.json:
-        from pathlib import Path
-
-        if not Path(args.json).resolve().parent.is_dir():
-            raise UserError(f"cannot write {args.json}: its directory does not exist")
+    cli_common.check_writable(args.json, "--json")
     bench.validate(s)  # counts and lengths that need no model
     lm = cli_common.load_model(args)
     result = bench.run(lm, s, args.metal_capture, argv=["bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None)

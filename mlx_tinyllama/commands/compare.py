@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     if not args.ref and not args.against:
         raise UserError("compare needs --ref REF and/or --against FILE")
-    _check_writable(args.json)
+    cli_common.check_writable(args.json, "--json")
     from ..report import check_report_outputs, report_options
 
     check_report_outputs(args.report, args.plots)
@@ -115,9 +115,7 @@ def _load_run(args, sides: list[R.Side]):
     if ids_from_dump and not _prompt_given(args):
         lm.config.check_ids(ids_from_dump)
         return lm, Prompt(ids=list(ids_from_dump), text=None, source="the dump's token ids")
-    from .run import _prompt
-
-    return lm, _prompt(args, lm)
+    return lm, cli_common.prompt_for(args, lm)
 
 
 def _config(args, references) -> dict:
@@ -140,13 +138,6 @@ def _config(args, references) -> dict:
     return load_config(src.path).as_dict()
 
 
-def _check_writable(path) -> None:
-    from pathlib import Path
-
-    if path and not Path(path).resolve().parent.is_dir():
-        raise UserError(f"cannot write {path}: its directory does not exist")
-
-
 def finish(args, result: dict, lm=None, prompt=None) -> int:
     """Print the table, write --json and --report/--plots (compare's own or run's); return the exit code."""
     _describe_run(result, lm, prompt)
@@ -164,9 +155,7 @@ def _describe_run(result: dict, lm, prompt) -> None:
         result["prompt"] = {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}
         result["tokens"] = list(prompt.ids)
     if lm is not None:
-        from .run import model_header
-
-        result.update(model=model_header(lm), dtype=lm.dtype, policy=lm.ops.policy, kernels=lm.ops.kernels,
+        result.update(model=cli_common.model_header(lm), dtype=lm.dtype, policy=lm.ops.policy, kernels=lm.ops.kernels,
                       device=cli_common.device_description(), versions=cli_common.versions())
 
 

@@ -12,7 +12,7 @@ import time
 from .. import cli_common
 from ..errors import UserError
 from ..cli_common import fmt
-from .run import DEFAULT_TAPS, _check_writable, _prompt, _tokenizer, model_header
+from .run import DEFAULT_TAPS
 
 
 def add_arguments(p) -> None:
@@ -54,12 +54,12 @@ def main(args) -> int:
         raise UserError("--taps needs --tap-step N (which step to record)")
     if args.tap_step is not None and not 0 <= args.tap_step < args.max_tokens:
         raise UserError(f"--tap-step must be in 0..{args.max_tokens - 1} (--max-tokens {args.max_tokens})")
-    _check_writable(args.json)
+    cli_common.check_writable(args.json, "--json")
     lm = cli_common.load_model(args)
-    prompt = _prompt(args, lm)
+    prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)
     names = select(args.taps or DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
-    tokenizer = _tokenizer(lm, args)
+    tokenizer = cli_common.tokenizer_for(lm, args)
     stream = TextStream(tokenizer, _write_stdout)
     stamps: list[float] = []  # when each token was chosen: prefill and decode rates apart
 
@@ -90,7 +90,7 @@ def _write_stdout(text: str) -> None:
 
 def _result(args, lm, prompt, sampling, gen, text, tokenizer, seconds) -> dict:
     return {
-        "model": model_header(lm), "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
+        "model": cli_common.model_header(lm), "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
         "device": cli_common.device_description(), "versions": cli_common.versions(),
         "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
         "prompt_ids": prompt.ids,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from .. import cli_common
 from ..errors import UserError
-from .run import _check_writable, _prompt, model_header
 
 
 def add_arguments(p) -> None:
@@ -45,18 +44,18 @@ def main(args) -> int:
     if args.continue_n < 0:
         raise UserError(f"--continue must be >= 0, got {args.continue_n}")
     for path in (args.json, args.report):
-        _check_writable(path)
+        cli_common.check_writable(path)
     from ..report import check_report_outputs, report_options
 
     check_report_outputs(args.report, args.plots)
     options = report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
-    prompt = _prompt(args, lm)
+    prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)
     chunks = args.chunk if args.chunk else default_chunks(len(prompt.ids))
     check = check_paths(lm.model, prompt.ids, chunks, args.continue_n, lm.dtype, args.fault, tolerances)
-    result = {"model": model_header(lm), "policy": lm.ops.policy, "kernels": lm.ops.kernels,
+    result = {"model": cli_common.model_header(lm), "policy": lm.ops.policy, "kernels": lm.ops.kernels,
               "device": cli_common.device_description(), "versions": cli_common.versions(),
               "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}, **check}
     if args.json:

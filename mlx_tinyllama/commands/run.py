@@ -4,7 +4,6 @@ forward order, and the top-k next tokens. `--json`, `--dump`, `--compare`,
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from .. import cli_common
 from ..errors import UserError
@@ -39,12 +38,12 @@ def main(args) -> int:
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
     for opt in ("json", "report"):
-        _check_writable(getattr(args, opt))
+        cli_common.check_writable(getattr(args, opt))
     if args.dump and not args.dump.endswith(".safetensors"):
         raise UserError("--dump writes safetensors: give a path ending in .safetensors")
-    _check_writable(args.dump)
+    cli_common.check_writable(args.dump)
     lm = cli_common.load_model(args)
-    prompt = _prompt(args, lm)
+    prompt = cli_common.prompt_for(args, lm)
     if args.compare:
         from ..compare import compare_from_run
 
@@ -52,9 +51,9 @@ def main(args) -> int:
 
     patterns = args.taps or list(DEFAULT_TAPS)
     taps, logits = cli_common.forward(lm, prompt.ids, patterns, mode="full" if args.dump else "stats")
-    tokenizer = _tokenizer(lm, args)
+    tokenizer = cli_common.tokenizer_for(lm, args)
     result = {
-        "model": model_header(lm),
+        "model": cli_common.model_header(lm),
         "dtype": lm.dtype,
         "policy": lm.ops.policy,
         "kernels": lm.ops.kernels,
@@ -75,35 +74,6 @@ def main(args) -> int:
         run_report(result, lm, prompt, html_path=args.report, plots_dir=args.plots, **report_options(args))
     print_result(result)
     return 0
-
-
-def model_header(lm) -> dict:
-    src = lm.source
-    return {"spec": src.spec, "format": src.format, "origin": src.origin, "path": str(src.path),
-            "details": src.details, "config": lm.config.as_dict()}
-
-
-def _prompt(args, lm):
-    from ..prompt import resolve_prompt
-
-    location = lm.source.path
-    return resolve_prompt(args, location, location if location.is_dir() else None)
-
-
-def _tokenizer(lm, args):
-    from ..tokenizer import load_tokenizer
-
-    return load_tokenizer(lm.source.path, getattr(args, "tokenizer", None) or "sentencepiece")
-
-
-def _check_writable(path) -> None:
-    """Checked before the model loads, so a bad output path costs nothing and leaves no partial outputs."""
-    if not path:
-        return
-    if not Path(path).resolve().parent.is_dir():
-        raise UserError(f"cannot write {path}: its directory does not exist")
-    if Path(path).is_dir():
-        raise UserError(f"cannot write {path}: it is a directory; give a file path")
 
 
 def _dump(path: str, taps, result: dict) -> None:

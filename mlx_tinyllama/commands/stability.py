@@ -52,20 +52,14 @@ def main(args) -> int:
     from .. import stress  # noqa: F401
 
     dtypes, policies = selected_dtypes(args), selected_policies(args)
-    stability.check_output_dir(args.json, "--json")
+    cli_common.check_writable(args.json, "--json")
     from ..report import check_report_outputs, report_options
 
     check_report_outputs(args.report, args.plots)
     options = report_options(args)  # a malformed --attention-layers fails before the models load
 
-    def prompt_for(lm):
-        from ..prompt import resolve_prompt
-
-        location = lm.source.path
-        return resolve_prompt(args, location, location if location.is_dir() else None)
-
     result, prompt, lm = stability.run_stability(
-        args.model, None, dtypes, policies, args.kernels, args.download, prompt_for,
+        args.model, None, dtypes, policies, args.kernels, args.download, lambda lm: cli_common.prompt_for(args, lm),
         keep_model=bool(args.report or args.plots))
     result.update(prompt={"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
                   device=cli_common.device_description(), versions=cli_common.versions())
