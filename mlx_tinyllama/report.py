@@ -277,10 +277,10 @@ def _prompt_pieces(result: dict, prompt, ids: list[int], lm) -> list[str]:
 def _tokenizer(lm):
     if lm is None:
         return None
-    from .tokenizer import load_tokenizer
+    from .cli_common import tokenizer_for
 
     try:
-        return load_tokenizer(lm.source.path, "sentencepiece")
+        return tokenizer_for(lm)
     except UserError:  # a model without a tokenizer still gets a report, with ids only
         return None
 
