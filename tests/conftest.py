@@ -3,6 +3,7 @@ temporary cache (MLX_TINYLLAMA_CACHE), so tests never write to the user's home."
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -63,3 +64,24 @@ def small_dir() -> Path:
 @pytest.fixture(scope="session")
 def seed_ids() -> list[int]:
     return list(SEED_IDS)
+
+
+def assert_close(actual, expected, rel: float = 1e-6, abs: float = 0.0, where: str = "") -> None:
+    """Nested dicts/lists of numbers equal within rel/abs; other leaves exactly equal.
+
+    Written out rather than `pytest.approx`, whose handling of nested structures and numpy
+    scalars changed between pytest releases (9.2 refuses both)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(actual) == sorted(expected), f"{where}: keys differ"
+        for k in expected:
+            assert_close(actual[k], expected[k], rel, abs, f"{where}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{where}: lengths differ"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, rel, abs, f"{where}[{i}]")
+    elif isinstance(expected, (float, int)) and not isinstance(expected, bool) or hasattr(expected, "dtype"):
+        a, e = float(actual), float(expected)
+        assert (math.isnan(a) and math.isnan(e)) or math.isclose(a, e, rel_tol=rel, abs_tol=float(abs)), \
+            f"{where}: {a!r} != {e!r} (rel {rel}, abs {abs})"
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"

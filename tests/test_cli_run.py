@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import SEED_IDS
+from conftest import SEED_IDS, assert_close
 from mlx_tinyllama import sources, trace
 from mlx_tinyllama.taps import Taps, select, tap_names
 
@@ -79,15 +79,15 @@ def test_json_from_a_subprocess(tmp_path, tiny_dir):
         assert s["shape"] == list(x.shape), name
         assert s["dtype"] == "float16"
         assert s["nan"] == 0 and s["inf"] == 0
-        assert s["absmax"] == pytest.approx(float(np.abs(x).max()), rel=1e-6), name
-        assert s["sum"] == pytest.approx(float(x.sum(dtype=np.float64)), rel=1e-3, abs=1e-2 * x.std() + 1e-6), name
+        assert_close(s["absmax"], float(np.abs(x).max()), rel=1e-6, where=name)
+        assert_close(s["sum"], float(x.sum(dtype=np.float64)), rel=1e-3, abs=float(1e-2 * x.std() + 1e-6), where=name)
         token_axis = 1 if x.ndim == 3 else 0  # [heads, T, ...] vs [T, ...]
-        assert s["first"] == pytest.approx(np.take(x, 0, axis=token_axis).reshape(-1)[:3].tolist()), name
+        assert_close(s["first"], np.take(x, 0, axis=token_axis).reshape(-1)[:3].tolist(), where=name)
     # top-k: the highest logits of the last position, their pieces, descending.
     last = np.array(ref.tensors["logits"][-1].astype(mx.float32))
     expected_ids = np.argsort(-last, kind="stable")[:10].tolist()
     assert [e["token_id"] for e in result["top_k"]] == expected_ids
-    assert [e["logit"] for e in result["top_k"]] == pytest.approx(last[expected_ids].tolist())
+    assert_close([e["logit"] for e in result["top_k"]], last[expected_ids].tolist())
     sp = sentencepiece(tiny_dir)
     assert [e["token"] for e in result["top_k"]] == [sp.id_to_piece(i) for i in expected_ids]
     assert result["prompt"]["source"] == "seed chat prompt"
@@ -147,7 +147,7 @@ def test_numeric_options_reach_the_forward_pass(tmp_path, capfd, options, load_a
     assert (result["dtype"], result["policy"], result["kernels"]) == reported
     assert result["taps"]["logits"]["dtype"] == reported[0]
     expected = reference_run(names=["logits"], **load_args).stats()["logits"]
-    assert result["taps"]["logits"] == pytest.approx(expected)
+    assert_close(result["taps"]["logits"], expected)
     if changes_logits:
         default = reference_run(names=["logits"], dtype="float16").stats()["logits"]
         assert result["taps"]["logits"]["sum"] != default["sum"]
@@ -166,7 +166,7 @@ def test_dump_holds_the_runs_tensors_by_canonical_name(tmp_path, capfd):
         assert tensors[name].dtype == mx.float16
         assert mx.array_equal(tensors[name], ref.tensors[name]).item(), name
         x = np.array(tensors[name].astype(mx.float32))
-        assert result["taps"][name]["absmax"] == pytest.approx(float(np.abs(x).max())), name
+        assert_close(result["taps"][name]["absmax"], float(np.abs(x).max()), where=name)
     _, meta = mx.load(str(dump), return_metadata=True)
     assert json.loads(meta["tokens"]) == SEED_IDS
     assert meta["dtype"] == "float16"
