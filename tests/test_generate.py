@@ -12,7 +12,9 @@ import pytest
 
 from mlx_tinyllama import sources
 from mlx_tinyllama.generate import Sampling, generate_tokens
+from mlx_tinyllama.paths import row_errors
 from mlx_tinyllama.taps import tap_names
+from mlx_tinyllama.tolerances import tolerance_for
 from mlx_tinyllama.trace import main as trace
 
 from conftest import needs_torch
@@ -101,7 +103,9 @@ def test_tapped_step_records_the_rows_of_that_step(small32, seed_ids):
         ax = 1 if name.endswith("q_rope") else 0
         step = np.array(gen.taps.tensors[name])
         full[name] = np.take(np.array(taps.tensors[name]), [pos], axis=ax)
-        assert np.allclose(step, full[name], rtol=1e-4, atol=1e-5), name
+        # The project's rule, not a fixed rtol: a BLAS rounds a 1-row and a T-row product differently.
+        nmse = row_errors(step[None], full[name][None])[0]
+        assert nmse < tolerance_for(name, "nmse", "float32", "float32", 4), name
 
 
 @pytest.fixture()
