@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import cli_common, fast
+from . import fast, runtime
 from .errors import UserError
 from .taps import NO_TAPS, LAYER_STAGES, Taps, select, tap_names
 
@@ -328,7 +328,7 @@ def device_report(override_gbs: float | None) -> dict:
     if override_gbs:
         peak, source = override_gbs, "--peak-bandwidth"
     return {
-        "description": cli_common.device_description(),
+        "description": runtime.device_description(),
         "backend": ("metal" if mx.metal.is_available() else "cuda") if gpu else "cpu",
         "name": name,
         "memory_bytes": info.get("memory_size") or info.get("total_memory"),
@@ -626,7 +626,7 @@ def check_metal_capture(path: str | None) -> None:
     if not mx.metal.is_available():
         raise UserError(
             f"--metal-capture records a Metal GPU trace for Xcode and needs MLX's Metal backend (a Mac with "
-            f"Apple silicon); this run is on {cli_common.device_description()}"
+            f"Apple silicon); this run is on {runtime.device_description()}"
         )
     if os.environ.get("MTL_CAPTURE_ENABLED") != "1":
         raise UserError("Metal capture needs the environment variable MTL_CAPTURE_ENABLED=1 from the start: "
@@ -672,7 +672,7 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
         "command": argv,
         "model": {"spec": lm.source.spec, "config": cfg.as_dict(), **wb},
         "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-        "device": device, "versions": cli_common.versions(), "settings": asdict(s),
+        "device": device, "versions": runtime.versions(), "settings": asdict(s),
     }
     if s.with_transformers and lm.source.format == "hf":
         torch_engine = TorchEngine(lm.source.path, lm.dtype)

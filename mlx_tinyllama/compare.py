@@ -492,7 +492,7 @@ def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None
     """Every tap of one prefill of `ids` as full float32 tensors (+ the 1-layer shortcut if asked)."""
     import mlx.core as mx
 
-    from .cli_common import forward
+    from .runtime import forward
 
     taps, _ = forward(lm, ids, ["*"], mode="full")
     tensors = {n: np.array(v.astype(mx.float32)) for n, v in taps.tensors.items()}
@@ -520,11 +520,3 @@ def compare_run(lm, ids: list[int], reference_path: str, tol: Tolerances) -> dic
     candidate = run_side(lm, ids, shortcut=needs_shortcut(references))
     return compare(candidate, references, tol, lm.config.as_dict(), len(ids))
 
-
-def compare_from_run(args, lm, prompt) -> int:
-    """`run --compare REF`: compare this run with REF, print the table, write --json; 0 match, 1 diverged."""
-    from .commands.compare import finish
-
-    tol = Tolerances.from_overrides(getattr(args, "tol", None))
-    result = compare_run(lm, prompt.ids, args.compare, tol)
-    return finish(args, result, lm=lm, prompt=prompt)

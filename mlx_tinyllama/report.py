@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import UserError
 from .taps import GLOBAL_HEAD, GLOBAL_TAIL, LAYER_STAGES, Taps, split_name, stage_of, tap_names
-from .cli_common import fmt
+from .formatting import fmt
+from .outputs import check_dir, check_file, json_safe, number
 
 # Magnitude panels: which layer stages go together in one plot.
 MAGNITUDE_PANELS = (
@@ -79,22 +80,6 @@ class Section:
     data_id: str | None = None
 
 
-def add_report_arguments(parser, what: str = "this run") -> None:
-    """`--report`, `--plots` and the attention-map options, for every command that reports."""
-    g = parser.add_argument_group("report")
-    g.add_argument("--report", metavar="PATH.html", help=f"write a self-contained HTML report of {what}")
-    g.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
-    g.add_argument("--attention-layers", metavar="0,21", help="layers whose attention maps the report shows "
-                   "(default: the first and the last)")
-    g.add_argument("--attention-heads", metavar="0,1", help="query heads to show per layer (default: 0,1)")
-
-
-def report_options(args) -> dict:
-    """The keyword options of the *_report functions from parsed `add_report_arguments` options."""
-    return {"attention_layers": parse_int_list(getattr(args, "attention_layers", None), "--attention-layers"),
-            "attention_heads": parse_int_list(getattr(args, "attention_heads", None), "--attention-heads")}
-
-
 def parse_int_list(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None
@@ -108,54 +93,10 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-def check_report_outputs(html_path, plots_dir) -> None:
-    """For commands: refuse an unwritable --report/--plots before any model loads."""
-    _check_outputs(html_path, plots_dir)
-
-
-def _check_outputs(html_path, plots_dir) -> None:
-    """Fail before any work when an output cannot be written (one clear message, nothing written)."""
-    if html_path is not None:
-        if Path(html_path).expanduser().is_dir():
-            raise UserError(f"cannot write report {html_path}: it is a directory; give a file path")
-        parent = Path(html_path).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"cannot write report {html_path}: directory {parent} does not exist")
-    if plots_dir is not None:
-        d = Path(plots_dir).expanduser()
-        if d.exists() and not d.is_dir():
-            raise UserError(f"--plots {plots_dir}: exists and is not a directory")
-        if not d.exists() and not d.resolve().parent.is_dir():
-            raise UserError(f"--plots {plots_dir}: its parent directory does not exist")
-
-
 def _plot(stem: str, title: str, caption: str, fig) -> Plot:
     from .plots import png_bytes
 
     return Plot(stem, title, caption, png_bytes(fig))
-
-
-def _num(v) -> float:
-    """A JSON number back to float: write_json stores NaN/Inf as strings."""
-    if v is None:
-        return float("nan")
-    if isinstance(v, str):
-        return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(v.lower(), math.nan)
-    return float(v)
-
-
-def _json_safe(obj):
-    """NaN/Inf as strings (JSON has neither), numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else ("nan" if math.isnan(f) else ("inf" if f > 0 else "-inf"))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +155,7 @@ def _choose(values: list[int] | None, default: list[int], limit: int, what: str)
 
 
 def _header(result: dict, lm, prompt) -> dict:
-    from . import cli_common
+    from . import runtime
 
     model = result.get("model")
     if isinstance(model, dict):
@@ -232,7 +173,7 @@ def _header(result: dict, lm, prompt) -> dict:
     ids = _prompt_ids(result, prompt)
     pieces = _prompt_pieces(result, prompt, ids, lm)
     text = getattr(prompt, "text", None) if prompt is not None else (result.get("prompt") or {}).get("text")
-    versions = result.get("versions") or cli_common.versions()
+    versions = result.get("versions") or runtime.versions()
     return {
         "model": spec or "?",
         "format": fmt or "?",
@@ -240,7 +181,7 @@ def _header(result: dict, lm, prompt) -> dict:
         "dtype": result.get("dtype") or (lm.dtype if lm is not None else candidate.get("dtype") or "?"),
         "policy": result.get("policy") or (lm.ops.policy if lm is not None else ""),
         "kernels": result.get("kernels") or (lm.ops.kernels if lm is not None else ""),
-        "device": result.get("device") or cli_common.device_description(),
+        "device": result.get("device") or runtime.device_description(),
         "config": config or {},
         "prompt_text": text,
         "prompt_source": getattr(prompt, "source", None) or (result.get("prompt") or {}).get("source", ""),
@@ -277,7 +218,7 @@ def _prompt_pieces(result: dict, prompt, ids: list[int], lm) -> list[str]:
 def _tokenizer(lm):
     if lm is None:
         return None
-    from .cli_common import tokenizer_for
+    from .runtime import tokenizer_for
 
     try:
         return tokenizer_for(lm)
@@ -291,7 +232,7 @@ def _tokenizer(lm):
 
 def rms_of(stats: dict) -> float:
     """Root mean square from the recorded mean and (population) std."""
-    mean, std = _num(stats.get("mean")), _num(stats.get("std"))
+    mean, std = number(stats.get("mean")), number(stats.get("std"))
     return math.sqrt(mean * mean + std * std)
 
 
@@ -305,12 +246,12 @@ def magnitude_data(stats: dict[str, dict], n_layers: int) -> tuple[list[dict], d
             if not any(n in stats for n in names):
                 continue
             series[stage] = {
-                "absmax": [_num(stats[n]["absmax"]) if n in stats else math.nan for n in names],
+                "absmax": [number(stats[n]["absmax"]) if n in stats else math.nan for n in names],
                 "rms": [rms_of(stats[n]) if n in stats else math.nan for n in names],
             }
         if series:
             panels.append({"title": title, "series": series})
-    globals_ = {n: {"absmax": _num(stats[n]["absmax"]), "rms": rms_of(stats[n])} for n in GLOBAL_NAMES if n in stats}
+    globals_ = {n: {"absmax": number(stats[n]["absmax"]), "rms": rms_of(stats[n])} for n in GLOBAL_NAMES if n in stats}
     return panels, globals_
 
 
@@ -328,15 +269,15 @@ def magnitude_section(stats: dict[str, dict], n_layers: int, source: str) -> Sec
     fig = magnitude_figure(panels, list(range(n_layers)), globals_)
     sec.plots.append(_plot("magnitudes", "absmax and RMS per layer", "", fig))
     over = [(n, s) for n, s in stats.items() if s.get("nan") or s.get("inf")
-            or (_num(s.get("absmax")) > FP16_MAX and split_name(n)[1] not in NOT_PLOTTED)]
-    rows = [[n, fmt(_num(s.get("absmax"))), fmt(rms_of(s)), str(s.get("nan", 0)), str(s.get("inf", 0))]
+            or (number(s.get("absmax")) > FP16_MAX and split_name(n)[1] not in NOT_PLOTTED)]
+    rows = [[n, fmt(number(s.get("absmax"))), fmt(rms_of(s)), str(s.get("nan", 0)), str(s.get("inf", 0))]
             for n, s in over]
     if rows:
         sec.tables.append({"caption": "stages beyond the fp16 range or non-finite",
                            "columns": ["tap", "absmax", "rms", "nan", "inf"], "rows": rows,
                            "bad_rows": list(range(len(rows)))})
     sec.data = {"source": source, "layers": n_layers,
-                "absmax": {n: _num(s.get("absmax")) for n, s in stats.items()},
+                "absmax": {n: number(s.get("absmax")) for n, s in stats.items()},
                 "rms": {n: rms_of(s) for n, s in stats.items()}}
     sec.data_id = "magnitude-data"
     return sec
@@ -369,7 +310,7 @@ def top_k_section(entries: list[dict]) -> Section:
     sec.intro = "The most likely next tokens after the last prompt position."
     sec.tables.append({"caption": "top-k at the last position", "columns": ["rank", "id", "token", "logit", "prob"],
                        "rows": [[str(r), str(e["token_id"]), repr(e.get("token")) if e.get("token") is not None else "",
-                                 fmt(_num(e["logit"])), f"{_num(e['prob']):.4f}"]
+                                 fmt(number(e["logit"])), f"{number(e['prob']):.4f}"]
                                 for r, e in enumerate(entries, 1)], "bad_rows": []})
     sec.plots.append(_plot("top_k", "next-token probabilities", "", top_k_figure(entries)))
     return sec
@@ -382,8 +323,8 @@ def top_k_section(entries: list[dict]) -> Section:
 def divergence_matrix(values: dict[str, float], n_layers: int, first_tap: str | None) -> dict:
     """The heat-map data: rows = layer stages in forward order, columns = layers, cells = the
     error of that tap (NaN = not compared); global taps apart; the first divergence located."""
-    matrix = [[_num(values.get(f"layers.{i}.{stage}")) for i in range(n_layers)] for stage in LAYER_STAGE_NAMES]
-    globals_ = {n: _num(values[n]) for n in GLOBAL_NAMES if n in values}
+    matrix = [[number(values.get(f"layers.{i}.{stage}")) for i in range(n_layers)] for stage in LAYER_STAGE_NAMES]
+    globals_ = {n: number(values[n]) for n in GLOBAL_NAMES if n in values}
     first = None
     if first_tap:
         layer, stage = split_name(first_tap)
@@ -450,7 +391,7 @@ def render_html(report: Report) -> str:
     env = Environment(loader=PackageLoader("mlx_tinyllama", "templates"),
                       autoescape=select_autoescape(["html", "j2"], default_for_string=True, default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    sections = [{"section": s, "data_json": _json_safe(s.data) if s.data is not None else None}
+    sections = [{"section": s, "data_json": json_safe(s.data) if s.data is not None else None}
                 for s in report.sections]
     return env.get_template("report.html.j2").render(report=report, header=report.header, sections=sections)
 
@@ -493,14 +434,15 @@ def _top_k_entries(result: dict, lm, obs: Observation | None, k: int = 10) -> li
         return list(result["top_k"])
     if obs is None:
         return []
-    from .cli_common import top_k
+    from .runtime import top_k
 
     return top_k(obs.last_logits, k, _tokenizer(lm))
 
 
 def _build(kind: str, title: str, result: dict, lm, prompt, html_path, plots_dir, middle, options) -> Report:
     """Header, magnitudes, the command's own sections (`middle`), attention maps, top-k."""
-    _check_outputs(html_path, plots_dir)
+    check_file(html_path, "--report")
+    check_dir(plots_dir, "--plots")
     header = _header(result, lm, prompt)
     observed, obs = _observed_sections(result, lm, prompt, options.get("attention_layers"),
                                        options.get("attention_heads"),
@@ -571,7 +513,7 @@ def _entry_values(entries: list[dict], preferred: str = "nmse") -> tuple[dict[st
         tap, metric = e.get("tap"), e.get("metric", "")
         if tap is None:
             continue
-        value = _num(e.get("value"))
+        value = number(e.get("value"))
         if tap not in values or (metric == preferred and metric_of[tap] != preferred):
             values[tap], metric_of[tap] = value, metric
         elif metric == metric_of[tap] and not value <= values[tap]:  # the worst of several references (NaN wins)
@@ -622,8 +564,8 @@ def _entries_table(entries: list[dict], first: str | None) -> dict | None:
         return None
     rows, bad = [], []
     for k, e in enumerate(entries):
-        rows.append([str(e.get("tap", "")), str(e.get("metric", "")), fmt(_num(e.get("value"))),
-                     fmt(_num(e.get("tolerance"))) if e.get("tolerance") is not None else "",
+        rows.append([str(e.get("tap", "")), str(e.get("metric", "")), fmt(number(e.get("value"))),
+                     fmt(number(e.get("tolerance"))) if e.get("tolerance") is not None else "",
                      fmt(e.get("ok")) + ("  ← first divergence" if first and e.get("tap") == first else "")])
         if e.get("ok") is False:
             bad.append(k)
@@ -650,12 +592,12 @@ def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
                  "prefill, position by position. A correct KV cache gives the prefill's numbers at every position.")
     tol = (result.get("tolerance") or {}).get("nmse")
     sec.facts = [("first divergence", _path_divergence_text(first)), ("what it is", _describe(_first_tap(first))),
-                 ("tolerance", f"per-row NMSE ≤ {fmt(_num(tol))}" if tol is not None else "")]
+                 ("tolerance", f"per-row NMSE ≤ {fmt(number(tol))}" if tol is not None else "")]
     if result.get("fault"):
         sec.facts.append(("injected fault", f"{result['fault'].get('name')}"
                           + (f" at position {result['fault']['position']}" if result["fault"].get("position")
                              is not None else "")))
-    by_pos = {p.get("path", f"path {k}"): [_num(v) for v in p.get("logits_nmse_by_position") or []]
+    by_pos = {p.get("path", f"path {k}"): [number(v) for v in p.get("logits_nmse_by_position") or []]
               for k, p in enumerate(paths)}
     by_pos = {k: v for k, v in by_pos.items() if v}
     if by_pos:
@@ -671,8 +613,8 @@ def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
     else:
         sec.facts.append(("per stage and position", "not in this result (it has per-position logits only)"))
     rows = [[str(p.get("path")), str(p.get("steps", "")), fmt(p.get("agree")), str(p.get("worst_tap", "")),
-             fmt(_num(p.get("worst_tap_nmse"))), fmt(_num(p.get("logits_max_abs_diff"))),
-             fmt(_num(p.get("logits_max_nmse")))] for p in paths]
+             fmt(number(p.get("worst_tap_nmse"))), fmt(number(p.get("logits_max_abs_diff"))),
+             fmt(number(p.get("logits_max_nmse")))] for p in paths]
     if rows:
         sec.tables.append({"caption": "paths", "columns": ["path", "steps", "agree", "worst tap", "worst NMSE",
                                                            "logits max |Δ|", "logits max NMSE"],
@@ -714,7 +656,7 @@ def _path_matrix(path: str, per_tap: dict[str, list], first) -> dict:
     matrix = np.full((len(stages), n_pos), np.nan)
     for tap, values in per_tap.items():
         r = stages.index(split_name(tap)[1])
-        row = np.array([_num(v) for v in values], dtype=np.float64)
+        row = np.array([number(v) for v in values], dtype=np.float64)
         matrix[r, :len(row)] = np.fmax(matrix[r, :len(row)], row)  # NaN = not measured, never wins
     mark = None
     if first and first.get("path") == path and split_name(first.get("tap") or "")[1] in stages:
@@ -781,14 +723,14 @@ def stability_sections(result: dict, lm) -> tuple[list[Section], str, bool | Non
                      ("what it is", _describe(first))]
         if origin.get("explanation"):
             sec.facts.append(("why", origin["explanation"]))
-        headroom = {t: _num(v.get("headroom")) for t, v in taps.items() if isinstance(v, dict) and "headroom" in v}
+        headroom = {t: number(v.get("headroom")) for t, v in taps.items() if isinstance(v, dict) and "headroom" in v}
         if headroom:
             data = divergence_matrix(headroom, n, first)
             data.update(metric="headroom (log2 doublings to 65504)", run=name)
             sec.data, sec.data_id = data, f"headroom-data-{_slug(name)}"
             sec.plots.append(headroom_plot(data, stem=f"headroom_{_slug(name)}", mark_label=what,
                                            title=f"fp16 headroom per stage and layer ({name})"))
-        series = [_num((taps.get(f"layers.{i}.out") or {}).get("nmse")) for i in range(n)]
+        series = [number((taps.get(f"layers.{i}.out") or {}).get("nmse")) for i in range(n)]
         if any(math.isfinite(v) for v in series):
             drift[name] = series
         secs.append(sec)

@@ -392,12 +392,3 @@ def recommend(runs: dict[str, dict], dtype: str) -> str:
              else f"{dtype} needs at least policy '{p}'{why}")
     return f"{needs}; smallest fp16 headroom under '{p}': {low_headroom[0]:.2f} doublings at {low_headroom[1]}"
 
-
-def write_report(result: dict, lm, prompt, html_path: str | None, plots_dir: str | None, **options) -> None:
-    """options: report.report_options (attention_layers, attention_heads)."""
-    try:
-        from .report import stability_report
-    except ImportError:
-        raise UserError("--report/--plots need mlx_tinyllama.report (the HTML report module), "
-                        "which this installation lacks") from None
-    stability_report(result, lm, prompt, html_path, plots_dir, **options)

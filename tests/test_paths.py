@@ -119,7 +119,7 @@ def test_bad_input_exits_2(tiny_dir, argv, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_report_argument_calls_report_module_or_says_it_is_missing(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_report_argument_calls_report_module(tiny_dir, tmp_path, monkeypatch):
     import mlx_tinyllama.report as report
 
     calls = []
@@ -129,6 +129,3 @@ def test_report_argument_calls_report_module_or_says_it_is_missing(tiny_dir, tmp
     assert trace(["paths", "--model", str(tiny_dir), *fast, "--report", str(html)]) == 0
     result, lm, prompt, html_path, plots = calls[0]
     assert "first_divergence" in result and html_path == str(html) and prompt.ids == result["tokens"]
-    monkeypatch.delattr(report, "paths_report")
-    assert trace(["paths", "--model", str(tiny_dir), *fast, "--report", str(html)]) == 2
-    assert "--report needs the report module" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def settings(args) -> bench.Settings:
 def main(args) -> int:
     s = settings(args)
     bench.check_metal_capture(args.metal_capture)  # before minutes of loading
-    cli_common.check_writable(args.json, "--json")
+    cli_common.check_outputs(args)
     bench.validate(s)  # counts and lengths that need no model
     lm = cli_common.load_model(args)
     result = bench.run(lm, s, args.metal_capture, argv=["bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None)

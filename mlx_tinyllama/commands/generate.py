@@ -12,7 +12,6 @@ import time
 from .. import cli_common
 from ..errors import UserError
 from ..cli_common import fmt
-from .run import DEFAULT_TAPS
 
 
 def add_arguments(p) -> None:
@@ -31,7 +30,7 @@ def add_arguments(p) -> None:
     g.add_argument("--tap-step", type=int, metavar="N",
                    help="record the stages of step N (0 = the prompt's prefill, n >= 1 = the n-th decode step)")
     g.add_argument("--taps", action="append", metavar="GLOB",
-                   help=f"stages to record at --tap-step (repeatable; default: {' '.join(DEFAULT_TAPS)})")
+                   help=f"stages to record at --tap-step (repeatable; default: {' '.join(cli_common.DEFAULT_TAPS)})")
     g.add_argument("--json", metavar="PATH", help="write token_ids, text, stop reason (and the taps) as JSON")
 
 
@@ -54,11 +53,11 @@ def main(args) -> int:
         raise UserError("--taps needs --tap-step N (which step to record)")
     if args.tap_step is not None and not 0 <= args.tap_step < args.max_tokens:
         raise UserError(f"--tap-step must be in 0..{args.max_tokens - 1} (--max-tokens {args.max_tokens})")
-    cli_common.check_writable(args.json, "--json")
+    cli_common.check_outputs(args)
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)
-    names = select(args.taps or DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
+    names = select(args.taps or cli_common.DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
     tokenizer = cli_common.tokenizer_for(lm, args)
     stream = TextStream(tokenizer, _write_stdout)
     stamps: list[float] = []  # when each token was chosen: prefill and decode rates apart

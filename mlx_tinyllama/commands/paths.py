@@ -24,9 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tol", action="append", metavar="[TAP_GLOB:]nmse=V|scale=F",
                    help="override the derived tolerance (see docs/compare.md), e.g. nmse=1e-6 or scale=10")
     p.add_argument("--json", metavar="PATH", help="write the result (first_divergence, per-path differences) as JSON")
-    from ..report import add_report_arguments
-
-    add_report_arguments(p, "the check")
+    cli_common.add_report_arguments(p, "the check")
 
 
 def default_chunks(T: int) -> list[int]:
@@ -43,12 +41,8 @@ def main(args) -> int:
 
     if args.continue_n < 0:
         raise UserError(f"--continue must be >= 0, got {args.continue_n}")
-    for path in (args.json, args.report):
-        cli_common.check_writable(path)
-    from ..report import check_report_outputs, report_options
-
-    check_report_outputs(args.report, args.plots)
-    options = report_options(args)  # a malformed --attention-layers fails before the model loads
+    cli_common.check_outputs(args)
+    options = cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
@@ -67,10 +61,8 @@ def main(args) -> int:
 
 
 def _report(result, lm, prompt, html_path, plots_dir, options: dict) -> None:
-    try:
-        from ..report import paths_report
-    except ImportError:
-        raise UserError("--report needs the report module (mlx_tinyllama.report.paths_report)") from None
+    from ..report import paths_report
+
     given = {k: v for k, v in options.items() if v is not None}  # unset: the report's defaults
     paths_report(result, lm, prompt, html_path, plots_dir, **given)
 

@@ -14,7 +14,6 @@ from ..cli_common import fmt
 
 
 def add_arguments(p) -> None:
-    from .. import stress  # noqa: F401  (registers the stress-* synthetic presets)
     from ..prompt import add_prompt_arguments
 
     cli_common.add_model_arguments(p)
@@ -29,9 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--taps", action="append", metavar="GLOB",
                    help="stages to show in the per-tap tables (the JSON always has every stage; default: all)")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    from ..report import add_report_arguments
-
-    add_report_arguments(p, "the stability run")
+    cli_common.add_report_arguments(p, "the stability run")
 
 
 def selected_dtypes(args) -> list[str]:
@@ -49,14 +46,9 @@ def selected_policies(args) -> list[str]:
 
 
 def main(args) -> int:
-    from .. import stress  # noqa: F401
-
     dtypes, policies = selected_dtypes(args), selected_policies(args)
-    cli_common.check_writable(args.json, "--json")
-    from ..report import check_report_outputs, report_options
-
-    check_report_outputs(args.report, args.plots)
-    options = report_options(args)  # a malformed --attention-layers fails before the models load
+    cli_common.check_outputs(args)
+    options = cli_common.report_options(args)  # a malformed --attention-layers fails before the models load
 
     result, prompt, lm = stability.run_stability(
         args.model, None, dtypes, policies, args.kernels, args.download, lambda lm: cli_common.prompt_for(args, lm),
@@ -66,7 +58,9 @@ def main(args) -> int:
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        stability.write_report(result, lm, prompt, args.report, args.plots, **options)
+        from ..report import stability_report
+
+        stability_report(result, lm, prompt, args.report, args.plots, **options)
     print_result(result, args.taps)
     return 0
 
