@@ -3,12 +3,14 @@ policy, loading with progress, running a tapped forward pass, writing JSON."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from . import outputs, runtime, sources
 from .outputs import write_json  # noqa: F401  (re-exported)
 from .errors import UserError
 from .ops import KERNELS, POLICIES
+from .tokenizer import KINDS as TOKENIZER_KINDS
 from .formatting import fmt  # noqa: F401  (re-exported: commands print with it)
 from .runtime import device_description, forward, model_header, top_k, versions  # noqa: F401  (re-exported)
 
@@ -89,6 +91,21 @@ def prompt_for(args, lm: sources.LoadedModel):
 
     location = lm.source.path
     return resolve_prompt(args, location, location if location.is_dir() else None)
+
+
+def add_prompt_arguments(parser) -> None:
+    group = parser.add_argument_group("prompt (default: the seed's chat prompt, 38 ids)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
+    which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
+    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (--bos ignored)")
+    which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
+    group.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
+                       help="prepend BOS (id 1); the reference did not (default: --no-bos)")
+    group.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece",
+                       help="sentencepiece: tokenizer.model, the ground truth (default); "
+                            "hf: the model's tokenizer.json through `tokenizers`, as transformers does")
 
 
 def add_report_arguments(parser, what: str = "this run") -> None:

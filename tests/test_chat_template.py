@@ -10,7 +10,8 @@ import pytest
 from mlx_tinyllama.chat_template import (SEED_MESSAGES, SEED_PROMPT, TINYLLAMA_CHAT_TEMPLATE, render_chat,
                                          template_for)
 from mlx_tinyllama.errors import UserError
-from mlx_tinyllama.prompt import add_prompt_arguments, resolve_prompt
+from mlx_tinyllama.cli_common import add_prompt_arguments
+from mlx_tinyllama.prompt import resolve_prompt
 from test_tokenizer import PACKAGED, SEED_IDS, write_tokenizer_dir
 
 # TinyLlama-1.1B-Chat-v1.0's tokenizer_config.json `chat_template`, as JSON text.

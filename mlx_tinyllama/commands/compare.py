@@ -34,9 +34,7 @@ def add_arguments(p) -> None:
     cli_common.add_report_arguments(p, "the comparison (divergence map, table)")
     cli_common.add_model_arguments(p)
     p.set_defaults(model=None)  # None: the reference's own model (full-tensor references), else synthetic
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
 
 
 def main(args) -> int:

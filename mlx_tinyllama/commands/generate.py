@@ -16,9 +16,7 @@ from ..cli_common import fmt
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=64, help="generate at most N tokens (default 64)")
     g.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")

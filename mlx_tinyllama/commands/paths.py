@@ -10,9 +10,7 @@ from ..errors import UserError
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--chunk", type=int, action="append", metavar="K",
                    help="also prefill in chunks of K tokens through the cache (repeatable; default: the smallest "
                         "K >= 2 that divides the prompt length and the smallest that does not)")

@@ -11,9 +11,7 @@ from ..cli_common import fmt
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--taps", action="append", metavar="GLOB",
                    help="stages to record, by glob (repeatable): 'layers.0.*', '*.attn.probs', 'logits', '*' "
                         f"(default: {' '.join(cli_common.DEFAULT_TAPS)})")

@@ -14,11 +14,9 @@ from ..cli_common import fmt
 
 
 def add_arguments(p) -> None:
-    from ..prompt import add_prompt_arguments
-
     cli_common.add_model_arguments(p)
     p.set_defaults(dtype=None, policy=None)
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--dtypes", metavar="LIST",
                    help="low-precision dtypes to run, comma-separated: float16, bfloat16 (default: --dtype, "
                         "else float16)")

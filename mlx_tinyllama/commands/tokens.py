@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..prompt import add_prompt_arguments, check_ids, parse_ids, resolve_prompt
+from .. import cli_common
+from ..prompt import check_ids, parse_ids, resolve_prompt
 from ..tokendiff import compare_ids
 from ..tokenizer import load_tokenizer
 
@@ -20,7 +21,7 @@ def add_arguments(p) -> None:
                    help="where the tokenizer comes from: a model directory (tokenizer.model / tokenizer.json), "
                         "a .gguf file, a Hugging Face repo id, or synthetic[:preset] (the packaged Llama 2 "
                         "tokenizer; default)")
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--compare-ids", metavar="1,529,...",
                    help="another engine's ids for this prompt: align them with ours and name each difference")
     p.add_argument("--json", metavar="PATH", help="write {ids, pieces, text} (and the alignment) as JSON")
