@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import fast, runtime
+from .results import ResultHeader
 from .errors import UserError
 from .taps import NO_TAPS, LAYER_STAGES, Taps, select, tap_names
 
@@ -667,12 +668,10 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     if s.with_mlx_lm:
         engines["mlx_lm"] = mlx_lm_engine(lm)
     result = {
+        **ResultHeader.of_run("bench", lm).as_dict(),
         "format": FORMAT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": argv,
-        "model": {"spec": lm.source.spec, "config": cfg.as_dict(), **wb},
-        "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-        "device": device, "versions": runtime.versions(), "settings": asdict(s),
+        "argv": argv, "weights": wb, "hardware": device, "settings": asdict(s),
     }
     if s.with_transformers and lm.source.format == "hf":
         torch_engine = TorchEngine(lm.source.path, lm.dtype)

@@ -150,32 +150,19 @@ def console():
 # A comparison's output: `compare` and `run --compare`
 
 
-def finish_comparison(args, result: dict, lm=None, prompt=None) -> int:
-    """Print the table, write --json and --report/--plots (compare's own or run's); return the exit code."""
-    _describe_run(result, lm, prompt)
+def finish_comparison(args, header, comparison: dict, lm=None) -> int:
+    """`header` (results.ResultHeader) + the comparison: print the table, write --json and
+    --report/--plots (compare's own or run's); return the exit code (0 match, 1 diverged)."""
+    result = {**header.as_dict(), **comparison}
     if getattr(args, "json", None):
         write_json(args.json, result)
     if getattr(args, "report", None) or getattr(args, "plots", None):
-        _report(args, result, lm, prompt)
+        from .report import compare_report
+
+        compare_report(result, lm, html_path=getattr(args, "report", None),
+                       plots_dir=getattr(args, "plots", None), **report_options(args))
     print_comparison(result, show_all=bool(getattr(args, "all", False)))
     return 0 if result["status"] == "match" else 1
-
-
-def _describe_run(result: dict, lm, prompt) -> None:
-    """Add what the report's header shows: the model and the prompt (when this package ran)."""
-    if prompt is not None:
-        result["prompt"] = {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}
-        result["tokens"] = list(prompt.ids)
-    if lm is not None:
-        result.update(model=model_header(lm), dtype=lm.dtype, policy=lm.ops.policy, kernels=lm.ops.kernels,
-                      device=device_description(), versions=versions())
-
-
-def _report(args, result, lm, prompt) -> None:
-    from .report import compare_report
-
-    compare_report(result, lm, prompt, html_path=getattr(args, "report", None),
-                   plots_dir=getattr(args, "plots", None), **report_options(args))
 
 
 def print_comparison(result: dict, show_all: bool = False) -> None:
@@ -188,12 +175,11 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     for s in result["skipped"]:
         con.print(f"[yellow]skipped[/] {s['source']}: {s['reason']}")
     entries = result["entries"]
-    if not show_all and result["first_divergence"]:
-        keep = {result["first_divergence"]}
-        d = result["divergence"]
-        keep |= {x["tap"] for x in (d["before"], d["after"]) if x}
+    d = result["first_divergence"]
+    if not show_all and d:
+        keep = {d["tap"]} | {x["tap"] for x in (d["before"], d["after"]) if x}
         entries = [e for e in entries if e["tap"] in keep or not e["ok"]][:60]
-    t = Table(title="stages in forward order" + ("" if show_all or not result["first_divergence"] else
+    t = Table(title="stages in forward order" + ("" if show_all or not d else
                                                   " (around the first divergence; --all for every entry)"))
     for col in ("stage", "index", "metric", "value", "tolerance", "ok"):
         t.add_column(col, justify="left" if col in ("stage", "index", "metric") else "right", no_wrap=True)
@@ -213,7 +199,6 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     if result["status"] == "match":
         con.print("[bold green]match[/]: every compared stage is within tolerance")
         return
-    d = result["divergence"]
     err = d["error"]
     con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {fmt(err['value'])}, "
               f"tolerance {fmt(err['tolerance'])} ({fmt(err['ratio'])}x) at {err['index']}")

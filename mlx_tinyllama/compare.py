@@ -2,13 +2,12 @@
 name the first stage that diverges, with its neighbours, the size of the error,
 the first non-finite value and a plain-language hint.
 
-The result is a plain dict (the `compare --json` object, also what the report
-draws): {tokens: [ids]|None, status: "match"|"diverged", first_divergence: tap|None,
-entries: [{tap, metric, value, tolerance, ok, index, key, source, details}], stages:
-[{tap, ok, ratio, metric}], divergence: {tap, what, hint, qk_permutation, before,
-after, error}|None, first_nonfinite: {...}|None, skipped, not_compared, missing,
-candidate, references, tolerances}. The commands add `prompt: {text, source,
-pieces}` when they know the prompt.
+The result is a plain dict (the body of the `compare --json` object, also what the
+report draws; the commands put results.ResultHeader in front): {status:
+"match"|"diverged", first_divergence: {tap, what, hint, qk_permutation, before,
+after, error}|None, entries: [{tap, metric, value, tolerance, ok, index, key, source,
+details}], stages: [{tap, ok, ratio, metric}], first_nonfinite: {...}|None, skipped,
+not_compared, missing, candidate, references, tolerances}. docs/json.md has it all.
 """
 
 from __future__ import annotations
@@ -395,10 +394,8 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     not_compared = [dict(n, source=r.name) for r in used for n in r.not_comparable]
     not_compared += [dict(n, source=candidate.name) for n in candidate.not_comparable]
     return {
-        "tokens": _tokens(candidate, used),
         "status": "match" if first is None else "diverged",
-        "first_divergence": first,
-        "divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
+        "first_divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
@@ -411,8 +408,8 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     }
 
 
-def _tokens(candidate: R.Side, references: list[R.Side]) -> list[int] | None:
-    """The compared token ids (the report's header and attention maps need them)."""
+def compared_ids(candidate: R.Side, references: list[R.Side]) -> list[int] | None:
+    """The compared token ids, from whichever side records them (the result's header needs them)."""
     for side in (candidate, *references):
         if side.ids:
             return [int(i) for i in side.ids]

@@ -423,9 +423,12 @@ def _load_bundle(path: Path, data: dict) -> list[Side]:
 
 
 def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
-    """The `run --json` shape (or any engine writing it): per-tap {first, last, sum, ...} and top_k."""
+    """The `run --json` shape (or any engine writing it): per-tap {first, last, sum, ...} and top_k.
+    The token ids are `prompt.ids` (schema 1, docs/json.md), or `tokens` in files written before it."""
+    prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
+    ids = prompt.get("ids") if isinstance(prompt.get("ids"), list) else data.get("tokens")
     side = Side(name=path.name, kind="stats-json", dtype=data.get("dtype"),
-                ids=[int(i) for i in data["tokens"]] if isinstance(data.get("tokens"), list) else None,
+                ids=[int(i) for i in ids] if isinstance(ids, list) else None,
                 config=(data.get("model") or {}).get("config") if isinstance(data.get("model"), dict) else None)
     side.n_tokens = len(side.ids) if side.ids else None
     for their, stats in data["taps"].items():

@@ -8,13 +8,14 @@ The HTML comes from a jinja2 template with autoescape on; the figures come from
 plots.py.
 
 Entry points (each writes `html_path` and/or PNGs into `plots_dir`, either may be None):
-    run_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
-    compare_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
-    paths_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
-    stability_report(result, lm, prompt, html_path=None, plots_dir=None, **options)
-options: attention_layers, attention_heads (lists of ints; default: first and
-last layer, heads 0 and 1). `lm` lets the report run one more forward pass to
-measure every stage and record the attention probabilities.
+    run_report(result, lm, html_path=None, plots_dir=None, **options)
+    compare_report(result, lm, html_path=None, plots_dir=None, **options)
+    paths_report(result, lm, html_path=None, plots_dir=None, **options)
+    stability_report(result, lm, html_path=None, plots_dir=None, **options)
+`result` is the command's JSON result: its header (results.ResultHeader) says which
+model and prompt. options: attention_layers, attention_heads (lists of ints; default:
+first and last layer, heads 0 and 1). `lm` (or None) lets the report run one more
+forward pass to measure every stage and record the attention probabilities.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .errors import UserError
 from .taps import GLOBAL_HEAD, GLOBAL_TAIL, LAYER_STAGES, Taps, split_name, stage_of, tap_names
 from .formatting import fmt
 from .outputs import check_dir, check_file, json_safe, number
+from .results import PromptRecord, ResultHeader
 
 # Magnitude panels: which layer stages go together in one plot.
 MAGNITUDE_PANELS = (
@@ -154,63 +156,36 @@ def _choose(values: list[int] | None, default: list[int], limit: int, what: str)
 # Header
 
 
-def _header(result: dict, lm, prompt) -> dict:
-    from . import runtime
-
-    model = result.get("model")
-    if isinstance(model, dict):
-        spec, fmt, origin = model.get("spec"), model.get("format"), model.get("origin")
-        config = model.get("config")
-    else:
-        spec, fmt, origin, config = model, result.get("format"), None, None
-    candidate = result.get("candidate") or {}  # a comparison without a model: describe the compared side
-    spec = spec or candidate.get("name")
-    if lm is not None:
-        spec = spec or lm.source.spec
-        fmt = fmt or lm.source.format
-        origin = origin or lm.source.origin
-        config = config or lm.config.as_dict()
-    ids = _prompt_ids(result, prompt)
-    pieces = _prompt_pieces(result, prompt, ids, lm)
-    text = getattr(prompt, "text", None) if prompt is not None else (result.get("prompt") or {}).get("text")
-    versions = result.get("versions") or runtime.versions()
+def page_header(result: dict, lm) -> dict:
+    """What the page's header shows: the result's header (results.ResultHeader), and the
+    prompt's pieces from the model's tokenizer where the result has none."""
+    head = ResultHeader.from_dict(result)
+    model = head.model or {}
+    prompt = head.prompt or PromptRecord([])  # stability and run always have one; compare of two files may not
+    pieces = prompt.pieces or _pieces(lm, prompt.ids)
     return {
-        "model": spec or "?",
-        "format": fmt or "?",
-        "origin": origin or "",
-        "dtype": result.get("dtype") or (lm.dtype if lm is not None else candidate.get("dtype") or "?"),
-        "policy": result.get("policy") or (lm.ops.policy if lm is not None else ""),
-        "kernels": result.get("kernels") or (lm.ops.kernels if lm is not None else ""),
-        "device": result.get("device") or runtime.device_description(),
-        "config": config or {},
-        "prompt_text": text,
-        "prompt_source": getattr(prompt, "source", None) or (result.get("prompt") or {}).get("source", ""),
-        "tokens": [{"pos": i, "id": t, "piece": pieces[i] if i < len(pieces) else ""} for i, t in enumerate(ids)],
-        "versions": versions,
+        "model": model.get("spec") or "none run here (stored results compared)",
+        "format": model.get("format") or "",
+        "origin": model.get("origin") or "",
+        "dtype": head.dtype or "",
+        "policy": head.policy or "",
+        "kernels": head.kernels or "",
+        "device": head.device,
+        "config": model.get("config") or {},
+        "prompt_text": prompt.text,
+        "prompt_source": prompt.source,
+        "tokens": [{"pos": i, "id": t, "piece": pieces[i] if i < len(pieces) else ""}
+                   for i, t in enumerate(prompt.ids)],
+        "versions": head.versions,
         "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }
 
 
-def _prompt_ids(result: dict, prompt) -> list[int]:
-    if prompt is not None and getattr(prompt, "ids", None):
-        return list(prompt.ids)
-    for key in ("tokens", "ids", "prompt_ids"):
-        if isinstance(result.get(key), list):
-            return list(result[key])
-    p = result.get("prompt")
-    if isinstance(p, dict):
-        for key in ("ids", "tokens"):
-            if isinstance(p.get(key), list):
-                return list(p[key])
-    return []
+def _prompt(result: dict) -> PromptRecord:
+    return ResultHeader.from_dict(result).prompt or PromptRecord([])
 
 
-def _prompt_pieces(result: dict, prompt, ids: list[int], lm) -> list[str]:
-    if prompt is not None and getattr(prompt, "pieces", None):
-        return list(prompt.pieces)
-    p = result.get("prompt")
-    if isinstance(p, dict) and p.get("pieces"):
-        return list(p["pieces"])
+def _pieces(lm, ids: list[int]) -> list[str]:
     tok = _tokenizer(lm)
     return tok.pieces(ids) if tok is not None and ids else []
 
@@ -334,15 +309,6 @@ def divergence_matrix(values: dict[str, float], n_layers: int, first_tap: str | 
             "globals": globals_, "first_divergence": first}
 
 
-def _first_tap(first) -> str | None:
-    """compare/paths/stability name their first bad tap as a string or inside a dict."""
-    if first is None or isinstance(first, str):
-        return first
-    if isinstance(first, dict):
-        return first.get("tap") or first.get("name")
-    return None
-
-
 def _infer_layers(names, lm) -> int:
     if lm is not None:
         return lm.config.num_hidden_layers
@@ -407,10 +373,11 @@ def write_report(report: Report, html_path, plots_dir) -> None:
                 (d / f"{report.kind}_{p.stem}.png").write_bytes(p.png)
 
 
-def _observed_sections(result: dict, lm, prompt, attention_layers, attention_heads, *,
+def _observed_sections(result: dict, lm, attention_layers, attention_heads, *,
                        fallback_stats: dict | None, fallback_source: str) -> tuple[list[Section], Observation | None]:
     """Magnitudes (from a fresh forward pass when `lm` is given) and attention maps."""
-    ids = _prompt_ids(result, prompt)
+    prompt = _prompt(result)
+    ids = prompt.ids
     if lm is None or not ids:
         stats = fallback_stats or {}
         n = _infer_layers(stats, None)
@@ -425,7 +392,7 @@ def _observed_sections(result: dict, lm, prompt, attention_layers, attention_hea
                     lm.config.num_attention_heads, "attention head")
     obs = observe(lm, ids, layers)
     source = f"a forward pass of every stage on this model ({lm.dtype}, policy {lm.ops.policy})"
-    pieces = _prompt_pieces(result, prompt, ids, lm)
+    pieces = prompt.pieces or _pieces(lm, ids)
     return [magnitude_section(obs.stats, n, source), attention_section(obs.probs, pieces, heads)], obs
 
 
@@ -439,12 +406,12 @@ def _top_k_entries(result: dict, lm, obs: Observation | None, k: int = 10) -> li
     return top_k(obs.last_logits, k, _tokenizer(lm))
 
 
-def _build(kind: str, title: str, result: dict, lm, prompt, html_path, plots_dir, middle, options) -> Report:
+def _build(kind: str, title: str, result: dict, lm, html_path, plots_dir, middle, options) -> Report:
     """Header, magnitudes, the command's own sections (`middle`), attention maps, top-k."""
     check_file(html_path, "--report")
     check_dir(plots_dir, "--plots")
-    header = _header(result, lm, prompt)
-    observed, obs = _observed_sections(result, lm, prompt, options.get("attention_layers"),
+    header = page_header(result, lm)
+    observed, obs = _observed_sections(result, lm, options.get("attention_layers"),
                                        options.get("attention_heads"),
                                        fallback_stats=options.get("fallback_stats"),
                                        fallback_source=options.get("fallback_source", "the result's taps"))
@@ -459,36 +426,36 @@ def _build(kind: str, title: str, result: dict, lm, prompt, html_path, plots_dir
 # Entry points
 
 
-def run_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+def run_report(result: dict, lm, html_path=None, plots_dir=None, attention_layers=None,
                attention_heads=None) -> Report:
     """The `run` command's report: header, magnitudes, attention maps, top-k."""
     opts = {"attention_layers": attention_layers, "attention_heads": attention_heads,
             "fallback_stats": result.get("taps") or {}, "fallback_source": "the run's taps"}
-    return _build("run", "Forward pass", result, lm, prompt, html_path, plots_dir, lambda obs: ([], "", None), opts)
+    return _build("run", "Forward pass", result, lm, html_path, plots_dir, lambda obs: ([], "", None), opts)
 
 
-def compare_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+def compare_report(result: dict, lm, html_path=None, plots_dir=None, attention_layers=None,
                    attention_heads=None) -> Report:
     """The comparison report: NMSE heat map stage × layer with the first divergence, and the table."""
     opts = {"attention_layers": attention_layers, "attention_heads": attention_heads}
-    return _build("compare", "Comparison against a reference", result, lm, prompt, html_path, plots_dir,
+    return _build("compare", "Comparison against a reference", result, lm, html_path, plots_dir,
                   lambda obs: comparison_sections(result, lm), opts)
 
 
-def paths_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+def paths_report(result: dict, lm, html_path=None, plots_dir=None, attention_layers=None,
                  attention_heads=None) -> Report:
     """The paths report: prefill vs decode (and other paths) difference per position and stage."""
     opts = {"attention_layers": attention_layers, "attention_heads": attention_heads}
-    return _build("paths", "Prefill vs decode paths", result, lm, prompt, html_path, plots_dir,
+    return _build("paths", "Prefill vs decode paths", result, lm, html_path, plots_dir,
                   lambda obs: paths_sections(result, lm), opts)
 
 
-def stability_report(result: dict, lm, prompt, html_path=None, plots_dir=None, attention_layers=None,
+def stability_report(result: dict, lm, html_path=None, plots_dir=None, attention_layers=None,
                      attention_heads=None) -> Report:
     """The stability report: headroom per stage and layer, first non-finite stage, fp16-vs-fp32 drift."""
     opts = {"attention_layers": attention_layers, "attention_heads": attention_heads,
             "fallback_stats": _stability_stats(result), "fallback_source": "the float32 reference run's absmax"}
-    return _build("stability", "Numerical stability", result, lm, prompt, html_path, plots_dir,
+    return _build("stability", "Numerical stability", result, lm, html_path, plots_dir,
                   lambda obs: stability_sections(result, lm), opts)
 
 
@@ -522,20 +489,14 @@ def _entry_values(entries: list[dict], preferred: str = "nmse") -> tuple[dict[st
     return values, (preferred if preferred in metrics else ", ".join(metrics) or preferred)
 
 
-def _first_failing(entries: list[dict], n_layers: int) -> str | None:
-    """The first tap in forward order with a failed check: used when a result names no first divergence."""
-    order = {n: k for k, n in enumerate(tap_names(n_layers))}
-    bad = [e["tap"] for e in entries if e.get("ok") is False and e.get("tap") in order]
-    return min(bad, key=order.__getitem__) if bad else None
-
-
 def comparison_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
-    entries = list(result.get("entries") or [])
-    n = _infer_layers([e.get("tap", "") for e in entries], lm)
+    entries = result["entries"]
+    n = _infer_layers([e["tap"] for e in entries], lm)
     values, metric = _entry_values(entries)
-    first = _first_tap(result.get("first_divergence")) or _first_failing(entries, n)
-    status = str(result.get("status") or ("diverged" if first else "ok"))
-    ok = first is None and all(e.get("ok", True) is not False for e in entries)
+    divergence = result["first_divergence"]
+    first = divergence["tap"] if divergence else None
+    status = result["status"]
+    ok = status == "match"
     data = divergence_matrix(values, n, first)
     data.update(metric=metric, status=status)
     sec = Section("divergence", "Divergence map", data=data, data_id="divergence-data")
@@ -543,13 +504,11 @@ def comparison_sections(result: dict, lm) -> tuple[list[Section], str, bool | No
                  "order from top to bottom. The first stage that fails its tolerance is framed in red: "
                  "everything after it inherits the error, so fix that stage first.")
     sec.facts = [("status", status), ("first divergence", first or "none"), ("what it is", _describe(first))]
-    divergence = result.get("divergence") or {}
-    if divergence.get("hint"):
+    if divergence:
         sec.facts.append(("where to look", divergence["hint"]))
-    nonfinite = result.get("first_nonfinite")
+    nonfinite = result["first_nonfinite"]
     if nonfinite:
-        sec.facts.append(("first non-finite value", f"{_first_tap(nonfinite)} {nonfinite.get('index', '')}"
-                          if isinstance(nonfinite, dict) else str(nonfinite)))
+        sec.facts.append(("first non-finite value", f"{nonfinite['tap']} {nonfinite['index']}"))
     if entries:
         sec.plots.append(heatmap_plot(data, stem="divergence", title=f"{metric} vs reference, stage × layer",
                                       label=f"{metric} (log)", mark_label="first divergence"))
@@ -576,22 +535,17 @@ def _entries_table(entries: list[dict], first: str | None) -> dict | None:
 # --- paths -------------------------------------------------------------------------
 
 
-def _path_list(result: dict) -> list[dict]:
-    paths = result.get("paths") or []
-    return list(paths.values()) if isinstance(paths, dict) else list(paths)
-
-
 def paths_sections(result: dict, lm) -> tuple[list[Section], str, bool | None]:
     from .plots import drift_figure
 
-    paths = _path_list(result)
-    first = result.get("first_divergence") or None
+    paths = result["paths"]
+    first = result["first_divergence"]
     ok = result.get("agree")
     sec = Section("paths", "Prefill vs decode")
     sec.intro = ("Each cached path (decode = one token per step, chunk-k = k tokens per step) against the single "
                  "prefill, position by position. A correct KV cache gives the prefill's numbers at every position.")
     tol = (result.get("tolerance") or {}).get("nmse")
-    sec.facts = [("first divergence", _path_divergence_text(first)), ("what it is", _describe(_first_tap(first))),
+    sec.facts = [("first divergence", _path_divergence_text(first)), ("what it is", _describe(first["tap"] if first else None)),
                  ("tolerance", f"per-row NMSE ≤ {fmt(number(tol))}" if tol is not None else "")]
     if result.get("fault"):
         sec.facts.append(("injected fault", f"{result['fault'].get('name')}"
@@ -642,7 +596,7 @@ def _tap_position_data(result: dict, first) -> dict | None:
     table = result.get("nmse_by_tap_position")
     if not table:
         return None
-    own = {p.get("path"): p.get("first_divergence") for p in _path_list(result)}
+    own = {p.get("path"): p.get("first_divergence") for p in result["paths"]}
     paths = [_path_matrix(path, per_tap, own.get(path) or first) for path, per_tap in table.items() if per_tap]
     mark = next((p["first_divergence"] for p in paths
                  if p["first_divergence"] and first and p["path"] == first.get("path")), None)

@@ -46,8 +46,10 @@ def test_json_output(capsys, model_dir, tmp_path):
     code, _, _ = run(capsys, "--model", str(model_dir), "--chat", "Hello! How are you?",
                      "--system", "You are a friendly chatbot.", "--json", str(path))
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert code == 0 and data["ids"] == SEED_IDS and data["text"] == SEED_PROMPT
-    assert data["pieces"][:2] == ["▁<", "|"] and "alignment" not in data
+    prompt = data["prompt"]
+    assert code == 0 and data["schema"] == 1 and data["command"] == "tokens"
+    assert prompt["ids"] == SEED_IDS and prompt["text"] == SEED_PROMPT
+    assert prompt["pieces"][:2] == ["▁<", "|"] and "alignment" not in data
 
 
 def test_compare_ids_names_an_extra_bos(capsys, model_dir, tmp_path):

@@ -84,11 +84,11 @@ def print_result(r: dict) -> None:
     from rich.table import Table
 
     con = cli_common.console()
-    d, m = r["device"], r["model"]
+    d, m, w = r["hardware"], r["model"], r["weights"]
     peak = f", peak {d['peak_bandwidth_gbs']:.0f} GB/s ({d['peak_bandwidth_source']})" if d["peak_bandwidth_gbs"] else ""
     blas = f", BLAS {d['blas']}" if d["blas"] else ""
-    con.print(f"[bold]{m['spec']}[/] · {r['dtype']} · {r['kernels']} kernels · {m['parameters'] / 1e6:.1f}M parameters, "
-              f"{_gb(m['per_decode_token_bytes'])} of weights read per decode token")
+    con.print(f"[bold]{m['spec']}[/] · {r['dtype']} · {r['kernels']} kernels · {w['parameters'] / 1e6:.1f}M parameters, "
+              f"{_gb(w['per_decode_token_bytes'])} of weights read per decode token")
     con.print(f"device: {d['description']}{blas}{peak}")
     if "transformers" in r:
         con.print(f"transformers: {r['transformers']['device']}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from .. import cli_common
 from .. import refs as R
+from ..compare import compare, compared_ids, needs_shortcut, run_side
 from ..errors import UserError
+from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
 
 
@@ -55,28 +57,23 @@ def main(args) -> int:
 
             candidate.dtype = dtype_key(args.against_dtype)
     if references is not None and not args.against:  # this package's run against the reference
-        from ..compare import needs_shortcut, run_side
-
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
-        return cli_common.finish_comparison(args, _compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids)), lm, prompt)
+        result = compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids))
+        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     if references is None:  # their dump against this package's run
         lm, prompt = _load_run(args, [candidate])
-        from ..compare import run_side
-
         references = [run_side(lm, prompt.ids)]
-        return cli_common.finish_comparison(args, _compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids)), lm, prompt)
+        result = compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids))
+        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     cfg = _config(args, references)  # their dump against a stored reference
     n_tokens = next((r.n_tokens for r in references if r.n_tokens), None) or candidate.n_tokens
     if not n_tokens:
         raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
-    return cli_common.finish_comparison(args, _compare(candidate, references, tol, cfg, n_tokens))
-
-
-def _compare(candidate, references, tol, cfg, n_tokens) -> dict:
-    from ..compare import compare
-
-    return compare(candidate, references, tol, cfg, n_tokens)
+    result = compare(candidate, references, tol, cfg, n_tokens)
+    ids = compared_ids(candidate, references)
+    prompt = PromptRecord(ids, source="the compared files' token ids") if ids else None
+    return cli_common.finish_comparison(args, ResultHeader.without_model("compare", candidate.dtype, prompt), result)
 
 
 def _load_ref(spec: str) -> list[R.Side]:

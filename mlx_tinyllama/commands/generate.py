@@ -11,6 +11,7 @@ import time
 
 from .. import cli_common
 from ..errors import UserError
+from ..results import ResultHeader
 from ..cli_common import fmt
 
 
@@ -87,10 +88,7 @@ def _write_stdout(text: str) -> None:
 
 def _result(args, lm, prompt, sampling, gen, text, tokenizer, seconds) -> dict:
     return {
-        "model": cli_common.model_header(lm), "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-        "device": cli_common.device_description(), "versions": cli_common.versions(),
-        "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-        "prompt_ids": prompt.ids,
+        **ResultHeader.of_run("generate", lm, prompt).as_dict(),
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "seed": sampling.seed, "greedy": sampling.greedy},
         "token_ids": gen.token_ids, "text": text, "pieces": tokenizer.pieces(gen.token_ids),
@@ -114,10 +112,10 @@ def _summary(result: dict) -> None:
     con = cli_common._console(stderr=True)
     n = len(result["token_ids"])
     msg = STOP_MESSAGES[result["stop_reason"]].format(max_pos=result["max_position_embeddings"],
-                                                      prompt=len(result["prompt_ids"]), generated=n)
+                                                      prompt=len(result["prompt"]["ids"]), generated=n)
     rate = ""
     if result.get("prefill_seconds") is not None:
-        rate = f", prefill of {len(result['prompt_ids'])} tokens {1e3 * result['prefill_seconds']:.0f} ms"
+        rate = f", prefill of {len(result['prompt']['ids'])} tokens {1e3 * result['prefill_seconds']:.0f} ms"
     if result.get("decode_tokens_per_s"):
         rate += f", decode {result['decode_tokens_per_s']:.1f} tokens/s"
     con.print(f"[dim]{n} tokens{rate}; {msg}[/]" if result["stop_reason"] != "max_position" else f"[yellow]{msg}[/]")

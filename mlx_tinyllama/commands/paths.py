@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .. import cli_common
 from ..errors import UserError
+from ..results import ResultHeader
 
 
 def add_arguments(p) -> None:
@@ -47,22 +48,15 @@ def main(args) -> int:
     lm.config.check_ids(prompt.ids)
     chunks = args.chunk if args.chunk else default_chunks(len(prompt.ids))
     check = check_paths(lm.model, prompt.ids, chunks, args.continue_n, lm.dtype, args.fault, tolerances)
-    result = {"model": cli_common.model_header(lm), "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-              "device": cli_common.device_description(), "versions": cli_common.versions(),
-              "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}, **check}
+    result = {**ResultHeader.of_run("paths", lm, prompt).as_dict(), **check}
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        _report(result, lm, prompt, args.report, args.plots, options)
+        from ..report import paths_report
+
+        paths_report(result, lm, args.report, args.plots, **options)
     print_result(result)
     return 0 if result["agree"] else 1
-
-
-def _report(result, lm, prompt, html_path, plots_dir, options: dict) -> None:
-    from ..report import paths_report
-
-    given = {k: v for k, v in options.items() if v is not None}  # unset: the report's defaults
-    paths_report(result, lm, prompt, html_path, plots_dir, **given)
 
 
 def _num(v: float) -> str:
@@ -76,7 +70,7 @@ def print_result(result: dict) -> None:
     m = result["model"]
     con.print(f"[bold]{m['spec']}[/] · {result['dtype']} · policy {result['policy']} · {result['kernels']} kernels"
               f" · {result['device']}")
-    con.print(f"prompt: {len(result['tokens'])} tokens ({result['prompt']['source']})")
+    con.print(f"prompt: {len(result['prompt']['ids'])} tokens ({result['prompt']['source']})")
     if result["fault"]:
         f = result["fault"]
         con.print(f"[yellow]fault injected: {f['name']}" + (f" at position {f['position']}" if f["position"] is not None
@@ -102,7 +96,7 @@ def print_result(result: dict) -> None:
             con.print(f"greedy continuation: [bold red]differs at generated token {i}[/]: cache "
                       f"{c['cached_tokens'][i]} vs prefill {c['recomputed_tokens'][i]} "
                       f"(cache: {c['cached_tokens']}, prefill: {c['recomputed_tokens']})")
-    d = result["first_divergence_detail"]
+    d = result["first_divergence"]
     if d:
         con.print(f"[bold red]first divergence[/]: path {d['path']}, tap {d['tap']}, position {d['position']} "
                   f"(step {d['step']}): {d['reason']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import cli_common
 from ..errors import UserError
+from ..results import ResultHeader
 from ..cli_common import fmt
 
 def add_arguments(p) -> None:
@@ -37,20 +38,13 @@ def main(args) -> int:
         from ..tolerances import Tolerances
 
         result = compare_run(lm, prompt.ids, args.compare, Tolerances.from_overrides(args.tol))
-        return cli_common.finish_comparison(args, result, lm=lm, prompt=prompt)
+        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
 
     patterns = args.taps or list(cli_common.DEFAULT_TAPS)
     taps, logits = cli_common.forward(lm, prompt.ids, patterns, mode="full" if args.dump else "stats")
     tokenizer = cli_common.tokenizer_for(lm, args)
     result = {
-        "model": cli_common.model_header(lm),
-        "dtype": lm.dtype,
-        "policy": lm.ops.policy,
-        "kernels": lm.ops.kernels,
-        "device": cli_common.device_description(),
-        "versions": cli_common.versions(),
-        "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-        "tokens": prompt.ids,
+        **ResultHeader.of_run("run", lm, prompt).as_dict(),
         "taps": taps.stats() if taps else {},
         "top_k": cli_common.top_k(logits[-1], args.top_k, tokenizer),
     }
@@ -61,7 +55,7 @@ def main(args) -> int:
     if args.report or args.plots:
         from ..report import run_report
 
-        run_report(result, lm, prompt, html_path=args.report, plots_dir=args.plots, **cli_common.report_options(args))
+        run_report(result, lm, html_path=args.report, plots_dir=args.plots, **cli_common.report_options(args))
     print_result(result)
     return 0
 
@@ -73,7 +67,7 @@ def _dump(path: str, taps, result: dict) -> None:
 
     if taps is None:
         raise UserError("--dump needs at least one tap")
-    meta = {"tokens": json.dumps(result["tokens"]), "dtype": result["dtype"], "policy": result["policy"],
+    meta = {"tokens": json.dumps(result["prompt"]["ids"]), "dtype": result["dtype"], "policy": result["policy"],
             "model": result["model"]["spec"], "format": "mlx_tinyllama.dump/1"}
     mx.save_safetensors(path, dict(taps.tensors), metadata=meta)
 
@@ -87,7 +81,7 @@ def print_result(result: dict) -> None:
               f" · {result['kernels']} kernels · {result['device']}")
     con.print(f"weights: {m['path']}" + (f" · {m['details']['layout']}" if "layout" in m["details"] else ""),
               markup=False)
-    ids = result["tokens"]
+    ids = result["prompt"]["ids"]
     con.print(f"prompt: {len(ids)} tokens ({result['prompt']['source']}): {ids}")
     if result["taps"]:
         t = Table(title="stages in forward order", show_lines=False)

@@ -51,14 +51,12 @@ def main(args) -> int:
     result, prompt, lm = stability.run_stability(
         args.model, None, dtypes, policies, args.kernels, args.download, lambda lm: cli_common.prompt_for(args, lm),
         keep_model=bool(args.report or args.plots))
-    result.update(prompt={"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-                  device=cli_common.device_description(), versions=cli_common.versions())
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
         from ..report import stability_report
 
-        stability_report(result, lm, prompt, args.report, args.plots, **options)
+        stability_report(result, lm, args.report, args.plots, **options)
     print_result(result, args.taps)
     return 0
 
@@ -78,7 +76,7 @@ def print_result(result: dict, patterns=None) -> None:
 
     con = cli_common.console()
     n = result["model"]["config"]["num_hidden_layers"]
-    con.print(f"[bold]{result['model']['spec']}[/bold]: {len(result['tokens'])} tokens; float32 reference vs "
+    con.print(f"[bold]{result['model']['spec']}[/bold]: {len(result['prompt']['ids'])} tokens; float32 reference vs "
               + ", ".join(label for label, _ in _runs(result)) + f" (kernels: {result['kernels']})")
     _print_tap_tables(con, result, n, patterns)
     _print_layers(con, result, n)
