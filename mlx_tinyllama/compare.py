@@ -16,8 +16,11 @@ import math
 
 import numpy as np
 
-from . import refs as R
 from .errors import UserError
+from .refs.layout import to_canonical
+from .refs.loaders import load
+from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
+                        token_axis_of)
 from .taps import split_name, stage_of
 from .tolerances import Tolerances, metrics
 
@@ -53,8 +56,8 @@ HINTS = {
     "out": "the residual add after the MLP",
     "final_norm": "the final RMSNorm (model.norm)",
     "logits": "the lm_head projection (tied or not tied to the embedding)",
-    R.SHORTCUT_NORM: "the final RMSNorm applied to layer 0's output",
-    R.SHORTCUT_LOGITS: "the lm_head applied to norm(layer 0's output)",
+    SHORTCUT_NORM: "the final RMSNorm applied to layer 0's output",
+    SHORTCUT_LOGITS: "the lm_head applied to norm(layer 0's output)",
 }
 
 
@@ -63,7 +66,7 @@ def _stage_key(tap: str) -> str:
 
 
 def describe(tap: str) -> str:
-    if tap in R.SHORTCUT_TAPS:
+    if tap in SHORTCUT_TAPS:
         return HINTS[tap]
     return stage_of(tap).what
 
@@ -72,7 +75,7 @@ def describe(tap: str) -> str:
 # Compatibility: refuse a reference made for other ids or another model shape
 
 
-def incompatibility(candidate: R.Side, reference: R.Side, cfg: dict | None) -> str | None:
+def incompatibility(candidate: Side, reference: Side, cfg: dict | None) -> str | None:
     """Why these two sides cannot be compared (None when they can)."""
     if candidate.ids is not None and reference.ids is not None and list(candidate.ids) != list(reference.ids):
         from .tokendiff import compare_ids
@@ -95,7 +98,7 @@ def incompatibility(candidate: R.Side, reference: R.Side, cfg: dict | None) -> s
     return _other_weights(candidate, reference)
 
 
-def _other_weights(candidate: R.Side, reference: R.Side) -> str | None:
+def _other_weights(candidate: Side, reference: Side) -> str | None:
     """A full-tensor reference records the sha256 of its weights: name a different checkpoint up
     front, rather than report a 'divergence' at the embedding."""
     wanted, path = reference.provenance.get("weights_sha256"), candidate.provenance.get("weights_path")
@@ -129,24 +132,24 @@ class _Ctx:
     def tolerance(self, tap, metric):
         return self.tol.get(tap, metric, self.c.dtype or "float32", self.r.dtype or "float32", self.L)
 
-    def full(self, side: R.Side, tap: str):
+    def full(self, side: Side, tap: str):
         """Side's full tensor of tap in canonical layout (np.float64), or None; raises ValueError on bad shape."""
         if tap not in side.tensors:
             return None
         k = (id(side), tap)
         if k not in self._canon:
-            x, _, rows, notes = R.to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
+            x, _, rows, notes = to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
             if rows is not None:
                 raise ValueError(f"{side.name}: {tap} holds only {len(rows)} of {self.T} token rows")
             self._canon[k] = np.asarray(x, np.float64)
         return self._canon[k]
 
 
-def compare_sides(candidate: R.Side, reference: R.Side, tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
     """Entries for every reference number that the candidate can be compared with, in forward order."""
     ctx = _Ctx(candidate, reference, tol, cfg, n_tokens)
     entries, missing = [], []
-    for tap in R.tap_order(ctx.L):
+    for tap in tap_order(ctx.L):
         ref_items = [i for i in reference.items if i.tap == tap]
         cand_items = [i for i in candidate.items if i.tap == tap]
         if tap not in reference.tensors and not ref_items:
@@ -194,9 +197,9 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     return out
 
 
-def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_full, ref_value, item: R.Item) -> list[dict]:
+def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full, ref_value, item: Item) -> list[dict]:
     """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set."""
-    axis = R.token_axis_of(tap)
+    axis = token_axis_of(tap)
     full = cand_full if cand_full is not None else ref_full
     index, key = sel.key, item.key
     if sel.kind == "topk":
@@ -204,7 +207,7 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
     if sel.kind == "full":  # a sparse dump (llama.cpp log) against a full tensor
         values = cand_value if cand_value is not None else ref_value
         try:
-            x, known, rows, notes = R.to_canonical(tap, values, item.known, ctx.cfg, ctx.T,
+            x, known, rows, notes = to_canonical(tap, values, item.known, ctx.cfg, ctx.T,
                                                    (ctx.c if cand_value is not None else ctx.r).layout)
         except ValueError as e:
             return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
@@ -226,7 +229,7 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
         return []  # a sum of masked scores is the mask value (the dtype's minimum) times a count: not comparable
     if sel.kind == "sum" and item.source_shape is not None:  # their tensor may hold some token rows only
         try:
-            _, _, rows, _ = R.to_canonical(tap, np.zeros(item.source_shape), None, ctx.cfg, ctx.T,
+            _, _, rows, _ = to_canonical(tap, np.zeros(item.source_shape), None, ctx.cfg, ctx.T,
                                            (ctx.c if cand_value is not None else ctx.r).layout)
         except ValueError as e:
             return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
@@ -323,7 +326,7 @@ def _rms(x) -> float:
 
 
 def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, index, key) -> list[dict]:
-    axis = R.token_axis_of(tap)
+    axis = token_axis_of(tap)
     c_row = sel.row_of(cand_full, axis).astype(np.float64) if cand_full is not None else None
     r_row = sel.row_of(ref_full, axis).astype(np.float64) if ref_full is not None else None
     c_list = cand_value if cand_value is not None else sel.extract(cand_full, axis)
@@ -370,7 +373,7 @@ def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, ind
 # Putting it together
 
 
-def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
     """Compare the candidate with every compatible reference; the result dict (see module doc)."""
     entries, missing, skipped, used = [], [], [], []
     for ref in references:
@@ -387,7 +390,7 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     if not entries:
         raise UserError(f"no stage of {', '.join(r.name for r in used)} could be compared with {candidate.name}: "
                         "no tap names in common (give --map for another engine's names)")
-    order = {t: k for k, t in enumerate(R.tap_order(int(cfg["num_hidden_layers"])))}
+    order = {t: k for k, t in enumerate(tap_order(int(cfg["num_hidden_layers"])))}
     entries.sort(key=lambda e: order.get(e["tap"], len(order)))
     stages = _stages(entries)
     first = next((s["tap"] for s in stages if not s["ok"]), None)
@@ -408,7 +411,7 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     }
 
 
-def compared_ids(candidate: R.Side, references: list[R.Side]) -> list[int] | None:
+def compared_ids(candidate: Side, references: list[Side]) -> list[int] | None:
     """The compared token ids, from whichever side records them (the result's header needs them)."""
     for side in (candidate, *references):
         if side.ids:
@@ -453,9 +456,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
 
 def _predecessor(tap: str, n_layers: int) -> str | None:
     """The canonical tap just before `tap` in forward order (its input, for most stages)."""
-    if tap in R.SHORTCUT_TAPS:
-        return "layers.0.out" if tap == R.SHORTCUT_NORM else R.SHORTCUT_NORM
-    names = R.tap_order(n_layers)
+    if tap in SHORTCUT_TAPS:
+        return "layers.0.out" if tap == SHORTCUT_NORM else SHORTCUT_NORM
+    names = tap_order(n_layers)
     i = names.index(tap)
     return names[i - 1] if i > 0 else None
 
@@ -471,7 +474,7 @@ def hint(tap: str, before: dict | None, n_layers: int) -> str:
             f"(stages in between were not compared): start with {inside}")
 
 
-def _first_nonfinite(candidate: R.Side, order: dict) -> dict | None:
+def _first_nonfinite(candidate: Side, order: dict) -> dict | None:
     for tap in sorted(candidate.tensors, key=lambda t: order.get(t, len(order))):
         x = np.asarray(candidate.tensors[tap])
         bad = ~np.isfinite(x)
@@ -485,7 +488,7 @@ def _first_nonfinite(candidate: R.Side, order: dict) -> dict | None:
 # This package's own run as a Side
 
 
-def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None) -> R.Side:
+def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None) -> Side:
     """Every tap of one prefill of `ids` as full float32 tensors (+ the 1-layer shortcut if asked)."""
     import mlx.core as mx
 
@@ -499,21 +502,21 @@ def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None
         norm = lm.ops.rms_norm(out0, model.model.norm.weight, lm.config.rms_norm_eps)
         head = model.model.embed_tokens.as_linear if lm.config.tie_word_embeddings else model.lm_head
         logits = head(norm)
-        tensors[R.SHORTCUT_NORM] = np.array(norm[0].astype(mx.float32))
-        tensors[R.SHORTCUT_LOGITS] = np.array(logits[0].astype(mx.float32))
-    return R.Side(name=name or f"this package ({lm.source.spec}, {lm.dtype})", kind="run", dtype=lm.dtype,
+        tensors[SHORTCUT_NORM] = np.array(norm[0].astype(mx.float32))
+        tensors[SHORTCUT_LOGITS] = np.array(logits[0].astype(mx.float32))
+    return Side(name=name or f"this package ({lm.source.spec}, {lm.dtype})", kind="run", dtype=lm.dtype,
                   ids=list(ids), n_tokens=len(ids), config=lm.config.as_dict(), tensors=tensors,
                   provenance={"model": lm.source.spec, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
                               "weights_path": str(lm.source.path) if lm.source.format == "hf" else None})
 
 
-def needs_shortcut(references: list[R.Side]) -> bool:
-    return any(i.tap in R.SHORTCUT_TAPS for r in references for i in r.items)
+def needs_shortcut(references: list[Side]) -> bool:
+    return any(i.tap in SHORTCUT_TAPS for r in references for i in r.items)
 
 
 def compare_run(lm, ids: list[int], reference_path: str, tol: Tolerances) -> dict:
     """This package's run of `ids` against the reference file(s) at `reference_path`: the result dict."""
-    references = R.load(reference_path)
+    references = load(reference_path)
     candidate = run_side(lm, ids, shortcut=needs_shortcut(references))
     return compare(candidate, references, tol, lm.config.as_dict(), len(ids))
 

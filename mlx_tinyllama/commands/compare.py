@@ -12,9 +12,10 @@ from __future__ import annotations
 
 
 from .. import cli_common
-from .. import refs as R
 from ..compare import compare, compared_ids, needs_shortcut, run_side
 from ..errors import UserError
+from ..refs.loaders import load, read_name_map
+from ..refs.side import Side
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
 
@@ -45,10 +46,10 @@ def main(args) -> int:
     cli_common.check_outputs(args)
     cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
-    name_map = R.read_name_map(args.map)
+    name_map = read_name_map(args.map)
     references = _load_ref(args.ref) if args.ref else None
     if args.against:
-        candidate = R.load(args.against, name_map, args.layout)
+        candidate = load(args.against, name_map, args.layout)
         if len(candidate) != 1:
             raise UserError(f"--against {args.against}: holds {len(candidate)} sources; give one dump")
         candidate = candidate[0]
@@ -76,9 +77,9 @@ def main(args) -> int:
     return cli_common.finish_comparison(args, ResultHeader.without_model("compare", candidate.dtype, prompt), result)
 
 
-def _load_ref(spec: str) -> list[R.Side]:
+def _load_ref(spec: str) -> list[Side]:
     path, _, source = spec.partition("#")
-    sides = R.load(path)
+    sides = load(path)
     if source:
         chosen = [s for s in sides if s.name.endswith("#" + source)]
         if not chosen:
@@ -92,7 +93,7 @@ def _prompt_given(args) -> bool:
     return any(getattr(args, k, None) is not None for k in ("prompt", "prompt_file", "token_ids", "chat"))
 
 
-def _load_run(args, sides: list[R.Side]):
+def _load_run(args, sides: list[Side]):
     """Load --model (default: a full-tensor reference's own model spec) and resolve the prompt."""
     from ..prompt import Prompt
 
