@@ -1,5 +1,5 @@
 """`bench`: prefill/decode throughput, tap overhead and per-stage cost, side by
-side with mlx-lm's Llama on the same weights (see mlx_tinyllama/bench.py for
+side with mlx-lm's Llama on the same weights (see mlx_tinyllama/bench/timing.py for
 the method and docs/benchmarks.md for figures)."""
 
 from __future__ import annotations
