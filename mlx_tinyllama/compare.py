@@ -16,59 +16,16 @@ import math
 
 import numpy as np
 
+from .divergence import QK_STAGES, describe, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
-from .taps import split_name, stage_of
 from .tolerances import Tolerances, metrics
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "vocab_size", "head_dim")
-
-# What to look at when a stage is the first to diverge (by stage name within a layer).
-HINTS = {
-    "embed": "the embedding lookup: check the token ids (an extra BOS makes 39 ids instead of 38), the row index "
-             "into embed_tokens, and that the table is not transposed",
-    "attn_norm": "the RMSNorm before attention: mean of squares over the hidden axis in fp32, eps inside the sqrt, "
-                 "then the cast and the multiply by the weight",
-    "attn.q": "the query projection: q_proj weight orientation, and the split into heads ([T, H*D] -> [H, T, D])",
-    "attn.k": "the key projection: k_proj weight orientation, KV head count, and the split into KV heads",
-    "attn.v": "the value projection: v_proj weight orientation and the split into KV heads",
-    "attn.q_rope": "the rotary embedding of the queries: rotate-half (HF) vs interleaved pairs (GGUF weights), "
-                   "positions starting at 0, theta, and cos/sin over head_dim/2 frequencies",
-    "attn.k_rope": "the rotary embedding of the keys: rotate-half vs interleaved pairs, positions, theta",
-    "attn.scores": "Q·Kᵀ: the query-head -> KV-head mapping (head h uses KV head h // n_rep) and K's transpose",
-    "attn.scores_scaled": "the score scale: it must be 1/sqrt(head_dim)",
-    "attn.scores_masked": "the causal mask: query t sees keys 0..t only; masked entries get the dtype's minimum",
-    "attn.probs": "the attention softmax: over the key axis (the last one), in fp32, after subtracting the row max",
-    "attn.context": "probs·V: the KV-head mapping for V, and merging heads back to [T, H*D] in head order",
-    "attn.out": "the output projection o_proj",
-    "resid_mid": "the residual add after attention: it adds the o_proj output to the layer's input (not to the "
-                 "normed input)",
-    "mlp_norm": "the RMSNorm before the MLP (post_attention_layernorm): fp32 statistics, eps, weight",
-    "mlp.gate": "the gate projection gate_proj",
-    "mlp.up": "the up projection up_proj",
-    "mlp.act": "the activation: SiLU = x·sigmoid(x) (not GELU), applied to the gate",
-    "mlp.prod": "SiLU(gate) × up: check which of the two gets the activation",
-    "mlp.down": "the down projection down_proj",
-    "out": "the residual add after the MLP",
-    "final_norm": "the final RMSNorm (model.norm)",
-    "logits": "the lm_head projection (tied or not tied to the embedding)",
-    SHORTCUT_NORM: "the final RMSNorm applied to layer 0's output",
-    SHORTCUT_LOGITS: "the lm_head applied to norm(layer 0's output)",
-}
-
-
-def _stage_key(tap: str) -> str:
-    return split_name(tap)[1] if tap.startswith("layers.") else tap
-
-
-def describe(tap: str) -> str:
-    if tap in SHORTCUT_TAPS:
-        return HINTS[tap]
-    return stage_of(tap).what
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +142,7 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     details = {k: m[k] for k in ("max_abs", "max_rel", "cosine", "rel_rms", "compared")}
     details["first_nonfinite"] = list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None
     tol = ctx.tolerance(tap, "nmse")
-    if not m["nmse"] <= tol and _stage_key(tap) in QK_STAGES:
+    if not m["nmse"] <= tol and stage_key(tap) in QK_STAGES:
         permuted = qk_permutation(a, b, tol)
         if permuted:
             details["qk_permutation"] = permuted
@@ -252,52 +209,6 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
                "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
-
-
-# ---------------------------------------------------------------------------
-# Q/K layout: values right, order along head_dim wrong
-
-QK_STAGES = ("attn.q", "attn.k")
-
-
-def qk_permutation(candidate: np.ndarray, reference: np.ndarray, tol: float) -> dict | None:
-    """When a diverging Q or K tap ([heads, T, D]) holds, for every (head, token), the
-    reference's values in another order along head_dim, say so, and which of llama.cpp's
-    per-head row permutations (gguf.permute_qk) or its inverse (gguf.unpermute_qk) puts
-    the candidate back into the reference's layout. None when the values themselves differ."""
-    from .gguf import permute_qk, unpermute_qk
-
-    a, b = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
-    if a.shape != b.shape or a.ndim != 3 or a.shape[-1] % 2 or not np.isfinite(a).all():
-        return None
-    sorted_nmse = metrics(np.sort(a, axis=-1), np.sort(b, axis=-1))["nmse"]
-    if not sorted_nmse <= tol:
-        return None
-    heads, tokens, head_dim = a.shape
-    rows = a.transpose(0, 2, 1).reshape(heads * head_dim, tokens)  # weight-row order: head-major, then head_dim
-
-    def fixed_by(fn) -> float:
-        back = fn(rows, heads).reshape(heads, head_dim, tokens).transpose(0, 2, 1)
-        return metrics(back, b)["nmse"]
-
-    fixes = {"gguf.unpermute_qk": fixed_by(unpermute_qk), "gguf.permute_qk": fixed_by(permute_qk)}
-    fix = next((name for name, err in fixes.items() if err <= tol), None)
-    return {"sorted_nmse": sorted_nmse, "fixed_by": fix, "nmse_after_fix": fixes}
-
-
-def _qk_hint(tap: str, perm: dict) -> str:
-    which = "Q" if tap.endswith("attn.q") else "K"
-    text = (f"the {which} rows are permuted within heads: every (head, token) row holds the reference's values "
-            "in another order along head_dim (sorted, they agree), so the weights are right but their row layout "
-            "is not: a GGUF's llama.cpp interleaved-pair Q/K layout was not undone (or undone twice). RoPE, the "
-            "scores and everything after them diverge from here")
-    if perm.get("fixed_by") == "gguf.unpermute_qk":
-        text += ("; llama.cpp's inverse permutation (gguf.unpermute_qk, per head) turns these rows into the "
-                 "reference's: the interleaved layout is still in place (not undone, or the file was permuted twice)")
-    elif perm.get("fixed_by") == "gguf.permute_qk":
-        text += ("; llama.cpp's permutation (gguf.permute_qk, per head) turns these rows into the reference's: "
-                 "they were un-permuted once too often (a file that was never permuted, un-permuted on load)")
-    return text
 
 
 def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
@@ -447,31 +358,11 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
-    text = _qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}
-
-
-def _predecessor(tap: str, n_layers: int) -> str | None:
-    """The canonical tap just before `tap` in forward order (its input, for most stages)."""
-    if tap in SHORTCUT_TAPS:
-        return "layers.0.out" if tap == SHORTCUT_NORM else SHORTCUT_NORM
-    names = tap_order(n_layers)
-    i = names.index(tap)
-    return names[i - 1] if i > 0 else None
-
-
-def hint(tap: str, before: dict | None, n_layers: int) -> str:
-    inside = HINTS.get(_stage_key(tap), describe(tap))
-    pred = _predecessor(tap, n_layers)
-    if before is None:
-        return f"the first compared stage already differs: look at {inside}"
-    if before["tap"] == pred:
-        return f"inputs to this stage match, its output does not: the fault is inside {inside}"
-    return (f"the last matching stage is {before['tap']}; the fault is between it and {tap} "
-            f"(stages in between were not compared): start with {inside}")
 
 
 def _first_nonfinite(candidate: Side, order: dict) -> dict | None:
