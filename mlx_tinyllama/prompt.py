@@ -1,4 +1,5 @@
-"""The prompt that the prompt options (cli_common.add_prompt_arguments) name, shared by `run`, `generate`, `paths`, `stability`, `bench` and `tokens`.
+"""The prompt that the prompt options name (cli_common.add_prompt_arguments), shared by
+`run`, `generate`, `paths`, `stability`, `compare` and `tokens`.
 
 Without a prompt option the prompt is the seed's chat prompt (system "You are a
 friendly chatbot." + user "Hello! How are you?" + generation prompt) rendered with

@@ -35,13 +35,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import sources
+from .dtypes import FP16_MAX
 from .errors import UserError
-from .ops import POLICIES
 from .results import PromptRecord, ResultHeader
 from .taps import Taps, split_name, stage_of, tap_names
 from .tolerances import metrics
 
-FP16_MAX = 65504.0
 LOW_DTYPES = ("float16", "bfloat16")
 # Cheapest first: the policy a user's engine needs is the first one that stays sound.
 POLICY_ORDER = ("fp16-pure", "hf", "mixed")
@@ -72,8 +71,7 @@ def parse_list(text: str | None, option: str) -> list[str]:
 
 def check_policies(policies: list[str]) -> list[str]:
     for p in policies:
-        if p not in POLICIES:
-            raise UserError(f"unknown precision policy {p!r}; choose from {', '.join(POLICIES)}")
+        sources.check_policy(p)
     return list(dict.fromkeys(policies))
 
 

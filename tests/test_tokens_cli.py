@@ -10,7 +10,7 @@ import pytest
 
 from mlx_tinyllama.chat_template import SEED_PROMPT
 from mlx_tinyllama.trace import main
-from test_tokenizer import PACKAGED, SEED_IDS, write_tokenizer_dir
+from conftest import PACKAGED, SEED_IDS
 
 
 def run(capsys, *argv):
@@ -84,7 +84,7 @@ def test_token_ids_and_prompt_file(capsys, model_dir, tmp_path):
     assert code == 0 and f"ids: {SEED_IDS}" in out
 
 
-def test_warns_when_tokenizer_json_disagrees(capsys, tmp_path):
+def test_warns_when_tokenizer_json_disagrees(capsys, tmp_path, write_tokenizer_dir):
     d = write_tokenizer_dir(tmp_path, merges_by="vocab")
     code, _, err = run(capsys, "--model", str(d), "--prompt", "<s> bos")
     assert code == 0 and "warning: --tokenizer hf (tokenizer.json) gives different ids" in err

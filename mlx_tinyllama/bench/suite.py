@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime
 from dataclasses import asdict
 
-from ..results import ResultHeader
 from ..errors import UserError
+from ..results import ResultHeader
 from .timing import Settings, alternate, progress, summarize, synthetic_ids, validate
 from .engines import TorchEngine, mlx_lm_engine, ours_engine
 from .devices import bandwidth, check_metal_capture, device_report, metal_capture, weight_bytes

@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     cli_common.add_prompt_arguments(p)
     p.add_argument("--compare-ids", metavar="1,529,...",
                    help="another engine's ids for this prompt: align them with ours and name each difference")
-    p.add_argument("--json", metavar="PATH", help="write the prompt {ids, pieces, text, source} (and the alignment) as JSON")
+    p.add_argument("--json", metavar="PATH",
+                   help="write the prompt {ids, pieces, text, source} (and the alignment) as JSON")
 
 
 def _tokenizer_location(spec: str) -> Path:

@@ -25,9 +25,11 @@ def expected_shape(tap: str, cfg: dict, n_tokens: int) -> tuple[int, ...]:
 
 
 def unpermute_gguf(x: np.ndarray) -> np.ndarray:
-    """GGUF stores Q/K rows of each head as interleaved pairs (gguf[2i+h] = hf[h*D/2+i]); undo on the last axis."""
-    D = x.shape[-1]
-    return x.reshape(*x.shape[:-1], D // 2, 2).swapaxes(-1, -2).reshape(x.shape)
+    """GGUF stores Q/K rows of each head as interleaved pairs (gguf[2i+h] = hf[h*D/2+i]); undo it
+    on the last axis (one head's D values): gguf.unpermute_qk, the weights' own, with one head."""
+    from ..gguf import unpermute_qk  # lazy: gguf.py imports MLX
+
+    return np.moveaxis(unpermute_qk(np.moveaxis(x, -1, 0), 1), 0, -1)
 
 
 QK_TAPS = ("attn.q", "attn.k", "attn.q_rope", "attn.k_rope")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..outputs import number
 from .side import Item, Selector, Side, is_known_tap
 from .seed import SEED_FORMAT, topk_value, seed_entries, seed_format_of, side_from_entries
 from .llamacpp import map_name, parse_llamacpp_log
@@ -139,7 +140,7 @@ def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
         for field_name, sel in (("first", Selector("row", 0, (0, 3))), ("last", Selector("row", -1, (0, 3))),
                                 ("sum", Selector("sum"))):
             if field_name in stats:
-                value = np.asarray(_num(stats[field_name]), np.float64)
+                value = np.asarray(_numbers(stats[field_name]), np.float64)
                 if sel.kind == "row":
                     sel = Selector("row", sel.row, (0, value.size))
                 side.items.append(Item(tap, sel, value, key=f"taps.{their}.{field_name}"))
@@ -149,13 +150,9 @@ def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
     return side
 
 
-def _num(v):
-    """JSON writes NaN/Inf as strings (cli_common.write_json)."""
-    if isinstance(v, list):
-        return [_num(x) for x in v]
-    if isinstance(v, str):
-        return float(v)
-    return v
+def _numbers(v):
+    """Numbers as a stats JSON holds them (outputs.json_safe writes NaN/Inf as strings)."""
+    return [number(x) for x in v] if isinstance(v, list) else number(v)
 
 
 def read_tensor_file(path: Path) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ from pathlib import Path
 from ..outputs import check_dir, check_file, json_safe
 from .blocks import Section, infer_layers
 from .observe import DEFAULT_ATTENTION_HEADS, Observation, choose, observe
-from .sections import attention_section, magnitude_section, page_header, pieces_of, prompt_of, tokenizer_of, top_k_section
+from .sections import (attention_section, magnitude_section, page_header, pieces_of, prompt_of, tokenizer_of,
+                       top_k_section)
 
 
 # ---------------------------------------------------------------------------

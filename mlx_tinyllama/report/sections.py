@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from ..dtypes import FP16_MAX
 from ..errors import UserError
 from ..formatting import fmt
 from ..outputs import number
@@ -107,7 +108,7 @@ def magnitude_data(stats: dict[str, dict], n_layers: int) -> tuple[list[dict], d
 
 
 def magnitude_section(stats: dict[str, dict], n_layers: int, source: str) -> Section:
-    from ..plots import FP16_MAX, magnitude_figure
+    from ..plots import magnitude_figure
 
     sec = Section("magnitudes", "Per-layer magnitudes")
     panels, globals_ = magnitude_data(stats, n_layers)
