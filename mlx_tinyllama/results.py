@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import UserError
+
 SCHEMA = 1
 
 
@@ -45,17 +47,15 @@ class ResultHeader:
                kernels: str | None = None) -> ResultHeader:
         """The header of a run of `lm` on `prompt` on this machine; dtype, policy and kernels
         default to the model's own."""
-        from .runtime import device_description, model_header, versions
+        from .runtime import model_header
 
         return cls(command, model_header(lm), dtype or lm.dtype, policy or lm.ops.policy, kernels or lm.ops.kernels,
-                   device_description(), versions(), PromptRecord.of(prompt) if prompt is not None else None)
+                   *_this_machine(), PromptRecord.of(prompt) if prompt is not None else None)
 
     @classmethod
     def without_model(cls, command: str, dtype: str | None, prompt: PromptRecord | None) -> ResultHeader:
         """The header of a result that ran no model here (a comparison of two stored files)."""
-        from .runtime import device_description, versions
-
-        return cls(command, None, dtype, None, None, device_description(), versions(), prompt)
+        return cls(command, None, dtype, None, None, *_this_machine(), prompt)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -63,7 +63,17 @@ class ResultHeader:
 
     @classmethod
     def from_dict(cls, d: dict) -> ResultHeader:
-        """A result's header (the keys above; a result of another schema is refused by the caller)."""
-        p = d.get("prompt")
-        return cls(d["command"], d.get("model"), d.get("dtype"), d.get("policy"), d.get("kernels"), d["device"],
-                   d.get("versions") or {}, PromptRecord(**p) if p else None, d.get("schema", SCHEMA))
+        """A result's header; a result of another schema (or none) is a UserError."""
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            found = d.get("schema") if isinstance(d, dict) else None
+            raise UserError(f"not a schema-{SCHEMA} result (its schema: {found}); docs/json.md has the keys")
+        p = d["prompt"]
+        return cls(d["command"], d["model"], d["dtype"], d["policy"], d["kernels"], d["device"], d["versions"],
+                   PromptRecord(**p) if p else None, d["schema"])
+
+
+def _this_machine() -> tuple[str, dict]:
+    """The device this runs on and the library versions: the pair every header records."""
+    from .runtime import device_description, versions
+
+    return device_description(), versions()

@@ -41,3 +41,16 @@ def test_every_command_json_starts_with_the_header(tmp_path):
         assert result["prompt"]["ids"] == SEED_IDS and result["prompt"]["source"] == "seed chat prompt", command
         assert (result["model"] is None) == (command == "tokens"), command
         assert not {"tokens", "prompt_ids", "ids", "divergence", "first_divergence_detail"} & set(result), command
+
+
+def test_a_result_of_another_schema_is_refused_in_one_line():
+    import pytest
+
+    from mlx_tinyllama import report
+    from mlx_tinyllama.errors import UserError
+
+    old = {"tokens": [1, 2, 3], "status": "match", "first_divergence": None, "entries": []}  # before schema 1
+    with pytest.raises(UserError, match="not a schema-1 result"):
+        ResultHeader.from_dict(old)
+    with pytest.raises(UserError, match="not a schema-1 result"):
+        report.compare_report(old, None)
