@@ -66,12 +66,16 @@ def permuted(a: np.ndarray, b: np.ndarray, budget: float) -> tuple[int, ...] | N
 
 
 def _zero_tail(a2: np.ndarray, b2: np.ndarray, budget: float) -> int | None:
-    """R such that rows R.. of a are all zero (not all of b's), rows before R match."""
+    """R such that rows R.. of a are all zero (not all of b's), hold most of the error, and
+    rows before R match."""
     zero = ~a2.any(axis=1)
     if not zero.any() or not zero[-1]:
         return None
     R = len(zero) - int(np.argmin(zero[::-1])) if not zero.all() else 0
     if not b2[R:].any():
+        return None
+    err = (a2 - b2) ** 2
+    if err[R:].sum() < 0.5 * err.sum():  # a zero tail that is not where the error is
         return None
     return R if R == 0 or matches(a2[:R], b2[:R], budget) else None
 
