@@ -19,7 +19,7 @@ from mlx_tinyllama.vectors import engine as mlx_engine
 from mlx_tinyllama.vectors import patterns
 from mlx_tinyllama.vectors.check import check, check_case
 from mlx_tinyllama.vectors.runner import run_engine
-from mlx_tinyllama.vectors.store import Vectors
+from mlx_tinyllama.vectors.store import Vectors, to_numpy
 from mlx_tinyllama.vectors.write import write_vectors
 
 MODEL = "synthetic:small"  # 256 hidden, 688 intermediate, 8 heads, 2 KV heads, 32000 vocabulary
@@ -40,7 +40,7 @@ def vector_dirs(tmp_path_factory, small_dir) -> dict[str, Vectors]:
 def _check(vectors: Vectors, engine, ops=None) -> dict:
     results, skipped = run_engine(vectors, engine, ops)
     assert not skipped
-    return check(vectors, {k: mlx_engine.to_numpy(v) for k, v in results.items()}, ops)
+    return check(vectors, {k: to_numpy(v) for k, v in results.items()}, ops)
 
 
 def _op(result: dict, op: str) -> dict:

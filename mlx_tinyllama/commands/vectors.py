@@ -38,6 +38,8 @@ def add_arguments(p) -> None:
                    help="module:function or path/to/file.py:function (e.g. mlx_tinyllama.vectors.engine:fused)")
     r.add_argument("--out", required=True, metavar="RESULTS.safetensors", help="where to write the outputs")
     r.add_argument("--ops", metavar="LIST", help="only these ops, comma-separated (e.g. matmul,rope)")
+    r.add_argument("--cases", metavar="GLOBS", help="only cases whose names match, comma-separated "
+                                                   "(e.g. 'matmul.*.M33,rope.*')")
     r.set_defaults(_vectors=_run)
 
     c = sub.add_parser("check", help="compare an engine's results with the golden outputs; name the failures",
@@ -47,6 +49,7 @@ def add_arguments(p) -> None:
     c.add_argument("--results", required=True, metavar="RESULTS.safetensors",
                    help="the engine's outputs, keyed by the manifest's output keys")
     c.add_argument("--ops", metavar="LIST", help="only these ops, comma-separated")
+    c.add_argument("--cases", metavar="GLOBS", help="only cases whose names match, comma-separated")
     c.add_argument("--json", metavar="OUT.json", help="write the full result (every case) as JSON")
     c.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML page of the result")
     c.add_argument("--all", action="store_true", help="list every case, not only the failing ones")
@@ -57,13 +60,14 @@ def main(args) -> int:
     return args._vectors(args)
 
 
-def _ops(text: str | None) -> list[str] | None:
+def _list(text: str | None, option: str) -> list[str] | None:
     if text is None:
         return None
-    ops = [t.strip() for t in text.split(",") if t.strip()]
-    if not ops:
-        raise UserError("--ops: give op names, comma-separated, e.g. matmul,rope")
-    return ops
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"{option}: give names, comma-separated, e.g. {option} "
+                        + ("matmul,rope" if option == "--ops" else "'matmul.*.M33'"))
+    return items
 
 
 def _write(args) -> int:
@@ -73,8 +77,9 @@ def _write(args) -> int:
     counts: dict[str, int] = {}
     for case in manifest["cases"]:
         counts[case["op"]] = counts.get(case["op"], 0) + 1
+    size = sum(p.stat().st_size for p in Path(args.dir).iterdir())
     print(f"wrote {len(manifest['cases'])} cases ({manifest['dtype']}, model {args.model}"
-          f"{', quick' if args.quick else ''}) to {args.dir}: "
+          f"{', quick' if args.quick else ''}) to {args.dir} ({size / 1e6:.0f} MB): "
           + ", ".join(f"{op} {n}" for op, n in counts.items()))
     return 0
 
@@ -86,7 +91,7 @@ def _run(args) -> int:
     vectors = Vectors(args.dir)
     refuse_overwrite(args.out, vectors.paths(), "--out")
     engine = load_engine(args.engine)
-    results, skipped = run_engine(vectors, engine, _ops(args.ops))
+    results, skipped = run_engine(vectors, engine, _list(args.ops, "--ops"), _list(args.cases, "--cases"))
     write_results(args.out, results, vectors)
     print(f"wrote {len(results)} outputs of {args.engine} to {args.out}"
           + (f"; not implemented by the engine: {', '.join(skipped)}" if skipped else ""))
@@ -104,7 +109,7 @@ def _check(args) -> int:
     protected = vectors.paths() + [Path(args.results)]
     refuse_overwrite(args.json, protected, "--json")
     refuse_overwrite(args.report, protected, "--report")
-    result = check(vectors, load_results(args.results), _ops(args.ops))
+    result = check(vectors, load_results(args.results), _list(args.ops, "--ops"), _list(args.cases, "--cases"))
     result["results"] = str(args.results)
     if args.json:
         atomic_write_bytes(Path(args.json), lambda tmp: cli_common.write_json(tmp, result))
@@ -121,12 +126,13 @@ def print_result(result: dict, show_all: bool = False) -> None:
 
     con = cli_common.console()
     t = Table(title=f"{result['vectors']} ({result['dtype']}, model {result['model']['spec']}): per op")
-    for col in ("op", "cases", "failed", "status", "first failing shape", "pattern", "detail", "worst NMSE/tol"):
-        t.add_column(col, justify="right" if col in ("cases", "failed", "worst NMSE/tol") else "left")
+    numeric = ("cases", "failed", "worst NMSE/tol", "worst NMSE/u²")
+    for col in ("op", "cases", "failed", "status", "first failing shape", "pattern", "detail") + numeric[2:]:
+        t.add_column(col, justify="right" if col in numeric else "left")
     for s in result["ops"]:
         t.add_row(s["op"], str(s["cases"]), str(s["failed"]), "pass" if s["pass"] else "FAIL",
                   s["first_failing_shape"] or "", s["pattern"] or "", s["detail"] or "", fmt(s["worst_ratio"]),
-                  style=None if s["pass"] else "bold red")
+                  fmt(s["worst_nmse_u2"]), style=None if s["pass"] else "bold red")
     con.print(t)
     rows = [c for c in result["cases"] if show_all or not c["pass"]]
     if rows:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 import numpy as np
 
+from ..ops import Ops
 from .inputs import LAYER, Activations, ModelWeights
 
 M_VALUES = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 38, 39, 63, 64, 65, 127, 128, 129, 255, 256, 257,
@@ -224,9 +226,6 @@ def embedding_cases(w: ModelWeights, act: Activations, quick: bool) -> list[Case
 
 def build(w: ModelWeights, act: Activations, quick: bool, dtype_min: float) -> list[Case]:
     """Every case, in manifest order (ops in forward-pass order, shapes ascending within an op)."""
-    from ..ops import Ops
-    import mlx.core as mx
-
     final = np.array(Ops("hf", "explicit").rms_norm(mx.array(act.embed), mx.array(w.tensors["model.norm.weight"]),
                                                     w.config.rms_norm_eps))
     return (embedding_cases(w, act, quick) + rms_norm_cases(w, act, quick) + matmul_cases(w, act, final, quick)

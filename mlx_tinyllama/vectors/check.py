@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..tolerances import MASKED_BELOW, metrics
+from ..tolerances import MASKED_BELOW, metrics, unit_roundoff
 from . import patterns
 from .engine import golden
 from .store import Vectors, read_safetensors, to_numpy
@@ -72,7 +72,9 @@ def check_case(vectors: Vectors, case: dict, result: np.ndarray) -> dict:
                       "detail": f"shape {list(a.shape)}: the golden output with axes {list(perm)}"}
     m = metrics(a, b, masked=case["op"] in MASKED_OPS)
     ok = m["nmse"] <= budget and m["nonfinite"] == 0 and m["mask_mismatch"] == 0
+    u = unit_roundoff(case["dtype"])
     row.update({"pass": bool(ok), "nmse": m["nmse"], "ratio": m["nmse"] / budget if budget else None,
+                "nmse_u2": m["nmse"] / u ** 2, "kappa": case["tolerance"]["kappa"],
                 "max_abs": m["max_abs"], "nonfinite": m["nonfinite"], "mask_mismatch": m["mask_mismatch"]})
     if not ok:
         op = case["op"]
@@ -87,8 +89,9 @@ def load_results(path) -> dict[str, np.ndarray]:
     return {k: to_numpy(v) for k, v in read_safetensors(Path(path), "--results").items()}
 
 
-def check(vectors: Vectors, results: dict[str, np.ndarray], ops: list[str] | None = None) -> dict:
-    cases = vectors.select(ops)
+def check(vectors: Vectors, results: dict[str, np.ndarray], ops: list[str] | None = None,
+          names: list[str] | None = None) -> dict:
+    cases = vectors.select(ops, names)
     missing = [c["output"] for c in cases if c["output"] not in results]
     if missing:
         raise UserError(f"results lack {len(missing)} of the {len(cases)} outputs checked, e.g. "
@@ -111,6 +114,10 @@ def check(vectors: Vectors, results: dict[str, np.ndarray], ops: list[str] | Non
                         "first_failing_shape": first["shape"] if first else None,
                         "pattern": first["pattern"] if first else None, "detail": first["detail"] if first else None,
                         "patterns": sorted({r["pattern"] for r in failed}),
-                        "worst_ratio": max((r.get("ratio") or 0.0 for r in op_rows), default=0.0)})
+                        "worst_ratio": max((r.get("ratio") or 0.0 for r in op_rows), default=0.0),
+                        # NMSE in squared units of the dtype's roundoff: the measure behind KERNEL_ROUND
+                        "worst_nmse_u2": max((r.get("nmse_u2") or 0.0 for r in op_rows), default=0.0),
+                        "worst_nmse_u2_per_kappa2": max((r["nmse_u2"] / r["kappa"] ** 2 for r in op_rows
+                                                         if r.get("kappa")), default=None)})
     return {"vectors": str(vectors.dir), "dtype": vectors.manifest["dtype"], "model": vectors.manifest["model"],
             "pass": all(s["pass"] for s in summary), "ops": summary, "cases": rows, "ignored_keys": unknown}

@@ -39,7 +39,7 @@ def query_mask(ops: Ops, T: int, S: int, offset: int, dtype) -> mx.array | None:
     return mx.concatenate([mask, pad], axis=1)
 
 
-def _scores(ops: Ops, q, k, params, dtype, masked: bool = True) -> mx.array:
+def _scores(ops: Ops, q, k, params, masked: bool = True) -> mx.array:
     """Scaled, masked scores [1, H, T, S] the way model.Attention.probs computes them."""
     T, S = q.shape[2], k.shape[2]
     s = ops.scale(ops.qk(q, k), params["scale"])
@@ -62,7 +62,7 @@ def run_op(ops: Ops, op: str, inputs: dict, params: dict, dtype) -> mx.array:
         rope = Rope.make(params["head_dim"], params["theta"], params.get("position_scale", 1.0))
         out = ops.rope(a["x"][None], params["offset"], rope)[0]
     elif op == "scores":
-        out = _scores(ops, a["q"][None], a["k"][None], params, dtype, params.get("masked", True))[0]
+        out = _scores(ops, a["q"][None], a["k"][None], params, params.get("masked", True))[0]
     elif op == "softmax":
         out = ops.softmax(a["x"], dtype)
     elif op == "sdpa":
@@ -71,7 +71,7 @@ def run_op(ops: Ops, op: str, inputs: dict, params: dict, dtype) -> mx.array:
         if ops.fused and params.get("offset", S - T) == S - T and params.get("masked", True):
             out = ops.fused_attention(q, k, v, params["scale"])[0]
         else:
-            probs = ops.softmax(_scores(ops, q, k, params, dtype, params.get("masked", True)), dtype)
+            probs = ops.softmax(_scores(ops, q, k, params, params.get("masked", True)), dtype)
             out = ops.pv(probs, v)[0]
     elif op == "silu":
         out = ops.silu(a["x"])
@@ -98,13 +98,6 @@ def golden(op: str, inputs: dict, params: dict) -> np.ndarray:
         x, w = np.asarray(inputs["x"], np.float64), np.asarray(inputs["w"], np.float64)
         return (x @ w.T).astype(np.float32)
     return np.array(run_op(_GOLDEN_OPS, op, inputs, params, mx.float32))
-
-
-def to_numpy(out) -> np.ndarray:
-    """An engine's output as NumPy (MLX bfloat16 goes through float32, exactly)."""
-    if isinstance(out, mx.array):
-        return np.array(out.astype(mx.float32) if out.dtype == mx.bfloat16 else out)
-    return np.asarray(out)
 
 
 def _engine(kernels: str):

@@ -15,8 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
-from .engine import to_numpy
-from .store import Vectors, save_safetensors
+from .store import Vectors, save_safetensors, to_numpy
 
 
 def load_engine(spec: str):
@@ -53,11 +52,12 @@ def _stored(out) -> mx.array:
     return mx.array(arr.astype(np.float32) if arr.dtype == np.float64 else arr)
 
 
-def run_engine(vectors: Vectors, engine, ops: list[str] | None = None, progress=None) -> tuple[dict, list[str]]:
+def run_engine(vectors: Vectors, engine, ops: list[str] | None = None, names: list[str] | None = None,
+               progress=None) -> tuple[dict, list[str]]:
     """Outputs keyed by the manifest's output keys, and the ops the engine does not implement."""
     results: dict[str, mx.array] = {}
     skipped: list[str] = []
-    cases = vectors.select(ops)
+    cases = vectors.select(ops, names)
     for i, case in enumerate(cases):
         if case["op"] in skipped:
             continue

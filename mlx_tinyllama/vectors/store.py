@@ -8,6 +8,7 @@ shape) and says so in one line (UserError).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
@@ -72,9 +73,12 @@ def read_safetensors(path: Path, what: str) -> dict[str, mx.array]:
         raise UserError(f"{what}: cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
 
 
-def to_numpy(a: mx.array) -> np.ndarray:
-    """float16/float32/int as they are; bfloat16 as float32 (exact: NumPy has no bfloat16)."""
-    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
+def to_numpy(a) -> np.ndarray:
+    """An MLX or NumPy array as NumPy: float16/float32/int as they are; MLX bfloat16 as float32
+    (exact: NumPy has no bfloat16)."""
+    if isinstance(a, mx.array):
+        return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
+    return np.asarray(a)
 
 
 def load_manifest(directory) -> dict:
@@ -135,11 +139,17 @@ class Vectors:
     def golden(self, case: dict) -> np.ndarray:
         return to_numpy(self._tensor(case, case["output"], case["shapes"]["y"])).astype(np.float32)
 
-    def select(self, ops: list[str] | None) -> list[dict]:
-        if not ops:
-            return list(self.cases)
-        known = {c["op"] for c in self.cases}
-        unknown = [o for o in ops if o not in known]
-        if unknown:
-            raise UserError(f"--ops: {', '.join(unknown)} not in the manifest; ops: {', '.join(sorted(known))}")
-        return [c for c in self.cases if c["op"] in ops]
+    def select(self, ops: list[str] | None = None, names: list[str] | None = None) -> list[dict]:
+        """The cases of `ops` (all if None) whose names match one of the globs `names` (all if None)."""
+        cases = list(self.cases)
+        if ops:
+            known = {c["op"] for c in self.cases}
+            unknown = [o for o in ops if o not in known]
+            if unknown:
+                raise UserError(f"--ops: {', '.join(unknown)} not in the manifest; ops: {', '.join(sorted(known))}")
+            cases = [c for c in cases if c["op"] in ops]
+        if names:
+            cases = [c for c in cases if any(fnmatch.fnmatchcase(c["name"], g) for g in names)]
+            if not cases:
+                raise UserError(f"--cases {','.join(names)} matches no case (names look like matmul.q_proj.M33)")
+        return cases
