@@ -399,3 +399,14 @@ def test_bad_inputs_are_one_line_and_exit_2(vector_dirs, tmp_path, capsys):
         assert rc == 2, what
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (what, err)
     assert not (tmp_path / "new").exists()
+
+
+def test_inputs_from_a_gguf_file_equal_those_from_the_hf_directory(tiny_dir, tmp_path):
+    from mlx_tinyllama.gguf_write import convert
+    from mlx_tinyllama.vectors.inputs import USED, load_weights
+
+    convert(tiny_dir, tmp_path / "tiny.gguf", out_type="f16")
+    from_dir, from_gguf = load_weights(str(tiny_dir)), load_weights(str(tmp_path / "tiny.gguf"))
+    assert from_gguf.config == from_dir.config and from_gguf.description["format"] == "gguf"
+    for name in USED + ("lm_head.weight",):  # Q/K un-permuted by the GGUF reader: the same matrices
+        np.testing.assert_array_equal(from_gguf.tensors[name], from_dir.tensors[name])
