@@ -410,3 +410,15 @@ def test_inputs_from_a_gguf_file_equal_those_from_the_hf_directory(tiny_dir, tmp
     assert from_gguf.config == from_dir.config and from_gguf.description["format"] == "gguf"
     for name in USED + ("lm_head.weight",):  # Q/K un-permuted by the GGUF reader: the same matrices
         np.testing.assert_array_equal(from_gguf.tensors[name], from_dir.tensors[name])
+
+
+def test_weight_read_as_in_out_is_named_transposed(vector_dirs):
+    def engine(op, inputs, params):  # x @ w: a [in, out] weight layout on an HF [out, in] checkpoint
+        return nk.round_to(np.asarray(inputs["x"], np.float32) @ np.asarray(inputs["w"], np.float32), params["dtype"])
+
+    vectors = vector_dirs["float16"]
+    results, _ = run_engine(vectors, engine, ["matmul"], ["matmul.q_proj.*"])
+    result = check(vectors, {k: to_numpy(v) for k, v in results.items()}, ["matmul"], ["matmul.q_proj.*"])
+    s = _op(result, "matmul")
+    assert (s["first_failing"], s["pattern"], s["failed"]) == ("matmul.q_proj.M1", "transposed", s["cases"])
+    assert "w read as [in, out]" in s["detail"]
