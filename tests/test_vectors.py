@@ -377,7 +377,13 @@ def _bad_inputs(vectors: Vectors, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "something.txt").write_text("x")
+    broken, other = tmp_path / "broken", tmp_path / "other"
+    for directory, content in ((broken, "{"), (other, json.dumps({"format": "something else"}))):
+        directory.mkdir()
+        (directory / "manifest.json").write_text(content)
     return {
+        "manifest not JSON": (["check", broken, "--results", renamed], "not valid JSON"),
+        "not a vectors manifest": (["check", other, "--results", renamed], "not a vectors manifest"),
         "missing manifest": (["check", empty, "--results", renamed], "has no manifest.json"),
         "wrong keys": (["check", d, "--results", renamed, "--ops", "add"], "results lack 2 of the 2 outputs"),
         "shape mismatch": (["check", d, "--results", wrong_shape, "--ops", "add"], "has shape"),

@@ -10,12 +10,13 @@ and the documented patterns need (M = 16/17, 32/33, T = 1, S = 1 and 2048).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from ..ops import Ops
+from .engine import golden
 from .inputs import LAYER, Activations, ModelWeights
 
 M_VALUES = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 38, 39, 63, 64, 65, 127, 128, 129, 255, 256, 257,
@@ -67,8 +68,7 @@ class Case:
     params: dict
     inputs: dict[str, tuple[str, np.ndarray]]
     reduction: int  # n of the tolerance rule (tolerances.kernel_nmse_budget)
-    label: str  # the shape in words, e.g. "M=33 K=2048 N=2048"
-    extra: dict = field(default_factory=dict)
+    label: str  # the shape in words, e.g. "q_proj M=33 K=2048 N=2048"
 
     @property
     def family(self) -> str:
@@ -155,8 +155,6 @@ def _attention_shapes(quick: bool) -> list[tuple[int, int]]:
 
 
 def attention_cases(w: ModelWeights, act: Activations, quick: bool, dtype_min: float) -> list[Case]:
-    from .engine import golden
-
     cfg = w.config
     H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     cases = []

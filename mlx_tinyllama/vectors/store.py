@@ -102,6 +102,8 @@ def load_manifest(directory) -> dict:
         raise UserError(f"{path} lists no cases")
     for i, case in enumerate(cases):
         missing = [f for f in CASE_FIELDS if not isinstance(case, dict) or f not in case]
+        if not missing and not all(k in (case["tolerance"] or {}) for k in ("nmse", "n", "kappa")):
+            missing = ["tolerance.nmse/n/kappa"]
         if missing:
             raise UserError(f"{path}: case {i} lacks {', '.join(missing)}")
     return manifest
