@@ -17,7 +17,7 @@ TEMPLATE = """<!DOCTYPE html>
  .ok { background: #dff3e4; color: #1e7b34; } .bad { background: #fdecea; color: #b3261e; }
  section { background: #fff; border: 1px solid #d8dee6; border-radius: 8px; padding: 14px 20px; margin: 16px 0; }
  table { border-collapse: collapse; font-size: 12.5px; } th, td { padding: 3px 8px; border-bottom: 1px solid #eef1f4; text-align: left; }
- th { background: #eef2f7; } td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospace; }
+ th { background: #eef2f7; } td.num { text-align: right; white-space: nowrap; font-family: ui-monospace, Menlo, Consolas, monospace; }
  tr.fail td { background: #fdecea; color: #b3261e; } code { font-size: 12.5px; }
 </style></head><body>
 <header><h1>Kernel conformance vectors</h1>
