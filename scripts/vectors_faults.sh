@@ -15,6 +15,7 @@ trace() { python -m mlx_tinyllama.trace vectors "$@"; }
 mkdir -p "$out"
 trace write "$out/vectors" --model "$model" --dtype "$dtype" --quick || exit 2
 for engine in mlx_tinyllama.vectors.engine:fused mlx_tinyllama.vectors.engine:explicit \
+              mlx_tinyllama.vectors.engine:fp16_pure \
               tests/numpy_kernels.py:clean tests/numpy_kernels.py:drop_partial_tile \
               tests/numpy_kernels.py:zero_rows_from_32 tests/numpy_kernels.py:fp16_accumulation \
               tests/numpy_kernels.py:softmax_no_max tests/numpy_kernels.py:rope_offset_by_one \

@@ -428,3 +428,11 @@ def test_weight_read_as_in_out_is_named_transposed(vector_dirs):
     s = _op(result, "matmul")
     assert (s["first_failing"], s["pattern"], s["failed"]) == ("matmul.q_proj.M1", "transposed", s["cases"])
     assert "w read as [in, out]" in s["detail"]
+
+
+def test_rms_norm_squaring_in_fp16_is_named_an_overflow(vector_dirs):
+    """The project's fp16-pure policy computes x² in fp16: fine on ordinary rows, inf above 256."""
+    result = _check(vector_dirs["float16"], mlx_engine.fp16_pure, ["rms_norm"])
+    s = _op(result, "rms_norm")
+    assert (s["first_failing"], s["pattern"], s["failed"]) == ("rms_norm.large", "overflow_nonfinite", 1)
+    assert "overflows to inf" in s["detail"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
 from ..tolerances import MASKED_BELOW, metrics, unit_roundoff
 from . import patterns
-from .engine import golden
+from ..ops import Ops
+from .engine import golden, run_op
 from .store import Vectors, read_safetensors, to_numpy
 
 MASKED_OPS = ("scores",)  # outputs that hold masked positions (any value <= -32752, or -inf)
@@ -35,6 +37,10 @@ def hypotheses(case: dict, inputs: dict) -> list[tuple[str, str, np.ndarray]]:
     if op in ("scores", "sdpa"):
         alts.append(("mask_missing", "matches the output without the causal mask", dict(params, masked=False)))
     out = [(pattern, detail, golden(op, inputs, alt_params).astype(np.float64)) for pattern, detail, alt_params in alts]
+    if op == "rms_norm" and case["dtype"] == "float16":  # x² overflows fp16 above 256: inf variance, zero rows
+        alt = run_op(Ops("fp16-pure", "explicit"), op, inputs, params, mx.float16)
+        out.append(("overflow_nonfinite", "matches x² computed in float16: above |x| = 256 it overflows to inf "
+                                          "(the variance is inf, the row becomes 0)", to_numpy(alt).astype(np.float64)))
     if op == "matmul" and case["shapes"]["w"][0] == case["shapes"]["w"][1]:
         alt = np.asarray(inputs["x"], np.float64) @ np.asarray(inputs["w"], np.float64)
         out.append(("transposed", "matches x @ w: w read as [in, out], not [out, in]", alt))

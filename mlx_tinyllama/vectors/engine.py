@@ -7,7 +7,8 @@ Layouts have no batch axis: activations are [T, hidden], attention tensors [head
 
 - `golden` runs the explicit ops in float32 (matmul in float64 NumPy): the reference values.
 - `fused` and `explicit` run the ops in the case's dtype through `Ops(kernels=...)`, exactly
-  as model.py calls them: `vectors run DIR --engine mlx_tinyllama.vectors.engine:fused`.
+  as model.py calls them: `vectors run DIR --engine mlx_tinyllama.vectors.engine:fused`;
+  `fp16_pure` runs them under the fp16-pure precision policy (RMSNorm's x² in the model dtype).
 """
 
 from __future__ import annotations
@@ -100,15 +101,16 @@ def golden(op: str, inputs: dict, params: dict) -> np.ndarray:
     return np.array(run_op(_GOLDEN_OPS, op, inputs, params, mx.float32))
 
 
-def _engine(kernels: str):
-    ops = Ops("hf", kernels)
+def _engine(policy: str, kernels: str):
+    ops = Ops(policy, kernels)
 
     def engine(op: str, inputs: dict, params: dict) -> mx.array:
         return run_op(ops, op, inputs, params, MX_DTYPES[params["dtype"]])
 
-    engine.__doc__ = f"The project's ops with kernels={kernels!r}, in the case's dtype."
+    engine.__doc__ = f"The project's ops, policy {policy!r}, kernels {kernels!r}, in the case's dtype."
     return engine
 
 
-fused = _engine("fused")
-explicit = _engine("explicit")
+fused = _engine("hf", "fused")
+explicit = _engine("hf", "explicit")
+fp16_pure = _engine("fp16-pure", "explicit")  # every op in the model dtype, as a naive engine (ops.py)

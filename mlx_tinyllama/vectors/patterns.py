@@ -2,7 +2,8 @@
 
 Each name says what kind of bug to look for (docs/vectors.md has the list with causes):
 
-    overflow_nonfinite      NaN/Inf where the golden output is finite
+    overflow_nonfinite      NaN/Inf where the golden output is finite, or an overflow recognised by
+                            its output (RMSNorm's x² in fp16: rows of zeros)
     wrong_offset            matches the golden output at another position (RoPE offset, mask row)
     mask_missing            matches the golden output without the causal mask
     transposed              matches a transposed output, or w read as [in, out]
