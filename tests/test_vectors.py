@@ -37,10 +37,10 @@ def vector_dirs(tmp_path_factory, small_dir) -> dict[str, Vectors]:
     return out
 
 
-def _check(vectors: Vectors, engine, ops=None) -> dict:
-    results, skipped = run_engine(vectors, engine, ops)
+def _check(vectors: Vectors, engine, ops=None, names=None) -> dict:
+    results, skipped = run_engine(vectors, engine, ops, names)
     assert not skipped
-    return check(vectors, {k: to_numpy(v) for k, v in results.items()}, ops)
+    return check(vectors, {k: to_numpy(v) for k, v in results.items()}, ops, names)
 
 
 def _op(result: dict, op: str) -> dict:
@@ -103,7 +103,8 @@ def test_matmul_zeroing_rows_from_32(vector_dirs):
 
 
 def test_matmul_accumulating_in_fp16(vector_dirs):
-    result = _check(vector_dirs["float16"], nk.fp16_accumulation, ["matmul"])
+    # NumPy's fp16 loop is slow: M = 1 and 33 of every projection (K = 256 and 688)
+    result = _check(vector_dirs["float16"], nk.fp16_accumulation, ["matmul"], ["matmul.*.M1", "matmul.*.M33"])
     s = _op(result, "matmul")
     assert not s["pass"] and s["pattern"] == "accumulation_precision" and s["patterns"] == ["accumulation_precision"]
     assert s["first_failing_shape"].startswith("q_proj M=")
