@@ -161,6 +161,55 @@ class Tolerances:
 
 
 # ---------------------------------------------------------------------------
+# One kernel against its golden output (conformance vectors: mlx_tinyllama/vectors, docs/vectors.md)
+#
+# A vector feeds one op inputs that are exact in the case's dtype and compares its output with
+# a float32 (matmul: float64) golden output of the same inputs. Nothing upstream adds error and
+# nothing compounds over depth, so the budget is that of one op, tighter than a stage's above:
+#
+#     nmse  <=  KERNEL_SAFETY * (KERNEL_ROUND * u_dtype**2  +  n * u_fp32**2)  +  kappa**2 * u_dtype**2
+#
+# - u_dtype**2: the op's roundings to its dtype. One rounding gives NMSE <= u**2/3 (uniform
+#   relative error); a correct op rounds its output and may round an intermediate (RMSNorm's
+#   normalized row, SDPA's scores and probabilities, RoPE's cos/sin). KERNEL_ROUND = 1 covers
+#   them: measured worst 1.02 u**2 (the scores in fp16: Q.K^T and the scale both rounded), 0.2-0.8
+#   for the other ops, with the project's fused and explicit kernels (docs/vectors.md).
+# - kappa**2 * u_dtype**2: an intermediate rounding amplified by the exp() after it. An engine
+#   that rounds the scores to its dtype (transformers does, at fp16) turns their absolute error
+#   (at most |s| u) into a relative error of the probabilities, so for SDPA kappa = the largest
+#   |scaled score| of the case (from the golden scores); 0 for every other op. A bound, not an
+#   estimate (errors of many keys average out): measured 0.19 kappa**2 u**2 at most (bf16,
+#   explicit kernels), so it takes no safety factor.
+# - n * u_fp32**2: float32 arithmetic in an order other than the golden's. The rounding errors
+#   of a sum of n terms walk randomly: NMSE ~ n u**2 / 6. n = the reduction length (K for a
+#   matmul, the row for RMSNorm, S for softmax and SDPA, head_dim for the scores); for RoPE,
+#   n = (largest position + 1)**2: the float32 angle position * frequency carries an absolute
+#   error ~ position * u_fp32.
+# - KERNEL_SAFETY: headroom over the worst correct op (NMSE / tolerance <= 0.18 measured over
+#   fp32/fp16/bf16, fused, explicit and an independent NumPy engine).
+# The same sum accumulated in fp16 one product at a time has NMSE ~ n u_fp16**2 / 6 in theory,
+# measured 24 u_fp16**2 at K = 256 and 65 at K = 688: past this budget (10 u**2) from K ~ 100
+# on, and far past it at TinyLlama's K = 2048 and 5632.
+KERNEL_ROUND = 1.0
+KERNEL_SAFETY = 10.0
+
+
+def kernel_nmse_budget(dtype, n: int = 1, kappa: float = 0.0) -> float:
+    """NMSE tolerance of one op in `dtype` against its golden output (rule above)."""
+    u = unit_roundoff(dtype)
+    return KERNEL_SAFETY * (KERNEL_ROUND * u ** 2 + max(1, n) * UNIT_ROUNDOFF["float32"] ** 2) + (kappa * u) ** 2
+
+
+def describe_kernel_rule() -> dict:
+    return {"rule": "nmse <= KERNEL_SAFETY*(KERNEL_ROUND*u_dtype^2 + n*u_fp32^2) + kappa^2*u_dtype^2",
+            "KERNEL_SAFETY": KERNEL_SAFETY, "KERNEL_ROUND": KERNEL_ROUND, "unit_roundoff": dict(UNIT_ROUNDOFF),
+            "n": "reduction length (matmul K, RMSNorm row, softmax/SDPA S, scores head_dim); RoPE: "
+                 "(largest position + 1)^2; 1 for elementwise ops",
+            "kappa": "SDPA: largest |scaled score| of the case; 0 otherwise",
+            "counts": "no non-finite value where the golden output is finite; no masked/unmasked mismatch"}
+
+
+# ---------------------------------------------------------------------------
 # Metrics
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": "generate tokens through the KV cache (greedy or sampled), optionally tapped",
     "stability": "fp16/bf16 vs fp32 side by side: headroom, non-finite origin, precision policies",
     "bench": "prefill/decode throughput, tap overhead, per-stage cost, side by side with mlx-lm",
+    "vectors": "kernel conformance vectors: golden inputs/outputs per op, check another engine's kernels",
 }
 
 

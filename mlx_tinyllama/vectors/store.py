@@ -1,0 +1,157 @@
+"""The on-disk form of the vectors: manifest.json plus one safetensors file per op family.
+
+Every file is written to a temporary name in its directory and renamed into place, so a
+reader never sees a half-written file. Reading checks what a user can get wrong (no
+manifest, not a vectors directory, a file that is not safetensors, a missing key, a wrong
+shape) and says so in one line (UserError).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "mlx_tinyllama.vectors"
+VERSION = 1
+CASE_FIELDS = ("name", "op", "semantics", "shapes", "dtype", "params", "inputs", "output", "file", "tolerance")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """`write(tmp_path)` fills a temporary file next to `path`, which is then renamed to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata or {}))
+
+
+def save_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def refuse_overwrite(path, protected, option: str) -> None:
+    """An output path must not be one of the files it was computed from."""
+    if not path:
+        return
+    target = Path(path).expanduser().resolve()
+    for p in protected:
+        if Path(p).expanduser().resolve() == target:
+            raise UserError(f"{option} {path} would overwrite an input ({p}); choose another path")
+    if target.is_dir():
+        raise UserError(f"cannot write {option} {path}: it is a directory; give a file path")
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write {option} {path}: its directory does not exist")
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, mx.array]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: {path} does not exist" if not path.exists() else f"{what}: {path} is not a file")
+    try:
+        return mx.load(str(path), format="safetensors")
+    except Exception as e:  # truncated, or another format: MLX raises several types here
+        raise UserError(f"{what}: cannot read {path} as safetensors ({str(e).splitlines()[0][:120]})") from None
+
+
+def to_numpy(a) -> np.ndarray:
+    """An MLX or NumPy array as NumPy: float16/float32/int as they are; MLX bfloat16 as float32
+    (exact: NumPy has no bfloat16)."""
+    if isinstance(a, mx.array):
+        return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
+    return np.asarray(a)
+
+
+def load_manifest(directory) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"vectors directory {directory} does not exist" if not directory.exists()
+                        else f"{directory} is not a directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{directory} has no {MANIFEST}: write one with `vectors write {directory}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a vectors manifest (no \"format\": \"{FORMAT}\")")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{path} has version {manifest.get('version')!r}; this tool reads version {VERSION}")
+    cases = manifest.get("cases")
+    if not isinstance(cases, list) or not cases:
+        raise UserError(f"{path} lists no cases")
+    for i, case in enumerate(cases):
+        missing = [f for f in CASE_FIELDS if not isinstance(case, dict) or f not in case]
+        if not missing and not all(k in (case["tolerance"] or {}) for k in ("nmse", "n", "kappa")):
+            missing = ["tolerance.nmse/n/kappa"]
+        if missing:
+            raise UserError(f"{path}: case {i} lacks {', '.join(missing)}")
+    return manifest
+
+
+class Vectors:
+    """A vectors directory: its manifest, and its family files read on first use."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.manifest = load_manifest(self.dir)
+        self.cases = self.manifest["cases"]
+        self._files: dict[str, dict[str, mx.array]] = {}
+
+    def paths(self) -> list[Path]:
+        return [self.dir / MANIFEST] + [self.dir / f for f in sorted({c["file"] for c in self.cases})]
+
+    def _file(self, name: str) -> dict[str, mx.array]:
+        if name not in self._files:
+            self._files[name] = read_safetensors(self.dir / name, "vectors file")
+        return self._files[name]
+
+    def _tensor(self, case: dict, key: str, expected_shape) -> mx.array:
+        data = self._file(case["file"])
+        if key not in data:
+            raise UserError(f"{self.dir / case['file']} lacks {key} (case {case['name']}): rewrite the vectors")
+        if list(data[key].shape) != list(expected_shape):
+            raise UserError(f"{self.dir / case['file']}: {key} has shape {list(data[key].shape)}, "
+                            f"the manifest says {list(expected_shape)}")
+        return data[key]
+
+    def inputs(self, case: dict) -> dict[str, np.ndarray]:
+        return {role: to_numpy(self._tensor(case, key, case["shapes"][role])) for role, key in case["inputs"].items()}
+
+    def golden(self, case: dict) -> np.ndarray:
+        return to_numpy(self._tensor(case, case["output"], case["shapes"]["y"])).astype(np.float32)
+
+    def select(self, ops: list[str] | None = None, names: list[str] | None = None) -> list[dict]:
+        """The cases of `ops` (all if None) whose names match one of the globs `names` (all if None)."""
+        cases = list(self.cases)
+        if ops:
+            known = {c["op"] for c in self.cases}
+            unknown = [o for o in ops if o not in known]
+            if unknown:
+                raise UserError(f"--ops: {', '.join(unknown)} not in the manifest; ops: {', '.join(sorted(known))}")
+            cases = [c for c in cases if c["op"] in ops]
+        if names:
+            cases = [c for c in cases if any(fnmatch.fnmatchcase(c["name"], g) for g in names)]
+            if not cases:
+                raise UserError(f"--cases {','.join(names)} matches no case (names look like matmul.q_proj.M33)")
+        return cases
