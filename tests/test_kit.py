@@ -1,0 +1,262 @@
+"""The dump kit (kit/): the C header, the Rust module and the numpy helper each write a
+safetensors dump that `compare` reads and matches against this package's run; a perturbed
+tensor diverges at its stage; f16/bf16 bits are the correctly rounded ones; metadata
+round-trips; writes are atomic. The compiled writers are built here with cc and rustc."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SEED_IDS
+from mlx_tinyllama import refs as R
+from mlx_tinyllama import taps as T
+from mlx_tinyllama.trace import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
+KIT = REPO / "kit"
+
+# CI sets MLX_TINYLLAMA_REQUIRE_COMPILERS=1: there a missing cc or rustc fails instead of skipping.
+_REQUIRE_COMPILERS = os.environ.get("MLX_TINYLLAMA_REQUIRE_COMPILERS") == "1"
+
+
+def _need(tool: str | None, what: str) -> str:
+    if tool:
+        return tool
+    if _REQUIRE_COMPILERS:
+        pytest.fail(f"MLX_TINYLLAMA_REQUIRE_COMPILERS=1 but no {what} was found")
+    pytest.skip(f"no {what} (set MLX_TINYLLAMA_REQUIRE_COMPILERS=1 to make this a failure)")
+
+
+def _rustcs() -> list[str]:
+    """Every distinct rustc to build with: the one on PATH (or $RUSTC), and Debian's 1.63 when present,
+    so that the module is proven to build with the oldest rustc the kit promises."""
+    found = [os.environ.get("RUSTC") or shutil.which("rustc"), "/usr/bin/rustc"]
+    out = []
+    for r in found:
+        if r and os.path.isfile(r) and os.path.realpath(r) not in [os.path.realpath(o) for o in out]:
+            out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def c_writer(tmp_path_factory) -> Path:
+    cc = _need(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
+               "C compiler (cc)")
+    exe = tmp_path_factory.mktemp("c") / "raw_dump"
+    subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(exe),
+                    str(KIT / "examples" / "raw_dump.c")], check=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def rust_writers(tmp_path_factory) -> list[Path]:
+    rustcs = _rustcs()
+    _need(rustcs[0] if rustcs else None, "Rust compiler (rustc)")
+    exes = []
+    for k, rustc in enumerate(rustcs):
+        exe = tmp_path_factory.mktemp("rust") / f"raw_dump_{k}"
+        subprocess.run([rustc, "--edition", "2018", "-O", "-D", "warnings", "-o", str(exe),
+                        str(KIT / "examples" / "raw_dump.rs")], check=True)
+        exes.append(exe)
+    return exes
+
+
+def _writers(request, kind: str) -> list[list[str]]:
+    if kind == "c":
+        return [[str(request.getfixturevalue("c_writer"))]]
+    if kind == "rust":
+        return [[str(e)] for e in request.getfixturevalue("rust_writers")]
+    return [[sys.executable, str(KIT / "examples" / "raw_dump.py")]]
+
+
+@pytest.fixture(scope="module")
+def reference_tensors(tiny_dir) -> dict[str, np.ndarray]:
+    """Every tap of this package's float32 run of synthetic:tiny on the seed's ids."""
+    from mlx_tinyllama import sources
+    from mlx_tinyllama.compare import run_side
+
+    return run_side(sources.load("synthetic:tiny", "float32"), SEED_IDS).tensors
+
+
+def _write_raw(tmp: Path, tensors: dict[str, np.ndarray]) -> tuple[Path, Path]:
+    manifest, data = tmp / "manifest.txt", tmp / "data.f32"
+    with open(manifest, "w") as m, open(data, "wb") as d:
+        for name, x in tensors.items():
+            m.write(f"{name} {x.ndim} {' '.join(str(s) for s in x.shape)}\n")
+            d.write(np.ascontiguousarray(x, "<f4").tobytes())
+    return manifest, data
+
+
+def _run_writer(cmd, tmp, tensors, store="f32", tokens=SEED_IDS, position=0) -> Path:
+    manifest, data = _write_raw(tmp, tensors)
+    out = tmp / f"dump-{store}.safetensors"
+    subprocess.run([*cmd, str(manifest), str(data), str(out), store, ",".join(map(str, tokens)), str(position)],
+                   check=True)
+    return out
+
+
+def _compare(dump: Path, tmp: Path, *extra) -> tuple[int, dict]:
+    out = tmp / f"{dump.stem}.json"
+    rc = cli(["compare", "--against", str(dump), "--model", "synthetic:tiny", "--dtype", "float32",
+              "--json", str(out), *extra])
+    return rc, json.loads(out.read_text())
+
+
+KINDS = ["c", "rust", "python"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_writer_dump_matches_reference_and_a_perturbed_one_diverges(request, kind, tmp_path, reference_tensors):
+    for cmd in _writers(request, kind):
+        dump = _run_writer(cmd, tmp_path, reference_tensors)
+        rc, result = _compare(dump, tmp_path)
+        assert rc == 0 and result["status"] == "match", result["divergence"]
+        assert [s["tap"] for s in result["stages"]] == T.tap_names(2)  # every stage read under its canonical name
+        assert result["tokens"] == SEED_IDS  # from the dump's metadata: no --token-ids given
+
+        bad = dict(reference_tensors)
+        bad["layers.1.mlp.up"] = bad["layers.1.mlp.up"] * np.float32(1.01)
+        rc, result = _compare(_run_writer(cmd, tmp_path, bad), tmp_path)
+        assert rc == 1 and result["first_divergence"] == "layers.1.mlp.up"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("store,dtype", [("f16", "float16"), ("bf16", "bfloat16")])
+def test_half_precision_dump_matches_within_its_tolerance(request, kind, store, dtype, tmp_path, reference_tensors):
+    """An fp16/bf16 dump of the fp32 run: compared with the half-precision tolerance (the dump's
+    metadata says its dtype), it matches; the same values judged as float32 do not."""
+    for cmd in _writers(request, kind):
+        dump = _run_writer(cmd, tmp_path, reference_tensors, store)
+        side = R.load(dump)[0]
+        assert side.dtype == dtype
+        rc, result = _compare(dump, tmp_path)
+        assert rc == 0, result["divergence"]
+        rc, result = _compare(dump, tmp_path, "--against-dtype", "float32")
+        assert rc == 1
+
+
+EDGE = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 65520.0, 1e6, -1e6, 6.0e-5, 6.1e-8, 2.0e-8, 3.0e-8, 1e-40,
+                 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 3.14159265,
+                 np.inf, -np.inf, np.nan, 3.4e38, -1.17e-38, 0.1], np.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_bits_are_correctly_rounded(request, kind, tmp_path):
+    """Ties to even, subnormals, overflow to Inf, NaN: the same bits as numpy's float16 cast and
+    MLX's bfloat16 cast."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([EDGE, (rng.standard_normal(2000) * 10.0 ** rng.uniform(-9, 6, 2000)).astype(np.float32)])
+    with np.errstate(over="ignore"):  # overflow to Inf is one of the cases
+        f16 = values.astype(np.float16)
+    want = {"f16": f16.view(np.uint16),
+            "bf16": np.array(mx.array(values).astype(mx.bfloat16).view(mx.uint16))}
+    for cmd in _writers(request, kind):
+        for store, tag in (("f16", "F16"), ("bf16", "BF16")):
+            dump = _run_writer(cmd, tmp_path, {"edge": values}, store)
+            got_tag, shape, bits = _raw_tensor(dump, "edge")
+            assert (got_tag, shape) == (tag, [values.size])
+            nan = np.isnan(values)
+            assert (bits[~nan] == want[store][~nan]).all(), values[bits != want[store]]
+            exp_mask, mant_mask = (0x7C00, 0x03FF) if store == "f16" else (0x7F80, 0x007F)
+            assert ((bits[nan] & exp_mask) == exp_mask).all() and (bits[nan] & mant_mask).all()  # NaN stays NaN
+
+
+def _raw_tensor(path: Path, name: str) -> tuple[str, list[int], np.ndarray]:
+    """A tensor's dtype tag, shape and raw little-endian 16-bit words, read by hand from the file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    info = json.loads(raw[8:8 + n])[name]
+    start, end = info["data_offsets"]
+    return info["dtype"], info["shape"], np.frombuffer(raw[8 + n + start:8 + n + end], "<u2")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_metadata_round_trips(request, kind, tmp_path):
+    from safetensors import safe_open
+
+    tokens = [1, 529, 29989, 0, 31999]
+    for cmd in _writers(request, kind):
+        dump = _run_writer(cmd, tmp_path, {"layers.0.out": np.ones((5, 4), np.float32)}, "bf16", tokens, 41)
+        with safe_open(str(dump), "numpy") as f:
+            meta = f.metadata()
+        assert json.loads(meta["tokens"]) == tokens
+        assert meta["position"] == "41" and meta["dtype"] == "bfloat16"
+        side = R.load(dump)[0]
+        assert side.ids == tokens and side.dtype == "bfloat16" and side.provenance["metadata"]["position"] == "41"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_write_is_atomic(request, kind, tmp_path):
+    """The dump appears under its name whole, replacing an older one, with no temp file left; a
+    failed write leaves nothing."""
+    for cmd in _writers(request, kind):
+        work = tmp_path / kind
+        work.mkdir(exist_ok=True)
+        out = work / "dump-f32.safetensors"
+        out.write_bytes(b"old")
+        _run_writer(cmd, work, {"embed": np.arange(6, dtype=np.float32).reshape(2, 3)})
+        assert sorted(p.name for p in work.iterdir()) == ["data.f32", "dump-f32.safetensors", "manifest.txt"]
+        assert R.read_tensor_file(out)["embed"].tolist() == [[0, 1, 2], [3, 4, 5]]
+        manifest, data = _write_raw(work, {"embed": np.zeros((2, 3), np.float32)})
+        missing_dir = work / "no-such-dir" / "dump.safetensors"
+        rc = subprocess.run([*cmd, str(manifest), str(data), str(missing_dir), "f32", "1", "0"],
+                            capture_output=True).returncode
+        assert rc != 0 and not missing_dir.parent.exists()
+
+
+def test_rust_module_builds_with_debian_rustc_163(rust_writers):
+    """The kit promises Rust 1.63 (Debian's rustc package): when that compiler is here, it built."""
+    versions = [subprocess.run([r, "--version"], capture_output=True, text=True).stdout for r in _rustcs()]
+    if not any(v.startswith("rustc 1.63") for v in versions):
+        if _REQUIRE_COMPILERS and os.path.isfile("/usr/bin/rustc"):
+            pytest.fail(f"Debian's rustc is not 1.63: {versions}")
+        pytest.skip(f"no rustc 1.63 here ({versions})")
+    assert len(rust_writers) == len(versions)
+
+
+def test_kit_stage_tables_are_the_tap_table():
+    """The C, Rust and Python copies of the stage names equal mlx_tinyllama/taps.py's table."""
+    want_layer = [s.name for s in T.LAYER_STAGES]
+    want_global = [s.name for s in T.GLOBAL_HEAD + T.GLOBAL_TAIL]
+    c = (KIT / "tap_dump.h").read_text()
+    rs = (KIT / "tap_dump.rs").read_text()
+    py = (KIT / "tap_dump.py").read_text()
+
+    def strings(text, start, end):
+        block = text[text.index(start):]
+        return re.findall(r'"([^"]+)"', block[:block.index(end)])
+
+    assert strings(c, "TAP_DUMP_LAYER_STAGES[TAP_DUMP_N_LAYER_STAGES] = {", "};") == want_layer
+    assert strings(c, "TAP_DUMP_GLOBAL_STAGES[TAP_DUMP_N_GLOBAL_STAGES] = {", "};") == want_global
+    assert f"#define TAP_DUMP_N_LAYER_STAGES {len(want_layer)}" in c
+    assert strings(rs, "pub const LAYER_STAGES", "];") == want_layer
+    assert strings(rs, "pub const GLOBAL_STAGES", "];") == want_global
+    assert strings(py, "LAYER_STAGES = (", ")\n") == want_layer
+    assert strings(py, "GLOBAL_STAGES = (", ")\n") == want_global
+
+
+def test_minus_inf_is_a_mask_value_in_masked_scores():
+    """float32's minimum becomes -inf in an fp16 dump, and engines mask with -inf: in masked scores
+    it is masked, not a non-finite value; -inf where the reference is not masked, or NaN, still counts."""
+    from mlx_tinyllama.tolerances import metrics
+
+    lo = float(np.finfo(np.float32).min)
+    ref = np.array([[1.0, lo], [0.5, 2.0]])
+    m = metrics(np.array([[1.0, -np.inf], [0.5, 2.0]]), ref, masked=True)
+    assert (m["mask_mismatch"], m["nonfinite"], m["nmse"], m["first_nonfinite_a"]) == (0, 0, 0.0, None)
+    m = metrics(np.array([[1.0, -np.inf], [-np.inf, 2.0]]), ref, masked=True)
+    assert m["mask_mismatch"] == 1 and m["nonfinite"] == 0
+    m = metrics(np.array([[1.0, lo], [np.nan, 2.0]]), ref, masked=True)
+    assert m["nonfinite"] == 1 and m["nmse"] == np.inf
+    assert metrics(np.array([[1.0, -np.inf]]), np.array([[1.0, 3.0]]))["nonfinite"] == 1  # unmasked stages
