@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SEED_IDS
+from conftest import SEED_IDS, require_tool
 from mlx_tinyllama import refs as R
 from mlx_tinyllama import taps as T
 from mlx_tinyllama.trace import main as cli
@@ -24,16 +24,7 @@ from mlx_tinyllama.trace import main as cli
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "kit"
 
-# CI sets MLX_TINYLLAMA_REQUIRE_COMPILERS=1: there a missing cc or rustc fails instead of skipping.
 _REQUIRE_COMPILERS = os.environ.get("MLX_TINYLLAMA_REQUIRE_COMPILERS") == "1"
-
-
-def _need(tool: str | None, what: str) -> str:
-    if tool:
-        return tool
-    if _REQUIRE_COMPILERS:
-        pytest.fail(f"MLX_TINYLLAMA_REQUIRE_COMPILERS=1 but no {what} was found")
-    pytest.skip(f"no {what} (set MLX_TINYLLAMA_REQUIRE_COMPILERS=1 to make this a failure)")
 
 
 def _rustcs() -> list[str]:
@@ -49,7 +40,7 @@ def _rustcs() -> list[str]:
 
 @pytest.fixture(scope="module")
 def c_writer(tmp_path_factory) -> Path:
-    cc = _need(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
+    cc = require_tool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
                "C compiler (cc)")
     exe = tmp_path_factory.mktemp("c") / "raw_dump"
     subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(exe),
@@ -60,7 +51,7 @@ def c_writer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def rust_writers(tmp_path_factory) -> list[Path]:
     rustcs = _rustcs()
-    _need(rustcs[0] if rustcs else None, "Rust compiler (rustc)")
+    require_tool(rustcs[0] if rustcs else None, "Rust compiler (rustc)")
     exes = []
     for k, rustc in enumerate(rustcs):
         exe = tmp_path_factory.mktemp("rust") / f"raw_dump_{k}"
