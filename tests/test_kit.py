@@ -251,3 +251,41 @@ def test_minus_inf_is_a_mask_value_in_masked_scores():
     m = metrics(np.array([[1.0, lo], [np.nan, 2.0]]), ref, masked=True)
     assert m["nonfinite"] == 1 and m["nmse"] == np.inf
     assert metrics(np.array([[1.0, -np.inf]]), np.array([[1.0, 3.0]]))["nonfinite"] == 1  # unmasked stages
+
+
+def test_c_header_compiles_as_cpp_in_two_translation_units(tmp_path):
+    """The header is for C++ engines too: declarations in every file, the implementation in one."""
+    cxx = require_tool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"),
+                       "C++ compiler (c++)")
+    (tmp_path / "impl.cpp").write_text('#define TAP_DUMP_IMPLEMENTATION\n#include "tap_dump.h"\n')
+    (tmp_path / "main.cpp").write_text(
+        '#include "tap_dump.h"\n#include <vector>\n'
+        'int main(int argc, char **argv) {\n'
+        '  (void)argc; tap_dump *d = tap_dump_new(); std::vector<float> x(6, 0.5f); int64_t s[2] = {2, 3};\n'
+        '  char name[32]; tap_dump_name(name, sizeof name, 0, TAP_DUMP_LAYER_STAGES[0]);\n'
+        '  int dup = tap_dump_add_f32(d, name, x.data(), 2, s, TAP_DUMP_F32) == 0\n'
+        '            && tap_dump_add_f32(d, name, x.data(), 2, s, TAP_DUMP_F16) == -1;\n'
+        '  int rc = tap_dump_write(d, argv[1]); tap_dump_free(d); return dup && rc == 0 ? 0 : 1; }\n')
+    exe = tmp_path / "cpp_dump"
+    subprocess.run([cxx, "-std=c++11", "-Wall", "-Wextra", "-Werror", f"-I{KIT}", "-o", str(exe),
+                    str(tmp_path / "impl.cpp"), str(tmp_path / "main.cpp")], check=True)
+    out = tmp_path / "d.safetensors"
+    subprocess.run([str(exe), str(out)], check=True)  # exit 0: a repeated name was refused
+    assert R.read_tensor_file(out)["layers.0.attn_norm"].tolist() == [[0.5] * 3] * 2
+
+
+def test_python_helper_refuses_repeated_names_and_unknown_dtypes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kit_tap_dump", KIT / "tap_dump.py")
+    tap_dump = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tap_dump)
+    d = tap_dump.TapDump(tokens=[1, 2], position=3, dtype="fp16")
+    d.add(tap_dump.name(1, "out"), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="already added"):
+        d.add("layers.1.out", np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="store_as"):
+        d.add("embed", np.zeros((2, 4)), store_as="int8")
+    d.write(tmp_path / "d.safetensors")
+    side = R.load(tmp_path / "d.safetensors")[0]
+    assert side.dtype == "float16" and side.ids == [1, 2] and list(side.tensors) == ["layers.1.out"]
