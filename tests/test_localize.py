@@ -134,3 +134,28 @@ def test_layer_outputs_only_localize_the_layer(tiny_dir, tmp_path, tiny):
     result = localize_dump(Engine(tiny_dir, ["kv_head_mapping@1"]), tmp_path / "l.safetensors", lm, ref, keep)
     local = {s["tap"]: s["local_ratio"] for s in result["stages"]}
     assert local["layers.0.out"] < 0.2 and result["localized"]["stage"] == "layers.1.out"
+
+
+def test_coverage_names_missing_unmapped_and_misshapen_stages(tiny_dir, tmp_path, tiny):
+    from numpy_engine import _kit_module
+
+    lm, ref = tiny
+    engine = Engine(tiny_dir)
+    taps = engine.prefill(SEED_IDS)
+    d = _kit_module().TapDump(tokens=SEED_IDS, dtype="float32")
+    for name, x in taps.items():
+        if name.startswith("layers.1.mlp."):
+            continue  # never dumped
+        d.add(name, x[:, :-1] if name == "layers.0.attn.out" else x)  # one column short
+    d.add("my_engine.kv_cache", taps["layers.0.attn.k"])
+    d.write(tmp_path / "c.safetensors")
+    cand = R.load(tmp_path / "c.safetensors")[0]
+    result = localize(compare(cand, [ref], Tolerances(), lm.config.as_dict(), len(SEED_IDS)), cand, [ref], lm,
+                      Tolerances(), len(SEED_IDS))
+    cov = result["coverage"]
+    mlp = ["layers.1.mlp.gate", "layers.1.mlp.up", "layers.1.mlp.act", "layers.1.mlp.prod", "layers.1.mlp.down"]
+    assert cov["missing"] == mlp
+    assert list(cov["shape_mismatch"]) == ["layers.0.attn.out"]
+    assert "no canonical tap" in cov["not_comparable"]["my_engine.kv_cache"]
+    assert len(cov["compared"]) == 43 - 6 and len(cov["cells"]) == 43
+    assert {cov["cells"][t] for t in mlp} == {"missing"}
