@@ -182,7 +182,7 @@ int tap_dump_set_meta(tap_dump *d, const char *key, const char *value) {
 }
 
 int tap_dump_set_tokens(tap_dump *d, const int32_t *ids, size_t n) {
-    size_t i, cap = 2 + n * 13, len = 0;
+    size_t i, cap = 3 + n * 13, len = 0; /* "[", up to 13 chars per id with ", ", "]", NUL */
     int rc;
     char *s = (char *)malloc(cap);
     if (!s) return -1;

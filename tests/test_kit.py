@@ -185,6 +185,14 @@ def test_metadata_round_trips(request, kind, tmp_path):
         assert meta["position"] == "41" and meta["dtype"] == "bfloat16"
         side = R.load(dump)[0]
         assert side.ids == tokens and side.dtype == "bfloat16" and side.provenance["metadata"]["position"] == "41"
+        big = [0, 2147483647, -2147483648, 7]  # the widest int32 ids
+        with safe_open(str(_run_writer(cmd, tmp_path, {"embed": np.ones((1, 2), np.float32)}, "f32", [], 0)),
+                       "numpy") as f:
+            assert json.loads(f.metadata()["tokens"]) == []
+        if kind == "c":  # Rust's and Python's ids are unsigned / unbounded; C's int32_t edges are checked here
+            with safe_open(str(_run_writer(cmd, tmp_path, {"embed": np.ones((1, 2), np.float32)}, "f32", big, 0)),
+                           "numpy") as f:
+                assert json.loads(f.metadata()["tokens"]) == big
 
 
 @pytest.mark.parametrize("kind", KINDS)
