@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from ..ops import Ops
+from ..ops import Ops, Rope
 from ..taps import split_name, tap_names
 from ..tolerances import Tolerances, metrics
 
@@ -65,6 +65,7 @@ class StageOps:
     def __init__(self, lm, ids: list[int] | None, position: int = 0):
         self.lm, self.cfg, self.ids, self.position = lm, lm.config, ids, position
         self.model = lm.model
+        self._rope = Rope.make(self.cfg.head_dim, self.cfg.rope_theta, 1.0 / self.cfg.rope_factor)
         self._w: dict[int, mx.array] = {}
 
     def weight(self, w: mx.array) -> mx.array:
@@ -83,7 +84,7 @@ class StageOps:
         return x.reshape(x.shape[0], n, -1).transpose(1, 0, 2)
 
     def rope(self, x: np.ndarray, offset: int = 0, interleaved: bool = False) -> np.ndarray:
-        rope = self.model._rope
+        rope = self._rope
         x4 = mx.array(x, F32)[None]
         start = self.position + offset
         if interleaved:
@@ -104,7 +105,7 @@ class StageOps:
             return s.astype(np.float32)
         rows = np.arange(S - T, S)[:, None] + shift
         low = float(np.finfo(np.float32).min)
-        return np.where(np.arange(S)[None, :] > rows, low, s.astype(np.float32) + 0).astype(np.float32)
+        return np.where(np.arange(S)[None, :] > rows, np.float32(low), s.astype(np.float32))
 
     def softmax(self, s: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.array(mx.softmax(mx.array(s, F32), axis=axis))
