@@ -45,9 +45,8 @@ def prefill_row(preset: str, specs: list[str], tmp: Path) -> str:
     cand = R.load(path)[0]
     result = compare(cand, [ref], Tolerances(), lm.config.as_dict(), len(SEED_IDS))
     localize(result, cand, [ref], lm, Tolerances(), len(SEED_IDS))
-    first = result["first_divergence"] or "—"
-    if first != "—":
-        first += f" ({fmt(next(s['ratio'] for s in result['stages'] if s['tap'] == first))}×)"
+    fd = result["first_divergence"]
+    first = f"{fd['tap']} ({fmt(fd['error']['ratio'])}×)" if fd else "—"
     loc = result["localized"]
     loc_text = f"{loc['stage']} ({fmt(loc['local_ratio'])}×)" if loc else "— (" + result["replay"].get(
         "note", "match").split(":")[0] + ")"

@@ -110,14 +110,14 @@ def test_writer_dump_matches_reference_and_a_perturbed_one_diverges(request, kin
     for cmd in _writers(request, kind):
         dump = _run_writer(cmd, tmp_path, reference_tensors)
         rc, result = _compare(dump, tmp_path)
-        assert rc == 0 and result["status"] == "match", result["divergence"]
+        assert rc == 0 and result["status"] == "match", result["first_divergence"]
         assert [s["tap"] for s in result["stages"]] == T.tap_names(2)  # every stage read under its canonical name
-        assert result["tokens"] == SEED_IDS  # from the dump's metadata: no --token-ids given
+        assert result["prompt"]["ids"] == SEED_IDS  # from the dump's metadata: no --token-ids given
 
         bad = dict(reference_tensors)
         bad["layers.1.mlp.up"] = bad["layers.1.mlp.up"] * np.float32(1.01)
         rc, result = _compare(_run_writer(cmd, tmp_path, bad), tmp_path)
-        assert rc == 1 and result["first_divergence"] == "layers.1.mlp.up"
+        assert rc == 1 and result["first_divergence"]["tap"] == "layers.1.mlp.up"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -130,7 +130,7 @@ def test_half_precision_dump_matches_within_its_tolerance(request, kind, store, 
         side = R.load(dump)[0]
         assert side.dtype == dtype
         rc, result = _compare(dump, tmp_path)
-        assert rc == 0, result["divergence"]
+        assert rc == 0, result["first_divergence"]
         rc, result = _compare(dump, tmp_path, "--against-dtype", "float32")
         assert rc == 1
 

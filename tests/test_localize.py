@@ -64,7 +64,7 @@ def test_injected_fault_is_localized_and_diagnosed(tid, tiny_dir, tmp_path, tiny
     fault = Fault.parse(spec)
     result = localize_dump(Engine(tiny_dir, [spec]), tmp_path / "d.safetensors", lm, ref)
     loc = result["localized"]
-    assert loc["stage"] == fault.stage == result["first_divergence"]
+    assert loc["stage"] == fault.stage == result["first_divergence"]["tap"]
     assert loc["local_ratio"] > 100 and loc["inherited_ratio"] < 1
     assert result["diagnosis"], f"no diagnosis for {spec}"
     best = result["diagnosis"][0]
@@ -102,7 +102,7 @@ def test_drift_plus_real_fault_localizes_the_real_fault(small_dir, tmp_path):
                            lm, ref)
     local = {s["tap"]: s["local_ratio"] for s in result["stages"]}
     total = {s["tap"]: s["ratio"] for s in result["stages"]}
-    assert result["first_divergence"] == "layers.0.attn.scores" and total["layers.0.attn_norm"] < 1
+    assert result["first_divergence"]["tap"] == "layers.0.attn.scores" and total["layers.0.attn_norm"] < 1
     assert 0.3 < local["layers.0.attn_norm"] < 1  # the drift itself: under tolerance, locally too
     assert local["layers.0.attn.scores"] < 0.01  # the innocent amplifier: nothing local
     assert result["localized"]["stage"] == "layers.2.attn.scores_scaled"

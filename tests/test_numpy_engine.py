@@ -63,8 +63,8 @@ def test_each_fault_diverges_at_its_stage(fault, tiny_dir, tmp_path, tiny_lm, ti
     spec = f"{fault}@1" if FAULTS[fault][1] != "embed" else fault  # layer 1: the faults are not layer-0 only
     expected = Fault.parse(spec).stage
     result = _compare(Engine(tiny_dir, [spec]), tmp_path / "f.safetensors", tiny_lm, tiny_ref)
-    assert result["first_divergence"] == expected
-    d = result["divergence"]
+    assert result["first_divergence"]["tap"] == expected
+    d = result["first_divergence"]
     assert d["error"]["ratio"] > 10
     assert d["before"] is None or d["before"]["ok"]
 
@@ -76,7 +76,7 @@ def test_drift_under_tolerance_is_amplified_over_it_by_innocent_stages(tiny_dir,
     result = _compare(Engine(tiny_dir, [f"drift:{eps}"]), tmp_path / "d.safetensors", tiny_lm, tiny_ref)
     ratio = {s["tap"]: s["ratio"] for s in result["stages"]}
     assert 0.3 < ratio["layers.0.attn_norm"] < 1
-    assert result["first_divergence"] == "layers.0.attn.scores"
+    assert result["first_divergence"]["tap"] == "layers.0.attn.scores"
     assert 1.5 < ratio["layers.0.attn.scores"] < 3  # ~4x the NMSE of q and k
 
 
@@ -88,7 +88,7 @@ def test_drift_plus_a_real_fault_later(small_dir, tmp_path):
     result = _compare(Engine(small_dir, [f"drift:{drift_eps(0.5, 4)}", "wrong_scale@2"]),
                       tmp_path / "d.safetensors", lm, ref)
     ratio = {s["tap"]: s["ratio"] for s in result["stages"]}
-    assert result["first_divergence"].startswith("layers.0.")
+    assert result["first_divergence"]["tap"].startswith("layers.0.")
     assert ratio["layers.2.attn.scores_scaled"] > 100 * ratio["layers.2.attn.scores"]
     clean = _compare(Engine(small_dir), tmp_path / "c.safetensors", lm, ref)
     assert clean["status"] == "match"

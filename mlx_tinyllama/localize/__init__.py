@@ -57,7 +57,7 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
     if result["status"] == "diverged" and result["localized"] is None and rep.outputs:
         worst = max((s for s in rep.stages.values() if "local_ratio" in s), key=lambda s: s["local_ratio"])
         result["replay"]["note"] = (f"no stage's local error exceeds its tolerance: the divergence at "
-                                    f"{result['first_divergence']} accumulates from small errors upstream (largest "
+                                    f"{result['first_divergence']['tap']} accumulates from small errors upstream (largest "
                                     f"local error: {worst['tap']}, {worst['local_ratio']:.2g} of its tolerance)")
     return result
 
@@ -72,7 +72,7 @@ def _diagnosis(result, rep, theirs, references, lm, ids, position, tol, dtype, n
         tap = loc["stage"]
         case = Case(tap, theirs[tap], rep.outputs[tap], rep.inputs[tap], StageOps(lm, ids, position), cfg)
     else:
-        tap = result["first_divergence"]
+        tap = result["first_divergence"]["tap"]
         ref = next((r for r in references if r.kind == "run" and tap in r.tensors), None)
         if tap not in theirs or ref is None:
             return []

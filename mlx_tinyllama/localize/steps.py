@@ -71,7 +71,7 @@ def load_steps(paths: list[str], name_map: dict | None = None) -> StepDumps:
     by_pos: dict[int, Step] = {}
     token_lists, dtypes, skipped = [], set(), []
     for path in _files(paths):
-        meta = R._safetensors_metadata(path)
+        meta = R.safetensors_metadata(path)
         tensors = R.read_tensor_file(path)
         if meta.get("tokens"):
             try:
