@@ -31,10 +31,11 @@ def canonical_tensors(side: R.Side, cfg: dict, n_tokens: int) -> dict[str, np.nd
     return out
 
 
-def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol, n_tokens: int) -> dict:
+def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol, n_tokens: int,
+             n_layers: int | None = None) -> dict:
     """Add `coverage`, and with the model (`lm`, for its weights) `localized`, `diagnosis` and each
     stage's `local_ratio` to a compare result (in place; also returned)."""
-    L = int(lm.config.num_hidden_layers) if lm is not None else int(result.get("n_layers") or 0)
+    L = int(lm.config.num_hidden_layers) if lm is not None else int(n_layers or 0)
     result["coverage"] = coverage(result, candidate, references, L)
     result.setdefault("localized", None)
     result.setdefault("diagnosis", [])
