@@ -135,7 +135,8 @@ def _steps(args) -> int:
     lm = cli_common.load_model(args)
     ids = cli_common.prompt_for(args, lm).ids if _prompt_given(args) else None
     result = compare_steps(dumps, lm, ids, tol)
-    prompt = Prompt(ids=result["tokens"], text=None, source="--token-ids" if ids else "the step dumps' token ids")
+    all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids
+    prompt = Prompt(ids=all_ids, text=None, source="--token-ids" if ids else "the step dumps' token ids")
     result = {**ResultHeader.of_run("compare", lm, prompt).as_dict(), **result}
     if args.json:
         write_json(args.json, result)
