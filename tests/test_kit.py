@@ -131,6 +131,7 @@ def test_half_precision_dump_matches_within_its_tolerance(request, kind, store, 
         assert side.dtype == dtype
         rc, result = _compare(dump, tmp_path)
         assert rc == 0, result["first_divergence"]
+        assert result["first_nonfinite"] is None  # fp16's -inf mask values are masks, not overflows
         rc, result = _compare(dump, tmp_path, "--against-dtype", "float32")
         assert rc == 1
 
@@ -297,3 +298,44 @@ def test_python_helper_refuses_repeated_names_and_unknown_dtypes(tmp_path):
     d.write(tmp_path / "d.safetensors")
     side = R.load(tmp_path / "d.safetensors")[0]
     assert side.dtype == "float16" and side.ids == [1, 2] and list(side.tensors) == ["layers.1.out"]
+
+
+def test_c_dump_of_a_faulty_engine_is_localized_and_diagnosed(c_writer, tiny_dir, tmp_path):
+    """Replay and diagnosis on a dump written by the C header: the NumPy engine's tensors with
+    interleaved RoPE in layer 1, handed to raw_dump.c."""
+    from numpy_engine import Engine
+
+    engine = Engine(tiny_dir, ["rope_interleaved@1"])
+    engine.prefill(SEED_IDS)
+    dump = _run_writer([str(c_writer)], tmp_path, {n: x.astype(np.float32) for n, x in engine.dumped().items()})
+    rc, result = _compare(dump, tmp_path)
+    assert rc == 1 and result["localized"]["stage"] == "layers.1.attn.q_rope"
+    assert [d["transform"] for d in result["diagnosis"]] == ["rope_interleaved"]
+    assert len(result["coverage"]["compared"]) == 43
+
+
+def test_rust_step_dumps_of_a_faulty_decode_are_localized(rust_writers, tiny_dir, tmp_path):
+    """Decode steps written by the Rust module, one file per step with its position metadata:
+    positions that do not advance are found at the second step and diagnosed as rope_offset:-1."""
+    from numpy_engine import Engine
+
+    engine = Engine(tiny_dir, ["positions_stuck"])
+    taps, ids = engine.prefill(SEED_IDS), list(SEED_IDS)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    for k in range(3):
+        ids.append(int(np.argmax(taps["logits"][-1])))
+        taps = engine.step(ids[-1])
+        work = tmp_path / f"w{k}"
+        work.mkdir()
+        out = _run_writer([str(rust_writers[-1])], work, {n: x.astype(np.float32) for n, x in taps.items()}, "f32",
+                          ids, len(ids) - 1)
+        out.rename(steps / f"step{k}.safetensors")
+    json_path = tmp_path / "s.json"
+    rc = cli(["compare", "--against-steps", str(steps), "--model", "synthetic:tiny", "--dtype", "float32",
+              "--json", str(json_path)])
+    result = json.loads(json_path.read_text())
+    first = result["first_divergence"]
+    assert rc == 1 and (first["position"], first["tap"]) == (len(SEED_IDS) + 1, "layers.0.attn.q_rope")
+    assert [d["transform"] for d in first["diagnosis"]] == ["rope_offset:-1"]
+    assert result["steps"][0]["status"] == "match"
