@@ -66,13 +66,11 @@ class StageOps:
         self.lm, self.cfg, self.ids, self.position = lm, lm.config, ids, position
         self.model = lm.model
         self._rope = Rope.make(self.cfg.head_dim, self.cfg.rope_theta, 1.0 / self.cfg.rope_factor)
-        self._w: dict[int, mx.array] = {}
 
     def weight(self, w: mx.array) -> mx.array:
-        key = id(w)
-        if key not in self._w:
-            self._w[key] = w.astype(F32)
-        return self._w[key]
+        """A float32 copy for one op, not kept: each weight is read about once per replay, and all of
+        TinyLlama's in float32 would be 4.4 GB."""
+        return w.astype(F32)
 
     def linear(self, x: np.ndarray, w: mx.array) -> np.ndarray:
         return np.array(mx.array(x, F32) @ self.weight(w).T)
@@ -126,7 +124,7 @@ class StageOps:
         cfg, m = self.cfg, self.model.model
         if layer is None:
             if stage == "embed":
-                return np.array(self.weight(m.embed_tokens.weight)[mx.array(self.ids)])
+                return np.array(m.embed_tokens.weight[mx.array(self.ids)].astype(F32))
             if stage == "final_norm":
                 return self.norm(inputs[0], m.norm.weight)
             head = m.embed_tokens.weight if cfg.tie_word_embeddings else self.model.lm_head.weight
