@@ -154,11 +154,18 @@ def test_clean_decode_steps_match_mlx_kv_cache_decode_and_prefill_rows(tiny_dir,
                                    rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("fault,step,tap", [
+DECODE_CASES = [
     ("cache_stops_growing", 1, "layers.0.attn.scores"),  # step 0 still fits in the cache
     ("positions_stuck", 1, "layers.0.attn.q_rope"),  # step 0 is at the right position by luck
     ("zeros_after_first_step", 1, "layers.0.attn.context"),
-])
+]
+
+
+def test_every_decode_fault_has_a_case():
+    assert sorted(c[0] for c in DECODE_CASES) == DECODE_FAULTS
+
+
+@pytest.mark.parametrize("fault,step,tap", DECODE_CASES)
 def test_decode_fault_breaks_the_step_after_the_first(fault, step, tap, tiny_dir, tiny_lm, decode_case):
     tokens, mlx_steps = decode_case
     assert FAULTS[fault][1] == tap.split(".", 2)[2]
