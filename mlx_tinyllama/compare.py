@@ -409,7 +409,11 @@ def needs_shortcut(references: list[Side]) -> bool:
 
 def compare_run(lm, ids: list[int], reference_path: str, tol: Tolerances) -> dict:
     """This package's run of `ids` against the reference file(s) at `reference_path`: the result dict."""
+    from .localize.coverage import coverage
+
     references = load(reference_path)
     candidate = run_side(lm, ids, shortcut=needs_shortcut(references))
-    return compare(candidate, references, tol, lm.config.as_dict(), len(ids))
+    result = compare(candidate, references, tol, lm.config.as_dict(), len(ids))
+    result["coverage"] = coverage(result, candidate, references, lm.config.num_hidden_layers)
+    return result
 

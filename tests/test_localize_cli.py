@@ -124,3 +124,12 @@ def test_fused_engine_coverage_in_the_output(tiny_dir, tmp_path, capsys, missing
     assert f"coverage: {43 - n}/43 stages compared; {n} missing from their dump" in out
     grid_row = next(line for line in out.splitlines() if line.strip().startswith(drop[0] + " "))
     assert grid_row.split()[1:] == ["·", "·"]
+
+
+def test_run_compare_reports_coverage_too(tmp_path, capsys):
+    """`run --compare REF` (this package against a reference): the same coverage, from the same code."""
+    out = tmp_path / "r.json"
+    assert cli(["run", *TINY, "--compare", str(REPO / "refs" / "synthetic-tiny-fp32.json"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["coverage"]["compared"]) == 43 and result["coverage"]["missing"] == []
+    assert "coverage: 43/43 stages compared" in capsys.readouterr().out

@@ -110,9 +110,7 @@ def _localize(args, result, candidate, references, lm, tol, n_tokens, cfg) -> No
 
 
 def _finish(args, header, result, lm=None) -> int:
-    rc = cli_common.finish_comparison(args, header, result, lm)
-    print_localization(result)
-    return 1 if result.get("required", {}).get("not_compared") else rc
+    return cli_common.finish_comparison(args, header, result, lm)
 
 
 def _steps(args) -> int:
@@ -196,45 +194,7 @@ def _config(args, references) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Printing what localize adds
-
-
-def print_localization(result: dict) -> None:
-    """Coverage (grid and summary), the localized stage, the diagnosis, the --require check."""
-    from rich.markup import escape
-
-    from ..localize.coverage import grid_lines, summary
-
-    con = cli_common.console()
-    cov = result.get("coverage")
-    if cov:
-        n_layers = sum(1 for t in cov["cells"] if t.endswith(".attn_norm"))
-        ok = {s["tap"]: s["ok"] for s in result["stages"]}
-        con.print("coverage (✓ matches, ✗ diverges, · missing from their dump, ? not comparable, S shape mismatch):",
-                  markup=False)
-        for line in grid_lines(cov, ok, n_layers):
-            con.print("  " + line, markup=False, highlight=False)
-        con.print(summary(cov), markup=False)
-    loc = result.get("localized")
-    first = result.get("first_divergence")
-    if loc:
-        text = (f"[bold red]localized: {loc['stage']}[/]: its own error, from their inputs, is "
-                f"{fmt(loc['local_ratio'])}x its tolerance (inherited from its inputs: {fmt(loc['inherited_ratio'])}x)")
-        if first and first["tap"] != loc["stage"]:
-            local = next((s.get("local_ratio") for s in result["stages"] if s["tap"] == first["tap"]), None)
-            text += (f"; {first['tap']}, the first stage over tolerance, is within tolerance locally "
-                     f"({fmt(local)}x): it amplifies what it inherited" if local is not None else
-                     f"; {first['tap']}, the first stage over tolerance, could not be replayed")
-        con.print(text)
-    elif result.get("replay", {}).get("note") and result["status"] == "diverged":
-        con.print(f"[yellow]localized: none[/]: {escape(result['replay']['note'])}")
-    for d in result.get("diagnosis", []):
-        con.print(f"[bold]diagnosis[/] {d['stage']}: matches after [bold]{d['transform']}[/] "
-                  f"(ratio {fmt(d['ratio_after'])}): {escape(d['words'])}")
-    req = result.get("required")
-    if req and req["not_compared"]:
-        con.print(f"[bold red]required but not compared[/] ({', '.join(req['patterns'])}): "
-                  f"{', '.join(req['not_compared'][:8])}" + (" ..." if len(req["not_compared"]) > 8 else ""))
+# Printing decode steps
 
 
 def print_steps(result: dict) -> None:
