@@ -162,6 +162,9 @@ def finish_comparison(args, header, comparison: dict, lm=None) -> int:
         compare_report(result, lm, html_path=getattr(args, "report", None),
                        plots_dir=getattr(args, "plots", None), **report_options(args))
     print_comparison(result, show_all=bool(getattr(args, "all", False)))
+    print_localization(result)
+    if result.get("required", {}).get("not_compared"):
+        return 1  # a required stage was not compared: not a pass, even if everything compared matches
     return 0 if result["status"] == "match" else 1
 
 
@@ -208,3 +211,41 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
         con.print(f"  after:  {d['after']['tap']} {'matches' if d['after']['ok'] else 'differs'}"
                   f" ({d['after']['metric']} {fmt(d['after']['value'])})")
     con.print(f"  hint: {d['hint']}")
+
+
+def print_localization(result: dict) -> None:
+    """Coverage (grid and summary), the localized stage, the diagnosis, the --require check."""
+    from rich.markup import escape
+
+    from .localize.coverage import grid_lines, summary
+
+    con = console()
+    cov = result.get("coverage")
+    if cov:
+        n_layers = sum(1 for t in cov["cells"] if t.endswith(".attn_norm"))
+        ok = {s["tap"]: s["ok"] for s in result["stages"]}
+        con.print("coverage (✓ matches, ✗ diverges, · missing from their dump, ? not comparable, S shape mismatch):",
+                  markup=False)
+        for line in grid_lines(cov, ok, n_layers):
+            con.print("  " + line, markup=False, highlight=False)
+        con.print(summary(cov), markup=False)
+    loc = result.get("localized")
+    first = result.get("first_divergence")
+    if loc:
+        text = (f"[bold red]localized: {loc['stage']}[/]: its own error, from their inputs, is "
+                f"{fmt(loc['local_ratio'])}x its tolerance (inherited from its inputs: {fmt(loc['inherited_ratio'])}x)")
+        if first and first["tap"] != loc["stage"]:
+            local = next((s.get("local_ratio") for s in result["stages"] if s["tap"] == first["tap"]), None)
+            text += (f"; {first['tap']}, the first stage over tolerance, is within tolerance locally "
+                     f"({fmt(local)}x): it amplifies what it inherited" if local is not None else
+                     f"; {first['tap']}, the first stage over tolerance, could not be replayed")
+        con.print(text)
+    elif result.get("replay", {}).get("note") and result["status"] == "diverged":
+        con.print(f"[yellow]localized: none[/]: {escape(result['replay']['note'])}")
+    for d in result.get("diagnosis", []):
+        con.print(f"[bold]diagnosis[/] {d['stage']}: matches after [bold]{d['transform']}[/] "
+                  f"(ratio {fmt(d['ratio_after'])}): {escape(d['words'])}")
+    req = result.get("required")
+    if req and req["not_compared"]:
+        con.print(f"[bold red]required but not compared[/] ({', '.join(req['patterns'])}): "
+                  f"{', '.join(req['not_compared'][:8])}" + (" ..." if len(req["not_compared"]) > 8 else ""))

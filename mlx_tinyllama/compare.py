@@ -369,6 +369,8 @@ def _first_nonfinite(candidate: Side, order: dict) -> dict | None:
     for tap in sorted(candidate.tensors, key=lambda t: order.get(t, len(order))):
         x = np.asarray(candidate.tensors[tap])
         bad = ~np.isfinite(x)
+        if tap.endswith("attn.scores_masked"):
+            bad &= ~np.isneginf(x)  # -inf above the diagonal is a mask value, not an overflow
         if bad.any():
             idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), x.shape))
             return {"tap": tap, "index": list(idx), "value": str(x[idx]), "count": int(bad.sum())}
@@ -407,7 +409,11 @@ def needs_shortcut(references: list[Side]) -> bool:
 
 def compare_run(lm, ids: list[int], reference_path: str, tol: Tolerances) -> dict:
     """This package's run of `ids` against the reference file(s) at `reference_path`: the result dict."""
+    from .localize.coverage import coverage
+
     references = load(reference_path)
     candidate = run_side(lm, ids, shortcut=needs_shortcut(references))
-    return compare(candidate, references, tol, lm.config.as_dict(), len(ids))
+    result = compare(candidate, references, tol, lm.config.as_dict(), len(ids))
+    result["coverage"] = coverage(result, candidate, references, lm.config.num_hidden_layers)
+    return result
 

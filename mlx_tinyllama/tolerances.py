@@ -232,22 +232,26 @@ def metrics(a, b, known=None, masked: bool = False) -> dict:
     not tiny), cosine, rel_rms = max|a-b| / rms(b), the first non-finite index of
     each side, nonfinite = how many positions are non-finite in a but finite in b.
     `known`: a boolean mask of the positions to compare (sparse dumps).
-    `masked`: attention scores after the causal mask: positions masked (<= MASKED_BELOW)
-    on both sides are equal by definition; masked on one side only are counted in
+    `masked`: attention scores after the causal mask: positions masked (<= MASKED_BELOW,
+    -inf included) on both sides are equal by definition; masked on one side only are counted in
     mask_mismatch and excluded from the other metrics.
     """
     a, b = _as_f64(a), _as_f64(b)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
     sel = np.ones(a.shape, bool) if known is None else np.asarray(known, bool)
-    out = {"first_nonfinite_a": first_nonfinite(np.where(sel, a, 0.0)),
-           "first_nonfinite_b": first_nonfinite(np.where(sel, b, 0.0)), "mask_mismatch": 0}
+    out = {"mask_mismatch": 0}
     fa, fb = np.isfinite(a), np.isfinite(b)
-    out["nonfinite"] = int((sel & ~fa & fb).sum())
-    if masked:
-        ma, mb = fa & (a <= MASKED_BELOW), fb & (b <= MASKED_BELOW)
+    ma = mb = np.zeros(a.shape, bool)
+    if masked:  # -inf is a mask value too (engines use it; float32's minimum becomes -inf in fp16)
+        ma, mb = a <= MASKED_BELOW, b <= MASKED_BELOW
         out["mask_mismatch"] = int((sel & (ma != mb)).sum())
+    out["first_nonfinite_a"] = first_nonfinite(np.where(sel & ~ma, a, 0.0))
+    out["first_nonfinite_b"] = first_nonfinite(np.where(sel & ~mb, b, 0.0))
+    if masked:
         sel = sel & ~ma & ~mb
+        fa, fb = fa | ma, fb | mb
+    out["nonfinite"] = int((sel & ~fa & fb).sum())
     both = sel & fa & fb
     n = int(both.sum())
     out["compared"] = n

@@ -44,6 +44,19 @@ needs_torch = pytest.mark.skipif(not has_torch() and not _REQUIRE_REFERENCE,
                                  reason="needs the dev extra (torch + transformers)")
 
 
+# CI sets MLX_TINYLLAMA_REQUIRE_COMPILERS=1: there a missing cc or rustc (the kit's tests) fails instead of skipping.
+_REQUIRE_COMPILERS = os.environ.get("MLX_TINYLLAMA_REQUIRE_COMPILERS") == "1"
+
+
+def require_tool(path: str | None, what: str) -> str:
+    """`path` when the tool was found; else skip the test, or fail it where CI requires the compilers."""
+    if path:
+        return path
+    if _REQUIRE_COMPILERS:
+        pytest.fail(f"MLX_TINYLLAMA_REQUIRE_COMPILERS=1 but no {what} was found")
+    pytest.skip(f"no {what} (set MLX_TINYLLAMA_REQUIRE_COMPILERS=1 to make this a failure)")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's synthetic models (2.2 GB for the full TinyLlama shape) go with it."""
     if _OWN_CACHE:

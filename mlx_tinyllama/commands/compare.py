@@ -4,8 +4,12 @@ the first stage that diverges.
     compare --ref refs/synthetic-tiny-fp32.json                 # this package's run vs a reference
     compare --against their_dump.safetensors --model synthetic:tiny   # their dump vs this package's run
     compare --against llama_eval_callback.log --ref REF          # their log vs a reference
+    compare --against-steps steps/ --model synthetic:tiny       # their decode steps vs our KV-cache decode
 
-Exit code 0: every compared stage within tolerance; 1: something diverges; 2: bad input.
+With their full tensors and the model, the result also localizes the cause (replay, diagnosis)
+and always says which stages were compared (coverage); see docs/localize.md.
+Exit code 0: every compared stage within tolerance (and every --require'd stage compared);
+1: something diverges or a required stage was not compared; 2: bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from __future__ import annotations
 from .. import cli_common
 from ..compare import compare, compared_ids, needs_shortcut, run_side
 from ..errors import UserError
+from ..formatting import fmt
+from ..localize import localize
+from ..localize.coverage import required_not_compared
 from ..refs.loaders import load, read_name_map
 from ..refs.side import Side
 from ..results import PromptRecord, ResultHeader
@@ -25,6 +32,12 @@ def add_arguments(p) -> None:
                                                 "optionally #SOURCE), or one of the seed's JSON files")
     p.add_argument("--against", metavar="FILE", help="another engine's numbers: .safetensors/.npz tensors, a stats "
                                                      "JSON (run --json shape), or a llama.cpp eval-callback log")
+    p.add_argument("--against-steps", nargs="+", metavar="DIR_OR_FILE",
+                   help="another engine's decode-step dumps (safetensors/npz files, or directories of them), each "
+                        "keyed by position (metadata 'position' or tensor names TAP@POSITION): compared with this "
+                        "package's KV-cache decode and prefill rows; needs --model")
+    p.add_argument("--require", action="append", metavar="GLOB",
+                   help="exit 1 unless every stage matching GLOB was compared (repeatable), e.g. 'layers.*.attn.probs'")
     p.add_argument("--map", metavar="FILE.json", help="name mapping {their name: canonical tap} for --against")
     p.add_argument("--layout", choices=("hf", "gguf"), help="Q/K layout of --against (default: gguf for llama.cpp "
                                                            "logs, hf otherwise)")
@@ -41,8 +54,12 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    if args.against_steps:
+        if args.ref or args.against:
+            raise UserError("--against-steps compares decode steps with this package's run: without --ref or --against")
+        return _steps(args)
     if not args.ref and not args.against:
-        raise UserError("compare needs --ref REF and/or --against FILE")
+        raise UserError("compare needs --ref REF and/or --against FILE (or --against-steps DIR)")
     cli_common.check_outputs(args)
     cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
@@ -60,21 +77,69 @@ def main(args) -> int:
     if references is not None and not args.against:  # this package's run against the reference
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
-        result = compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids))
-        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
+        cfg = lm.config.as_dict()
+        result = compare(candidate, references, tol, cfg, len(prompt.ids))
+        _localize(args, result, candidate, references, None, tol, len(prompt.ids), cfg)  # coverage: no replay of ours
+        return _finish(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     if references is None:  # their dump against this package's run
         lm, prompt = _load_run(args, [candidate])
         references = [run_side(lm, prompt.ids)]
-        result = compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids))
-        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
+        cfg = lm.config.as_dict()
+        result = compare(candidate, references, tol, cfg, len(prompt.ids))
+        _localize(args, result, candidate, references, lm, tol, len(prompt.ids), cfg)
+        return _finish(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     cfg = _config(args, references)  # their dump against a stored reference
     n_tokens = next((r.n_tokens for r in references if r.n_tokens), None) or candidate.n_tokens
     if not n_tokens:
         raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
     result = compare(candidate, references, tol, cfg, n_tokens)
+    lm = cli_common.load_model(args) if args.model else None  # the weights, for the replay
+    _localize(args, result, candidate, references, lm, tol, n_tokens, cfg)
     ids = compared_ids(candidate, references)
     prompt = PromptRecord(ids, source="the compared files' token ids") if ids else None
-    return cli_common.finish_comparison(args, ResultHeader.without_model("compare", candidate.dtype, prompt), result)
+    return _finish(args, ResultHeader.without_model("compare", candidate.dtype, prompt), result)
+
+
+def _localize(args, result, candidate, references, lm, tol, n_tokens, cfg) -> None:
+    """Coverage (always), replay and diagnosis (with the model), and the --require check, into result."""
+    n_layers = int(cfg["num_hidden_layers"])
+    localize(result, candidate, references, lm, tol, n_tokens, n_layers)
+    if args.require:
+        result["required"] = {"patterns": list(args.require),
+                              "not_compared": required_not_compared(result["coverage"], args.require, n_layers)}
+
+
+def _finish(args, header, result, lm=None) -> int:
+    return cli_common.finish_comparison(args, header, result, lm)
+
+
+def _steps(args) -> int:
+    """`--against-steps`: their decode-step dumps against this package's decode of the same tokens."""
+    from ..localize.steps import compare_steps, load_steps
+    from ..outputs import write_json
+    from ..prompt import Prompt
+
+    if not args.model:
+        raise UserError("--against-steps needs --model: the model whose decode is the reference")
+    cli_common.check_outputs(args)
+    if args.report or args.plots:
+        raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
+    tol = Tolerances.from_overrides(args.tol)
+    dumps = load_steps(args.against_steps, read_name_map(args.map))
+    if args.against_dtype:
+        from ..tolerances import dtype_key
+
+        dumps.dtype = dtype_key(args.against_dtype)
+    lm = cli_common.load_model(args)
+    ids = cli_common.prompt_for(args, lm).ids if _prompt_given(args) else None
+    result = compare_steps(dumps, lm, ids, tol)
+    all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids
+    prompt = Prompt(ids=all_ids, text=None, source="--token-ids" if ids else "the step dumps' token ids")
+    result = {**ResultHeader.of_run("compare", lm, prompt).as_dict(), **result}
+    if args.json:
+        write_json(args.json, result)
+    print_steps(result)
+    return 0 if result["status"] == "match" else 1
 
 
 def _load_ref(spec: str) -> list[Side]:
@@ -126,3 +191,33 @@ def _config(args, references) -> dict:
     if src.format == "gguf":
         raise UserError("give --model as an HF directory or synthetic preset to tell the model shape")
     return load_config(src.path).as_dict()
+
+
+# ---------------------------------------------------------------------------
+# Printing decode steps
+
+
+def print_steps(result: dict) -> None:
+    """One line per step, then the first (position, stage) that diverges and what explains it."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = cli_common.console()
+    t = Table(title=f"decode steps against {result['reference']['model']} ({result['reference']['dtype']}), "
+                    f"their dtype {result['dtype']}")
+    for col in ("position", "tokens", "vs our decode", "vs prefill row", "localized"):
+        t.add_column(col, no_wrap=True)
+    for s in result["steps"]:
+        loc = s.get("localized")
+        t.add_row(str(s["position"]), str(s["n_tokens"]), s["first_divergence"] or "match",
+                  s["prefill_row"]["first_divergence"] or "match", loc["stage"] if loc else "",
+                  style=None if s["status"] == "match" else "red")
+    con.print(t)
+    f = result["first_divergence"]
+    if f is None:
+        con.print("[bold green]match[/]: every step is within tolerance of our KV-cache decode")
+        return
+    con.print(f"[bold red]first divergence: position {f['position']}, {f['tap']}[/] ({f['metric']}, "
+              f"{fmt(f['ratio'])}x tolerance)" + (f": {escape(f['note'])}" if f["note"] else ""))
+    for d in f["diagnosis"]:
+        con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")

@@ -50,5 +50,6 @@ from .loaders import (  # noqa: F401
     MANIFEST_FORMAT,
     load,
     read_tensor_file,
+    safetensors_metadata,
     read_name_map,
 )

@@ -184,7 +184,8 @@ def _tensor_dtype(path: Path) -> str | None:
         return None
 
 
-def _safetensors_metadata(path: Path) -> dict:
+def safetensors_metadata(path: Path) -> dict:
+    """The `__metadata__` of a safetensors file ({} for other files or a broken header)."""
     if path.suffix.lower() != ".safetensors":
         return {}
     try:
@@ -197,7 +198,7 @@ def _safetensors_metadata(path: Path) -> dict:
 
 def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
     tensors = read_tensor_file(path)
-    meta = _safetensors_metadata(path)
+    meta = safetensors_metadata(path)
     ids = None
     if "tokens" in meta:
         try:

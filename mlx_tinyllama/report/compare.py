@@ -58,8 +58,11 @@ def comparison_sections(result: dict, lm) -> tuple[list[Section], str, bool | No
         sec.plots.append(heatmap_plot(data, stem="divergence", title=f"{metric} vs reference, stage × layer",
                                       label=f"{metric} (log)", mark_label="first divergence"))
     table = _entries_table(entries, first)
-    secs = [sec, Section("comparison-table", "Comparison table", tables=[table] if table else [],
-                         intro="" if entries else "This comparison has no entries.")]
+    secs = [sec]
+    if result.get("coverage"):
+        secs.append(_localization_section(result, n))
+    secs.append(Section("comparison-table", "Comparison table", tables=[table] if table else [],
+                        intro="" if entries else "This comparison has no entries."))
     return secs, f"comparison: {status}" + (f", first divergence at {first}" if first else ""), ok
 
 
@@ -75,3 +78,37 @@ def _entries_table(entries: list[dict], first: str | None) -> dict | None:
             bad.append(k)
     return {"caption": "every check, in forward order", "columns": ["tap", "metric", "value", "tolerance", "ok"],
             "rows": rows, "bad_rows": bad}
+
+
+def _localization_section(result: dict, n_layers: int) -> Section:
+    """Coverage (every layer × stage: compared, missing, not comparable, shape mismatch), the
+    localized stage and the diagnosis (localize/, docs/localize.md)."""
+    from ..localize.coverage import SYMBOL, grid_lines, summary
+
+    cov = result["coverage"]
+    ok = {s["tap"]: s["ok"] for s in result["stages"]}
+    lines = grid_lines(cov, ok, n_layers)
+    rows = [line.split("  ", 1) for line in lines[1:]]
+    rows = [[name.strip(), cells.strip()] for name, cells in rows]
+    bad = [k for k, (_, cells) in enumerate(rows) if set(cells.split()) - {SYMBOL["ok"]}]
+    grid = {"caption": "coverage: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in SYMBOL.items()),
+            "columns": ["stage", "layers " + lines[0].split("  ", 1)[1].strip()], "rows": rows, "bad_rows": bad}
+    sec = Section("localization", "Coverage and localization", tables=[grid],
+                  data={"coverage": cov, "localized": result.get("localized"), "diagnosis": result.get("diagnosis"),
+                        "required": result.get("required")}, data_id="localization-data")
+    sec.intro = ("Which stages were really compared, and where the cause is: replay feeds their input of each "
+                 "stage through our op, so a stage's local error is told apart from the error it inherited.")
+    loc = result.get("localized")
+    sec.facts = [("coverage", summary(cov))]
+    if loc:
+        sec.facts.append(("localized", f"{loc['stage']}: local error {fmt(loc['local_ratio'])}x its tolerance, "
+                                       f"inherited {fmt(loc['inherited_ratio'])}x"))
+    elif result.get("replay", {}).get("note"):
+        sec.facts.append(("localized", result["replay"]["note"]))
+    for d in result.get("diagnosis") or []:
+        sec.facts.append(("diagnosis", f"{d['stage']}: {d['transform']}: {d['words']}"))
+    req = result.get("required")
+    if req:
+        sec.facts.append(("required", ", ".join(req["patterns"]) + (
+            f": not compared {', '.join(req['not_compared'])}" if req["not_compared"] else ": all compared")))
+    return sec

@@ -1,0 +1,247 @@
+"""Replay: feed another engine's own input of each stage through this package's op, and compare
+their output with ours-from-their-input. That is the stage's *local* error, apart from the error
+it *inherited*: the first stage whose local error exceeds its tolerance is the bug, even when
+earlier stages already drifted a little (and later, innocent ones amplified the drift).
+
+Every op runs in float32 on explicit kernels (ops.py), whatever the model's dtype, so the
+replay adds nothing measurable of its own. A stage whose input was not dumped is recomputed
+from the nearest dumped ancestors (a fused-attention engine without scores or probabilities
+still gets its context replayed from q_rope, k_rope and v); a stage with no dumped ancestor
+except the token ids is not replayed (that would be the global comparison again).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from ..ops import Ops, Rope
+from ..taps import split_name, tap_names
+from ..tolerances import Tolerances, metrics
+
+F32 = mx.float32
+EXPLICIT = Ops("hf", "explicit")
+
+
+def layer_input(layer: int) -> str:
+    return "embed" if layer == 0 else f"layers.{layer - 1}.out"
+
+
+def recipe_inputs(tap: str, n_layers: int) -> list[str]:
+    """The canonical taps that `tap`'s op reads, in the reference's forward pass."""
+    layer, stage = split_name(tap)
+    if layer is None:
+        return {"embed": [], "final_norm": [f"layers.{n_layers - 1}.out"], "logits": ["final_norm"]}[stage]
+    p = f"layers.{layer}."
+    local = {
+        "attn_norm": [layer_input(layer)],
+        "attn.q": [p + "attn_norm"], "attn.k": [p + "attn_norm"], "attn.v": [p + "attn_norm"],
+        "attn.q_rope": [p + "attn.q"], "attn.k_rope": [p + "attn.k"],
+        "attn.scores": [p + "attn.q_rope", p + "attn.k_rope"],
+        "attn.scores_scaled": [p + "attn.scores"],
+        "attn.scores_masked": [p + "attn.scores_scaled"],
+        "attn.probs": [p + "attn.scores_masked"],
+        "attn.context": [p + "attn.probs", p + "attn.v"],
+        "attn.out": [p + "attn.context"],
+        "resid_mid": [layer_input(layer), p + "attn.out"],
+        "mlp_norm": [p + "resid_mid"],
+        "mlp.gate": [p + "mlp_norm"], "mlp.up": [p + "mlp_norm"],
+        "mlp.act": [p + "mlp.gate"],
+        "mlp.prod": [p + "mlp.act", p + "mlp.up"],
+        "mlp.down": [p + "mlp.prod"],
+        "out": [p + "resid_mid", p + "mlp.down"],
+    }
+    return local[stage]
+
+
+class StageOps:
+    """This package's op of every stage, on numpy tensors in the canonical layout (batch dropped),
+    for token rows starting at `position`. Variants (a transposed RoPE, another scale, ...) are
+    the keyword arguments that diagnosis (transforms.py) turns."""
+
+    def __init__(self, lm, ids: list[int] | None, position: int = 0):
+        self.lm, self.cfg, self.ids, self.position = lm, lm.config, ids, position
+        self.model = lm.model
+        self._rope = Rope.make(self.cfg.head_dim, self.cfg.rope_theta, 1.0 / self.cfg.rope_factor)
+
+    def weight(self, w: mx.array) -> mx.array:
+        """A float32 copy for one op, not kept: each weight is read about once per replay, and all of
+        TinyLlama's in float32 would be 4.4 GB."""
+        return w.astype(F32)
+
+    def linear(self, x: np.ndarray, w: mx.array) -> np.ndarray:
+        return np.array(mx.array(x, F32) @ self.weight(w).T)
+
+    def norm(self, x: np.ndarray, w: mx.array) -> np.ndarray:
+        return np.array(EXPLICIT.rms_norm(mx.array(x, F32), self.weight(w), self.cfg.rms_norm_eps))
+
+    def heads(self, x: np.ndarray, n: int) -> np.ndarray:
+        return x.reshape(x.shape[0], n, -1).transpose(1, 0, 2)
+
+    def rope(self, x: np.ndarray, offset: int = 0, interleaved: bool = False) -> np.ndarray:
+        rope = self._rope
+        x4 = mx.array(x, F32)[None]
+        start = self.position + offset
+        if interleaved:
+            out = mx.fast.rope(x4, x.shape[-1], traditional=True, base=None, scale=rope.position_scale,
+                               offset=start, freqs=rope.freqs)
+        else:
+            out = EXPLICIT.rope(x4, start, rope)
+        return np.array(out[0])
+
+    def qk(self, q: np.ndarray, k: np.ndarray, kv_map=None) -> np.ndarray:
+        if kv_map is None:
+            return np.array(EXPLICIT.qk(mx.array(q, F32)[None], mx.array(k, F32)[None])[0])
+        return np.einsum("htd,hsd->hts", q.astype(np.float32), k.astype(np.float32)[kv_map])
+
+    def mask(self, s: np.ndarray, shift: int = 0, off: bool = False) -> np.ndarray:
+        T, S = s.shape[-2], s.shape[-1]
+        if off or T == 1 and shift == 0:
+            return s.astype(np.float32)
+        rows = np.arange(S - T, S)[:, None] + shift
+        low = float(np.finfo(np.float32).min)
+        return np.where(np.arange(S)[None, :] > rows, np.float32(low), s.astype(np.float32))
+
+    def softmax(self, s: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.array(mx.softmax(mx.array(s, F32), axis=axis))
+
+    def pv(self, probs: np.ndarray, v: np.ndarray, kv_map=None) -> np.ndarray:
+        if kv_map is None:
+            out = np.array(EXPLICIT.pv(mx.array(probs, F32)[None], mx.array(v, F32)[None])[0])
+        else:
+            out = np.einsum("hts,hsd->htd", probs.astype(np.float32), v.astype(np.float32)[kv_map])
+        return out.transpose(1, 0, 2).reshape(out.shape[1], -1)
+
+    def silu(self, x: np.ndarray) -> np.ndarray:
+        return np.array(EXPLICIT.silu(mx.array(x, F32)))
+
+    def run(self, tap: str, inputs: list[np.ndarray], **variant) -> np.ndarray:
+        """Our `tap` computed from `inputs` (recipe_inputs order); `variant` picks a deliberate variant."""
+        layer, stage = split_name(tap)
+        cfg, m = self.cfg, self.model.model
+        if layer is None:
+            if stage == "embed":
+                return np.array(m.embed_tokens.weight[mx.array(self.ids)].astype(F32))
+            if stage == "final_norm":
+                return self.norm(inputs[0], m.norm.weight)
+            head = m.embed_tokens.weight if cfg.tie_word_embeddings else self.model.lm_head.weight
+            return self.linear(inputs[0], head)
+        L = m.layers[layer]
+        a, mlp = L.self_attn, L.mlp
+        x = inputs[0]
+        if stage in ("attn.q", "attn.k", "attn.v"):
+            proj = {"attn.q": a.q_proj, "attn.k": a.k_proj, "attn.v": a.v_proj}[stage]
+            n = cfg.num_attention_heads if stage == "attn.q" else cfg.num_key_value_heads
+            return self.heads(self.linear(x, proj.weight), n)
+        simple = {
+            "attn_norm": lambda: self.norm(x, L.input_layernorm.weight),
+            "attn.q_rope": lambda: self.rope(x, variant.get("rope_offset", 0), variant.get("interleaved", False)),
+            "attn.k_rope": lambda: self.rope(x, variant.get("rope_offset", 0), variant.get("interleaved", False)),
+            "attn.scores": lambda: self.qk(x, inputs[1], variant.get("kv_map")),
+            "attn.scores_scaled": lambda: (x * np.float32(variant.get("scale", cfg.attn_scale))).astype(np.float32),
+            "attn.scores_masked": lambda: self.mask(x, variant.get("mask_shift", 0), variant.get("mask_off", False)),
+            "attn.probs": lambda: self.softmax(x, variant.get("softmax_axis", -1)),
+            "attn.context": lambda: self.pv(x, inputs[1], variant.get("kv_map")),
+            "attn.out": lambda: self.linear(x, a.o_proj.weight),
+            "resid_mid": lambda: (x.astype(np.float32) + inputs[1].astype(np.float32)),
+            "mlp_norm": lambda: self.norm(x, L.post_attention_layernorm.weight),
+            "mlp.gate": lambda: self.linear(x, mlp.gate_proj.weight),
+            "mlp.up": lambda: self.linear(x, mlp.up_proj.weight),
+            "mlp.act": lambda: self.silu(x),
+            "mlp.prod": lambda: (x.astype(np.float32) * inputs[1].astype(np.float32)),
+            "mlp.down": lambda: self.linear(x, mlp.down_proj.weight),
+            "out": lambda: (x.astype(np.float32) + inputs[1].astype(np.float32)),
+        }
+        return simple[stage]()
+
+
+@dataclass
+class Replay:
+    """Replayed stages: tap -> {local_ratio, local_nmse, tolerance, inputs, recomputed} or {skipped}."""
+
+    stages: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # ours from their inputs, per replayed tap
+    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the input values each op read
+
+    def first_local(self) -> str | None:
+        return next((t for t, s in self.stages.items() if s.get("local_ratio", 0.0) > 1.0), None)
+
+
+def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float) -> tuple[float, float]:
+    """(ratio, nmse) of their output against ours-from-their-input; a mask mismatch or a new NaN is inf."""
+    m = metrics(theirs, ours, masked=tap.endswith("attn.scores_masked"))
+    if m["mask_mismatch"] or m["nonfinite"]:
+        return math.inf, math.inf
+    nmse = m["nmse"] if not math.isnan(m["nmse"]) else 0.0  # nothing comparable: inherited non-finite values
+    return (nmse / tolerance if tolerance > 0 else (0.0 if nmse == 0 else math.inf)), nmse
+
+
+def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolerances, their_dtype: str | None,
+           position: int = 0, n_keys: dict[str, int] | None = None) -> Replay:
+    """Replay every dumped stage whose inputs can be had from the dump (`theirs`: canonical tap ->
+    tensor in the canonical layout). `position`: the first token row's position (decode steps)."""
+    n_layers = lm.config.num_hidden_layers
+    ops = StageOps(lm, ids, position)
+    out = Replay()
+    recomputed: dict[str, np.ndarray | None] = {}
+
+    def value(tap: str) -> np.ndarray | None:
+        """Their tensor, or ours recomputed from their nearest dumped ancestors (None: none dumped)."""
+        if tap in theirs:
+            return theirs[tap]
+        if tap not in recomputed:
+            recomputed[tap] = None
+            ins = recipe_inputs(tap, n_layers)
+            if ins:  # the embedding is never recomputed: that would not use their numbers
+                vals = [value(i) for i in ins]
+                if all(v is not None for v in vals):
+                    try:
+                        recomputed[tap] = ops.run(tap, vals)
+                    except (ValueError, IndexError) as e:  # their ancestors' shapes do not fit
+                        recomputed[tap] = None
+                        out.stages.setdefault(tap, {"tap": tap, "skipped": f"cannot recompute: {e}"})
+        return recomputed[tap]
+
+    for tap in tap_names(n_layers):
+        if tap not in theirs:
+            continue
+        ins = recipe_inputs(tap, n_layers)
+        if tap == "embed" and not ids:
+            out.stages[tap] = {"tap": tap, "skipped": "the dump records no token ids"}
+            continue
+        vals = [value(i) for i in ins]
+        if any(v is None for v in vals):
+            missing = [i for i, v in zip(ins, vals) if v is None]
+            out.stages[tap] = {"tap": tap, "skipped": f"input(s) not dumped: {', '.join(missing)}"}
+            continue
+        try:
+            ours = ops.run(tap, vals)
+        except (ValueError, IndexError) as e:
+            out.stages[tap] = {"tap": tap, "skipped": f"their inputs do not fit the op: {e}"}
+            continue
+        if ours.shape != theirs[tap].shape:
+            out.stages[tap] = {"tap": tap, "skipped": f"shape {list(theirs[tap].shape)}, ours from their inputs "
+                                                      f"{list(ours.shape)}"}
+            continue
+        tolerance = tol.get(tap, "nmse", their_dtype or "float32", "float32", n_layers)
+        ratio, nmse = local_ratio(tap, theirs[tap], ours, tolerance)
+        out.stages[tap] = {"tap": tap, "local_ratio": ratio, "local_nmse": nmse, "tolerance": tolerance,
+                           "inputs": [i for i in ins if i in theirs] or (["token ids"] if tap == "embed" else []),
+                           "recomputed": [i for i in ins if i not in theirs]}
+        out.outputs[tap] = ours
+        out.inputs[tap] = vals
+    return out
+
+
+def localized(rep: Replay, stage_ratios: dict[str, float], n_layers: int) -> dict | None:
+    """The first stage whose local error exceeds tolerance, with the error it inherited (the worst
+    ratio of its dumped inputs against the reference)."""
+    tap = rep.first_local()
+    if tap is None:
+        return None
+    s = rep.stages[tap]
+    inherited = max((stage_ratios.get(i, 0.0) for i in s["inputs"]), default=0.0)
+    return {"stage": tap, "local_ratio": s["local_ratio"], "inherited_ratio": inherited}

@@ -1,0 +1,258 @@
+"""Decode steps: another engine's per-step dumps, each keyed by position, against this package's
+decode of the same tokens through its KV cache, and against the prefill row at that position.
+Reports the first (position, stage) that diverges, replays each step (local errors, for the
+stages whose inputs a step holds) and diagnoses the first divergence.
+
+A step dump holds T token rows starting at its position (T = 1 for a decode step; a prefill
+is a step at position 0). Its position comes from the file's `position` metadata (kit/ writes
+it), or from a tensor name `TAP@POSITION`, which lets one file hold every step. Shapes are
+canonical with S = position + T key positions: `[H, 1, S]` scores for a decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .. import refs as R
+from ..errors import UserError
+from ..taps import Taps, stage_of, tap_names
+from ..tolerances import Tolerances, metrics
+from .diagnose import diagnose
+from .replay import StageOps, recipe_inputs, replay
+from .transforms import Case
+
+KEY_AXIS_STAGES = ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs")
+
+
+@dataclass
+class Step:
+    position: int
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    sources: set[str] = field(default_factory=set)
+
+    @property
+    def n_tokens(self) -> int:
+        tap, x = next(iter(self.tensors.items()))
+        return int(x.shape[stage_of(tap).token_axis])
+
+
+@dataclass
+class StepDumps:
+    steps: list[Step]
+    ids: list[int] | None
+    dtype: str | None
+    not_comparable: list[dict] = field(default_factory=list)
+
+
+def _files(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in (".safetensors", ".npz"))
+            if not found:
+                raise UserError(f"{p}: no .safetensors or .npz step dumps in this directory")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    return out
+
+
+def load_steps(paths: list[str], name_map: dict | None = None) -> StepDumps:
+    """Read step dumps (files, or directories of them) and group their tensors by position."""
+    by_pos: dict[int, Step] = {}
+    token_lists, dtypes, skipped = [], set(), []
+    for path in _files(paths):
+        meta = R.safetensors_metadata(path)
+        tensors = R.read_tensor_file(path)
+        if meta.get("tokens"):
+            try:
+                token_lists.append([int(i) for i in json.loads(meta["tokens"])])
+            except (ValueError, TypeError):
+                raise UserError(f"{path}: metadata 'tokens' is not a JSON list of ids") from None
+        if meta.get("dtype"):
+            dtypes.add(meta["dtype"])
+        for their, x in tensors.items():
+            name, at, pos_text = their.partition("@")
+            pos_text = pos_text if at else meta.get("position")
+            if pos_text is None or not re.fullmatch(r"\d+", str(pos_text).strip()):
+                raise UserError(f"{path}: tensor {their!r} has no position: give the file a 'position' metadata "
+                                "entry (kit/ writes it) or name the tensor TAP@POSITION")
+            tap = R.map_name(name, name_map)
+            if tap is None or tap in R.SHORTCUT_TAPS:
+                skipped.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
+                continue
+            step = by_pos.setdefault(int(pos_text), Step(int(pos_text)))
+            if tap in step.tensors:
+                raise UserError(f"{path}: {tap} at position {pos_text} is given twice")
+            x = np.asarray(x, np.float32)
+            while x.ndim > len(stage_of(tap).shape.split(",")) and x.shape[0] == 1:  # a batch dimension
+                x = x[0]
+            step.tensors[tap] = x
+            step.sources.add(path.name)
+    if not by_pos:
+        raise UserError("no step tensors with canonical names in " + ", ".join(paths))
+    if len(dtypes) > 1:
+        raise UserError(f"the step dumps disagree on their dtype: {sorted(dtypes)}")
+    return StepDumps(sorted(by_pos.values(), key=lambda s: s.position), _token_ids(token_lists),
+                     dtypes.pop() if dtypes else None, skipped)
+
+
+def _token_ids(lists: list[list[int]]) -> list[int] | None:
+    """The longest recorded id list; every other must be a prefix of it."""
+    if not lists:
+        return None
+    longest = max(lists, key=len)
+    for ids in lists:
+        if longest[:len(ids)] != ids:
+            raise UserError(f"the step dumps record different token ids ({len(ids)} ids differ from the "
+                            f"longest list of {len(longest)} at position "
+                            f"{next(i for i, (a, b) in enumerate(zip(ids, longest)) if a != b)})")
+    return longest
+
+
+# ---------------------------------------------------------------------------
+# The reference: our KV-cache decode, and one prefill's rows
+
+
+def reference_steps(lm, ids: list[int], chunks: list[tuple[int, int]]) -> tuple[dict, dict]:
+    """({position: taps of our KV-cache decode of that chunk}, {position: the prefill's rows})."""
+    model, names = lm.model, tap_names(lm.config.num_hidden_layers)
+    cache = model.make_cache()
+    decode, at = {}, 0
+    for pos, T in chunks:
+        if pos > at:  # tokens before this chunk (the prompt, or a gap between dumped steps)
+            mx.eval(model(mx.array(ids[at:pos]), cache=cache))
+        taps = Taps(names, "full")
+        mx.eval(model(mx.array(ids[pos:pos + T]), cache=cache, tap=taps))
+        decode[pos] = {n: np.array(v.astype(mx.float32)) for n, v in taps.tensors.items()}
+        at = pos + T
+    taps = Taps(names, "full")
+    mx.eval(model(mx.array(ids[:at]), tap=taps))
+    full = {n: np.array(v.astype(mx.float32)) for n, v in taps.tensors.items()}
+    rows = {}
+    for pos, T in chunks:
+        rows[pos] = {}
+        for n, x in full.items():
+            stage = stage_of(n)
+            if stage.token_axis == 0:
+                rows[pos][n] = x[pos:pos + T]
+            else:
+                y = x[:, pos:pos + T]
+                rows[pos][n] = y[..., :pos + T] if any(n.endswith(s) for s in KEY_AXIS_STAGES) else y
+    return decode, rows
+
+
+# ---------------------------------------------------------------------------
+# Comparing
+
+
+def _ratio(value: float, tolerance: float) -> float:
+    if math.isnan(value):
+        return math.inf
+    return value / tolerance if tolerance > 0 else (0.0 if value == 0 else math.inf)
+
+
+def _shape_note(tap: str, theirs: tuple, ours: tuple, pos: int) -> str:
+    if any(tap.endswith(s) for s in KEY_AXIS_STAGES) and theirs[:-1] == ours[:-1]:
+        return (f"{theirs[-1]} key positions, {ours[-1]} expected at position {pos} (position + tokens): the KV "
+                "cache does not hold every past position (it stopped growing, or has a fixed size)")
+    return f"shape {list(theirs)}, expected {list(ours)}"
+
+
+def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tuple, n_layers: int) -> list[dict]:
+    """Per tap (forward order) of one step: {tap, ok, ratio, metric, value, tolerance, note}."""
+    out = []
+    for tap in tap_names(n_layers):
+        if tap not in theirs or tap not in ours:
+            continue
+        a, b = theirs[tap], ours[tap]
+        if a.shape != b.shape:
+            out.append({"tap": tap, "ok": False, "ratio": math.inf, "metric": "shape", "value": math.inf,
+                        "tolerance": 0.0, "note": _shape_note(tap, a.shape, b.shape, pos)})
+            continue
+        m = metrics(a, b, masked=tap.endswith("attn.scores_masked"))
+        tolerance = tol.get(tap, "nmse", dtypes[0], dtypes[1], n_layers)
+        value = math.inf if m["mask_mismatch"] or m["nonfinite"] else m["nmse"]
+        ratio = _ratio(value, tolerance)
+        note = ""
+        if ratio > 1 and not np.any(a):
+            note = ("their tensor is all zeros: read before the GPU finished writing it (wait for the command "
+                    "buffer to complete), or never written")
+        out.append({"tap": tap, "ok": ratio <= 1, "ratio": ratio, "metric": "nmse", "value": value,
+                    "tolerance": tolerance, "note": note})
+    return out
+
+
+def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, their_dtype: str | None = None) -> dict:
+    """The `compare --against-steps` result: per step against our decode and our prefill row, the
+    first (position, stage) that diverges, local errors, and a diagnosis of the first divergence."""
+    ids = ids or dumps.ids
+    if not ids:
+        raise UserError("the step dumps record no token ids: give --token-ids with every id up to the last step")
+    L = lm.config.num_hidden_layers
+    chunks, at = [], 0
+    for s in dumps.steps:
+        if s.position < at:
+            raise UserError(f"step dumps overlap: position {s.position} is inside the step before it")
+        chunks.append((s.position, s.n_tokens))
+        at = s.position + s.n_tokens
+    if at > len(ids):
+        raise UserError(f"the steps reach position {at - 1} but only {len(ids)} token ids are known")
+    lm.config.check_ids(ids[:at])
+    dtype = their_dtype or dumps.dtype or "float32"
+    decode, rows = reference_steps(lm, ids, chunks)
+    out_steps, first, first_row, localized = [], None, None, None
+    for s in dumps.steps:
+        pos = s.position
+        stages = compare_step(s.tensors, decode[pos], pos, tol, (dtype, lm.dtype), L)
+        row = compare_step(s.tensors, rows[pos], pos, tol, (dtype, lm.dtype), L)
+        rep = replay(s.tensors, lm, ids[pos:pos + s.n_tokens], tol, dtype, pos)
+        for e in stages:
+            e["local_ratio"] = rep.stages.get(e["tap"], {}).get("local_ratio")
+        bad = next((e for e in stages if not e["ok"]), None)
+        bad_row = next((e for e in row if not e["ok"]), None)
+        step = {"position": pos, "n_tokens": s.n_tokens, "token_ids": ids[pos:pos + s.n_tokens],
+                "sources": sorted(s.sources), "status": "diverged" if bad else "match",
+                "first_divergence": bad["tap"] if bad else None, "stages": stages,
+                "missing": [t for t in tap_names(L) if t not in s.tensors],
+                "prefill_row": {"status": "diverged" if bad_row else "match",
+                                "first_divergence": bad_row["tap"] if bad_row else None}}
+        local = rep.first_local()
+        if local:
+            step["localized"] = {"stage": local, "local_ratio": rep.stages[local]["local_ratio"]}
+            localized = localized or {"position": pos, **step["localized"]}
+        if bad and first is None:
+            first = {"position": pos, "tap": bad["tap"], "metric": bad["metric"], "ratio": bad["ratio"],
+                     "note": bad["note"]}
+            first["diagnosis"] = _diagnose_step(s, bad["tap"], rep, decode[pos], lm, ids, pos, tol, dtype)
+        if bad_row and first_row is None:
+            first_row = {"position": pos, "tap": bad_row["tap"], "note": bad_row["note"]}
+        out_steps.append(step)
+    return {"status": "diverged" if first else "match", "tokens": ids[:at], "first_divergence": first,
+            "first_prefill_row_divergence": first_row, "localized": localized, "steps": out_steps,
+            "dtype": dtype, "reference": {"model": lm.source.spec, "dtype": lm.dtype},
+            "not_compared": dumps.not_comparable, "tolerances": tol.describe()}
+
+
+def _diagnose_step(step: Step, tap: str, rep, ours: dict, lm, ids, pos, tol, dtype) -> list[dict]:
+    """Diagnose a step's first divergence: from their inputs when replayed, else from our decode's."""
+    L = lm.config.num_hidden_layers
+    ops = StageOps(lm, ids[pos:pos + step.n_tokens], pos)
+    if tap in rep.outputs:
+        case = Case(tap, step.tensors[tap], rep.outputs[tap], rep.inputs[tap], ops, lm.config)
+    else:
+        if step.tensors[tap].shape != ours[tap].shape:
+            return []
+        ins = recipe_inputs(tap, L)
+        inputs = [ours[i] for i in ins] if all(i in ours for i in ins) else None
+        case = Case(tap, step.tensors[tap], ours[tap], inputs, ops, lm.config)
+    return diagnose(case, lambda d: tol.get(tap, "nmse", d, "float32", L), dtype)

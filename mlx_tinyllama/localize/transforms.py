@@ -1,0 +1,185 @@
+"""The library of layout and semantics transformations that diagnosis tries on a diverging stage:
+each turns their tensor (a layout mistake in how it was written) or our op (a semantic mistake
+in how they computed it) into the other, and when the two then match, the transformation names
+the mistake. docs/compare.md lists them; tests/test_localize.py injects each one's fault.
+
+A transform gets a `Case` (the stage, their tensor, ours from the same inputs, those inputs,
+the ops to recompute with) and returns candidate pairs (ID, a, b): a stands for their side,
+b for ours. Parametrised IDs carry their parameter: `rope_offset:2`, `mask_offset:-1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..taps import split_name
+
+HEAD_MAJOR = ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope")
+OFFSETS = [k for k in range(-8, 9) if k]
+
+
+@dataclass
+class Case:
+    tap: str
+    theirs: np.ndarray
+    ours: np.ndarray  # ours from their inputs (replay), or the reference's tensor
+    inputs: list[np.ndarray] | None  # the op's inputs (theirs, or the reference's), None when unknown
+    ops: object | None  # replay.StageOps for recomputing the op with a variant
+    cfg: object  # ModelConfig
+
+    @property
+    def stage(self) -> str:
+        return split_name(self.tap)[1]
+
+    def variant(self, **kw) -> np.ndarray | None:
+        if self.ops is None or self.inputs is None:
+            return None
+        try:
+            return self.ops.run(self.tap, self.inputs, **kw)
+        except (ValueError, IndexError):  # inputs that do not fit this op (a decode step without its cache)
+            return None
+
+
+@dataclass(frozen=True)
+class Transform:
+    id: str
+    group: str  # layout | rope | attention | tokens and precision
+    stages: tuple[str, ...]  # stage names it applies to; () = every stage
+    words: str  # what a match means, said to the user ({k}: the parameter)
+    pairs: Callable[[Case], list[tuple[str, np.ndarray, np.ndarray]]]
+    dtype: str | None = None  # judge the match with this dtype's tolerance (fp16_rounding)
+
+    def applies(self, stage: str) -> bool:
+        return not self.stages or stage in self.stages
+
+
+def _op(tid: str, **kw):
+    def pairs(c: Case):
+        v = c.variant(**kw)
+        return [] if v is None or v.shape != c.theirs.shape else [(tid, c.theirs, v)]
+    return pairs
+
+
+def _op_offsets(tid: str, key: str, extra=lambda c: []):
+    def pairs(c: Case):
+        out = []
+        for k in OFFSETS + [k for k in extra(c) if k not in OFFSETS and k]:
+            v = c.variant(**{key: k})
+            if v is not None and v.shape == c.theirs.shape:
+                out.append((f"{tid}:{k}", c.theirs, v))
+        return out
+    return pairs
+
+
+def _transpose(c: Case):
+    x = c.theirs
+    return [("transpose", x.reshape(x.shape[::-1]).T, c.ours)] if x.ndim == 2 else []
+
+
+def _ggml_dim_order(c: Case):
+    x = c.theirs
+    if x.ndim != 3:
+        return []
+    heads, tokens, d = x.shape
+    return [("ggml_dim_order", x.reshape(tokens, heads, d).transpose(1, 0, 2), c.ours)]
+
+
+def _heads_order(c: Case):
+    x = c.theirs
+    H, D = c.cfg.num_attention_heads, c.cfg.head_dim
+    if x.ndim != 2 or x.shape[1] != H * D:
+        return []
+    T = x.shape[0]
+    return [("heads_order", x.reshape(T, D, H).transpose(0, 2, 1).reshape(T, H * D), c.ours),
+            ("heads_order", x.reshape(T, H, D)[:, ::-1].reshape(T, H * D), c.ours)]
+
+
+def _kv_head_mapping(c: Case):
+    H, KV = c.cfg.num_attention_heads, c.cfg.num_key_value_heads
+    modulo = np.arange(H) % KV
+    if KV == H or np.array_equal(modulo, np.arange(H) // (H // KV)):
+        return []
+    v = c.variant(kv_map=modulo)
+    return [] if v is None or v.shape != c.theirs.shape else [("kv_head_mapping", c.theirs, v)]
+
+
+def _bos_shift(c: Case):
+    x, ref = c.theirs, c.ours
+    if split_name(c.tap)[1] in ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.scores",
+                                "attn.scores_scaled", "attn.scores_masked", "attn.probs") or x.shape[0] < 2:
+        return []
+    return [("bos_shift", x[1:], ref[:-1])]  # their row t holds our row t-1: one token late
+
+
+def _fp16_rounding(c: Case):
+    x = np.asarray(c.theirs, np.float64)
+    finite = np.isfinite(x)
+    with np.errstate(over="ignore"):
+        theirs_half = np.array_equal(x[finite], x[finite].astype(np.float16).astype(np.float64))
+        ours = np.asarray(c.ours, np.float64)
+        ours_half = np.array_equal(ours[np.isfinite(ours)], ours[np.isfinite(ours)].astype(np.float16))
+    if not theirs_half or ours_half:  # only informative when their values are all on the fp16 grid, ours not
+        return []
+    return [("fp16_rounding", c.theirs, c.ours)]
+
+
+def _double_scale(c: Case):
+    s = c.cfg.attn_scale
+    return _op("double_scale", scale=s * s)(c)
+
+
+def _positions_restart(c: Case):
+    pos = getattr(c.ops, "position", 0) or 0
+    return [-pos] if pos else []
+
+
+TRANSFORMS: tuple[Transform, ...] = (
+    Transform("transpose", "layout", (),
+              "the values are right but written transposed: a column-major buffer under the row-major shape",
+              _transpose),
+    Transform("ggml_dim_order", "layout", HEAD_MAJOR,
+              "the values are right but the buffer is in ggml's [tokens, heads, head_dim] order under the "
+              "shape [heads, tokens, head_dim]", _ggml_dim_order),
+    Transform("heads_order", "layout", ("attn.context",),
+              "the heads are merged in another order (head_dim-major, or heads reversed) before o_proj",
+              _heads_order),
+    Transform("rope_interleaved", "rope", ("attn.q_rope", "attn.k_rope"),
+              "RoPE rotates interleaved pairs (x[2i], x[2i+1]) (GPT-J/ggml style) where the weights expect "
+              "rotate-half pairs (x[i], x[i+D/2])", _op("rope_interleaved", interleaved=True)),
+    Transform("rope_offset", "rope", ("attn.q_rope", "attn.k_rope"),
+              "RoPE uses positions shifted by {k} (positions start at the wrong value, or are not advanced "
+              "in decode)", _op_offsets("rope_offset", "rope_offset", _positions_restart)),
+    Transform("missing_scale", "attention", ("attn.scores_scaled",),
+              "the scores are not multiplied by 1/sqrt(head_dim)", _op("missing_scale", scale=1.0)),
+    Transform("double_scale", "attention", ("attn.scores_scaled",),
+              "the scores are multiplied by 1/sqrt(head_dim) twice (1/head_dim)", _double_scale),
+    Transform("softmax_axis", "attention", ("attn.probs",),
+              "the softmax runs over the query axis instead of the key axis", _op("softmax_axis", softmax_axis=-2)),
+    Transform("mask_off", "attention", ("attn.scores_masked",),
+              "no causal mask: every query sees every key", _op("mask_off", mask_off=True)),
+    Transform("mask_offset", "attention", ("attn.scores_masked",),
+              "the causal mask is shifted by {k}: query t sees keys up to t{k:+d}",
+              _op_offsets("mask_offset", "mask_shift")),
+    Transform("kv_head_mapping", "attention", ("attn.scores", "attn.context"),
+              "query head h reads KV head h % n_kv_heads; grouped-query attention needs h // (n_heads / n_kv_heads)",
+              _kv_head_mapping),
+    Transform("bos_shift", "tokens and precision", (),
+              "every token row is one position late: an extra BOS (or a shifted id buffer) went in first",
+              _bos_shift),
+    Transform("fp16_rounding", "tokens and precision", (),
+              "the values are right to float16 precision: this stage is computed or stored in float16 while the "
+              "dump says {dtype} (give --against-dtype float16 if that is intended)", _fp16_rounding,
+              dtype="float16"),
+)
+
+BY_ID = {t.id: t for t in TRANSFORMS}
+
+
+def words(tid: str, dtype: str | None = None) -> str:
+    """The plain-language meaning of a (possibly parametrised) transform ID."""
+    base, _, k = tid.partition(":")
+    text = BY_ID[base].words
+    return text.format(k=int(k) if k else 0, dtype=dtype or "float32")

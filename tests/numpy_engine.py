@@ -1,0 +1,259 @@
+"""An independent NumPy implementation of TinyLlama (Llama 2) that plays "another engine" in tests:
+it reads the same HF checkpoint (config.json + model.safetensors), dumps every canonical tap as a
+full tensor, decodes step by step through its own KV cache, and injects faults by name.
+
+Written from the math, not from mlx_tinyllama's ops (nothing from the package is imported):
+
+    x = E[ids];  per layer:  h = rms(x)·g;  q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ  (split into heads)
+    q, k = rope(q), rope(k)   rotate-half: x·cos + [-x₂, x₁]·sin, angle = pos / θ^(2i/D)
+    scores = q·kᵀ (query head h reads KV head h // (H/KV));  × 1/√D;  + causal mask
+    probs = softmax over keys;  context = probs·v, heads merged [T, H·D];  x = x + context·Woᵀ
+    h = rms(x)·g';  x = x + (SiLU(h·Wgᵀ) ⊙ h·Wuᵀ)·Wdᵀ;  logits = rms(x)·g''·W_lmᵀ
+
+Arithmetic is float64; dumps are float32 (or half precision) through kit/tap_dump.py.
+
+Faults (`Engine(model_dir, faults=["missing_scale@1", "rope_offset:2"])`: NAME[:ARG][@LAYER],
+layer 0 unless given). Each is one mistake that real engines make; FAULTS says which stage it
+breaks and whether it changes the arithmetic ("compute"), only how a tensor is written to
+the dump ("dump"), or only decode steps ("decode").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# name -> (kind, canonical stage within the layer it breaks, description)
+FAULTS = {
+    "drift": ("compute", "attn_norm", "RMSNorm output × (1+ARG): a small error, meant to stay under tolerance"),
+    "wrong_scale": ("compute", "attn.scores_scaled", "scores × ARG/√D instead of 1/√D (ARG default 1.25)"),
+    "fp16_rounding": ("compute", "attn_norm", "the RMSNorm output rounded to float16 (dump says float32)"),
+    "transpose": ("dump", "attn.out", "attn.out written column-major under its row-major shape"),
+    "ggml_dim_order": ("dump", "attn.q", "attn.q's buffer in ggml's [T, heads, D] order under shape [heads, T, D]"),
+    "heads_order": ("compute", "attn.context", "heads merged D-major ([T, D, H]) instead of head-major"),
+    "rope_interleaved": ("compute", "attn.q_rope", "RoPE rotating interleaved pairs (GPT-J/ggml style)"),
+    "rope_offset": ("compute", "attn.q_rope", "RoPE positions start at ARG (default 1) instead of 0"),
+    "missing_scale": ("compute", "attn.scores_scaled", "scores not multiplied by 1/√D"),
+    "double_scale": ("compute", "attn.scores_scaled", "scores multiplied by 1/√D twice"),
+    "softmax_axis": ("compute", "attn.probs", "softmax over the query axis instead of the key axis"),
+    "mask_off": ("compute", "attn.scores_masked", "no causal mask"),
+    "mask_offset": ("compute", "attn.scores_masked", "query t sees keys up to t+ARG (default 1)"),
+    "kv_head_mapping": ("compute", "attn.scores", "query head h reads KV head h % KV instead of h // (H/KV)"),
+    "bos_shift": ("compute", "embed", "embeds [BOS] + ids[:-1]: every token one position late"),
+    "cache_stops_growing": ("decode", "attn.scores", "the KV cache keeps at most ARG entries (default: prefill + 1)"),
+    "positions_stuck": ("decode", "attn.q_rope", "decode steps all use the first decode position"),
+    "zeros_after_first_step": ("decode", "attn.context", "attn.context reads as zeros from the second decode step"),
+}
+MASK_VALUE = float(np.finfo(np.float32).min)  # what a float32 engine adds above the diagonal
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    arg: float | None = None
+    layer: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        spec, _, layer = spec.partition("@")
+        name, _, arg = spec.partition(":")
+        if name not in FAULTS:
+            raise ValueError(f"unknown fault {name!r}; faults: {', '.join(FAULTS)}")
+        return cls(name, float(arg) if arg else None, int(layer) if layer else 0)
+
+    @property
+    def stage(self) -> str:
+        """The canonical tap where the fault first shows."""
+        stage = FAULTS[self.name][1]
+        return stage if stage == "embed" else f"layers.{self.layer}.{stage}"
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _rms(x, g, eps):
+    return g * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+
+class Engine:
+    """`prefill(ids)` -> {tap: float64 array} (batch dimension dropped), then `step(token)` per
+    decode step (T = 1 at position len(cache)). `taps` of the last call stay on the engine."""
+
+    def __init__(self, model_dir, faults=()):
+        from safetensors.numpy import load_file  # reads the checkpoint; the math below is ours
+
+        model_dir = Path(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        self.L, self.H, self.KV = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.hidden = cfg["hidden_size"]
+        self.D = cfg.get("head_dim") or self.hidden // self.H
+        self.eps, self.theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+        self.w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+        self.tied = cfg.get("tie_word_embeddings", False)
+        self.faults = [f if isinstance(f, Fault) else Fault.parse(f) for f in faults]
+        self.cache: list[tuple[np.ndarray, np.ndarray]] = []
+        self.steps = 0
+        self.taps: dict[str, np.ndarray] = {}
+
+    def fault(self, name: str, layer: int | None = None) -> Fault | None:
+        return next((f for f in self.faults if f.name == name and (layer is None or f.layer == layer)), None)
+
+    # --- public --------------------------------------------------------------------------------
+
+    def prefill(self, ids) -> dict[str, np.ndarray]:
+        self.cache = [(np.zeros((self.KV, 0, self.D)), np.zeros((self.KV, 0, self.D))) for _ in range(self.L)]
+        self.steps = 0
+        ids = list(ids)
+        self._prefill_len = len(ids)
+        if self.fault("bos_shift"):
+            ids = [1] + ids[:-1]
+        return self._forward(np.array(ids), 0)
+
+    def step(self, token: int) -> dict[str, np.ndarray]:
+        """One decode step: the token at position len(cache); returns that row's taps."""
+        position = self._prefill_len + self.steps
+        if self.fault("positions_stuck"):
+            position = self._prefill_len  # the position counter is never advanced
+        self.steps += 1
+        return self._forward(np.array([token]), position)
+
+    # --- the forward pass ------------------------------------------------------------------------
+
+    def _forward(self, ids: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        self.taps = taps = {}
+        w = self.w
+        x = taps["embed"] = w["model.embed_tokens.weight"][ids]
+        for i in range(self.L):
+            p = f"model.layers.{i}."
+            h = _rms(x, w[p + "input_layernorm.weight"], self.eps)
+            if (f := self.fault("drift", i)):
+                h = h * (1.0 + f.arg)
+            if self.fault("fp16_rounding", i):
+                h = h.astype(np.float16).astype(np.float64)
+            taps[f"layers.{i}.attn_norm"] = h
+            a = self._attention(h, i, start, taps)
+            x = taps[f"layers.{i}.resid_mid"] = x + a
+            h = taps[f"layers.{i}.mlp_norm"] = _rms(x, w[p + "post_attention_layernorm.weight"], self.eps)
+            gate = taps[f"layers.{i}.mlp.gate"] = h @ w[p + "mlp.gate_proj.weight"].T
+            up = taps[f"layers.{i}.mlp.up"] = h @ w[p + "mlp.up_proj.weight"].T
+            act = taps[f"layers.{i}.mlp.act"] = _silu(gate)
+            prod = taps[f"layers.{i}.mlp.prod"] = act * up
+            m = taps[f"layers.{i}.mlp.down"] = prod @ w[p + "mlp.down_proj.weight"].T
+            x = taps[f"layers.{i}.out"] = x + m
+        h = taps["final_norm"] = _rms(x, w["model.norm.weight"], self.eps)
+        head = w["model.embed_tokens.weight"] if self.tied else w["lm_head.weight"]
+        taps["logits"] = h @ head.T
+        return taps
+
+    def _heads(self, x: np.ndarray, n: int) -> np.ndarray:
+        return x.reshape(x.shape[0], n, self.D).transpose(1, 0, 2)  # [T, n*D] -> [n, T, D]
+
+    def _rope(self, x: np.ndarray, positions: np.ndarray, interleaved: bool) -> np.ndarray:
+        half = self.D // 2
+        inv_freq = 1.0 / self.theta ** (np.arange(half) * 2.0 / self.D)
+        angle = positions[:, None] * inv_freq[None, :]  # [T, D/2]
+        cos, sin = np.cos(angle), np.sin(angle)
+        if interleaved:  # pairs (2i, 2i+1) rotate together
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            out = np.empty_like(x)
+            out[..., 0::2] = x1 * cos - x2 * sin
+            out[..., 1::2] = x1 * sin + x2 * cos
+            return out
+        x1, x2 = x[..., :half], x[..., half:]  # rotate-half: (i, i + D/2) rotate together
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def _attention(self, h: np.ndarray, i: int, start: int, taps: dict) -> np.ndarray:
+        w, p, t = self.w, f"model.layers.{i}.self_attn.", f"layers.{i}."
+        T = h.shape[0]
+        q = taps[t + "attn.q"] = self._heads(h @ w[p + "q_proj.weight"].T, self.H)
+        k = taps[t + "attn.k"] = self._heads(h @ w[p + "k_proj.weight"].T, self.KV)
+        v = taps[t + "attn.v"] = self._heads(h @ w[p + "v_proj.weight"].T, self.KV)
+        offset = self.fault("rope_offset", i)
+        positions = np.arange(start, start + T, dtype=np.float64) + (offset.arg or 1 if offset else 0)
+        interleaved = self.fault("rope_interleaved", i) is not None
+        q = taps[t + "attn.q_rope"] = self._rope(q, positions, interleaved)
+        k = taps[t + "attn.k_rope"] = self._rope(k, positions, interleaved)
+        k_all, v_all = self._cache_update(i, k, v)
+        S = k_all.shape[1]
+        if self.fault("kv_head_mapping", i):
+            kv_of = np.arange(self.H) % self.KV
+        else:
+            kv_of = np.arange(self.H) // (self.H // self.KV)
+        s = taps[t + "attn.scores"] = np.einsum("htd,hsd->hts", q, k_all[kv_of])
+        scale = 1.0 / np.sqrt(self.D)
+        if self.fault("missing_scale", i):
+            scale = 1.0
+        if self.fault("double_scale", i):
+            scale = scale * scale
+        if (f := self.fault("wrong_scale", i)):
+            scale = scale * (f.arg or 1.25)
+        s = taps[t + "attn.scores_scaled"] = s * scale
+        query_pos = np.arange(S - T, S)[:, None]  # absolute position of each query row
+        if (f := self.fault("mask_offset", i)):
+            query_pos = query_pos + int(f.arg or 1)
+        masked = np.arange(S)[None, :] > query_pos
+        if T > 1 and not self.fault("mask_off", i):
+            s = np.where(masked[None], MASK_VALUE, s)
+        taps[t + "attn.scores_masked"] = s
+        axis = -2 if self.fault("softmax_axis", i) else -1
+        e = np.exp(s - s.max(axis=axis, keepdims=True))
+        probs = taps[t + "attn.probs"] = e / e.sum(axis=axis, keepdims=True)
+        ctx = np.einsum("hts,hsd->htd", probs, v_all[kv_of])  # [H, T, D]
+        if self.fault("heads_order", i):
+            ctx = ctx.transpose(1, 2, 0).reshape(T, -1)  # D-major: element (d, h) at d*H + h
+        else:
+            ctx = ctx.transpose(1, 0, 2).reshape(T, -1)
+        if self.fault("zeros_after_first_step", i) and self.steps >= 2:
+            ctx = np.zeros_like(ctx)  # read before the GPU wrote it
+        taps[t + "attn.context"] = ctx
+        out = taps[t + "attn.out"] = ctx @ w[p + "o_proj.weight"].T
+        return out
+
+    def _cache_update(self, i: int, k: np.ndarray, v: np.ndarray):
+        k_all = np.concatenate([self.cache[i][0], k], axis=1)
+        v_all = np.concatenate([self.cache[i][1], v], axis=1)
+        stop = self.fault("cache_stops_growing")
+        if stop and self.steps:
+            cap = int(stop.arg) if stop.arg else self._prefill_len + 1
+            k_all, v_all = k_all[:, :cap], v_all[:, :cap]  # a fixed-size cache drops what does not fit
+        self.cache[i] = (k_all, v_all)
+        return k_all, v_all
+
+    # --- dumps ---------------------------------------------------------------------------------
+
+    def dump(self, path, ids, position: int = 0, store_as: str = "float32", dtype: str | None = None) -> Path:
+        """Write the last call's taps (float32 unless store_as) with kit/tap_dump.py; the dump-layout
+        faults change how their tensor is written here, not the arithmetic."""
+        tap_dump = _kit_module()
+        d = tap_dump.TapDump(tokens=ids, position=position, dtype=dtype or store_as, engine="tests/numpy_engine.py")
+        for name, x in self.dumped().items():
+            d.add(name, x.astype(np.float32), store_as=store_as)
+        d.write(path)
+        return Path(path)
+
+    def dumped(self) -> dict[str, np.ndarray]:
+        """The last call's taps as they are written to a dump (dump-layout faults applied)."""
+        out = dict(self.taps)
+        if (f := self.fault("transpose")):
+            name = f"layers.{f.layer}.attn.out"
+            x = out[name]
+            out[name] = np.ascontiguousarray(x.T).reshape(x.shape)  # column-major buffer, row-major shape
+        if (f := self.fault("ggml_dim_order")):
+            name = f"layers.{f.layer}.attn.q"
+            x = out[name]
+            out[name] = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(x.shape)  # [T, H, D] bytes
+        return out
+
+
+def _kit_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "kit" / "tap_dump.py"
+    spec = importlib.util.spec_from_file_location("kit_tap_dump", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
