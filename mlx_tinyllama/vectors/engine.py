@@ -77,8 +77,7 @@ def run_op(ops: Ops, op: str, inputs: dict, params: dict, dtype) -> mx.array:
     elif op == "silu":
         out = ops.silu(a["x"])
     elif op == "swiglu":
-        act = None if ops.fused else ops.silu(a["gate"])
-        out = ops.swiglu(a["gate"], a["up"], act)
+        out = ops.swiglu(a["gate"], a["up"])
     elif op == "add":
         out = a["a"] + a["b"]
     elif op == "embedding":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jinja2 import Environment, StrictUndefined, select_autoescape
 
+from ..formatting import fmt
 from .patterns import PATTERNS
 
 TEMPLATE = """<!DOCTYPE html>
@@ -43,8 +44,6 @@ see docs/vectors.md for what each one means and where to look.</p></section>
 
 
 def render(result: dict, results_path: str | None = None) -> str:
-    from ..cli_common import fmt
-
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True), undefined=StrictUndefined)
     return env.from_string(TEMPLATE).render(result=result, results_path=results_path, patterns=PATTERNS,
                                             fmt=lambda v: "" if v is None else fmt(v))

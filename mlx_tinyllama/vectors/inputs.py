@@ -100,5 +100,5 @@ def activations(w: ModelWeights, n: int, mlp_rows: int) -> Activations:
     k = np.array(ops.rope(mx.array(k)[None], 0, rope)[0])
     h = normed[:mlp_rows]
     gate, up = proj("mlp.gate_proj", h), proj("mlp.up_proj", h)
-    prod = np.array(ops.swiglu(mx.array(gate), mx.array(up), ops.silu(mx.array(gate))))
+    prod = np.array(ops.swiglu(mx.array(gate), mx.array(up)))
     return Activations(ids, embed, normed, q, k, v, q_raw, gate, up, prod)
