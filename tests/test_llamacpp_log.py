@@ -140,5 +140,5 @@ def test_truncated_log_is_refused(run, tmp_path):
     cut = "\n".join(line for k, line in enumerate(text.splitlines()) if k != 4)  # drop one printed row
     with pytest.raises(UserError, match="truncated or edited"):
         R.parse_llamacpp_tensors(cut)
-    with pytest.raises(UserError, match="no 'ggml_debug"):
+    with pytest.raises(UserError, match="no 'NAME = \\(type\\) OP"):
         R.parse_llamacpp_log("ggml_debug but nothing else\n")
