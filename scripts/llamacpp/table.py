@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import lzma
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
                 first = f"`{div['tap']}`" if div else "none (match)"
                 worst = f"{div['error']['ratio']:.0f}x over" if div else f"{ratio:.2f} (under 1)"
             else:
-                first, worst = "token mismatch: " + err.getvalue().strip().split(": ", 1)[-1][:60] + "…", "-"
+                said = re.search(r"\((\d+ ids vs \d+ expected).*?\): (.*?)\. Nothing", err.getvalue())
+                first = f"none: token mismatch ({said.group(1)}: {said.group(2)})" if said else err.getvalue().strip()
+                worst = "-"
             rows.append(f"| `{name}` | {c['settings']} | {c['gguf_outtype']} | {rc} | {first} | {worst} |")
     table = "\n".join(rows)
     print(table)
