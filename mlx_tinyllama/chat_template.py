@@ -86,21 +86,26 @@ def _check_message(message, index: int) -> dict:
 def template_for(model_dir) -> str:
     """The model directory's own chat template (chat_template.jinja, else tokenizer_config.json's
     `chat_template`), or the built-in TinyLlama one when it has none (or is not a directory)."""
+    return own_template(model_dir) or TINYLLAMA_CHAT_TEMPLATE
+
+
+def own_template(model_dir) -> str | None:
+    """The model directory's own chat template, or None when it declares none."""
     if model_dir is None or not Path(model_dir).is_dir():
-        return TINYLLAMA_CHAT_TEMPLATE
+        return None
     model_dir = Path(model_dir)
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():  # transformers prefers this file when both exist
         return _read_text(jinja_file)
     config_file = model_dir / "tokenizer_config.json"
     if not config_file.is_file():
-        return TINYLLAMA_CHAT_TEMPLATE
+        return None
     try:
         config = json.loads(_read_text(config_file))
     except json.JSONDecodeError as e:
         raise UserError(f"{config_file} is not valid JSON: {e}") from None
     template = config.get("chat_template") if isinstance(config, dict) else None
-    return _pick_template(template, config_file) or TINYLLAMA_CHAT_TEMPLATE
+    return _pick_template(template, config_file)
 
 
 def _pick_template(template, where: Path) -> str | None:

@@ -150,6 +150,54 @@ def console():
 # A comparison's output: `compare` and `run --compare`
 
 
+def emulate_engine(args, candidate, lm):
+    """Make lm compute with the llama.cpp log's precision (or --emulate's); returns what it emulates."""
+    from .emulation import EnginePrecision, emulate, engine_from_log
+
+    info = candidate.provenance.get("llama.cpp")
+    if info is None or args.emulate == "fp32":
+        if args.emulate not in ("auto", "fp32"):
+            raise UserError("--emulate applies to llama.cpp logs only")
+        return None
+    if args.emulate == "auto":
+        engine, notes = engine_from_log(info, lm.source.details.get("tensor_types"))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        engine = EnginePrecision.parse(args.emulate)
+    if engine.is_fp32:
+        return engine
+    if lm.dtype != "float32":
+        raise UserError(f"emulating {engine.describe()} needs --dtype float32 (the reference is {lm.dtype})")
+    emulate(lm.model, engine)
+    print(f"reference computed with llama.cpp's precision: {engine.describe()}", file=sys.stderr)
+    return engine
+
+
+def check_tokens(candidate, ids: list[int], lm) -> None:
+    """A log made for other token ids is a prompt problem, not a divergence: say which ids differ."""
+    if candidate.kind != "llama.cpp-log" or candidate.ids is None or list(candidate.ids) == list(ids):
+        return  # (other references say so through compare's incompatibility check)
+    from .tokendiff import compare_ids
+    from .tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(lm.source.path, "sentencepiece")
+    except UserError:
+        tokenizer = None
+    alignment = compare_ids(list(ids), list(candidate.ids), tokenizer)
+    raise UserError(f"{candidate.name} was made for different token ids than this prompt ({alignment.summary()}): "
+                    + "; ".join(d.message for d in alignment.differences)
+                    + ". Nothing was compared: fix the prompt (--bos, --prompt-file ...) or let compare take the "
+                      "log's own ids (give no prompt option)")
+
+
+def mark_emulated(reference, engine) -> None:
+    """The reference side computed with `engine`'s precision: say so, and take its tolerance class."""
+    reference.provenance["emulated_engine_precision"] = engine.describe()
+    reference.dtype = engine.tolerance_class
+
+
 def finish_comparison(args, header, comparison: dict, lm=None) -> int:
     """`header` (results.ResultHeader) + the comparison: print the table, write --json and
     --report/--plots (compare's own or run's); return the exit code (0 match, 1 diverged)."""

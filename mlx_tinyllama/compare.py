@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .divergence import QK_STAGES, describe, hint, qk_hint, qk_permutation, stage_key
+from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
 from .refs.layout import to_canonical
 from .refs.loaders import load
@@ -196,6 +196,12 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             ref_full = full if ref_full is not None else None
     a = sel.extract(cand_full, axis) if cand_full is not None else np.asarray(cand_value, np.float64)
     b = sel.extract(ref_full, axis) if ref_full is not None else np.asarray(ref_value, np.float64)
+    accumulation = 0.0
+    if sel.kind == "sum" and item.accumulation == "float32-sequential" and item.source_shape is not None:
+        # their sum is a float32 running sum in their memory order: add ours up the same way
+        ours, accumulation = _running_sum_f32(ctx, tap, full, item.source_shape,
+                                              (ctx.c if cand_value is not None else ctx.r).layout)
+        a, b = (a, ours) if cand_full is None else (ours, b)
     if np.shape(a) != np.shape(b):
         return [_entry(tap, "shape", math.inf, 0, index, key, note=f"{np.shape(a)} vs {np.shape(b)}")]
     if masked:
@@ -205,7 +211,7 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
     nonfinite = int(np.sum(~np.isfinite(np.asarray(a, np.float64)) & np.isfinite(np.asarray(b, np.float64))))
     metric = "sum_rel" if sel.kind in ("sum", "row_sum") else "rel_rms"
     value = math.inf if nonfinite or not math.isfinite(err) else (err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
-    tol = ctx.tolerance(tap, metric) + (item.resolution / scale if scale > 0 else 0.0)
+    tol = ctx.tolerance(tap, metric) + ((item.resolution + accumulation) / scale if scale > 0 else 0.0)
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
                "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
@@ -224,6 +230,23 @@ def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "scale": scale}
     return [_entry(tap, "mask_mismatch", m["mask_mismatch"], 0, sel.key, item.key, details=details),
             _entry(tap, "rel_rms", value, ctx.tolerance(tap, "rel_rms"), sel.key, item.key, details=details)]
+
+
+def _running_sum_f32(ctx, tap, full, source_shape, layout) -> tuple[float, float]:
+    """(float32 running sum of `full` in the memory order of their tensor of `source_shape`, the
+    spread two such sums may have). The order: their flat indices, brought to the canonical layout
+    by the same transform as their values, then sorted. Two running sums whose inputs differ in
+    the last bits round differently at each step: a random walk of sqrt(n) half-ulps of the
+    largest partial sum (4 sigma)."""
+    index = np.arange(int(np.prod(source_shape)), dtype=np.float64).reshape(source_shape)
+    canon, _, rows, _ = to_canonical(tap, index, None, ctx.cfg, ctx.T, layout)
+    values = full if rows is None or np.shape(full) == np.shape(canon) else _rows(full, rows, token_axis_of(tap))
+    order = np.argsort(np.asarray(canon).ravel(), kind="stable")
+    partial = np.cumsum(np.asarray(values, np.float32).ravel()[order], dtype=np.float32)
+    if partial.size == 0:
+        return 0.0, 0.0
+    spread = 4.0 * math.sqrt(partial.size) * 0.5 * float(np.spacing(np.max(np.abs(partial))))
+    return float(partial[-1]), spread
 
 
 def _rows(x: np.ndarray, rows: list[int], axis: int) -> np.ndarray:
@@ -309,7 +332,8 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
     not_compared += [dict(n, source=candidate.name) for n in candidate.not_comparable]
     return {
         "status": "match" if first is None else "diverged",
-        "first_divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
+        "first_divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"]),
+                                        _engine_info(candidate, used)) if first else None,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
@@ -351,7 +375,12 @@ def _stages(entries: list[dict]) -> list[dict]:
              "value": s["worst"]["value"], "tolerance": s["worst"]["tolerance"]} for s in out.values()]
 
 
-def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int) -> dict:
+def _engine_info(candidate: Side, references: list[Side]) -> dict | None:
+    """What a llama.cpp log said about its engine (fused ops, visible taps), from whichever side is one."""
+    return next((s.provenance["llama.cpp"] for s in (candidate, *references) if "llama.cpp" in s.provenance), None)
+
+
+def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int, engine: dict | None = None) -> dict:
     k = next(i for i, s in enumerate(stages) if s["tap"] == first)
     before = stages[k - 1] if k > 0 else None
     after = stages[k + 1] if k + 1 < len(stages) else None
@@ -359,6 +388,12 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
     text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    fused = fused_hint(first, engine) if engine else None
+    if fused:
+        text += "; " + fused
+    notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
+    if notes:
+        text += "; " + "; ".join(notes)
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],

@@ -32,10 +32,10 @@ HINTS = {
     "resid_mid": "the residual add after attention: it adds the o_proj output to the layer's input (not to the "
                  "normed input)",
     "mlp_norm": "the RMSNorm before the MLP (post_attention_layernorm): fp32 statistics, eps, weight",
-    "mlp.gate": "the gate projection gate_proj",
-    "mlp.up": "the up projection up_proj",
+    "mlp.gate": "the gate projection gate_proj: the right weight (gate and up are easily swapped)",
+    "mlp.up": "the up projection up_proj: the right weight (gate and up are easily swapped)",
     "mlp.act": "the activation: SiLU = x·sigmoid(x) (not GELU), applied to the gate",
-    "mlp.prod": "SiLU(gate) × up: check which of the two gets the activation",
+    "mlp.prod": "SiLU(gate) × up: the activation (SiLU, not GELU or ReLU) and which of the two gets it",
     "mlp.down": "the down projection down_proj",
     "out": "the residual add after the MLP",
     "final_norm": "the final RMSNorm (model.norm)",
@@ -116,3 +116,21 @@ def hint(tap: str, before: dict | None, n_layers: int) -> str:
         return f"inputs to this stage match, its output does not: the fault is inside {inside}"
     return (f"the last matching stage is {before['tap']}; the fault is between it and {tap} "
             f"(stages in between were not compared): start with {inside}")
+
+
+def fused_hint(tap: str, engine: dict) -> str | None:
+    """The candidates a fused op of the other engine hides when `tap` is the first to diverge.
+    `engine`: refs.llamacpp.LogInfo.as_dict() of a llama.cpp log."""
+    stage = stage_key(tap)
+    parts = []
+    if stage == "attn.context" and engine.get("flash_attn"):
+        parts.append("llama.cpp ran attention as one fused op (flash attention: Q·Kᵀ, scale, mask, softmax, ·V), so "
+                     "every one of them is a candidate: the score scale (1/sqrt(head_dim)), the causal mask, the "
+                     "softmax, the KV-head mapping of K and V, and V itself")
+    elif stage == "attn.probs" and engine.get("fused_softmax"):
+        parts.append("llama.cpp's softmax is fused with the scale and the mask (soft_max_ext), so the candidates are "
+                     "the score scale (1/sqrt(head_dim)), the causal mask and the softmax")
+    if stage in ("attn.scores", "attn.probs", "attn.context") and not engine.get("k_rope_visible", True):
+        parts.append("and RoPE on K: the log has no rotated K (no Kcur ROPE), so a fault in K's rotation first "
+                     "shows here")
+    return "; ".join(parts) or None

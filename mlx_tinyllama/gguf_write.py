@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .chat_template import own_template
 from .config import ModelConfig, load_config
 from .errors import UserError
 from .gguf import _GLOBAL_NAMES, _LAYER_NAMES, permute_qk
@@ -109,18 +110,23 @@ def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> d
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(config.head_dim)
-    if config.head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
+    # Always written, as llama.cpp's converter does: readers need not derive head_dim.
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     if config.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_factor)
     writer.add_vocab_size(config.vocab_size)
+    # llama.cpp refuses quantized tensors from files without it; its converter always writes it.
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok = hf_dir / "tokenizer.model"
     if tok.is_file():
         _add_tokenizer(writer, tok, config.vocab_size)
+    template = own_template(hf_dir)  # copied as llama.cpp's converter does; none is invented
+    if template is not None:
+        writer.add_chat_template(template)
 
     written: dict[str, str] = {}
     times = {"once": 1, "none": 0, "twice": 2}[permute]

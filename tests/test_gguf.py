@@ -178,6 +178,57 @@ def test_tokenizer_module_reads_gguf(ggufs):
     assert load_tokenizer(ggufs["q8_0"]).encode(SEED_PROMPT) == SEED_IDS
 
 
+# --- metadata parity with llama.cpp's converter --------------------------------------
+
+# The metadata keys llama.cpp's own convert_hf_to_gguf.py (llama-cpp-python 0.3.36 sdist) wrote
+# for synthetic:small (see tests/fixtures/llamacpp/PROVENANCE.md), less the general.* naming keys it
+# guesses from the directory name (type, version, finetune, basename, size_label).
+LLAMACPP_CONVERTER_KEYS = {
+    "general.architecture", "general.name", "general.file_type", "general.quantization_version",
+    "llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+    "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.key_length",
+    "llama.attention.value_length", "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base",
+    "llama.rope.dimension_count", "llama.vocab_size",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.chat_template",
+}
+
+
+def _metadata(path) -> dict:
+    from gguf import GGUFReader
+
+    return {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("name", ["f16", "q8_0"])
+def test_metadata_has_every_key_llamacpp_converter_writes(name, ggufs, tiny_dir):
+    import gguf
+
+    from mlx_tinyllama.chat_template import own_template
+
+    meta = _metadata(ggufs[name])
+    assert LLAMACPP_CONVERTER_KEYS - set(meta) == set()
+    cfg = load_config(tiny_dir)
+    assert meta["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    assert meta["llama.attention.key_length"] == meta["llama.attention.value_length"] == cfg.head_dim
+    assert meta["tokenizer.chat_template"] == own_template(tiny_dir)
+    assert "<|assistant|>" in meta["tokenizer.chat_template"]
+
+
+def test_no_chat_template_is_invented(tiny_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):  # no tokenizer_config.json
+        shutil.copyfile(tiny_dir / f, bare / f)
+    convert(bare, tmp_path / "bare.gguf", out_type="f32")
+    meta = _metadata(tmp_path / "bare.gguf")
+    assert "tokenizer.chat_template" not in meta
+    assert meta["general.quantization_version"] == 2 and meta["llama.attention.key_length"] == 16
+
+
 # --- bad input ----------------------------------------------------------------------
 
 

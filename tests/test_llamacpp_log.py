@@ -140,5 +140,13 @@ def test_truncated_log_is_refused(run, tmp_path):
     cut = "\n".join(line for k, line in enumerate(text.splitlines()) if k != 4)  # drop one printed row
     with pytest.raises(UserError, match="truncated or edited"):
         R.parse_llamacpp_tensors(cut)
-    with pytest.raises(UserError, match="no 'ggml_debug"):
+    with pytest.raises(UserError, match="no 'NAME = \\(type\\) OP"):
         R.parse_llamacpp_log("ggml_debug but nothing else\n")
+
+
+def test_fused_softmax_hint_names_scale_mask_and_softmax(run, tmp_path):
+    # llama.cpp's kq_soft_max is scale + mask + softmax in one op: all three are candidates
+    result = _compare(llamacpp_log(run[0].tensors, 2, perturb="kq_soft_max-0/SOFT_MAX"), tmp_path, run)
+    hint = result["first_divergence"]["hint"]
+    assert result["first_divergence"]["tap"] == "layers.0.attn.probs"
+    assert all(w in hint for w in ("scale", "mask", "softmax")) and "RoPE on K" not in hint

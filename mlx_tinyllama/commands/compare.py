@@ -43,13 +43,19 @@ def add_arguments(p) -> None:
                                                            "logs, hf otherwise)")
     p.add_argument("--against-dtype", metavar="DTYPE", help="precision of --against for tolerances (default: "
                                                             "its tensors' dtype)")
+    p.add_argument("--emulate", metavar="auto|fp32|matmul=f16,kv=f16,fa=on", default="auto",
+                   help="compute the reference with the other engine's precision (llama.cpp logs): auto (default) "
+                        "reads it from the log (KV cache type, flash attention) and the weights' type (the log's "
+                        "loader lines or --model THE.gguf); fp32 turns it off")
     p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V",
                    help="override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4, scale=10")
     p.add_argument("--json", metavar="PATH", help="write the comparison (status, first_divergence, entries) as JSON")
     p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
     cli_common.add_report_arguments(p, "the comparison (divergence map, table)")
     cli_common.add_model_arguments(p)
-    p.set_defaults(model=None)  # None: the reference's own model (full-tensor references), else synthetic
+    # model None: the reference's own model (full-tensor references), else synthetic;
+    # dtype None: float32 against a llama.cpp log (its precision is emulated), else float16
+    p.set_defaults(model=None, dtype=None)
     cli_common.add_prompt_arguments(p)
 
 
@@ -82,8 +88,13 @@ def main(args) -> int:
         _localize(args, result, candidate, references, None, tol, len(prompt.ids), cfg)  # coverage: no replay of ours
         return _finish(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     if references is None:  # their dump against this package's run
+        if args.dtype is None and candidate.kind == "llama.cpp-log":
+            args.dtype = "float32"  # the emulation rounds like the engine, from an fp32 computation
         lm, prompt = _load_run(args, [candidate])
+        engine = cli_common.emulate_engine(args, candidate, lm)
         references = [run_side(lm, prompt.ids)]
+        if engine is not None:
+            cli_common.mark_emulated(references[0], engine)
         cfg = lm.config.as_dict()
         result = compare(candidate, references, tol, cfg, len(prompt.ids))
         _localize(args, result, candidate, references, lm, tol, len(prompt.ids), cfg)
@@ -165,12 +176,17 @@ def _load_run(args, sides: list[Side]):
     if args.model is None:
         specs = [s.provenance.get("model") for s in sides if s.kind == "full-tensors"]
         args.model = next((m for m in specs if m), "synthetic")
+    if args.dtype is None:
+        args.dtype = "float16"
     lm = cli_common.load_model(args)
     ids_from_dump = next((s.ids for s in sides if s.kind not in ("full-tensors", "seed-json") and s.ids), None)
     if ids_from_dump and not _prompt_given(args):
         lm.config.check_ids(ids_from_dump)
         return lm, Prompt(ids=list(ids_from_dump), text=None, source="the dump's token ids")
-    return lm, cli_common.prompt_for(args, lm)
+    prompt = cli_common.prompt_for(args, lm)
+    for side in sides:
+        cli_common.check_tokens(side, prompt.ids, lm)
+    return lm, prompt
 
 
 def _config(args, references) -> dict:

@@ -4,7 +4,7 @@ the values that `llama-eval-callback` prints, parsed into `Side` items."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,19 +19,50 @@ LLAMACPP_PRINT_RESOLUTION = 0.5e-4  # llama.cpp prints values with "%12.4f": +-0
 # Names: canonical, user mappings, llama.cpp's graph names
 
 # llama.cpp Llama graph (src/models/llama.cpp, src/llama-graph.cpp build_norm/build_qkv/build_attn/
-# build_ffn): callback name -> canonical stage. Names that occur twice in one layer are told
-# apart by op (Qcur/Kcur: ROPE is after RoPE) or order (ffn_out: first the MLP output, then
-# the residual sum).
+# build_ffn): callback name -> canonical stage. A name printed several times in one layer is told
+# apart by its op (Qcur: MUL_MAT is the projection, RESHAPE the same values split into heads, ROPE
+# after RoPE; ffn_out: MUL_MAT is the MLP output, ADD the residual sum).
 LLAMACPP_STAGES = {
     "attn_norm": "attn_norm", "Vcur": "attn.v", "kq": "attn.scores", "kq_soft_max": "attn.probs",
     "kq_soft_max_ext": "attn.probs", "kqv": "attn.context", "kqv_out": "attn.context", "attn_out": "attn.out",
     "ffn_inp": "resid_mid", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
-    "ffn_silu": "mlp.act", "ffn_swiglu": "mlp.prod", "ffn_gate_par": "mlp.prod", "ffn_down": "mlp.down",
-    "l_out": "out",
+    "ffn_silu": "mlp.act", "ffn_gate_par": "mlp.prod", "ffn_down": "mlp.down", "l_out": "out",
 }
-LLAMACPP_GLOBAL = {"inp_embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
+# build_ffn's gated activations (LLM_FFN_PAR): each is act(gate) x up, the canonical mlp.prod. Only
+# ffn_swiglu is the model's (SiLU); the others are printed when the engine picked another activation.
+GATED_ACTIVATIONS = {"ffn_swiglu": "SiLU", "ffn_geglu": "GELU", "ffn_geglu_erf": "GELU (erf)",
+                     "ffn_geglu_quick": "quick GELU", "ffn_reglu": "ReLU", "ffn_swiglu_oai": "SiLU (OpenAI, clamped)",
+                     "ffn_swiglu_limited": "SiLU (clamped)"}
+LLAMACPP_STAGES.update({name: "mlp.prod" for name in GATED_ACTIVATIONS})
+LLAMACPP_GLOBAL = {"embd": "embed", "inp_embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
+# name -> {op: stage}; an op not listed is a reshape/view of a listed one (the same values)
+LLAMACPP_BY_OP = {"Qcur": {"MUL_MAT": "attn.q", "ROPE": "attn.q_rope"},
+                  "Kcur": {"MUL_MAT": "attn.k", "ROPE": "attn.k_rope"},
+                  "Vcur": {"MUL_MAT": "attn.v"},
+                  "ffn_out": {"MUL_MAT": "mlp.down", "ADD": "out"}}
 LLAMACPP_TWICE = {"Qcur": ("attn.q", "attn.q_rope"), "Kcur": ("attn.k", "attn.k_rope"),
-                  "ffn_out": ("mlp.down", "out")}
+                  "ffn_out": ("mlp.down", "out")}  # first and last meaning, when the op is unknown
+
+# Printed tensors that are not a canonical stage, and why (the `not compared` list).
+_VIEW_OPS = ("VIEW", "PERMUTE", "RESHAPE", "TRANSPOSE", "CONT", "CPY")
+
+
+def not_comparable_reason(name: str, op: str) -> str:
+    """Why a printed tensor that maps to no stage is not compared."""
+    base = re.sub(r"-\d+$", "", name.split(" ")[0])
+    if base == "norm":
+        return ("RMSNorm before its weight: no stage of its own (the product with the weight is "
+                + ("result_norm, compared as final_norm)" if name == "norm" else "attn_norm/ffn_norm, compared)"))
+    if base.startswith("cache_k") or base.startswith("cache_v"):
+        return ("the KV cache: K/V stored for attention" + (" (SET_ROWS writes the whole cache, mostly empty)"
+                if op == "SET_ROWS" else ", read back as a view") + "; its type sets the KV-cache emulation")
+    if op == "FLASH_ATTN_EXT":
+        return "flash attention, one fused op (Q·Kᵀ, scale, mask, softmax, ·V): its output is kqv_out, compared as attn.context"
+    if op == "GET_ROWS":
+        return "the last layer keeps only the output token's rows (llama.cpp's inp_out_ids): a selection, not a stage"
+    if op in _VIEW_OPS:
+        return f"a {op.lower()} of {base}: the same values as the tensor it views (compared there)"
+    return "no canonical tap for this name"
 
 
 def map_name(name: str, name_map: dict | None = None) -> str | None:
@@ -49,17 +80,20 @@ def map_name(name: str, name_map: dict | None = None) -> str | None:
 
 
 def llamacpp_tap(name: str, op: str, occurrence: int, occurrences: int, name_map: dict | None = None) -> str | None:
-    """Canonical tap of the `occurrence`-th (0-based) of `occurrences` tensors printed under `name`."""
+    """Canonical tap of the `occurrence`-th (0-based) of `occurrences` tensors printed under `name`
+    (None: not a stage, see not_comparable_reason)."""
     if name_map and name in name_map:
         return name_map[name]
     m = re.fullmatch(r"(\w+)-(\d+)", name)
-    if m and m.group(1) in LLAMACPP_TWICE:
+    op = (op or "").upper()
+    if m and m.group(1) in LLAMACPP_BY_OP:
+        stages = LLAMACPP_BY_OP[m.group(1)]
+        if op in stages:
+            return f"layers.{m.group(2)}.{stages[op]}"
+        if op:
+            return None  # a reshape of the projection printed just before it: the same values
         before, after = LLAMACPP_TWICE[m.group(1)]
-        if m.group(1) in ("Qcur", "Kcur"):
-            late = op.upper().startswith("ROPE") if op else occurrence == occurrences - 1 and occurrences > 1
-        else:
-            late = occurrence == occurrences - 1 and occurrences > 1 or op.upper() == "ADD" and occurrences == 1
-        return f"layers.{m.group(2)}.{after if late else before}"
+        return f"layers.{m.group(2)}.{after if occurrence == occurrences - 1 and occurrences > 1 else before}"
     return map_name(name, None)
 
 
@@ -143,31 +177,96 @@ def _assemble(name, type_, op, ne, rows, total) -> LogTensor:
     return LogTensor(name, type_, op, ne, values.reshape(keep), known.reshape(keep), total)
 
 
+@dataclass
+class LogInfo:
+    """What a log says about the engine beside its tensors."""
+
+    ids: list[int] | None = None  # "number of input tokens = N" and the ids, as the engine tokenized
+    kv_cache: str | None = None  # the type of the K cache tensors (cache_k_l0 ...)
+    flash_attn: bool = False  # attention ran as one FLASH_ATTN_EXT op
+    fused_softmax: bool = False  # kq_soft_max (SOFT_MAX with scale and mask) printed
+    k_rope_visible: bool = False  # a Kcur ROPE tensor was printed
+    weight_types: list[str] = field(default_factory=list)  # the loader's "- type f16: N tensors" (verbose logs)
+    activations: list[str] = field(default_factory=list)  # types of the printed activations
+    system_info: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"ids": self.ids, "kv_cache": self.kv_cache, "flash_attn": self.flash_attn,
+                "fused_softmax": self.fused_softmax, "k_rope_visible": self.k_rope_visible,
+                "weight_types": self.weight_types, "activations": self.activations, "system_info": self.system_info}
+
+
+_TYPE_LINE = re.compile(r"llama_model_loader: - type\s+(\w+):\s+\d+ tensors")
+
+
+def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
+    info = LogInfo()
+    lines = text.splitlines()
+    for k, line in enumerate(lines):
+        if "number of input tokens = " in line and info.ids is None:
+            try:
+                n = int(line.rsplit("=", 1)[1])
+                info.ids = [int(re.search(r"(-?\d+)\s*$", x).group(1)) for x in lines[k + 1: k + 1 + n]]
+            except (ValueError, AttributeError):
+                raise UserError(f"llama.cpp log: the token list after {line.strip()!r} is cut or edited") from None
+        elif "system_info:" in line and info.system_info is None:
+            info.system_info = line.split("system_info:", 1)[1].strip()
+        else:
+            m = _TYPE_LINE.search(line)
+            if m:
+                info.weight_types.append(m.group(1))
+    for t in tensors:
+        if t.name.startswith("cache_k_l") and info.kv_cache is None:
+            info.kv_cache = t.type
+        info.flash_attn |= t.op == "FLASH_ATTN_EXT"
+        info.fused_softmax |= t.op == "SOFT_MAX"
+        info.k_rope_visible |= t.name.startswith("Kcur-") and t.op == "ROPE"
+        if not t.name.startswith("cache_") and t.type not in info.activations:
+            info.activations.append(t.type)
+    return info
+
+
 def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | None = None,
                        layout: str = "gguf") -> Side:
     tensors = parse_llamacpp_tensors(text)
     if not tensors:
-        raise UserError(f"{name}: no 'ggml_debug: NAME = (type) OP(...) = {{shape}}' blocks found")
+        raise UserError(f"{name}: no 'NAME = (type) OP(...) = {{shape}}' tensor blocks found (a llama-eval-callback log?)")
+    info = parse_log_info(text, tensors)
     counts: dict[str, int] = {}
     for t in tensors:
         counts[t.name] = counts.get(t.name, 0) + 1
     seen: dict[str, int] = {}
-    side = Side(name=name, kind="llama.cpp-log", layout=layout,
-                provenance={"computed_by": "llama.cpp (llama-eval-callback log)"})
-    types = set()
+    printed: set[tuple[str, str]] = set()
+    side = Side(name=name, kind="llama.cpp-log", layout=layout, ids=info.ids,
+                n_tokens=len(info.ids) if info.ids else None,
+                provenance={"computed_by": "llama.cpp (llama-eval-callback log)", "llama.cpp": info.as_dict()})
     for t in tensors:
         k = seen.get(t.name, 0)
         seen[t.name] = k + 1
         tap = llamacpp_tap(t.name, t.op, k, counts[t.name], name_map)
+        base, _, layer = t.name.partition("-")
+        if tap is None and t.op == "RESHAPE" and base in ("Qcur", "Kcur", "Vcur") and layer.isdigit() \
+                and (t.name, "MUL_MAT") not in printed:
+            # no projection printed under this name (it was renamed): the reshape holds its values
+            tap = f"layers.{layer}.attn.{base[0].lower()}"
+        printed.add((t.name, t.op))
         if tap is None:
-            side.not_comparable.append({"key": f"{t.name} ({t.op})", "reason": "no canonical tap for this name"})
+            side.not_comparable.append({"key": f"{t.name} ({t.op})", "reason": not_comparable_reason(t.name, t.op)})
             continue
-        types.add(t.type)
+        where = f"{t.name} ({t.op})" + (f" #{k + 1}" if counts[t.name] > 1 else "")
+        note = "printed values (first/last 3 per dim)"
+        base = re.sub(r"-\d+$", "", t.name)
+        if base in GATED_ACTIVATIONS and base != "ffn_swiglu":
+            note += f"; llama.cpp gated the MLP with {GATED_ACTIVATIONS[base]} ({t.op}), the model with SiLU (SWIGLU)"
         if t.known.any():
-            side.items.append(Item(tap, Selector("full"), t.values, key=f"{t.name} ({t.op}) #{k + 1}", known=t.known,
-                                   resolution=LLAMACPP_PRINT_RESOLUTION, note="printed values (first/last 3 per dim)"))
+            side.items.append(Item(tap, Selector("full"), t.values, key=where, known=t.known,
+                                   resolution=LLAMACPP_PRINT_RESOLUTION, note=note))
         if t.sum is not None:
-            side.items.append(Item(tap, Selector("sum"), np.float64(t.sum), key=f"{t.name} ({t.op}) #{k + 1} sum",
-                                   source_shape=t.values.shape))
-    side.dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(types.pop()) if len(types) == 1 else "float32"
+            # ggml's printed sum: a plain float32 running sum over the tensor in its memory order
+            side.items.append(Item(tap, Selector("sum"), np.float64(t.sum), key=f"{where} sum",
+                                   source_shape=t.values.shape, accumulation="float32-sequential", note=note))
+    # The printed activations are f32 even when the engine rounds inside its ops; the precision it
+    # computed with is emulated on the reference side (emulation.py), so tolerances stay fp32's.
+    side.dtype = "float32" if set(info.activations) <= {"f32"} else {"f16": "float16", "bf16": "bfloat16"}.get(
+        next(iter(set(info.activations) - {"f32"})), "float32")
     return side

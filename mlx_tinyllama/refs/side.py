@@ -106,6 +106,7 @@ class Item:
     note: str = ""
     token_rows: list[int] | None = None  # only these token positions (e.g. llama.cpp's last layer)
     source_shape: tuple | None = None  # sums of another engine's tensor: its shape, to find the rows it covers
+    accumulation: str = ""  # how their sum was accumulated: "" exact, "float32-sequential" (ggml's running sum)
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""`llamacpp`: from a GGUF to llama.cpp's first divergence in one command.
+
+    llamacpp --gguf model.gguf [--llama-cpp BIN_OR_DIR] [prompt options] [--report x.html] [--json x.json]
+
+Runs llama.cpp's `llama-eval-callback` on the GGUF with the prompt, reads its log, runs this
+package's reference on the same GGUF with llama.cpp's precision (read from the log), and compares
+stage by stage. The prompt goes to llama.cpp through `-f FILE` with one extra trailing newline
+(`-f` strips one); llama.cpp adds BOS when the GGUF says so and parses special tokens, so the
+reference's ids are encoded the same way, and a mismatch is reported as such (exit 2).
+
+Exit code 0: every stage matches; 1: a stage diverges; 2: bad input, a missing binary, a token mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .. import cli_common, outputs
+from ..compare import compare, run_side
+from ..errors import UserError
+from ..refs.llamacpp import parse_llamacpp_log
+from ..results import ResultHeader
+from ..tolerances import Tolerances
+
+BINARY = "llama-eval-callback"
+BUILD_HINT = "build it with `bash scripts/llamacpp/build.sh` (llama.cpp from the llama-cpp-python sdist, ~17 min on 2 cores)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF both engines run")
+    p.add_argument("--llama-cpp", metavar="BIN_OR_DIR",
+                   help=f"{BINARY}, or a folder holding it (or its build/bin); default: $PATH, then .llamacpp/build/bin")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (-t)")
+    p.add_argument("--llama-args", metavar="ARGS", default="",
+                   help="more llama-eval-callback arguments, e.g. \"-fa off -ctk f32 -ctv f32\"")
+    p.add_argument("--log", metavar="PATH", help="also keep llama.cpp's log here")
+    p.add_argument("--emulate", default="auto", metavar="auto|fp32|matmul=f16,kv=f16,fa=on",
+                   help="the reference's precision: auto (default) reads llama.cpp's from its log and the GGUF")
+    p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V", help="override a tolerance (repeatable)")
+    p.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
+    p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
+    cli_common.add_report_arguments(p, "the comparison (divergence map, table)")
+    cli_common.add_prompt_arguments(p)
+
+
+def find_binary(given: str | None, repo_root: Path | None = None) -> Path:
+    """The llama-eval-callback to run, or one UserError line that says how to build it."""
+    if given:
+        p = Path(given)
+        for c in (p, p / BINARY, p / "bin" / BINARY, p / "build" / "bin" / BINARY):
+            if c.is_file() and os.access(c, os.X_OK):
+                return c
+        raise UserError(f"--llama-cpp {given}: no executable {BINARY} there (nor in its bin/ or build/bin/); "
+                        + BUILD_HINT)
+    found = shutil.which(BINARY)
+    if found:
+        return Path(found)
+    root = repo_root or Path(__file__).resolve().parents[2]
+    local = root / ".llamacpp" / "build" / "bin" / BINARY
+    if local.is_file():
+        return local
+    raise UserError(f"{BINARY} not found (not on $PATH, not in {local.parent}): {BUILD_HINT}, "
+                    "or pass --llama-cpp BIN_OR_DIR")
+
+
+def run_eval_callback(binary: Path, gguf: Path, text: str, threads: int, extra: list[str]) -> str:
+    """llama.cpp's log (stdout and stderr, as a user would save it) for `text`."""
+    with tempfile.TemporaryDirectory(prefix="mlx_tinyllama_llamacpp_") as tmp:
+        prompt_file = Path(tmp) / "prompt.txt"
+        prompt_file.write_text(text + "\n", encoding="utf-8")  # -f strips one trailing newline
+        cmd = [str(binary), "-m", str(gguf), "-f", str(prompt_file), "-t", str(threads), *extra]
+        print("running: " + " ".join(cmd), file=sys.stderr)
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        except OSError as e:
+            raise UserError(f"cannot run {binary}: {e.strerror or e}") from None
+    log = r.stdout.decode("utf-8", errors="replace")
+    if r.returncode != 0:
+        tail = " | ".join(line.strip() for line in log.strip().splitlines()[-3:])
+        raise UserError(f"{binary.name} exited with {r.returncode}: {tail}")
+    return log
+
+
+def main(args) -> int:
+    gguf = Path(args.gguf)
+    if not gguf.is_file():
+        raise UserError(f"--gguf {gguf}: no such file")
+    if args.token_ids is not None:
+        raise UserError("--token-ids cannot be given to llama-eval-callback (it takes text): use --prompt, "
+                        "--prompt-file or --chat")
+    cli_common.check_outputs(args)
+    if args.log:
+        outputs.check_file(args.log, "--log")
+    binary = find_binary(args.llama_cpp)
+    tol = Tolerances.from_overrides(args.tol)
+    args.model, args.dtype, args.policy, args.kernels, args.download = str(gguf), "float32", "hf", None, False
+    lm = cli_common.load_model(args)
+    if args.bos is False and lm.source.details.get("add_bos_token") is not False:
+        args.bos = True  # llama.cpp adds BOS when the GGUF says so (tokenizer.ggml.add_bos_token)
+    prompt = cli_common.prompt_for(args, lm)
+    log = run_eval_callback(binary, gguf, prompt.text, args.threads, args.llama_args.split())
+    if args.log:
+        Path(args.log).write_text(log, encoding="utf-8")
+    candidate = parse_llamacpp_log(log, f"llama.cpp ({binary.name}, {gguf.name})")
+    cli_common.check_tokens(candidate, prompt.ids, lm)
+    engine = cli_common.emulate_engine(args, candidate, lm)
+    reference = run_side(lm, prompt.ids)
+    if engine is not None:
+        cli_common.mark_emulated(reference, engine)
+    result = compare(candidate, [reference], tol, lm.config.as_dict(), len(prompt.ids))
+    return cli_common.finish_comparison(args, ResultHeader.of_run("llamacpp", lm, prompt), result, lm)

@@ -1,0 +1,241 @@
+"""The reference computed with another engine's precision choices (llama.cpp's CPU backend).
+
+A correct engine that stores its KV cache in fp16, rounds matmul inputs to fp16 (or
+quantizes them to q8_0) and accumulates flash attention in fp16 is *not* within fp32
+tolerance of an fp32 reference. Widening the tolerances to fp16 hides real faults, so
+instead the reference makes the same roundings, at the same places, and the tolerance
+stays tight. What llama.cpp's CPU backend does (ggml-cpu, the sdist in
+tests/fixtures/llamacpp/PROVENANCE.md):
+
+- matmul with f16 weights: the f32 activation is converted to f16 first (f16's
+  vec_dot_type), products accumulate in f32. With q8_0 weights: the activation is
+  quantized to q8_0 blocks of 32 (scale amax/127 stored as f16, round to nearest even).
+- KV cache of type f16: K (after RoPE) and V are stored as f16.
+- flash attention (flash_attn_ext, f16 K/V): with fewer than 64 query rows, Q is
+  converted to f16, scores are f32 dots, and the output accumulates in an *f16* vector
+  with online-softmax rescaling, rounded at every key; with 64 or more (the tiled path)
+  everything after the f16 K/V is f32.
+- without flash attention: K·Q with f16 K converts Q to f16; softmax is f32; the
+  probabilities are converted to f16 for the product with the f16 V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+from .ops import Ops
+
+MATMUL_INPUTS = ("f32", "f16", "q8_0")
+KV_TYPES = ("f32", "f16")
+FA_TILE_Q = 64  # ggml-cpu's GGML_FA_TILE_Q: from this many query rows on, flash attention is tiled (f32)
+Q8_0_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class EnginePrecision:
+    """What the other engine rounds, and where. The default is an fp32 engine (no emulation)."""
+
+    matmul_input: str = "f32"  # f32 | f16 | q8_0: what matmul activations are rounded to
+    kv_cache: str = "f32"  # f32 | f16
+    flash_attn: bool = False
+
+    def __post_init__(self):
+        if self.matmul_input not in MATMUL_INPUTS:
+            raise UserError(f"matmul input precision {self.matmul_input!r}: use one of {', '.join(MATMUL_INPUTS)}")
+        if self.kv_cache not in KV_TYPES:
+            raise UserError(f"KV cache type {self.kv_cache!r}: use one of {', '.join(KV_TYPES)}")
+
+    @property
+    def is_fp32(self) -> bool:
+        return self == EnginePrecision()
+
+    @property
+    def tolerance_class(self) -> str:
+        """The tolerances.py class of a reference computed with this precision."""
+        if self.matmul_input == "q8_0":
+            return "q8_0-emulated"
+        return "float32" if self.is_fp32 else "float16-emulated"
+
+    def describe(self) -> str:
+        return (f"matmul inputs {self.matmul_input}, KV cache {self.kv_cache}, "
+                f"flash attention {'on' if self.flash_attn else 'off'}")
+
+    @classmethod
+    def parse(cls, text: str) -> "EnginePrecision":
+        """`fp32`, or comma-separated `matmul=f16,kv=f16,fa=on` (unnamed parts keep fp32 defaults)."""
+        text = text.strip().lower()
+        if text in ("fp32", "f32", "none", "off"):
+            return cls()
+        fields = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = part.partition("=")
+            if key == "matmul":
+                fields["matmul_input"] = value
+            elif key == "kv":
+                fields["kv_cache"] = value
+            elif key == "fa" and value in ("on", "off"):
+                fields["flash_attn"] = value == "on"
+            else:
+                raise UserError(f"--emulate {text!r}: expected fp32 or matmul=f32|f16|q8_0,kv=f32|f16,fa=on|off")
+        return cls(**fields)
+
+
+def round_f16(x: mx.array) -> mx.array:
+    return x.astype(mx.float16).astype(mx.float32)
+
+
+def quantize_q8_0(x: mx.array) -> mx.array:
+    """x after ggml's quantize_row_q8_0 and back: per 32 values, d = f16(amax/127), q = rint(x*127/amax)."""
+    shape = x.shape
+    if shape[-1] % Q8_0_BLOCK:
+        raise UserError(f"q8_0 emulation needs rows of a multiple of {Q8_0_BLOCK} values, not {shape[-1]}")
+    b = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // Q8_0_BLOCK, Q8_0_BLOCK)
+    amax = mx.max(mx.abs(b), axis=-1, keepdims=True)
+    d = amax / 127.0
+    inv = mx.where(amax > 0, 127.0 / mx.where(amax > 0, amax, 1.0), 0.0)
+    q = mx.round(b * inv)  # ties to even, as _mm256_round_ps(_MM_ROUND_NEAREST)
+    return (q * round_f16(d)).reshape(shape)
+
+
+def round_to(x: mx.array, kind: str) -> mx.array:
+    if kind == "f16":
+        return round_f16(x)
+    if kind == "q8_0":
+        return quantize_q8_0(x)
+    return x
+
+
+class EmulatedLinear(nn.Module):
+    """A bias-free Linear whose input is rounded as the engine's matmul rounds it."""
+
+    def __init__(self, linear: nn.Linear, kind: str):
+        super().__init__()
+        self.weight = linear.weight
+        # A row length that is no multiple of q8_0's block stays f16 in the file (llama.cpp's
+        # converter and gguf_write fall back alike): its input is rounded to f16, not quantized.
+        self.kind = "f16" if kind == "q8_0" and linear.weight.shape[-1] % Q8_0_BLOCK else kind
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return round_to(x, self.kind) @ self.weight.T
+
+
+def flash_attention_f16_acc(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """ggml-cpu's flash_attn_ext one-chunk path for f16 K/V, causal, prefill from position 0.
+
+    q [B, H, T, D] (f32), k/v [B, KV, S, D] (f16 values). Q is rounded to f16; for each key in
+    order, the running max M, sum S (f32) and the f16 accumulator are updated exactly as
+    ggml_vec_scale_f16 / ggml_vec_mad_f16 do (f32 arithmetic, rounded to f16 at each step).
+    Masked keys (later positions) are skipped, as the kernel skips -inf mask entries."""
+    B, H, T, D = q.shape
+    KV, S_len = k.shape[1], k.shape[2]
+    rep = H // KV
+    qf = round_f16(q).reshape(B, KV, rep, T, D)
+    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+    scores = (qf @ kf[:, :, None].swapaxes(-1, -2)) * scale  # [B, KV, rep, T, S] f32 dots
+    offset = S_len - T
+    M = mx.full((B, KV, rep, T, 1), -float("inf"))
+    Ssum = mx.zeros((B, KV, rep, T, 1))
+    acc = mx.zeros((B, KV, rep, T, D), dtype=mx.float16)
+    rows = mx.arange(T).reshape(1, 1, 1, T, 1) + offset
+    for j in range(S_len):
+        s = scores[..., j:j + 1]
+        live = rows >= j  # causal: query at position t sees keys 0..t
+        new_max = s > M
+        ms = mx.where(new_max, mx.exp(M - s), 1.0)
+        vs = mx.where(new_max, 1.0, mx.exp(s - M))
+        scaled = mx.where(new_max, (acc.astype(mx.float32) * ms).astype(mx.float16), acc)
+        stepped = (scaled.astype(mx.float32) + vf[:, :, None, j:j + 1, :] * vs).astype(mx.float16)
+        acc = mx.where(live, stepped, acc)
+        Ssum = mx.where(live, Ssum * ms + vs, Ssum)
+        M = mx.where(live, mx.maximum(M, s), M)
+        if j % 32 == 31:
+            mx.eval(acc, Ssum, M)  # keep the lazy graph short
+    out = acc.astype(mx.float32) / Ssum
+    return out.reshape(B, H, T, D)
+
+
+@dataclass(frozen=True)
+class EngineOps(Ops):
+    """Ops whose attention stores K/V as the engine's cache does and computes attention as its
+    kernel does. Everything else (norms, RoPE, SiLU) is the plain fp32 computation."""
+
+    engine: EnginePrecision = EnginePrecision()
+
+    def _kv(self, x: mx.array) -> mx.array:
+        return round_f16(x) if self.engine.kv_cache == "f16" else x
+
+    def qk(self, q, k):
+        # llama.cpp's kq = mul_mat(k, q): an f16 K converts Q to f16 too.
+        if self.engine.kv_cache == "f16":
+            q, k = round_f16(q), round_f16(k)
+        return super().qk(q, k)
+
+    def pv(self, probs, v):
+        # kqv = mul_mat(v, kq): an f16 V converts the probabilities to f16.
+        if self.engine.kv_cache == "f16":
+            probs, v = round_f16(probs), round_f16(v)
+        return super().pv(probs, v)
+
+    def fused_attention(self, q, k, v, scale):
+        T, S = q.shape[2], k.shape[2]
+        if self.engine.flash_attn:
+            k, v = self._kv(k), self._kv(v)
+            if self.engine.kv_cache == "f16" and T < FA_TILE_Q:
+                return flash_attention_f16_acc(q, k, v, scale)
+            return super().fused_attention(q, k, v, scale)  # the tiled path: f32 after the f16 K/V
+        s = self.add_mask(self.scale(self.qk(q, k), scale), T, S)
+        return self.pv(mx.softmax(s, axis=-1), v)
+
+
+def emulate(model, engine: EnginePrecision):
+    """Make `model` (a float32 TinyLlama) compute with `engine`'s precision; returns it."""
+    if engine.is_fp32:
+        return model
+    model.ops = EngineOps(policy="hf", kernels="fused", engine=engine)
+    if engine.matmul_input != "f32":
+        for layer in model.model.layers:
+            for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                 (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for n in names:
+                    setattr(owner, n, EmulatedLinear(getattr(owner, n), engine.matmul_input))
+        if not model.config.tie_word_embeddings:
+            model.lm_head = EmulatedLinear(model.lm_head, engine.matmul_input)
+    return model
+
+
+def _matmul_input(types: list[str]) -> str | None:
+    """The matmul input rounding that weights of these types imply (None: unknown or not emulated)."""
+    kinds = {t.lower() for t in types} - {"f32"}
+    if not types:
+        return None
+    if not kinds:
+        return "f32"
+    if kinds <= {"f16"}:
+        return "f16"
+    if kinds <= {"q8_0", "f16"} and "q8_0" in kinds:
+        return "q8_0"
+    return None
+
+
+def engine_from_log(info: dict, gguf_types: dict | None = None) -> tuple[EnginePrecision, list[str]]:
+    """The precision a llama.cpp log shows (refs.llamacpp.LogInfo.as_dict()), and notes on what it
+    could not tell. Weight types come from the log's loader lines (-v) or else from the GGUF the
+    reference was loaded from."""
+    notes = []
+    types = info.get("weight_types") or list((gguf_types or {}).keys())
+    matmul = _matmul_input(types)
+    if matmul is None:
+        notes.append("the weights' type is unknown (the log has no loader lines: run llama-eval-callback with -v, "
+                     "or give --model THE.gguf), or not emulated: matmul inputs taken as f32 (override with --emulate)"
+                     if not types else f"weights of types {', '.join(sorted(set(types)))}: their activation "
+                     "quantization is not emulated; matmul inputs taken as f32")
+        matmul = "f32"
+    kv = (info.get("kv_cache") or "f32").lower()
+    if kv not in KV_TYPES:
+        notes.append(f"a KV cache of type {kv} is not emulated: taken as f32")
+        kv = "f32"
+    return EnginePrecision(matmul_input=matmul, kv_cache=kv, flash_attn=bool(info.get("flash_attn"))), notes

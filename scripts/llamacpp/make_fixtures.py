@@ -1,0 +1,228 @@
+"""Regenerate tests/fixtures/llamacpp/: llama.cpp's own `llama-eval-callback` logs of synthetic
+models converted by llama.cpp's own convert_hf_to_gguf.py, clean and with each fault patch.
+
+    bash scripts/llamacpp/build.sh                      # once (~17 min on 2 cores)
+    PYTHONPATH=$PWD python scripts/llamacpp/make_fixtures.py [--only CASE ...] [--tinyllama]
+
+LLAMACPP_DIR (default .llamacpp/) is the folder build.sh filled. Every GGUF is regenerated from the
+synthetic seed (nothing but the xz logs, the prompts and cases.json is committed). A fault case applies
+its patch from scripts/llamacpp/patches/ to $LLAMACPP_DIR/src, rebuilds, runs and reverts the patch
+(and rebuilds) even when the run fails. CI never runs this: it reads the committed logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+OUT = REPO / "tests" / "fixtures" / "llamacpp"
+LLAMACPP_DIR = Path(os.environ.get("LLAMACPP_DIR", REPO / ".llamacpp")).resolve()
+SRC, BUILD = LLAMACPP_DIR / "src", LLAMACPP_DIR / "build"
+BIN = BUILD / "bin" / "llama-eval-callback"
+TARGET = "llama-eval-callback"
+THREADS = "2"
+FP32 = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]  # llama.cpp forced to fp32 attention and KV cache
+SEED_SYSTEM = "You are a friendly chatbot."
+
+sys.path.insert(0, str(REPO))
+from mlx_tinyllama.chat_template import SEED_PROMPT, TINYLLAMA_CHAT_TEMPLATE, render_chat  # noqa: E402
+from mlx_tinyllama.synthetic import materialize  # noqa: E402
+
+
+def prompts() -> dict[str, str]:
+    """name -> the exact prompt text the engine must see (chat-rendered, no BOS)."""
+    long_user = (HERE / "long_user.txt").read_text(encoding="utf-8").strip()
+    long = render_chat([{"role": "system", "content": SEED_SYSTEM}, {"role": "user", "content": long_user}],
+                       add_generation_prompt=True, template=TINYLLAMA_CHAT_TEMPLATE)
+    return {"short": SEED_PROMPT, "long": long}
+
+
+# case -> (gguf outtype, prompt, extra eval-callback args, fault patch or None, what it is)
+# "newline_stripped" is the -f pitfall: the prompt file without the extra newline loses its last "\n".
+CASES: dict[str, tuple] = {
+    "clean_fp32_short": ("f32", "short", FP32, None, "correct engine, fp32 weights, fp32 attention and KV cache"),
+    "clean_fp32_long": ("f32", "long", FP32, None, "correct engine, fp32, long prompt"),
+    "clean_default_short": ("f16", "short", [], None, "correct engine at llama.cpp's defaults (f16 GGUF, flash attention, f16 KV cache)"),
+    "clean_default_long": ("f16", "long", [], None, "correct engine at defaults, long prompt"),
+    "clean_q8_0_short": ("q8_0", "short", [], None, "correct engine, q8_0 GGUF, defaults"),
+    "clean_default_short_verbose": ("f16", "short", ["-v"], None, "as clean_default_short, with -v: the log also holds the loader's "
+                                    "tensor types, the KV cache types and the flash attention setting"),
+    "newline_stripped": ("f16", "short", [], None, "prompt file without the extra trailing newline: -f strips the last one"),
+}
+FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
+for _f in FAULT_PATCHES:
+    CASES[f"fault_{_f}"] = ("f16", "short", [], _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
+
+
+def run(cmd, **kw):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def build():
+    run(["cmake", "--build", BUILD, "-j", os.environ.get("JOBS", "2"), "--target", TARGET],
+        stdout=subprocess.DEVNULL)
+
+
+def convert(hf_dir: Path, outtype: str, preset: str) -> Path:
+    out = LLAMACPP_DIR / "gguf" / f"synthetic-{preset}-seed0-{outtype}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(SRC / "gguf-py"))  # the sdist's own gguf package
+        run([sys.executable, SRC / "convert_hf_to_gguf.py", hf_dir, "--outfile", out, "--outtype", outtype],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def eval_callback(gguf: Path, prompt: str, extra: list[str], name: str, strip_newline_pitfall: bool) -> tuple[list, bytes]:
+    pfile = LLAMACPP_DIR / "prompts" / f"{name}.txt"
+    pfile.parent.mkdir(parents=True, exist_ok=True)
+    # -f strips one trailing newline, so the file gets one extra (unless this case shows the pitfall).
+    pfile.write_text(prompt if strip_newline_pitfall else prompt + "\n", encoding="utf-8")
+    cmd = [BIN, "-m", gguf, "-f", pfile, "-t", THREADS, "--seed", "0", *extra]
+    print("+", " ".join(map(str, cmd)), flush=True)
+    r = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"{name}: llama-eval-callback exited {r.returncode}:\n{r.stdout[-3000:].decode(errors='replace')}")
+    shown = ["llama-eval-callback", "-m", gguf.name, "-f", f"{name}.txt", "-t", THREADS, "--seed", "0", *extra]
+    return shown, r.stdout
+
+
+def patch(name: str, reverse: bool = False):
+    run(["git", "-C", SRC, "apply", *(["-R"] if reverse else []), HERE / "patches" / f"{name}.patch"])
+
+
+def write_case(name: str, log: bytes, record: dict):
+    path = OUT / f"{name}.log.xz"
+    path.write_bytes(lzma.compress(log, preset=9 | lzma.PRESET_EXTREME))
+    record.update(log=path.name, log_bytes=len(log), xz_bytes=path.stat().st_size)
+    print(f"  {path.name}: {len(log)} -> {record['xz_bytes']} bytes", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="regenerate only these cases")
+    ap.add_argument("--tinyllama", action="store_true", help="also the 1.1B shape, clean at defaults, short prompt")
+    ap.add_argument("--provenance-only", action="store_true", help="rewrite cases.json's versions and PROVENANCE.md only")
+    args = ap.parse_args(argv)
+    if args.provenance_only:
+        return write_manifest(json.loads((OUT / "cases.json").read_text()))
+    if not BIN.is_file():
+        raise SystemExit(f"{BIN} is missing: run scripts/llamacpp/build.sh first")
+    if subprocess.run(["git", "-C", SRC, "diff", "--quiet"]).returncode != 0:
+        raise SystemExit(f"{SRC} has local changes: revert them (git -C {SRC} checkout .) first")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "prompts").mkdir(exist_ok=True)
+    for pname, text in prompts().items():
+        (OUT / "prompts" / f"{pname}.txt").write_text(text, encoding="utf-8")
+    manifest_path = OUT / "cases.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"cases": {}}
+    cases = dict(CASES)
+    if args.tinyllama:
+        cases["clean_default_short_tinyllama"] = ("f16", "short", [], None, "correct engine, the 1.1B TinyLlama shape, defaults")
+    wanted = args.only or list(cases)
+    unknown = [c for c in wanted if c not in cases]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(cases)}")
+    texts = prompts()
+    dirty = False  # the built binary holds a fault patch
+    try:
+        for name in wanted:  # clean cases come first in CASES, so they run on the pristine build
+            outtype, pname, extra, fault, what = cases[name]
+            preset = "tinyllama" if name.endswith("_tinyllama") else "small"
+            gguf = convert(materialize(preset, 0, root=LLAMACPP_DIR / "models"), outtype, preset)
+            if fault:
+                patch(fault)
+            if fault or dirty:  # a one-file rebuild; a revert is rebuilt with the next case or at the end
+                build()
+                dirty = fault is not None
+            try:
+                cmd, log = eval_callback(gguf, texts[pname], extra, name, name == "newline_stripped")
+            finally:
+                if fault:
+                    patch(fault, reverse=True)
+            record = {"what": what, "preset": preset, "seed": 0, "gguf_outtype": outtype,
+                      "prompt": f"prompts/{pname}.txt", "fault": fault,
+                      "settings": "fp32 (-fa off -ctk f32 -ctv f32)" if extra == FP32 else "defaults" + (" (-v)" if extra else ""),
+                      "command": " ".join(cmd)}
+            write_case(name, log, record)
+            manifest["cases"][name] = record
+    finally:
+        if dirty:
+            build()  # leave the pristine binary behind
+    manifest["machine"] = f"{platform.machine()} {platform.system()}, {THREADS} threads"
+    return write_manifest(manifest)
+
+
+def write_manifest(manifest: dict) -> int:
+    manifest["llama_cpp"] = source_version()
+    (OUT / "cases.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    (OUT / "PROVENANCE.md").write_text(provenance(manifest), encoding="utf-8")
+    return 0
+
+
+def provenance(manifest: dict) -> str:
+    """PROVENANCE.md, written from cases.json so the two never disagree."""
+    v = manifest["llama_cpp"]
+    lines = [
+        "# llama.cpp eval-callback fixtures: provenance",
+        "",
+        "Written by `scripts/llamacpp/make_fixtures.py` (do not edit by hand; rerun it). Each `*.log.xz` is the",
+        "complete stdout+stderr of one `llama-eval-callback` run, xz-compressed.",
+        "",
+        f"- llama.cpp: the copy vendored in the `llama-cpp-python` {v.get('llama_cpp_python_sdist')} sdist from PyPI "
+        f"(sha256 `{v.get('sdist_sha256', '?')}`; llama.cpp {v.get('llama_version')}, ggml {v.get('ggml_version')}; "
+        "the sdist records no llama.cpp commit), "
+        "built by `scripts/llamacpp/build.sh` (cmake, Release, `-DLLAMA_CURL=OFF`, CPU backend).",
+        f"- Machine: {manifest.get('machine')} (each log's system_info line lists the CPU features ggml used).",
+        "- Models: `mlx_tinyllama.synthetic.materialize(preset, seed)` (weights are a pure function of preset and",
+        "  seed), converted by the sdist's own `convert_hf_to_gguf.py` with its own `gguf-py` (`--outtype` below).",
+        "- Prompts: `prompts/short.txt` is the seed chat prompt (38 ids), `prompts/long.txt` the seed system",
+        "  message with `scripts/llamacpp/long_user.txt` as the user message (365 ids), both rendered with",
+        "  TinyLlama's chat template, without BOS. llama.cpp's `-f` strips one trailing newline, so the file",
+        "  given to `-f` holds the prompt plus one `\\n` (except in `newline_stripped`, the pitfall); the engine",
+        "  adds BOS (id 1) and parses special tokens (`</s>` is id 2), so each log holds BOS + the prompt.",
+        "- Settings: `defaults` = no precision flags (flash attention auto -> on for CPU, f16 KV cache);",
+        "  `fp32` = `-fa off -ctk f32 -ctv f32` with an f32 GGUF.",
+        "- Faults: `fault_X` ran with `scripts/llamacpp/patches/X.patch` applied to the llama.cpp source, then",
+        "  reverted.",
+        "",
+        "| case | preset, seed | GGUF | prompt | settings | fault | log bytes | xz bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in sorted(manifest["cases"].items()):
+        lines.append(f"| `{name}` | {c['preset']}, {c['seed']} | {c['gguf_outtype']} | {c['prompt']} | {c['settings']} | "
+                     f"{c['fault'] or '-'} | {c['log_bytes']} | {c['xz_bytes']} |")
+    lines += ["", "Exact commands (the model and prompt file names as on the generating machine):", ""]
+    for name, c in sorted(manifest["cases"].items()):
+        lines.append(f"- `{name}`: {c['what']}  \n  `{c['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def source_version() -> dict:
+    """Which llama.cpp this is. The sdist carries no git commit (and cmake's build-info would name
+    the local repo build.sh makes), so: the sdist's version and sha256, and the versions in CMake."""
+    import hashlib
+    import re
+
+    version = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+    info = {"llama_cpp_python_sdist": version}
+    sdist = LLAMACPP_DIR / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    if sdist.is_file():
+        info["sdist_sha256"] = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    for key, cmake in (("llama_version", SRC / "CMakeLists.txt"), ("ggml_version", SRC / "ggml" / "CMakeLists.txt")):
+        parts = dict(re.findall(r"set\((?:LLAMA|GGML)_VERSION_(MAJOR|MINOR|PATCH)\s+(\d+)\)", cmake.read_text()))
+        info[key] = ".".join(parts[k] for k in ("MAJOR", "MINOR", "PATCH"))
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())

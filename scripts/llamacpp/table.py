@@ -1,0 +1,75 @@
+"""The table of docs/llamacpp.md: `compare` on every committed llama.cpp fixture log.
+
+    PYTHONPATH=$PWD python scripts/llamacpp/table.py [--out table.md]
+
+For each case: llama.cpp's settings, compare's exit code, the first divergence, and the worst
+ratio value/tolerance (a fault: how far over; a clean run: how far under). The reference runs on
+GGUFs that gguf_write writes from the same synthetic seed (byte for byte the tensors of
+llama.cpp's converter), with llama.cpp's precision read from the log and the GGUF (--emulate auto).
+Needs no llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import lzma
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+FIXTURES = REPO / "tests" / "fixtures" / "llamacpp"
+
+
+def main(argv=None) -> int:
+    from mlx_tinyllama import trace
+    from mlx_tinyllama.gguf_write import convert
+    from mlx_tinyllama.synthetic import materialize
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="also write the table here")
+    args = ap.parse_args(argv)
+    cases = json.loads((FIXTURES / "cases.json").read_text())["cases"]
+    rows = ["| case | llama.cpp settings | GGUF | exit | first divergence | worst value/tolerance |",
+            "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ggufs = {}
+        for name, c in sorted(cases.items(), key=lambda kv: (kv[1]["fault"] is not None, kv[0])):
+            if c["preset"] != "small":
+                continue  # the 1.1B shape: see docs/llamacpp.md (a 2.2 GB GGUF)
+            if c["gguf_outtype"] not in ggufs:
+                ggufs[c["gguf_outtype"]] = tmp / f"small-{c['gguf_outtype']}.gguf"
+                convert(materialize("small", 0), ggufs[c["gguf_outtype"]], out_type=c["gguf_outtype"])
+            log = tmp / f"{name}.log"
+            log.write_bytes(lzma.decompress((FIXTURES / c["log"]).read_bytes()))
+            out = tmp / f"{name}.json"
+            extra = ["--prompt-file", str(FIXTURES / c["prompt"]), "--bos"] if name == "newline_stripped" else []
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+                rc = trace.main(["compare", "--against", str(log), "--model", str(ggufs[c["gguf_outtype"]]),
+                                 "--json", str(out), *extra])
+            if out.exists():
+                result = json.loads(out.read_text())
+                ratio = max(e["value"] / e["tolerance"] for e in result["entries"] if e["tolerance"] > 0)
+                div = result["first_divergence"]
+                first = f"`{div['tap']}`" if div else "none (match)"
+                worst = f"{div['error']['ratio']:.0f}x over" if div else f"{ratio:.2f} (under 1)"
+            else:
+                said = re.search(r"\((\d+ ids vs \d+ expected).*?\): (.*?)\. Nothing", err.getvalue())
+                first = f"none: token mismatch ({said.group(1)}: {said.group(2)})" if said else err.getvalue().strip()
+                worst = "-"
+            rows.append(f"| `{name}` | {c['settings']} | {c['gguf_outtype']} | {rc} | {first} | {worst} |")
+    table = "\n".join(rows)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

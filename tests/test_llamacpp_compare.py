@@ -1,0 +1,181 @@
+"""`compare` and `llamacpp` on real llama.cpp logs (tests/fixtures/llamacpp, PROVENANCE.md there):
+a correct engine matches at fp32 and at llama.cpp's defaults (flash attention, f16 KV cache, f16
+or q8_0 weights), short and long prompts, with fp32-tight tolerances because the reference
+emulates llama.cpp's roundings; each patched fault is found at its stage, >= 10x over tolerance,
+with a hint naming its cause; a token mismatch is exit 2, never a stage.
+
+The reference runs on GGUFs written by gguf_write from the same synthetic seed: their tensors are
+byte for byte those of llama.cpp's own converter (docs/llamacpp.md shows the check)."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import stat
+import sys
+
+import pytest
+from conftest import REPO
+
+from mlx_tinyllama import trace
+from mlx_tinyllama.gguf_write import convert
+
+FIXTURES = REPO / "tests" / "fixtures" / "llamacpp"
+CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
+
+# fault -> (the stage it must be found at, a word the hint must hold: the fault's cause)
+FAULTS = {
+    "attn_scale": ("layers.0.attn.context", "scale"),
+    "mask_off": ("layers.0.attn.context", "mask"),
+    "rope_q_only": ("layers.0.attn.context", "RoPE on K"),
+    "rope_theta": ("layers.0.attn.q_rope", "theta"),
+    "rope_neox": ("layers.0.attn.q_rope", "rotate-half"),
+    "norm_eps": ("layers.0.attn_norm", "eps"),
+    "norm_weight_l1": ("layers.1.attn_norm", "weight"),
+    "resid_attn_l2": ("layers.2.resid_mid", "residual"),
+    "resid_ffn_dropped": ("layers.0.out", "residual"),
+    "gate_up_swapped": ("layers.0.mlp.gate", "swapped"),
+    "gelu": ("layers.0.mlp.prod", "GELU"),
+    "v_from_k": ("layers.0.attn.v", "value projection"),
+}
+
+
+@pytest.fixture(scope="module")
+def ggufs(small_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llamacpp_gguf")
+    files = {}
+    for t in ("f32", "f16", "q8_0"):
+        files[t] = out / f"small-{t}.gguf"
+        convert(small_dir, files[t], out_type=t)
+    return files
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llamacpp_logs")
+
+    def get(case: str):
+        path = out / f"{case}.log"
+        if not path.exists():
+            path.write_bytes(lzma.decompress((FIXTURES / CASES[case]["log"]).read_bytes()))
+        return path
+    return get
+
+
+def run_compare(tmp_path, *args) -> tuple[int, dict | None]:
+    out = tmp_path / "result.json"
+    rc = trace.main(["compare", *map(str, args), "--json", str(out)])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def worst_ratio(result: dict) -> float:
+    return max(e["value"] / e["tolerance"] for e in result["entries"] if e["tolerance"] > 0)
+
+
+@pytest.mark.parametrize("case", ["clean_fp32_short", "clean_fp32_long", "clean_default_short",
+                                  "clean_default_long", "clean_q8_0_short"])
+def test_correct_engine_matches_with_its_precision_emulated(case, ggufs, logs, tmp_path, capsys):
+    rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
+    assert rc == 0, result["first_divergence"]
+    assert result["status"] == "match" and worst_ratio(result) < 1.0
+    compared = {e["tap"] for e in result["entries"]}
+    assert {"embed", "layers.0.attn.q_rope", "layers.0.attn.k_rope", "layers.0.attn.context", "layers.3.out",
+            "final_norm", "logits"} <= compared
+    fp32 = case.startswith("clean_fp32")
+    assert ("layers.0.attn.probs" in compared) == fp32  # flash attention prints no softmax
+    reasons = {n["key"]: n["reason"] for n in result["not_compared"]}
+    assert "RMSNorm before its weight" in reasons["norm-0 (RMS_NORM)"]
+    assert all(r != "no canonical tap for this name" for r in reasons.values()), reasons
+    err = capsys.readouterr().err
+    assert ("flash attention on" in err) == (not fp32)
+
+
+def test_defaults_without_emulation_are_a_false_alarm(ggufs, logs, tmp_path):
+    # the same correct log, compared as if llama.cpp had computed in fp32: it does not match
+    rc, result = run_compare(tmp_path, "--against", logs("clean_default_short"), "--model", ggufs["f16"],
+                             "--emulate", "fp32")
+    assert rc == 1 and result["status"] == "diverged"
+
+
+def test_verbose_log_says_the_weight_type_itself(small_dir, logs, tmp_path, capsys):
+    # an HF directory tells nothing of the GGUF's types; the -v log's loader lines do
+    rc, result = run_compare(tmp_path, "--against", logs("clean_default_short_verbose"), "--model", small_dir)
+    assert rc == 0 and "matmul inputs f16" in capsys.readouterr().err
+    rc, _ = run_compare(tmp_path, "--against", logs("clean_default_short"), "--model", small_dir)
+    assert "weights' type is unknown" in capsys.readouterr().err  # and says so
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_each_llamacpp_fault_is_found_at_its_stage(fault, ggufs, logs, tmp_path):
+    tap, word = FAULTS[fault]
+    rc, result = run_compare(tmp_path, "--against", logs(f"fault_{fault}"), "--model", ggufs["f16"])
+    assert rc == 1
+    div = result["first_divergence"]
+    assert div["tap"] == tap
+    assert div["error"]["ratio"] >= 10, div["error"]
+    assert word in div["hint"], div["hint"]
+
+
+def test_fused_attention_hint_names_every_hidden_candidate(ggufs, logs, tmp_path):
+    _, result = run_compare(tmp_path, "--against", logs("fault_mask_off"), "--model", ggufs["f16"])
+    hint = result["first_divergence"]["hint"]
+    assert all(w in hint for w in ("scale", "mask", "softmax")) and "RoPE on K" not in hint  # k_rope was printed
+
+
+def test_token_mismatch_is_exit_2_with_the_token_diff(ggufs, logs, tmp_path, capsys):
+    prompt = FIXTURES / "prompts" / "short.txt"
+    # the log has BOS, the user did not pass --bos
+    rc, result = run_compare(tmp_path, "--against", logs("clean_default_short"), "--model", ggufs["f16"],
+                             "--prompt-file", prompt)
+    err = capsys.readouterr().err
+    assert rc == 2 and result is None
+    assert err.startswith("error:") and "BOS" in err and "Nothing was compared" in err
+    # -f stripped the prompt file's last newline: the log lacks the final "\n" (id 13)
+    rc, _ = run_compare(tmp_path, "--against", logs("newline_stripped"), "--model", ggufs["f16"],
+                        "--prompt-file", prompt, "--bos")
+    err = capsys.readouterr().err
+    assert rc == 2 and "38 ids vs 39 expected" in err
+    # with the right options, or none (the log's own ids), it compares
+    rc, _ = run_compare(tmp_path, "--against", logs("clean_default_short"), "--model", ggufs["f16"],
+                        "--prompt-file", prompt, "--bos")
+    assert rc == 0
+
+
+# --- the one-shot command, with a stand-in for llama-eval-callback ---------------------
+
+
+def fake_binary(tmp_path, case: str):
+    """A llama-eval-callback stand-in: checks how it was called, prints a committed log."""
+    script = tmp_path / "llama-eval-callback"
+    script.write_text(f"""#!{sys.executable}
+import lzma, sys
+args = sys.argv[1:]
+prompt = open(args[args.index("-f") + 1], encoding="utf-8").read()
+expected = open({str(FIXTURES / "prompts" / "short.txt")!r}, encoding="utf-8").read() + "\\n"
+if prompt != expected or "-m" not in args:
+    print("unexpected call", args, repr(prompt[-20:]))
+    sys.exit(3)
+sys.stdout.write(lzma.decompress(open({str(FIXTURES / CASES[case]["log"])!r}, "rb").read()).decode())
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
+def test_llamacpp_command_from_gguf_to_verdict(ggufs, tmp_path):
+    prompt = FIXTURES / "prompts" / "short.txt"
+    out, report = tmp_path / "r.json", tmp_path / "r.html"
+    rc = trace.main(["llamacpp", "--gguf", str(ggufs["f16"]), "--llama-cpp", str(fake_binary(tmp_path, "clean_default_short")),
+                     "--prompt-file", str(prompt), "--json", str(out), "--report", str(report)])
+    assert rc == 0 and json.loads(out.read_text())["status"] == "match" and report.stat().st_size > 0
+    rc = trace.main(["llamacpp", "--gguf", str(ggufs["f16"]), "--llama-cpp", str(fake_binary(tmp_path, "fault_rope_theta")),
+                     "--prompt-file", str(prompt), "--json", str(out)])
+    assert rc == 1 and json.loads(out.read_text())["first_divergence"]["tap"] == "layers.0.attn.q_rope"
+
+
+def test_llamacpp_command_without_the_binary_says_how_to_build_it(ggufs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    rc = trace.main(["llamacpp", "--gguf", str(ggufs["f16"]), "--llama-cpp", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "scripts/llamacpp/build.sh" in err
