@@ -22,7 +22,7 @@ from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
-from .tolerances import Tolerances, metrics
+from .tolerances import PRINT_SAFETY, Tolerances, metrics
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "vocab_size", "head_dim")
@@ -173,7 +173,8 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
         m = metrics(a, b, known=known, masked=tap.endswith("attn.scores_masked"))
         scale = _rms(other)
         value = m["max_abs"] / scale if scale > 0 else m["max_abs"]
-        tol = ctx.tolerance(tap, "rel_rms") + item.resolution / scale if scale > 0 else item.resolution
+        printed = PRINT_SAFETY * item.resolution
+        tol = ctx.tolerance(tap, "rel_rms") + printed / scale if scale > 0 else printed
         details = {"max_abs": m["max_abs"], "compared": m["compared"], "scale_rms": scale, "layout": notes,
                    "first_nonfinite": list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None}
         out = [_entry(tap, "rel_rms", value if m["compared"] else (math.inf if m["nonfinite"] else 0.0), tol, index,
@@ -211,7 +212,7 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
     nonfinite = int(np.sum(~np.isfinite(np.asarray(a, np.float64)) & np.isfinite(np.asarray(b, np.float64))))
     metric = "sum_rel" if sel.kind in ("sum", "row_sum") else "rel_rms"
     value = math.inf if nonfinite or not math.isfinite(err) else (err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
-    tol = ctx.tolerance(tap, metric) + ((item.resolution + accumulation) / scale if scale > 0 else 0.0)
+    tol = ctx.tolerance(tap, metric) + ((PRINT_SAFETY * item.resolution + accumulation) / scale if scale > 0 else 0.0)
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
                "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]

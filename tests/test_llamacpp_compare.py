@@ -78,7 +78,8 @@ def worst_ratio(result: dict) -> float:
 def test_correct_engine_matches_with_its_precision_emulated(case, ggufs, logs, tmp_path, capsys):
     rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
     assert rc == 0, result["first_divergence"]
-    assert result["status"] == "match" and worst_ratio(result) < 1.0
+    # Well under: the print rounding (half the last printed digit) must not bring a correct engine near 1.
+    assert result["status"] == "match" and worst_ratio(result) < 0.75
     compared = {e["tap"] for e in result["entries"]}
     assert {"embed", "layers.0.attn.q_rope", "layers.0.attn.k_rope", "layers.0.attn.context", "layers.3.out",
             "final_norm", "logits"} <= compared
