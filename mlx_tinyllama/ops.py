@@ -110,7 +110,7 @@ class Ops:
 
     def rope_cos_sin(self, T: int, offset: int, inv_freq, position_scale, dtype):
         """cos/sin in fp32, then cast to the model dtype (transformers' LlamaRotaryEmbedding)."""
-        positions = mx.arange(offset, offset + T, dtype=mx.float32) * position_scale
+        positions = (mx.arange(T) + offset).astype(mx.float32) * position_scale  # offset: int or array
         freqs = positions[:, None] * inv_freq[None, :]
         emb = mx.concatenate([freqs, freqs], axis=-1)
         return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
@@ -139,8 +139,12 @@ class Ops:
     def scale(self, scores: mx.array, scale: float) -> mx.array:
         return scores * mx.array(scale, scores.dtype)
 
-    def add_mask(self, scores: mx.array, T: int, S: int) -> mx.array:
+    def add_mask(self, scores: mx.array, T: int, S: int, visible: mx.array | None = None) -> mx.array:
+        """+ the causal mask; `visible` [S] (a fixed-capacity cache's written slots) masks the rest too."""
         mask = self.causal_mask(T, S, scores.dtype)
+        if visible is not None:
+            hidden = mx.where(visible, mx.array(0, scores.dtype), mx.array(mask_value(scores.dtype), scores.dtype))
+            mask = hidden if mask is None else mx.minimum(mask, hidden)
         return scores if mask is None else scores + mask
 
     def softmax(self, scores: mx.array, out_dtype: mx.Dtype) -> mx.array:
@@ -157,8 +161,13 @@ class Ops:
         out = probs.reshape(B, KV, H // KV, T, S) @ v[:, :, None]
         return out.reshape(B, H, T, D)
 
-    def fused_attention(self, q, k, v, scale: float) -> mx.array:
+    def fused_attention(self, q, k, v, scale: float, visible: mx.array | None = None) -> mx.array:
+        """`visible` [S] (boolean, True = attend) is the fixed-capacity cache's mask of written slots."""
         T = q.shape[2]
+        if visible is not None:
+            if T > 1:
+                raise ValueError("a visibility mask is for single-token steps")
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
 
     # --- MLP ------------------------------------------------------------------
