@@ -11,7 +11,8 @@ Method (docs/benchmarks.md says more):
   whole logits array evaluated. tokens/s = T / median time.
 - Decode: prefill `decode_context` tokens (untimed), then N greedy steps
   through the KV cache, pipelined with async_eval (fast.greedy_decode, the loop
-  mlx-lm's generate uses). tokens/s = N / median time. Decode reads every
+  mlx-lm's generate uses). Ours runs twice: eager ("ours") and as generate runs
+  it with taps off ("ours_compiled": decode.py's compiled step). tokens/s = N / median time. Decode reads every
   weight once per token (the embedding only one row), so
   achieved weight bandwidth = weight bytes per token x tokens/s.
 - mlx-lm's `llama.Model` is built from the same config and loaded with the very
@@ -225,6 +226,16 @@ def mlx_lm_engine(lm) -> MLXEngine:
 
 def ours_engine(lm) -> MLXEngine:
     return MLXEngine("ours", lm.model, lm.model.make_cache)
+
+
+def ours_compiled_engine(lm, capacity: int) -> MLXEngine:
+    """Ours with generate's taps-off decode: the compiled step over a fixed-capacity cache."""
+    from .decode import CompiledDecoder
+
+    decoder = CompiledDecoder(lm.model)
+    engine = MLXEngine("ours_compiled", lm.model, lambda: decoder.make_cache(capacity))
+    engine.step = decoder
+    return engine
 
 
 class TorchEngine:
@@ -681,7 +692,9 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     elif s.with_transformers:
         raise UserError("--with-transformers needs a Hugging Face model directory (not a .gguf file)")
     result["prefill"] = prefill_section(engines, s, cfg)
-    result["decode"] = decode_section(engines, s, cfg, wb["per_decode_token_bytes"], device["peak_bandwidth_gbs"])
+    decoders = {"ours": engines["ours"], "ours_compiled": ours_compiled_engine(lm, s.decode_context + s.decode_tokens)}
+    decoders.update({n: e for n, e in engines.items() if n != "ours"})
+    result["decode"] = decode_section(decoders, s, cfg, wb["per_decode_token_bytes"], device["peak_bandwidth_gbs"])
     if s.tap_overhead:
         result["tap_overhead"] = tap_overhead_section(lm, s)
     if s.stages:

@@ -83,10 +83,13 @@ def test_decode(result):
         assert e["achieved_weight_gbs"] == pytest.approx(per_token * e["tokens_per_s"] / 1e9)
         assert e["fraction_of_peak"] == pytest.approx(e["achieved_weight_gbs"] / 50)
         assert positive(e["peak_memory_bytes"])
+    assert list(dec["engines"]) == ["ours", "ours_compiled", "mlx_lm"]
     ours, ref = dec["engines"]["ours"]["tokens_per_s"], dec["engines"]["mlx_lm"]["tokens_per_s"]
     assert dec["ratio_ours_over_mlx_lm"] == pytest.approx(ours / ref)
-    # same weights, same model, fp32: mlx-lm picks the same greedy tokens
-    assert dec["greedy_tokens_agree"] == {"mlx_lm": 1.0}
+    compiled = dec["engines"]["ours_compiled"]["tokens_per_s"]
+    assert dec["ratio_ours_compiled_over_mlx_lm"] == pytest.approx(compiled / ref)
+    # same weights, same model, fp32: mlx-lm and the compiled step pick the same greedy tokens
+    assert dec["greedy_tokens_agree"] == {"ours_compiled": 1.0, "mlx_lm": 1.0}
 
 
 def test_tap_overhead(result):
