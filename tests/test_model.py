@@ -213,3 +213,43 @@ def test_recorder_gives_the_same_stats_on_the_gpu_path(tiny_dir, monkeypatch):
                 assert b[name][k] == v, (name, k)
             else:  # float32 on the device vs float64 on the host
                 np.testing.assert_allclose(b[name][k], v, rtol=1e-4, atol=1e-6, err_msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_matmuls_on_the_cpu_are_fp32_gemm_rounded_once(tiny_dir, dtype, monkeypatch):
+    """ops.py: on MLX's CPU backend a half-precision linear layer is fp32 GEMM of the upcast
+    operands rounded to the half type (what Metal's GEMM and transformers on a CPU do); the
+    parameters stay the half weights; fp32 models and other devices keep plain nn.Linear."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_tinyllama import ops
+
+    lm = sources.load(str(tiny_dir), dtype)
+    dt = getattr(mx, dtype)
+    assert mx.default_device().type == mx.cpu
+    linears = [m for m in lm.model.modules() if isinstance(m, (nn.Linear, ops.Fp32GemmLinear))]
+    assert len(linears) == 7 * 2 + 1 and all(isinstance(m, ops.Fp32GemmLinear) for m in linears)
+    params = dict(tree_flatten(lm.model.parameters()))
+    assert set(params) == set(dict(tree_flatten(sources.load(str(tiny_dir), "float32").model.parameters())))
+    assert all(p.dtype == dt for p in params.values())
+    q = lm.model.layers[0].self_attn.q_proj
+    x = (mx.random.normal((1, 5, 64), key=mx.random.key(0)) * 3).astype(dt)
+    want = (x.astype(mx.float32) @ q.weight.astype(mx.float32).T).astype(dt)
+    assert q(x).dtype == dt and mx.array_equal(q(x), want).item()
+    a, b = x[0], q.weight.T  # the attention matmuls (explicit kernels) follow the same rule
+    assert mx.array_equal(ops.matmul(a, b), (a.astype(mx.float32) @ b.astype(mx.float32)).astype(dt)).item()
+    assert not ops.cpu_half_gemm(mx.float32)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))  # Metal / CUDA: untouched
+    assert not ops.cpu_half_gemm(dt)
+    assert mx.array_equal(q(x), x @ q.weight.T).item()
+
+
+def test_fp32_models_keep_plain_linear_layers(tiny_dir):
+    import mlx.nn as nn
+
+    from mlx_tinyllama.ops import Fp32GemmLinear
+
+    lm = sources.load(str(tiny_dir), "float32")
+    assert not any(isinstance(m, Fp32GemmLinear) for m in lm.model.modules())
+    assert sum(isinstance(m, nn.Linear) for m in lm.model.modules()) == 15
