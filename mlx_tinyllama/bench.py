@@ -85,6 +85,7 @@ class Settings:
     tap_overhead: bool = True
     stages: bool = True
     peak_bandwidth_gbs: float | None = None
+    vs_dtype: str | None = None  # also time ours in this dtype ("ours_<dtype>"), e.g. fp16 vs fp32 on a CPU
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -420,10 +421,11 @@ def decode_section(engines: dict, s: Settings, cfg, per_token_bytes: int, peak: 
 
 
 def add_ratios(row: dict) -> None:
-    """ours / other engine, from the median tokens/s of each (>1: ours is faster)."""
+    """ours / other engine, from the median tokens/s of each (>1: ours is faster); and
+    "ours" / each variant of ours (ours_compiled, ours_float32) from the same run."""
     speeds = {name: e["tokens_per_s"] for name, e in row["engines"].items()}
     for a in (n for n in speeds if n.startswith("ours")):
-        for b in (n for n in speeds if not n.startswith("ours")):
+        for b in (n for n in speeds if not n.startswith("ours") or (a == "ours" and n != a)):
             row[f"ratio_{a}_over_{b}"] = ratio(speeds[a], speeds[b])
 
 
@@ -675,6 +677,11 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     device = device_report(s.peak_bandwidth_gbs)
     wb = weight_bytes(lm)
     engines = {"ours": ours_engine(lm)}
+    if s.vs_dtype and s.vs_dtype != lm.dtype:
+        from .sources import load
+
+        other = load(str(lm.source.path), s.vs_dtype, lm.ops.policy, lm.ops.kernels)
+        engines[f"ours_{other.dtype}"] = MLXEngine(f"ours_{other.dtype}", other.model, other.model.make_cache)
     if s.with_mlx_lm:
         engines["mlx_lm"] = mlx_lm_engine(lm)
     result = {

@@ -132,6 +132,17 @@ def test_with_transformers(tmp_path):
     assert r["decode"]["greedy_tokens_agree"]["transformers"] == 1.0
 
 
+def test_vs_dtype_times_a_second_copy_of_ours_in_the_same_run(tmp_path):
+    r = run_bench(tmp_path, "--vs-dtype", "float16", "--no-mlx-lm", "--no-tap-overhead", "--no-stages")
+    for row in r["prefill"] + [r["decode"]]:
+        half = row["engines"]["ours_float16"]
+        check_summary(half, row["tokens"])
+        assert row["ratio_ours_over_ours_float16"] == pytest.approx(
+            row["engines"]["ours"]["tokens_per_s"] / half["tokens_per_s"])
+    assert list(r["decode"]["engines"]) == ["ours", "ours_compiled", "ours_float16"]
+    assert r["settings"]["vs_dtype"] == "float16"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt-lengths", "8,4096"], "beyond the model's context"),
     (["--decode-tokens", "0"], "--decode-tokens must be at least 1"),
