@@ -31,8 +31,8 @@ class FixedKVCache:
 
     Eager use (offset an int): a step of T tokens writes rows offset..offset+T-1 and
     gets back the rows 0..offset+T-1, like KVCache. Inside the compiled step (offset
-    a scalar array) it gets back the whole buffer, with `mask` [capacity] (True: a
-    written position) for the attention."""
+    a scalar array) it gets back the whole buffer, with `mask` [1, 1, 1, capacity] (True:
+    a written position) for the attention."""
 
     def __init__(self, keys: mx.array, values: mx.array, offset=0):
         self.keys, self.values, self.offset = keys, values, offset
@@ -56,7 +56,8 @@ class FixedKVCache:
             start = self.offset.reshape(1)
             self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), start, axes=(2,))
             self.values = mx.slice_update(self.values, values.astype(self.values.dtype), start, axes=(2,))
-            self.mask = mx.arange(self.capacity) <= self.offset + keys.shape[2] - 1
+            # [1, 1, 1, capacity]: broadcasts against the scores [B, H, T, S] in every SDPA kernel
+            self.mask = (mx.arange(self.capacity) <= self.offset + keys.shape[2] - 1).reshape(1, 1, 1, -1)
             return self.keys, self.values
         end = self.offset + keys.shape[2]
         if end > self.capacity:

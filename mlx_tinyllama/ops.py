@@ -198,7 +198,7 @@ class Ops:
         return scores * mx.array(scale, scores.dtype)
 
     def add_mask(self, scores: mx.array, T: int, S: int, visible: mx.array | None = None) -> mx.array:
-        """+ the causal mask; `visible` [S] (a fixed-capacity cache's written slots) masks the rest too."""
+        """+ the causal mask; `visible` [.., S] (a fixed-capacity cache's written slots) masks the rest too."""
         mask = self.causal_mask(T, S, scores.dtype)
         if visible is not None:
             hidden = mx.where(visible, mx.array(0, scores.dtype), mx.array(mask_value(scores.dtype), scores.dtype))
@@ -220,7 +220,7 @@ class Ops:
         return out.reshape(B, H, T, D)
 
     def fused_attention(self, q, k, v, scale: float, visible: mx.array | None = None) -> mx.array:
-        """`visible` [S] (boolean, True = attend) is the fixed-capacity cache's mask of written slots."""
+        """`visible` [1, 1, 1, S] (boolean, True = attend): the fixed-capacity cache's written slots."""
         T = q.shape[2]
         if visible is not None:
             if T > 1:
