@@ -225,9 +225,17 @@ def test_half_matmuls_on_the_cpu_are_fp32_gemm_rounded_once(tiny_dir, dtype, mon
 
     from mlx_tinyllama import ops
 
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)  # also on a GPU machine: this is the CPU backend's rule
+    try:
+        _check_fp32_gemm(tiny_dir, dtype, monkeypatch, nn, tree_flatten, ops)
+    finally:
+        mx.set_default_device(previous)
+
+
+def _check_fp32_gemm(tiny_dir, dtype, monkeypatch, nn, tree_flatten, ops):
     lm = sources.load(str(tiny_dir), dtype)
     dt = getattr(mx, dtype)
-    assert mx.default_device().type == mx.cpu
     linears = [m for m in lm.model.modules() if isinstance(m, (nn.Linear, ops.Fp32GemmLinear))]
     assert len(linears) == 7 * 2 + 1 and all(isinstance(m, ops.Fp32GemmLinear) for m in linears)
     params = dict(tree_flatten(lm.model.parameters()))
@@ -243,6 +251,8 @@ def test_half_matmuls_on_the_cpu_are_fp32_gemm_rounded_once(tiny_dir, dtype, mon
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))  # Metal / CUDA: untouched
     assert not ops.cpu_half_gemm(dt)
     assert mx.array_equal(q(x), x @ q.weight.T).item()
+    gpu = sources.load(str(tiny_dir), dtype)
+    assert not any(isinstance(m, ops.Fp32GemmLinear) for m in gpu.model.modules())
 
 
 def test_fp32_models_keep_plain_linear_layers(tiny_dir):
