@@ -64,7 +64,7 @@ def test_compare_reads_the_sharded_form(tmp_path):
     mx.save_safetensors(str(shard), tensors, metadata=meta)
     assert trace(["compare", "--against", str(path), "--model", "synthetic:tiny", "--dtype", "float32",
                   "--json", str(out)]) == 1
-    assert json.loads(out.read_text())["first_divergence"] == "layers.0.attn.q"
+    assert json.loads(out.read_text())["first_divergence"]["tap"] == "layers.0.attn.q"
 
 
 def test_missing_shard_or_bad_index_exits_2(tmp_path, capsys):
