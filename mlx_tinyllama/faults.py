@@ -44,7 +44,8 @@ class DecodeRopeOffset(Ops):
     invisible to the paths check: RoPE is relative, both paths shift alike.)"""
 
     def rope(self, x, offset, rope):
-        return super().rope(x, offset + 1 if offset > 0 else 0, rope)
+        return super().rope(x, mx.where(offset > 0, offset + 1, 0) if isinstance(offset, mx.array)
+                            else (offset + 1 if offset > 0 else 0), rope)  # array offset: the compiled step
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ Step numbering (used by `--tap-step`): step 0 is the prefill of the whole prompt
 whose last logits row gives generated token 0; step n >= 1 feeds generated token
 n-1 at position len(prompt) + n - 1 through the cache and gives token n.
 
+With no tap selected and no cache given, the decode steps run as one compiled
+function over a fixed-capacity cache (decode.py); otherwise eagerly, a Python
+call per stage. `Generation.decode` records which ("compiled" or "eager").
+
 Sampling uses mlx-lm's samplers (`make_sampler`: temperature, top-p, top-k over
 log-probabilities); temperature 0 is greedy (argmax). The sequence (prompt plus
 generated tokens) never grows past max_position_embeddings: RoPE positions
@@ -18,6 +22,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .errors import UserError
+from .model import TinyLlama
 from .taps import Taps
 
 EOS_ID = 2
@@ -58,15 +63,18 @@ class Generation:
     step_logits: list[mx.array] = field(default_factory=list)  # [V] per generated token (keep_logits)
     taps: Taps | None = None  # the taps of step `tap_step`
     tap_step: int | None = None
+    decode: str = "eager"  # "compiled": steps 1.. ran through decode.CompiledDecoder
 
 
 def generate_tokens(model, prompt_ids: list[int], max_tokens: int, sampling: Sampling = Sampling(),
                     stop_at_eos: bool = True, on_token: Callable[[int], None] | None = None,
                     tap_step: int | None = None, tap_names=(), tap_mode: str = "stats",
-                    cache: list | None = None, keep_logits: bool = False) -> Generation:
+                    cache: list | None = None, keep_logits: bool = False, compiled: bool = True) -> Generation:
     """Generate up to `max_tokens` tokens after `prompt_ids` through the KV cache.
 
-    `cache` defaults to `model.make_cache()` (pass another, e.g. a faulty one, to test it).
+    `cache` defaults to a fixed-capacity cache stepped by a compiled function when no
+    tap is selected, else `model.make_cache()`; a given cache (e.g. a faulty one, to
+    test it), or a model that wraps ours, runs eagerly. `compiled=False` forces the eager path.
     `on_token(id)` is called as each token is chosen (streaming).
     """
     sampling.check()
@@ -77,15 +85,23 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int, sampling: Sam
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = sampling.sampler()
-    cache = model.make_cache() if cache is None else cache
     gen = Generation(prompt_ids=list(prompt_ids), tap_step=tap_step)
+    forward = model
+    taps_on = bool(tap_names) and tap_step is not None
+    if cache is None and compiled and not taps_on and max_tokens > 1 and isinstance(model, TinyLlama):
+        from .decode import CompiledDecoder
+
+        forward = CompiledDecoder(model)
+        cache = forward.make_cache(min(len(prompt_ids) + max_tokens, max_pos))
+        gen.decode = "compiled"
+    cache = model.make_cache() if cache is None else cache
     inputs = list(prompt_ids)
     for step in range(max_tokens):
         if len(prompt_ids) + step >= max_pos:
             gen.stop_reason = "max_position"
             return gen
         taps = Taps(tap_names, tap_mode) if step == tap_step and tap_names else None
-        logits = model(mx.array(inputs), cache=cache, tap=taps) if taps else model(mx.array(inputs), cache=cache)
+        logits = model(mx.array(inputs), cache=cache, tap=taps) if taps else forward(mx.array(inputs), cache=cache)
         row = logits[0, -1].astype(mx.float32)
         token = int(sampler((row - mx.logsumexp(row))[None]).item())
         if taps is not None:

@@ -48,20 +48,21 @@ class Attention(nn.Module):
         k = tap(p + "attn.k_rope", ops.rope(k, offset, rope))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # all S = offset + T keys/values so far
+        visible = getattr(cache, "mask", None)  # a fixed-capacity cache (decode.py) hides unwritten slots
         if ops.fused:
-            ctx = ops.fused_attention(q, k, v, self.scale)
+            ctx = ops.fused_attention(q, k, v, self.scale, visible)
             if tap.enabled and any(tap.wants(p + s) for s in ATTENTION_INTERNALS):
-                self.probs(q, k, ops, tap, p)  # observed only: the data path above is untouched
+                self.probs(q, k, ops, tap, p, visible)  # observed only: the data path above is untouched
         else:
-            ctx = ops.pv(self.probs(q, k, ops, tap, p), v)
+            ctx = ops.pv(self.probs(q, k, ops, tap, p, visible), v)
         ctx = tap(p + "attn.context", ctx.transpose(0, 2, 1, 3).reshape(B, T, -1))
         return self.o_proj(ctx)
 
-    def probs(self, q, k, ops: Ops, tap, p: str) -> mx.array:
+    def probs(self, q, k, ops: Ops, tap, p: str, visible=None) -> mx.array:
         T, S = q.shape[2], k.shape[2]
         s = tap(p + "attn.scores", ops.qk(q, k))
         s = tap(p + "attn.scores_scaled", ops.scale(s, self.scale))
-        s = tap(p + "attn.scores_masked", ops.add_mask(s, T, S))
+        s = tap(p + "attn.scores_masked", ops.add_mask(s, T, S, visible))
         return tap(p + "attn.probs", ops.softmax(s, q.dtype))
 
 

@@ -6,6 +6,9 @@ through its KV cache: its two paths disagreed. This module runs one prompt
 - "prefill":  all T tokens in one call (no cache), the reference;
 - "decode":   token by token through the KV cache (T calls of one token);
 - "chunk-K":  in chunks of K tokens through the cache (chunked prefill);
+- "compiled": token by token through the compiled decode step (decode.py: one
+  mx.compile'd function over a fixed-capacity cache, what `generate` runs with
+  taps off); its taps are extra outputs of the same compiled graph.
 
 records every canonical tap of every step (full tensors), and checks that the
 rows a step computed equal the same rows of the prefill, tap by tap in forward
@@ -33,6 +36,7 @@ from .tolerances import Tolerances
 
 PREFILL = "prefill"
 DECODE = "decode"
+COMPILED = "compiled"
 
 
 def path_name(chunk: int) -> str:
@@ -106,6 +110,25 @@ def run_path(model, ids: list[int], chunk: int | None, names=None, cache: list |
         mx.eval(logits, list(taps.tensors.values()))
         steps.append(Step(start, len(part), dict(taps.tensors), logits))
     return PathRun(PREFILL if cache is None else path_name(chunk), chunk, steps)
+
+
+def run_compiled(model, ids: list[int], names=None) -> PathRun:
+    """`ids` one token per step through the compiled decode step (from position 0, over a
+    cache of capacity T), recording the full tensors of `names` (default: every tap).
+    Attention taps span the whole capacity; the slots after the step's position are
+    masked (not data) and are cut off here, so that they line up with the other paths."""
+    from .decode import CompiledDecoder
+
+    names = tap_names(model.config.num_hidden_layers) if names is None else list(names)
+    decoder = CompiledDecoder(model, names)
+    cache = decoder.make_cache(len(ids))
+    steps = []
+    for start, token in enumerate(ids):
+        logits = decoder(mx.array([[token]]), cache)[0]
+        taps = {n: (x[:, :, :start + 1] if stage_of(n).shape.endswith("S]") else x) for n, x in decoder.last_taps.items()}
+        mx.eval(logits, list(taps.values()))
+        steps.append(Step(start, 1, taps, logits))
+    return PathRun(COMPILED, 1, steps)
 
 
 # --- comparing ---------------------------------------------------------------------
@@ -290,7 +313,8 @@ def check_paths(model, ids: list[int], chunks=(), continue_n: int = 0, dtype: st
             return faults.dropping_caches(model, fault_pos) if fault_name == "drop-kv" else None
 
         prefill = run_path(model, ids, None)
-        comparisons = [compare_path(run_path(model, ids, k, cache=cache()), prefill, tolerance) for k in (1, *chunks)]
+        runs = [run_path(model, ids, k, cache=cache()) for k in (1, *chunks)] + [run_compiled(model, ids)]
+        comparisons = [compare_path(run, prefill, tolerance) for run in runs]
         continuation = greedy_continuation(model, ids, continue_n, cache()) if continue_n else None
     finally:
         model.ops = saved_ops

@@ -25,7 +25,7 @@ from .config import ModelConfig, load_config
 from .errors import UserError
 from .gguf import is_gguf
 from .model import TinyLlama
-from .ops import KERNELS, POLICIES, Ops
+from .ops import KERNELS, POLICIES, Ops, cpu_half_gemm, use_fp32_gemm
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 HF_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
@@ -223,6 +223,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops:
         mx.eval(part.parameters())
         if progress:
             progress(k + 1, len(parts), f"reading weights ({dtype})")
+    if cpu_half_gemm(dt):  # half matmuls on the CPU: fp32 GEMM (ops.py says why)
+        use_fp32_gemm(model)
     return model
 
 

@@ -85,10 +85,13 @@ def test_decode(result):
         assert e["achieved_weight_gbs"] == pytest.approx(per_token * e["tokens_per_s"] / 1e9)
         assert e["fraction_of_peak"] == pytest.approx(e["achieved_weight_gbs"] / 50)
         assert positive(e["peak_memory_bytes"])
+    assert list(dec["engines"]) == ["ours", "ours_compiled", "mlx_lm"]
     ours, ref = dec["engines"]["ours"]["tokens_per_s"], dec["engines"]["mlx_lm"]["tokens_per_s"]
     assert dec["ratio_ours_over_mlx_lm"] == pytest.approx(ours / ref)
-    # same weights, same model, fp32: mlx-lm picks the same greedy tokens
-    assert dec["greedy_tokens_agree"] == {"mlx_lm": 1.0}
+    compiled = dec["engines"]["ours_compiled"]["tokens_per_s"]
+    assert dec["ratio_ours_compiled_over_mlx_lm"] == pytest.approx(compiled / ref)
+    # same weights, same model, fp32: mlx-lm and the compiled step pick the same greedy tokens
+    assert dec["greedy_tokens_agree"] == {"ours_compiled": 1.0, "mlx_lm": 1.0}
 
 
 def test_tap_overhead(result):
@@ -129,6 +132,17 @@ def test_with_transformers(tmp_path):
         assert row["ratio_ours_over_transformers"] == pytest.approx(
             row["engines"]["ours"]["tokens_per_s"] / t["tokens_per_s"])
     assert r["decode"]["greedy_tokens_agree"]["transformers"] == 1.0
+
+
+def test_vs_dtype_times_a_second_copy_of_ours_in_the_same_run(tmp_path):
+    r = run_bench(tmp_path, "--vs-dtype", "float16", "--no-mlx-lm", "--no-tap-overhead", "--no-stages")
+    for row in r["prefill"] + [r["decode"]]:
+        half = row["engines"]["ours_float16"]
+        check_summary(half, row["tokens"])
+        assert row["ratio_ours_over_ours_float16"] == pytest.approx(
+            row["engines"]["ours"]["tokens_per_s"] / half["tokens_per_s"])
+    assert list(r["decode"]["engines"]) == ["ours", "ours_compiled", "ours_float16"]
+    assert r["settings"]["vs_dtype"] == "float16"
 
 
 @pytest.mark.parametrize("args, message", [

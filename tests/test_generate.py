@@ -1,4 +1,4 @@
-"""Generation through the KV cache: greedy tokens equal transformers' and mlx-lm's,
+"""Generation through the KV cache: greedy tokens (compiled decode and eager) equal transformers' and mlx-lm's,
 sampling is reproducible, stops are reported, tapped steps record the right rows."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlx_tinyllama.trace import main as trace
 
 from conftest import needs_torch
 
-STEPS = 32
+STEPS = 64
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,27 @@ def small32(small_dir):
 
 @pytest.fixture(scope="module")
 def greedy_small(small32, seed_ids):
-    return generate_tokens(small32.model, seed_ids, STEPS, stop_at_eos=False).token_ids
+    """The default path with taps off: the compiled decode step."""
+    gen = generate_tokens(small32.model, seed_ids, STEPS, stop_at_eos=False)
+    assert gen.decode == "compiled"
+    return gen.token_ids
+
+
+def test_compiled_decode_equals_the_eager_path(small32, seed_ids, greedy_small, monkeypatch):
+    from mlx_tinyllama import decode
+
+    eager = generate_tokens(small32.model, seed_ids, STEPS, stop_at_eos=False, compiled=False)
+    assert eager.decode == "eager" and eager.token_ids == greedy_small
+    steps = []  # the compiled function really runs every decode step
+    call = decode.CompiledDecoder.__call__
+    monkeypatch.setattr(decode.CompiledDecoder, "__call__", lambda self, ids, cache: steps.append(ids.size) or call(self, ids, cache))
+    assert generate_tokens(small32.model, seed_ids, 8, stop_at_eos=False).token_ids == greedy_small[:8]
+    assert steps == [len(seed_ids)] + [1] * 7
+
+
+def test_taps_select_the_eager_path(small32, seed_ids, greedy_small):
+    gen = generate_tokens(small32.model, seed_ids, 6, stop_at_eos=False, tap_step=2, tap_names=["logits"])
+    assert gen.decode == "eager" and gen.token_ids == greedy_small[:6] and gen.taps is not None
 
 
 @needs_torch
@@ -139,6 +159,7 @@ def test_command_streams_text_and_writes_json(tiny_dir, tmp_path, capfd):
     probs = r["taps"]["layers.0.attn.probs"]
     assert probs["shape"] == [4, 1, len(r["prompt"]["ids"]) + 2]
     assert 0 < r["prefill_seconds"] <= r["seconds"] and r["decode_tokens_per_s"] > 0
+    assert r["decode"] == "eager"  # taps on
 
 
 def test_temperature_zero_is_greedy(tiny_dir, tmp_path):
@@ -147,7 +168,9 @@ def test_temperature_zero_is_greedy(tiny_dir, tmp_path):
         out = tmp_path / f"g{len(extra)}.json"
         trace(["generate", "--model", str(tiny_dir), "--dtype", "float32", "--max-tokens", "6", "--json", str(out),
                *extra])
-        outs.append(json.loads(out.read_text())["token_ids"])
+        r = json.loads(out.read_text())
+        outs.append(r["token_ids"])
+        assert r["decode"] == "compiled"  # taps off
     assert outs[0] == outs[1]
 
 

@@ -129,8 +129,14 @@ def test_stats_match_numpy(tiny_dir):
 def test_stats_count_non_finite_values():
     from mlx_tinyllama.taps import tensor_stats
 
+    import warnings
+
     x = mx.array([[1.0, float("nan"), -3.0], [float("inf"), 2.0, 0.5]])
-    s = tensor_stats(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # non-finite values take the masked path, no numpy warning
+        s = tensor_stats(x)
+        only_inf = tensor_stats(mx.array([[1.0, float("inf")], [-3.0, float("-inf")]]))
+    assert (only_inf["inf"], only_inf["finite"], only_inf["min"], only_inf["max"]) == (2, 2, -3.0, 1.0)
     assert (s["nan"], s["inf"], s["finite"]) == (1, 1, 4)
     assert s["absmax"] == 3.0 and s["min"] == -3.0 and s["max"] == 2.0
 
@@ -215,3 +221,71 @@ def test_recorder_gives_the_same_stats_on_the_gpu_path(tiny_dir, monkeypatch):
                 assert b[name][k] == v, (name, k)
             else:  # float32 on the device vs float64 on the host
                 np.testing.assert_allclose(b[name][k], v, rtol=1e-4, atol=1e-6, err_msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_matmuls_on_the_cpu_are_fp32_gemm_rounded_once(tiny_dir, dtype, monkeypatch):
+    """ops.py: on MLX's CPU backend a half-precision linear layer is fp32 GEMM of the upcast
+    operands rounded to the half type (what Metal's GEMM and transformers on a CPU do); the
+    parameters stay the half weights; fp32 models and other devices keep plain nn.Linear."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_tinyllama import ops
+
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)  # also on a GPU machine: this is the CPU backend's rule
+    try:
+        _check_fp32_gemm(tiny_dir, dtype, monkeypatch, nn, tree_flatten, ops)
+    finally:
+        mx.set_default_device(previous)
+
+
+def _check_fp32_gemm(tiny_dir, dtype, monkeypatch, nn, tree_flatten, ops):
+    lm = sources.load(str(tiny_dir), dtype)
+    dt = getattr(mx, dtype)
+    linears = [m for m in lm.model.modules() if isinstance(m, (nn.Linear, ops.Fp32GemmLinear))]
+    assert len(linears) == 7 * 2 + 1 and all(isinstance(m, ops.Fp32GemmLinear) for m in linears)
+    params = dict(tree_flatten(lm.model.parameters()))
+    assert set(params) == set(dict(tree_flatten(sources.load(str(tiny_dir), "float32").model.parameters())))
+    assert all(p.dtype == dt for p in params.values())
+    q = lm.model.layers[0].self_attn.q_proj
+    x = (mx.random.normal((1, 5, 64), key=mx.random.key(0)) * 3).astype(dt)
+    want = (x.astype(mx.float32) @ q.weight.astype(mx.float32).T).astype(dt)
+    assert q(x).dtype == dt and mx.array_equal(q(x), want).item()
+    a, b = x[0], q.weight.T  # the attention matmuls (explicit kernels) follow the same rule
+    assert mx.array_equal(ops.matmul(a, b), (a.astype(mx.float32) @ b.astype(mx.float32)).astype(dt)).item()
+    assert not ops.cpu_half_gemm(mx.float32)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))  # Metal / CUDA: untouched
+    assert not ops.cpu_half_gemm(dt)
+    assert mx.array_equal(q(x), x @ q.weight.T).item()
+    gpu = sources.load(str(tiny_dir), dtype)
+    assert not any(isinstance(m, ops.Fp32GemmLinear) for m in gpu.model.modules())
+
+
+def test_fp32_models_keep_plain_linear_layers(tiny_dir):
+    import mlx.nn as nn
+
+    from mlx_tinyllama.ops import Fp32GemmLinear
+
+    lm = sources.load(str(tiny_dir), "float32")
+    assert not any(isinstance(m, Fp32GemmLinear) for m in lm.model.modules())
+    assert sum(isinstance(m, nn.Linear) for m in lm.model.modules()) == 15
+
+
+def test_host_stats_equal_the_two_pass_float64_values():
+    """taps._moments reads each tensor once in float64 blocks and takes std from shifted
+    moments; against numpy's two-pass float64 statistics it agrees to 1e-12 relative on
+    offset, wide-range, constant and many-block tensors (the bound documented there)."""
+    from mlx_tinyllama.taps import _BLOCK, _moments
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(3 * _BLOCK + 17) * 2 + 5, rng.standard_normal(3 * _BLOCK + 17) * 1e-3 + 40,
+            np.full(3 * _BLOCK + 17, 7.25), np.concatenate([[-3e38], rng.standard_normal(3 * _BLOCK + 16)])]
+    flat = np.stack(rows).astype(np.float32)
+    total, mean, std = _moments(flat)
+    v = flat.astype(np.float64)
+    np.testing.assert_allclose(total, v.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(mean, v.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(std, v.std(axis=1), rtol=1e-12)
+    assert std[2] == 0.0  # a constant row: exactly zero, not rounding noise

@@ -1,4 +1,4 @@
-"""Prefill, token-by-token decode and chunked prefill compute the same numbers;
+"""Prefill, token-by-token decode, chunked prefill and the compiled decode step compute the same numbers;
 the paths check finds the stage where a faulty cache or decode-only RoPE breaks them."""
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def test_fp32_cached_logits_equal_prefill_at_every_position(small32, seed_ids, c
 def test_paths_agree_at_every_tap_fp32(small32, seed_ids):
     r = paths.check_paths(small32.model, seed_ids, chunks=(2, 5), continue_n=0, dtype="float32")
     assert r["first_divergence"] is None and r["agree"]
-    assert [p["path"] for p in r["paths"]] == ["decode", "chunk-2", "chunk-5"]
-    assert [p["steps"] for p in r["paths"]] == [38, 19, 8]
+    assert [p["path"] for p in r["paths"]] == ["decode", "chunk-2", "chunk-5", "compiled"]
+    assert [p["steps"] for p in r["paths"]] == [38, 19, 8, 38]
     for p in r["paths"]:
         assert p["logits_max_nmse"] < 1e-10
         assert p["worst_tap_nmse"] <= p["worst_tap_tolerance"]
@@ -57,6 +57,33 @@ def test_every_tap_of_every_step_is_recorded_with_step_shapes(small32, seed_ids)
     assert run.tap(1, "layers.0.attn.q").shape == (8, 2, 32)  # [H, T, D] of that step
     assert run.tap(1, "layers.3.attn.probs").shape == (8, 2, 6)  # [H, T, S], S = offset + T
     assert run.tap(0, "logits").shape == (4, 32000)
+
+
+def test_compiled_path_records_every_tap_through_the_compiled_step(small32, seed_ids):
+    run = paths.run_compiled(small32.model, seed_ids[:6])
+    assert [(s.start, s.length) for s in run.steps] == [(k, 1) for k in range(6)]
+    assert list(run.steps[5].taps) == tap_names(4)
+    assert run.tap(5, "layers.3.attn.probs").shape == (8, 1, 6)  # capacity 6, cut to the 6 visible keys
+    assert run.tap(2, "layers.3.attn.probs").shape == (8, 1, 3)
+
+
+def test_compiled_step_that_attends_to_unwritten_slots_is_caught(small32, seed_ids, monkeypatch):
+    """Fault in the compiled path only: the fixed-capacity cache's mask dropped, so each step
+    also attends to the zero keys of the slots not yet written. Caught at the first step's
+    probs (position 0 sees 38 keys); the clean run (test above) is not flagged."""
+    from mlx_tinyllama import decode
+
+    fetch = decode.FixedKVCache.update_and_fetch
+
+    def unmasked(self, keys, values):
+        out = fetch(self, keys, values)
+        self.mask = None
+        return out
+
+    monkeypatch.setattr(decode.FixedKVCache, "update_and_fetch", unmasked)
+    r = paths.check_paths(small32.model, seed_ids, chunks=(), dtype="float32")
+    assert where(r["first_divergence"]) == ("compiled", "layers.0.attn.probs", 0)
+    assert [p["agree"] for p in r["paths"]] == [True, False]
 
 
 def test_fp16_paths_agree_within_derived_tolerance(tiny_dir, seed_ids):
@@ -111,7 +138,7 @@ def test_command_json_and_exit_codes(tiny_dir, tmp_path):
     rc = trace(["paths", "--model", str(tiny_dir), "--dtype", "float32", "--continue", "3", "--json", str(out)])
     r = json.loads(out.read_text())
     assert rc == 0 and r["first_divergence"] is None
-    assert set(r["logits_max_abs_diff"]) == {"decode", "chunk-2", "chunk-3"}  # 2 divides 38, 3 does not
+    assert set(r["logits_max_abs_diff"]) == {"decode", "chunk-2", "chunk-3", "compiled"}  # 2 divides 38, 3 does not
     rc = trace(["paths", "--model", str(tiny_dir), "--dtype", "float32", "--continue", "0", "--fault", "drop-kv:3",
                 "--json", str(out)])
     assert rc == 1 and json.loads(out.read_text())["first_divergence"]["position"] == 3

@@ -314,7 +314,7 @@ def test_paths_report_marks_the_dropped_cache_entry(drop_kv_paths):
     assert REPORT_SECTIONS | {"paths"} <= set(page.section_ids), page.section_ids
     data = data_block(page, "paths-data")
     maps = {m["path"]: m for m in data["paths"]}
-    assert list(maps) == ["decode", "chunk-4"]
+    assert list(maps) == ["decode", "chunk-4", "compiled"]
     decode = maps["decode"]
     mark = decode["first_divergence"]
     assert (mark["tap"], mark["stage"], mark["position"]) == ("layers.0.attn.scores", "attn.scores", DROP)

@@ -21,8 +21,10 @@ ALL_POLICIES = list(stability.POLICY_ORDER)
 PRESETS = list(stress.STRESS_PRESETS)
 # Our fp16 NMSE vs fp32 must stay within FACTOR × transformers' fp16 NMSE vs fp32 (+ FLOOR for taps
 # where both are exact). Measured (docs/stability.md), seed prompt, hf policy, largest ratio over all
-# taps: 1.18 on synthetic:tiny and on synthetic:small; the fp16-pure policy reaches 2.6 (its RMSNorm
-# runs in fp16), so 2 separates "same precision as transformers" from "one stage less precise".
+# taps: 1.18 on synthetic:tiny and on synthetic:small; with the CPU's half matmuls as fp32 GEMM and
+# SiLU in fp32 (ops.py) 1.15 on tiny and 1.14 on small (same precision as transformers, not
+# identical roundings: most taps sit between 1.0 and 1.1); the fp16-pure policy reaches 2.6 (its
+# RMSNorm runs in fp16), so 2 separates "same precision as transformers" from "one stage less precise".
 FACTOR = 2.0
 FLOOR = 1e-12
 

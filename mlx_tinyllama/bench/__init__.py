@@ -24,6 +24,7 @@ from .engines import (  # noqa: F401
     mlx_lm_model,
     mlx_lm_engine,
     ours_engine,
+    ours_compiled_engine,
     TorchEngine,
 )
 from .devices import (  # noqa: F401

@@ -80,6 +80,16 @@ def ours_engine(lm) -> MLXEngine:
     return MLXEngine("ours", lm.model, lm.model.make_cache)
 
 
+def ours_compiled_engine(lm, capacity: int) -> MLXEngine:
+    """Ours with generate's taps-off decode: the compiled step over a fixed-capacity cache."""
+    from ..decode import CompiledDecoder
+
+    decoder = CompiledDecoder(lm.model)
+    engine = MLXEngine("ours_compiled", lm.model, lambda: decoder.make_cache(capacity))
+    engine.step = decoder
+    return engine
+
+
 class TorchEngine:
     """transformers' LlamaForCausalLM (SDPA attention) on torch CUDA if available, else CPU."""
 

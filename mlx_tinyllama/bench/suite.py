@@ -9,7 +9,7 @@ from dataclasses import asdict
 from ..errors import UserError
 from ..results import ResultHeader
 from .timing import Settings, alternate, progress, summarize, synthetic_ids, validate
-from .engines import TorchEngine, mlx_lm_engine, ours_engine
+from .engines import MLXEngine, TorchEngine, mlx_lm_engine, ours_compiled_engine, ours_engine
 from .devices import bandwidth, check_metal_capture, device_report, metal_capture, weight_bytes
 from .taps import tap_overhead_section
 from .stages import stages_section
@@ -52,10 +52,11 @@ def decode_section(engines: dict, s: Settings, cfg, per_token_bytes: int, peak: 
 
 
 def add_ratios(row: dict) -> None:
-    """ours / other engine, from the median tokens/s of each (>1: ours is faster)."""
+    """ours / other engine, from the median tokens/s of each (>1: ours is faster); and
+    "ours" / each variant of ours (ours_compiled, ours_float32) from the same run."""
     speeds = {name: e["tokens_per_s"] for name, e in row["engines"].items()}
     for a in (n for n in speeds if n.startswith("ours")):
-        for b in (n for n in speeds if not n.startswith("ours")):
+        for b in (n for n in speeds if not n.startswith("ours") or (a == "ours" and n != a)):
             row[f"ratio_{a}_over_{b}"] = speeds[a] / speeds[b]
 
 
@@ -85,6 +86,11 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     device = device_report(s.peak_bandwidth_gbs)
     wb = weight_bytes(lm)
     engines = {"ours": ours_engine(lm)}
+    if s.vs_dtype and s.vs_dtype != lm.dtype:
+        from ..sources import load
+
+        other = load(str(lm.source.path), s.vs_dtype, lm.ops.policy, lm.ops.kernels)
+        engines[f"ours_{other.dtype}"] = MLXEngine(f"ours_{other.dtype}", other.model, other.model.make_cache)
     if s.with_mlx_lm:
         engines["mlx_lm"] = mlx_lm_engine(lm)
     result = {
@@ -100,7 +106,9 @@ def run(lm, s: Settings, metal_capture_path: str | None = None, argv: list[str] 
     elif s.with_transformers:
         raise UserError("--with-transformers needs a Hugging Face model directory (not a .gguf file)")
     result["prefill"] = prefill_section(engines, s, cfg)
-    result["decode"] = decode_section(engines, s, cfg, wb["per_decode_token_bytes"], device["peak_bandwidth_gbs"])
+    decoders = {"ours": engines["ours"], "ours_compiled": ours_compiled_engine(lm, s.decode_context + s.decode_tokens)}
+    decoders.update({n: e for n, e in engines.items() if n != "ours"})
+    result["decode"] = decode_section(decoders, s, cfg, wb["per_decode_token_bytes"], device["peak_bandwidth_gbs"])
     if s.tap_overhead:
         result["tap_overhead"] = tap_overhead_section(lm, s)
     if s.stages:

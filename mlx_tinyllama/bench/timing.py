@@ -10,7 +10,8 @@ Method (docs/benchmarks.md says more):
   whole logits array evaluated. tokens/s = T / median time.
 - Decode: prefill `decode_context` tokens (untimed), then N greedy steps
   through the KV cache, pipelined with async_eval (fast.greedy_decode, the loop
-  mlx-lm's generate uses). tokens/s = N / median time. Decode reads every
+  mlx-lm's generate uses). Ours runs twice: eager ("ours") and as generate runs
+  it with taps off ("ours_compiled": decode.py's compiled step). tokens/s = N / median time. Decode reads every
   weight once per token (the embedding only one row), so
   achieved weight bandwidth = weight bytes per token x tokens/s.
 - mlx-lm's `llama.Model` is built from the same config and loaded with the very
@@ -45,6 +46,7 @@ class Settings:
     tap_overhead: bool = True
     stages: bool = True
     peak_bandwidth_gbs: float | None = None
+    vs_dtype: str | None = None  # also time ours in this dtype ("ours_<dtype>"), e.g. fp16 vs fp32 on a CPU
 
 
 def parse_lengths(text: str) -> list[int]:

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
                    help="decode tokens per sample when measuring tap overhead (default 16)")
     g.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s", dest="peak_bandwidth_gbs",
                    help="the device's peak memory bandwidth, if the built-in table does not know it")
+    g.add_argument("--vs-dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="also time our model loaded in this dtype, sample by sample with the --dtype one "
+                        "(e.g. --dtype float16 --vs-dtype float32: what half precision costs on this device)")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     o.add_argument("--metal-capture", metavar="PATH.gputrace",
@@ -48,7 +51,7 @@ def settings(args) -> bench.Settings:
         tap_layer=args.tap_layer, tap_prompt_length=args.tap_prompt_length,
         tap_decode_tokens=args.tap_decode_tokens, with_mlx_lm=args.with_mlx_lm,
         with_transformers=args.with_transformers, tap_overhead=args.tap_overhead, stages=args.stages,
-        peak_bandwidth_gbs=args.peak_bandwidth_gbs,
+        peak_bandwidth_gbs=args.peak_bandwidth_gbs, vs_dtype=args.vs_dtype,
     )
 
 

@@ -65,7 +65,9 @@ def main(args) -> int:
         stamps.append(time.perf_counter())
         stream(token)
 
-    cache = lm.model.make_cache()  # outside the clock: its first use imports mlx-lm
+    # Taps on: the eager path, whose cache is made outside the clock (its first use imports
+    # mlx-lm). Taps off: generate makes the fixed-capacity cache of the compiled decode.
+    cache = lm.model.make_cache() if names else None
     started = time.perf_counter()
     gen = generate_tokens(lm.model, prompt.ids, args.max_tokens, sampling, stop_at_eos=not args.ignore_eos,
                           on_token=on_token, tap_step=args.tap_step, tap_names=names, cache=cache)
@@ -93,7 +95,7 @@ def _result(args, lm, prompt, sampling, gen, text, tokenizer, seconds) -> dict:
                      "seed": sampling.seed, "greedy": sampling.greedy},
         "token_ids": gen.token_ids, "text": text, "pieces": tokenizer.pieces(gen.token_ids),
         "stop_reason": gen.stop_reason, "max_position_embeddings": lm.config.max_position_embeddings,
-        "seconds": seconds, "tap_step": gen.tap_step,
+        "seconds": seconds, "decode": gen.decode, "tap_step": gen.tap_step,
         "taps": gen.taps.stats() if gen.taps is not None else {},
     }
 

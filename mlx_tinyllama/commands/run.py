@@ -18,7 +18,11 @@ def add_arguments(p) -> None:
                         f"(default: {' '.join(cli_common.DEFAULT_TAPS)})")
     p.add_argument("--top-k", type=int, default=10, help="how many next-token candidates to show (default 10)")
     p.add_argument("--json", metavar="PATH", help="write tokens, per-tap stats and top-k as JSON")
-    p.add_argument("--dump", metavar="PATH.safetensors", help="write the full tensors of the selected taps")
+    p.add_argument("--dump", metavar="PATH.safetensors", help="write the full tensors of the selected taps, "
+                   "streamed layer by layer: beyond one shard as PATH-00001.safetensors, ... + PATH.index.json")
+    p.add_argument("--dump-shard-mb", type=float, default=1024, metavar="MB",
+                   help="--dump: start a new shard after a layer once this many MB are pending (default 1024); "
+                        "bounds the memory the dump holds")
     p.add_argument("--compare", metavar="REF", help="compare this run with a reference (see the compare command)")
     p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V",
                    help="with --compare: override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4")
@@ -31,6 +35,8 @@ def main(args) -> int:
     if args.dump and not args.dump.endswith(".safetensors"):
         raise UserError("--dump writes safetensors: give a path ending in .safetensors")
     cli_common.check_outputs(args)
+    if args.dump and not args.dump_shard_mb > 0:
+        raise UserError("--dump-shard-mb must be a positive number of MB")
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     if args.compare:
@@ -41,7 +47,10 @@ def main(args) -> int:
         return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
 
     patterns = args.taps or list(cli_common.DEFAULT_TAPS)
-    taps, logits = cli_common.forward(lm, prompt.ids, patterns, mode="full" if args.dump else "stats")
+    if args.dump:
+        taps, logits, dumped = _forward_dump(lm, prompt.ids, patterns, args.dump, args.dump_shard_mb)
+    else:
+        taps, logits = cli_common.forward(lm, prompt.ids, patterns, mode="stats")
     tokenizer = cli_common.tokenizer_for(lm, args)
     result = {
         **ResultHeader.of_run("run", lm, prompt).as_dict(),
@@ -49,7 +58,7 @@ def main(args) -> int:
         "top_k": cli_common.top_k(logits[-1], args.top_k, tokenizer),
     }
     if args.dump:
-        _dump(args.dump, taps, result)
+        result["dump"] = [str(p) for p in dumped]
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
@@ -60,16 +69,26 @@ def main(args) -> int:
     return 0
 
 
-def _dump(path: str, taps, result: dict) -> None:
+def _forward_dump(lm, ids: list[int], patterns, path: str, shard_mb: float):
+    """The forward pass with the taps streamed to `path` (dump.py: shards + index when they
+    exceed one shard). Returns (recorder, logits [T, V], files written)."""
     import json
 
     import mlx.core as mx
 
-    if taps is None:
+    from ..dump import StreamingDump
+    from ..taps import select
+
+    lm.config.check_ids(ids)
+    names = select(patterns, lm.config.num_hidden_layers)
+    if not names:
         raise UserError("--dump needs at least one tap")
-    meta = {"tokens": json.dumps(result["prompt"]["ids"]), "dtype": result["dtype"], "policy": result["policy"],
-            "model": result["model"]["spec"], "format": "mlx_tinyllama.dump/1"}
-    mx.save_safetensors(path, dict(taps.tensors), metadata=meta)
+    meta = {"tokens": json.dumps(list(ids)), "dtype": lm.dtype, "policy": lm.ops.policy,
+            "model": cli_common.model_header(lm)["spec"], "format": "mlx_tinyllama.dump/1"}
+    taps = StreamingDump(names, path, meta, int(shard_mb * (1 << 20)))
+    logits = lm.model(mx.array(ids), tap=taps)
+    mx.eval(logits)
+    return taps, logits[0], taps.finish()
 
 
 def print_result(result: dict) -> None:

@@ -27,8 +27,14 @@ MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.
 def load(path: str | Path, name_map: dict | None = None, layout: str | None = None) -> list[Side]:
     """Read any supported file into one or more Sides (a seed bundle holds several)."""
     path = Path(path)
+    from ..dump import INDEX_SUFFIX, index_path
+
+    if not path.exists() and index_path(path).is_file():  # a sharded dump named by its first form
+        path = index_path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    if path.name.endswith(INDEX_SUFFIX):
+        return [_load_sharded(path, name_map, layout or "hf")]
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a reference .json, a .safetensors/.npz dump or a log file")
     suffix = path.suffix.lower()
@@ -213,6 +219,20 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
             side.not_comparable.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
         else:
             side.tensors[tap] = np.asarray(x, np.float32)
+    return side
+
+
+def _load_sharded(path: Path, name_map: dict | None, layout: str) -> Side:
+    """A dump streamed in shards (dump.py): its index names the shards, read as one dump."""
+    from ..dump import read_index
+
+    shards, _ = read_index(path)
+    side = _load_tensors(shards[0], name_map, layout)
+    for shard in shards[1:]:
+        more = _load_tensors(shard, name_map, layout)
+        side.tensors.update(more.tensors)
+        side.not_comparable += more.not_comparable
+    side.name = path.name
     return side
 
 

@@ -1,0 +1,114 @@
+"""Full dumps streamed layer by layer (dump.py): the sharded form holds exactly the tensors
+of the in-memory dump, compare reads it, and the memory it holds stays bounded."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import SEED_IDS
+from mlx_tinyllama import dump, sources
+from mlx_tinyllama.taps import Taps, tap_names
+from mlx_tinyllama.trace import main as trace
+
+
+def test_sharded_dump_equals_the_in_memory_dump(tmp_path):
+    path, out = tmp_path / "taps.safetensors", tmp_path / "run.json"
+    # 0.02 MB per shard: every layer of synthetic:tiny (2 layers) starts a new shard
+    assert trace(["run", "--model", "synthetic:tiny", "--taps", "*", "--dump", str(path), "--dump-shard-mb", "0.02",
+                  "--json", str(out)]) == 0
+    names = tap_names(2)
+    shards, meta = dump.read_index(dump.index_path(path))
+    assert not path.exists() and [s.name for s in shards] == [f"taps-0000{k}.safetensors" for k in (1, 2, 3)]
+    assert json.loads(out.read_text())["dump"] == [str(s) for s in shards] + [str(dump.index_path(path))]
+    written = {}
+    for s in shards:
+        tensors, shard_meta = mx.load(str(s), return_metadata=True)
+        assert json.loads(shard_meta["tokens"]) == SEED_IDS and shard_meta["dtype"] == "float16"
+        written.update(tensors)
+    index = json.loads(dump.index_path(path).read_text())
+    assert list(index["weight_map"]) == names and index["metadata"]["shards"] == 3
+    lm = sources.load("synthetic:tiny", "float16")
+    taps = Taps(names, "full")
+    mx.eval(lm.model(mx.array(SEED_IDS), tap=taps), taps.tensors)
+    assert sorted(written) == sorted(names)
+    for name in names:
+        assert mx.array_equal(written[name], taps.tensors[name]).item(), name
+    assert json.loads(out.read_text())["taps"] == json.loads(json.dumps(taps.stats()))  # same stats as in memory
+
+
+def test_one_shard_is_the_plain_single_file(tmp_path):
+    path = tmp_path / "taps.safetensors"
+    assert trace(["run", "--model", "synthetic:tiny", "--taps", "layers.1.*", "--dump", str(path)]) == 0
+    assert path.is_file() and not dump.index_path(path).exists()
+    assert not list(tmp_path.glob("taps-*.safetensors"))
+    assert sorted(mx.load(str(path))) == sorted(n for n in tap_names(2) if n.startswith("layers.1."))
+
+
+def test_compare_reads_the_sharded_form(tmp_path):
+    path, out = tmp_path / "d.safetensors", tmp_path / "c.json"
+    assert trace(["run", "--model", "synthetic:tiny", "--dtype", "float32", "--taps", "*", "--dump", str(path),
+                  "--dump-shard-mb", "0.02"]) == 0
+    for against in (dump.index_path(path), path):  # the index, or the dump's name (resolved to its index)
+        assert trace(["compare", "--against", str(against), "--model", "synthetic:tiny", "--dtype", "float32",
+                      "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["status"] == "match" and len(result["stages"]) == len(tap_names(2))
+    # a corrupted shard is found: compare reports the difference at that shard's first stage
+    shard = path.parent / json.loads(dump.index_path(path).read_text())["weight_map"]["layers.0.attn.q"]
+    tensors, meta = mx.load(str(shard), return_metadata=True)
+    tensors["layers.0.attn.q"] = tensors["layers.0.attn.q"] * 1.01
+    mx.save_safetensors(str(shard), tensors, metadata=meta)
+    assert trace(["compare", "--against", str(path), "--model", "synthetic:tiny", "--dtype", "float32",
+                  "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["first_divergence"]["tap"] == "layers.0.attn.q"
+
+
+def test_missing_shard_or_bad_index_exits_2(tmp_path, capsys):
+    path = tmp_path / "d.safetensors"
+    assert trace(["run", "--model", "synthetic:tiny", "--taps", "*", "--dump", str(path), "--dump-shard-mb", "0.02"]) == 0
+    shards, _ = dump.read_index(dump.index_path(path))
+    shards[-1].unlink()
+    assert trace(["compare", "--against", str(path), "--model", "synthetic:tiny"]) == 2
+    assert "do not exist" in capsys.readouterr().err
+    dump.index_path(path).write_text("{}")
+    assert trace(["compare", "--against", str(path), "--model", "synthetic:tiny"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert trace(["run", "--model", "synthetic:tiny", "--dump", str(tmp_path / "e.safetensors"),
+                  "--dump-shard-mb", "0"]) == 2
+
+
+def _peak(work) -> int:
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    work()
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
+def test_streaming_holds_about_one_layer_while_the_in_memory_dump_holds_all(tmp_path):
+    """medium (6 layers), fp32, 256 tokens. Memory above a taps-off forward: the in-memory
+    recorder holds every tap (6 layers' worth); the streaming one one layer pending and the
+    next being computed, at most 2 layers' worth (measured: 0.7)."""
+    lm = sources.load("synthetic:medium", "float32")
+    ids = mx.array(np.random.default_rng(0).integers(3, 32000, 256).tolist())
+    names = tap_names(6)
+    off = _peak(lambda: mx.eval(lm.model(ids)))
+    held = Taps(names, "full")
+    in_memory = _peak(lambda: mx.eval(lm.model(ids, tap=held), held.tensors))
+    sizes = {n: v.nbytes for n, v in held.tensors.items()}
+    del held
+    layer = max(sum(v for n, v in sizes.items() if n.startswith(f"layers.{i}.")) for i in range(6))
+
+    def stream():
+        rec = dump.StreamingDump(names, tmp_path / "s.safetensors", {"format": "test"}, shard_bytes=1)
+        mx.eval(lm.model(ids, tap=rec))
+        assert len(rec.finish()) == 1 + 6 + 1 + 1  # embed, a shard per layer, final_norm + logits; the index
+    streaming = _peak(stream)
+    assert in_memory - off >= 6 * layer  # every tap held at once
+    assert streaming - off <= 2 * layer, (streaming - off, layer)
