@@ -33,6 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cuda_attention
+
 POLICIES = ("hf", "mixed", "fp16-pure")
 KERNELS = ("fused", "explicit")
 
@@ -225,6 +227,8 @@ class Ops:
         if visible is not None:
             if T > 1:
                 raise ValueError("a visibility mask is for single-token steps")
+            if cuda_attention.available():  # MLX's CUDA SDPA has no one-kernel path with an array mask
+                return cuda_attention.masked_decode_attention(q, k, v, scale, visible)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
 
