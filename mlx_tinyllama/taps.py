@@ -210,31 +210,47 @@ def tensor_stats(x: mx.array, token_axis: int = 0) -> dict:
 def batch_stats(xs: list[mx.array], token_axis: int = 0) -> list[dict]:
     """Statistics of same-shape tensors over their finite values, accumulated in float64;
     NaN and Inf are counted apart. first/last: 3 values of the first and last token row
-    (head-major taps [H, T, ...]: of head 0)."""
+    (head-major taps [H, T, ...]: of head 0).
+
+    Small tensors (<= _BLOCK values, e.g. every tap of a decode step) are reduced together:
+    one float64 buffer for the group, one `reduceat` per statistic, two-pass std. Large ones
+    one at a time (`_moments`). Either way a tensor's numbers depend on its values only,
+    never on the other tensors of the group."""
     x0 = xs[0]
     if _stats_on_device() and x0.size:
         return _device_batch_stats(xs, token_axis)
-    if len(xs) > 1:  # one at a time: no stacked copy, and a tensor's numbers never depend on its batch
-        return [d for x in xs for d in batch_stats([x], token_axis)]
-    a = to_numpy(x0)[None]
-    flat = a.reshape(len(xs), -1)
-    n = flat.shape[1]
+    arrays = [to_numpy(x) for x in xs]
     head = {"shape": list(x0.shape), "dtype": str(x0.dtype).replace("mlx.core.", "")}
+    n = x0.size
     if n == 0:
-        return [_stats_of_finite(head, flat[i], 0, 0, a[i], token_axis) for i in range(len(xs))]
-    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):  # rare: mask row by row
-        out = []
-        for i in range(len(xs)):
-            isnan, isinf = np.isnan(flat[i]), np.isinf(flat[i])
-            finite = flat[i][~(isnan | isinf)]
-            out.append(_stats_of_finite(head, finite, int(isnan.sum()), int(isinf.sum()), a[i], token_axis))
-        return out
-    total, mean, std = _moments(flat)
-    return [dict(head, min=float(lo[i]), max=float(hi[i]), mean=float(mean[i]), std=float(std[i]),
-                 absmax=float(max(-lo[i], hi[i])), sum=float(total[i]), nan=0, inf=0, finite=n,
-                 first=_row(a[i], token_axis, 0), last=_row(a[i], token_axis, -1))
-            for i in range(len(xs))]
+        return [_stats_of_finite(head, a.reshape(-1), 0, 0, a, token_axis) for a in arrays]
+    small = n <= _BLOCK
+    if small:
+        buf = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)
+        starts = np.arange(len(arrays)) * n
+        lo, hi = np.minimum.reduceat(buf, starts), np.maximum.reduceat(buf, starts)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite tensors: redone by the masked path
+            total = np.add.reduceat(buf, starts)
+            centred = buf - np.repeat(total / n, n)
+            std = np.sqrt(np.add.reduceat(centred * centred, starts) / n)
+    out = []
+    for i, a in enumerate(arrays):
+        flat = a.reshape(-1)
+        lo_i, hi_i = (lo[i], hi[i]) if small else (float(flat.min()), float(flat.max()))
+        if not (np.isfinite(lo_i) and np.isfinite(hi_i)):  # rare: mask the non-finite values
+            isnan, isinf = np.isnan(flat), np.isinf(flat)
+            out.append(_stats_of_finite(head, flat[~(isnan | isinf)], int(isnan.sum()), int(isinf.sum()), a,
+                                        token_axis))
+            continue
+        if small:
+            total_i, std_i = total[i], std[i]
+        else:
+            sums, _, stds = _moments(flat[None])
+            total_i, std_i = sums[0], stds[0]
+        out.append(dict(head, min=float(lo_i), max=float(hi_i), mean=float(total_i / n), std=float(std_i),
+                        absmax=float(max(-lo_i, hi_i)), sum=float(total_i), nan=0, inf=0, finite=n,
+                        first=_row(a, token_axis, 0), last=_row(a, token_axis, -1)))
+    return out
 
 
 _BLOCK = 1 << 16  # values per block: a float64 block (512 KB) stays in the CPU's cache

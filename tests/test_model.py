@@ -289,3 +289,20 @@ def test_host_stats_equal_the_two_pass_float64_values():
     np.testing.assert_allclose(mean, v.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(std, v.std(axis=1), rtol=1e-12)
     assert std[2] == 0.0  # a constant row: exactly zero, not rounding noise
+
+
+def test_small_tensors_reduced_together_equal_the_two_pass_float64_values():
+    """Small taps (a decode step's) are reduced as one group with reduceat; each tensor's
+    statistics equal numpy's two-pass float64 ones and do not depend on the group."""
+    from mlx_tinyllama.taps import batch_stats
+
+    rng = np.random.default_rng(1)
+    xs = [mx.array((rng.standard_normal((4, 1, 33)) * 3 + k).astype(np.float32)) for k in range(5)]
+    xs[2] = mx.array(np.full((4, 1, 33), -2.5, np.float32))
+    together = batch_stats(xs, 1)
+    for x, s in zip(xs, together):
+        v = np.array(x).astype(np.float64)
+        np.testing.assert_allclose([s["mean"], s["std"], s["sum"]], [v.mean(), v.std(), v.sum()], rtol=1e-12)
+        assert (s["min"], s["max"]) == (v.min(), v.max())
+        assert s == batch_stats([x], 1)[0]  # alone: the same numbers, bit for bit
+    assert together[2]["std"] == 0.0
