@@ -19,5 +19,7 @@ def read_bytes(path, what: str) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{what}: {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what}: {path} is a directory, not a file") from None
     except OSError as e:
         raise UserError(f"{what}: cannot read {path}: {e.strerror or e}") from None

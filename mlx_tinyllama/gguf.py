@@ -25,6 +25,7 @@ conversion (to float16) disagreed with gguf-py's in our checks.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -166,6 +167,9 @@ class _Cursor:
             return self.string()
         if vtype == 9:
             sub, n = self.unpack("I"), self.unpack("Q")
+            least = np.dtype(_NP[sub]).itemsize if sub in _NP else 8 if sub == 8 else 12
+            if n * least > len(self.buf) - self.pos:
+                raise _Truncated(f"an array of {n} values at byte {self.pos} does not fit in the file")
             if sub in _NP:  # numeric arrays in one read: the vocabulary's scores and types
                 a = np.frombuffer(self.take(n * np.dtype(_NP[sub]).itemsize), dtype=np.dtype(_NP[sub]).newbyteorder("<"))
                 return a.tolist()
@@ -193,6 +197,10 @@ def _parse(path: Path, buf) -> _Header:
             hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
             raise UserError(f"{path} is GGUF version {version}{hint}; this tool reads little-endian versions 2 and 3")
         n_tensors, n_kv = c.unpack("Q"), c.unpack("Q")
+        # Each entry takes at least this many bytes: a count the file cannot hold is refused before looping.
+        if n_tensors * 24 + n_kv * 13 > size - c.pos:
+            raise _Truncated(f"it declares {n_tensors} tensors and {n_kv} metadata keys, more than its "
+                             f"{size} bytes can hold")
         fields = {}
         for _ in range(n_kv):
             key = c.string()
@@ -200,43 +208,71 @@ def _parse(path: Path, buf) -> _Header:
         infos = []
         for _ in range(n_tensors):
             name = c.string()
-            ne = [c.unpack("Q") for _ in range(c.unpack("I"))]
+            n_dims = c.unpack("I")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise UserError(f"{path}: tensor {name} declares {n_dims} dimensions; GGUF allows at most 4")
+            ne = [c.unpack("Q") for _ in range(n_dims)]
             infos.append((name, ne, c.unpack("I"), c.unpack("Q")))
     except _Truncated as e:
         raise UserError(f"{path} is truncated in its header: {e}") from None
     except (ValueError, struct.error) as e:
         raise UserError(f"{path} has a corrupt header: {e}") from None
-    align = int(fields.get("general.alignment", 32))
+    align = fields.get("general.alignment", 32)
+    # The spec: a power of two (the writer pads with it) and a multiple of 8 (ggml's block types need it).
+    if isinstance(align, bool) or not isinstance(align, int) or align < 8 or align & (align - 1):
+        raise UserError(f"{path}: general.alignment is {align!r}; expected a power of two >= 8 (default 32)")
     data_start = -(-c.pos // align) * align
     tensors = {}
     for name, ne, type_id, rel in infos:
-        try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-        except ValueError:
-            raise UserError(f"{path}: tensor {name} has the unknown ggml type id {type_id}") from None
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n_elem = int(np.prod(ne)) if ne else 1
-        info = _TensorInfo(name, tuple(reversed(ne)), type_id, qtype.name, data_start + rel,
-                           n_elem // block * type_size)
-        if info.offset + info.n_bytes > size:
-            raise UserError(
-                f"{path} is truncated: tensor {name} ends at byte {info.offset + info.n_bytes}, "
-                f"the file has {size}"
-            )
-        tensors[name] = info
+        tensors[name] = _tensor_info(path, name, ne, type_id, rel, align, data_start, size)
     fields["GGUF.version"] = version
     return _Header(version, fields, tensors)
 
 
+def _tensor_info(path, name, ne, type_id, rel, align, data_start, size) -> _TensorInfo:
+    """One tensor-table entry, checked against the format and the file before anything reads it."""
+    import gguf
+
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise UserError(f"{path}: tensor {name} has the unknown ggml type id {type_id}") from None
+    if not 1 <= len(ne) <= 4 or any(n < 1 for n in ne):
+        raise UserError(f"{path}: tensor {name} has dimensions {ne}; expected 1 to 4 positive sizes")
+    if ne[0] % block:
+        raise UserError(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of "
+                        f"{qtype.name}'s block of {block}")
+    if rel % align:
+        raise UserError(f"{path}: tensor {name} starts at data offset {rel}, not a multiple of the "
+                        f"alignment {align}")
+    n_bytes = int(np.prod(ne, dtype=object)) // block * type_size
+    info = _TensorInfo(name, tuple(reversed(ne)), type_id, qtype.name, data_start + rel, n_bytes)
+    if info.offset + info.n_bytes > size:
+        raise UserError(
+            f"{path} is truncated: tensor {name} ends at byte {info.offset + info.n_bytes}, the file has {size}"
+        )
+    return info
+
+
 def _open(path) -> tuple[_Header, "mmap.mmap"]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a GGUF file")
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty (truncated), not a GGUF file")
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return _parse(path, buf), buf
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise UserError(f"{path} is empty (truncated), not a GGUF file")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return _parse(path, buf), buf
+    except BaseException:
+        buf.close()
+        raise
 
 
 def _field(header: _Header, key: str, default=None):
@@ -253,24 +289,39 @@ def _require_llama(header, path) -> None:
         )
 
 
+def _meta(header, path, key: str, kind, default=None, required: bool = False):
+    """A metadata value of the expected kind (int or float): a string or a float where an integer
+    belongs is refused, not converted (int("32") or int(32.7) would hide a corrupt header)."""
+    v = _field(header, key, default)
+    if v is None:
+        if required:
+            raise UserError(f"{path} lacks the GGUF metadata key {key}")
+        return None
+    ok = isinstance(v, int) if kind is int else isinstance(v, (int, float)) and np.isfinite(v)
+    if isinstance(v, bool) or not ok:
+        what = "an integer" if kind is int else "a finite number"
+        raise UserError(f"{path}: GGUF metadata {key} is {v!r}; expected {what}")
+    return kind(v)
+
+
 def _config(header, path, tensors: dict) -> ModelConfig:
-    def get(key, default=None, required=False):
-        v = _field(header, f"llama.{key}", default)
-        if required and v is None:
-            raise UserError(f"{path} lacks the GGUF metadata key llama.{key}")
-        return v
+    def get(key, default=None, required=False, kind=int):
+        return _meta(header, path, f"llama.{key}", kind, default, required)
 
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path} has no token_embd.weight tensor")
-    hidden = int(get("embedding_length", required=True))
-    n_heads = int(get("attention.head_count", required=True))
-    n_kv = int(get("attention.head_count_kv", n_heads))
-    head_dim = int(get("attention.key_length", hidden // n_heads))
-    rope_dim = int(get("rope.dimension_count", head_dim))
+    hidden = get("embedding_length", required=True)
+    n_heads = get("attention.head_count", required=True)
+    for key, v in (("embedding_length", hidden), ("attention.head_count", n_heads)):
+        if v < 1:  # divided by below
+            raise UserError(f"{path}: GGUF metadata llama.{key} is {v}; expected a positive integer")
+    n_kv = get("attention.head_count_kv", n_heads)
+    head_dim = get("attention.key_length", hidden // n_heads)
+    rope_dim = get("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UserError(f"{path}: rope.dimension_count {rope_dim} != head_dim {head_dim} (partial RoPE is not Llama)")
-    scaling = get("rope.scaling.type")
-    factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 1.0)
+    scaling = _field(header, "llama.rope.scaling.type")
+    factor = get("rope.scaling.factor", 0.0, kind=float) or get("rope.scale_linear", 0.0, kind=float) or 1.0
     if scaling in (None, "none") and factor == 1.0:
         rope_type = "default"
     elif scaling in (None, "linear"):
@@ -279,23 +330,26 @@ def _config(header, path, tensors: dict) -> ModelConfig:
         raise UserError(f"{path}: unsupported RoPE scaling {scaling!r}; this tool runs default and linear RoPE")
     # The embedding's row count is the vocabulary the model computes logits over.
     vocab = int(tensors["token_embd.weight"].shape[0])
-    return ModelConfig(
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length", required=True)),
-        num_hidden_layers=int(get("block_count", required=True)),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        vocab_size=vocab,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_type=rope_type,
-        rope_factor=factor if rope_type == "linear" else 1.0,
-        max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensors,
-        head_dim=head_dim,
-        bos_token_id=int(_field(header, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_field(header, "tokenizer.ggml.eos_token_id", 2)),
-    )
+    try:
+        return ModelConfig(
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length", required=True),
+            num_hidden_layers=get("block_count", required=True),
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            vocab_size=vocab,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+            rope_theta=get("rope.freq_base", 10000.0, kind=float),
+            rope_type=rope_type,
+            rope_factor=factor if rope_type == "linear" else 1.0,
+            max_position_embeddings=get("context_length", 2048),
+            tie_word_embeddings="output.weight" not in tensors,
+            head_dim=head_dim,
+            bos_token_id=_meta(header, path, "tokenizer.ggml.bos_token_id", int, 1),
+            eos_token_id=_meta(header, path, "tokenizer.ggml.eos_token_id", int, 2),
+        )
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def _from_mlx(name: str, ttype: str, mlx_arrays: dict) -> mx.array:

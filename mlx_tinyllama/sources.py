@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .config import ModelConfig, load_config
-from .errors import UserError
+from .errors import UserError, read_bytes
 from .model import TinyLlama
 from .ops import KERNELS, POLICIES, Ops
 
@@ -74,10 +74,13 @@ def resolve(spec: str, allow_download: bool = False, progress=None) -> ModelSour
         return ModelSource(spec, path, "hf", "synthetic", {"preset": preset, "seed": seed})
     path = Path(spec).expanduser()
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        if path.is_dir():
+            raise UserError(f"--model {path} is a directory, not a GGUF file")
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
         return ModelSource(spec, path, "gguf", "local")
     if path.is_dir():
+        _check_listable(path)
         return ModelSource(spec, path, "hf", "local")
     if path.exists():
         raise UserError(f"{spec} is a file but neither a GGUF file nor a model directory")
@@ -90,8 +93,20 @@ def resolve(spec: str, allow_download: bool = False, progress=None) -> ModelSour
 
 
 def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise UserError(f"--model: cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_listable(path: Path) -> None:
+    """An unreadable model directory is one clear line, not "has no config.json" or a traceback."""
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as e:
+        raise UserError(f"--model: cannot read the directory {path}: {e.strerror or e}") from None
 
 
 def _offline() -> bool:
@@ -162,20 +177,31 @@ def tokenizer_location(spec: str) -> Path:
 # --- weights --------------------------------------------------------------------
 
 
+WEIGHT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)  # what a Llama checkpoint stores; others are corrupt
+MAX_INDEX_BYTES = 16 << 20
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise UserError(f"{index} is {index.stat().st_size} bytes; an index is at most a few MB")
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index} is malformed: {e}") from None
+            weight_map = json.loads(read_bytes(index, "safetensors index"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is malformed: {type(e).__name__}: {e}") from None
+        # Shards live beside the index: a name that leaves the directory is not a shard.
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if bad:
+            raise UserError(f"{index}: weight_map names {bad[0]!r}, which is not a file name in {model_dir}")
         files = [model_dir / n for n in names]
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
             raise UserError(f"{model_dir} lacks shard(s) listed in its index: {', '.join(missing)}")
         return files
     single = model_dir / "model.safetensors"
-    if single.is_file():
+    if single.exists():
         return [single]
     others = sorted(model_dir.glob("*.safetensors"))
     if others:
@@ -189,6 +215,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in files:
+        _check_safetensors_header(f)
         try:
             weights.update(mx.load(str(f), format="safetensors"))
         except Exception as e:  # truncated or not a safetensors file
@@ -196,8 +223,31 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
+def _check_safetensors_header(f: Path) -> None:
+    """Open the file ourselves first: a directory, an unreadable file or a header that claims more
+    bytes than the file holds gets a precise line instead of MLX's generic error (or an allocation)."""
+    import struct
+
+    if f.is_dir():
+        raise UserError(f"{f} is a directory, not a safetensors file")
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as e:
+        raise UserError(f"cannot read {f}: {e.strerror or e}") from None
+    if head.startswith(b"version "):
+        raise UserError(f"cannot read {f}: it is a Git LFS pointer, not the weights (run `git lfs pull`)")
+    if len(head) < 8:
+        raise UserError(f"cannot read {f}: {size} bytes, too short for a safetensors header (truncated?)")
+    n = struct.unpack("<Q", head)[0]
+    if n > size - 8 or n > 100 << 20:
+        raise UserError(f"cannot read {f}: its header claims {n} bytes, the file has {size} "
+                        "(truncated or not a safetensors file?)")
+
+
 def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) -> None:
-    """Refuse missing, unknown or wrongly shaped weights; drop (in place) the ones a Llama
+    """Refuse missing, unknown, wrongly shaped or non-float weights; drop (in place) the ones a Llama
     checkpoint may carry that this model recomputes or does not use."""
     expected = cfg.weight_shapes()
     if cfg.tie_word_embeddings:
@@ -215,6 +265,10 @@ def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) ->
             raise UserError(
                 f"weight {n} in {where} has shape {tuple(weights[n].shape)}, but config.json implies {shape}"
             )
+        if weights[n].dtype not in WEIGHT_DTYPES:
+            # An integer or boolean tensor is not a checkpoint's weight: converting it would run garbage.
+            raise UserError(f"weight {n} in {where} has dtype {str(weights[n].dtype).replace('mlx.core.', '')}; "
+                            "expected float16, bfloat16 or float32")
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops: Ops, progress=None) -> TinyLlama:
