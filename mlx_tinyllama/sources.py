@@ -212,6 +212,23 @@ def weight_files(model_dir: Path) -> list[Path]:
     )
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+
+
+def other_weight_files(model_dir: Path) -> list[str]:
+    """Weight files in `model_dir` beside the ones this loader reads. Another loader (transformers)
+    ranks them differently (it prefers model.safetensors to an index, and .bin to a stray shard) and
+    could run other weights than ours on the same directory."""
+    ours = {f.name for f in weight_files(model_dir)} | {"model.safetensors.index.json"}
+    found = []
+    for f in sorted(model_dir.iterdir()):
+        if f.name in ours:  # the index is read whenever it exists
+            continue
+        if f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+            found.append(f.name)
+    return found
+
+
 def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in files:
