@@ -169,13 +169,13 @@ class ModelConfig:
         return asdict(self)
 
 
-def _rope_from_hf(d: dict) -> tuple[float, str, float]:
+def _rope_from_hf(d: dict, where: str = "config.json") -> tuple[float, str, float]:
     """rope_theta / rope_scaling (transformers 4.x) or rope_parameters (5.x)."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
-            raise UserError(f"config.json's {key} is {value!r}; expected an object such as "
+            raise UserError(f"{where}: {key} is {value!r}; expected an object such as "
                             '{"rope_type": "linear", "factor": 2.0} or null')
     theta = d.get("rope_theta")
     if theta is None:  # transformers 5.x keeps it in rope_parameters (and may write rope_theta: null)
@@ -184,11 +184,11 @@ def _rope_from_hf(d: dict) -> tuple[float, str, float]:
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise UserError(
-            f"unsupported rope scaling {rope_type!r}; this tool runs {', '.join(SUPPORTED_ROPE_TYPES)} RoPE "
+            f"{where}: unsupported rope scaling {rope_type!r}; this tool runs {', '.join(SUPPORTED_ROPE_TYPES)} RoPE "
             "(TinyLlama uses the default)"
         )
-    factor = _number(rope, "factor", 1.0, "config.json's rope scaling") if rope_type == "linear" else 1.0
-    theta = _number({"rope_theta": theta}, "rope_theta", None, "config.json")
+    factor = _number(rope, "factor", 1.0, f"{where}: rope scaling") if rope_type == "linear" else 1.0
+    theta = _number({"rope_theta": theta}, "rope_theta", None, where)
     return theta, rope_type, factor
 
 
@@ -242,7 +242,7 @@ def config_from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
     missing = [k for k in required if k not in d]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}")
-    theta, rope_type, factor = _rope_from_hf(d)
+    theta, rope_type, factor = _rope_from_hf(d, where)
     eos = d.get("eos_token_id", 2)
     if isinstance(eos, list):
         if not eos:
