@@ -240,9 +240,13 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
+_SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
 def _check_safetensors_header(f: Path) -> None:
-    """Open the file ourselves first: a directory, an unreadable file or a header that claims more
-    bytes than the file holds gets a precise line instead of MLX's generic error (or an allocation)."""
+    """Read the header ourselves first: a directory, an unreadable file, a header that claims more bytes
+    than the file holds, or a non-float tensor gets a precise line instead of MLX's generic error (an
+    integer weight would otherwise be converted and run as garbage)."""
     import struct
 
     if f.is_dir():
@@ -251,16 +255,30 @@ def _check_safetensors_header(f: Path) -> None:
         with open(f, "rb") as fh:
             head = fh.read(8)
             size = os.fstat(fh.fileno()).st_size
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            body = fh.read(n) if len(head) == 8 and n <= min(size - 8, 100 << 20) else b""
     except OSError as e:
         raise UserError(f"cannot read {f}: {e.strerror or e}") from None
     if head.startswith(b"version "):
         raise UserError(f"cannot read {f}: it is a Git LFS pointer, not the weights (run `git lfs pull`)")
     if len(head) < 8:
         raise UserError(f"cannot read {f}: {size} bytes, too short for a safetensors header (truncated?)")
-    n = struct.unpack("<Q", head)[0]
     if n > size - 8 or n > 100 << 20:
         raise UserError(f"cannot read {f}: its header claims {n} bytes, the file has {size} "
                         "(truncated or not a safetensors file?)")
+    try:
+        header = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"cannot read {f}: its header is not JSON (not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"cannot read {f}: its header is not a JSON object (not a safetensors file?)")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in _SAFETENSORS_FLOATS:
+            raise UserError(f"weight {name} in {f} has dtype {dtype}; expected "
+                            f"{', '.join(_SAFETENSORS_FLOATS.values())} (a checkpoint's weights are floats)")
 
 
 def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) -> None:

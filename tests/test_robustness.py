@@ -59,7 +59,8 @@ def snapshot(*roots) -> dict:
         root = Path(root)
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for f in files:
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+            with open(f, "rb") as fh:  # not Path.read_bytes: some cases patch it
+                out[str(f)] = hashlib.sha256(fh.read()).hexdigest()
         if root.is_dir():
             out[f"{root}/"] = sorted(str(p) for p in root.rglob("*"))
     return out
@@ -182,3 +183,214 @@ def test_config_controls_accepted(lab, tiny_dir, tiny_config, capfd):
     rc, out, err = invoke(["run", "--model", d, "--dtype", "float32", "--top-k", "3"], capfd)
     assert rc == 0, err
     assert "next token" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors weights and the model directory (probe class "weights")
+
+
+def _save(path: Path, tensors: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path))
+
+
+def _weights_case(kind: str, weights: dict, d: Path) -> str:
+    """Write the corrupt weights of `kind` into `d`; return the words the error must contain."""
+    target = d / "model.safetensors"
+    target.unlink()
+    w = dict(weights)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    if kind in ("int32", "int8", "bool", "uint16", "float64", "int64"):
+        w[q] = w[q].astype({"int32": np.int32, "int8": np.int8, "bool": np.bool_, "uint16": np.uint16,
+                            "float64": np.float64, "int64": np.int64}[kind])
+        _save(target, w)
+        return f"{q}.*dtype"
+    if kind == "shape":
+        w[q] = w[q][:, :32]
+        _save(target, w)
+        return "shape"
+    if kind == "missing":
+        del w[q]
+        _save(target, w)
+        return "lacks"
+    if kind == "extra":
+        w["model.layers.9.mlp.up_proj.weight"] = w[q]
+        _save(target, w)
+        return "does not use"
+    if kind == "scalar":
+        w["model.norm.weight"] = np.array(1.0, np.float16)
+        _save(target, w)
+        return "shape"
+    raise AssertionError(kind)
+
+
+WEIGHT_KINDS = ["int32", "int8", "bool", "uint16", "float64", "int64", "shape", "missing", "extra", "scalar"]
+RAW_WEIGHTS = [  # (name, bytes builder from the good file's bytes, words)
+    ("empty", lambda b: b"", "too short"),
+    ("8-bytes", lambda b: b[:8], "truncated"),
+    ("header-only", lambda b: b[:100], "truncated"),
+    ("half", lambda b: b[: len(b) // 2], "truncated"),
+    ("huge-header-length", lambda b: struct.pack("<Q", 1 << 62) + b[8:], "claims"),
+    ("lfs-pointer", lambda b: b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", "LFS"),
+    ("text", lambda b: b"hello, this is not a checkpoint at all", "safetensors"),
+    ("garbage-header", lambda b: struct.pack("<Q", 16) + b"{not json at all" + b[24:], "cannot read"),
+]
+
+
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+def test_weights_refused(kind, lab, tiny_dir, tiny_config, tiny_weights, capfd):
+    d = model_dir(lab / "weights", kind, tiny_dir, tiny_config)
+    words = _weights_case(kind, tiny_weights, d)
+    before = snapshot(d)
+    rc, _, err = invoke(["run", "--model", d, "--dtype", "float32"], capfd)
+    assert_one_error(rc, err, 2, words)
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("name,build,words", RAW_WEIGHTS, ids=[c[0] for c in RAW_WEIGHTS])
+def test_weights_file_corrupt(name, build, words, lab, tiny_dir, tiny_config, capfd):
+    d = model_dir(lab / "weights-raw", name, tiny_dir, tiny_config)
+    good = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").write_bytes(build(good))
+    before = snapshot(d)
+    rc, _, err = invoke(["run", "--model", d], capfd)
+    assert_one_error(rc, err, 2, words)
+    assert "model.safetensors" in err and snapshot(d) == before
+
+
+INDEX_CASES = [  # model.safetensors.index.json contents -> words
+    ("not-json", b"{", "malformed"),
+    ("no-weight-map", b'{"metadata": {}}', "malformed"),
+    ("map-is-list", b'{"weight_map": ["a"]}', "malformed"),
+    ("values-unhashable", b'{"weight_map": {"a": ["x"]}}', "malformed"),
+    ("value-int", b'{"weight_map": {"a": 3}}', "not a file name"),
+    ("escapes-dir", b'{"weight_map": {"a": "../model.safetensors"}}', "not a file name"),
+    ("absolute", b'{"weight_map": {"a": "/etc/passwd"}}', "not a file name"),
+    ("missing-shard", b'{"weight_map": {"a": "model-00001-of-00002.safetensors"}}', "lacks shard"),
+    ("index-is-list", b"[]", "malformed"),
+]
+
+
+@pytest.mark.parametrize("name,raw,words", INDEX_CASES, ids=[c[0] for c in INDEX_CASES])
+def test_weights_index_corrupt(name, raw, words, lab, tiny_dir, tiny_config, capfd):
+    d = model_dir(lab / "index", name, tiny_dir, tiny_config)
+    (d / "model.safetensors.index.json").write_bytes(raw)
+    before = snapshot(d)
+    rc, _, err = invoke(["run", "--model", d], capfd)
+    assert_one_error(rc, err, 2, words)
+    assert snapshot(d) == before
+
+
+def _deny(monkeypatch, module, target: Path):
+    """Make `open` in `module` fail with EACCES for `target`: root ignores chmod, so the refusal a
+    user without permission meets is injected where the package opens the file."""
+    real = open
+
+    def fake(path, *a, **k):
+        if Path(path).resolve() == Path(target).resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(module, "open", fake, raising=False)
+
+
+MODEL_PATH_CASES = ["dir-named-gguf", "missing", "plain-file", "empty-dir", "weights-is-dir", "config-is-dir",
+                    "unreadable-dir", "unreadable-config", "unreadable-weights", "unreadable-gguf", "bad-repo-id"]
+
+
+@pytest.mark.parametrize("case", MODEL_PATH_CASES)
+def test_model_paths(case, lab, tiny_dir, tiny_config, monkeypatch, capfd):
+    import pathlib
+
+    from mlx_tinyllama import gguf as gguf_module
+    from mlx_tinyllama import sources
+
+    root = lab / "paths" / case
+    root.mkdir(parents=True)
+    d = model_dir(root, "m", tiny_dir, tiny_config)
+    spec, words = d, None
+    if case == "dir-named-gguf":
+        (root / "x.gguf").mkdir()
+        spec, words = root / "x.gguf", "is a directory"
+    elif case == "missing":
+        spec, words = root / "absent", "not found"
+    elif case == "plain-file":
+        (root / "notes.txt").write_text("hello")
+        spec, words = root / "notes.txt", "neither a GGUF file nor a model directory"
+    elif case == "empty-dir":
+        (root / "empty").mkdir()
+        spec, words = root / "empty", "no config.json"
+    elif case == "weights-is-dir":
+        (d / "model.safetensors").unlink()
+        (d / "model.safetensors").mkdir()
+        words = "is a directory"
+    elif case == "config-is-dir":
+        (d / "config.json").unlink()
+        (d / "config.json").mkdir()
+        words = "is a directory"
+    elif case == "unreadable-dir":
+        real = os.scandir
+        monkeypatch.setattr(sources.os, "scandir", lambda p: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(p))) if Path(p) == d else real(p))
+        words = "cannot read the directory.*Permission denied"
+    elif case == "unreadable-config":
+        real_read = pathlib.Path.read_bytes
+        monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(self))) if self.name == "config.json" else real_read(self))
+        words = "cannot read .*config.json.*Permission denied"
+    elif case == "unreadable-weights":
+        _deny(monkeypatch, sources, d / "model.safetensors")
+        words = "cannot read .*model.safetensors.*Permission denied"
+    elif case == "unreadable-gguf":
+        g = root / "m.gguf"
+        g.write_bytes(b"GGUF" + b"\0" * 64)
+        _deny(monkeypatch, gguf_module, g)
+        _deny(monkeypatch, sources, g)
+        spec, words = g, "cannot read .*Permission denied"
+    elif case == "bad-repo-id":
+        spec, words = "nobody/none-such-model", "not in the local Hugging Face cache"
+    before = snapshot(root)
+    rc, _, err = invoke(["run", "--model", spec], capfd)
+    assert_one_error(rc, err, 2, words)
+    assert snapshot(root) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
+@pytest.mark.parametrize("what", ["dir", "config", "weights"])
+def test_model_paths_without_permission(what, lab, tiny_dir, tiny_config, capfd):
+    d = model_dir(lab / "chmod", what, tiny_dir, tiny_config)
+    if what == "weights":
+        (d / "model.safetensors").unlink()
+        (d / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    target = {"dir": d, "config": d / "config.json", "weights": d / "model.safetensors"}[what]
+    target.chmod(0)
+    try:
+        rc, _, err = invoke(["run", "--model", d], capfd)
+    finally:
+        target.chmod(0o755)
+    assert_one_error(rc, err, 2, "Permission denied")
+
+
+def test_bench_with_transformers_refuses_other_weight_files(lab, tiny_dir, tiny_config, capfd):
+    d = model_dir(lab / "bench", "with-bin", tiny_dir, tiny_config)
+    (d / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    before = snapshot(d)
+    rc, _, err = invoke(["bench", "--model", d, "--dtype", "float32", "--with-transformers", "--prompt-lengths", "4",
+                         "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-mlx-lm",
+                         "--no-tap-overhead", "--no-stages"], capfd)
+    assert_one_error(rc, err, 2, "pytorch_model.bin")
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("extra", [["extra.safetensors"], ["model.safetensors.index.json"], ["consolidated.pth"]])
+def test_other_weight_files_listed(extra, lab, tiny_dir, tiny_config):
+    """The check behind --with-transformers, both ways: a clean directory lists nothing."""
+    from mlx_tinyllama.sources import other_weight_files
+
+    d = model_dir(lab / "others", extra[0], tiny_dir, tiny_config)
+    assert other_weight_files(d) == []
+    for name in extra:
+        (d / name).write_text('{"weight_map": {"a": "model.safetensors"}}')
+    assert other_weight_files(d) == ([] if extra == ["model.safetensors.index.json"] else extra)
