@@ -3,18 +3,22 @@ policy, loading with progress, running a tapped forward pass, writing JSON."""
 
 from __future__ import annotations
 
-import json
-import math
-import platform
+import argparse
 import sys
-from pathlib import Path
 
-import mlx.core as mx
-
-from . import sources
+from . import outputs, runtime, sources
+from .outputs import write_json  # noqa: F401  (re-exported)
 from .errors import UserError
 from .ops import KERNELS, POLICIES
-from .taps import Taps, select
+from .tokenizer import KINDS as TOKENIZER_KINDS
+from .formatting import fmt  # noqa: F401  (re-exported: commands print with it)
+from .runtime import device_description, forward, model_header, top_k, versions  # noqa: F401  (re-exported)
+
+
+# The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
+# output, the final norm and the logits. A glob's `*` also matches dots, so
+# `layers.*.out` would add every layer's attn.out too; `*[0-9].out` is the layer output only.
+DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*[0-9].out", "final_norm", "logits")
 
 
 def add_model_arguments(parser, default_dtype: str = "float16") -> None:
@@ -64,15 +68,21 @@ def load_model(args) -> sources.LoadedModel:
             prog.stop()
 
 
-def check_writable(path, option: str = "") -> None:
-    """Checked before the model loads, so a bad output path costs nothing and leaves no partial outputs."""
-    if not path:
-        return
-    what = f"{option} {path}" if option else str(path)
-    if not Path(path).expanduser().resolve().parent.is_dir():
-        raise UserError(f"cannot write {what}: its directory does not exist")
-    if Path(path).expanduser().is_dir():
-        raise UserError(f"cannot write {what}: it is a directory; give a file path")
+# Every output option a command may have: file outputs, then directory outputs.
+FILE_OUTPUTS = ("json", "report", "dump")
+DIR_OUTPUTS = ("plots",)
+
+
+def check_outputs(args) -> None:
+    """Every output option the command has, checked before the model loads, so a bad output path
+    costs nothing and leaves no partial outputs."""
+    for name in FILE_OUTPUTS:
+        outputs.check_file(getattr(args, name, None), "--" + name)
+    for name in DIR_OUTPUTS:
+        outputs.check_dir(getattr(args, name, None), "--" + name)
+
+
+check_writable = outputs.check_file  # the older name, for callers on other branches
 
 
 def prompt_for(args, lm: sources.LoadedModel):
@@ -83,108 +93,42 @@ def prompt_for(args, lm: sources.LoadedModel):
     return resolve_prompt(args, location, location if location.is_dir() else None)
 
 
+def add_prompt_arguments(parser) -> None:
+    group = parser.add_argument_group("prompt (default: the seed's chat prompt, 38 ids)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
+    which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
+    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (--bos ignored)")
+    which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
+    group.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
+                       help="prepend BOS (id 1); the reference did not (default: --no-bos)")
+    group.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece",
+                       help="sentencepiece: tokenizer.model, the ground truth (default); "
+                            "hf: the model's tokenizer.json through `tokenizers`, as transformers does")
+
+
+def add_report_arguments(parser, what: str = "this run") -> None:
+    """`--report`, `--plots` and the attention-map options, for every command that reports."""
+    g = parser.add_argument_group("report")
+    g.add_argument("--report", metavar="PATH.html", help=f"write a self-contained HTML report of {what}")
+    g.add_argument("--plots", metavar="DIR", help="save the report's plots as PNG files in DIR")
+    g.add_argument("--attention-layers", metavar="0,21", help="layers whose attention maps the report shows "
+                   "(default: the first and the last)")
+    g.add_argument("--attention-heads", metavar="0,1", help="query heads to show per layer (default: 0,1)")
+
+
+def report_options(args) -> dict:
+    """The keyword options of the *_report functions from parsed `add_report_arguments` options."""
+    from .report import parse_int_list
+
+    return {"attention_layers": parse_int_list(getattr(args, "attention_layers", None), "--attention-layers"),
+            "attention_heads": parse_int_list(getattr(args, "attention_heads", None), "--attention-heads")}
+
+
 def tokenizer_for(lm: sources.LoadedModel, args=None):
-    from .tokenizer import load_tokenizer
-
-    return load_tokenizer(lm.source.path, getattr(args, "tokenizer", None) or "sentencepiece")
-
-
-def model_header(lm: sources.LoadedModel) -> dict:
-    """Which model a result is about: spec, format, where it came from, its config."""
-    src = lm.source
-    return {"spec": src.spec, "format": src.format, "origin": src.origin, "path": str(src.path),
-            "details": src.details, "config": lm.config.as_dict()}
-
-
-def forward(lm: sources.LoadedModel, ids: list[int], patterns=(), mode: str = "stats"):
-    """One prefill of `ids` with the taps matching `patterns`. Returns (Taps or None, logits [T, V])."""
-    lm.config.check_ids(ids)
-    names = select(patterns, lm.config.num_hidden_layers) if patterns else []
-    taps = Taps(names, mode) if names else None
-    logits = lm.model(mx.array(ids), tap=taps) if taps else lm.model(mx.array(ids))
-    mx.eval(logits)
-    return taps, logits[0]
-
-
-def top_k(logits_row: mx.array, k: int, tokenizer=None) -> list[dict]:
-    row = logits_row.astype(mx.float32)
-    k = min(k, row.shape[-1])
-    idx = mx.argsort(-row)[:k]
-    vals = row[idx]
-    probs = mx.softmax(row)[idx]
-    out = []
-    for i, v, p in zip(idx.tolist(), vals.tolist(), probs.tolist()):
-        out.append({"token_id": int(i), "logit": float(v), "prob": float(p),
-                    "token": tokenizer.piece(int(i)) if tokenizer is not None else None})
-    return out
-
-
-def device_description() -> str:
-    dev = mx.default_device()
-    if dev.type == mx.gpu:
-        try:
-            info = mx.device_info()
-            name = info.get("device_name") or info.get("architecture") or "GPU"
-        except Exception:  # backends differ in what they report
-            name = "GPU"
-        backend = "Metal" if mx.metal.is_available() else ("CUDA" if _cuda_available() else "GPU")
-        return f"{backend} {name}"
-    return f"CPU ({platform.machine()})"
-
-
-def _cuda_available() -> bool:
-    try:
-        return bool(mx.cuda.is_available())
-    except AttributeError:
-        return False
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import mlx_tinyllama
-
-    out = {"mlx_tinyllama": mlx_tinyllama.__version__, "mlx": mx.__version__, "python": platform.python_version()}
-    try:  # metadata only: importing mlx_lm would pull in transformers and torch (seconds)
-        out["mlx_lm"] = version("mlx-lm")
-    except PackageNotFoundError:
-        pass
-    return out
-
-
-def fmt(v, digits: int = 4) -> str:
-    """One number format for every table: `digits` significant digits, scientific when tiny or huge."""
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.{max(digits - 2, 1)}e}"
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def _clean(obj):
-    """JSON has no NaN/Inf: write them as strings so files stay valid JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
-    path.write_text(json.dumps(_clean(obj), indent=1) + "\n")
+    """The tokenizer that `--tokenizer` names (sentencepiece when the command has no such option)."""
+    return runtime.tokenizer_for(lm, getattr(args, "tokenizer", None))
 
 
 def _console(stderr: bool = False):
@@ -200,3 +144,67 @@ def _console(stderr: bool = False):
 
 def console():
     return _console()
+
+
+# ---------------------------------------------------------------------------
+# A comparison's output: `compare` and `run --compare`
+
+
+def finish_comparison(args, header, comparison: dict, lm=None) -> int:
+    """`header` (results.ResultHeader) + the comparison: print the table, write --json and
+    --report/--plots (compare's own or run's); return the exit code (0 match, 1 diverged)."""
+    result = {**header.as_dict(), **comparison}
+    if getattr(args, "json", None):
+        write_json(args.json, result)
+    if getattr(args, "report", None) or getattr(args, "plots", None):
+        from .report import compare_report
+
+        compare_report(result, lm, html_path=getattr(args, "report", None),
+                       plots_dir=getattr(args, "plots", None), **report_options(args))
+    print_comparison(result, show_all=bool(getattr(args, "all", False)))
+    return 0 if result["status"] == "match" else 1
+
+
+def print_comparison(result: dict, show_all: bool = False) -> None:
+    from rich.table import Table
+
+    con = console()
+    refs_ = ", ".join(f"{r['name']} ({r['dtype'] or '?'})" for r in result["references"])
+    cand = result["candidate"]
+    con.print(f"[bold]compare[/] {cand['name']} ({cand['dtype'] or '?'}) against {refs_}")
+    for s in result["skipped"]:
+        con.print(f"[yellow]skipped[/] {s['source']}: {s['reason']}")
+    entries = result["entries"]
+    d = result["first_divergence"]
+    if not show_all and d:
+        keep = {d["tap"]} | {x["tap"] for x in (d["before"], d["after"]) if x}
+        entries = [e for e in entries if e["tap"] in keep or not e["ok"]][:60]
+    t = Table(title="stages in forward order" + ("" if show_all or not d else
+                                                  " (around the first divergence; --all for every entry)"))
+    for col in ("stage", "index", "metric", "value", "tolerance", "ok"):
+        t.add_column(col, justify="left" if col in ("stage", "index", "metric") else "right", no_wrap=True)
+    for e in entries:
+        style = None if e["ok"] else "bold red"
+        t.add_row(e["tap"], e["index"], e["metric"], fmt(e["value"]), fmt(e["tolerance"]),
+                  "yes" if e["ok"] else "NO", style=style)
+    con.print(t)
+    n_ok = sum(e["ok"] for e in result["entries"])
+    con.print(f"{n_ok}/{len(result['entries'])} entries within tolerance over {len(result['stages'])} stages")
+    if result["not_compared"]:
+        con.print(f"not compared: {len(result['not_compared'])} item(s), e.g. "
+                  f"{result['not_compared'][0]['key']}: {result['not_compared'][0]['reason']}")
+    nf = result["first_nonfinite"]
+    if nf:
+        con.print(f"[red]first non-finite value[/]: {nf['tap']}{nf['index']} = {nf['value']} ({nf['count']} in that tap)")
+    if result["status"] == "match":
+        con.print("[bold green]match[/]: every compared stage is within tolerance")
+        return
+    err = d["error"]
+    con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {fmt(err['value'])}, "
+              f"tolerance {fmt(err['tolerance'])} ({fmt(err['ratio'])}x) at {err['index']}")
+    if d["before"]:
+        con.print(f"  before: {d['before']['tap']} {'matches' if d['before']['ok'] else 'differs'}")
+    if d["after"]:
+        con.print(f"  after:  {d['after']['tap']} {'matches' if d['after']['ok'] else 'differs'}"
+                  f" ({d['after']['metric']} {fmt(d['after']['value'])})")
+    con.print(f"  hint: {d['hint']}")

@@ -2,13 +2,12 @@
 name the first stage that diverges, with its neighbours, the size of the error,
 the first non-finite value and a plain-language hint.
 
-The result is a plain dict (the `compare --json` object, also what the report
-draws): {tokens: [ids]|None, status: "match"|"diverged", first_divergence: tap|None,
-entries: [{tap, metric, value, tolerance, ok, index, key, source, details}], stages:
-[{tap, ok, ratio, metric}], divergence: {tap, what, hint, qk_permutation, before,
-after, error}|None, first_nonfinite: {...}|None, skipped, not_compared, missing,
-candidate, references, tolerances}. The commands add `prompt: {text, source,
-pieces}` when they know the prompt.
+The result is a plain dict (the body of the `compare --json` object, also what the
+report draws; the commands put results.ResultHeader in front): {status:
+"match"|"diverged", first_divergence: {tap, what, hint, qk_permutation, before,
+after, error}|None, entries: [{tap, metric, value, tolerance, ok, index, key, source,
+details}], stages: [{tap, ok, ratio, metric}], first_nonfinite: {...}|None, skipped,
+not_compared, missing, candidate, references, tolerances}. docs/json.md has it all.
 """
 
 from __future__ import annotations
@@ -17,63 +16,23 @@ import math
 
 import numpy as np
 
-from . import refs as R
+from .divergence import QK_STAGES, describe, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
-from .taps import split_name, stage_of
+from .refs.layout import to_canonical
+from .refs.loaders import load
+from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
+                        token_axis_of)
 from .tolerances import Tolerances, metrics
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "vocab_size", "head_dim")
-
-# What to look at when a stage is the first to diverge (by stage name within a layer).
-HINTS = {
-    "embed": "the embedding lookup: check the token ids (an extra BOS makes 39 ids instead of 38), the row index "
-             "into embed_tokens, and that the table is not transposed",
-    "attn_norm": "the RMSNorm before attention: mean of squares over the hidden axis in fp32, eps inside the sqrt, "
-                 "then the cast and the multiply by the weight",
-    "attn.q": "the query projection: q_proj weight orientation, and the split into heads ([T, H*D] -> [H, T, D])",
-    "attn.k": "the key projection: k_proj weight orientation, KV head count, and the split into KV heads",
-    "attn.v": "the value projection: v_proj weight orientation and the split into KV heads",
-    "attn.q_rope": "the rotary embedding of the queries: rotate-half (HF) vs interleaved pairs (GGUF weights), "
-                   "positions starting at 0, theta, and cos/sin over head_dim/2 frequencies",
-    "attn.k_rope": "the rotary embedding of the keys: rotate-half vs interleaved pairs, positions, theta",
-    "attn.scores": "Q·Kᵀ: the query-head -> KV-head mapping (head h uses KV head h // n_rep) and K's transpose",
-    "attn.scores_scaled": "the score scale: it must be 1/sqrt(head_dim)",
-    "attn.scores_masked": "the causal mask: query t sees keys 0..t only; masked entries get the dtype's minimum",
-    "attn.probs": "the attention softmax: over the key axis (the last one), in fp32, after subtracting the row max",
-    "attn.context": "probs·V: the KV-head mapping for V, and merging heads back to [T, H*D] in head order",
-    "attn.out": "the output projection o_proj",
-    "resid_mid": "the residual add after attention: it adds the o_proj output to the layer's input (not to the "
-                 "normed input)",
-    "mlp_norm": "the RMSNorm before the MLP (post_attention_layernorm): fp32 statistics, eps, weight",
-    "mlp.gate": "the gate projection gate_proj",
-    "mlp.up": "the up projection up_proj",
-    "mlp.act": "the activation: SiLU = x·sigmoid(x) (not GELU), applied to the gate",
-    "mlp.prod": "SiLU(gate) × up: check which of the two gets the activation",
-    "mlp.down": "the down projection down_proj",
-    "out": "the residual add after the MLP",
-    "final_norm": "the final RMSNorm (model.norm)",
-    "logits": "the lm_head projection (tied or not tied to the embedding)",
-    R.SHORTCUT_NORM: "the final RMSNorm applied to layer 0's output",
-    R.SHORTCUT_LOGITS: "the lm_head applied to norm(layer 0's output)",
-}
-
-
-def _stage_key(tap: str) -> str:
-    return split_name(tap)[1] if tap.startswith("layers.") else tap
-
-
-def describe(tap: str) -> str:
-    if tap in R.SHORTCUT_TAPS:
-        return HINTS[tap]
-    return stage_of(tap).what
 
 
 # ---------------------------------------------------------------------------
 # Compatibility: refuse a reference made for other ids or another model shape
 
 
-def incompatibility(candidate: R.Side, reference: R.Side, cfg: dict | None) -> str | None:
+def incompatibility(candidate: Side, reference: Side, cfg: dict | None) -> str | None:
     """Why these two sides cannot be compared (None when they can)."""
     if candidate.ids is not None and reference.ids is not None and list(candidate.ids) != list(reference.ids):
         from .tokendiff import compare_ids
@@ -96,7 +55,7 @@ def incompatibility(candidate: R.Side, reference: R.Side, cfg: dict | None) -> s
     return _other_weights(candidate, reference)
 
 
-def _other_weights(candidate: R.Side, reference: R.Side) -> str | None:
+def _other_weights(candidate: Side, reference: Side) -> str | None:
     """A full-tensor reference records the sha256 of its weights: name a different checkpoint up
     front, rather than report a 'divergence' at the embedding."""
     wanted, path = reference.provenance.get("weights_sha256"), candidate.provenance.get("weights_path")
@@ -130,24 +89,24 @@ class _Ctx:
     def tolerance(self, tap, metric):
         return self.tol.get(tap, metric, self.c.dtype or "float32", self.r.dtype or "float32", self.L)
 
-    def full(self, side: R.Side, tap: str):
+    def full(self, side: Side, tap: str):
         """Side's full tensor of tap in canonical layout (np.float64), or None; raises ValueError on bad shape."""
         if tap not in side.tensors:
             return None
         k = (id(side), tap)
         if k not in self._canon:
-            x, _, rows, notes = R.to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
+            x, _, rows, notes = to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
             if rows is not None:
                 raise ValueError(f"{side.name}: {tap} holds only {len(rows)} of {self.T} token rows")
             self._canon[k] = np.asarray(x, np.float64)
         return self._canon[k]
 
 
-def compare_sides(candidate: R.Side, reference: R.Side, tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
     """Entries for every reference number that the candidate can be compared with, in forward order."""
     ctx = _Ctx(candidate, reference, tol, cfg, n_tokens)
     entries, missing = [], []
-    for tap in R.tap_order(ctx.L):
+    for tap in tap_order(ctx.L):
         ref_items = [i for i in reference.items if i.tap == tap]
         cand_items = [i for i in candidate.items if i.tap == tap]
         if tap not in reference.tensors and not ref_items:
@@ -183,7 +142,7 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     details = {k: m[k] for k in ("max_abs", "max_rel", "cosine", "rel_rms", "compared")}
     details["first_nonfinite"] = list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None
     tol = ctx.tolerance(tap, "nmse")
-    if not m["nmse"] <= tol and _stage_key(tap) in QK_STAGES:
+    if not m["nmse"] <= tol and stage_key(tap) in QK_STAGES:
         permuted = qk_permutation(a, b, tol)
         if permuted:
             details["qk_permutation"] = permuted
@@ -195,9 +154,9 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     return out
 
 
-def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_full, ref_value, item: R.Item) -> list[dict]:
+def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full, ref_value, item: Item) -> list[dict]:
     """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set."""
-    axis = R.token_axis_of(tap)
+    axis = token_axis_of(tap)
     full = cand_full if cand_full is not None else ref_full
     index, key = sel.key, item.key
     if sel.kind == "topk":
@@ -205,7 +164,7 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
     if sel.kind == "full":  # a sparse dump (llama.cpp log) against a full tensor
         values = cand_value if cand_value is not None else ref_value
         try:
-            x, known, rows, notes = R.to_canonical(tap, values, item.known, ctx.cfg, ctx.T,
+            x, known, rows, notes = to_canonical(tap, values, item.known, ctx.cfg, ctx.T,
                                                    (ctx.c if cand_value is not None else ctx.r).layout)
         except ValueError as e:
             return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
@@ -227,7 +186,7 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
         return []  # a sum of masked scores is the mask value (the dtype's minimum) times a count: not comparable
     if sel.kind == "sum" and item.source_shape is not None:  # their tensor may hold some token rows only
         try:
-            _, _, rows, _ = R.to_canonical(tap, np.zeros(item.source_shape), None, ctx.cfg, ctx.T,
+            _, _, rows, _ = to_canonical(tap, np.zeros(item.source_shape), None, ctx.cfg, ctx.T,
                                            (ctx.c if cand_value is not None else ctx.r).layout)
         except ValueError as e:
             return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
@@ -250,52 +209,6 @@ def _item_entries(ctx: _Ctx, tap, sel: R.Selector, cand_full, cand_value, ref_fu
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
                "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
-
-
-# ---------------------------------------------------------------------------
-# Q/K layout: values right, order along head_dim wrong
-
-QK_STAGES = ("attn.q", "attn.k")
-
-
-def qk_permutation(candidate: np.ndarray, reference: np.ndarray, tol: float) -> dict | None:
-    """When a diverging Q or K tap ([heads, T, D]) holds, for every (head, token), the
-    reference's values in another order along head_dim, say so, and which of llama.cpp's
-    per-head row permutations (gguf.permute_qk) or its inverse (gguf.unpermute_qk) puts
-    the candidate back into the reference's layout. None when the values themselves differ."""
-    from .gguf import permute_qk, unpermute_qk
-
-    a, b = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
-    if a.shape != b.shape or a.ndim != 3 or a.shape[-1] % 2 or not np.isfinite(a).all():
-        return None
-    sorted_nmse = metrics(np.sort(a, axis=-1), np.sort(b, axis=-1))["nmse"]
-    if not sorted_nmse <= tol:
-        return None
-    heads, tokens, head_dim = a.shape
-    rows = a.transpose(0, 2, 1).reshape(heads * head_dim, tokens)  # weight-row order: head-major, then head_dim
-
-    def fixed_by(fn) -> float:
-        back = fn(rows, heads).reshape(heads, head_dim, tokens).transpose(0, 2, 1)
-        return metrics(back, b)["nmse"]
-
-    fixes = {"gguf.unpermute_qk": fixed_by(unpermute_qk), "gguf.permute_qk": fixed_by(permute_qk)}
-    fix = next((name for name, err in fixes.items() if err <= tol), None)
-    return {"sorted_nmse": sorted_nmse, "fixed_by": fix, "nmse_after_fix": fixes}
-
-
-def _qk_hint(tap: str, perm: dict) -> str:
-    which = "Q" if tap.endswith("attn.q") else "K"
-    text = (f"the {which} rows are permuted within heads: every (head, token) row holds the reference's values "
-            "in another order along head_dim (sorted, they agree), so the weights are right but their row layout "
-            "is not: a GGUF's llama.cpp interleaved-pair Q/K layout was not undone (or undone twice). RoPE, the "
-            "scores and everything after them diverge from here")
-    if perm.get("fixed_by") == "gguf.unpermute_qk":
-        text += ("; llama.cpp's inverse permutation (gguf.unpermute_qk, per head) turns these rows into the "
-                 "reference's: the interleaved layout is still in place (not undone, or the file was permuted twice)")
-    elif perm.get("fixed_by") == "gguf.permute_qk":
-        text += ("; llama.cpp's permutation (gguf.permute_qk, per head) turns these rows into the reference's: "
-                 "they were un-permuted once too often (a file that was never permuted, un-permuted on load)")
-    return text
 
 
 def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
@@ -324,7 +237,7 @@ def _rms(x) -> float:
 
 
 def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, index, key) -> list[dict]:
-    axis = R.token_axis_of(tap)
+    axis = token_axis_of(tap)
     c_row = sel.row_of(cand_full, axis).astype(np.float64) if cand_full is not None else None
     r_row = sel.row_of(ref_full, axis).astype(np.float64) if ref_full is not None else None
     c_list = cand_value if cand_value is not None else sel.extract(cand_full, axis)
@@ -371,7 +284,7 @@ def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, ind
 # Putting it together
 
 
-def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
     """Compare the candidate with every compatible reference; the result dict (see module doc)."""
     entries, missing, skipped, used = [], [], [], []
     for ref in references:
@@ -388,17 +301,15 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     if not entries:
         raise UserError(f"no stage of {', '.join(r.name for r in used)} could be compared with {candidate.name}: "
                         "no tap names in common (give --map for another engine's names)")
-    order = {t: k for k, t in enumerate(R.tap_order(int(cfg["num_hidden_layers"])))}
+    order = {t: k for k, t in enumerate(tap_order(int(cfg["num_hidden_layers"])))}
     entries.sort(key=lambda e: order.get(e["tap"], len(order)))
     stages = _stages(entries)
     first = next((s["tap"] for s in stages if not s["ok"]), None)
     not_compared = [dict(n, source=r.name) for r in used for n in r.not_comparable]
     not_compared += [dict(n, source=candidate.name) for n in candidate.not_comparable]
     return {
-        "tokens": _tokens(candidate, used),
         "status": "match" if first is None else "diverged",
-        "first_divergence": first,
-        "divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
+        "first_divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"])) if first else None,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
@@ -411,8 +322,8 @@ def compare(candidate: R.Side, references: list[R.Side], tol: Tolerances, cfg: d
     }
 
 
-def _tokens(candidate: R.Side, references: list[R.Side]) -> list[int] | None:
-    """The compared token ids (the report's header and attention maps need them)."""
+def compared_ids(candidate: Side, references: list[Side]) -> list[int] | None:
+    """The compared token ids, from whichever side records them (the result's header needs them)."""
     for side in (candidate, *references):
         if side.ids:
             return [int(i) for i in side.ids]
@@ -447,34 +358,14 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
-    text = _qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}
 
 
-def _predecessor(tap: str, n_layers: int) -> str | None:
-    """The canonical tap just before `tap` in forward order (its input, for most stages)."""
-    if tap in R.SHORTCUT_TAPS:
-        return "layers.0.out" if tap == R.SHORTCUT_NORM else R.SHORTCUT_NORM
-    names = R.tap_order(n_layers)
-    i = names.index(tap)
-    return names[i - 1] if i > 0 else None
-
-
-def hint(tap: str, before: dict | None, n_layers: int) -> str:
-    inside = HINTS.get(_stage_key(tap), describe(tap))
-    pred = _predecessor(tap, n_layers)
-    if before is None:
-        return f"the first compared stage already differs: look at {inside}"
-    if before["tap"] == pred:
-        return f"inputs to this stage match, its output does not: the fault is inside {inside}"
-    return (f"the last matching stage is {before['tap']}; the fault is between it and {tap} "
-            f"(stages in between were not compared): start with {inside}")
-
-
-def _first_nonfinite(candidate: R.Side, order: dict) -> dict | None:
+def _first_nonfinite(candidate: Side, order: dict) -> dict | None:
     for tap in sorted(candidate.tensors, key=lambda t: order.get(t, len(order))):
         x = np.asarray(candidate.tensors[tap])
         bad = ~np.isfinite(x)
@@ -488,11 +379,11 @@ def _first_nonfinite(candidate: R.Side, order: dict) -> dict | None:
 # This package's own run as a Side
 
 
-def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None) -> R.Side:
+def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None) -> Side:
     """Every tap of one prefill of `ids` as full float32 tensors (+ the 1-layer shortcut if asked)."""
     import mlx.core as mx
 
-    from .cli_common import forward
+    from .runtime import forward
 
     taps, _ = forward(lm, ids, ["*"], mode="full")
     tensors = {n: np.array(v.astype(mx.float32)) for n, v in taps.tensors.items()}
@@ -502,29 +393,21 @@ def run_side(lm, ids: list[int], shortcut: bool = False, name: str | None = None
         norm = lm.ops.rms_norm(out0, model.model.norm.weight, lm.config.rms_norm_eps)
         head = model.model.embed_tokens.as_linear if lm.config.tie_word_embeddings else model.lm_head
         logits = head(norm)
-        tensors[R.SHORTCUT_NORM] = np.array(norm[0].astype(mx.float32))
-        tensors[R.SHORTCUT_LOGITS] = np.array(logits[0].astype(mx.float32))
-    return R.Side(name=name or f"this package ({lm.source.spec}, {lm.dtype})", kind="run", dtype=lm.dtype,
+        tensors[SHORTCUT_NORM] = np.array(norm[0].astype(mx.float32))
+        tensors[SHORTCUT_LOGITS] = np.array(logits[0].astype(mx.float32))
+    return Side(name=name or f"this package ({lm.source.spec}, {lm.dtype})", kind="run", dtype=lm.dtype,
                   ids=list(ids), n_tokens=len(ids), config=lm.config.as_dict(), tensors=tensors,
                   provenance={"model": lm.source.spec, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
                               "weights_path": str(lm.source.path) if lm.source.format == "hf" else None})
 
 
-def needs_shortcut(references: list[R.Side]) -> bool:
-    return any(i.tap in R.SHORTCUT_TAPS for r in references for i in r.items)
+def needs_shortcut(references: list[Side]) -> bool:
+    return any(i.tap in SHORTCUT_TAPS for r in references for i in r.items)
 
 
 def compare_run(lm, ids: list[int], reference_path: str, tol: Tolerances) -> dict:
     """This package's run of `ids` against the reference file(s) at `reference_path`: the result dict."""
-    references = R.load(reference_path)
+    references = load(reference_path)
     candidate = run_side(lm, ids, shortcut=needs_shortcut(references))
     return compare(candidate, references, tol, lm.config.as_dict(), len(ids))
 
-
-def compare_from_run(args, lm, prompt) -> int:
-    """`run --compare REF`: compare this run with REF, print the table, write --json; 0 match, 1 diverged."""
-    from .commands.compare import finish
-
-    tol = Tolerances.from_overrides(getattr(args, "tol", None))
-    result = compare_run(lm, prompt.ids, args.compare, tol)
-    return finish(args, result, lm=lm, prompt=prompt)

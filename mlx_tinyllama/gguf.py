@@ -35,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .dtypes import canonical
 from .errors import UserError
 
 QK_LAYOUT = "llama.cpp interleaved-pair layout, un-permuted per head to HF rotate-half"
@@ -64,8 +65,7 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16,
-           "fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 @dataclass
@@ -84,6 +84,15 @@ def hf_name(gguf_name: str) -> str | None:
         if parts[2] in _LAYER_NAMES:
             return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
     return None
+
+
+def is_gguf(path) -> bool:
+    """A file that starts with GGUF's magic bytes (whatever its name ends with)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a directory, or unreadable: not a GGUF file
+        return False
 
 
 def permute_qk(w, n_heads: int):
@@ -106,9 +115,9 @@ def unpermute_qk(w, n_heads: int):
 
 def _to_dtype(dtype) -> mx.Dtype:
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
+        if canonical(dtype) not in _DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-        return _DTYPES[dtype]
+        return _DTYPES[canonical(dtype)]
     return dtype
 
 

@@ -75,9 +75,13 @@ class MLP(nn.Module):
     def __call__(self, h, ops: Ops, tap, p: str):
         gate = tap(p + "mlp.gate", self.gate_proj(h))
         up = tap(p + "mlp.up", self.up_proj(h))
-        observe_act = tap.enabled and tap.wants(p + "mlp.act")
-        act = tap(p + "mlp.act", ops.silu(gate)) if not ops.fused or observe_act else None
-        prod = tap(p + "mlp.prod", ops.swiglu(gate, up, act))  # fused: one kernel, act only observed
+        if ops.fused:
+            prod = ops.swiglu(gate, up)  # one kernel: SiLU(gate) is never materialised
+            if tap.enabled and tap.wants(p + "mlp.act"):
+                tap(p + "mlp.act", ops.silu(gate))  # observed only: the data path above is untouched
+        else:
+            prod = tap(p + "mlp.act", ops.silu(gate)) * up
+        prod = tap(p + "mlp.prod", prod)
         return self.down_proj(prod)
 
 

@@ -165,9 +165,8 @@ class Ops:
     def silu(self, x: mx.array) -> mx.array:
         return _silu(x) if self.fused else x * mx.sigmoid(x)
 
-    def swiglu(self, gate: mx.array, up: mx.array, act: mx.array | None) -> mx.array:
-        """SiLU(gate) × up. Fused: one kernel from gate and up (act, if computed for a tap,
-        is not read); explicit: act × up."""
+    def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
+        """SiLU(gate) × up. Fused: one kernel; explicit: the two steps, each rounded."""
         if self.fused:
             return _swiglu(gate, up)
-        return act * up
+        return self.silu(gate) * up

@@ -296,15 +296,12 @@ def check_paths(model, ids: list[int], chunks=(), continue_n: int = 0, dtype: st
         model.ops = saved_ops
     first = next((c.first_divergence for c in comparisons if c.first_divergence), None)
     return {
-        "tokens": list(ids),
-        "dtype": dtype,
         "tolerance": {"metric": "NMSE of each token row against the prefill's row", **tolerances.describe(),
                       "layer_0": tolerance("layers.0.attn.q"), "logits": tolerance("logits")},
         "fault": {"name": fault_name, "position": fault_pos} if fault_name else None,
         "paths": [c.as_dict() for c in comparisons],
         "nmse_by_tap_position": {c.path: c.nmse_by_tap_position for c in comparisons},
-        "first_divergence": {k: first.as_dict()[k] for k in ("path", "tap", "position")} if first else None,
-        "first_divergence_detail": first.as_dict() if first else None,
+        "first_divergence": first.as_dict() if first else None,
         "logits_max_abs_diff": {c.path: c.logits_max_abs_diff for c in comparisons},
         "continuation": continuation.as_dict() if continuation else None,
         "agree": first is None and (continuation is None or continuation.first_mismatch is None),

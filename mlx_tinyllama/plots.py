@@ -18,7 +18,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-FP16_MAX = 65504.0
+from .dtypes import FP16_MAX
 DPI = 110
 # Token labels beyond this many positions are thinned out so they stay legible.
 MAX_TOKEN_LABELS = 48

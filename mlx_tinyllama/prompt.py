@@ -1,4 +1,5 @@
-"""The prompt options shared by `run`, `generate`, `paths`, `stability`, `bench` and `tokens`.
+"""The prompt that the prompt options name (cli_common.add_prompt_arguments), shared by
+`run`, `generate`, `paths`, `stability`, `compare` and `tokens`.
 
 Without a prompt option the prompt is the seed's chat prompt (system "You are a
 friendly chatbot." + user "Hello! How are you?" + generation prompt) rendered with
@@ -7,13 +8,12 @@ the model's chat template, without BOS: exactly the reference's 38 ids.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat_template import SEED_MESSAGES, render_chat, template_for
 from .errors import UserError, read_bytes
-from .tokenizer import KINDS, load_tokenizer
+from .tokenizer import load_tokenizer
 
 
 # Prompts are read up to this size: any Llama context holds far less text (TinyLlama's 2048 tokens are
@@ -35,21 +35,6 @@ class Prompt:
     text: str | None  # None when the ids were given directly
     pieces: list[str] = field(default_factory=list)
     source: str = "seed chat prompt"
-
-
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("prompt (default: the seed's chat prompt, 38 ids)")
-    which = group.add_mutually_exclusive_group()
-    which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
-    which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
-    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (--bos ignored)")
-    which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
-    group.add_argument("--system", metavar="TEXT", help="system message for --chat")
-    group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
-                       help="prepend BOS (id 1); the reference did not (default: --no-bos)")
-    group.add_argument("--tokenizer", choices=KINDS, default="sentencepiece",
-                       help="sentencepiece: tokenizer.model, the ground truth (default); "
-                            "hf: the model's tokenizer.json through `tokenizers`, as transformers does")
 
 
 def parse_ids(text: str, option: str = "--token-ids") -> list[int]:

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import dtypes
 from .config import ModelConfig, load_config
 from .errors import UserError, read_bytes
 from .model import TinyLlama
 from .ops import KERNELS, POLICIES, Ops
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-DTYPE_ALIASES = {"fp16": "float16", "f16": "float16", "half": "float16", "bf16": "bfloat16",
-                 "fp32": "float32", "f32": "float32", "float": "float32"}
 HF_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
                "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -59,7 +58,7 @@ class LoadedModel:
 
 
 def dtype_name(name: str) -> str:
-    name = DTYPE_ALIASES.get(name, name)
+    name = dtypes.canonical(name)
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} (or fp16/bf16/fp32)")
     return name
@@ -320,9 +319,15 @@ def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops:
     return model
 
 
-def make_ops(policy: str = "hf", kernels: str | None = None) -> Ops:
+def check_policy(policy: str) -> str:
+    """The one check of a precision policy name the user gave."""
     if policy not in POLICIES:
         raise UserError(f"unknown precision policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return policy
+
+
+def make_ops(policy: str = "hf", kernels: str | None = None) -> Ops:
+    check_policy(policy)
     if kernels is None:
         kernels = "fused" if policy == "hf" else "explicit"
     if kernels not in KERNELS:

@@ -16,7 +16,7 @@ fed it and a plain explanation. Per layer: absmax per stage kind (norm,
 attention, mlp, residual).
 
 Result dict (what `--json` writes and `report.stability_report` reads):
-    {model, prompt{text, source, pieces}, tokens, device, versions, kernels,
+    {results.ResultHeader keys (dtype and policy: the low-precision runs, comma-separated),
      fp16_max, reference{dtype, policy, kernels, taps{name: {absmax, headroom}}, layers},
      runs{dtype: {policy: run}}, recommendation{dtype: text}}
     run = {dtype, policy, kernels, first_nonfinite, first_collapse, origin, finite,
@@ -35,12 +35,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import sources
+from .dtypes import FP16_MAX
 from .errors import UserError
-from .ops import POLICIES
+from .results import PromptRecord, ResultHeader
 from .taps import Taps, split_name, stage_of, tap_names
 from .tolerances import metrics
 
-FP16_MAX = 65504.0
 LOW_DTYPES = ("float16", "bfloat16")
 # Cheapest first: the policy a user's engine needs is the first one that stays sound.
 POLICY_ORDER = ("fp16-pure", "hf", "mixed")
@@ -71,8 +71,7 @@ def parse_list(text: str | None, option: str) -> list[str]:
 
 def check_policies(policies: list[str]) -> list[str]:
     for p in policies:
-        if p not in POLICIES:
-            raise UserError(f"unknown precision policy {p!r}; choose from {', '.join(POLICIES)}")
+        sources.check_policy(p)
     return list(dict.fromkeys(policies))
 
 
@@ -345,13 +344,13 @@ def run_stability(spec: str, ids: list[int] | None, dtypes: list[str], policies:
     ids = prompt.ids if prompt is not None else ids
     ref_lm.config.check_ids(ids)
     ref = capture(ref_lm, ids)
-    header = {"spec": ref_lm.source.spec, "format": ref_lm.source.format, "origin": ref_lm.source.origin,
-              "path": str(ref_lm.source.path), "details": ref_lm.source.details, "config": cfg.as_dict()}
+    header = ResultHeader.of_run("stability", ref_lm, prompt or PromptRecord(list(ids), source="token ids"),
+                                 dtype=",".join(dtypes), policy=",".join(policies), kernels=kernels or "explicit")
     del ref_lm
     _free()
     n = cfg.num_hidden_layers
     ref_taps = {name: reference_metrics(name, ref[name]) for name in tap_names(n)}
-    result = {"model": header, "tokens": list(ids), "fp16_max": FP16_MAX,
+    result = {**header.as_dict(), "fp16_max": FP16_MAX,
               "reference": {"dtype": "float32", "policy": "hf", "kernels": "explicit", "taps": ref_taps,
                             "layers": layer_view(ref_taps, n)},
               "runs": {}}
@@ -365,7 +364,6 @@ def run_stability(spec: str, ids: list[int] | None, dtypes: list[str], policies:
             k = "fused" if (kernels == "fused" and policy == "hf") else "explicit"
             lm.model.ops = sources.make_ops(policy, k)
             result["runs"][dtype][policy] = analyze(capture(lm, ids), ref, dtype, policy, k, cfg)
-    result["kernels"] = kernels or "explicit"
     result["recommendation"] = {d: recommend(result["runs"][d], d) for d in dtypes}
     if lm is not None:
         lm.model.ops = sources.make_ops(policies[0], "fused" if kernels == "fused" and policies[0] == "hf"
@@ -392,12 +390,3 @@ def recommend(runs: dict[str, dict], dtype: str) -> str:
              else f"{dtype} needs at least policy '{p}'{why}")
     return f"{needs}; smallest fp16 headroom under '{p}': {low_headroom[0]:.2f} doublings at {low_headroom[1]}"
 
-
-def write_report(result: dict, lm, prompt, html_path: str | None, plots_dir: str | None, **options) -> None:
-    """options: report.report_options (attention_layers, attention_heads)."""
-    try:
-        from .report import stability_report
-    except ImportError:
-        raise UserError("--report/--plots need mlx_tinyllama.report (the HTML report module), "
-                        "which this installation lacks") from None
-    stability_report(result, lm, prompt, html_path, plots_dir, **options)

@@ -3,7 +3,7 @@ chosen stage leaves the fp16 range, to check that an engine (or this package's
 `stability` command) finds the exact stage and that the right precision policy
 fixes it.
 
-Importing this module registers the presets into `synthetic.PRESETS` and
+`synthetic` takes these presets into `synthetic.PRESETS` and
 `synthetic.WEIGHT_TWEAKS`, so `--model synthetic:stress-mlp` works like any
 other synthetic model (`python -m mlx_tinyllama.trace stability --model
 synthetic:stress-scores`). Each preset has the `tiny` shape (hidden 64, 2 layers)
@@ -30,10 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import synthetic
-
 LAYER = 1  # the layer every preset breaks (tiny has layers 0 and 1)
-BASE_PRESET = "tiny"
+BASE_PRESET = "tiny"  # the synthetic preset whose shape every stress preset has
 
 
 @dataclass(frozen=True)
@@ -118,13 +116,3 @@ STRESS_PRESETS: dict[str, StressPreset] = {
     )
 }
 
-
-def register() -> None:
-    """Add the stress presets to the synthetic model registry (idempotent)."""
-    base = synthetic.PRESETS[BASE_PRESET]
-    for p in STRESS_PRESETS.values():
-        synthetic.PRESETS.setdefault(p.name, base)
-        synthetic.WEIGHT_TWEAKS.setdefault(p.name, p.tweak)
-
-
-register()

@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
+from .stress import BASE_PRESET as STRESS_BASE_PRESET, STRESS_PRESETS
 
 TINYLLAMA = ModelConfig()  # the exact TinyLlama-1.1B architecture (defaults of ModelConfig)
 
@@ -42,9 +43,10 @@ PRESETS: dict[str, ModelConfig] = {
 }
 DEFAULT_PRESET = "tinyllama"
 
-# Extra presets (e.g. fp16 stress models) register here: name -> (config, weight tweak).
-# A tweak gets (name, array) and returns the array to store.
-WEIGHT_TWEAKS: dict[str, object] = {}
+# Presets whose generated weights are changed afterwards (the fp16 stress models of
+# stress.py): name -> tweak; a tweak gets (name, array) and returns the array to store.
+WEIGHT_TWEAKS: dict[str, object] = {name: p.tweak for name, p in STRESS_PRESETS.items()}
+PRESETS.update({name: PRESETS[STRESS_BASE_PRESET] for name in STRESS_PRESETS})
 
 PACKAGE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer.model"
 FORMAT_VERSION = 1  # bump when the generator changes, so caches regenerate
@@ -149,6 +151,3 @@ def _tokenizer_config() -> dict:
         "chat_template": TINYLLAMA_CHAT_TEMPLATE,
     }
 
-
-# The fp16 stress presets register themselves into PRESETS and WEIGHT_TWEAKS.
-from . import stress  # noqa: E402,F401

@@ -102,10 +102,6 @@ def select(patterns: Iterable[str], num_layers: int) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def forward_index(num_layers: int) -> dict[str, int]:
-    return {n: k for k, n in enumerate(tap_names(num_layers))}
-
-
 # ---------------------------------------------------------------------------
 # Recording
 

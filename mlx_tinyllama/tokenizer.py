@@ -227,7 +227,9 @@ def load_tokenizer(location, kind: str = "sentencepiece") -> Tokenizer | HFToken
     path = Path(location).expanduser()
     if not path.exists():
         raise UserError(f"tokenizer location {path} does not exist")
-    if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
+    from .gguf import is_gguf  # lazy, like every use of gguf.py here
+
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):
         return _load_gguf(path, kind)
     if path.is_file():
         return HFTokenizer.from_file(path) if path.suffix == ".json" else Tokenizer.from_file(path)
@@ -246,9 +248,3 @@ def _load_gguf(path: Path, kind: str) -> Tokenizer:
     return Tokenizer.from_model_proto(tokenizer_model_proto(path), source=str(path))
 
 
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False

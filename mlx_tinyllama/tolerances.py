@@ -44,12 +44,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .dtypes import ALIASES, FP16_MAX, canonical
 from .errors import UserError
 
 # Unit roundoff u = 2^-(mantissa bits + 1): the largest relative error of one rounding.
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float64": 2.0 ** -53}
-_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "f16": "float16",
-            "half": "float16", "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "double": "float64"}
 
 # Measured constants (`python -m mlx_tinyllama.tolerances small medium`; table in docs/compare.md).
 C_ROUND = 20.0
@@ -64,17 +63,17 @@ AMPLITUDE_METRICS = ("rel_rms", "sum_rel", "logit_err")
 METRICS = ("nmse",) + AMPLITUDE_METRICS + COUNT_METRICS
 
 # Attention scores at or below this are "masked" (transformers adds finfo.min; fp16's is -65504).
-MASKED_BELOW = -0.5 * 65504.0
+MASKED_BELOW = -0.5 * FP16_MAX
 
 
 def dtype_key(dtype) -> str:
     """'float16' for 'fp16', np.float16, mx.float16, torch.float16, 'F16' (ggml), ..."""
     name = str(dtype).lower().replace("mlx.core.", "").replace("torch.", "").replace("<class 'numpy.", "")
     name = name.strip("'>")
-    name = _ALIASES.get(name, name)
+    name = canonical(name)
     if name not in UNIT_ROUNDOFF:
         raise UserError(f"unknown dtype {dtype!r} for tolerances; known: {', '.join(UNIT_ROUNDOFF)} "
-                        f"(or {', '.join(_ALIASES)})")
+                        f"(or {', '.join(ALIASES)})")
     return name
 
 

@@ -40,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"mlx_tinyllama.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"mlx_tinyllama.commands.{name}":
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"mlx_tinyllama.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_main=module.main)

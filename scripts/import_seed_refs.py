@@ -4,7 +4,7 @@ with provenance and the traps spelled out.
 
     python scripts/import_seed_refs.py [--shared ../shared/refs] [--out refs/tinyllama-1.1b-chat-v1.0.seed.json]
 
-The mapping itself lives in mlx_tinyllama/refs.py (seed_entries), so the raw files and
+The mapping itself lives in mlx_tinyllama/refs/seed.py (seed_entries), so the raw files and
 this bundle always read the same way.
 """
 

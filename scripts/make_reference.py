@@ -17,7 +17,8 @@ from pathlib import Path
 
 from mlx_tinyllama import sources
 from mlx_tinyllama.errors import UserError
-from mlx_tinyllama.prompt import add_prompt_arguments, resolve_prompt
+from mlx_tinyllama.cli_common import add_prompt_arguments
+from mlx_tinyllama.prompt import resolve_prompt
 from mlx_tinyllama.reference.hf import write_reference
 
 

@@ -10,8 +10,9 @@ import pytest
 from mlx_tinyllama.chat_template import (SEED_MESSAGES, SEED_PROMPT, TINYLLAMA_CHAT_TEMPLATE, render_chat,
                                          template_for)
 from mlx_tinyllama.errors import UserError
-from mlx_tinyllama.prompt import add_prompt_arguments, resolve_prompt
-from test_tokenizer import PACKAGED, SEED_IDS, write_tokenizer_dir
+from mlx_tinyllama.cli_common import add_prompt_arguments
+from mlx_tinyllama.prompt import resolve_prompt
+from conftest import PACKAGED, SEED_IDS
 
 # TinyLlama-1.1B-Chat-v1.0's tokenizer_config.json `chat_template`, as JSON text.
 TINYLLAMA_JSON = ('"{% for message in messages %}\\n{% if message[\'role\'] == \'user\' %}\\n'
@@ -43,7 +44,7 @@ def test_seed_messages_render_the_seed_prompt():
 
 
 @pytest.fixture(scope="module")
-def transformers_tokenizer(tmp_path_factory):
+def transformers_tokenizer(tmp_path_factory, write_tokenizer_dir):
     from transformers import PreTrainedTokenizerFast
 
     model_dir = write_tokenizer_dir(tmp_path_factory.mktemp("chat"))

@@ -71,7 +71,7 @@ def test_json_from_a_subprocess(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     result = json.loads(out.read_text())
-    assert result["tokens"] == SEED_IDS
+    assert result["prompt"]["ids"] == SEED_IDS
     assert list(result["taps"]) == DEFAULT_TAPS_TINY  # the seed's bisection taps, in forward order
     ref = reference_run(dtype="float16")
     for name, s in result["taps"].items():
@@ -98,7 +98,7 @@ def test_token_ids(tmp_path, capfd):
     out = tmp_path / "out.json"
     assert cli(capfd, "--model", TINY, "--token-ids", "1, 450, 4996", "--json", out)[0] == 0
     result = json.loads(out.read_text())
-    assert result["tokens"] == [1, 450, 4996]
+    assert result["prompt"]["ids"] == [1, 450, 4996]
     assert result["prompt"]["source"] == "--token-ids"
     assert result["taps"]["logits"]["shape"] == [3, 32000]
 
@@ -108,9 +108,9 @@ def test_prompt_text(tmp_path, capfd, tiny_dir):
     text = "The capital of France is"
     assert cli(capfd, "--model", TINY, "--prompt", text, "--json", out)[0] == 0
     result = json.loads(out.read_text())
-    assert result["tokens"] == sentencepiece(tiny_dir).encode(text)  # no BOS, as the reference
+    assert result["prompt"]["ids"] == sentencepiece(tiny_dir).encode(text)  # no BOS, as the reference
     assert (result["prompt"]["text"], result["prompt"]["source"]) == (text, "--prompt")
-    assert result["taps"]["embed"]["shape"] == [len(result["tokens"]), 64]
+    assert result["taps"]["embed"]["shape"] == [len(result["prompt"]["ids"]), 64]
 
 
 def test_tap_globs_select_in_forward_order(tmp_path, capfd):
@@ -292,7 +292,7 @@ def test_readme_command_full_tinyllama_shape(tmp_path):
     proc = cli_subprocess("--model", "synthetic", "--json", "out.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "out.json").read_text())
-    assert result["tokens"] == SEED_IDS
+    assert result["prompt"]["ids"] == SEED_IDS
     assert result["dtype"] == "float16"
     assert result["model"]["config"]["num_hidden_layers"] == 22
     taps = result["taps"]

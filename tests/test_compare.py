@@ -38,7 +38,7 @@ def test_committed_refs_are_for_todays_synthetic_weights(tiny_dir):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_own_run_matches_committed_reference_at_every_stage(dtype):
     result = compare_run(_tiny(dtype), SEED_IDS, str(REF[dtype]), Tolerances())
-    assert result["status"] == "match", result["divergence"]
+    assert result["status"] == "match", result["first_divergence"]
     assert result["first_divergence"] is None
     assert [s["tap"] for s in result["stages"]] == tap_names(2)  # every stage compared, in forward order
     assert all(e["ok"] for e in result["entries"])
@@ -53,7 +53,7 @@ def test_own_run_matches_live_transformers_reference(tmp_path, preset, dtype):
     manifest = write_reference(tmp_path / "ref", materialize(preset, 0), SEED_IDS, dtype, prompt_text=SEED_PROMPT)
     lm = sources.load(f"synthetic:{preset}", dtype)
     result = compare_run(lm, SEED_IDS, str(manifest), Tolerances())
-    assert result["status"] == "match", result["divergence"]
+    assert result["status"] == "match", result["first_divergence"]
     assert len(result["stages"]) == len(tap_names(lm.config.num_hidden_layers))
 
 
@@ -63,15 +63,15 @@ def test_fault_is_reported_at_its_stage(fault):
     expected = inject(lm.model, fault)
     result = compare_run(lm, SEED_IDS, str(REF["float32"]), Tolerances())
     assert result["status"] == "diverged"
-    assert result["first_divergence"] == expected
-    d = result["divergence"]
+    assert result["first_divergence"]["tap"] == expected
+    d = result["first_divergence"]
     assert d["before"]["ok"] and "inputs to this stage match" in d["hint"]
     assert d["error"]["ratio"] > 10  # far outside tolerance, not a borderline call
 
 
 def test_tolerance_override_turns_a_match_into_a_divergence():
     result = compare_run(_tiny("float16"), SEED_IDS, str(REF["float32"]), Tolerances.from_overrides(["nmse=1e-12"]))
-    assert result["status"] == "diverged" and result["first_divergence"] == "layers.0.attn_norm"
+    assert result["status"] == "diverged" and result["first_divergence"]["tap"] == "layers.0.attn_norm"
 
 
 # --- the seed's own recipe on a synthetic model ------------------------------------------
@@ -122,7 +122,7 @@ def test_seed_recipe_reference_passes_and_a_perturbed_value_names_its_stage(tmp_
     path = tmp_path / "transformers_reference_values.json"
     path.write_text(json.dumps(data))
     result = compare(candidate, R.load(path), Tolerances(), cfg, len(SEED_IDS))
-    assert result["status"] == "match", result["divergence"]
+    assert result["status"] == "match", result["first_divergence"]
     assert {e["tap"] for e in result["entries"]} == {"embed", "layers.0.attn.out", "layers.0.mlp.down",
                                                      "layers.0.out", "final_norm", "logits"}
     cases = [(("embedding", "sample_0_0_3"), "embed"), (("layer_0", "mlp_output", "sample_0_0_3"), "layers.0.mlp.down"),
@@ -136,7 +136,7 @@ def test_seed_recipe_reference_passes_and_a_perturbed_value_names_its_stage(tmp_
         values[1] += 0.5 * (abs(values[1]) + max(abs(v) for v in values))  # a clearly wrong number
         path.write_text(json.dumps(bad))
         result = compare(candidate, R.load(path), Tolerances(), cfg, len(SEED_IDS))
-        assert result["first_divergence"] == tap, keys
+        assert result["first_divergence"]["tap"] == tap, keys
 
 
 # --- CLI -------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     assert {"tap", "metric", "value", "tolerance", "ok"} <= set(result["entries"][0])
     rc = cli(["compare", "--ref", str(REF["float32"]), "--json", str(out), "--tol", "layers.1.attn.probs:nmse=0"])
     result = json.loads(out.read_text())
-    assert rc == 1 and result["status"] == "diverged" and result["first_divergence"] == "layers.1.attn.probs"
+    assert rc == 1 and result["status"] == "diverged" and result["first_divergence"]["tap"] == "layers.1.attn.probs"
     out.unlink()
     rc = cli(["run", "--model", "synthetic:tiny", "--compare", str(REF["float16"]), "--json", str(out)])
     assert rc == 0 and json.loads(out.read_text())["status"] == "match"

@@ -133,7 +133,7 @@ def test_command_streams_text_and_writes_json(tiny_dir, tmp_path, capfd):
     assert capfd.readouterr().out == r["text"] + "\n"
     assert r["prompt"]["source"] == "--chat" and "Hi!" in r["prompt"]["text"]
     probs = r["taps"]["layers.0.attn.probs"]
-    assert probs["shape"] == [4, 1, len(r["prompt_ids"]) + 2]
+    assert probs["shape"] == [4, 1, len(r["prompt"]["ids"]) + 2]
     assert 0 < r["prefill_seconds"] <= r["seconds"] and r["decode_tokens_per_s"] > 0
 
 

@@ -112,7 +112,7 @@ def test_log_parses_into_the_printed_values(run):
 
 def test_log_of_a_correct_run_matches_every_mapped_stage(run, tmp_path):
     result = _compare(llamacpp_log(run[0].tensors, 2), tmp_path, run)
-    assert result["status"] == "match", result["divergence"]
+    assert result["status"] == "match", result["first_divergence"]
     stages = {s["tap"] for s in result["stages"]}
     assert {"embed", "layers.0.attn.q", "layers.0.attn.k_rope", "layers.0.attn.probs", "layers.1.out",
             "final_norm", "logits"} <= stages
@@ -124,13 +124,13 @@ def test_log_of_a_correct_run_matches_every_mapped_stage(run, tmp_path):
                                        ("ffn_out-1/ADD", "layers.1.out")])
 def test_one_wrong_printed_value_names_its_stage(run, tmp_path, which, tap):
     result = _compare(llamacpp_log(run[0].tensors, 2, perturb=which), tmp_path, run)
-    assert result["first_divergence"] == tap
+    assert result["first_divergence"]["tap"] == tap
 
 
 def test_qk_permutation_matters(run, tmp_path):
     # an HF-layout log read as GGUF layout: Q is "wrong" at once
     result = _compare(llamacpp_log(run[0].tensors, 2, permute=False), tmp_path, run)
-    assert result["first_divergence"] == "layers.0.attn.q"
+    assert result["first_divergence"]["tap"] == "layers.0.attn.q"
     result = _compare(llamacpp_log(run[0].tensors, 2, permute=False), tmp_path, run, layout="hf")
     assert result["status"] == "match"
 

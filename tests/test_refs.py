@@ -152,3 +152,14 @@ def test_metrics():
     a[0, 2] = np.nan
     m = metrics(a, b)
     assert m["first_nonfinite_a"] == (0, 2) and m["nonfinite"] == 1 and math.isinf(m["nmse"])
+
+
+def test_stats_json_ids_come_from_prompt_ids_or_the_older_tokens_key(tmp_path):
+    """Schema 1 writes the ids under prompt.ids; files written before it have them under tokens."""
+    base = {"dtype": "float32", "taps": {"embed": {"first": [0.0, 0.0, 0.0]}}}
+    path = tmp_path / "s.json"
+    for data, ids in (({**base, "prompt": {"ids": [5, 6, 7]}}, [5, 6, 7]), ({**base, "tokens": [8, 9]}, [8, 9]),
+                      (base, None)):
+        path.write_text(json.dumps(data))
+        (side,) = R.load(path)
+        assert side.ids == ids and side.n_tokens == (len(ids) if ids else None)

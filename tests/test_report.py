@@ -20,6 +20,7 @@ import pytest
 
 from mlx_tinyllama import report as report_mod
 from mlx_tinyllama.errors import UserError
+from mlx_tinyllama.results import PromptRecord, ResultHeader
 from mlx_tinyllama.trace import main as trace_main
 
 RUN_SECTIONS = {"header", "magnitudes", "attention", "top-k"}
@@ -152,8 +153,9 @@ def test_report_text_is_escaped(tiny_dir, tmp_path):
     evil = '<script>alert("x")</script>'
     prompt = Prompt(ids=[1, 2, 3], text=evil, pieces=["<s>", "</s>", "<img src=x>"], source="test")
     out = tmp_path / "r.html"
-    report_mod.run_report({"model": {"spec": evil}}, lm, prompt, html_path=out, attention_layers=[0],
-                          attention_heads=[0])
+    result = ResultHeader.of_run("run", lm, prompt).as_dict()
+    result["model"]["spec"] = evil
+    report_mod.run_report(result, lm, html_path=out, attention_layers=[0], attention_heads=[0])
     text = out.read_text(encoding="utf-8")
     assert evil not in text and "<img src=x>" not in text
     assert "&lt;script&gt;" in text
@@ -166,11 +168,12 @@ def test_bad_attention_selection_is_a_user_error(tiny_dir, tmp_path):
     lm = sources.load(str(tiny_dir), "float32")
     out = tmp_path / "r.html"
     with pytest.raises(UserError, match="attention layer 7"):
-        report_mod.run_report({"tokens": [1, 2, 3]}, lm, None, html_path=out, attention_layers=[7])
+        report_mod.run_report(ResultHeader.of_run("run", lm, PromptRecord([1, 2, 3])).as_dict(), lm, html_path=out,
+                              attention_layers=[7])
     with pytest.raises(UserError, match="--attention-heads"):
         report_mod.parse_int_list("0,x", "--attention-heads")
     with pytest.raises(UserError, match="does not exist"):
-        report_mod.run_report({}, lm, None, html_path=tmp_path / "missing" / "r.html")
+        report_mod.run_report(ResultHeader.of_run("run", lm).as_dict(), lm, html_path=tmp_path / "missing" / "r.html")
     assert not out.exists()
 
 
@@ -220,7 +223,7 @@ def test_compare_report_marks_the_injected_fault(fault_compare):
     layers.0.attn.probs (where faults.py says softmax-axis breaks), every stage before it
     is within its tolerance against transformers, the fault itself far outside."""
     rc, expected, out, result = fault_compare
-    assert rc == 1 and result["first_divergence"] == expected == "layers.0.attn.probs"
+    assert rc == 1 and result["first_divergence"]["tap"] == expected == "layers.0.attn.probs"
     page = parse_page(out / "compare.html")
     assert REPORT_SECTIONS | {"divergence", "comparison-table"} <= set(page.section_ids), page.section_ids
     data = data_block(page, "divergence-data")
@@ -247,7 +250,7 @@ def test_compare_report_header_has_the_tokens_and_attention_maps(fault_compare):
     from conftest import SEED_IDS
 
     _, _, out, result = fault_compare
-    assert result["tokens"] == SEED_IDS and len(result["prompt"]["pieces"]) == len(SEED_IDS)
+    assert result["prompt"]["ids"] == SEED_IDS and len(result["prompt"]["pieces"]) == len(SEED_IDS)
     text = (out / "compare.html").read_text(encoding="utf-8")
     assert text.count('class="tok"') == len(SEED_IDS)
     assert "<dd>38 tokens" in text and "synthetic:tiny" in text
@@ -261,7 +264,7 @@ def test_compare_report_from_the_json_alone(fault_compare, tmp_path):
     from conftest import SEED_IDS
 
     _, expected, out, result = fault_compare
-    report_mod.compare_report(result, None, None, html_path=tmp_path / "later.html")
+    report_mod.compare_report(result, None, html_path=tmp_path / "later.html")
     page = parse_page(tmp_path / "later.html")
     assert data_block(page, "divergence-data")["first_divergence"]["tap"] == expected
     text = (tmp_path / "later.html").read_text(encoding="utf-8")
@@ -305,7 +308,8 @@ def test_paths_report_marks_the_dropped_cache_entry(drop_kv_paths):
     (the step sees one key too few); before it every stage of every position agrees."""
     rc, out, result = drop_kv_paths
     assert rc == 1
-    assert result["first_divergence"] == {"path": "decode", "tap": "layers.0.attn.scores", "position": DROP}
+    first = result["first_divergence"]
+    assert (first["path"], first["tap"], first["position"]) == ("decode", "layers.0.attn.scores", DROP)
     page = parse_page(out / "paths.html")
     assert REPORT_SECTIONS | {"paths"} <= set(page.section_ids), page.section_ids
     data = data_block(page, "paths-data")
@@ -400,8 +404,8 @@ def test_wrong_gguf_qk_layout_gets_the_permutation_hint(permute, fix, tiny_dir, 
     path = tmp_path / f"tiny-{permute}.gguf"
     convert(tiny_dir, path, out_type="f16", permute=permute)
     result = compare_run(sources.load(str(path), "float32"), SEED_IDS, str(REF_FP32), Tolerances())
-    assert result["first_divergence"] == "layers.0.attn.q" and result["tokens"] == SEED_IDS
-    d = result["divergence"]
+    d = result["first_divergence"]
+    assert d["tap"] == "layers.0.attn.q"
     assert "permuted within heads" in d["hint"] and "interleaved" in d["hint"]
     assert d["qk_permutation"]["fixed_by"] == fix
     assert d["qk_permutation"]["sorted_nmse"] <= d["error"]["tolerance"] < d["error"]["value"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from mlx_tinyllama.chat_template import SEED_PROMPT
 from mlx_tinyllama.tokendiff import align, compare_ids
 from mlx_tinyllama.tokenizer import Tokenizer
-from test_tokenizer import PACKAGED, SEED_IDS
+from conftest import PACKAGED, SEED_IDS
 
 TOK = Tokenizer.from_file(PACKAGED)
 

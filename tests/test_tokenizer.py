@@ -3,7 +3,6 @@ segment by segment, on a broad corpus; `--tokenizer hf` agrees with transformers
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import re
@@ -14,57 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import PACKAGED, SEED_IDS
 from mlx_tinyllama.chat_template import SEED_PROMPT
 from mlx_tinyllama.errors import UserError
 from mlx_tinyllama.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
-PACKAGED = Path(__file__).resolve().parents[1] / "mlx_tinyllama" / "data" / "tokenizer.model"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE_JSON = SHARED / "refs" / "tinyllama-1.1b-chat-v1.0" / "transformers_reference_values.json"
 
-# The seed's 38 ids (transformers, add_special_tokens=False), kept literal so the test
-# stands without ../shared.
-SEED_IDS = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451, 29889, 2, 29871, 13,
-            29966, 29989, 1792, 29989, 29958, 13, 10994, 29991, 1128, 526, 366, 29973, 2, 29871, 13,
-            29966, 29989, 465, 22137, 29989, 29958, 13]
 SPECIALS = re.compile(r"(<unk>|<s>|</s>)")
-
-
-# --- helpers shared with the other tokenizer tests ----------------------------------------
-
-
-def write_tokenizer_dir(out: Path, merges_by: str = "score", config: dict | None = None) -> Path:
-    """A model directory with tokenizer.model and a TinyLlama-style tokenizer.json (BPE with
-    byte fallback, legacy normalizer Prepend("▁") + Replace(" ", "▁"), BOS post-processor).
-
-    merges_by="score" orders BPE merges by SentencePiece piece score (agrees with
-    SentencePiece); "vocab" orders them by id, as transformers' SentencePieceExtractor
-    does, which disagrees on text starting with a space and on runs of spaces."""
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, decoders, normalizers, processors
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.models import BPE
-
-    generate_merges = importlib.import_module("transformers.convert_slow_tokenizer").generate_merges
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PACKAGED, out / "tokenizer.model")
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(PACKAGED.read_bytes())
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    scores = {p.piece: (p.score if i > 2 else 0.0) for i, p in enumerate(proto.pieces)}
-    merges = generate_merges(vocab, scores) if merges_by == "score" else generate_merges(vocab)
-    tok = Backend(BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    tok.save(str(out / "tokenizer.json"))
-    base = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    (out / "tokenizer_config.json").write_text(json.dumps({**base, **(config or {})}))
-    return out
 
 
 def reference_encode(sp, text: str) -> list[int]:
@@ -114,12 +71,12 @@ def sp():
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
+def hf_dir(tmp_path_factory, write_tokenizer_dir) -> Path:
     return write_tokenizer_dir(tmp_path_factory.mktemp("hf_score"))
 
 
 @pytest.fixture(scope="module")
-def hf_dir_vocab_merges(tmp_path_factory) -> Path:
+def hf_dir_vocab_merges(tmp_path_factory, write_tokenizer_dir) -> Path:
     return write_tokenizer_dir(tmp_path_factory.mktemp("hf_vocab"), merges_by="vocab")
 
 
@@ -291,7 +248,7 @@ def test_known_disagreements(tok, hf_dir, hf_dir_vocab_merges):
                                for t in disagreeing)
 
 
-def test_transformers_5_autotokenizer_with_legacy_false_drops_the_prefix_space(tmp_path):
+def test_transformers_5_autotokenizer_with_legacy_false_drops_the_prefix_space(tmp_path, write_tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     from mlx_tinyllama.tokendiff import compare_ids
 

@@ -10,7 +10,7 @@ import pytest
 
 from mlx_tinyllama.chat_template import SEED_PROMPT
 from mlx_tinyllama.trace import main
-from test_tokenizer import PACKAGED, SEED_IDS, write_tokenizer_dir
+from conftest import PACKAGED, SEED_IDS
 
 
 def run(capsys, *argv):
@@ -46,8 +46,10 @@ def test_json_output(capsys, model_dir, tmp_path):
     code, _, _ = run(capsys, "--model", str(model_dir), "--chat", "Hello! How are you?",
                      "--system", "You are a friendly chatbot.", "--json", str(path))
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert code == 0 and data["ids"] == SEED_IDS and data["text"] == SEED_PROMPT
-    assert data["pieces"][:2] == ["▁<", "|"] and "alignment" not in data
+    prompt = data["prompt"]
+    assert code == 0 and data["schema"] == 1 and data["command"] == "tokens"
+    assert prompt["ids"] == SEED_IDS and prompt["text"] == SEED_PROMPT
+    assert prompt["pieces"][:2] == ["▁<", "|"] and "alignment" not in data
 
 
 def test_compare_ids_names_an_extra_bos(capsys, model_dir, tmp_path):
@@ -82,7 +84,7 @@ def test_token_ids_and_prompt_file(capsys, model_dir, tmp_path):
     assert code == 0 and f"ids: {SEED_IDS}" in out
 
 
-def test_warns_when_tokenizer_json_disagrees(capsys, tmp_path):
+def test_warns_when_tokenizer_json_disagrees(capsys, tmp_path, write_tokenizer_dir):
     d = write_tokenizer_dir(tmp_path, merges_by="vocab")
     code, _, err = run(capsys, "--model", str(d), "--prompt", "<s> bos")
     assert code == 0 and "warning: --tokenizer hf (tokenizer.json) gives different ids" in err

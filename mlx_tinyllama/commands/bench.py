@@ -1,5 +1,5 @@
 """`bench`: prefill/decode throughput, tap overhead and per-stage cost, side by
-side with mlx-lm's Llama on the same weights (see mlx_tinyllama/bench.py for
+side with mlx-lm's Llama on the same weights (see mlx_tinyllama/bench/timing.py for
 the method and docs/benchmarks.md for figures)."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def settings(args) -> bench.Settings:
 def main(args) -> int:
     s = settings(args)
     bench.check_metal_capture(args.metal_capture)  # before minutes of loading
-    cli_common.check_writable(args.json, "--json")
+    cli_common.check_outputs(args)
     bench.validate(s)  # counts and lengths that need no model
     lm = cli_common.load_model(args)
     if s.with_transformers and lm.source.format == "hf":
@@ -92,11 +92,11 @@ def print_result(r: dict) -> None:
     from rich.table import Table
 
     con = cli_common.console()
-    d, m = r["device"], r["model"]
+    d, m, w = r["hardware"], r["model"], r["weights"]
     peak = f", peak {d['peak_bandwidth_gbs']:.0f} GB/s ({d['peak_bandwidth_source']})" if d["peak_bandwidth_gbs"] else ""
     blas = f", BLAS {d['blas']}" if d["blas"] else ""
-    con.print(f"[bold]{m['spec']}[/] · {r['dtype']} · {r['kernels']} kernels · {m['parameters'] / 1e6:.1f}M parameters, "
-              f"{_gb(m['per_decode_token_bytes'])} of weights read per decode token")
+    con.print(f"[bold]{m['spec']}[/] · {r['dtype']} · {r['kernels']} kernels · {w['parameters'] / 1e6:.1f}M parameters, "
+              f"{_gb(w['per_decode_token_bytes'])} of weights read per decode token")
     con.print(f"device: {d['description']}{blas}{peak}")
     if "transformers" in r:
         con.print(f"transformers: {r['transformers']['device']}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 
 from .. import cli_common
-from .. import refs as R
+from ..compare import compare, compared_ids, needs_shortcut, run_side
 from ..errors import UserError
+from ..refs.loaders import load, read_name_map
+from ..refs.side import Side
+from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
-from ..cli_common import fmt
 
 
 def add_arguments(p) -> None:
@@ -32,29 +34,22 @@ def add_arguments(p) -> None:
                    help="override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4, scale=10")
     p.add_argument("--json", metavar="PATH", help="write the comparison (status, first_divergence, entries) as JSON")
     p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
-    from ..report import add_report_arguments
-
-    add_report_arguments(p, "the comparison (divergence map, table)")
+    cli_common.add_report_arguments(p, "the comparison (divergence map, table)")
     cli_common.add_model_arguments(p)
     p.set_defaults(model=None)  # None: the reference's own model (full-tensor references), else synthetic
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
 
 
 def main(args) -> int:
     if not args.ref and not args.against:
         raise UserError("compare needs --ref REF and/or --against FILE")
-    cli_common.check_writable(args.json, "--json")
-    from ..report import check_report_outputs, report_options
-
-    check_report_outputs(args.report, args.plots)
-    report_options(args)  # a malformed --attention-layers fails before the model loads
+    cli_common.check_outputs(args)
+    cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
-    name_map = R.read_name_map(args.map)
+    name_map = read_name_map(args.map)
     references = _load_ref(args.ref) if args.ref else None
     if args.against:
-        candidate = R.load(args.against, name_map, args.layout)
+        candidate = load(args.against, name_map, args.layout)
         if len(candidate) != 1:
             raise UserError(f"--against {args.against}: holds {len(candidate)} sources; give one dump")
         candidate = candidate[0]
@@ -63,33 +58,28 @@ def main(args) -> int:
 
             candidate.dtype = dtype_key(args.against_dtype)
     if references is not None and not args.against:  # this package's run against the reference
-        from ..compare import needs_shortcut, run_side
-
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
-        return finish(args, _compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids)), lm, prompt)
+        result = compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids))
+        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     if references is None:  # their dump against this package's run
         lm, prompt = _load_run(args, [candidate])
-        from ..compare import run_side
-
         references = [run_side(lm, prompt.ids)]
-        return finish(args, _compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids)), lm, prompt)
+        result = compare(candidate, references, tol, lm.config.as_dict(), len(prompt.ids))
+        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     cfg = _config(args, references)  # their dump against a stored reference
     n_tokens = next((r.n_tokens for r in references if r.n_tokens), None) or candidate.n_tokens
     if not n_tokens:
         raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
-    return finish(args, _compare(candidate, references, tol, cfg, n_tokens))
+    result = compare(candidate, references, tol, cfg, n_tokens)
+    ids = compared_ids(candidate, references)
+    prompt = PromptRecord(ids, source="the compared files' token ids") if ids else None
+    return cli_common.finish_comparison(args, ResultHeader.without_model("compare", candidate.dtype, prompt), result)
 
 
-def _compare(candidate, references, tol, cfg, n_tokens) -> dict:
-    from ..compare import compare
-
-    return compare(candidate, references, tol, cfg, n_tokens)
-
-
-def _load_ref(spec: str) -> list[R.Side]:
+def _load_ref(spec: str) -> list[Side]:
     path, _, source = spec.partition("#")
-    sides = R.load(path)
+    sides = load(path)
     if source:
         chosen = [s for s in sides if s.name.endswith("#" + source)]
         if not chosen:
@@ -103,7 +93,7 @@ def _prompt_given(args) -> bool:
     return any(getattr(args, k, None) is not None for k in ("prompt", "prompt_file", "token_ids", "chat"))
 
 
-def _load_run(args, sides: list[R.Side]):
+def _load_run(args, sides: list[Side]):
     """Load --model (default: a full-tensor reference's own model spec) and resolve the prompt."""
     from ..prompt import Prompt
 
@@ -136,78 +126,3 @@ def _config(args, references) -> dict:
     if src.format == "gguf":
         raise UserError("give --model as an HF directory or synthetic preset to tell the model shape")
     return load_config(src.path).as_dict()
-
-
-def finish(args, result: dict, lm=None, prompt=None) -> int:
-    """Print the table, write --json and --report/--plots (compare's own or run's); return the exit code."""
-    _describe_run(result, lm, prompt)
-    if getattr(args, "json", None):
-        cli_common.write_json(args.json, result)
-    if getattr(args, "report", None) or getattr(args, "plots", None):
-        _report(args, result, lm, prompt)
-    print_result(result, show_all=bool(getattr(args, "all", False)))
-    return 0 if result["status"] == "match" else 1
-
-
-def _describe_run(result: dict, lm, prompt) -> None:
-    """Add what the report's header shows: the model and the prompt (when this package ran)."""
-    if prompt is not None:
-        result["prompt"] = {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}
-        result["tokens"] = list(prompt.ids)
-    if lm is not None:
-        result.update(model=cli_common.model_header(lm), dtype=lm.dtype, policy=lm.ops.policy, kernels=lm.ops.kernels,
-                      device=cli_common.device_description(), versions=cli_common.versions())
-
-
-def _report(args, result, lm, prompt) -> None:
-    from ..report import compare_report, report_options
-
-    compare_report(result, lm, prompt, html_path=getattr(args, "report", None),
-                   plots_dir=getattr(args, "plots", None), **report_options(args))
-
-
-def print_result(result: dict, show_all: bool = False) -> None:
-    from rich.table import Table
-
-    con = cli_common.console()
-    refs_ = ", ".join(f"{r['name']} ({r['dtype'] or '?'})" for r in result["references"])
-    cand = result["candidate"]
-    con.print(f"[bold]compare[/] {cand['name']} ({cand['dtype'] or '?'}) against {refs_}")
-    for s in result["skipped"]:
-        con.print(f"[yellow]skipped[/] {s['source']}: {s['reason']}")
-    entries = result["entries"]
-    if not show_all and result["first_divergence"]:
-        keep = {result["first_divergence"]}
-        d = result["divergence"]
-        keep |= {x["tap"] for x in (d["before"], d["after"]) if x}
-        entries = [e for e in entries if e["tap"] in keep or not e["ok"]][:60]
-    t = Table(title="stages in forward order" + ("" if show_all or not result["first_divergence"] else
-                                                  " (around the first divergence; --all for every entry)"))
-    for col in ("stage", "index", "metric", "value", "tolerance", "ok"):
-        t.add_column(col, justify="left" if col in ("stage", "index", "metric") else "right", no_wrap=True)
-    for e in entries:
-        style = None if e["ok"] else "bold red"
-        t.add_row(e["tap"], e["index"], e["metric"], fmt(e["value"]), fmt(e["tolerance"]),
-                  "yes" if e["ok"] else "NO", style=style)
-    con.print(t)
-    n_ok = sum(e["ok"] for e in result["entries"])
-    con.print(f"{n_ok}/{len(result['entries'])} entries within tolerance over {len(result['stages'])} stages")
-    if result["not_compared"]:
-        con.print(f"not compared: {len(result['not_compared'])} item(s), e.g. "
-                  f"{result['not_compared'][0]['key']}: {result['not_compared'][0]['reason']}")
-    nf = result["first_nonfinite"]
-    if nf:
-        con.print(f"[red]first non-finite value[/]: {nf['tap']}{nf['index']} = {nf['value']} ({nf['count']} in that tap)")
-    if result["status"] == "match":
-        con.print("[bold green]match[/]: every compared stage is within tolerance")
-        return
-    d = result["divergence"]
-    err = d["error"]
-    con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {fmt(err['value'])}, "
-              f"tolerance {fmt(err['tolerance'])} ({fmt(err['ratio'])}x) at {err['index']}")
-    if d["before"]:
-        con.print(f"  before: {d['before']['tap']} {'matches' if d['before']['ok'] else 'differs'}")
-    if d["after"]:
-        con.print(f"  after:  {d['after']['tap']} {'matches' if d['after']['ok'] else 'differs'}"
-                  f" ({d['after']['metric']} {fmt(d['after']['value'])})")
-    con.print(f"  hint: {d['hint']}")

@@ -11,15 +11,13 @@ import time
 
 from .. import cli_common
 from ..errors import UserError
+from ..results import ResultHeader
 from ..cli_common import fmt
-from .run import DEFAULT_TAPS
 
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=64, help="generate at most N tokens (default 64)")
     g.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
@@ -31,7 +29,7 @@ def add_arguments(p) -> None:
     g.add_argument("--tap-step", type=int, metavar="N",
                    help="record the stages of step N (0 = the prompt's prefill, n >= 1 = the n-th decode step)")
     g.add_argument("--taps", action="append", metavar="GLOB",
-                   help=f"stages to record at --tap-step (repeatable; default: {' '.join(DEFAULT_TAPS)})")
+                   help=f"stages to record at --tap-step (repeatable; default: {' '.join(cli_common.DEFAULT_TAPS)})")
     g.add_argument("--json", metavar="PATH", help="write token_ids, text, stop reason (and the taps) as JSON")
 
 
@@ -54,11 +52,11 @@ def main(args) -> int:
         raise UserError("--taps needs --tap-step N (which step to record)")
     if args.tap_step is not None and not 0 <= args.tap_step < args.max_tokens:
         raise UserError(f"--tap-step must be in 0..{args.max_tokens - 1} (--max-tokens {args.max_tokens})")
-    cli_common.check_writable(args.json, "--json")
+    cli_common.check_outputs(args)
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)
-    names = select(args.taps or DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
+    names = select(args.taps or cli_common.DEFAULT_TAPS, lm.config.num_hidden_layers) if args.tap_step is not None else []
     tokenizer = cli_common.tokenizer_for(lm, args)
     stream = TextStream(tokenizer, _write_stdout)
     stamps: list[float] = []  # when each token was chosen: prefill and decode rates apart
@@ -90,10 +88,7 @@ def _write_stdout(text: str) -> None:
 
 def _result(args, lm, prompt, sampling, gen, text, tokenizer, seconds) -> dict:
     return {
-        "model": cli_common.model_header(lm), "dtype": lm.dtype, "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-        "device": cli_common.device_description(), "versions": cli_common.versions(),
-        "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-        "prompt_ids": prompt.ids,
+        **ResultHeader.of_run("generate", lm, prompt).as_dict(),
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "seed": sampling.seed, "greedy": sampling.greedy},
         "token_ids": gen.token_ids, "text": text, "pieces": tokenizer.pieces(gen.token_ids),
@@ -117,10 +112,10 @@ def _summary(result: dict) -> None:
     con = cli_common._console(stderr=True)
     n = len(result["token_ids"])
     msg = STOP_MESSAGES[result["stop_reason"]].format(max_pos=result["max_position_embeddings"],
-                                                      prompt=len(result["prompt_ids"]), generated=n)
+                                                      prompt=len(result["prompt"]["ids"]), generated=n)
     rate = ""
     if result.get("prefill_seconds") is not None:
-        rate = f", prefill of {len(result['prompt_ids'])} tokens {1e3 * result['prefill_seconds']:.0f} ms"
+        rate = f", prefill of {len(result['prompt']['ids'])} tokens {1e3 * result['prefill_seconds']:.0f} ms"
     if result.get("decode_tokens_per_s"):
         rate += f", decode {result['decode_tokens_per_s']:.1f} tokens/s"
     con.print(f"[dim]{n} tokens{rate}; {msg}[/]" if result["stop_reason"] != "max_position" else f"[yellow]{msg}[/]")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from .. import cli_common
 from ..errors import UserError
+from ..results import ResultHeader
 
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--chunk", type=int, action="append", metavar="K",
                    help="also prefill in chunks of K tokens through the cache (repeatable; default: the smallest "
                         "K >= 2 that divides the prompt length and the smallest that does not)")
@@ -24,9 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tol", action="append", metavar="[TAP_GLOB:]nmse=V|scale=F",
                    help="override the derived tolerance (see docs/compare.md), e.g. nmse=1e-6 or scale=10")
     p.add_argument("--json", metavar="PATH", help="write the result (first_divergence, per-path differences) as JSON")
-    from ..report import add_report_arguments
-
-    add_report_arguments(p, "the check")
+    cli_common.add_report_arguments(p, "the check")
 
 
 def default_chunks(T: int) -> list[int]:
@@ -43,12 +40,8 @@ def main(args) -> int:
 
     if args.continue_n < 0:
         raise UserError(f"--continue must be >= 0, got {args.continue_n}")
-    for path in (args.json, args.report):
-        cli_common.check_writable(path)
-    from ..report import check_report_outputs, report_options
-
-    check_report_outputs(args.report, args.plots)
-    options = report_options(args)  # a malformed --attention-layers fails before the model loads
+    cli_common.check_outputs(args)
+    options = cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
@@ -59,24 +52,15 @@ def main(args) -> int:
                         f"{room} more within max_position_embeddings={lm.config.max_position_embeddings}")
     chunks = args.chunk if args.chunk else default_chunks(len(prompt.ids))
     check = check_paths(lm.model, prompt.ids, chunks, args.continue_n, lm.dtype, args.fault, tolerances)
-    result = {"model": cli_common.model_header(lm), "policy": lm.ops.policy, "kernels": lm.ops.kernels,
-              "device": cli_common.device_description(), "versions": cli_common.versions(),
-              "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces}, **check}
+    result = {**ResultHeader.of_run("paths", lm, prompt).as_dict(), **check}
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        _report(result, lm, prompt, args.report, args.plots, options)
+        from ..report import paths_report
+
+        paths_report(result, lm, args.report, args.plots, **options)
     print_result(result)
     return 0 if result["agree"] else 1
-
-
-def _report(result, lm, prompt, html_path, plots_dir, options: dict) -> None:
-    try:
-        from ..report import paths_report
-    except ImportError:
-        raise UserError("--report needs the report module (mlx_tinyllama.report.paths_report)") from None
-    given = {k: v for k, v in options.items() if v is not None}  # unset: the report's defaults
-    paths_report(result, lm, prompt, html_path, plots_dir, **given)
 
 
 def _num(v: float) -> str:
@@ -90,7 +74,7 @@ def print_result(result: dict) -> None:
     m = result["model"]
     con.print(f"[bold]{m['spec']}[/] · {result['dtype']} · policy {result['policy']} · {result['kernels']} kernels"
               f" · {result['device']}")
-    con.print(f"prompt: {len(result['tokens'])} tokens ({result['prompt']['source']})")
+    con.print(f"prompt: {len(result['prompt']['ids'])} tokens ({result['prompt']['source']})")
     if result["fault"]:
         f = result["fault"]
         con.print(f"[yellow]fault injected: {f['name']}" + (f" at position {f['position']}" if f["position"] is not None
@@ -116,7 +100,7 @@ def print_result(result: dict) -> None:
             con.print(f"greedy continuation: [bold red]differs at generated token {i}[/]: cache "
                       f"{c['cached_tokens'][i]} vs prefill {c['recomputed_tokens'][i]} "
                       f"(cache: {c['cached_tokens']}, prefill: {c['recomputed_tokens']})")
-    d = result["first_divergence_detail"]
+    d = result["first_divergence"]
     if d:
         con.print(f"[bold red]first divergence[/]: path {d['path']}, tap {d['tap']}, position {d['position']} "
                   f"(step {d['step']}): {d['reason']}")

@@ -7,60 +7,44 @@ from __future__ import annotations
 
 from .. import cli_common
 from ..errors import UserError
+from ..results import ResultHeader
 from ..cli_common import fmt
-
-# The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
-# output, the final norm and the logits. A glob's `*` also matches dots, so
-# `layers.*.out` would add every layer's attn.out too; `*[0-9].out` is the layer output only.
-DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*[0-9].out", "final_norm", "logits")
-
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
-    from ..prompt import add_prompt_arguments
-
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--taps", action="append", metavar="GLOB",
                    help="stages to record, by glob (repeatable): 'layers.0.*', '*.attn.probs', 'logits', '*' "
-                        f"(default: {' '.join(DEFAULT_TAPS)})")
+                        f"(default: {' '.join(cli_common.DEFAULT_TAPS)})")
     p.add_argument("--top-k", type=int, default=10, help="how many next-token candidates to show (default 10)")
     p.add_argument("--json", metavar="PATH", help="write tokens, per-tap stats and top-k as JSON")
     p.add_argument("--dump", metavar="PATH.safetensors", help="write the full tensors of the selected taps")
     p.add_argument("--compare", metavar="REF", help="compare this run with a reference (see the compare command)")
     p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V",
                    help="with --compare: override a tolerance (repeatable): nmse=1e-6, layers.0.attn.probs:nmse=1e-4")
-    from ..report import add_report_arguments
-
-    add_report_arguments(p, "this run")
+    cli_common.add_report_arguments(p, "this run")
 
 
 def main(args) -> int:
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
-    for opt in ("json", "report"):
-        cli_common.check_writable(getattr(args, opt))
     if args.dump and not args.dump.endswith(".safetensors"):
         raise UserError("--dump writes safetensors: give a path ending in .safetensors")
-    cli_common.check_writable(args.dump)
+    cli_common.check_outputs(args)
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     if args.compare:
-        from ..compare import compare_from_run
+        from ..compare import compare_run
+        from ..tolerances import Tolerances
 
-        return compare_from_run(args, lm, prompt)
+        result = compare_run(lm, prompt.ids, args.compare, Tolerances.from_overrides(args.tol))
+        return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
 
-    patterns = args.taps or list(DEFAULT_TAPS)
+    patterns = args.taps or list(cli_common.DEFAULT_TAPS)
     taps, logits = cli_common.forward(lm, prompt.ids, patterns, mode="full" if args.dump else "stats")
     tokenizer = cli_common.tokenizer_for(lm, args)
     result = {
-        "model": cli_common.model_header(lm),
-        "dtype": lm.dtype,
-        "policy": lm.ops.policy,
-        "kernels": lm.ops.kernels,
-        "device": cli_common.device_description(),
-        "versions": cli_common.versions(),
-        "prompt": {"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-        "tokens": prompt.ids,
+        **ResultHeader.of_run("run", lm, prompt).as_dict(),
         "taps": taps.stats() if taps else {},
         "top_k": cli_common.top_k(logits[-1], args.top_k, tokenizer),
     }
@@ -69,9 +53,9 @@ def main(args) -> int:
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        from ..report import report_options, run_report
+        from ..report import run_report
 
-        run_report(result, lm, prompt, html_path=args.report, plots_dir=args.plots, **report_options(args))
+        run_report(result, lm, html_path=args.report, plots_dir=args.plots, **cli_common.report_options(args))
     print_result(result)
     return 0
 
@@ -83,7 +67,7 @@ def _dump(path: str, taps, result: dict) -> None:
 
     if taps is None:
         raise UserError("--dump needs at least one tap")
-    meta = {"tokens": json.dumps(result["tokens"]), "dtype": result["dtype"], "policy": result["policy"],
+    meta = {"tokens": json.dumps(result["prompt"]["ids"]), "dtype": result["dtype"], "policy": result["policy"],
             "model": result["model"]["spec"], "format": "mlx_tinyllama.dump/1"}
     mx.save_safetensors(path, dict(taps.tensors), metadata=meta)
 
@@ -97,7 +81,7 @@ def print_result(result: dict) -> None:
               f" · {result['kernels']} kernels · {result['device']}")
     con.print(f"weights: {m['path']}" + (f" · {m['details']['layout']}" if "layout" in m["details"] else ""),
               markup=False)
-    ids = result["tokens"]
+    ids = result["prompt"]["ids"]
     con.print(f"prompt: {len(ids)} tokens ({result['prompt']['source']}): {ids}")
     if result["taps"]:
         t = Table(title="stages in forward order", show_lines=False)

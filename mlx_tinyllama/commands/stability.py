@@ -14,12 +14,9 @@ from ..cli_common import fmt
 
 
 def add_arguments(p) -> None:
-    from .. import stress  # noqa: F401  (registers the stress-* synthetic presets)
-    from ..prompt import add_prompt_arguments
-
     cli_common.add_model_arguments(p)
     p.set_defaults(dtype=None, policy=None)
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--dtypes", metavar="LIST",
                    help="low-precision dtypes to run, comma-separated: float16, bfloat16 (default: --dtype, "
                         "else float16)")
@@ -29,9 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--taps", action="append", metavar="GLOB",
                    help="stages to show in the per-tap tables (the JSON always has every stage; default: all)")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    from ..report import add_report_arguments
-
-    add_report_arguments(p, "the stability run")
+    cli_common.add_report_arguments(p, "the stability run")
 
 
 def selected_dtypes(args) -> list[str]:
@@ -49,24 +44,19 @@ def selected_policies(args) -> list[str]:
 
 
 def main(args) -> int:
-    from .. import stress  # noqa: F401
-
     dtypes, policies = selected_dtypes(args), selected_policies(args)
-    cli_common.check_writable(args.json, "--json")
-    from ..report import check_report_outputs, report_options
-
-    check_report_outputs(args.report, args.plots)
-    options = report_options(args)  # a malformed --attention-layers fails before the models load
+    cli_common.check_outputs(args)
+    options = cli_common.report_options(args)  # a malformed --attention-layers fails before the models load
 
     result, prompt, lm = stability.run_stability(
         args.model, None, dtypes, policies, args.kernels, args.download, lambda lm: cli_common.prompt_for(args, lm),
         keep_model=bool(args.report or args.plots))
-    result.update(prompt={"text": prompt.text, "source": prompt.source, "pieces": prompt.pieces},
-                  device=cli_common.device_description(), versions=cli_common.versions())
     if args.json:
         cli_common.write_json(args.json, result)
     if args.report or args.plots:
-        stability.write_report(result, lm, prompt, args.report, args.plots, **options)
+        from ..report import stability_report
+
+        stability_report(result, lm, args.report, args.plots, **options)
     print_result(result, args.taps)
     return 0
 
@@ -86,7 +76,7 @@ def print_result(result: dict, patterns=None) -> None:
 
     con = cli_common.console()
     n = result["model"]["config"]["num_hidden_layers"]
-    con.print(f"[bold]{result['model']['spec']}[/bold]: {len(result['tokens'])} tokens; float32 reference vs "
+    con.print(f"[bold]{result['model']['spec']}[/bold]: {len(result['prompt']['ids'])} tokens; float32 reference vs "
               + ", ".join(label for label, _ in _runs(result)) + f" (kernels: {result['kernels']})")
     _print_tap_tables(con, result, n, patterns)
     _print_layers(con, result, n)

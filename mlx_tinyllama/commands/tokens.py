@@ -5,12 +5,12 @@ Exit code 0, or 1 when `--compare-ids` differs from ours; bad input is exit code
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..prompt import add_prompt_arguments, check_ids, parse_ids, resolve_prompt
+from .. import cli_common
+from ..prompt import check_ids, parse_ids, resolve_prompt
 from ..tokendiff import compare_ids
 from ..tokenizer import load_tokenizer
 
@@ -20,10 +20,11 @@ def add_arguments(p) -> None:
                    help="where the tokenizer comes from: a model directory (tokenizer.model / tokenizer.json), "
                         "a .gguf file, a Hugging Face repo id, or synthetic[:preset] (the packaged Llama 2 "
                         "tokenizer; default)")
-    add_prompt_arguments(p)
+    cli_common.add_prompt_arguments(p)
     p.add_argument("--compare-ids", metavar="1,529,...",
                    help="another engine's ids for this prompt: align them with ours and name each difference")
-    p.add_argument("--json", metavar="PATH", help="write {ids, pieces, text} (and the alignment) as JSON")
+    p.add_argument("--json", metavar="PATH",
+                   help="write the prompt {ids, pieces, text, source} (and the alignment) as JSON")
 
 
 def _tokenizer_location(spec: str) -> Path:
@@ -33,6 +34,7 @@ def _tokenizer_location(spec: str) -> Path:
 
 
 def main(args) -> int:
+    cli_common.check_outputs(args)
     location = _tokenizer_location(args.model)
     template_dir = location if location.is_dir() else None
     prompt = resolve_prompt(args, location, template_dir)
@@ -48,7 +50,7 @@ def main(args) -> int:
     if prompt.text is not None:
         _warn_if_tokenizers_disagree(location, args, prompt.ids)
     if args.json:
-        _write_json(Path(args.json), prompt, tokenizer, alignment)
+        _write_json(args.json, prompt, tokenizer, alignment)
     return 1 if alignment is not None and not alignment.identical else 0
 
 
@@ -148,14 +150,13 @@ def _with(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def _write_json(path: Path, prompt, tokenizer, alignment) -> None:
-    data = {"ids": prompt.ids, "pieces": prompt.pieces, "text": prompt.text,
-            "source": prompt.source, "tokenizer": tokenizer.kind}
+def _write_json(path, prompt, tokenizer, alignment) -> None:
+    from ..results import PromptRecord, ResultHeader
+
+    data = {**ResultHeader.without_model("tokens", None, PromptRecord.of(prompt)).as_dict(),
+            "tokenizer": tokenizer.kind}
     if alignment is not None:
         data["compare_ids"] = alignment.actual
         data["compare_pieces"] = tokenizer.pieces(alignment.actual)
         data["alignment"] = alignment.to_dict()
-    try:
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"--json: cannot write {path}: {e.strerror or e}") from None
+    cli_common.write_json(path, data)

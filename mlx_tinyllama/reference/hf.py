@@ -20,9 +20,8 @@ import json
 import platform
 from pathlib import Path
 
+from ..refs.loaders import MANIFEST_FORMAT
 from ..taps import tap_names
-
-MANIFEST_FORMAT = "mlx_tinyllama.reference/1"
 
 
 def _torch():

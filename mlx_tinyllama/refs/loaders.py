@@ -1,0 +1,233 @@
+"""Reading a reference or another engine's numbers from a file into `Side`s: the
+project's manifests, the seed's files and bundle, stats JSON, safetensors/npz tensors,
+llama.cpp logs, and the user's name map."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..outputs import number
+from .side import Item, Selector, Side, is_known_tap
+from .seed import SEED_FORMAT, topk_value, seed_entries, seed_format_of, side_from_entries
+from .llamacpp import map_name, parse_llamacpp_log
+
+
+MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.py writes
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | Path, name_map: dict | None = None, layout: str | None = None) -> list[Side]:
+    """Read any supported file into one or more Sides (a seed bundle holds several)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: give a reference .json, a .safetensors/.npz dump or a log file")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _load_json(path, name_map)
+    if suffix in (".safetensors", ".npz"):
+        return [_load_tensors(path, name_map, layout or "hf")]
+    text = _read_text(path)
+    if "ggml_debug" in text or "common_debug_cb_eval" in text or re.search(r"= \(\w+\)\s+\S+\(", text):
+        return [parse_llamacpp_log(text, path.name, name_map, layout or "gguf")]
+    raise UserError(f"{path}: not a recognised reference or dump (expected .json, .safetensors, .npz, "
+                    "or a llama.cpp eval-callback log with 'ggml_debug: NAME = (type) OP(...) = {shape}' lines)")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _load_json(path: Path, name_map: dict | None) -> list[Side]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level")
+    fmt = data.get("format")
+    if fmt == MANIFEST_FORMAT:
+        return [_load_manifest(path, data)]
+    if fmt == SEED_FORMAT:
+        return _load_bundle(path, data)
+    seed = seed_format_of(data)
+    if seed:
+        return [side_from_entries(path.name, "seed-json", seed_entries(seed, data))]
+    if isinstance(data.get("taps"), dict):
+        return [_load_stats_json(path, data, name_map)]
+    raise UserError(f"{path}: unrecognised JSON (not a reference manifest '{MANIFEST_FORMAT}', a seed bundle "
+                    f"'{SEED_FORMAT}', one of the seed's files, nor a stats JSON with 'taps')")
+
+
+def _load_manifest(path: Path, data: dict) -> Side:
+    tensor_file = path.parent / str(data.get("tensors", ""))
+    if not tensor_file.is_file():
+        raise UserError(f"{path}: its tensor file {tensor_file.name} is missing beside it")
+    tensors = read_tensor_file(tensor_file)
+    try:
+        prompt, model = data["prompt"], data["model"]
+        ids = [int(i) for i in prompt["ids"]]
+        declared = data["taps"]
+        dtype = data["provenance"]["dtype"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: malformed reference manifest ({type(e).__name__}: {e})") from None
+    missing = [n for n in declared if n not in tensors]
+    if missing:
+        raise UserError(f"{path}: {tensor_file.name} lacks {len(missing)} declared tap(s), e.g. {missing[0]}")
+    side = Side(name=path.name, kind="full-tensors", dtype=dtype, ids=ids, n_tokens=len(ids),
+                config=model.get("config"), provenance=dict(data.get("provenance", {}), model=model.get("spec"),
+                                                            weights_sha256=model.get("weights_sha256")))
+    rows = data.get("token_rows", {})  # taps stored for some token positions only (kept small)
+    for name in declared:
+        x = tensors[name]
+        if name in rows:
+            for j, t in enumerate(rows[name]):
+                side.items.append(Item(name, Selector("row", row=int(t)), x[j], key=f"{name}[{t}]",
+                                       note="stored for this token position only"))
+        else:
+            side.tensors[name] = x
+    if data.get("top_k"):
+        side.items.append(Item("logits", Selector("topk", row=-1, k=len(data["top_k"])), topk_value(data["top_k"]),
+                               key="top_k"))
+    return side
+
+
+def _load_bundle(path: Path, data: dict) -> list[Side]:
+    try:
+        sources = data["sources"]
+        config = data.get("config") or {}
+        out = []
+        for name, src in sources.items():
+            mapped = {"entries": src["entries"], "not_comparable": src.get("not_comparable", []),
+                      "prompt": src["prompt"], "dtype": src.get("dtype"), "provenance": src.get("provenance", {}),
+                      "config": dict(config, **(src.get("config") or {}))}
+            out.append(side_from_entries(f"{path.name}#{name}", "seed-json", mapped))
+        return out
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: malformed seed reference bundle ({type(e).__name__}: {e})") from None
+
+
+def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
+    """The `run --json` shape (or any engine writing it): per-tap {first, last, sum, ...} and top_k.
+    The token ids are `prompt.ids` (schema 1, docs/json.md), or `tokens` in files written before it."""
+    prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
+    ids = prompt.get("ids") if isinstance(prompt.get("ids"), list) else data.get("tokens")
+    side = Side(name=path.name, kind="stats-json", dtype=data.get("dtype"),
+                ids=[int(i) for i in ids] if isinstance(ids, list) else None,
+                config=(data.get("model") or {}).get("config") if isinstance(data.get("model"), dict) else None)
+    side.n_tokens = len(side.ids) if side.ids else None
+    for their, stats in data["taps"].items():
+        tap = map_name(their, name_map)
+        if tap is None:
+            side.not_comparable.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
+            continue
+        if not isinstance(stats, dict):
+            raise UserError(f"{path}: taps.{their} is not an object")
+        if "values" in stats:
+            side.tensors[tap] = np.asarray(stats["values"], np.float64)
+        for field_name, sel in (("first", Selector("row", 0, (0, 3))), ("last", Selector("row", -1, (0, 3))),
+                                ("sum", Selector("sum"))):
+            if field_name in stats:
+                value = np.asarray(_numbers(stats[field_name]), np.float64)
+                if sel.kind == "row":
+                    sel = Selector("row", sel.row, (0, value.size))
+                side.items.append(Item(tap, sel, value, key=f"taps.{their}.{field_name}"))
+    if isinstance(data.get("top_k"), list) and data["top_k"]:
+        side.items.append(Item("logits", Selector("topk", row=-1, k=len(data["top_k"])),
+                               topk_value(data["top_k"]), key="top_k"))
+    return side
+
+
+def _numbers(v):
+    """Numbers as a stats JSON holds them (outputs.json_safe writes NaN/Inf as strings)."""
+    return [number(x) for x in v] if isinstance(v, list) else number(v)
+
+
+def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
+    """safetensors (any float dtype, bf16 included) or npz -> float32 numpy arrays."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path) as z:
+                return {k: np.asarray(z[k]) for k in z.files}
+        import mlx.core as mx
+
+        return {k: np.array(v.astype(mx.float32)) if v.dtype != mx.float32 else np.array(v)
+                for k, v in mx.load(str(path), format="safetensors").items()}
+    except Exception as e:  # truncated or foreign files raise several types
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a tensor file?)") from None
+
+
+def _tensor_dtype(path: Path) -> str | None:
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", {}) or {}
+        kinds = {v.get("dtype") for v in header.values() if isinstance(v, dict)}
+        return meta.get("dtype") or {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(
+            kinds.pop() if len(kinds) == 1 else "")
+    except Exception:  # the tensor reader reports a broken file with a clear message
+        return None
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(n)).get("__metadata__", {}) or {}
+    except Exception:
+        return {}
+
+
+def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
+    tensors = read_tensor_file(path)
+    meta = _safetensors_metadata(path)
+    ids = None
+    if "tokens" in meta:
+        try:
+            ids = [int(i) for i in json.loads(meta["tokens"])]
+        except (ValueError, TypeError):
+            ids = None
+    side = Side(name=path.name, kind="dump", dtype=_tensor_dtype(path), ids=ids,
+                n_tokens=len(ids) if ids else None, layout=layout, provenance={"metadata": meta})
+    for their, x in tensors.items():
+        tap = map_name(their, name_map)
+        if tap is None:
+            side.not_comparable.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
+        else:
+            side.tensors[tap] = np.asarray(x, np.float32)
+    return side
+
+
+def read_name_map(path: str | Path | None) -> dict | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--map: {p} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--map: {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise UserError(f"--map: {p} must be a JSON object {{their name: canonical tap}}")
+    bad = [v for v in data.values() if not is_known_tap(v)]
+    if bad:
+        raise UserError(f"--map: {bad[0]!r} is not a canonical tap name (e.g. layers.0.attn.q, logits)")
+    return data
