@@ -44,6 +44,7 @@ def main(args) -> int:
     options = cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
+    tolerances.check_patterns(lm.config.num_hidden_layers)
     prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)
     room = lm.config.max_position_embeddings - len(prompt.ids)

@@ -30,14 +30,18 @@ def main(args) -> int:
         raise UserError("--top-k must be at least 1")
     if args.dump and not args.dump.endswith(".safetensors"):
         raise UserError("--dump writes safetensors: give a path ending in .safetensors")
+    _check_option_combinations(args)
     cli_common.check_outputs(args)
+    from ..tolerances import Tolerances
+
+    Tolerances.from_overrides(args.tol)  # a malformed --tol fails before the model loads
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     if args.compare:
         from ..compare import compare_run
-        from ..tolerances import Tolerances
 
-        result = compare_run(lm, prompt.ids, args.compare, Tolerances.from_overrides(args.tol))
+        tolerances = Tolerances.from_overrides(args.tol, lm.config.num_hidden_layers)
+        result = compare_run(lm, prompt.ids, args.compare, tolerances)
         return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
 
     patterns = args.taps or list(cli_common.DEFAULT_TAPS)
@@ -60,6 +64,17 @@ def main(args) -> int:
     return 0
 
 
+def _check_option_combinations(args) -> None:
+    """Options that cannot take effect together are refused, never silently ignored."""
+    if args.compare:
+        ignored = [o for o, v in (("--dump", args.dump), ("--taps", args.taps)) if v]
+        if ignored:
+            raise UserError(f"{' and '.join(ignored)} cannot be used with --compare (the comparison records every "
+                            "stage of the reference and writes no dump): run them separately")
+    elif args.tol:
+        raise UserError("--tol sets comparison tolerances: it needs --compare REF")
+
+
 def _dump(path: str, taps, result: dict) -> None:
     import json
 
@@ -69,7 +84,10 @@ def _dump(path: str, taps, result: dict) -> None:
         raise UserError("--dump needs at least one tap")
     meta = {"tokens": json.dumps(result["prompt"]["ids"]), "dtype": result["dtype"], "policy": result["policy"],
             "model": result["model"]["spec"], "format": "mlx_tinyllama.dump/1"}
-    mx.save_safetensors(path, dict(taps.tensors), metadata=meta)
+    from ..outputs import atomic_path
+
+    with atomic_path(path, suffix=".safetensors") as tmp:  # MLX appends .safetensors to other names
+        mx.save_safetensors(str(tmp), dict(taps.tensors), metadata=meta)
 
 
 def print_result(result: dict) -> None:
