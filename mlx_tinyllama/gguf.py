@@ -516,6 +516,12 @@ def tokenizer_model_proto(path) -> bytes:
     types = _field(header, "tokenizer.ggml.token_type") or [1] * n
     if len(scores) != n or len(types) != n:
         raise UserError(f"{path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
+    # Typed before use: a string where a score or type belongs would otherwise surface as a traceback.
+    for key, values, kinds in (("tokens", tokens, (str,)), ("scores", scores, (int, float)),
+                               ("token_type", types, (int,))):
+        if not isinstance(values, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
+            raise UserError(f"{path}: tokenizer.ggml.{key} is not a list of "
+                            f"{'strings' if kinds == (str,) else 'numbers'}")
 
     proto = pb.ModelProto()
     valid_types = {v.number for v in pb.ModelProto.SentencePiece.Type.DESCRIPTOR.values}
@@ -528,7 +534,9 @@ def tokenizer_model_proto(path) -> bytes:
 
     def tok_id(key, default):
         v = _field(header, key, default)
-        return -1 if v is None or not (0 <= int(v) < n) else int(v)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UserError(f"{path}: {key} is {v!r}; expected an integer token id")
+        return -1 if v is None or not (0 <= v < n) else v
 
     ts = proto.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE

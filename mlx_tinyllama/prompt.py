@@ -22,7 +22,11 @@ MAX_PROMPT_BYTES = 1 << 20
 
 
 def check_prompt_size(text: str, option: str) -> str:
-    n = len(text.encode("utf-8", errors="surrogatepass"))
+    try:
+        n = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
+        raise UserError(f"{option}: the text is not valid UTF-8 (character {e.start}); give UTF-8 text or "
+                        "use --prompt-file") from None
     if n > MAX_PROMPT_BYTES:
         raise UserError(f"{option}: the prompt is {n} bytes; prompts are read up to {MAX_PROMPT_BYTES} bytes "
                         "(a 2048-token context holds about 10 kB of text)")

@@ -36,21 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlx_tinyllama.trace",
         description="Instrumented TinyLlama forward pass in MLX: see, stage by stage, what correct numbers look like. "
-                    "--debug (anywhere on the line) shows the traceback of an internal error.",
+                    "Every command takes --debug: the traceback of an internal error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"mlx_tinyllama.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
         p.set_defaults(_main=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv  # global: accepted anywhere on the line, before or after the command
-    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["--debug"] and argv[1:2] and argv[1] in COMMANDS:  # `--debug COMMAND ...` too
+        argv = [argv[1], "--debug", *argv[2:]]
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
     parser = build_parser()
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_main"):
         parser.print_help()
         return 2
+    debug = args.debug
     try:
         with _sigterm_as_interrupt():
             return int(args._main(args) or 0)

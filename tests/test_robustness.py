@@ -399,7 +399,7 @@ def test_other_weight_files_listed(extra, lab, tiny_dir, tiny_config):
 # ---------------------------------------------------------------------------------------------
 # GGUF headers and metadata (probe class "gguf"), written byte by byte so every field can be wrong
 
-GGUF_TYPES = {"u8": (0, "B"), "i8": (1, "b"), "u32": (4, "I"), "i32": (5, "i"), "f32": (6, "f"), "bool": (7, "?"),
+GGUF_TYPES = {"arr": (9, None), "u8": (0, "B"), "i8": (1, "b"), "u32": (4, "I"), "i32": (5, "i"), "f32": (6, "f"), "bool": (7, "?"),
               "str": (8, None), "u64": (10, "Q"), "i64": (11, "q")}
 
 
@@ -418,8 +418,14 @@ def write_gguf(path: Path, kv: list, tensors: list, alignment: int = 32, version
     head = b"GGUF" + struct.pack("<I", version)
     head += struct.pack("<QQ", len(tensors) if n_tensors is None else n_tensors, len(kv) if n_kv is None else n_kv)
     for key, kind, value in kv:
-        head += _gguf_string(key) + struct.pack("<I", GGUF_TYPES[kind][0])
-        head += _gguf_string(value) if kind == "str" else struct.pack("<" + GGUF_TYPES[kind][1], value)
+        head += _gguf_string(key) + struct.pack("<I", GGUF_TYPES[kind.split(":")[0]][0])
+        if kind.startswith("arr:"):  # an array of one element type
+            sub = kind[4:]
+            head += struct.pack("<IQ", GGUF_TYPES[sub][0], len(value))
+            head += b"".join(_gguf_string(v) if sub == "str" else struct.pack("<" + GGUF_TYPES[sub][1], v)
+                             for v in value)
+        else:
+            head += _gguf_string(value) if kind == "str" else struct.pack("<" + GGUF_TYPES[kind][1], value)
     align = alignment if isinstance(alignment, int) and 0 < alignment < 1 << 20 else 32
     offsets, pos = [], 0
     for name, ne, type_id, data, offset in tensors:
@@ -607,6 +613,31 @@ def test_gguf_metadata(name, key, kind, value, words, gguf_parts, lab, capfd):
     assert snapshot(p) == before
 
 
+GGUF_TOKENIZER_CASES = [  # tokenizer.ggml.* (read by `tokens --model x.gguf`): (name, kv changes, words)
+    ("no-tokenizer", [], "no tokenizer"),
+    ("model=gpt2", [("tokenizer.ggml.model", "str", "gpt2")], "tokenizer.ggml.model"),
+    ("tokens-ints", [("tokenizer.ggml.tokens", "arr:u32", [1, 2, 3])], "tokens.*strings"),
+    ("scores-strings", [("tokenizer.ggml.scores", "arr:str", ["a", "b", "c"])], "scores.*numbers"),
+    ("types-floats", [("tokenizer.ggml.token_type", "arr:f32", [1.0, 1.0, 1.0])], "token_type.*numbers"),
+    ("scores-count", [("tokenizer.ggml.scores", "arr:f32", [0.0])], "3 tokens but 1 scores"),
+    ("bos-string", [("tokenizer.ggml.bos_token_id", "str", "1")], "bos_token_id"),
+    ("tokens-scalar", [("tokenizer.ggml.tokens", "str", "abc")], "tokens.*strings|no tokenizer"),
+]
+
+
+@pytest.mark.parametrize("name,changes,words", GGUF_TOKENIZER_CASES, ids=[c[0] for c in GGUF_TOKENIZER_CASES])
+def test_gguf_tokenizer(name, changes, words, gguf_parts, lab, capfd):
+    kv, tensors = gguf_parts
+    if name != "no-tokenizer":
+        kv = [*kv, ("tokenizer.ggml.model", "str", "llama"),
+              ("tokenizer.ggml.tokens", "arr:str", ["<unk>", "<s>", "</s>"])]
+    for key, kind, value in changes:
+        kv = _replace(kv, key, kind, value)
+    p = write_gguf(lab / f"tok-{name}.gguf", kv, tensors)
+    rc, _, err = invoke(["tokens", "--model", p, "--token-ids", "1"], capfd)
+    assert_one_error(rc, err, 2, words)
+
+
 @pytest.mark.parametrize("name,change,words", GGUF_LAYOUT_CASES, ids=[c[0] for c in GGUF_LAYOUT_CASES])
 def test_gguf_layout(name, change, words, gguf_parts, lab, capfd):
     kv, tensors = gguf_parts
@@ -781,6 +812,8 @@ PROMPT_CASES = [  # (name, argv builder given a scratch dir, words)
     ("ids-too-big", lambda d: ["--token-ids", "1,32000"], "outside the vocabulary"),
     ("ids-huge-int", lambda d: ["--token-ids", "1," + "9" * 40], "outside the vocabulary"),
     ("ids-huge-digits", lambda d: ["--token-ids", "9" * 5000], "not an integer|outside"),
+    ("prompt-lone-surrogate", lambda d: ["--prompt", "caf\udce9"], "not valid UTF-8"),
+    ("chat-lone-surrogate", lambda d: ["--chat", "caf\udce9"], "not valid UTF-8"),
 ]
 
 
