@@ -709,6 +709,28 @@ def test_paths_options(name, extra, words, tiny_dir, capfd):
     assert_one_error(rc, err, 2, words)
 
 
+RUN_COMBINATIONS = [  # options of `run` that cannot take effect together
+    ("compare+dump", lambda r, ref: ["--compare", ref, "--dump", r / "x.safetensors"], "--dump.*--compare"),
+    ("compare+taps", lambda r, ref: ["--compare", ref, "--taps", "logits"], "--taps.*--compare"),
+    ("tol-without-compare", lambda r, ref: ["--tol", "nmse=1e-3"], "--tol.*needs --compare"),
+    ("compare+tol-nothing", lambda r, ref: ["--compare", ref, "--tol", "layers.7.attn.q:nmse=1e-3"], "layers.7"),
+    ("json=dump", lambda r, ref: ["--json", r / "x.safetensors", "--dump", r / "x.safetensors"], "same path"),
+    ("report=json", lambda r, ref: ["--json", r / "x.json", "--report", r / "x.json"], "same path"),
+    ("top-k=0", lambda r, ref: ["--top-k", "0"], "--top-k"),
+    ("taps-nothing", lambda r, ref: ["--taps", "nope", "--dump", r / "n.safetensors"], "nope|tap"),
+]
+
+
+@pytest.mark.parametrize("name,build,words", RUN_COMBINATIONS, ids=[c[0] for c in RUN_COMBINATIONS])
+def test_run_option_combinations(name, build, words, lab, tiny_dir, stats_ref, capfd):
+    r = lab / "combos" / name
+    r.mkdir(parents=True)
+    rc, _, err = invoke(["run", "--model", tiny_dir, "--dtype", "float32", "--token-ids", "1,2,3",
+                         *build(r, stats_ref)], capfd)
+    assert_one_error(rc, err, 2, words)
+    assert list(r.iterdir()) == []  # no output written, none half-written
+
+
 def test_paths_continue_at_the_limit_runs(lab, tiny_dir, tiny_config, capfd):
     """--continue exactly filling the context is allowed (the check is not off by one)."""
     d = model_dir(lab / "ctx", "ctx16", tiny_dir, {**tiny_config, "max_position_embeddings": 16})
@@ -1235,7 +1257,7 @@ def test_sigterm_exits_130_and_keeps_the_earlier_output(lab):
 
 CLASS_OF = {
     "config": ("test_config_",), "weights": ("test_weights_", "test_model_paths", "test_bench_", "test_other_weight"),
-    "gguf": ("test_gguf_",), "options": ("test_generate_", "test_paths_"), "template": ("test_chat_template",),
+    "gguf": ("test_gguf_",), "options": ("test_generate_", "test_paths_", "test_run_option"), "template": ("test_chat_template",),
     "prompt": ("test_prompt_", "test_compare_ids", "test_long_prompt", "test_tokens_table"),
     "outputs": ("test_outputs_", "test_failed_write", "test_successful_write"),
     "references": ("test_references", "test_llamacpp", "test_reference_manifest", "test_name_map"),
