@@ -878,11 +878,13 @@ def test_long_prompt_over_context_refused_for_run(tiny_dir, capfd):
     assert_one_error(rc, err, 2, "3000 tokens.*max_position_embeddings")
 
 
-def test_tokens_table_bounded(lab, capfd):
+def test_tokens_table_bounded(lab, monkeypatch, capfd):
     """A long (accepted) prompt prints a bounded table but every id."""
-    from mlx_tinyllama.commands.tokens import MAX_ROWS
+    from mlx_tinyllama.commands import tokens
 
-    p = _write(lab / "long.txt", b"hello world " * 3000)
+    monkeypatch.setattr(tokens, "MAX_ROWS", 100)  # the real bound (4096) works the same, only slower to show
+    MAX_ROWS = tokens.MAX_ROWS
+    p = _write(lab / "long.txt", b"hello world " * 100)
     rc, out, err = invoke(["tokens", "--prompt-file", p], capfd)
     assert rc == 0, err
     ids_line = next(ln for ln in out.splitlines() if ln.startswith("ids: "))
@@ -979,6 +981,14 @@ def test_outputs_never_clobber(case, lab, tiny_dir, tiny_config, stats_ref, capf
     assert snapshot(*watched) == before  # every input intact, nothing new anywhere
 
 
+def fail_with_partial(exc):
+    """A GGUFWriter method that fails after the header went out: the temporary file is half written."""
+    def f(self, *a, **k):
+        self.fout[0].write(b"partial") if getattr(self, "fout", None) else None
+        raise exc
+    return f
+
+
 def _existing(path: Path) -> Path:
     path.write_bytes(OLD)
     return path
@@ -991,7 +1001,7 @@ FAILING_WRITES = [  # (name, what fails, exit code, words)
     ("interrupt-in-write", "interrupt", 130, "interrupted"),
     ("enospc-dump", "dump", 1, "No space left"),
     ("interrupt-in-dump", "dump-interrupt", 130, "interrupted"),
-    ("enospc-report", "report", 1, "No space left"),
+    ("interrupt-in-gguf", "gguf", 130, "interrupted"),
 ]
 
 
@@ -1005,6 +1015,18 @@ def test_failed_write_keeps_the_earlier_file(name, fail, code, words, lab, tiny_
 
     out_dir = lab / "failing" / name
     out_dir.mkdir(parents=True)
+    if fail == "gguf":  # the GGUF converter (scripts/hf_to_gguf.py), interrupted while writing tensors
+        import gguf
+
+        target = _existing(out_dir / "m.gguf")
+        before = snapshot(out_dir, tiny_dir)
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail_with_partial(KeyboardInterrupt()))
+        from mlx_tinyllama.gguf_write import convert
+
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny_dir, target, "f32")
+        assert target.read_bytes() == OLD and snapshot(out_dir, tiny_dir) == before
+        return
     target = _existing(out_dir / ("out.safetensors" if "dump" in fail else "out.html" if fail == "report"
                                   else "out.json"))
     option = "--dump" if "dump" in fail else "--report" if fail == "report" else "--json"
@@ -1230,7 +1252,7 @@ def _trace_process(args, **kw):
 @pytest.mark.parametrize("args,code,words", [
     (["run", "--model", "/nonexistent/model"], 2, "not found"),
     (["run", "--model", "synthetic:tiny", "--token-ids", "1,2", "--json", "/nonexistent/x.json"], 2, "does not exist"),
-    (["generate", "--model", "synthetic:tiny", "--temperature", "0.5", "--top-k", "32000"], 2, "--top-k"),
+    (["generate", "--model", "synthetic:tiny", "--temperature", "0.5", "--seed", "-1"], 2, "--seed"),
 ])
 def test_process_exit_codes(args, code, words):
     p = _trace_process(args)
