@@ -304,7 +304,7 @@ MODEL_PATH_CASES = ["dir-named-gguf", "missing", "plain-file", "empty-dir", "wei
 def test_model_paths(case, lab, tiny_dir, tiny_config, monkeypatch, capfd):
     import pathlib
 
-    from mlx_tinyllama import gguf as gguf_module
+    from mlx_tinyllama import gguf_header as gguf_module
     from mlx_tinyllama import sources
 
     root = lab / "paths" / case
