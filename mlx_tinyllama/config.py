@@ -20,7 +20,6 @@ SIZE_RANGES = {
     "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "vocab_size": (1, 1 << 21),
     "max_position_embeddings": (1, 1 << 24), "head_dim": (0, 4096),
 }
-MAX_PARAMETERS = 1_000_000_000_000
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -81,9 +80,6 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise UserError(f"{name} is {v!r}; it must be an integer token id")
-        if self.num_parameters() > MAX_PARAMETERS:
-            raise UserError(f"the config describes {self.num_parameters() / 1e9:.0f}B parameters; this tool "
-                            f"runs models up to {MAX_PARAMETERS / 1e9:.0f}B (TinyLlama has 1.1B)")
 
     @property
     def n_rep(self) -> int:

@@ -139,8 +139,6 @@ CONFIG_CASES += [
     ("eos=[]", {"eos_token_id": []}, "eos_token_id"),
     ("bos-outside-vocab", {"bos_token_id": 32000}, "bos_token_id"),
     ("layers=1e9", {"num_hidden_layers": 1e9}, "num_hidden_layers"),
-    ("params>1T", {"hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 1024,
-                   "num_attention_heads": 512, "num_key_value_heads": 512}, "parameters"),
 ]
 
 RAW_CONFIGS = [  # whole-file corruption: bytes of config.json
@@ -173,6 +171,18 @@ def test_config_file(name, raw, words, lab, tiny_dir, capfd):
     rc, _, err = invoke(["run", "--model", d], capfd)
     assert_one_error(rc, err, 2, words)
     assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("command,words", [("run", "lacks 9198 weight"), ("stability", "does not fit in memory")])
+def test_huge_config_refused_without_allocating(command, words, lab, tiny_dir, tiny_config, capfd):
+    """Every size at its maximum (35e12 parameters): refused in seconds, by the weights or the memory check."""
+    config = {**tiny_config, "hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 1024,
+              "num_attention_heads": 512, "num_key_value_heads": 512}
+    d = model_dir(lab / "huge", command, tiny_dir, config)
+    started = time.monotonic()
+    rc, _, err = invoke([command, "--model", d], capfd)
+    assert_one_error(rc, err, 2, words)
+    assert time.monotonic() - started < 30
 
 
 def test_config_controls_accepted(lab, tiny_dir, tiny_config, capfd):
