@@ -1113,6 +1113,13 @@ REFERENCE_CASES = [  # (name, file name, bytes, words)
     ("log-bad-number", "l.log", b"ggml_debug: inp_embd = (f32) GET_ROWS(a, b) = {2, 1}\n [ 1.0, x ]\n", "bad number"),
     ("log-wrong-rows", "l.log", b"ggml_debug: inp_embd = (f32) GET_ROWS(a, b) = {2, 2}\n [ 1.0, 2.0 ]\n", "rows"),
     ("log-nothing", "l.log", b"just some text\n", "not a recognised"),
+    *[(f"seed-bundle-{k}", "b.json", json.dumps({"format": "mlx_tinyllama.seed-refs/1", "sources": v}).encode(),
+       "malformed seed reference bundle|number of tokens") for k, v in {
+        "entries-str": {"a": {"entries": "x", "prompt": {}}},
+        "entries-of-str": {"a": {"entries": ["x"], "prompt": {"ids": [1]}}},
+        "entry-no-index": {"a": {"entries": [{"tap": "embed", "value": "abc"}], "prompt": {"ids": [1]}}},
+        "sources-list": [1],
+        "ids-str": {"a": {"entries": [], "prompt": {"ids": "x"}}}}.items()],
     ("tensors-garbage", "t.safetensors", b"\x10\0\0\0\0\0\0\0{not json here..", "cannot read"),
     ("npz-garbage", "t.npz", b"PK\3\4garbage", "cannot read"),
 ]
