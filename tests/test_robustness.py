@@ -1295,7 +1295,8 @@ def test_sigterm_exits_130_and_keeps_the_earlier_output(lab):
 # The census: how many probes each class holds, counted from what pytest collected (print with -s)
 
 CLASS_OF = {
-    "config": ("test_config_",), "weights": ("test_weights_", "test_model_paths", "test_bench_", "test_other_weight"),
+    "config": ("test_config_", "test_huge_config"),
+    "weights": ("test_weights_", "test_model_paths", "test_bench_", "test_other_weight"),
     "gguf": ("test_gguf_",), "options": ("test_generate_", "test_paths_", "test_run_option"), "template": ("test_chat_template",),
     "prompt": ("test_prompt_", "test_compare_ids", "test_long_prompt", "test_tokens_table"),
     "outputs": ("test_outputs_", "test_failed_write", "test_successful_write"),
