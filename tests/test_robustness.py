@@ -409,7 +409,8 @@ def test_other_weight_files_listed(extra, lab, tiny_dir, tiny_config):
 # ---------------------------------------------------------------------------------------------
 # GGUF headers and metadata (probe class "gguf"), written byte by byte so every field can be wrong
 
-GGUF_TYPES = {"arr": (9, None), "u8": (0, "B"), "i8": (1, "b"), "u32": (4, "I"), "i32": (5, "i"), "f32": (6, "f"), "bool": (7, "?"),
+GGUF_TYPES = {"arr": (9, None), "u8": (0, "B"), "i8": (1, "b"), "u32": (4, "I"), "i32": (5, "i"), "f32": (6, "f"),
+              "bool": (7, "?"),
               "str": (8, None), "u64": (10, "Q"), "i64": (11, "q")}
 
 
@@ -1297,7 +1298,8 @@ def test_sigterm_exits_130_and_keeps_the_earlier_output(lab):
 CLASS_OF = {
     "config": ("test_config_", "test_huge_config"),
     "weights": ("test_weights_", "test_model_paths", "test_bench_", "test_other_weight"),
-    "gguf": ("test_gguf_",), "options": ("test_generate_", "test_paths_", "test_run_option"), "template": ("test_chat_template",),
+    "gguf": ("test_gguf_",), "options": ("test_generate_", "test_paths_", "test_run_option"),
+    "template": ("test_chat_template",),
     "prompt": ("test_prompt_", "test_compare_ids", "test_long_prompt", "test_tokens_table"),
     "outputs": ("test_outputs_", "test_failed_write", "test_successful_write"),
     "references": ("test_references", "test_llamacpp", "test_reference_manifest", "test_name_map"),
