@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import outputs, runtime, sources
 from .outputs import write_json  # noqa: F401  (re-exported)
@@ -68,18 +69,40 @@ def load_model(args) -> sources.LoadedModel:
             prog.stop()
 
 
-# Every output option a command may have: file outputs, then directory outputs.
+# Every output option a command may have: file outputs, then directory outputs; and every input.
 FILE_OUTPUTS = ("json", "report", "dump")
 DIR_OUTPUTS = ("plots",)
+INPUTS = ("ref", "against", "map", "compare", "prompt_file")
 
 
 def check_outputs(args) -> None:
     """Every output option the command has, checked before the model loads, so a bad output path
-    costs nothing and leaves no partial outputs."""
-    for name in FILE_OUTPUTS:
-        outputs.check_file(getattr(args, name, None), "--" + name)
-    for name in DIR_OUTPUTS:
-        outputs.check_dir(getattr(args, name, None), "--" + name)
+    costs nothing and leaves no partial outputs: writable, not an input of this run, not inside the
+    model directory or the synthetic cache, no two the same (outputs.check_run)."""
+    files = {"--" + n.replace("_", "-"): getattr(args, n, None) for n in FILE_OUTPUTS}
+    dirs = {"--" + n: getattr(args, n, None) for n in DIR_OUTPUTS}
+    inputs = {}
+    for name in INPUTS:
+        value = getattr(args, name, None)
+        if value:
+            inputs["--" + name.replace("_", "-")] = value
+            sibling = Path(value).with_suffix(".safetensors")  # a manifest's tensors live beside it
+            if Path(value).suffix == ".json" and sibling.exists():
+                inputs[f"--{name}'s tensors"] = sibling
+    from . import synthetic
+
+    protected = {"the synthetic model cache": synthetic.cache_root()}
+    spec = getattr(args, "model", None)
+    if spec and not spec.startswith("synthetic"):
+        model = Path(spec).expanduser()
+        if model.is_dir():
+            protected["the model directory"] = model
+            for f in model.iterdir():  # a hard link elsewhere to one of its files is that file
+                if f.is_file():
+                    inputs[f"--model's {f.name}"] = f
+        elif model.exists():
+            inputs["--model"] = model
+    outputs.check_run(files, dirs, inputs, protected)
 
 
 check_writable = outputs.check_file  # the older name, for callers on other branches

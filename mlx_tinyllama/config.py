@@ -7,9 +7,20 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, read_bytes
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# (min, max) of each size; checked before anything is built from them. The maxima are far above any
+# Llama (Llama 3 405B: hidden 16384, 126 layers, vocabulary 128256) but keep a corrupt value such as
+# num_hidden_layers 1e9 from allocating per-layer tables.
+SIZE_RANGES = {
+    "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "vocab_size": (1, 1 << 21),
+    "max_position_embeddings": (1, 1 << 24), "head_dim": (0, 4096),
+}
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -35,24 +46,40 @@ class ModelConfig:
         self._check_sizes()
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if not self.head_dim:
+                raise UserError(f"hidden_size ({self.hidden_size}) is smaller than num_attention_heads "
+                                f"({self.num_attention_heads}): no room for a head")
+        if self.head_dim % 2:
+            raise UserError(f"head_dim is {self.head_dim}; RoPE rotates halves of each head, so it must be even")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        for name in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise UserError(f"{name} is {getattr(self, name)}; it must be a token id in 0..{self.vocab_size - 1}")
 
     def _check_sizes(self) -> None:
-        """Zero or negative sizes would crash later (division, reshape) far from their cause."""
-        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "vocab_size", "max_position_embeddings")
-        for name in sizes:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} is {getattr(self, name)}; it must be a positive integer")
-        if self.head_dim < 0:
-            raise UserError(f"head_dim is {self.head_dim}; it must be a positive integer")
+        """Types and ranges first: a float or string size, or one in the billions, would crash (or
+        allocate) later, far from its cause. Bounds are generous multiples of any Llama released."""
+        for name, (low, high) in SIZE_RANGES.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserError(f"{name} is {v!r}; it must be an integer")
+            if not low <= v <= high:
+                what = "a positive integer" if low == 1 else f"an integer >= {low}"
+                raise UserError(f"{name} is {v}; it must be {what} at most {high}")
         for name in ("rms_norm_eps", "rope_theta", "rope_factor"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} is {getattr(self, name)}; it must be positive")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+                raise UserError(f"{name} is {v!r}; it must be a positive finite number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise UserError(f"tie_word_embeddings is {self.tie_word_embeddings!r}; it must be true or false")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserError(f"{name} is {v!r}; it must be an integer token id")
 
     @property
     def n_rep(self) -> int:
@@ -99,7 +126,12 @@ class ModelConfig:
                             f"max_position_embeddings={self.max_position_embeddings}")
 
     def num_parameters(self) -> int:
-        return sum(math.prod(shape) for shape in self.weight_shapes().values())
+        """The sizes of weight_shapes(), summed without building it (checked before it is built)."""
+        h, i, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        d = self.head_dim or self.hidden_size // self.num_attention_heads
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        per_layer = 2 * h + 2 * q * h + 2 * kv * h + 3 * i * h
+        return self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + layers * per_layer + h
 
     def to_hf_dict(self) -> dict:
         """A config.json that transformers' LlamaConfig (4.x and 5.x) reads back to the same model."""
@@ -133,86 +165,115 @@ class ModelConfig:
         return asdict(self)
 
 
-def _rope_from_hf(d: dict) -> tuple[float, str, float]:
+def _rope_from_hf(d: dict, where: str = "config.json") -> tuple[float, str, float]:
     """rope_theta / rope_scaling (transformers 4.x) or rope_parameters (5.x)."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
-            raise UserError(f"config.json's {key} is {value!r}; expected an object such as "
+            raise UserError(f"{where}: {key} is {value!r}; expected an object such as "
                             '{"rope_type": "linear", "factor": 2.0} or null')
     theta = d.get("rope_theta")
     if theta is None:  # transformers 5.x keeps it in rope_parameters (and may write rope_theta: null)
         theta = params.get("rope_theta", 10000.0)
     rope = {**params, **scaling}
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise UserError(
-            f"unsupported rope scaling {rope_type!r}; this tool runs {', '.join(SUPPORTED_ROPE_TYPES)} RoPE "
+            f"{where}: unsupported rope scaling {rope_type!r}; this tool runs {', '.join(SUPPORTED_ROPE_TYPES)} RoPE "
             "(TinyLlama uses the default)"
         )
-    try:
-        factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
-        theta = float(theta)
-    except (TypeError, ValueError):
-        raise UserError(f"config.json's rope_theta ({theta!r}) or rope factor ({rope.get('factor')!r}) "
-                        "is not a number") from None
+    factor = _number(rope, "factor", 1.0, f"{where}: rope scaling") if rope_type == "linear" else 1.0
+    theta = _number({"rope_theta": theta}, "rope_theta", None, where)
     return theta, rope_type, factor
 
 
-def config_from_hf_dict(d: dict) -> ModelConfig:
+def _integer(d: dict, key: str, default, where: str) -> int:
+    """An integer field: 64.7, "64", true or null is refused rather than truncated or guessed."""
+    v = d.get(key, default)
+    if v is None and default is not None and key in d:
+        v = default  # null: the default, as transformers reads it
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 2048.0: some converters write integral floats
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"{where}: {key} is {json.dumps(v)}; expected an integer")
+    return v
+
+
+def _number(d: dict, key: str, default, where: str) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UserError(f"{where}: {key} is {json.dumps(v)}; expected a finite number")
+    return float(v)
+
+
+def _check_architecture(d: dict, where: str) -> None:
     model_type = d.get("model_type")
     if model_type != "llama":
         raise UserError(
-            f"model_type is {model_type!r}, not 'llama': this tool runs the Llama architecture "
+            f"{where}: model_type is {model_type!r}, not 'llama': this tool runs the Llama architecture "
             "(TinyLlama, Llama 2) only"
         )
+    archs = d.get("architectures")
+    if archs is None:
+        return  # optional in a config.json; model_type decides then
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"{where}: architectures is {json.dumps(archs)}; expected a list of class names")
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise UserError(f"{where}: architectures is {archs}; this tool runs "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)} only (a different head or model class would "
+                        "compute something else from these weights)")
+
+
+def config_from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
+    if not isinstance(d, dict):
+        raise UserError(f"{where} does not hold a JSON object")
+    _check_architecture(d, where)
     act = d.get("hidden_act", "silu")
     if act != "silu":
-        raise UserError(f"hidden_act is {act!r}; the Llama MLP here is SwiGLU with 'silu'")
+        raise UserError(f"{where}: hidden_act is {act!r}; the Llama MLP here is SwiGLU with 'silu'")
     if d.get("attention_bias") or d.get("mlp_bias"):
-        raise UserError("attention_bias / mlp_bias are set; TinyLlama has no biases and this tool runs none")
+        raise UserError(f"{where}: attention_bias / mlp_bias are set; TinyLlama has no biases and this tool runs none")
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if k not in d]
     if missing:
-        raise UserError(f"config.json lacks {', '.join(missing)}")
-    theta, rope_type, factor = _rope_from_hf(d)
+        raise UserError(f"{where} lacks {', '.join(missing)}")
+    theta, rope_type, factor = _rope_from_hf(d, where)
     eos = d.get("eos_token_id", 2)
     if isinstance(eos, list):
         if not eos:
-            raise UserError("config.json's eos_token_id is an empty list")
+            raise UserError(f"{where}: eos_token_id is an empty list")
         eos = eos[0]
+    tie = d.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise UserError(f"{where}: tie_word_embeddings is {json.dumps(tie)}; expected true or false")
+    heads = _integer(d, "num_attention_heads", None, where)
+    values = {k: _integer(d, k, None, where) for k in required}
+    values.update(
+        num_key_value_heads=_integer(d, "num_key_value_heads", heads, where),  # absent: no GQA, as transformers
+        rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, where),
+        rope_theta=theta, rope_type=rope_type, rope_factor=factor,
+        max_position_embeddings=_integer(d, "max_position_embeddings", 2048, where),
+        tie_word_embeddings=tie,
+        head_dim=_integer(d, "head_dim", 0, where),
+        bos_token_id=_integer(d, "bos_token_id", 1, where),
+        eos_token_id=_integer({"eos_token_id": eos}, "eos_token_id", 2, where),
+    )
     try:
-        return ModelConfig(
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=int(d["num_attention_heads"] if d.get("num_key_value_heads") is None
-                                    else d["num_key_value_heads"]),  # absent: no GQA, as transformers
-            vocab_size=int(d["vocab_size"]),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_type=rope_type,
-            rope_factor=factor,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            head_dim=int(d.get("head_dim") or 0),
-            bos_token_id=int(d.get("bos_token_id", 1) if d.get("bos_token_id") is not None else 1),
-            eos_token_id=int(eos if eos is not None else 2),
-        )
-    except (TypeError, ValueError) as e:
-        raise UserError(f"config.json has a field of the wrong type: {e}") from None
+        return ModelConfig(**values)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def load_config(model_dir: Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size} bytes; a config.json is a few kB (at most "
+                        f"{MAX_CONFIG_BYTES} read)")
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = json.loads(read_bytes(path, "config.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return config_from_hf_dict(d)
+    return config_from_hf_dict(d, str(path))

@@ -15,17 +15,24 @@ Files (the layout of Hugging Face's sharded checkpoints):
   {"metadata": {...}, "weight_map": {tap name: shard file name}}.
 Every shard carries the same metadata (tokens, dtype, ...), so one shard alone is
 a valid dump of its taps. `read_index` lists the shards for `compare`.
+
+Nothing is half-written: shards go to hidden temporary files beside `path` and take
+their names only in `finish()` (the index last); `abort()` (or an interrupted run)
+removes them, so an earlier dump at `path` stays as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import UserError
+from .errors import OutputError, UserError
+from .outputs import atomic_path
 from .taps import Taps, split_name, stage_of, tensor_stats
 
 INDEX_SUFFIX = ".index.json"
@@ -50,6 +57,7 @@ class StreamingDump(Taps):
         super().__init__(names, "full")
         self.path, self.metadata, self.shard_bytes = Path(path), dict(metadata), shard_bytes
         self.shards: list[tuple[Path, list[str]]] = []
+        self._pending: list[Path] = []  # temporary files of the shards, renamed in finish()
         self._layer: int | None = None
         self._bytes = 0
         self._done: dict[str, dict] = {}  # stats of the taps already written
@@ -68,7 +76,14 @@ class StreamingDump(Taps):
             return
         mx.eval(list(self.tensors.values()))  # the forward pass up to here
         path = shard_path(self.path, len(self.shards) + 1)
-        mx.save_safetensors(str(path), self.tensors, metadata=self.metadata)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+            os.close(fd)
+            self._pending.append(Path(tmp))
+            mx.save_safetensors(tmp, self.tensors, metadata=self.metadata)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot write {path}: {e.strerror or e}; the earlier dump (if any) is unchanged") from None
         self.shards.append((path, list(self.tensors)))
         for n, x in self.tensors.items():
             self._done[n] = tensor_stats(x, stage_of(n).token_axis)
@@ -79,13 +94,29 @@ class StreamingDump(Taps):
         Returns the files written (the index last)."""
         self._write()
         if len(self.shards) == 1:
-            os.replace(self.shards[0][0], self.path)
             self.shards[0] = (self.path, self.shards[0][1])
+        try:
+            for tmp, (final, _) in zip(self._pending, self.shards):
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, final)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+        self._pending = []
+        if len(self.shards) == 1:
             return [self.path]
         index = {"metadata": {**self.metadata, "shards": len(self.shards)},
                  "weight_map": {n: p.name for p, names in self.shards for n in names}}
-        index_path(self.path).write_text(json.dumps(index, indent=1))
+        with atomic_path(index_path(self.path)) as tmp:
+            tmp.write_text(json.dumps(index, indent=1))
         return [p for p, _ in self.shards] + [index_path(self.path)]
+
+    def abort(self) -> None:
+        """Remove the shards not yet renamed into place (an interrupted or failed run)."""
+        for tmp in self._pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._pending = []
 
     def stats(self) -> dict[str, dict]:
         return {n: self._done[n] for n in self.order}

@@ -35,13 +35,19 @@ class Sampling:
     top_k: int = 0  # 0: off
     seed: int | None = None
 
-    def check(self) -> None:
-        if not self.temperature >= 0:  # also refuses NaN
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    def check(self, vocab_size: int | None = None) -> None:
+        """Options mlx-lm's samplers and MLX's generator accept; `vocab_size` bounds --top-k."""
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if vocab_size is not None and self.top_k >= vocab_size and not self.greedy:
+            raise UserError(f"--top-k {self.top_k} keeps the whole vocabulary of {vocab_size} tokens or more; "
+                            f"give 1..{vocab_size - 1}, or 0 for no top-k")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UserError(f"--seed must be in 0..2**64-1 (MLX's generator seed), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -77,7 +83,7 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int, sampling: Sam
     test it), or a model that wraps ours, runs eagerly. `compiled=False` forces the eager path.
     `on_token(id)` is called as each token is chosen (streaming).
     """
-    sampling.check()
+    sampling.check(model.config.vocab_size)
     if max_tokens < 0:
         raise UserError(f"--max-tokens must be >= 0, got {max_tokens}")
     model.config.check_ids(list(prompt_ids))

@@ -24,8 +24,6 @@ conversion (to float16) disagreed with gguf-py's in our checks.
 
 from __future__ import annotations
 
-import mmap
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 from .config import ModelConfig
 from .dtypes import canonical
 from .errors import UserError
+from .gguf_header import TensorInfo, header_value, meta, open_gguf
 
 QK_LAYOUT = "llama.cpp interleaved-pair layout, un-permuted per head to HF rotate-half"
 
@@ -120,141 +119,8 @@ def _to_dtype(dtype) -> mx.Dtype:
     return dtype
 
 
-# GGUF value types (gguf spec): id -> struct format; 8 is string, 9 is array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-       7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-
-
-class _Truncated(Exception):
-    pass
-
-
-@dataclass
-class _TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # numpy order (rows first), i.e. GGUF's ne reversed
-    type_id: int
-    type_name: str
-    offset: int  # absolute, in bytes
-    n_bytes: int
-
-
-@dataclass
-class _Header:
-    version: int
-    fields: dict  # key -> python value (numeric arrays as lists)
-    tensors: dict  # name -> _TensorInfo, file order
-
-
-class _Cursor:
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise _Truncated(f"needs byte {self.pos + n}, the file has {len(self.buf)}")
-        b = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return b
-
-    def unpack(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
-
-    def string(self) -> str:
-        return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype == 6:
-            # GGUF stores float32: read 1e-05, not 9.99999974e-06 (the shortest decimal
-            # that round-trips in float32 is what the writer meant).
-            return float(str(np.float32(self.unpack("f"))))
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            sub, n = self.unpack("I"), self.unpack("Q")
-            if sub in _NP:  # numeric arrays in one read: the vocabulary's scores and types
-                a = np.frombuffer(self.take(n * np.dtype(_NP[sub]).itemsize), dtype=np.dtype(_NP[sub]).newbyteorder("<"))
-                return a.tolist()
-            return [self.value(sub) for _ in range(n)]
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def _parse(path: Path, buf) -> _Header:
-    """The GGUF header (metadata and tensor table) of a little-endian GGUF v2/v3 file.
-
-    Our own small parser: gguf-py's GGUFReader builds numpy views per string and takes
-    ~2 s on a 32000-token vocabulary; this takes tens of milliseconds."""
-    import gguf
-
-    size = len(buf)
-    if size < 4:
-        raise UserError(f"{path} is truncated: {size} bytes, too short for a GGUF header")
-    if bytes(buf[:4]) != b"GGUF":
-        raise UserError(f"{path} is not a GGUF file: its magic is {bytes(buf[:4])!r}, expected b'GGUF'")
-    c = _Cursor(buf)
-    try:
-        c.take(4)
-        version = c.unpack("I")
-        if version not in (2, 3):
-            hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
-            raise UserError(f"{path} is GGUF version {version}{hint}; this tool reads little-endian versions 2 and 3")
-        n_tensors, n_kv = c.unpack("Q"), c.unpack("Q")
-        fields = {}
-        for _ in range(n_kv):
-            key = c.string()
-            fields[key] = c.value(c.unpack("I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = c.string()
-            ne = [c.unpack("Q") for _ in range(c.unpack("I"))]
-            infos.append((name, ne, c.unpack("I"), c.unpack("Q")))
-    except _Truncated as e:
-        raise UserError(f"{path} is truncated in its header: {e}") from None
-    except (ValueError, struct.error) as e:
-        raise UserError(f"{path} has a corrupt header: {e}") from None
-    align = int(fields.get("general.alignment", 32))
-    data_start = -(-c.pos // align) * align
-    tensors = {}
-    for name, ne, type_id, rel in infos:
-        try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-        except ValueError:
-            raise UserError(f"{path}: tensor {name} has the unknown ggml type id {type_id}") from None
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n_elem = int(np.prod(ne)) if ne else 1
-        info = _TensorInfo(name, tuple(reversed(ne)), type_id, qtype.name, data_start + rel,
-                           n_elem // block * type_size)
-        if info.offset + info.n_bytes > size:
-            raise UserError(
-                f"{path} is truncated: tensor {name} ends at byte {info.offset + info.n_bytes}, "
-                f"the file has {size}"
-            )
-        tensors[name] = info
-    fields["GGUF.version"] = version
-    return _Header(version, fields, tensors)
-
-
-def _open(path) -> tuple[_Header, "mmap.mmap"]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such GGUF file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty (truncated), not a GGUF file")
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return _parse(path, buf), buf
-
-
-def _field(header: _Header, key: str, default=None):
-    v = header.fields.get(key)
-    return default if v is None else v
-
-
 def _require_llama(header, path) -> None:
-    arch = _field(header, "general.architecture")
+    arch = header_value(header, "general.architecture")
     if arch != "llama":
         raise UserError(
             f"{path}: general.architecture is {arch!r}, not 'llama': this tool runs the Llama "
@@ -263,23 +129,23 @@ def _require_llama(header, path) -> None:
 
 
 def _config(header, path, tensors: dict) -> ModelConfig:
-    def get(key, default=None, required=False):
-        v = _field(header, f"llama.{key}", default)
-        if required and v is None:
-            raise UserError(f"{path} lacks the GGUF metadata key llama.{key}")
-        return v
+    def get(key, default=None, required=False, kind=int):
+        return meta(header, path, f"llama.{key}", kind, default, required)
 
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path} has no token_embd.weight tensor")
-    hidden = int(get("embedding_length", required=True))
-    n_heads = int(get("attention.head_count", required=True))
-    n_kv = int(get("attention.head_count_kv", n_heads))
-    head_dim = int(get("attention.key_length", hidden // n_heads))
-    rope_dim = int(get("rope.dimension_count", head_dim))
+    hidden = get("embedding_length", required=True)
+    n_heads = get("attention.head_count", required=True)
+    for key, v in (("embedding_length", hidden), ("attention.head_count", n_heads)):
+        if v < 1:  # divided by below
+            raise UserError(f"{path}: GGUF metadata llama.{key} is {v}; expected a positive integer")
+    n_kv = get("attention.head_count_kv", n_heads)
+    head_dim = get("attention.key_length", hidden // n_heads)
+    rope_dim = get("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UserError(f"{path}: rope.dimension_count {rope_dim} != head_dim {head_dim} (partial RoPE is not Llama)")
-    scaling = get("rope.scaling.type")
-    factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 1.0)
+    scaling = header_value(header, "llama.rope.scaling.type")
+    factor = get("rope.scaling.factor", 0.0, kind=float) or get("rope.scale_linear", 0.0, kind=float) or 1.0
     if scaling in (None, "none") and factor == 1.0:
         rope_type = "default"
     elif scaling in (None, "linear"):
@@ -288,23 +154,26 @@ def _config(header, path, tensors: dict) -> ModelConfig:
         raise UserError(f"{path}: unsupported RoPE scaling {scaling!r}; this tool runs default and linear RoPE")
     # The embedding's row count is the vocabulary the model computes logits over.
     vocab = int(tensors["token_embd.weight"].shape[0])
-    return ModelConfig(
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length", required=True)),
-        num_hidden_layers=int(get("block_count", required=True)),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        vocab_size=vocab,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_type=rope_type,
-        rope_factor=factor if rope_type == "linear" else 1.0,
-        max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensors,
-        head_dim=head_dim,
-        bos_token_id=int(_field(header, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_field(header, "tokenizer.ggml.eos_token_id", 2)),
-    )
+    try:
+        return ModelConfig(
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length", required=True),
+            num_hidden_layers=get("block_count", required=True),
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            vocab_size=vocab,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+            rope_theta=get("rope.freq_base", 10000.0, kind=float),
+            rope_type=rope_type,
+            rope_factor=factor if rope_type == "linear" else 1.0,
+            max_position_embeddings=get("context_length", 2048),
+            tie_word_embeddings="output.weight" not in tensors,
+            head_dim=head_dim,
+            bos_token_id=meta(header, path, "tokenizer.ggml.bos_token_id", int, 1),
+            eos_token_id=meta(header, path, "tokenizer.ggml.eos_token_id", int, 2),
+        )
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def _from_mlx(name: str, ttype: str, mlx_arrays: dict) -> mx.array:
@@ -323,7 +192,7 @@ def _from_mlx(name: str, ttype: str, mlx_arrays: dict) -> mx.array:
     )
 
 
-def _from_numpy(tensor: _TensorInfo, buf) -> mx.array:
+def _from_numpy(tensor: TensorInfo, buf) -> mx.array:
     """One tensor read from the mapped file and dequantized by gguf-py's reference code."""
     import gguf
 
@@ -340,7 +209,7 @@ def _from_numpy(tensor: _TensorInfo, buf) -> mx.array:
 def read_config(path) -> ModelConfig:
     """The model config from a GGUF's metadata, without reading its tensors."""
     path = Path(path)
-    header, buf = _open(path)
+    header, buf = open_gguf(path)
     try:
         _require_llama(header, path)
         return _config(header, path, header.tensors)
@@ -353,7 +222,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
     (dequantized), Q/K rows un-permuted to the HF layout."""
     dtype = _to_dtype(dtype)
     path = Path(path)
-    header, buf = _open(path)
+    header, buf = open_gguf(path)
     _require_llama(header, path)
     tensors = header.tensors
     unknown = [n for n in tensors if hf_name(n) is None]
@@ -403,7 +272,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
     mlx_arrays = None
     buf.close()
 
-    file_type = _field(header, "general.file_type")
+    file_type = header_value(header, "general.file_type")
     try:
         import gguf
 
@@ -413,8 +282,8 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
     info = {
         "format": "GGUF",
         "path": str(path),
-        "gguf_version": int(_field(header, "GGUF.version")),
-        "name": _field(header, "general.name"),
+        "gguf_version": int(header_value(header, "GGUF.version")),
+        "name": header_value(header, "general.name"),
         "file_type": file_type_name,
         "tensor_types": dict(sorted(Counter(types.values()).items())),
         "qk_layout": QK_LAYOUT,
@@ -447,22 +316,28 @@ def tokenizer_model_proto(path) -> bytes:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     path = Path(path)
-    header, buf = _open(path)
+    header, buf = open_gguf(path)
     buf.close()
-    model = _field(header, "tokenizer.ggml.model")
-    if model is None or _field(header, "tokenizer.ggml.tokens") is None:
+    model = header_value(header, "tokenizer.ggml.model")
+    if model is None or header_value(header, "tokenizer.ggml.tokens") is None:
         raise UserError(f"{path} carries no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens)")
     if model != "llama":
         raise UserError(
             f"{path}: tokenizer.ggml.model is {model!r}; only the SentencePiece 'llama' tokenizer "
             "(TinyLlama, Llama 2) can be rebuilt from GGUF metadata"
         )
-    tokens = _field(header, "tokenizer.ggml.tokens")
+    tokens = header_value(header, "tokenizer.ggml.tokens")
     n = len(tokens)
-    scores = _field(header, "tokenizer.ggml.scores") or [0.0] * n
-    types = _field(header, "tokenizer.ggml.token_type") or [1] * n
+    scores = header_value(header, "tokenizer.ggml.scores") or [0.0] * n
+    types = header_value(header, "tokenizer.ggml.token_type") or [1] * n
     if len(scores) != n or len(types) != n:
         raise UserError(f"{path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
+    # Typed before use: a string where a score or type belongs would otherwise surface as a traceback.
+    for key, values, kinds in (("tokens", tokens, (str,)), ("scores", scores, (int, float)),
+                               ("token_type", types, (int,))):
+        if not isinstance(values, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
+            raise UserError(f"{path}: tokenizer.ggml.{key} is not a list of "
+                            f"{'strings' if kinds == (str,) else 'numbers'}")
 
     proto = pb.ModelProto()
     valid_types = {v.number for v in pb.ModelProto.SentencePiece.Type.DESCRIPTOR.values}
@@ -474,8 +349,10 @@ def tokenizer_model_proto(path) -> bytes:
         sp.type = int(ttype) if int(ttype) in valid_types else pb.ModelProto.SentencePiece.NORMAL
 
     def tok_id(key, default):
-        v = _field(header, key, default)
-        return -1 if v is None or not (0 <= int(v) < n) else int(v)
+        v = header_value(header, key, default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UserError(f"{path}: {key} is {v!r}; expected an integer token id")
+        return -1 if v is None or not (0 <= v < n) else v
 
     ts = proto.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE
@@ -491,7 +368,7 @@ def tokenizer_model_proto(path) -> bytes:
             setattr(ts, attr, tokens[idx])
     ns = proto.normalizer_spec
     ns.name = "identity"
-    ns.add_dummy_prefix = bool(_field(header, "tokenizer.ggml.add_space_prefix", True))
+    ns.add_dummy_prefix = bool(header_value(header, "tokenizer.ggml.add_space_prefix", True))
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     return proto.SerializeToString()

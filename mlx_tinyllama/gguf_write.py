@@ -18,6 +18,7 @@ import numpy as np
 from .chat_template import own_template
 from .config import ModelConfig, load_config
 from .errors import UserError
+from .outputs import atomic_path
 from .gguf import _GLOBAL_NAMES, _LAYER_NAMES, permute_qk
 
 OUT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0")  # the quantized ones: gguf-py's reference quantizers
@@ -100,6 +101,11 @@ def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> d
 
     file_type = gguf.LlamaFileType.ALL_F32 if out_type == "f32" else gguf.LlamaFileType[f"MOSTLY_{out_type.upper()}"]
     qtype = gguf.GGMLQuantizationType[out_type.upper()] if out_type.startswith("q") else None
+    with atomic_path(out_path, suffix=".gguf") as tmp:  # an interrupted conversion leaves no half GGUF
+        return _write(gguf, tmp, hf_dir, config, tensors, names, file_type, qtype, out_type, permute)
+
+
+def _write(gguf, out_path, hf_dir, config, tensors, names, file_type, qtype, out_type, permute) -> dict[str, str]:
     writer = gguf.GGUFWriter(str(out_path), "llama")
     writer.add_name(hf_dir.name)
     writer.add_file_type(int(file_type))

@@ -16,6 +16,23 @@ from .errors import UserError, read_bytes
 from .tokenizer import load_tokenizer
 
 
+# Prompts are read up to this size: any Llama context holds far less text (TinyLlama's 2048 tokens are
+# ~10 kB), and tokenizing or printing tens of MB would run for minutes.
+MAX_PROMPT_BYTES = 1 << 20
+
+
+def check_prompt_size(text: str, option: str) -> str:
+    try:
+        n = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
+        raise UserError(f"{option}: the text is not valid UTF-8 (character {e.start}); give UTF-8 text or "
+                        "use --prompt-file") from None
+    if n > MAX_PROMPT_BYTES:
+        raise UserError(f"{option}: the prompt is {n} bytes; prompts are read up to {MAX_PROMPT_BYTES} bytes "
+                        "(a 2048-token context holds about 10 kB of text)")
+    return text
+
+
 @dataclass
 class Prompt:
     ids: list[int]
@@ -46,6 +63,13 @@ def check_ids(ids: list[int], vocab_size: int, option: str = "--token-ids") -> N
 
 def read_prompt_file(path) -> str:
     path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # read_bytes says what is wrong with it
+    if size > MAX_PROMPT_BYTES:
+        raise UserError(f"--prompt-file: {path} is {size} bytes; prompts are read up to {MAX_PROMPT_BYTES} bytes "
+                        "(a 2048-token context holds about 10 kB of text)")
     data = read_bytes(path, "--prompt-file")
     try:
         return data.decode("utf-8")
@@ -61,6 +85,9 @@ def prompt_text(args, chat_template_dir, eos_token: str = "</s>", bos_token: str
         raise UserError("--system needs --chat USER")
     if getattr(args, "token_ids", None) is not None:
         return None, "--token-ids"
+    for option in ("prompt", "chat", "system"):
+        if getattr(args, option, None) is not None:
+            check_prompt_size(getattr(args, option), f"--{option}")
     if getattr(args, "prompt", None) is not None:
         return args.prompt, "--prompt"
     if getattr(args, "prompt_file", None) is not None:

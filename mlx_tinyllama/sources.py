@@ -22,8 +22,7 @@ import mlx.core as mx
 
 from . import dtypes
 from .config import ModelConfig, load_config
-from .errors import UserError
-from .gguf import is_gguf
+from .errors import UserError, read_bytes
 from .model import TinyLlama
 from .ops import KERNELS, POLICIES, Ops, cpu_half_gemm, use_fp32_gemm
 
@@ -73,11 +72,14 @@ def resolve(spec: str, allow_download: bool = False, progress=None) -> ModelSour
         path = synthetic.materialize(preset, seed, progress=progress)
         return ModelSource(spec, path, "hf", "synthetic", {"preset": preset, "seed": seed})
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf" or is_gguf(path):
+    if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        if path.is_dir():
+            raise UserError(f"--model {path} is a directory, not a GGUF file")
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
         return ModelSource(spec, path, "gguf", "local")
     if path.is_dir():
+        _check_listable(path)
         return ModelSource(spec, path, "hf", "local")
     if path.exists():
         raise UserError(f"{spec} is a file but neither a GGUF file nor a model directory")
@@ -87,6 +89,23 @@ def resolve(spec: str, allow_download: bool = False, progress=None) -> ModelSour
         f"model {spec!r} not found: give a model directory, a .gguf file, a Hugging Face repo id "
         "(e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0) or synthetic[:preset]"
     )
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise UserError(f"--model: cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_listable(path: Path) -> None:
+    """An unreadable model directory is one clear line, not "has no config.json" or a traceback."""
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as e:
+        raise UserError(f"--model: cannot read the directory {path}: {e.strerror or e}") from None
 
 
 def _offline() -> bool:
@@ -157,20 +176,31 @@ def tokenizer_location(spec: str) -> Path:
 # --- weights --------------------------------------------------------------------
 
 
+WEIGHT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)  # what a Llama checkpoint stores; others are corrupt
+MAX_INDEX_BYTES = 16 << 20
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise UserError(f"{index} is {index.stat().st_size} bytes; an index is at most a few MB")
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index} is malformed: {e}") from None
+            weight_map = json.loads(read_bytes(index, "safetensors index"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is malformed: {type(e).__name__}: {e}") from None
+        # Shards live beside the index: a name that leaves the directory is not a shard.
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if bad:
+            raise UserError(f"{index}: weight_map names {bad[0]!r}, which is not a file name in {model_dir}")
         files = [model_dir / n for n in names]
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
             raise UserError(f"{model_dir} lacks shard(s) listed in its index: {', '.join(missing)}")
         return files
     single = model_dir / "model.safetensors"
-    if single.is_file():
+    if single.exists():
         return [single]
     others = sorted(model_dir.glob("*.safetensors"))
     if others:
@@ -181,9 +211,27 @@ def weight_files(model_dir: Path) -> list[Path]:
     )
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+
+
+def other_weight_files(model_dir: Path) -> list[str]:
+    """Weight files in `model_dir` beside the ones this loader reads. Another loader (transformers)
+    ranks them differently (it prefers model.safetensors to an index, and .bin to a stray shard) and
+    could run other weights than ours on the same directory."""
+    ours = {f.name for f in weight_files(model_dir)} | {"model.safetensors.index.json"}
+    found = []
+    for f in sorted(model_dir.iterdir()):
+        if f.name in ours:  # the index is read whenever it exists
+            continue
+        if f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+            found.append(f.name)
+    return found
+
+
 def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in files:
+        _check_safetensors_header(f)
         try:
             weights.update(mx.load(str(f), format="safetensors"))
         except Exception as e:  # truncated or not a safetensors file
@@ -191,8 +239,49 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
+_SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def _check_safetensors_header(f: Path) -> None:
+    """Read the header ourselves first: a directory, an unreadable file, a header that claims more bytes
+    than the file holds, or a non-float tensor gets a precise line instead of MLX's generic error (an
+    integer weight would otherwise be converted and run as garbage)."""
+    import struct
+
+    if f.is_dir():
+        raise UserError(f"{f} is a directory, not a safetensors file")
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            size = os.fstat(fh.fileno()).st_size
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            body = fh.read(n) if len(head) == 8 and n <= min(size - 8, 100 << 20) else b""
+    except OSError as e:
+        raise UserError(f"cannot read {f}: {e.strerror or e}") from None
+    if head.startswith(b"version "):
+        raise UserError(f"cannot read {f}: it is a Git LFS pointer, not the weights (run `git lfs pull`)")
+    if len(head) < 8:
+        raise UserError(f"cannot read {f}: {size} bytes, too short for a safetensors header (truncated?)")
+    if n > size - 8 or n > 100 << 20:
+        raise UserError(f"cannot read {f}: its header claims {n} bytes, the file has {size} "
+                        "(truncated or not a safetensors file?)")
+    try:
+        header = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"cannot read {f}: its header is not JSON (not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"cannot read {f}: its header is not a JSON object (not a safetensors file?)")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in _SAFETENSORS_FLOATS:
+            raise UserError(f"weight {name} in {f} has dtype {dtype}; expected "
+                            f"{', '.join(_SAFETENSORS_FLOATS.values())} (a checkpoint's weights are floats)")
+
+
 def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) -> None:
-    """Refuse missing, unknown or wrongly shaped weights; drop (in place) the ones a Llama
+    """Refuse missing, unknown, wrongly shaped or non-float weights; drop (in place) the ones a Llama
     checkpoint may carry that this model recomputes or does not use."""
     expected = cfg.weight_shapes()
     if cfg.tie_word_embeddings:
@@ -210,6 +299,10 @@ def check_weights(weights: dict[str, mx.array], cfg: ModelConfig, where: str) ->
             raise UserError(
                 f"weight {n} in {where} has shape {tuple(weights[n].shape)}, but config.json implies {shape}"
             )
+        if weights[n].dtype not in WEIGHT_DTYPES:
+            # An integer or boolean tensor is not a checkpoint's weight: converting it would run garbage.
+            raise UserError(f"weight {n} in {where} has dtype {str(weights[n].dtype).replace('mlx.core.', '')}; "
+                            "expected float16, bfloat16 or float32")
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, mx.array], dtype: str, ops: Ops, progress=None) -> TinyLlama:

@@ -104,12 +104,18 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         raise UserError(f"unknown synthetic preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
     cfg = PRESETS[preset]
     out = (root or cache_root()) / f"synthetic-{preset}-seed{seed}-v{FORMAT_VERSION}"
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
-        return out
+    if out.exists():
+        if verify(out):
+            return out
+        _discard(out)  # damaged, edited or from an older writer: rebuilt below
     from safetensors.numpy import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the synthetic model cache {out.parent}: {e.strerror or e} "
+                        "(set MLX_TINYLLAMA_CACHE to a writable directory)") from None
     try:
         tweak = WEIGHT_TWEAKS.get(preset)
         shapes = cfg.weight_shapes()
@@ -126,6 +132,7 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         shutil.copyfile(PACKAGE_TOKENIZER, tmp / "tokenizer.model")
         (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))  # last: its presence means complete
         try:
             tmp.rename(out)
         except OSError:  # another process won the race: keep its copy
@@ -134,6 +141,51 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+MANIFEST = "manifest.json"
+SAMPLED_ABOVE = 64 << 20  # bigger files: size plus the hash of their first and last MiB (a full hash of
+# the 2.2 GB TinyLlama-shaped weights would add seconds to every run)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= SAMPLED_ABOVE:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _manifest(d: Path) -> dict:
+    return {"format": FORMAT_VERSION,
+            "files": {p.name: {"size": p.stat().st_size, "sha256": _digest(p)}
+                      for p in sorted(d.iterdir()) if p.name != MANIFEST}}
+
+
+def verify(d: Path) -> bool:
+    """The cached model is exactly what was generated: the manifest (written last) lists every file,
+    and every size and hash still matches. Anything else (a file replaced by some output, truncated,
+    added or removed, no manifest) means: rebuild."""
+    try:
+        recorded = json.loads((d / MANIFEST).read_text())
+        return recorded == _manifest(d)
+    except (OSError, ValueError):
+        return False
+
+
+def _discard(d: Path) -> None:
+    aside = d.with_name(f".{d.name}.stale.{os.getpid()}")
+    try:
+        d.rename(aside)  # out of the way at once, so a concurrent run never loads half of it
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _tokenizer_config() -> dict:

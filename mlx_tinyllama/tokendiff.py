@@ -83,8 +83,13 @@ def align(expected, actual) -> list[tuple[str, int | None, int | None]]:
     return ops
 
 
+MAX_DP_CELLS = 4_000_000  # beyond this the exact edit distance would take minutes and GBs
+
+
 def _levenshtein_ops(a: list[int], b: list[int]):
     n, m = len(a), len(b)
+    if n * m > MAX_DP_CELLS:
+        return _one_hunk_ops(a, b)
     cost = [list(range(m + 1))] + [[i] + [0] * m for i in range(1, n + 1)]
     for i in range(1, n + 1):
         row, prev, ai = cost[i], cost[i - 1], a[i - 1]
@@ -102,6 +107,14 @@ def _levenshtein_ops(a: list[int], b: list[int]):
             ops.append(("insert", None, j - 1))
             j -= 1
     return ops[::-1]
+
+
+def _one_hunk_ops(a: list[int], b: list[int]):
+    """The whole differing middle as one replaced run: linear, where the exact edit distance would take
+    minutes and GBs. The first difference (where the middle starts) is still exact."""
+    k = min(len(a), len(b))
+    return ([("equal" if a[d] == b[d] else "substitute", d, d) for d in range(k)] + [("delete", i, None) for i in range(k, len(a))]
+            + [("insert", None, j) for j in range(k, len(b))])
 
 
 def _hunks(ops, n_expected: int, n_actual: int):

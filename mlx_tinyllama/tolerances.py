@@ -146,10 +146,11 @@ class Tolerances:
     scale: float = 1.0
 
     @classmethod
-    def from_overrides(cls, items: list[str] | None) -> "Tolerances":
+    def from_overrides(cls, items: list[str] | None, n_layers: int | None = None) -> "Tolerances":
         tol = cls()
         for raw in items or []:
             tol.add(raw)
+        tol.check_patterns(n_layers)
         return tol
 
     def add(self, raw: str) -> None:
@@ -171,6 +172,19 @@ class Tolerances:
         if metric not in METRICS:
             raise UserError(f"--tol {raw!r}: unknown metric {metric!r}; metrics: {', '.join(METRICS)}, scale")
         self.overrides.append((pattern or "*", metric, value))
+
+    def check_patterns(self, n_layers: int | None = None) -> None:
+        """Refuse an override whose tap glob matches no stage of an `n_layers` model (of any model when
+        None): a typo would otherwise leave the derived tolerance in force without a word."""
+        from .config import SIZE_RANGES
+        from .taps import tap_names
+
+        names = tap_names(n_layers or SIZE_RANGES["num_hidden_layers"][1])
+        for pattern, metric, value in self.overrides:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                where = f"a {n_layers}-layer model" if n_layers else "any model"
+                raise UserError(f"--tol {pattern}:{metric}={value:g}: the tap pattern {pattern!r} matches no stage of "
+                                f"{where} (stages look like layers.0.attn.probs, *.mlp.out, logits)")
 
     def get(self, tap: str, metric: str, dtype_a, dtype_b, n_layers: int) -> float:
         for pattern, m, value in reversed(self.overrides):  # the last matching override wins

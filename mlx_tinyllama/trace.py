@@ -2,7 +2,9 @@
 
 Each command lives in `mlx_tinyllama/commands/<name>.py` with `add_arguments(parser)`
 and `main(args) -> int`. `run` is the default command. A `UserError` anywhere
-becomes one `error: ...` line on stderr and exit code 2.
+becomes one `error: ...` line on stderr and exit code 2; a failed write (disk full,
+read-only) exit 1; Ctrl-C or SIGTERM exit 130; any other exception is a bug: one
+line and exit 3, with the traceback under `--debug`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+import errno
+
+from .errors import OutputError, UserError
+
+# Errors of the machine rather than of the input or the code: exit 1 like a failed write.
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # name -> one-line help; the module is mlx_tinyllama.commands.<name>
 COMMANDS = {
@@ -30,19 +37,23 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlx_tinyllama.trace",
-        description="Instrumented TinyLlama forward pass in MLX: see, stage by stage, what correct numbers look like.",
+        description="Instrumented TinyLlama forward pass in MLX: see, stage by stage, what correct numbers look like. "
+                    "Every command takes --debug: the traceback of an internal error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"mlx_tinyllama.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
         p.set_defaults(_main=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"] and argv[1:2] and argv[1] in COMMANDS:  # `--debug COMMAND ...` too
+        argv = [argv[1], "--debug", *argv[2:]]
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
     parser = build_parser()
@@ -50,14 +61,66 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_main"):
         parser.print_help()
         return 2
+    debug = args.debug
     try:
-        return int(args._main(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args._main(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OutputError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if debug or e.errno not in _MACHINE_ERRNOS:
+            if debug:
+                raise
+            return _internal(e)
+        # The machine's fault (disk full, I/O error), not the input's and not a bug.
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001: a bug; the user gets one line and a way to see more
+        if debug:
+            raise
+        return _internal(e)
+
+
+def _internal(e: BaseException) -> int:
+    print(f"error: internal error {type(e).__name__}: {_one_line(e)}; rerun with --debug for the traceback "
+          "and please report it", file=sys.stderr)
+    return 3
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (a killed job, a timeout) unwinds like Ctrl-C, so writers clean up their temporary files."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+            self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def test_missing_required_field_is_named(field):
 @pytest.mark.parametrize("change, words", [
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "bias"),
-    ({"hidden_size": "wide"}, "wrong type"),
+    ({"hidden_size": "wide"}, "expected an integer"),
     ({"num_key_value_heads": 5}, "not a multiple of num_key_value_heads"),
 ])
 def test_other_unrunnable_configs_are_rejected(change, words):

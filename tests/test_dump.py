@@ -112,3 +112,23 @@ def test_streaming_holds_about_one_layer_while_the_in_memory_dump_holds_all(tmp_
     streaming = _peak(stream)
     assert in_memory - off >= 6 * layer  # every tap held at once
     assert streaming - off <= 2 * layer, (streaming - off, layer)
+
+
+@pytest.mark.parametrize("shard_mb", ["0.02", "1024"])  # several shards with an index, and one plain file
+def test_an_interrupted_dump_leaves_the_earlier_dump_and_no_partial_file(tmp_path, monkeypatch, capsys, shard_mb):
+    path = tmp_path / "taps.safetensors"
+    args = ["run", "--model", "synthetic:tiny", "--taps", "*", "--dump", str(path), "--dump-shard-mb", shard_mb]
+    assert trace(args + ["--token-ids", "1,450,4996"]) == 0  # the earlier dump: other tensors than this run's
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = {"n": 0}
+    real = dump.StreamingDump.__call__
+
+    def interrupted(self, name, x):  # Ctrl-C in the middle of the second layer's taps
+        calls["n"] += 1
+        if name == "layers.1.mlp.up":
+            raise KeyboardInterrupt
+        return real(self, name, x)
+
+    monkeypatch.setattr(dump.StreamingDump, "__call__", interrupted)
+    assert trace(args) == 130
+    assert calls["n"] > 0 and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

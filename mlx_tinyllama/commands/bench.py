@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from .. import bench, cli_common
+from ..errors import UserError
 
 
 def add_arguments(p) -> None:
@@ -61,6 +62,13 @@ def main(args) -> int:
     cli_common.check_outputs(args)
     bench.validate(s)  # counts and lengths that need no model
     lm = cli_common.load_model(args)
+    if s.with_transformers and lm.source.format == "hf":
+        from ..sources import other_weight_files
+
+        others = other_weight_files(lm.source.path)
+        if others:
+            raise UserError(f"--with-transformers: {lm.source.path} also holds {', '.join(others)}; transformers "
+                            "might load those instead of the weights measured here: move them out first")
     result = bench.run(lm, s, args.metal_capture, argv=["bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None)
     if args.json:
         cli_common.write_json(args.json, result)

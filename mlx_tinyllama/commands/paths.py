@@ -44,8 +44,13 @@ def main(args) -> int:
     options = cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)
+    tolerances.check_patterns(lm.config.num_hidden_layers)
     prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)
+    room = lm.config.max_position_embeddings - len(prompt.ids)
+    if args.continue_n > room:
+        raise UserError(f"--continue {args.continue_n}: the prompt's {len(prompt.ids)} tokens leave room for "
+                        f"{room} more within max_position_embeddings={lm.config.max_position_embeddings}")
     chunks = args.chunk if args.chunk else default_chunks(len(prompt.ids))
     check = check_paths(lm.model, prompt.ids, chunks, args.continue_n, lm.dtype, args.fault, tolerances)
     result = {**ResultHeader.of_run("paths", lm, prompt).as_dict(), **check}

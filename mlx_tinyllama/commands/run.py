@@ -34,16 +34,20 @@ def main(args) -> int:
         raise UserError("--top-k must be at least 1")
     if args.dump and not args.dump.endswith(".safetensors"):
         raise UserError("--dump writes safetensors: give a path ending in .safetensors")
+    _check_option_combinations(args)
     cli_common.check_outputs(args)
     if args.dump and not args.dump_shard_mb > 0:
         raise UserError("--dump-shard-mb must be a positive number of MB")
+    from ..tolerances import Tolerances
+
+    Tolerances.from_overrides(args.tol)  # a malformed --tol fails before the model loads
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     if args.compare:
         from ..compare import compare_run
-        from ..tolerances import Tolerances
 
-        result = compare_run(lm, prompt.ids, args.compare, Tolerances.from_overrides(args.tol))
+        tolerances = Tolerances.from_overrides(args.tol, lm.config.num_hidden_layers)
+        result = compare_run(lm, prompt.ids, args.compare, tolerances)
         return cli_common.finish_comparison(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
 
     patterns = args.taps or list(cli_common.DEFAULT_TAPS)
@@ -69,6 +73,17 @@ def main(args) -> int:
     return 0
 
 
+def _check_option_combinations(args) -> None:
+    """Options that cannot take effect together are refused, never silently ignored."""
+    if args.compare:
+        ignored = [o for o, v in (("--dump", args.dump), ("--taps", args.taps)) if v]
+        if ignored:
+            raise UserError(f"{' and '.join(ignored)} cannot be used with --compare (the comparison records every "
+                            "stage of the reference and writes no dump): run them separately")
+    elif args.tol:
+        raise UserError("--tol sets comparison tolerances: it needs --compare REF")
+
+
 def _forward_dump(lm, ids: list[int], patterns, path: str, shard_mb: float):
     """The forward pass with the taps streamed to `path` (dump.py: shards + index when they
     exceed one shard). Returns (recorder, logits [T, V], files written)."""
@@ -86,9 +101,13 @@ def _forward_dump(lm, ids: list[int], patterns, path: str, shard_mb: float):
     meta = {"tokens": json.dumps(list(ids)), "dtype": lm.dtype, "policy": lm.ops.policy,
             "model": cli_common.model_header(lm)["spec"], "format": "mlx_tinyllama.dump/1"}
     taps = StreamingDump(names, path, meta, int(shard_mb * (1 << 20)))
-    logits = lm.model(mx.array(ids), tap=taps)
-    mx.eval(logits)
-    return taps, logits[0], taps.finish()
+    try:
+        logits = lm.model(mx.array(ids), tap=taps)
+        mx.eval(logits)
+        return taps, logits[0], taps.finish()
+    except BaseException:  # an interrupt or a failed write: no shard of this run is left behind
+        taps.abort()
+        raise
 
 
 def print_result(result: dict) -> None:

@@ -84,14 +84,21 @@ def _print_tokens(prompt, tokenizer, alignment) -> None:
             con.print(f"  - {_shown(d.message)}")
 
 
+# Rows shown in a table: a long prompt's rows beyond this would take minutes to print and nobody reads
+# them; the `ids:` line and --json still carry every id.
+MAX_ROWS = 4096
+
+
 def _ids_table(prompt, tokenizer):
     from rich.table import Table
 
     table = Table(show_edge=False, pad_edge=False)
     for name in ("pos", "id", "piece"):
         table.add_column(name, justify="right" if name != "piece" else "left")
-    for pos, (i, piece) in enumerate(zip(prompt.ids, prompt.pieces)):
+    for pos, (i, piece) in enumerate(zip(prompt.ids[:MAX_ROWS], prompt.pieces)):
         table.add_row(str(pos), str(i), _shown(piece))
+    if len(prompt.ids) > MAX_ROWS:
+        table.add_row("…", "", f"{len(prompt.ids) - MAX_ROWS} more tokens not shown (all ids below and in --json)")
     return table
 
 
@@ -102,7 +109,11 @@ def _alignment_table(alignment, tokenizer):
     for name in ("pos", "ours", "piece", "", "theirs", "piece ", "pos "):
         table.add_column(name)
     marks = {"equal": "", "substitute": "≠", "insert": "+", "delete": "-"}
-    for tag, i, j in alignment.ops:
+    first = next((k for k, (tag, _, _) in enumerate(alignment.ops) if tag != "equal"), 0)
+    start = max(0, min(first - 8, len(alignment.ops) - MAX_ROWS))  # the rows around the first difference
+    if start:
+        table.add_row("…", "", f"{start} equal rows not shown", "", "", "", "")
+    for tag, i, j in alignment.ops[start:start + MAX_ROWS]:
         a = alignment.expected[i] if i is not None else None
         b = alignment.actual[j] if j is not None else None
         style = None if tag == "equal" else "bold red"
@@ -110,6 +121,8 @@ def _alignment_table(alignment, tokenizer):
                       _shown(None if a is None else tokenizer.piece(a)), marks[tag],
                       "" if b is None else str(b), _shown(None if b is None else tokenizer.piece(b)),
                       "" if j is None else str(j), style=style)
+    if len(alignment.ops) > start + MAX_ROWS:
+        table.add_row("…", "", f"{len(alignment.ops) - start - MAX_ROWS} more rows not shown", "", "", "", "")
     return table
 
 

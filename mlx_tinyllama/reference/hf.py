@@ -20,6 +20,7 @@ import json
 import platform
 from pathlib import Path
 
+from ..outputs import atomic_path, write_text
 from ..refs.loaders import MANIFEST_FORMAT
 from ..taps import tap_names
 
@@ -197,7 +198,8 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
     vals, idx = torch.topk(last, top_k)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_file = out.with_suffix(".safetensors")
-    save_file({n: t.contiguous() for n, t in captured.items()}, str(tensor_file))
+    with atomic_path(tensor_file, suffix=".safetensors") as tmp:
+        save_file({n: t.contiguous() for n, t in captured.items()}, str(tmp))
     manifest = {
         "format": MANIFEST_FORMAT,
         "kind": "full-tensors",
@@ -223,5 +225,5 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
         "top_k": [{"token_id": int(i), "logit": float(v)} for v, i in zip(vals.tolist(), idx.tolist())],
     }
     manifest_path = out.with_suffix(".json")
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest_path

@@ -117,6 +117,24 @@ def _parse_float(tok: str) -> float:
     return float(t)
 
 
+# The largest tensor a Llama graph prints: logits (context x vocabulary) or attention scores (heads x
+# context x context) of a model this tool runs, e.g. TinyLlama's 2048-token logits: 65.5 M values. A
+# log that declares more is corrupt or not a Llama's, and is refused before anything is allocated.
+MAX_LOG_ELEMENTS = 1 << 26
+
+
+def _shape(name: str, text: str) -> list[int]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not 1 <= len(parts) <= 4:
+        raise UserError(f"llama.cpp log: tensor {name} declares {len(parts)} dimensions {{{text}}}; ggml has 1 to 4")
+    ne = [int(p) for p in parts]
+    n = int(np.prod(ne, dtype=object))
+    if n > MAX_LOG_ELEMENTS or min(ne) < 1:
+        raise UserError(f"llama.cpp log: tensor {name} declares shape {{{text}}} ({n} values); a Llama tap has "
+                        f"1 to {MAX_LOG_ELEMENTS} (corrupt or not a Llama's log?)")
+    return (ne + [1, 1, 1, 1])[:4]
+
+
 @dataclass
 class LogTensor:
     name: str
@@ -138,8 +156,7 @@ def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
         i += 1
         if not m:
             continue
-        ne = [int(s) for s in m.group("shape").replace(" ", "").split(",") if s]
-        ne = (ne + [1, 1, 1, 1])[:4]
+        ne = _shape(m.group("name").strip(), m.group("shape"))
         rows, total = [], None
         while i < len(lines) and not _HEADER.match(lines[i]):
             s = lines[i].strip()
@@ -161,7 +178,7 @@ def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
 
 def _assemble(name, type_, op, ne, rows, total) -> LogTensor:
     shape = (ne[3], ne[2], ne[1], ne[0])
-    values = np.full(shape, np.nan)
+    values = np.full(shape, np.nan, np.float32)  # float32: what llama.cpp computed; half the memory
     known = np.zeros(shape, bool)
     i0s = _printed_indices(ne[0])
     slots = [(i3, i2, i1) for i3 in range(ne[3]) for i2 in _printed_indices(ne[2]) for i1 in _printed_indices(ne[1])]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, read_bytes
 from ..outputs import number
 from .side import Item, Selector, Side, is_known_tap
 from .seed import SEED_FORMAT, topk_value, seed_entries, seed_format_of, side_from_entries
@@ -56,10 +56,15 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+MAX_JSON_BYTES = 256 << 20  # a stats JSON with full `values` of every tap of a long prompt stays below
+
+
 def _load_json(path: Path, name_map: dict | None) -> list[Side]:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size} bytes; reference JSON is read up to {MAX_JSON_BYTES}")
     try:
         data = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object at the top level")
@@ -84,10 +89,13 @@ def _load_manifest(path: Path, data: dict) -> Side:
     tensors = read_tensor_file(tensor_file)
     try:
         prompt, model = data["prompt"], data["model"]
-        ids = [int(i) for i in prompt["ids"]]
-        declared = data["taps"]
+        ids = _ids(prompt["ids"], path, "prompt.ids")
+        declared = list(data["taps"])
         dtype = data["provenance"]["dtype"]
-    except (KeyError, TypeError, ValueError) as e:
+        rows = data.get("token_rows") or {}  # taps stored for some token positions only (kept small)
+        if not isinstance(rows, dict) or not all(isinstance(r, list) for r in rows.values()):
+            raise TypeError("token_rows is not an object of lists")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: malformed reference manifest ({type(e).__name__}: {e})") from None
     missing = [n for n in declared if n not in tensors]
     if missing:
@@ -95,10 +103,14 @@ def _load_manifest(path: Path, data: dict) -> Side:
     side = Side(name=path.name, kind="full-tensors", dtype=dtype, ids=ids, n_tokens=len(ids),
                 config=model.get("config"), provenance=dict(data.get("provenance", {}), model=model.get("spec"),
                                                             weights_sha256=model.get("weights_sha256")))
-    rows = data.get("token_rows", {})  # taps stored for some token positions only (kept small)
     for name in declared:
         x = tensors[name]
         if name in rows:
+            n = len(ids)
+            bad = [t for t in rows[name] if isinstance(t, bool) or not isinstance(t, int) or not -n <= t < n]
+            if bad or len(rows[name]) != x.shape[0]:
+                raise UserError(f"{path}: token_rows.{name} must list {x.shape[0]} positions in {-n}..{n - 1} "
+                                f"(one per stored row); it holds {json.dumps(rows[name])[:60]}")
             for j, t in enumerate(rows[name]):
                 side.items.append(Item(name, Selector("row", row=int(t)), x[j], key=f"{name}[{t}]",
                                        note="stored for this token position only"))
@@ -131,7 +143,7 @@ def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
     prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
     ids = prompt.get("ids") if isinstance(prompt.get("ids"), list) else data.get("tokens")
     side = Side(name=path.name, kind="stats-json", dtype=data.get("dtype"),
-                ids=[int(i) for i in ids] if isinstance(ids, list) else None,
+                ids=_ids(ids, path, "prompt.ids") if isinstance(ids, list) else None,
                 config=(data.get("model") or {}).get("config") if isinstance(data.get("model"), dict) else None)
     side.n_tokens = len(side.ids) if side.ids else None
     for their, stats in data["taps"].items():
@@ -142,11 +154,11 @@ def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
         if not isinstance(stats, dict):
             raise UserError(f"{path}: taps.{their} is not an object")
         if "values" in stats:
-            side.tensors[tap] = np.asarray(stats["values"], np.float64)
+            side.tensors[tap] = _array(stats["values"], path, f"taps.{their}.values")
         for field_name, sel in (("first", Selector("row", 0, (0, 3))), ("last", Selector("row", -1, (0, 3))),
                                 ("sum", Selector("sum"))):
             if field_name in stats:
-                value = np.asarray(_numbers(stats[field_name]), np.float64)
+                value = _array(stats[field_name], path, f"taps.{their}.{field_name}", flat=field_name != "sum")
                 if sel.kind == "row":
                     sel = Selector("row", sel.row, (0, value.size))
                 side.items.append(Item(tap, sel, value, key=f"taps.{their}.{field_name}"))
@@ -156,9 +168,41 @@ def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
     return side
 
 
-def _numbers(v):
-    """Numbers as a stats JSON holds them (outputs.json_safe writes NaN/Inf as strings)."""
-    return [number(x) for x in v] if isinstance(v, list) else number(v)
+_NONFINITE = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
+
+
+def _array(v, path: Path, key: str, flat: bool = False) -> np.ndarray:
+    """Numbers as a stats JSON holds them (outputs.json_safe writes NaN/Inf as the strings "nan",
+    "inf", "-inf"), checked: any other string, an object, null or a ragged list is refused, not
+    turned into NaN or a traceback."""
+    def leaf(x):
+        if isinstance(x, bool) or x is None or isinstance(x, (dict, list)) or \
+                (isinstance(x, str) and x.strip().lower() not in _NONFINITE):
+            raise UserError(f"{path}: {key} holds {json.dumps(x)[:40]}; expected numbers (or \"nan\", \"inf\")")
+        return number(x)
+
+    def walk(x, depth):
+        if isinstance(x, list):
+            if flat and depth:
+                raise UserError(f"{path}: {key} is a nested list; expected a flat list of numbers")
+            return [walk(e, depth + 1) for e in x]
+        return leaf(x)
+
+    if not flat and not isinstance(v, list):
+        return np.float64(leaf(v))
+    if flat and not isinstance(v, list):
+        raise UserError(f"{path}: {key} is {json.dumps(v)[:40]}; expected a list of numbers")
+    try:
+        return np.asarray(walk(v, 0), np.float64)
+    except ValueError:  # numpy refuses a ragged nesting
+        raise UserError(f"{path}: {key} is a ragged list (rows of different lengths)") from None
+
+
+def _ids(v, path: Path, key: str) -> list[int]:
+    bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+    if bad:
+        raise UserError(f"{path}: {key} holds {json.dumps(bad[0])[:40]}; expected token ids (integers >= 0)")
+    return list(v)
 
 
 def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
@@ -240,11 +284,15 @@ def read_name_map(path: str | Path | None) -> dict | None:
     if path is None:
         return None
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise UserError(f"--map: {p} is a directory; give a JSON file {{their name: canonical tap}}")
+    if not p.exists():
         raise UserError(f"--map: {p} does not exist")
+    if p.stat().st_size > MAX_JSON_BYTES:
+        raise UserError(f"--map: {p} is {p.stat().st_size} bytes; at most {MAX_JSON_BYTES} are read")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(read_bytes(p, "--map"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"--map: {p} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise UserError(f"--map: {p} must be a JSON object {{their name: canonical tap}}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..outputs import check_dir, check_file, json_safe
+from ..errors import OutputError
+from ..outputs import check_dir, check_file, json_safe, write_bytes, write_text
 from .blocks import Section, infer_layers
 from .observe import DEFAULT_ATTENTION_HEADS, Observation, choose, observe
 from .sections import (attention_section, magnitude_section, page_header, pieces_of, prompt_of, tokenizer_of,
@@ -40,14 +41,18 @@ def render_html(report: Report) -> str:
 
 
 def write_report(report: Report, html_path, plots_dir) -> None:
+    """Each file written atomically: an interrupted report leaves the earlier one, never half a page."""
     if html_path is not None:
-        Path(html_path).expanduser().write_text(render_html(report), encoding="utf-8")
+        write_text(html_path, render_html(report))
     if plots_dir is not None:
         d = Path(plots_dir).expanduser()
-        d.mkdir(exist_ok=True)
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot make --plots {d}: {e.strerror or e}") from None
         for sec in report.sections:
             for p in sec.plots:
-                (d / f"{report.kind}_{p.stem}.png").write_bytes(p.png)
+                write_bytes(d / f"{report.kind}_{p.stem}.png", p.png)
 
 
 def _observed_sections(result: dict, lm, attention_layers, attention_heads, *,
