@@ -180,7 +180,9 @@ class EngineOps(Ops):
             probs, v = round_f16(probs), round_f16(v)
         return super().pv(probs, v)
 
-    def fused_attention(self, q, k, v, scale):
+    def fused_attention(self, q, k, v, scale, visible=None):
+        if visible is not None:  # a compiled decode step (decode.py): the emulation is for the prefill it compares
+            return super().fused_attention(q, k, v, scale, visible)
         T, S = q.shape[2], k.shape[2]
         if self.engine.flash_attn:
             k, v = self._kv(k), self._kv(v)

@@ -289,7 +289,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
         "qk_layout": QK_LAYOUT,
         "read_by": "mx.load + mx.dequantize" if native else "gguf-py reference dequantizer",
         "tied_embeddings": config.tie_word_embeddings,
-        "add_bos_token": _field(header, "tokenizer.ggml.add_bos_token"),  # llama.cpp adds BOS when true
+        "add_bos_token": header_value(header, "tokenizer.ggml.add_bos_token"),  # llama.cpp adds BOS when true
         "dtype": str(dtype).replace("mlx.core.", ""),
     }
     info["layout"] = describe(info)  # the line sources.ModelSource.describe() shows in a run's output

@@ -291,10 +291,15 @@ def test_host_stats_equal_the_two_pass_float64_values():
     assert std[2] == 0.0  # a constant row: exactly zero, not rounding noise
 
 
-def test_small_tensors_reduced_together_equal_the_two_pass_float64_values():
+def test_small_tensors_reduced_together_equal_the_two_pass_float64_values(monkeypatch):
     """Small taps (a decode step's) are reduced as one group with reduceat; each tensor's
-    statistics equal numpy's two-pass float64 ones and do not depend on the group."""
+    statistics equal numpy's two-pass float64 ones and do not depend on the group.
+    The host path on any device (a GPU reduces on the device, in float32, and is checked
+    against this path elsewhere)."""
+    from mlx_tinyllama import taps as taps_module
     from mlx_tinyllama.taps import batch_stats
+
+    monkeypatch.setattr(taps_module, "_stats_on_device", lambda: False)
 
     rng = np.random.default_rng(1)
     xs = [mx.array((rng.standard_normal((4, 1, 33)) * 3 + k).astype(np.float32)) for k in range(5)]
