@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import cli_common
+from .. import cli_common, outputs
 from ..cli_common import fmt
 from ..errors import UserError
+from ..results import ResultHeader
 
 
 def add_arguments(p) -> None:
@@ -86,10 +87,10 @@ def _write(args) -> int:
 
 def _run(args) -> int:
     from ..vectors.runner import load_engine, run_engine, write_results
-    from ..vectors.store import Vectors, refuse_overwrite
+    from ..vectors.store import Vectors
 
     vectors = Vectors(args.dir)
-    refuse_overwrite(args.out, vectors.paths(), "--out")
+    outputs.check_run({"--out": args.out}, {}, _inputs(vectors), {})
     engine = load_engine(args.engine)
     results, skipped = run_engine(vectors, engine, _list(args.ops, "--ops"), _list(args.cases, "--cases"))
     write_results(args.out, results, vectors)
@@ -103,20 +104,20 @@ def _run(args) -> int:
 
 def _check(args) -> int:
     from ..vectors.check import check, load_results
-    from ..vectors.store import Vectors, atomic_write_bytes, refuse_overwrite, save_text
+    from ..vectors.store import Vectors
 
     vectors = Vectors(args.dir)
-    protected = vectors.paths() + [Path(args.results)]
-    refuse_overwrite(args.json, protected, "--json")
-    refuse_overwrite(args.report, protected, "--report")
+    outputs.check_run({"--json": args.json, "--report": args.report}, {},
+                      {**_inputs(vectors), "--results": args.results}, {})
     result = check(vectors, load_results(args.results), _list(args.ops, "--ops"), _list(args.cases, "--cases"))
     result["results"] = str(args.results)
     if args.json:
-        atomic_write_bytes(Path(args.json), lambda tmp: cli_common.write_json(tmp, result))
+        header = ResultHeader.without_model("vectors", result.get("dtype"), None).as_dict()
+        outputs.write_json(args.json, {**header, **result})  # the result's model: the vectors' own
     if args.report:
         from ..vectors.html import render
 
-        save_text(Path(args.report), render(result, str(args.results)))
+        outputs.write_text(args.report, render(result, str(args.results)))
     print_result(result, args.all)
     return 0 if result["pass"] else 1
 
@@ -149,3 +150,8 @@ def print_result(result: dict, show_all: bool = False) -> None:
     con.print("[bold]all ops pass[/bold]" if result["pass"] else
               "[bold red]FAIL[/bold red]: " + "; ".join(f"{s['op']} at {s['first_failing_shape']}: {s['pattern']}"
                                                        for s in result["ops"] if not s["pass"]))
+
+
+def _inputs(vectors) -> dict:
+    """The vectors directory's files, which no output of this command may replace."""
+    return {f"vectors file {p.name}": p for p in vectors.paths()}

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from ..outputs import atomic_path, write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "mlx_tinyllama.vectors"
@@ -25,42 +24,13 @@ VERSION = 1
 CASE_FIELDS = ("name", "op", "semantics", "shapes", "dtype", "params", "inputs", "output", "file", "tolerance")
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """`write(tmp_path)` fills a temporary file next to `path`, which is then renamed to `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata or {}))
+    with atomic_path(path, suffix=".safetensors") as tmp:  # MLX appends .safetensors to other names
+        mx.save_safetensors(str(tmp), tensors, metadata or {})
 
 
 def save_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def refuse_overwrite(path, protected, option: str) -> None:
-    """An output path must not be one of the files it was computed from."""
-    if not path:
-        return
-    target = Path(path).expanduser().resolve()
-    for p in protected:
-        if Path(p).expanduser().resolve() == target:
-            raise UserError(f"{option} {path} would overwrite an input ({p}); choose another path")
-    if target.is_dir():
-        raise UserError(f"cannot write {option} {path}: it is a directory; give a file path")
-    if not target.parent.is_dir():
-        raise UserError(f"cannot write {option} {path}: its directory does not exist")
+    write_text(path, text)
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, mx.array]:
