@@ -38,9 +38,7 @@ def add_arguments(p) -> None:
     r.add_argument("--engine", required=True, metavar="MODULE:FUNCTION",
                    help="module:function or path/to/file.py:function (e.g. mlx_tinyllama.vectors.engine:fused)")
     r.add_argument("--out", required=True, metavar="RESULTS.safetensors", help="where to write the outputs")
-    r.add_argument("--ops", metavar="LIST", help="only these ops, comma-separated (e.g. matmul,rope)")
-    r.add_argument("--cases", metavar="GLOBS", help="only cases whose names match, comma-separated "
-                                                   "(e.g. 'matmul.*.M33,rope.*')")
+    _add_filters(r)
     r.set_defaults(_vectors=_run)
 
     c = sub.add_parser("check", help="compare an engine's results with the golden outputs; name the failures",
@@ -49,8 +47,7 @@ def add_arguments(p) -> None:
     c.add_argument("dir", metavar="DIR")
     c.add_argument("--results", required=True, metavar="RESULTS.safetensors",
                    help="the engine's outputs, keyed by the manifest's output keys")
-    c.add_argument("--ops", metavar="LIST", help="only these ops, comma-separated")
-    c.add_argument("--cases", metavar="GLOBS", help="only cases whose names match, comma-separated")
+    _add_filters(c)
     c.add_argument("--json", metavar="OUT.json", help="write the full result (every case) as JSON")
     c.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML page of the result")
     c.add_argument("--all", action="store_true", help="list every case, not only the failing ones")
@@ -150,6 +147,13 @@ def print_result(result: dict, show_all: bool = False) -> None:
     con.print("[bold]all ops pass[/bold]" if result["pass"] else
               "[bold red]FAIL[/bold red]: " + "; ".join(f"{s['op']} at {s['first_failing_shape']}: {s['pattern']}"
                                                        for s in result["ops"] if not s["pass"]))
+
+
+def _add_filters(p) -> None:
+    """--ops and --cases, the same for `run` and `check`."""
+    p.add_argument("--ops", metavar="LIST", help="only these ops, comma-separated (e.g. matmul,rope)")
+    p.add_argument("--cases", metavar="GLOBS", help="only cases whose names match, comma-separated "
+                                                   "(e.g. 'matmul.*.M33,rope.*')")
 
 
 def _inputs(vectors) -> dict:

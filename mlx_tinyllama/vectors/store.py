@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
-from ..outputs import atomic_path, write_text
+from ..outputs import atomic_path
 
 MANIFEST = "manifest.json"
 FORMAT = "mlx_tinyllama.vectors"
@@ -27,10 +27,6 @@ CASE_FIELDS = ("name", "op", "semantics", "shapes", "dtype", "params", "inputs",
 def save_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path, suffix=".safetensors") as tmp:  # MLX appends .safetensors to other names
         mx.save_safetensors(str(tmp), tensors, metadata or {})
-
-
-def save_text(path: Path, text: str) -> None:
-    write_text(path, text)
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, mx.array]:

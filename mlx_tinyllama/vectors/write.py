@@ -10,12 +10,13 @@ import numpy as np
 
 from .. import sources
 from ..errors import UserError
+from ..outputs import write_text
 from ..ops import mask_value
 from ..tolerances import MASKED_BELOW, describe_kernel_rule, kernel_nmse_budget
 from . import cases as case_list
 from .engine import MX_DTYPES, golden
 from .inputs import activations, load_weights
-from .store import FORMAT, MANIFEST, VERSION, save_safetensors, save_text, to_numpy
+from .store import FORMAT, MANIFEST, VERSION, save_safetensors, to_numpy
 
 
 def check_directory(directory) -> Path:
@@ -78,5 +79,5 @@ def write_vectors(directory, spec: str, dtype: str, quick: bool, allow_download:
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "quick": quick, "model": weights.description,
                 "golden": "float32 (matmul: float64 product rounded to float32), from the inputs as stored",
                 "tolerance_rule": describe_kernel_rule(), "ops": case_list.SEMANTICS, "cases": entries}
-    save_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
