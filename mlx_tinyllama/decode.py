@@ -13,14 +13,19 @@ The prefill (T > 1 tokens) runs eagerly through the same buffers (offset is a
 plain int there, attention sees exactly the positions written so far): it is
 the same code path as the uncompiled model. Taps need the eager path (a tap is a
 Python call per stage); `generate` uses this module only when no tap is
-selected. The numbers are the model's own (`TinyLlama.__call__` with its Ops):
+selected. On a GPU the step also runs q/k/v and gate/up as one matmul each, on
+concatenated weights (`concatenate_projections`): the step is bound by kernel
+launches there, and this removes three of a layer's seven matmuls. The numbers are the model's own (`TinyLlama.__call__` with its Ops):
 only the key/value storage and the masking of unwritten slots differ, which can
 change the last bits of the attention's reductions, not which keys it reads.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
+import mlx.nn as nn
 
 from .taps import NO_TAPS, Taps
 
@@ -34,9 +39,9 @@ class FixedKVCache:
     a scalar array) it gets back the whole buffer, with `mask` [1, 1, 1, capacity] (True:
     a written position) for the attention."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset=0):
+    def __init__(self, keys: mx.array, values: mx.array, offset=0, mask: mx.array | None = None):
         self.keys, self.values, self.offset = keys, values, offset
-        self.mask = None
+        self.mask = mask  # the compiled step builds it once for all layers
 
     @classmethod
     def empty(cls, n_kv: int, capacity: int, head_dim: int, dtype: mx.Dtype) -> "FixedKVCache":
@@ -56,8 +61,8 @@ class FixedKVCache:
             start = self.offset.reshape(1)
             self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), start, axes=(2,))
             self.values = mx.slice_update(self.values, values.astype(self.values.dtype), start, axes=(2,))
-            # [1, 1, 1, capacity]: broadcasts against the scores [B, H, T, S] in every SDPA kernel
-            self.mask = (mx.arange(self.capacity) <= self.offset + keys.shape[2] - 1).reshape(1, 1, 1, -1)
+            if self.mask is None:
+                self.mask = visible_slots(self.capacity, self.offset + keys.shape[2] - 1)
             return self.keys, self.values
         end = self.offset + keys.shape[2]
         if end > self.capacity:
@@ -68,11 +73,46 @@ class FixedKVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+def visible_slots(capacity: int, last: mx.array) -> mx.array:
+    """[1, 1, 1, capacity] booleans, True for the slots 0..last: broadcasts against the scores
+    [B, H, T, S] in every SDPA kernel."""
+    return (mx.arange(capacity) <= last).reshape(1, 1, 1, -1)
+
+
 def make_cache(model, capacity: int) -> list[FixedKVCache]:
     """One empty FixedKVCache per layer, in the model's parameter dtype."""
     cfg = model.config
     dtype = model.model.norm.weight.dtype
     return [FixedKVCache.empty(cfg.num_key_value_heads, capacity, cfg.head_dim, dtype) for _ in model.layers]
+
+
+def concatenate_projections(model) -> bool:
+    """Give every layer its [Wq; Wk; Wv] and [Wg; Wu] as one weight each, for `Ops(projections=
+    "concatenated")`: a GPU decode step is bound by kernel launches, and this is two matmuls
+    per layer instead of five. The separate weights become row views of the concatenated ones
+    (no copy: memory stays as it was, and every other path reads the very same values).
+    Returns False, changing nothing, when the linear layers are not plain bias-free nn.Linear
+    (the CPU's fp32-GEMM copies of half weights, ops.Fp32GemmLinear, where launches cost nothing)."""
+    linears = [m for layer in model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                      layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
+    if any(type(m) is not nn.Linear or "bias" in m for m in linears):
+        return False
+    for layer in model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        if a._qkv is not None:
+            continue
+        parts = [(a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)]
+        for owner, attr, group in ((a, "_qkv", parts[0]), (mlp, "_gate_up", parts[1])):
+            joined = mx.concatenate([m.weight for m in group], axis=0)
+            mx.eval(joined)  # one layer at a time: no model-sized lazy graph
+            start = 0
+            for m in group:
+                rows = m.weight.shape[0]
+                m.weight = joined[start:start + rows]
+                start += rows
+            mx.eval([m.weight for m in group])  # row slices of the joined buffer: views, the old arrays freed
+            setattr(owner, attr, joined)
+    return True
 
 
 class CompiledDecoder:
@@ -85,17 +125,22 @@ class CompiledDecoder:
     returns the full tensors of those taps, as outputs of the same graph; after each
     single-token step they are in `last_taps` (batch dimension dropped)."""
 
-    def __init__(self, model, tap_names=()):
+    def __init__(self, model, tap_names=(), concatenate: bool | None = None):
         self.model = model
         self.tap_names = list(tap_names)
+        if concatenate is None:  # where launches bound a step; on the CPU a step is matmul-bound
+            concatenate = mx.default_device().type == mx.gpu
+        self.concatenated = concatenate and concatenate_projections(model)
         self._compiled = mx.compile(self._step)
         self.steps = 0  # single-token steps run compiled
         self.last_taps: dict[str, mx.array] = {}
 
     def _step(self, token: mx.array, position: mx.array, keys: list, values: list):
-        caches = [FixedKVCache(k, v, position) for k, v in zip(keys, values)]
+        mask = visible_slots(keys[0].shape[2], position)  # one per step, not one per layer: fewer kernels
+        caches = [FixedKVCache(k, v, position, mask) for k, v in zip(keys, values)]
         taps = Taps(self.tap_names, "full") if self.tap_names else NO_TAPS
-        logits = self.model(token, cache=caches, tap=taps)
+        ops = replace(self.model.ops, projections="concatenated") if self.concatenated else self.model.ops
+        logits = self.model(token, cache=caches, tap=taps, ops=ops)
         tensors = dict(taps.tensors) if self.tap_names else {}
         return logits, [c.keys for c in caches], [c.values for c in caches], tensors
 

@@ -33,6 +33,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self._qkv = None  # [Wq; Wk; Wv] once decode.concatenate_projections made it (underscore: not a parameter)
+
+    def project(self, h, ops: Ops):
+        """h·Wq, h·Wk, h·Wv: three matmuls, or one on the concatenated weight when ops ask for it."""
+        if ops.projections == "concatenated" and self._qkv is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            return mx.split(h @ self._qkv.T, [nq, nq + nkv], axis=-1)
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
 
     def heads(self, x: mx.array, n: int) -> mx.array:
         B, T, _ = x.shape
@@ -41,9 +49,10 @@ class Attention(nn.Module):
     def __call__(self, h, ops: Ops, rope, cache, tap, p: str):
         B, T, _ = h.shape
         offset = cache.offset if cache is not None else 0
-        q = tap(p + "attn.q", self.heads(self.q_proj(h), self.n_heads))
-        k = tap(p + "attn.k", self.heads(self.k_proj(h), self.n_kv))
-        v = tap(p + "attn.v", self.heads(self.v_proj(h), self.n_kv))
+        q, k, v = self.project(h, ops)
+        q = tap(p + "attn.q", self.heads(q, self.n_heads))
+        k = tap(p + "attn.k", self.heads(k, self.n_kv))
+        v = tap(p + "attn.v", self.heads(v, self.n_kv))
         q = tap(p + "attn.q_rope", ops.rope(q, offset, rope))
         k = tap(p + "attn.k_rope", ops.rope(k, offset, rope))
         if cache is not None:
@@ -72,10 +81,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._gate_up = None  # [Wg; Wu], as Attention._qkv
+
+    def project(self, h, ops: Ops):
+        """h·Wg, h·Wu: two matmuls, or one on the concatenated weight (see Attention.project)."""
+        if ops.projections == "concatenated" and self._gate_up is not None:
+            return mx.split(h @ self._gate_up.T, 2, axis=-1)
+        return self.gate_proj(h), self.up_proj(h)
 
     def __call__(self, h, ops: Ops, tap, p: str):
-        gate = tap(p + "mlp.gate", self.gate_proj(h))
-        up = tap(p + "mlp.up", self.up_proj(h))
+        gate, up = self.project(h, ops)
+        gate = tap(p + "mlp.gate", gate)
+        up = tap(p + "mlp.up", up)
         if ops.fused:
             prod = ops.swiglu(gate, up)  # one kernel: SiLU(gate) is never materialised
             if tap.enabled and tap.wants(p + "mlp.act"):
@@ -115,7 +132,7 @@ class LlamaModel(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    """`model(ids, cache=None, tap=NO_TAPS) -> logits [1, T, vocab]`."""
+    """`model(ids, cache=None, tap=NO_TAPS, ops=None) -> logits [1, T, vocab]` (ops: the model's own by default)."""
 
     def __init__(self, cfg: ModelConfig, ops: Ops | None = None):
         super().__init__()
@@ -130,8 +147,8 @@ class TinyLlama(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def __call__(self, ids: mx.array, cache: list | None = None, tap=NO_TAPS) -> mx.array:
-        ops, cfg = self.ops, self.config
+    def __call__(self, ids: mx.array, cache: list | None = None, tap=NO_TAPS, ops: Ops | None = None) -> mx.array:
+        ops, cfg = ops or self.ops, self.config
         if ids.ndim == 1:
             ids = ids[None]
         x = tap("embed", self.model.embed_tokens(ids))

@@ -27,7 +27,7 @@ Fault injection (see `faults.py`) subclasses Ops and overrides one method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,6 +37,7 @@ from . import cuda_attention
 
 POLICIES = ("hf", "mixed", "fp16-pure")
 KERNELS = ("fused", "explicit")
+PROJECTIONS = ("separate", "concatenated")
 
 
 def mask_value(dtype: mx.Dtype) -> float:
@@ -125,6 +126,17 @@ def silu_fp32(x: mx.array) -> mx.array:
     return (x32 * mx.sigmoid(x32)).astype(x.dtype)
 
 
+@lru_cache(maxsize=8)
+def _causal_mask(T: int, S: int, dtype: mx.Dtype) -> mx.array:
+    """One mask per shape, shared by every layer of a forward pass (and the next one of the same
+    length): five kernels once instead of in each of 22 layers."""
+    rows = mx.arange(S - T, S)[:, None]
+    cols = mx.arange(S)[None, :]
+    mask = mx.where(cols > rows, mx.array(mask_value(dtype), dtype), mx.array(0, dtype))
+    mx.eval(mask)
+    return mask
+
+
 def rotate_half(x: mx.array) -> mx.array:
     half = x.shape[-1] // 2
     return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -134,8 +146,13 @@ def rotate_half(x: mx.array) -> mx.array:
 class Ops:
     policy: str = "hf"
     kernels: str = "fused"
+    # "concatenated": q/k/v and gate/up as one matmul each, where the model holds the concatenated
+    # weights (decode.concatenate_projections): fewer kernel launches for a GPU decode step.
+    projections: str = "separate"
 
     def __post_init__(self):
+        if self.projections not in PROJECTIONS:
+            raise ValueError(f"projections {self.projections!r} not in {PROJECTIONS}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy {self.policy!r} not in {POLICIES}")
         if self.kernels not in KERNELS:
@@ -180,9 +197,7 @@ class Ops:
         """Additive [T, S] mask: query t (absolute position S-T+t) sees keys 0..S-T+t."""
         if T == 1:
             return None
-        rows = mx.arange(S - T, S)[:, None]
-        cols = mx.arange(S)[None, :]
-        return mx.where(cols > rows, mx.array(mask_value(dtype), dtype), mx.array(0, dtype))
+        return _causal_mask(T, S, dtype)
 
     def scores_dtype(self, dtype: mx.Dtype) -> mx.Dtype:
         return mx.float32 if self.policy == "mixed" else dtype

@@ -16,6 +16,7 @@ from typing import Iterable
 import mlx.core as mx
 import numpy as np
 
+from . import cuda_stats
 from .errors import UserError
 
 
@@ -156,18 +157,26 @@ class Taps:
 
     def __call__(self, name: str, x: mx.array) -> mx.array:
         if name in self.names:
-            value = x[0]  # drop the batch dimension
             self.order.append(name)
             if self.mode == "full":
-                self.tensors[name] = value
-            else:
-                self._pending.append((name, value))
-                self._pending_bytes += value.nbytes
+                self.tensors[name] = x[0]  # drop the batch dimension
+            else:  # kept whole until the flush: a slice per tap is graph-building time on a GPU
+                self._pending.append((name, x))
+                self._pending_bytes += x.nbytes
                 if self._pending_bytes >= self.flush_bytes:
                     self._flush()
         return x
 
     def _flush(self) -> None:
+        if cuda_stats.available():  # every pending tap in one kernel per 32 tensors, one read back
+            live = [(n, x) for n, x in self._pending if x.size]
+            rows = cuda_stats.batch_stats([x for _, x in live], [stage_of(n).token_axis for n, _ in live],
+                                          batched=True)
+            self._stats.update((n, dict(_head(x, batched=True), **r)) for (n, x), r in zip(live, rows))
+            self._stats.update((n, tensor_stats(x[0], stage_of(n).token_axis)) for n, x in self._pending if not x.size)
+            self._pending, self._pending_bytes = [], 0
+            return
+        self._pending = [(n, x[0]) for n, x in self._pending]  # drop the batch dimension
         mx.eval([v for _, v in self._pending])
         groups: dict[tuple, list[tuple[str, mx.array]]] = {}
         for name, value in self._pending:  # same shape: one vectorised computation for the group
@@ -217,10 +226,12 @@ def batch_stats(xs: list[mx.array], token_axis: int = 0) -> list[dict]:
     one at a time (`_moments`). Either way a tensor's numbers depend on its values only,
     never on the other tensors of the group."""
     x0 = xs[0]
+    if x0.size and cuda_stats.available():
+        return [dict(_head(x), **r) for x, r in zip(xs, cuda_stats.batch_stats(xs, [token_axis] * len(xs)))]
     if _stats_on_device() and x0.size:
         return _device_batch_stats(xs, token_axis)
     arrays = [to_numpy(x) for x in xs]
-    head = {"shape": list(x0.shape), "dtype": str(x0.dtype).replace("mlx.core.", "")}
+    head = _head(x0)
     n = x0.size
     if n == 0:
         return [_stats_of_finite(head, a.reshape(-1), 0, 0, a, token_axis) for a in arrays]
@@ -316,8 +327,18 @@ def _device_group(xs: list[mx.array], token_axis: int) -> tuple[mx.array, mx.arr
     return floats, counts
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def _head(x: mx.array, batched: bool = False) -> dict:
+    """shape (without the batch dimension when `batched`) and dtype name of a tap."""
+    if x.dtype not in _DTYPE_NAMES:
+        _DTYPE_NAMES[x.dtype] = str(x.dtype).replace("mlx.core.", "")
+    return {"shape": list(x.shape[1:] if batched else x.shape), "dtype": _DTYPE_NAMES[x.dtype]}
+
+
 def _device_rows(x0: mx.array, floats: np.ndarray, counts: np.ndarray) -> list[dict]:
-    head = {"shape": list(x0.shape), "dtype": str(x0.dtype).replace("mlx.core.", "")}
+    head = _head(x0)
     out = []
     for f, (nan, inf, finite) in zip(floats.tolist(), counts.tolist()):
         d = dict(head, min=f[0], max=f[1], mean=f[2], std=f[3], absmax=f[4], nan=int(nan), inf=int(inf),

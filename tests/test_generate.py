@@ -180,3 +180,58 @@ def test_temperature_zero_is_greedy(tiny_dir, tmp_path):
 def test_bad_input_exits_2(tiny_dir, argv, capsys):
     assert trace(["generate", "--model", str(tiny_dir), *argv]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_concatenated_projections_change_no_number(small_dir, seed_ids):
+    """decode.concatenate_projections: the separate weights become views of the joined ones (no
+    memory added), every eager logit is bit-identical, and the compiled step on the joined
+    weights picks the same 64 greedy tokens as the eager path (fp32)."""
+    from mlx_tinyllama import decode, fast
+
+    lm = sources.load(str(small_dir), "float32")
+    ids = mx.array([seed_ids])
+    before = lm.model(ids)
+    mx.eval(before)
+    memory = mx.get_active_memory()
+    assert decode.concatenate_projections(lm.model)
+    assert mx.get_active_memory() <= memory  # views of the joined buffers: nothing copied
+    layer = lm.model.layers[0]
+    assert layer.self_attn._qkv.shape[0] == sum(m.weight.shape[0] for m in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+    from mlx.utils import tree_flatten
+
+    names = [k for k, _ in tree_flatten(lm.model.parameters())]
+    assert not any("_qkv" in k or "_gate_up" in k for k in names)  # not parameters: checkpoints, mlx-lm unchanged
+    assert mx.array_equal(lm.model(ids), before).item()
+
+    def greedy(step, cache):
+        first = fast.next_token(fast.prefill(step, ids, cache))
+        mx.eval(first)
+        return fast.greedy_decode(step, cache, first, STEPS)
+
+    joined = decode.CompiledDecoder(lm.model, concatenate=True)
+    assert joined.concatenated
+    tokens = greedy(joined, joined.make_cache(len(seed_ids) + STEPS + 1))
+    assert tokens == greedy(fast.model_step(lm.model), lm.model.make_cache())
+    assert not decode.CompiledDecoder(lm.model).concatenated  # on the CPU the step is matmul-bound: not by default
+
+
+def test_half_weights_on_the_cpu_are_not_concatenated(small_dir):
+    lm = sources.load(str(small_dir), "float16")  # Fp32GemmLinear on the CPU
+    if mx.default_device().type == mx.gpu:
+        pytest.skip("on a GPU half weights are plain nn.Linear")
+    from mlx_tinyllama import decode
+
+    assert not decode.concatenate_projections(lm.model)
+    assert lm.model.layers[0].self_attn._qkv is None
+
+
+def test_the_causal_mask_is_built_once_per_shape():
+    from mlx_tinyllama.ops import Ops, mask_value
+
+    ops = Ops()
+    a, b = ops.causal_mask(5, 9, mx.float16), ops.causal_mask(5, 9, mx.float16)
+    assert a is b  # shared by every layer of a forward pass
+    rows, cols = np.arange(4, 9)[:, None], np.arange(9)[None, :]
+    want = np.where(cols > rows, mask_value(mx.float16), 0).astype(np.float16)
+    assert np.array_equal(np.array(a), want) and ops.causal_mask(1, 9, mx.float16) is None

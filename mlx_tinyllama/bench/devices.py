@@ -79,6 +79,7 @@ def device_report(override_gbs: float | None) -> dict:
         "name": name,
         "memory_bytes": info.get("memory_size") or info.get("total_memory"),
         "blas": None if gpu else blas_library(),
+        "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),  # MLX's graph batch size, if set
         "cpu_count": os.cpu_count(),
         "info": info,
         "peak_bandwidth_gbs": peak,
