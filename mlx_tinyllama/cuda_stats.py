@@ -207,6 +207,8 @@ def batch_stats(xs: list[mx.array], token_axes: list[int], batched: bool = False
     """Statistics of non-empty tensors `xs` (any shapes and dtypes), one launch per MAX_INPUTS
     tensors, one read back and one merge for all: see the module docstring. `batched`: every x
     has a leading batch dimension of 1, which the statistics (and token_axes) leave out."""
+    if not xs:  # a flush with nothing pending
+        return []
     plans, metas, outputs = [], [], []
     for start in range(0, len(xs), MAX_INPUTS):
         group = xs[start:start + MAX_INPUTS]

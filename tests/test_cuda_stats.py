@@ -106,7 +106,21 @@ def test_taps_through_the_kernel_path_equal_the_host_path(tiny_dir, seed_ids, mo
     kernel = Taps(names, "stats")
     lm.model(mx.array(seed_ids), tap=kernel)
     got = kernel.stats()
+    assert kernel.stats() == got  # a second flush has nothing pending and changes nothing
     assert list(got) == list(want)
     assert launches == [min(32, len(names) - s) for s in range(0, len(names), 32)]  # 32 taps a launch
     for n in names:
         assert_agrees(got[n], want[n], n)
+
+
+def test_flushing_after_every_tap_gives_the_same_numbers(tiny_dir, seed_ids, monkeypatch):
+    """The memory bound (a flush whenever flush_bytes are pending) cannot change a statistic: each
+    tensor's blocks are merged on their own, whatever else shares the launch."""
+    lm = sources.load(str(tiny_dir), "float32")
+    names = tap_names(lm.config.num_hidden_layers)
+    monkeypatch.setattr(cuda_stats, "available", lambda: True)
+    monkeypatch.setattr(cuda_stats, "_kernel", emulated_kernel)
+    one_batch, every_tap = Taps(names, "stats"), Taps(names, "stats", flush_bytes=1)
+    lm.model(mx.array(seed_ids), tap=one_batch)
+    lm.model(mx.array(seed_ids), tap=every_tap)
+    assert every_tap.stats() == one_batch.stats()
