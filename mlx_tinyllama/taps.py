@@ -129,12 +129,15 @@ class Taps:
     tensor (batch dimension dropped). `names` are canonical names (use `select`
     to expand globs).
 
-    Statistics are computed on the host with numpy, in float64, once the tapped
-    tensors are evaluated: on the CPU and on Apple's unified memory that reads
-    the buffers in place, and one read of each tensor in cache-sized float64
-    blocks (`_moments`) beats ~20 small device kernels per tap (MLX's CPU
-    reductions are single-threaded). Pending
-    tensors are flushed once they hold `flush_bytes`, which bounds the memory
+    Where the statistics are computed (all in float64 but the Metal path):
+    - CPU: on the host with numpy, reading the buffers in place; one read of each
+      tensor in cache-sized float64 blocks (`_moments`) beats ~20 small kernels per
+      tap (MLX's CPU reductions are single-threaded);
+    - MLX's CUDA backend: one kernel launch per 32 taps, float64 partials merged on
+      the host (cuda_stats.py): launches, not reductions, are a GPU's cost;
+    - other GPUs (Metal): same-shape taps grouped, a handful of MLX kernels per group
+      in float32 (`_device_group`).
+    Pending tensors are flushed once they hold `flush_bytes`, which bounds the memory
     they keep alive (the attention scores of long prompts are large).
     """
 
@@ -202,7 +205,7 @@ class Taps:
 
 
 def _stats_on_device() -> bool:
-    """GPUs reduce on the device; CPUs (and the host side of unified memory) use numpy."""
+    """GPUs reduce on the device; CPUs use numpy."""
     return mx.default_device().type == mx.gpu
 
 
