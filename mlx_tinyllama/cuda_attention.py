@@ -1,4 +1,5 @@
-"""Single-query attention over a fixed-capacity KV cache as one CUDA kernel (MLX's CUDA backend only).
+"""Attention steps as single CUDA kernels (MLX's CUDA backend only): the compiled decode step's
+masked single-query attention, and the attention internals that taps observe on the fused path.
 
 Why: the compiled decode step (decode.py) attends over the whole preallocated cache with a
 boolean mask that hides the unwritten slots. MLX's CUDA `scaled_dot_product_attention` has a
@@ -92,3 +93,94 @@ def masked_decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
                      grid=(H * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                      output_shapes=[q.shape], output_dtypes=[q.dtype])
     return out
+
+
+# --- the observed attention internals ----------------------------------------------------------
+#
+# Why: on the fused path SDPA never materialises scores, scaled scores, masked scores and
+# probabilities, so a tap that asks for them gets them recomputed with MLX ops: about eight
+# kernels per layer, which on a GPU cost more than the rest of a tapped forward pass. This
+# kernel makes all four in one launch per layer, with the roundings of that op sequence
+# (ops.Ops.qk/scale/add_mask/softmax, policy "hf"): Q·Kᵀ accumulated in float32 and rounded to T,
+# the scale and the causal mask applied in T arithmetic, softmax in float32 rounded to T. Only
+# the order of the float32 sums differs from cuBLAS's and MLX's softmax, so a value can differ by
+# one unit in the last place of T (scripts/gpu_internals.py counts them).
+
+INTERNALS_THREADS = 128  # one block per (head, query row); threads stride over the keys
+
+_INTERNALS_SOURCE = """
+    const int H = dims[0], KV = dims[1], T = dims[2], S = dims[3], D = dims[4];
+    const int row = blockIdx.x;  // h * T + t
+    const int h = row / T, t = row % T;
+    const int tid = threadIdx.x;
+    const T_* qr = q + (size_t)row * D;
+    const T_* kb = k + (size_t)(h / (H / KV)) * S * D;
+    const size_t base = (size_t)row * S;
+    const int last = S - T + t;  // the last key this query sees (causal)
+    const T_ sc = scale[0];
+    const T_ lowest = lowest_[0];
+    const T_ zero = static_cast<T_>(0.0f);
+    __shared__ float red[INTERNALS_THREADS];
+    float m = -INFINITY;
+    for (int j = tid; j < S; j += INTERNALS_THREADS) {
+        float acc = 0.0f;
+        for (int d = 0; d < D; ++d) acc += static_cast<float>(qr[d]) * static_cast<float>(kb[(size_t)j * D + d]);
+        const T_ s0 = static_cast<T_>(acc);
+        const T_ s1 = tl_mul(s0, sc);
+        const T_ s2 = tl_add(s1, j > last ? lowest : zero);
+        scores[base + j] = s0;
+        scaled[base + j] = s1;
+        masked[base + j] = s2;
+        m = fmaxf(m, static_cast<float>(s2));
+    }
+    red[tid] = m;
+    __syncthreads();
+    for (int w = INTERNALS_THREADS / 2; w > 0; w >>= 1) {
+        if (tid < w) red[tid] = fmaxf(red[tid], red[tid + w]);
+        __syncthreads();
+    }
+    const float mx_ = red[0];
+    __syncthreads();
+    float z = 0.0f;
+    for (int j = tid; j < S; j += INTERNALS_THREADS) z += expf(static_cast<float>(masked[base + j]) - mx_);
+    red[tid] = z;
+    __syncthreads();
+    for (int w = INTERNALS_THREADS / 2; w > 0; w >>= 1) {
+        if (tid < w) red[tid] += red[tid + w];
+        __syncthreads();
+    }
+    const float total = red[0];
+    for (int j = tid; j < S; j += INTERNALS_THREADS)
+        probs[base + j] = static_cast<T_>(expf(static_cast<float>(masked[base + j]) - mx_) / total);
+"""
+
+# T arithmetic, correctly rounded, as MLX's elementwise multiply and add in that type.
+_INTERNALS_HEADER = """
+__device__ inline float tl_mul(float a, float b) { return a * b; }
+__device__ inline float tl_add(float a, float b) { return a + b; }
+__device__ inline __half tl_mul(__half a, __half b) { return __hmul(a, b); }
+__device__ inline __half tl_add(__half a, __half b) { return __hadd(a, b); }
+__device__ inline __nv_bfloat16 tl_mul(__nv_bfloat16 a, __nv_bfloat16 b) { return __hmul(a, b); }
+__device__ inline __nv_bfloat16 tl_add(__nv_bfloat16 a, __nv_bfloat16 b) { return __hadd(a, b); }
+"""
+
+_internals_kernel = None
+
+
+def attention_internals(q: mx.array, k: mx.array, scale: float, lowest: float):
+    """q [1, H, T, D] (after RoPE), k [1, KV, S, D] -> scores, scaled, masked, probs, each [1, H, T, S]
+    in q's dtype, masked with `lowest` above the causal diagonal (query t sees keys 0..S-T+t)."""
+    global _internals_kernel
+    if _internals_kernel is None:
+        _internals_kernel = mx.fast.cuda_kernel(
+            name="tinyllama_attention_internals", input_names=["q", "k", "scale", "lowest_", "dims"],
+            output_names=["scores", "scaled", "masked", "probs"], source=_INTERNALS_SOURCE,
+            header=_INTERNALS_HEADER)
+    _, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    dt = q.dtype
+    return _internals_kernel(
+        inputs=[q, k.astype(dt), mx.array([scale], dt), mx.array([lowest], dt), mx.array([H, KV, T, S, D], mx.int32)],
+        template=[("T_", dt), ("INTERNALS_THREADS", INTERNALS_THREADS)],
+        grid=(H * T * INTERNALS_THREADS, 1, 1), threadgroup=(INTERNALS_THREADS, 1, 1),
+        output_shapes=[(1, H, T, S)] * 4, output_dtypes=[dt] * 4)

@@ -60,8 +60,13 @@ class Attention(nn.Module):
         visible = getattr(cache, "mask", None)  # a fixed-capacity cache (decode.py) hides unwritten slots
         if ops.fused:
             ctx = ops.fused_attention(q, k, v, self.scale, visible)
-            if tap.enabled and any(tap.wants(p + s) for s in ATTENTION_INTERNALS):
-                self.probs(q, k, ops, tap, p, visible)  # observed only: the data path above is untouched
+            if tap.enabled and any(tap.wants(p + s) for s in ATTENTION_INTERNALS):  # observed only
+                observed = ops.observed_internals(q, k, self.scale, visible)  # CUDA: one kernel, else None
+                if observed is None:
+                    self.probs(q, k, ops, tap, p, visible)
+                else:
+                    for suffix, x in zip(ATTENTION_INTERNALS, observed):
+                        tap(p + suffix, x)
         else:
             ctx = ops.pv(self.probs(q, k, ops, tap, p, visible), v)
         ctx = tap(p + "attn.context", ctx.transpose(0, 2, 1, 3).reshape(B, T, -1))

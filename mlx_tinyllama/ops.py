@@ -142,6 +142,9 @@ def rotate_half(x: mx.array) -> mx.array:
     return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+_INTERNAL_STEPS = ("qk", "scale", "add_mask", "causal_mask", "softmax", "scores_dtype")
+
+
 @dataclass(frozen=True)
 class Ops:
     policy: str = "hf"
@@ -246,6 +249,17 @@ class Ops:
                 return cuda_attention.masked_decode_attention(q, k, v, scale, visible)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
+
+    def observed_internals(self, q, k, scale: float, visible: mx.array | None = None):
+        """The fused path's observed scores, scaled and masked scores and probs in one CUDA kernel
+        (cuda_attention.attention_internals: the roundings of qk/scale/add_mask/softmax), or None
+        where that does not apply: off CUDA, with a visibility mask, another policy, or an Ops
+        subclass that changes one of those steps (a fault must be seen as written)."""
+        if not (self.fused and self.policy == "hf" and visible is None and cuda_attention.available()):
+            return None
+        if any(getattr(type(self), m) is not getattr(Ops, m) for m in _INTERNAL_STEPS):
+            return None
+        return cuda_attention.attention_internals(q, k, scale, mask_value(q.dtype))
 
     # --- MLP ------------------------------------------------------------------
     def silu(self, x: mx.array) -> mx.array:

@@ -95,11 +95,13 @@ gpu_tests() {
   python3 -c 'import mlx.core as mx; print("default device:", mx.default_device())' | tee "$OUT/gpu_tests.log"
   set -o pipefail
   timeout 420 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_model.py tests/test_paths.py \
-    tests/test_compare.py tests/test_stability.py tests/test_generate.py tests/test_cuda_stats.py 2>&1 | tee -a "$OUT/gpu_tests.log"
+    tests/test_compare.py tests/test_stability.py tests/test_generate.py tests/test_cuda_stats.py tests/test_cuda_attention.py 2>&1 | tee -a "$OUT/gpu_tests.log"
   # The one-kernel masked decode attention (cuda_attention.py) against MLX's SDPA, and decode speed.
   timeout 200 python3 scripts/gpu_decode_attention.py 2>&1 | tee -a "$OUT/gpu_tests.log"
   # The one-kernel tap statistics (cuda_stats.py) against the float64 host computation, and their cost.
   timeout 200 python3 scripts/gpu_stats.py check time 2>&1 | tee -a "$OUT/gpu_tests.log"
+  # The observed attention internals in one kernel against the op sequence they replace.
+  timeout 120 python3 scripts/gpu_internals.py 2>&1 | tee -a "$OUT/gpu_tests.log"
 }
 
 # Any command with the CUDA build of MLX installed, e.g. `exec python3 -m mlx_tinyllama.trace ...`.
