@@ -23,7 +23,7 @@ there). A call of many rows (a prefill of >= UPCAST_PER_CALL_ROWS tokens) upcast
 the weight inside the call: N·K conversions against 2·rows·N·K GEMM flops, one
 transient fp32 weight at a time. A call of few rows (a decode step) would spend
 more on the conversion than on the GEMM, so the first such call makes an exact
-fp32 copy of the weight and keeps it (twice the weight memory, 4.4 GB for
+fp32 copy of the weight and keeps it (twice the weight memory, 4.1 GB for
 TinyLlama, paid only by runs that decode or prefill short prompts).
 
 Fault injection (see `faults.py`) subclasses Ops and overrides one method.
@@ -85,10 +85,11 @@ def matmul(a: mx.array, b: mx.array) -> mx.array:
 
 
 # Rows (tokens) from which a half linear layer on the CPU upcasts its weight per call
-# instead of keeping an fp32 copy. Measured with OpenBLAS on a 2-core x86 VM
-# (docs/benchmarks.md): the conversion of a [5632, 2048] weight costs about the fp32
-# GEMM of 150 rows, so at 512 rows it adds <= ~30 % to that layer (~10 % at 1024)
-# and a 2,048-token prefill keeps 4.4 GB less resident; below, the copy pays.
+# instead of keeping an fp32 copy. Measured on a 2-core x86 VM with OpenBLAS
+# (scripts/cpu_upcast_cost.py, docs/benchmarks.md): converting a [5632, 2048] weight
+# costs about the fp32 GEMM of 150 rows, so per call it adds ~55 % to that layer at
+# 512 rows and ~12 % at 2,048; a whole 512-token fp16 prefill of TinyLlama takes 1.13x
+# its time with the copies (the attention dominates it) and holds 4.1 GB less.
 UPCAST_PER_CALL_ROWS = 512
 
 
