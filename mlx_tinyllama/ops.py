@@ -17,9 +17,14 @@ of the upcast operands, the result rounded to the half type: fp16/bf16 in, fp32
 accumulation, fp16/bf16 out. That is what Metal's GEMM does (half tiles, fp32
 accumulators) and what transformers does on a CPU, and it is the only way to make
 fp16 fast there: MLX's CPU half matmul is a scalar loop (~8x slower than fp32
-through BLAS). The linear layers keep their half weights as the parameters and an
-exact fp32 copy beside them (`Fp32GemmLinear`, twice the weight memory); on Metal
-and CUDA nothing changes (`cpu_half_gemm` is False there).
+through BLAS). The linear layers keep their half weights as the parameters
+(`Fp32GemmLinear`); on Metal and CUDA nothing changes (`cpu_half_gemm` is False
+there). A call of many rows (a prefill of >= UPCAST_PER_CALL_ROWS tokens) upcasts
+the weight inside the call: N·K conversions against 2·rows·N·K GEMM flops, one
+transient fp32 weight at a time. A call of few rows (a decode step) would spend
+more on the conversion than on the GEMM, so the first such call makes an exact
+fp32 copy of the weight and keeps it (twice the weight memory, 4.1 GB for
+TinyLlama, paid only by runs that decode or prefill short prompts).
 
 Fault injection (see `faults.py`) subclasses Ops and overrides one method.
 """
@@ -80,33 +85,68 @@ def matmul(a: mx.array, b: mx.array) -> mx.array:
     return a @ b
 
 
+# Rows (tokens) from which a half linear layer on the CPU upcasts its weight per call
+# instead of keeping an fp32 copy. Measured on a 2-core x86 VM with OpenBLAS
+# (scripts/cpu_upcast_cost.py, docs/benchmarks.md): converting a [5632, 2048] weight
+# costs about the fp32 GEMM of 150 rows, so per call it adds ~55 % to that layer at
+# 512 rows and ~12 % at 2,048; a whole 512-token fp16 prefill of TinyLlama takes 1.13x
+# its time with the copies (the attention dominates it) and holds 4.1 GB less.
+UPCAST_PER_CALL_ROWS = 512
+
+
 class Fp32GemmLinear(nn.Module):
-    """A bias-free nn.Linear whose half-precision matmul on the CPU is fp32 GEMM against an
-    exact fp32 copy of the weight (upcast once, not per call). `weight` stays the model's
-    half-precision parameter; the copy (`_weight32`, underscore: not a parameter) is only read."""
+    """A bias-free nn.Linear whose half-precision matmul on the CPU is fp32 GEMM of the upcast
+    operands. `weight` stays the model's half-precision parameter. Calls of many rows upcast
+    it per call; the first call of fewer than UPCAST_PER_CALL_ROWS rows makes an exact fp32
+    copy (`_weight32`, underscore: not a parameter) that every later call reads. Both are
+    the same fp32 values, so the result does not depend on which one a call uses."""
 
     def __init__(self, weight: mx.array):
         super().__init__()
         self.weight = weight
-        self._weight32 = weight.astype(mx.float32)
+        self._weight32 = None  # made on the first few-row call (`weight32`)
+        self._weight32_of = None  # the weight it is a copy of: a replaced weight gets a new copy
+
+    @property
+    def has_weight32(self) -> bool:
+        return self._weight32 is not None and self._weight32_of is self.weight
+
+    def weight32(self, rows: int) -> mx.array:
+        """The weight in fp32 for a call of `rows` rows: the kept copy if there is one, else a
+        per-call upcast (many rows) or a new kept copy (few rows)."""
+        if self.has_weight32:
+            return self._weight32
+        self._weight32 = None  # a copy of a replaced weight is not kept alive
+        w32 = self.weight.astype(mx.float32)
+        if rows >= UPCAST_PER_CALL_ROWS:
+            return w32  # transient: freed with this call's graph
+        mx.eval(w32)  # a constant, also when a compiled decode step is being traced (decode.py)
+        self._weight32, self._weight32_of = w32, self.weight
+        return w32
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_half_gemm(x.dtype):
-            return (x.astype(mx.float32) @ self._weight32.T).astype(x.dtype)
+            rows = x.size // x.shape[-1]
+            return (x.astype(mx.float32) @ self.weight32(rows).T).astype(x.dtype)
         return x @ self.weight.T
 
 
 def use_fp32_gemm(model: nn.Module) -> int:
     """Replace every bias-free nn.Linear of `model` by an Fp32GemmLinear on the same weight
-    (call it when `cpu_half_gemm(weight dtype)`); returns how many were replaced."""
+    (call it when `cpu_half_gemm(weight dtype)`; no fp32 copy is made here); returns how many
+    were replaced."""
     n = 0
     for parent in model.modules():
         for key, child in list(parent.children().items()):
             if type(child) is nn.Linear and "bias" not in child:
                 setattr(parent, key, Fp32GemmLinear(child.weight))
-                mx.eval(getattr(parent, key)._weight32)  # one layer at a time: no 4.4 GB lazy graph
                 n += 1
     return n
+
+
+def fp32_weight_copies(model: nn.Module) -> int:
+    """Bytes held by the fp32 weight copies of `model`'s Fp32GemmLinear layers."""
+    return sum(m._weight32.nbytes for m in model.modules() if isinstance(m, Fp32GemmLinear) and m.has_weight32)
 
 
 @partial(mx.compile, shapeless=True)

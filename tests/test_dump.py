@@ -11,6 +11,7 @@ import pytest
 
 from conftest import SEED_IDS
 from mlx_tinyllama import dump, sources
+from mlx_tinyllama.ops import UPCAST_PER_CALL_ROWS, Fp32GemmLinear, fp32_weight_copies
 from mlx_tinyllama.taps import Taps, tap_names
 from mlx_tinyllama.trace import main as trace
 
@@ -132,3 +133,56 @@ def test_an_interrupted_dump_leaves_the_earlier_dump_and_no_partial_file(tmp_pat
     monkeypatch.setattr(dump.StreamingDump, "__call__", interrupted)
     assert trace(args) == 130
     assert calls["n"] > 0 and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("tokens", [3, UPCAST_PER_CALL_ROWS])
+def test_a_long_half_dump_on_the_cpu_keeps_no_fp32_weight_copies(tmp_path, monkeypatch, tokens):
+    """ops.Fp32GemmLinear: from UPCAST_PER_CALL_ROWS tokens a prefill upcasts each weight per
+    call, so `run --dump` of a long prompt never holds the fp32 copies (4.1 GB for TinyLlama);
+    a short prompt makes them (the check sees them when they exist)."""
+    from mlx_tinyllama import cli_common
+
+    loaded, load = [], cli_common.load_model
+    monkeypatch.setattr(cli_common, "load_model", lambda args: loaded.append(load(args)) or loaded[-1])
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)  # the CPU backend's rule, also on a GPU machine
+    try:
+        ids = ",".join(str(3 + (i * 7919) % 31990) for i in range(tokens))
+        assert trace(["run", "--model", "synthetic:tiny", "--taps", "*", "--dump", str(tmp_path / "d.safetensors"),
+                      "--token-ids", ids]) == 0
+    finally:
+        mx.set_default_device(previous)
+    model = loaded[0].model
+    copies = fp32_weight_copies(model)
+    assert copies == (0 if tokens >= UPCAST_PER_CALL_ROWS else 2 * sum(
+        m.weight.nbytes for m in model.modules() if isinstance(m, Fp32GemmLinear))), copies
+    assert sorted(mx.load(str(tmp_path / "d.safetensors"))) == sorted(tap_names(2))
+
+
+def test_statistics_of_a_tap_with_inf_or_nan_hold_no_full_size_copy():
+    """A 2,048-token dump's [32, 2048, 2048] attention taps can hold Inf (fp16 scores of the
+    synthetic model): their host statistics (taps._stats_of_finite) go through the finite values
+    in blocks, equal to numpy's two-pass float64 values, with no masked or float64 copy of the
+    tensor (which put 3.7 GB on a 2,048-token dump's peak). numpy's buffers are traced by
+    tracemalloc."""
+    import tracemalloc
+
+    from mlx_tinyllama.taps import _BLOCK, tensor_stats
+
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((4, 600, 1011)) * 3 + 1).astype(np.float16)  # [heads, T, S], 37 blocks
+    assert a.size > 36 * _BLOCK
+    a[0, 0, 3], a[2, -1, -1], a[1, 100, 100:103] = np.inf, -np.inf, np.nan
+    x = mx.array(a)
+    mx.eval(x)
+    tracemalloc.start()
+    try:
+        s = tensor_stats(x, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < a.size * 8 / 8, (peak, a.size * 8)  # a float64 copy would be a.size * 8 bytes
+    v = a[np.isfinite(a)].astype(np.float64)
+    assert (s["nan"], s["inf"], s["finite"]) == (3, 2, a.size - 5)
+    assert (s["min"], s["max"], s["absmax"]) == (v.min(), v.max(), np.abs(v).max())
+    np.testing.assert_allclose([s["sum"], s["mean"], s["std"]], [v.sum(), v.mean(), v.std()], rtol=1e-12)

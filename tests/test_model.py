@@ -226,7 +226,8 @@ def test_recorder_gives_the_same_stats_on_the_gpu_path(tiny_dir, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_matmuls_on_the_cpu_are_fp32_gemm_rounded_once(tiny_dir, dtype, monkeypatch):
     """ops.py: on MLX's CPU backend a half-precision linear layer is fp32 GEMM of the upcast
-    operands rounded to the half type (what Metal's GEMM and transformers on a CPU do); the
+    operands rounded to the half type (what Metal's GEMM and transformers on a CPU do), from a
+    kept fp32 copy made by the first few-row call or an upcast per call of many rows; the
     parameters stay the half weights; fp32 models and other devices keep plain nn.Linear."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -249,16 +250,24 @@ def _check_fp32_gemm(tiny_dir, dtype, monkeypatch, nn, tree_flatten, ops):
     params = dict(tree_flatten(lm.model.parameters()))
     assert set(params) == set(dict(tree_flatten(sources.load(str(tiny_dir), "float32").model.parameters())))
     assert all(p.dtype == dt for p in params.values())
+    assert ops.fp32_weight_copies(lm.model) == 0  # none made at load
     q = lm.model.layers[0].self_attn.q_proj
     x = (mx.random.normal((1, 5, 64), key=mx.random.key(0)) * 3).astype(dt)
     want = (x.astype(mx.float32) @ q.weight.astype(mx.float32).T).astype(dt)
     assert q(x).dtype == dt and mx.array_equal(q(x), want).item()
+    assert q.has_weight32 and ops.fp32_weight_copies(lm.model) == 2 * q.weight.nbytes  # 5 rows: the kept copy
+    k = lm.model.layers[0].self_attn.k_proj  # many rows: upcast per call, nothing kept
+    xs = (mx.random.normal((1, ops.UPCAST_PER_CALL_ROWS, 64), key=mx.random.key(1)) * 3).astype(dt)
+    assert mx.array_equal(k(xs), (xs.astype(mx.float32) @ k.weight.astype(mx.float32).T).astype(dt)).item()
+    assert not k.has_weight32 and ops.fp32_weight_copies(lm.model) == 2 * q.weight.nbytes
     a, b = x[0], q.weight.T  # the attention matmuls (explicit kernels) follow the same rule
     assert mx.array_equal(ops.matmul(a, b), (a.astype(mx.float32) @ b.astype(mx.float32)).astype(dt)).item()
     assert not ops.cpu_half_gemm(mx.float32)
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))  # Metal / CUDA: untouched
     assert not ops.cpu_half_gemm(dt)
     assert mx.array_equal(q(x), x @ q.weight.T).item()
+    v = lm.model.layers[0].self_attn.v_proj
+    assert mx.array_equal(v(x), x @ v.weight.T).item() and not v.has_weight32  # no copy made on a GPU
     gpu = sources.load(str(tiny_dir), dtype)
     assert not any(isinstance(m, ops.Fp32GemmLinear) for m in gpu.model.modules())
 
