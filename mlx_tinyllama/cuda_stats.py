@@ -30,6 +30,29 @@ CHUNK = THREADS * ITEMS  # values per block
 MAX_INPUTS = 32  # tensors per launch (the kernel's parameter list)
 FIELDS = 13  # per block: n, nan, inf, min, max, sum, m2, first row [3], last row [3]
 
+EXACT = ("shape", "dtype", "min", "max", "absmax", "nan", "inf", "finite", "first", "last")
+
+
+def mismatches(got: dict, want: dict) -> list[str]:
+    """Where statistics `got` (this kernel's) leave the bounds of the module docstring against
+    `want` (the float64 host computation): counts, extremes and rows equal; sum and mean within
+    1e-12 of n·absmax and absmax; std within 1e-9 relative (+1e-12·absmax). [] when they agree."""
+    bad = []
+    for k in EXACT:
+        a, b = got[k], want[k]
+        same = a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)) or (
+            isinstance(a, list) and np.array_equal(np.array(a), np.array(b), equal_nan=True))
+        if not same:
+            bad.append(f"{k}: {a} vs {b}")
+    n, amax = want["finite"], want["absmax"]
+    if n:
+        for k, bound in (("sum", 1e-12 * amax * n), ("mean", 1e-12 * amax),
+                         ("std", 1e-9 * want["std"] + 1e-12 * amax)):
+            if not abs(got[k] - want[k]) <= bound:
+                bad.append(f"{k}: {got[k]!r} vs {want[k]!r} (bound {bound:.3g})")
+    return bad
+
+
 _HEADER = """
 template <int ITEMS_, int THREADS_, typename P>
 __device__ inline void tl_chunk(const P* p, long start, long size, int tid, float* v) {

@@ -15,8 +15,8 @@ the same code path as the uncompiled model. Taps need the eager path (a tap is a
 Python call per stage); `generate` uses this module only when no tap is
 selected. On a GPU the step also runs q/k/v and gate/up as one matmul each, on
 concatenated weights (`concatenate_projections`): the step is bound by kernel
-launches there, and this removes three of a layer's seven matmuls. The numbers are the model's own (`TinyLlama.__call__` with its Ops):
-only the key/value storage and the masking of unwritten slots differ, which can
+launches there, and this removes three of a layer's seven matmuls. The numbers
+are the model's own (`TinyLlama.__call__` with its Ops): only the key/value storage and the masking of unwritten slots differ, which can
 change the last bits of the attention's reductions, not which keys it reads.
 """
 
@@ -27,6 +27,7 @@ from dataclasses import replace
 import mlx.core as mx
 import mlx.nn as nn
 
+from .model import joined_weight
 from .taps import NO_TAPS, Taps
 
 
@@ -99,10 +100,10 @@ def concatenate_projections(model) -> bool:
         return False
     for layer in model.layers:
         a, mlp = layer.self_attn, layer.mlp
-        if a._qkv is not None:
-            continue
-        parts = [(a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)]
-        for owner, attr, group in ((a, "_qkv", parts[0]), (mlp, "_gate_up", parts[1])):
+        for owner, attr, group in ((a, "_qkv", (a.q_proj, a.k_proj, a.v_proj)),
+                                   (mlp, "_gate_up", (mlp.gate_proj, mlp.up_proj))):
+            if joined_weight(getattr(owner, attr), group) is not None:
+                continue  # joined already, and its views are still the weights
             joined = mx.concatenate([m.weight for m in group], axis=0)
             mx.eval(joined)  # one layer at a time: no model-sized lazy graph
             start = 0
@@ -111,7 +112,7 @@ def concatenate_projections(model) -> bool:
                 m.weight = joined[start:start + rows]
                 start += rows
             mx.eval([m.weight for m in group])  # row slices of the joined buffer: views, the old arrays freed
-            setattr(owner, attr, joined)
+            setattr(owner, attr, (joined, tuple(m.weight for m in group)))
     return True
 
 

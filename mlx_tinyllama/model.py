@@ -24,6 +24,16 @@ from .ops import Ops, Rope
 from .taps import ATTENTION_INTERNALS, NO_TAPS
 
 
+def joined_weight(joined, modules) -> mx.array | None:
+    """The concatenated weight of `modules` (a (weight, row views) pair made by
+    decode.concatenate_projections) while they still are plain Linears reading those views;
+    None once a weight or a module was replaced (reloaded weights, an emulating Linear)."""
+    if joined is None:
+        return None
+    weight, views = joined
+    return weight if all(type(m) is nn.Linear and m.weight is v for m, v in zip(modules, views)) else None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -33,13 +43,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self._qkv = None  # [Wq; Wk; Wv] once decode.concatenate_projections made it (underscore: not a parameter)
+        self._qkv = None  # ([Wq; Wk; Wv], views) from decode.concatenate_projections (underscore: not a parameter)
 
     def project(self, h, ops: Ops):
         """h·Wq, h·Wk, h·Wv: three matmuls, or one on the concatenated weight when ops ask for it."""
-        if ops.projections == "concatenated" and self._qkv is not None:
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            return mx.split(h @ self._qkv.T, [nq, nq + nkv], axis=-1)
+        if ops.projections == "concatenated":
+            w = joined_weight(self._qkv, (self.q_proj, self.k_proj, self.v_proj))
+            if w is not None:
+                nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+                return mx.split(h @ w.T, [nq, nq + nkv], axis=-1)
         return self.q_proj(h), self.k_proj(h), self.v_proj(h)
 
     def heads(self, x: mx.array, n: int) -> mx.array:
@@ -86,12 +98,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self._gate_up = None  # [Wg; Wu], as Attention._qkv
+        self._gate_up = None  # ([Wg; Wu], views), as Attention._qkv
 
     def project(self, h, ops: Ops):
         """h·Wg, h·Wu: two matmuls, or one on the concatenated weight (see Attention.project)."""
-        if ops.projections == "concatenated" and self._gate_up is not None:
-            return mx.split(h @ self._gate_up.T, 2, axis=-1)
+        if ops.projections == "concatenated":
+            w = joined_weight(self._gate_up, (self.gate_proj, self.up_proj))
+            if w is not None:
+                return mx.split(h @ w.T, 2, axis=-1)
         return self.gate_proj(h), self.up_proj(h)
 
     def __call__(self, h, ops: Ops, tap, p: str):

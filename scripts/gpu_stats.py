@@ -20,9 +20,6 @@ import numpy as np
 from mlx_tinyllama import cuda_stats, fast, sources, taps
 from mlx_tinyllama.taps import Taps, stage_of, tap_names
 
-FIELDS_EXACT = ("min", "max", "absmax", "nan", "inf", "finite", "first", "last", "shape", "dtype")
-
-
 def host_stats(xs, axis):
     """taps.batch_stats on the CPU device: the numpy float64 path."""
     mx.set_default_device(mx.cpu)
@@ -33,21 +30,7 @@ def host_stats(xs, axis):
 
 
 def agree(got, want, label):
-    bad = []
-    for k in FIELDS_EXACT:
-        a, b = got[k], want[k]
-        same = (a == b) or (isinstance(a, float) and np.isnan(a) and np.isnan(b)) or (
-            isinstance(a, list) and np.array_equal(np.array(a), np.array(b), equal_nan=True))
-        if not same:
-            bad.append(f"{k}: {a} vs {b}")
-    n, amax = want["finite"], want["absmax"]
-    if n:
-        for k in ("sum", "mean"):
-            bound = 1e-12 * amax * (n if k == "sum" else 1)
-            if not abs(got[k] - want[k]) <= bound:
-                bad.append(f"{k}: {got[k]!r} vs {want[k]!r} (bound {bound:.3g})")
-        if not abs(got["std"] - want["std"]) <= 1e-9 * want["std"] + 1e-12 * amax:
-            bad.append(f"std: {got['std']!r} vs {want['std']!r}")
+    bad = cuda_stats.mismatches(got, want)
     if bad:
         print(f"MISMATCH {label}: " + "; ".join(bad))
     return not bad

@@ -210,3 +210,13 @@ def test_compiled_silu_and_swiglu_are_the_explicit_arithmetic(dtype):
     assert mx.array_equal(fused.silu(x), explicit.silu(x)).item()
     one_kernel, two_steps = fused.swiglu(x, up), explicit.swiglu(x, up)
     assert one_kernel.dtype == two_steps.dtype and mx.array_equal(one_kernel, two_steps).item()
+
+
+def test_the_cuda_graph_batch_size_is_recorded(monkeypatch):
+    """MLX_MAX_OPS_PER_BUFFER moves GPU timings (docs/benchmarks.md): bench's JSON says whether it was set."""
+    from mlx_tinyllama.bench.devices import device_report
+
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER", raising=False)
+    assert device_report(None)["mlx_max_ops_per_buffer"] is None
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "50")
+    assert device_report(None)["mlx_max_ops_per_buffer"] == "50"

@@ -196,7 +196,7 @@ def test_concatenated_projections_change_no_number(small_dir, seed_ids):
     assert decode.concatenate_projections(lm.model)
     assert mx.get_active_memory() <= memory  # views of the joined buffers: nothing copied
     layer = lm.model.layers[0]
-    assert layer.self_attn._qkv.shape[0] == sum(m.weight.shape[0] for m in (
+    assert layer.self_attn._qkv[0].shape[0] == sum(m.weight.shape[0] for m in (
         layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
     from mlx.utils import tree_flatten
 
@@ -215,6 +215,38 @@ def test_concatenated_projections_change_no_number(small_dir, seed_ids):
     assert tokens == greedy(fast.model_step(lm.model), lm.model.make_cache())
     # by default only on a GPU, where launches bound a step; on the CPU it is matmul-bound
     assert decode.CompiledDecoder(lm.model).concatenated == (mx.default_device().type == mx.gpu)
+
+
+def test_a_replaced_weight_is_never_read_through_a_stale_concatenation(tiny_dir, seed_ids):
+    """After concatenate_projections, a reloaded weight or a replaced Linear (llama.cpp's input
+    rounding wraps them) must be what the concatenated path computes with; joining again
+    picks the new weight up."""
+    from mlx_tinyllama import decode
+    from mlx_tinyllama.emulation import EmulatedLinear
+    from mlx_tinyllama.ops import Ops
+
+    lm = sources.load(str(tiny_dir), "float32")
+    ids = mx.array([seed_ids])
+    joined_ops = Ops(projections="concatenated")
+    assert decode.concatenate_projections(lm.model)
+    attn = lm.model.layers[0].self_attn
+    before = lm.model(ids)
+    attn.q_proj.weight = attn.q_proj.weight * 2  # a new array: the joined buffer is stale now
+    want = lm.model(ids)  # separate projections, the model's own ops
+    def near(a, b):  # one matmul instead of three moves fp32 logits by ~1e-6 of their range here
+        return (mx.abs(a - b).max() <= 1e-5 * mx.abs(b).max()).item()
+
+    assert not near(before, want)  # the doubled weight shows in the logits
+    assert near(lm.model(ids, ops=joined_ops), want)
+    assert decode.concatenate_projections(lm.model)  # joins layer 0's q/k/v again, with the new weight
+    assert mx.array_equal(attn._qkv[0][: attn.q_proj.weight.shape[0]], attn.q_proj.weight).item()
+    assert near(lm.model(ids, ops=joined_ops), want)
+    mlp = lm.model.layers[0].mlp
+    mlp.up_proj = EmulatedLinear(mlp.up_proj, "f16")  # a module of another kind: not concatenated
+    h = mx.random.normal((1, 5, lm.config.hidden_size), key=mx.random.key(0))
+    gate, up = mlp.project(h, joined_ops)
+    assert mx.array_equal(gate, mlp.gate_proj(h)).item() and mx.array_equal(up, mlp.up_proj(h)).item()
+    assert not mx.array_equal(up, h @ mlp.up_proj.weight.T).item()  # the emulated rounding is in it
 
 
 def test_half_weights_on_the_cpu_are_not_concatenated(small_dir):
