@@ -18,6 +18,7 @@ import numpy as np
 
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
+from .errorshape import Pattern, stage_pattern
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -151,6 +152,11 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
         out.append(_entry(tap, "mask_mismatch", m["mask_mismatch"], 0))
     if m["nonfinite"]:
         out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, details=details))
+    if not all(e["ok"] for e in out) and "qk_permutation" not in details and tap not in SHORTCUT_TAPS:
+        shape = stage_pattern(tap, a, b, tol, ctx.cfg)  # what the error looks like: rows, heads, order
+        if shape is not None:
+            for e in out:
+                e["details"]["pattern"] = shape.as_dict()
     return out
 
 
@@ -389,13 +395,16 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
     text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    shape = next((e["details"]["pattern"] for e in bad if e["details"].get("pattern")), None)
+    if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
+        text = Pattern(**shape).sentence() + "; " + text
     fused = fused_hint(first, engine) if engine else None
     if fused:
         text += "; " + fused
     notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
     if notes:
         text += "; " + "; ".join(notes)
-    return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm,
+    return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm, "pattern": shape,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}

@@ -27,36 +27,38 @@ class Stage:
     kind: str  # stage kind for grouping: embed, norm, attention, mlp, residual, head
     what: str  # one line a user reads in tables and hints
     token_axis: int  # which axis of the tap indexes token positions (query positions)
+    kernel: str = ""  # what computes it, as a hint names it ("the q_proj matmul")
+    vectors: str = ""  # the `vectors` case family at this stage's shape ("matmul.q_proj"), if any
 
 
 # Forward order. Shapes: T query tokens, S key positions (cache + T), H query heads,
 # KV key/value heads, D head_dim, I intermediate, V vocab.
-GLOBAL_HEAD = (Stage("embed", "[T, hidden]", "embed", "token embedding lookup", 0),)
+GLOBAL_HEAD = (Stage("embed", "[T, hidden]", "embed", "token embedding lookup", 0, "embedding gather", "embedding"),)
 LAYER_STAGES = (
-    Stage("attn_norm", "[T, hidden]", "norm", "RMSNorm before attention (input_layernorm)", 0),
-    Stage("attn.q", "[H, T, D]", "attention", "query projection, split into heads", 1),
-    Stage("attn.k", "[KV, T, D]", "attention", "key projection, split into KV heads", 1),
-    Stage("attn.v", "[KV, T, D]", "attention", "value projection, split into KV heads", 1),
-    Stage("attn.q_rope", "[H, T, D]", "attention", "query after rotary position embedding", 1),
-    Stage("attn.k_rope", "[KV, T, D]", "attention", "key after rotary position embedding", 1),
-    Stage("attn.scores", "[H, T, S]", "attention", "Q·Kᵀ before scaling (GQA: query head h uses KV head h // n_rep)", 1),
-    Stage("attn.scores_scaled", "[H, T, S]", "attention", "scores × 1/sqrt(head_dim)", 1),
-    Stage("attn.scores_masked", "[H, T, S]", "attention", "scaled scores + causal mask (dtype minimum above the diagonal)", 1),
-    Stage("attn.probs", "[H, T, S]", "attention", "softmax over key positions", 1),
-    Stage("attn.context", "[T, H*D]", "attention", "probs·V with heads merged, before o_proj", 0),
-    Stage("attn.out", "[T, hidden]", "attention", "o_proj output, before the residual add", 0),
-    Stage("resid_mid", "[T, hidden]", "residual", "residual stream after the attention add", 0),
-    Stage("mlp_norm", "[T, hidden]", "norm", "RMSNorm before the MLP (post_attention_layernorm)", 0),
-    Stage("mlp.gate", "[T, I]", "mlp", "gate_proj output", 0),
-    Stage("mlp.up", "[T, I]", "mlp", "up_proj output", 0),
-    Stage("mlp.act", "[T, I]", "mlp", "SiLU(gate)", 0),
-    Stage("mlp.prod", "[T, I]", "mlp", "SiLU(gate) × up", 0),
-    Stage("mlp.down", "[T, hidden]", "mlp", "down_proj output, before the residual add", 0),
-    Stage("out", "[T, hidden]", "residual", "decoder layer output (after both residual adds)", 0),
+    Stage("attn_norm", "[T, hidden]", "norm", "RMSNorm before attention (input_layernorm)", 0, "RMSNorm kernel", "rms_norm"),
+    Stage("attn.q", "[H, T, D]", "attention", "query projection, split into heads", 1, "q_proj matmul", "matmul.q_proj"),
+    Stage("attn.k", "[KV, T, D]", "attention", "key projection, split into KV heads", 1, "k_proj matmul", "matmul.k_proj"),
+    Stage("attn.v", "[KV, T, D]", "attention", "value projection, split into KV heads", 1, "v_proj matmul", "matmul.k_proj"),
+    Stage("attn.q_rope", "[H, T, D]", "attention", "query after rotary position embedding", 1, "RoPE kernel (queries)", "rope"),
+    Stage("attn.k_rope", "[KV, T, D]", "attention", "key after rotary position embedding", 1, "RoPE kernel (keys)", "rope"),
+    Stage("attn.scores", "[H, T, S]", "attention", "Q·Kᵀ before scaling (GQA: query head h uses KV head h // n_rep)", 1, "Q·Kᵀ kernel", "scores"),
+    Stage("attn.scores_scaled", "[H, T, S]", "attention", "scores × 1/sqrt(head_dim)", 1, "score scaling", "scores"),
+    Stage("attn.scores_masked", "[H, T, S]", "attention", "scaled scores + causal mask (dtype minimum above the diagonal)", 1, "causal mask", "scores"),
+    Stage("attn.probs", "[H, T, S]", "attention", "softmax over key positions", 1, "softmax kernel", "softmax"),
+    Stage("attn.context", "[T, H*D]", "attention", "probs·V with heads merged, before o_proj", 0, "attention kernel (probs·V)", "sdpa"),
+    Stage("attn.out", "[T, hidden]", "attention", "o_proj output, before the residual add", 0, "o_proj matmul", "matmul.q_proj"),
+    Stage("resid_mid", "[T, hidden]", "residual", "residual stream after the attention add", 0, "residual add", "add"),
+    Stage("mlp_norm", "[T, hidden]", "norm", "RMSNorm before the MLP (post_attention_layernorm)", 0, "RMSNorm kernel", "rms_norm"),
+    Stage("mlp.gate", "[T, I]", "mlp", "gate_proj output", 0, "gate_proj matmul", "matmul.gate_proj"),
+    Stage("mlp.up", "[T, I]", "mlp", "up_proj output", 0, "up_proj matmul", "matmul.gate_proj"),
+    Stage("mlp.act", "[T, I]", "mlp", "SiLU(gate)", 0, "SiLU kernel", "silu"),
+    Stage("mlp.prod", "[T, I]", "mlp", "SiLU(gate) × up", 0, "SwiGLU kernel", "swiglu"),
+    Stage("mlp.down", "[T, hidden]", "mlp", "down_proj output, before the residual add", 0, "down_proj matmul", "matmul.down_proj"),
+    Stage("out", "[T, hidden]", "residual", "decoder layer output (after both residual adds)", 0, "residual add", "add"),
 )
 GLOBAL_TAIL = (
-    Stage("final_norm", "[T, hidden]", "norm", "final RMSNorm (model.norm)", 0),
-    Stage("logits", "[T, V]", "head", "lm_head output", 0),
+    Stage("final_norm", "[T, hidden]", "norm", "final RMSNorm (model.norm)", 0, "RMSNorm kernel", "rms_norm"),
+    Stage("logits", "[T, V]", "head", "lm_head output", 0, "lm_head matmul", "matmul.lm_head"),
 )
 
 # The attention internals that a fused attention kernel does not expose: on the

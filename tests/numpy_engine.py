@@ -43,6 +43,16 @@ FAULTS = {
     "mask_offset": ("compute", "attn.scores_masked", "query t sees keys up to t+ARG (default 1)"),
     "kv_head_mapping": ("compute", "attn.scores", "query head h reads KV head h % KV instead of h // (H/KV)"),
     "bos_shift": ("compute", "embed", "embeds [BOS] + ids[:-1]: every token one position late"),
+    # Kernel faults (issue 22): the tiling and indexing mistakes of hand-written kernels.
+    "tile_rows_zero": ("compute", "attn.q", "the q_proj matmul computes token rows 0..ARG-1 only (default 32): "
+                                            "rows from ARG on are zero (an M loop bound)"),
+    "tail_tile_stale": ("compute", "mlp.gate", "the gate_proj matmul never loads the last partial tile of ARG rows "
+                                               "(default 32): those rows keep the first tile's rows"),
+    "down_rows_zero": ("compute", "mlp.down", "the down_proj matmul computes token rows 0..ARG-1 only (default 16)"),
+    "cols_zero": ("compute", "attn.out", "the o_proj matmul writes output columns 0..ARG-1 only (default: hidden - 8)"),
+    "rope_sin_sign": ("compute", "attn.q_rope", "RoPE with the sin sign flipped (rotating backwards)"),
+    "flash_no_rescale": ("compute", "attn.context", "attention over key blocks of ARG (default 8) without the "
+                                                    "online-softmax rescale of the running sum and output"),
     "cache_stops_growing": ("decode", "attn.scores", "the KV cache keeps at most ARG entries (default: prefill + 1)"),
     "positions_stuck": ("decode", "attn.q_rope", "decode steps all use the first decode position"),
     "zeros_after_first_step": ("decode", "attn.context", "attn.context reads as zeros from the second decode step"),
@@ -138,11 +148,19 @@ class Engine:
             a = self._attention(h, i, start, taps)
             x = taps[f"layers.{i}.resid_mid"] = x + a
             h = taps[f"layers.{i}.mlp_norm"] = _rms(x, w[p + "post_attention_layernorm.weight"], self.eps)
-            gate = taps[f"layers.{i}.mlp.gate"] = h @ w[p + "mlp.gate_proj.weight"].T
+            gate = h @ w[p + "mlp.gate_proj.weight"].T
+            if (f := self.fault("tail_tile_stale", i)):
+                tile = int(f.arg or 32)
+                full = gate.shape[0] // tile * tile
+                gate[full:] = gate[:gate.shape[0] - full]  # the buffer still holds the first tile
+            taps[f"layers.{i}.mlp.gate"] = gate
             up = taps[f"layers.{i}.mlp.up"] = h @ w[p + "mlp.up_proj.weight"].T
             act = taps[f"layers.{i}.mlp.act"] = _silu(gate)
             prod = taps[f"layers.{i}.mlp.prod"] = act * up
-            m = taps[f"layers.{i}.mlp.down"] = prod @ w[p + "mlp.down_proj.weight"].T
+            m = prod @ w[p + "mlp.down_proj.weight"].T
+            if (f := self.fault("down_rows_zero", i)):
+                m[int(f.arg or 16):] = 0.0
+            taps[f"layers.{i}.mlp.down"] = m
             x = taps[f"layers.{i}.out"] = x + m
         h = taps["final_norm"] = _rms(x, w["model.norm.weight"], self.eps)
         head = w["model.embed_tokens.weight"] if self.tied else w["lm_head.weight"]
@@ -152,11 +170,11 @@ class Engine:
     def _heads(self, x: np.ndarray, n: int) -> np.ndarray:
         return x.reshape(x.shape[0], n, self.D).transpose(1, 0, 2)  # [T, n*D] -> [n, T, D]
 
-    def _rope(self, x: np.ndarray, positions: np.ndarray, interleaved: bool) -> np.ndarray:
+    def _rope(self, x: np.ndarray, positions: np.ndarray, interleaved: bool, sign: float = 1.0) -> np.ndarray:
         half = self.D // 2
         inv_freq = 1.0 / self.theta ** (np.arange(half) * 2.0 / self.D)
         angle = positions[:, None] * inv_freq[None, :]  # [T, D/2]
-        cos, sin = np.cos(angle), np.sin(angle)
+        cos, sin = np.cos(angle), sign * np.sin(angle)
         if interleaved:  # pairs (2i, 2i+1) rotate together
             x1, x2 = x[..., 0::2], x[..., 1::2]
             out = np.empty_like(x)
@@ -169,14 +187,18 @@ class Engine:
     def _attention(self, h: np.ndarray, i: int, start: int, taps: dict) -> np.ndarray:
         w, p, t = self.w, f"model.layers.{i}.self_attn.", f"layers.{i}."
         T = h.shape[0]
-        q = taps[t + "attn.q"] = self._heads(h @ w[p + "q_proj.weight"].T, self.H)
+        qm = h @ w[p + "q_proj.weight"].T
+        if (f := self.fault("tile_rows_zero", i)):
+            qm[int(f.arg or 32):] = 0.0
+        q = taps[t + "attn.q"] = self._heads(qm, self.H)
         k = taps[t + "attn.k"] = self._heads(h @ w[p + "k_proj.weight"].T, self.KV)
         v = taps[t + "attn.v"] = self._heads(h @ w[p + "v_proj.weight"].T, self.KV)
         offset = self.fault("rope_offset", i)
         positions = np.arange(start, start + T, dtype=np.float64) + (offset.arg or 1 if offset else 0)
         interleaved = self.fault("rope_interleaved", i) is not None
-        q = taps[t + "attn.q_rope"] = self._rope(q, positions, interleaved)
-        k = taps[t + "attn.k_rope"] = self._rope(k, positions, interleaved)
+        sign = -1.0 if self.fault("rope_sin_sign", i) else 1.0
+        q = taps[t + "attn.q_rope"] = self._rope(q, positions, interleaved, sign)
+        k = taps[t + "attn.k_rope"] = self._rope(k, positions, interleaved, sign)
         k_all, v_all = self._cache_update(i, k, v)
         S = k_all.shape[1]
         if self.fault("kv_head_mapping", i):
@@ -203,6 +225,8 @@ class Engine:
         e = np.exp(s - s.max(axis=axis, keepdims=True))
         probs = taps[t + "attn.probs"] = e / e.sum(axis=axis, keepdims=True)
         ctx = np.einsum("hts,hsd->htd", probs, v_all[kv_of])  # [H, T, D]
+        if (f := self.fault("flash_no_rescale", i)):
+            ctx = _blocked_attention_without_rescale(s, v_all[kv_of], int(f.arg or 8))
         if self.fault("heads_order", i):
             ctx = ctx.transpose(1, 2, 0).reshape(T, -1)  # D-major: element (d, h) at d*H + h
         else:
@@ -210,7 +234,10 @@ class Engine:
         if self.fault("zeros_after_first_step", i) and self.steps >= 2:
             ctx = np.zeros_like(ctx)  # read before the GPU wrote it
         taps[t + "attn.context"] = ctx
-        out = taps[t + "attn.out"] = ctx @ w[p + "o_proj.weight"].T
+        out = ctx @ w[p + "o_proj.weight"].T
+        if (f := self.fault("cols_zero", i)):
+            out[:, int(f.arg or out.shape[1] - 8):] = 0.0
+        taps[t + "attn.out"] = out
         return out
 
     def _cache_update(self, i: int, k: np.ndarray, v: np.ndarray):
@@ -247,6 +274,22 @@ class Engine:
             x = out[name]
             out[name] = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(x.shape)  # [T, H, D] bytes
         return out
+
+
+def _blocked_attention_without_rescale(s: np.ndarray, v: np.ndarray, block: int) -> np.ndarray:
+    """Flash attention over key blocks whose running sum and output are never rescaled when a
+    later block raises the row maximum: right for rows whose keys fit in one block."""
+    H, T, S = s.shape
+    out = np.zeros((H, T, v.shape[-1]))
+    total = np.zeros((H, T, 1))
+    m = np.full((H, T, 1), -np.inf)
+    for j in range(0, S, block):
+        blk = s[..., j:j + block]
+        m = np.maximum(m, blk.max(axis=-1, keepdims=True))  # the new max, but old terms keep the old one
+        e = np.exp(blk - m)
+        total += e.sum(axis=-1, keepdims=True)
+        out += np.einsum("hts,hsd->htd", e, v[:, j:j + block])
+    return out / total
 
 
 def _kit_module():

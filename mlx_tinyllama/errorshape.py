@@ -1,0 +1,404 @@
+"""The shape of an error: how a diverging tensor differs from the reference, said in words a
+kernel developer acts on (issue 22).
+
+A first divergence names a stage; the shape of its error names the bug. Rows that match up to
+row 32 and are zero after it are a matmul whose M loop stops at a tile boundary, not a wrong
+weight; every row but the last wrong is a causal mask one key off (the last query has no next
+key to peek at); the right values in another order are a permutation, not an arithmetic fault.
+`explain` looks for these shapes, most specific first, on any tensor whose token axis (and, for
+head-major stages, head axis) the caller names, and returns the first that holds with the
+evidence behind it. It never decides the verdict: the tolerance does that. It only says what the
+error looks like and where to look next.
+
+The same shapes work on llama.cpp's printed corners (first and last rows of each axis, and the
+sum) through `explain_rows`, which takes the row positions the corners hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# A row (or head, or column) "matches" when its own NMSE is within this many times the stage's
+# NMSE tolerance: the tolerance is for the whole tensor, and a single row's error scatters more.
+ROW_SLACK = 16.0
+# A reordering moves values by their own size: its NMSE is of order 1, far above rounding.
+REORDERED_NMSE = 1e-2
+# The smallest tile we call a tile: below 4, "rows from 2 on are wrong" is a position bug, not tiling.
+MIN_TILE = 4
+
+
+@dataclass
+class Pattern:
+    name: str  # rows_zero_from, rows_stale_from, rows_wrong_from, last_partial_tile, all_rows_but_last, ...
+    words: str  # what the error looks like: "token rows 0-31 match, rows 32-38 are zero"
+    cause: str  # the kinds of bug that make this shape
+    next_step: str  # where to look, how to reproduce
+    evidence: dict = field(default_factory=dict)
+
+    def sentence(self) -> str:
+        return f"{self.words}: {self.cause}; {self.next_step}"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "words": self.words, "cause": self.cause, "next_step": self.next_step,
+                "evidence": self.evidence}
+
+
+def _nmse(a: np.ndarray, b: np.ndarray) -> float:
+    power = float(np.sum(b * b))
+    err = float(np.sum((a - b) ** 2))
+    return err / power if power > 0 else (0.0 if err == 0 else math.inf)
+
+
+def _unit_ok(a2: np.ndarray, b2: np.ndarray, budget: float) -> np.ndarray:
+    """Per row of two 2-D arrays: within ROW_SLACK x budget of the row's power. A row whose
+    reference power is tiny is judged against the mean row power (no 0/0 verdicts)."""
+    power = np.sum(b2 * b2, axis=1)
+    floor = max(float(np.mean(power)), 1e-300) * 1e-6
+    err = np.sum((a2 - b2) ** 2, axis=1)
+    ok = err <= ROW_SLACK * budget * np.maximum(power, floor)
+    return ok & np.isfinite(a2).all(axis=1)
+
+
+def _span(idx) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
+    idx = sorted(int(i) for i in idx)
+    parts, start = [], None
+    for k, i in enumerate(idx):
+        if start is None:
+            start = i
+        if k + 1 == len(idx) or idx[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
+
+
+def tile_of(r: int) -> int:
+    """The largest power of two that divides r (r > 0)."""
+    return r & -r
+
+
+def _rows_kind(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray, positions: np.ndarray, budget: float) -> tuple[str, str]:
+    """What the wrong rows hold: ('zero', ...), ('stale', 'copies of rows ...'), ('nonfinite', ...),
+    or ('wrong', ...)."""
+    sub = a2[rows]
+    if not np.isfinite(sub).all():
+        return "nonfinite", "NaN/Inf"
+    if not sub.any(axis=1).any() or not np.abs(sub).max() > 0:
+        return "zero", "zero"
+    # Stale: each wrong row equals another row of the output or the reference row of another
+    # position (a tile buffer not reloaded keeps the previous tile's rows).
+    sources = []
+    for r in rows:
+        hit = None
+        for s in range(a2.shape[0]):
+            if s == r:
+                continue
+            if np.array_equal(a2[r], a2[s]) and not np.array_equal(b2[r], b2[s]):
+                hit = s
+                break
+            if _nmse(a2[r:r + 1], b2[s:s + 1]) <= ROW_SLACK * budget and not _nmse(b2[r:r + 1], b2[s:s + 1]) <= ROW_SLACK * budget:
+                hit = s
+                break
+        if hit is None:
+            return "wrong", "wrong (non-zero) values"
+        sources.append(int(positions[hit]))
+    return "stale", "copies of rows " + _span(sources)
+
+
+def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: int, budget: float, kernel: str,
+                 case: str | None = None) -> Pattern | None:
+    """The token-row shapes, on the rows at `positions` of a tensor with `n_rows` token rows
+    (all rows for a full tensor; llama.cpp's printed first and last rows for a log).
+    a2, b2: [len(positions), -1] candidate and reference rows."""
+    positions = np.asarray(positions)
+    ok = _unit_ok(a2, b2, budget)
+    if ok.all() or len(ok) < 2:
+        return None
+    bad = ~ok
+    full = len(positions) == n_rows
+    repro = (f"; reproduce it one kernel at a time: `trace vectors write vec`, then run your kernel on "
+             f"`--cases '{case}.*'` and `trace vectors check`" if case else "")
+    first_bad = int(np.argmax(bad))
+    if full and n_rows > 2 and first_bad == 1 and bad[1:].all():
+        return Pattern("all_rows_but_first", "token row 0 matches, every later row differs",
+                       "position 0 is where RoPE rotates by nothing: a rotary fault (theta, the sin sign / "
+                       "rotation direction, rotate-half vs interleaved pairs, the position index) or a cache "
+                       "read that is right only for the first position",
+                       f"check RoPE's angle and direction for position 1 in the {kernel}", {"rows": n_rows})
+    if first_bad > 0 and bad[first_bad:].all():
+        R = int(positions[first_bad])
+        last_ok = int(positions[first_bad - 1])
+        kind, held = _rows_kind(a2, b2, np.arange(first_bad, len(ok)), positions, budget)
+        where = (f"token rows 0-{R - 1} match, rows {R}-{n_rows - 1} are {held}" if full else
+                 f"the printed token rows up to {last_ok} match, the printed rows from {R} on are {held}"
+                 f" (the boundary lies between rows {last_ok + 1} and {R})")
+        tile = tile_of(R) if full else 0
+        evidence = {"first_wrong_row": R, "rows": n_rows, "held": kind, "rows_compared": [int(p) for p in positions]}
+        if full and tile >= MIN_TILE:
+            evidence["tile"] = tile
+            partial = n_rows - R < tile and n_rows % tile
+            cause = (f"the {kernel} computes only the first {R} rows: a tile or batch loop bound at {R} "
+                     f"(a multiple of {tile})")
+            if partial:
+                cause = (f"the last partial tile (rows {R}-{n_rows - 1}: {n_rows} is not a multiple of {tile}) "
+                         f"is {'never computed' if kind == 'zero' else 'not loaded (stale)' if kind == 'stale' else 'computed wrong'}: "
+                         f"a remainder tile skipped or a tile-loading bound in the {kernel}")
+            if kind == "stale":
+                cause += "; the wrong rows repeat earlier rows: a tile buffer that is not reloaded"
+            step = f"check the M (row) loop and its remainder of the {kernel} at M = {R + 1}{repro}"
+            name = f"rows_{kind}_from" if not partial else "last_partial_tile"
+            return Pattern(name, where, cause, step, evidence)
+        cause = ("every row from there on is wrong: a position-dependent fault from that position (the KV cache, "
+                 "RoPE positions, a batch split) or a row loop bound")
+        return Pattern(f"rows_{kind}_from", where, cause,
+                       f"check what changes at token position {R} in the {kernel}{repro}", evidence)
+    # Right before a block boundary, mostly wrong after it (not every row: a row whose result does
+    # not depend on the second block, e.g. its maximum in the first key block, still comes out right).
+    B = 1 << (first_bad.bit_length() - 1) if first_bad else 0
+    if full and B >= MIN_TILE and bad[B:].mean() >= 0.5:
+        n_bad = int(bad[B:].sum())
+        return Pattern("rows_mostly_wrong_from",
+                       f"token rows 0-{first_bad - 1} match, and {n_bad} of the {n_rows - B} rows from {B} on differ "
+                       f"(the first at row {first_bad})",
+                       f"a block boundary at {B}: rows past it take a path the first block does not; in attention, "
+                       f"a key block of {B} (e.g. an online softmax that does not rescale its running sum and "
+                       f"output when a later block raises the row maximum); in a matmul, a second M tile",
+                       f"check what the {kernel} does from its second block (row or key {B}) on",
+                       {"first_wrong_row": first_bad, "block": B, "wrong_rows_after": n_bad, "rows": n_rows})
+    if full and n_rows > 2 and ok[-1] and bad[:-1].all():
+        return Pattern("all_rows_but_last", f"every token row but the last ({n_rows - 1}) differs",
+                       "queries see keys after their own position: the causal mask is off by one or missing (the "
+                       "last query has no later key to peek at, so it alone comes out right)",
+                       f"check the mask's bound (key j is visible to query i only if j <= i) in the {kernel}",
+                       {"rows": n_rows})
+    if bad[0] and ok[1:].all() and n_rows > 2:
+        return Pattern("first_row_only", "only token row 0 differs",
+                       "something special-cases the first position: a BOS row, positions starting at 1, or the "
+                       "first tile's initialisation",
+                       f"check how the {kernel} treats position 0", {"rows": n_rows})
+    if full and bad.sum() >= 2:
+        for p in range(2, max(3, n_rows // 2 + 1)):
+            for k in range(p):
+                want = (positions % p) == k
+                if np.array_equal(bad, want):
+                    return Pattern("periodic_rows", f"token rows {k}, {k + p}, {k + 2 * p}, ... (every {p}th) differ",
+                                   f"a strided read: a row stride or a loop step of {p} in the {kernel}",
+                                   f"check the row stride the {kernel} uses{repro}",
+                                   {"period": p, "offset": k, "rows": n_rows})
+    return None
+
+
+def explain_heads(a: np.ndarray, b: np.ndarray, head_axis: int, budget: float, n_kv_heads: int | None,
+                  kernel: str) -> Pattern | None:
+    """Errors in some heads only; with the KV head count, which query heads read which KV head."""
+    A = np.moveaxis(a, head_axis, 0).reshape(a.shape[head_axis], -1)
+    B = np.moveaxis(b, head_axis, 0).reshape(b.shape[head_axis], -1)
+    ok = _unit_ok(A, B, budget)
+    if ok.all() or not ok.any():
+        heads_all_bad = not ok.any()
+    else:
+        heads_all_bad = False
+    H = A.shape[0]
+    mapping = {}
+    for h in np.flatnonzero(~ok):  # which reference head each wrong head holds
+        for g in range(H):
+            if g != h and _nmse(A[h], B[g]) <= ROW_SLACK * budget:
+                mapping[int(h)] = g
+                break
+    if heads_all_bad and len(mapping) < H // 2:
+        return None
+    bad = [int(h) for h in np.flatnonzero(~ok)]
+    if not bad:
+        return None
+    words = f"heads {_span(bad)} of {H} differ" + (f", heads {_span(np.flatnonzero(ok))} match" if ok.any() else "")
+    ev = {"wrong_heads": bad, "heads": H}
+    if mapping:
+        ev["holds_head"] = mapping
+        pairs = ", ".join(f"{h}->{g}" for h, g in list(mapping.items())[:6])
+        words += f"; wrong heads hold other heads' values ({pairs})"
+    cause = f"a head index fault in the {kernel}"
+    if n_kv_heads and H % n_kv_heads == 0 and H != n_kv_heads:
+        rep = H // n_kv_heads
+        groups = sorted({h // rep for h in bad})
+        ev["kv_groups"] = groups
+        cause = (f"the GQA broadcast: query head h must read KV head h // {rep} ({rep} query heads per KV head); "
+                 f"heads of KV group(s) {_span(groups)} read another KV head (e.g. h % {n_kv_heads} instead of "
+                 f"h // {rep})")
+    return Pattern("heads", words, cause, f"check the head -> KV-head index in the {kernel}", ev)
+
+
+def explain_columns(a2: np.ndarray, b2: np.ndarray, budget: float, kernel: str) -> Pattern | None:
+    """Columns (the last axis) right up to C and wrong after: an N edge or a K tail."""
+    ok = _unit_ok(a2.T, b2.T, budget)
+    if ok.all() or not ok.any():
+        return None
+    C = int(np.argmax(~ok))
+    if C == 0 or not (~ok[C:]).all():
+        return None
+    n = len(ok)
+    zero = not np.abs(a2[:, C:]).max() > 0
+    tile = tile_of(C)
+    return Pattern("columns_from", f"columns 0-{C - 1} match, columns {C}-{n - 1} are {'zero' if zero else 'wrong'}",
+                   f"the {kernel} stops at column {C}" + (f" (a multiple of {tile}): an N tile or vector-width "
+                                                          f"bound; a remainder block skipped" if tile >= MIN_TILE else ""),
+                   f"check the N (column) loop and its remainder of the {kernel}", {"first_wrong_column": C,
+                                                                                     "columns": n})
+
+
+def explain_values(a: np.ndarray, b: np.ndarray, budget: float, token_axis: int, kernel: str) -> Pattern | None:
+    """Right values in the wrong place, or the right values times a constant."""
+    tol = ROW_SLACK * budget
+    if not _nmse(a, b) > tol:  # near the reference as it stands: no reordering or factor to find
+        return None
+    rows_a = np.moveaxis(a, token_axis, 0).reshape(a.shape[token_axis], -1)
+    rows_b = np.moveaxis(b, token_axis, 0).reshape(b.shape[token_axis], -1)
+    if _nmse(a, b) < REORDERED_NMSE:  # sorting is 1-Lipschitz: a small error sorts smaller, no permutation
+        return _scaled(a, b, tol, kernel)
+    if _nmse(np.sort(rows_a, axis=1), np.sort(rows_b, axis=1)) <= tol:
+        return Pattern("reordered", "the sum matches, the values do not: every token row holds the reference's "
+                                    "values in another order",
+                       "a permutation, not arithmetic: a transposed or strided read, a head or pair order "
+                       "(e.g. Q/K rows without the GGUF permutation), or an interleaved layout",
+                       f"check the index order (strides, head split, pair layout) the {kernel} reads and writes",
+                       {"sorted_rows_nmse": _nmse(np.sort(rows_a, axis=1), np.sort(rows_b, axis=1))})
+    if a.ndim >= 2:
+        for perm in itertools.permutations(range(a.ndim)):
+            if perm != tuple(range(a.ndim)) and b.transpose(perm).shape == a.shape \
+                    and _nmse(a, b.transpose(perm)) <= tol:
+                return Pattern("transposed", f"the values are the reference's with axes {list(perm)}",
+                               "a transposed read or write", f"check the layout the {kernel} assumes",
+                               {"axes": list(perm)})
+    moved = _moved_rows(rows_a, rows_b, tol)
+    if moved:
+        pairs = ", ".join(f"{r}<-{s}" for r, s in list(moved.items())[:6])
+        return Pattern("rows_moved", f"the token rows hold the reference's rows at other positions ({pairs})",
+                       "a permutation across positions: rows written to the wrong position, a position index "
+                       "off, or a strided read",
+                       f"check where the {kernel} writes each token row", {"row_holds": moved})
+    return _scaled(a, b, tol, kernel)
+
+
+def _moved_rows(rows_a: np.ndarray, rows_b: np.ndarray, tol: float) -> dict[int, int] | None:
+    """{row: the reference row it holds} when every wrong row is another position's reference row
+    and no two rows hold the same one (a permutation, not stale copies)."""
+    ok = _unit_ok(rows_a, rows_b, tol / ROW_SLACK)
+    if ok.all():
+        return None
+    moved = {}
+    for r in np.flatnonzero(~ok):
+        hit = next((s for s in range(rows_b.shape[0]) if s != r and _nmse(rows_a[r], rows_b[s]) <= tol), None)
+        if hit is None or ok[hit]:  # a row right in place and again elsewhere: a stale copy, not a move
+            return None
+        moved[int(r)] = int(hit)
+    return moved if len(set(moved.values())) == len(moved) else None
+
+
+def _scaled(a: np.ndarray, b: np.ndarray, tol: float, kernel: str) -> Pattern | None:
+    bb = float(np.sum(b * b))
+    if bb > 0:
+        c = float(np.sum(a * b)) / bb
+        if c != 0 and abs(c - 1) > 1e-3 and _nmse(a, c * b) <= tol:
+            return Pattern("scaled", f"the values are the reference's times {c:.6g}",
+                           "a wrong constant factor (a scale such as 1/sqrt(head_dim) vs 1/head_dim, a norm weight, "
+                           "a missing or doubled multiply)", f"check the constants the {kernel} applies",
+                           {"factor": c})
+    return None
+
+
+def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str = "kernel",
+            head_axis: int | None = None, n_kv_heads: int | None = None, case: str | None = None) -> Pattern | None:
+    """The shape of the error of `candidate` against `reference` (same shape), or None when no
+    shape holds. `budget`: the stage's NMSE tolerance; `kernel`: what computes the stage, as the
+    hint names it ("q_proj matmul"); `case`: a `vectors` case that reproduces it, if any."""
+    a = np.asarray(candidate, np.float64)
+    b = np.asarray(reference, np.float64)
+    if a.shape != b.shape or a.size == 0 or not np.isfinite(b).all():
+        return None
+    if np.isfinite(a).all() and _nmse(a, b) <= budget:  # within the stage's tolerance: nothing to explain
+        return None
+    T = a.shape[token_axis]
+    a2 = np.moveaxis(a, token_axis, 0).reshape(T, -1)
+    b2 = np.moveaxis(b, token_axis, 0).reshape(T, -1)
+    if np.isfinite(a).all():
+        values = explain_values(a, b, budget, token_axis, kernel)
+        if values is not None:
+            return values
+    rows = explain_rows(a2, b2, list(range(T)), T, budget, kernel, case)
+    if rows is not None:
+        return rows
+    if head_axis is not None:
+        heads = explain_heads(a, b, head_axis, budget, n_kv_heads, kernel)
+        if heads is not None:
+            return heads
+    if a.ndim >= 2:
+        cols = explain_columns(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), budget, kernel)
+        if cols is not None:
+            return cols
+    nmse = _nmse(a, b)
+    if np.isfinite(a).all() and nmse < 1e-2:
+        return Pattern("dense_small", f"a small error everywhere (NMSE {nmse:.3g}), no row, head or column stands out",
+                       "a precision difference: accumulation in fp16, a missing upcast before a reduction, or "
+                       "another rounding order",
+                       f"check the accumulation type of the {kernel}; `vectors check` tells accumulation precision "
+                       "from a wrong value by how the error grows with the reduction length", {"nmse": nmse})
+    return None
+
+
+def _masked(x: np.ndarray) -> np.ndarray:
+    """Entries that a softmax gives no weight in any float type: -inf, or below -1e4 (fp16 converters'
+    mask value; exp(-1e4 - max) is 0 even in float64 next to any visible score)."""
+    return np.isneginf(x) | (x <= -1e4)
+
+
+def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> Pattern | None:
+    """`explain` with the stage's own facts from the tap table: its token axis, its head axis
+    (head-major taps, and the merged heads of `attn.context`), the KV head count where query heads
+    read shared KV heads, what computes it and its `vectors` case family."""
+    from .taps import stage_of
+
+    stage = stage_of(tap)
+    a = np.asarray(candidate, np.float64)
+    b = np.asarray(reference, np.float64)
+    if tap.endswith("attn.scores_masked") and a.shape == b.shape:
+        # A mask value's size means nothing (-inf, the dtype minimum, -1e4 all mask): compare what
+        # each side leaves visible, and a key masked on one side only as a wrong value.
+        hidden_a, hidden_b = _masked(a), _masked(b)
+        a = np.where(hidden_a, 0.0, a)
+        b = np.where(hidden_b, 0.0, b)
+        a = np.where(hidden_a != hidden_b, a + np.where(hidden_b, 1.0, -1.0) * (np.abs(b).max() + 1.0), a)
+        shape = explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what)
+        if shape is not None and shape.name == "all_rows_but_last":
+            extra = (hidden_b & ~hidden_a).sum(axis=-1).max(axis=0)  # per query row, keys seen too many
+            ahead = int(extra.max())
+            shape.evidence["extra_visible_keys"] = [int(e) for e in extra]
+            if np.array_equal(extra, np.minimum(ahead, np.arange(len(extra))[::-1])):
+                shape.cause = (f"each query sees {ahead} key(s) past its own position: the causal mask is off by "
+                               f"{ahead}" if ahead < len(extra) - 1 else
+                               "every query sees every key: the causal mask is missing")
+        return shape
+    head_axis = None
+    dims = stage.shape.strip("[]").replace(" ", "").split(",")
+    if dims[0] in ("H", "KV"):
+        head_axis = 0
+    elif "H*D" in dims and a.shape == b.shape and a.ndim == 2:
+        heads = int(cfg["num_attention_heads"])
+        a, b = a.reshape(a.shape[0], heads, -1), b.reshape(b.shape[0], heads, -1)
+        head_axis = 1
+    # Query heads that read shared KV heads: a wrong head -> KV-head index shows per KV group.
+    gqa = dims[0] == "H" and stage.kind == "attention" and stage.token_axis == 1 and "S" in dims or "H*D" in dims
+    return explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what,
+                   head_axis=head_axis, n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
+                   case=stage.vectors if stage.vectors.startswith("matmul.") else None)
+
+
+def sum_check(candidate_sum: float, reference_sum: float, n: int, absmax: float, unit: float) -> tuple[bool, float]:
+    """Is a printed sum consistent with the reference's? The tolerance is the sum's own rounding:
+    n values, each off by at most `unit` relative to the largest magnitude, summed with
+    float32 pairwise error: sqrt(n) x absmax x unit, not sum|x| (a moved sum hides under sum|x|
+    when the values cancel). Returns (ok, tolerance)."""
+    tol = 4.0 * math.sqrt(max(n, 1)) * max(absmax, 1e-30) * unit
+    return abs(candidate_sum - reference_sum) <= tol, tol

@@ -1,0 +1,186 @@
+"""The shape of an error (errorshape.py, issue 22): the first divergence's hint leads with what the
+error looks like (rows up to a tile boundary right and zero after it, every row but the last, some
+heads only, a reordering, a constant factor) and the kernel to look at.
+
+Both ways: each kernel fault of the NumPy engine is named by its pattern at its stage through the
+CLI, and a clean engine gets no pattern anywhere; the shapes are also checked on arrays of stages
+and axes that no fault here was written for."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SEED_IDS
+from mlx_tinyllama.errorshape import explain, stage_pattern
+from mlx_tinyllama.trace import main as cli
+from numpy_engine import FAULTS, Engine
+
+TINY = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+
+# fault -> (pattern name, words the hint must lead with). 38 prompt tokens.
+KERNEL_FAULTS = {
+    "tile_rows_zero": ("last_partial_tile", "token rows 0-31 match, rows 32-37 are zero"),
+    "tile_rows_zero:16": ("rows_zero_from", "token rows 0-15 match, rows 16-37 are zero"),
+    "tail_tile_stale": ("last_partial_tile", "token rows 0-31 match, rows 32-37 are copies of rows 0-5"),
+    "tail_tile_stale:16": ("last_partial_tile", "token rows 0-31 match, rows 32-37 are copies of rows 0-5"),
+    "down_rows_zero": ("rows_zero_from", "token rows 0-15 match, rows 16-37 are zero"),
+    "cols_zero": ("columns_from", "columns 0-55 match, columns 56-63 are zero"),
+    "rope_sin_sign": ("all_rows_but_first", "token row 0 matches, every later row differs"),
+    "flash_no_rescale": ("rows_mostly_wrong_from", "token rows 0-"),
+    "kv_head_mapping": ("heads", "heads 1-2 of 4 differ, heads 0, 3 match"),
+    "mask_offset": ("all_rows_but_last", "every token row but the last (37) differs"),
+    "mask_off": ("all_rows_but_last", "every token row but the last (37) differs"),
+    "wrong_scale": ("scaled", "the values are the reference's times 1.25"),
+    "heads_order": ("reordered", "the sum matches, the values do not"),
+}
+CAUSE = {  # what the rest of the sentence must name
+    "tile_rows_zero": "q_proj matmul",
+    "tile_rows_zero:16": "computes only the first 16 rows",
+    "tail_tile_stale": "not loaded (stale)",
+    "tail_tile_stale:16": "tile buffer that is not reloaded",
+    "down_rows_zero": "down_proj matmul",
+    "cols_zero": "o_proj matmul stops at column 56",
+    "rope_sin_sign": "sin sign",
+    "flash_no_rescale": "rescale",
+    "kv_head_mapping": "GQA broadcast",
+    "mask_offset": "off by 1",
+    "mask_off": "the causal mask is missing",
+    "wrong_scale": "constant factor",
+    "heads_order": "permutation",
+}
+
+
+def _compare(tiny_dir, tmp_path, faults) -> tuple[int, dict]:
+    engine = Engine(tiny_dir, faults=faults)
+    engine.prefill(SEED_IDS)
+    dump = engine.dump(tmp_path / "d.safetensors", SEED_IDS)
+    out = tmp_path / "c.json"
+    rc = cli(["compare", "--against", str(dump), "--model", "synthetic:tiny", "--dtype", "float32", "--json", str(out)])
+    return rc, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
+def test_each_kernel_fault_is_named_by_its_pattern_first(fault, tiny_dir, tmp_path):
+    rc, result = _compare(tiny_dir, tmp_path, [fault])
+    first = result["first_divergence"]
+    name, words = KERNEL_FAULTS[fault]
+    assert rc == 1 and first["tap"] == "layers.0." + FAULTS[fault.split(":")[0]][1]
+    assert first["pattern"]["name"] == name, first["hint"]
+    assert first["hint"].startswith(words), first["hint"]
+    assert CAUSE[fault] in first["hint"], first["hint"]
+
+
+def test_a_clean_engine_has_no_pattern_anywhere(tiny_dir, tmp_path):
+    rc, result = _compare(tiny_dir, tmp_path, [])
+    assert rc == 0 and result["first_divergence"] is None
+    assert not [e for e in result["entries"] if e["details"].get("pattern")]
+
+
+def test_a_fault_in_a_later_layer_is_named_there(tiny_dir, tmp_path):
+    """The pattern belongs to the first diverging stage, in whichever layer."""
+    rc, result = _compare(tiny_dir, tmp_path, ["down_rows_zero:8@1"])
+    first = result["first_divergence"]
+    assert rc == 1 and first["tap"] == "layers.1.mlp.down"
+    assert first["hint"].startswith("token rows 0-7 match, rows 8-37 are zero"), first["hint"]
+
+
+# ---------------------------------------------------------------------------
+# The shapes on arrays: other stages, axes and sizes than the faults above
+
+
+RNG = np.random.default_rng(7)
+
+
+def _budget():
+    return 1e-8
+
+
+def test_a_tile_tail_on_the_logits_names_the_lm_head_and_its_vectors_case():
+    b = RNG.standard_normal((70, 128))
+    a = b.copy()
+    a[64:] = 0.0
+    p = stage_pattern("logits", a, b, _budget(), TINY)
+    assert p.name == "last_partial_tile" and "rows 64-69 are zero" in p.words
+    assert "lm_head matmul" in p.cause and "matmul.lm_head" in p.next_step
+
+
+def test_garbage_after_a_boundary_is_not_called_zero_or_stale():
+    b = RNG.standard_normal((4, 40, 16))
+    a = b.copy()
+    a[:, 8:] = RNG.standard_normal((4, 32, 16))
+    p = explain(a, b, token_axis=1, budget=_budget(), kernel="k")
+    assert p.name == "rows_wrong_from" and "rows 8-39 are wrong (non-zero) values" in p.words
+
+
+def test_heads_of_merged_context_are_found_per_kv_group():
+    """attn.context is [T, H*D]: its heads are column blocks; two of eight heads (one KV group of
+    four KV heads) wrong."""
+    cfg = {"num_attention_heads": 8, "num_key_value_heads": 4}
+    b = RNG.standard_normal((12, 8 * 16))
+    a = b.copy()
+    a[:, 2 * 16:4 * 16] = RNG.standard_normal((12, 32))
+    p = stage_pattern("layers.3.attn.context", a, b, _budget(), cfg)
+    assert p.name == "heads" and p.evidence["wrong_heads"] == [2, 3] and p.evidence["kv_groups"] == [1]
+
+
+def test_heads_of_a_projection_are_not_blamed_on_gqa():
+    """attn.v has KV heads: no query-to-KV broadcast happens there."""
+    b = RNG.standard_normal((4, 10, 16))
+    a = b.copy()
+    a[1] *= -1
+    p = stage_pattern("layers.0.attn.v", a, b, _budget(), TINY)
+    assert p.name == "heads" and "GQA" not in p.cause and p.evidence["wrong_heads"] == [1]
+
+
+def test_every_other_row_is_a_stride():
+    b = RNG.standard_normal((16, 32))
+    a = b.copy()
+    a[1::2] += RNG.standard_normal((8, 32))
+    p = explain(a, b, token_axis=0, budget=_budget(), kernel="k")
+    assert p.name == "periodic_rows" and p.evidence["period"] == 2 and p.evidence["offset"] == 1
+
+
+def test_rows_written_to_other_positions_are_a_move_not_stale():
+    b = RNG.standard_normal((10, 32))
+    a = b[[0, 1, 2, 4, 3, 5, 6, 7, 9, 8]]
+    p = explain(a, b, token_axis=0, budget=_budget(), kernel="k")
+    assert p.name == "rows_moved" and p.evidence["row_holds"] == {3: 4, 4: 3, 8: 9, 9: 8}
+
+
+def test_the_values_in_another_order_within_each_row():
+    b = RNG.standard_normal((6, 2, 8))
+    a = b[..., ::-1].copy()
+    p = explain(a, b, token_axis=0, budget=_budget(), kernel="k")
+    assert p.name == "reordered"
+
+
+def test_no_pattern_for_noise_within_a_row_slack_or_for_unrelated_values():
+    b = RNG.standard_normal((38, 64))
+    near = b * (1 + 1e-6 * RNG.standard_normal(b.shape))
+    assert explain(near, b, token_axis=0, budget=_budget(), kernel="k") is None
+    other = RNG.standard_normal((38, 64))
+    p = explain(other, b, token_axis=0, budget=_budget(), kernel="k")
+    assert p is None, p
+
+
+def test_a_small_dense_error_is_precision_not_a_tile():
+    b = RNG.standard_normal((40, 64))
+    a = b + 1e-3 * RNG.standard_normal(b.shape)
+    p = explain(a, b, token_axis=0, budget=_budget(), kernel="k")
+    assert p.name == "dense_small"
+
+
+def test_mask_values_of_any_size_mask_alike():
+    """-1e4 (an fp16 converter's mask) and -inf hide the same keys: not an error shape; a key left
+    visible by one side is."""
+    b = np.triu(np.full((2, 6, 6), -np.inf), 1) + np.tril(RNG.standard_normal((2, 6, 6)))
+    a = np.where(np.isneginf(b), -1e4, b)
+    assert stage_pattern("layers.0.attn.scores_masked", a, b, _budget(), TINY) is None
+    leak = a.copy()
+    idx = np.arange(5)
+    leak[:, idx, idx + 1] = 0.5  # each query sees the next key
+    p = stage_pattern("layers.0.attn.scores_masked", leak, b, _budget(), TINY)
+    assert p.name == "all_rows_but_last" and "off by 1" in p.cause
