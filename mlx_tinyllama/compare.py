@@ -18,7 +18,7 @@ import numpy as np
 
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
-from .errorshape import Pattern, stage_pattern
+from .errorshape import Pattern, printed_pattern, stage_pattern
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -185,6 +185,10 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
                    "first_nonfinite": list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None}
         out = [_entry(tap, "rel_rms", value if m["compared"] else (math.inf if m["nonfinite"] else 0.0), tol, index,
                       key, details=details, note="; ".join(notes))]
+        if not out[0]["ok"] and cand_value is not None and rows is None and tap not in SHORTCUT_TAPS:
+            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution)
+            if shape is not None:  # what the printed rows say of the error's shape
+                details["pattern"] = shape.as_dict()
         if m["nonfinite"]:
             out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, index, key, details=details))
         return out

@@ -110,12 +110,13 @@ def _rows_kind(a2: np.ndarray, b2: np.ndarray, rows: np.ndarray, positions: np.n
 
 
 def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: int, budget: float, kernel: str,
-                 case: str | None = None) -> Pattern | None:
+                 case: str | None = None, ok: np.ndarray | None = None) -> Pattern | None:
     """The token-row shapes, on the rows at `positions` of a tensor with `n_rows` token rows
     (all rows for a full tensor; llama.cpp's printed first and last rows for a log).
-    a2, b2: [len(positions), -1] candidate and reference rows."""
+    a2, b2: [len(positions), -1] candidate and reference rows; `ok`: which rows are right, when
+    the caller judges rows its own way (printed values have a print resolution)."""
     positions = np.asarray(positions)
-    ok = _unit_ok(a2, b2, budget)
+    ok = _unit_ok(a2, b2, budget) if ok is None else np.asarray(ok, bool)
     if ok.all() or len(ok) < 2:
         return None
     bad = ~ok
@@ -123,8 +124,9 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
     repro = (f"; reproduce it one kernel at a time: `trace vectors write vec`, then run your kernel on "
              f"`--cases '{case}.*'` and `trace vectors check`" if case else "")
     first_bad = int(np.argmax(bad))
-    if full and n_rows > 2 and first_bad == 1 and bad[1:].all():
-        return Pattern("all_rows_but_first", "token row 0 matches, every later row differs",
+    which = "token row" if full else "printed token row"
+    if n_rows > 2 and first_bad == 1 and positions[0] == 0 and bad[1:].all():
+        return Pattern("all_rows_but_first", f"{which} 0 matches, every later {which} differs",
                        "position 0 is where RoPE rotates by nothing: a rotary fault (theta, the sin sign / "
                        "rotation direction, rotate-half vs interleaved pairs, the position index) or a cache "
                        "read that is right only for the first position",
@@ -152,6 +154,17 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
             step = f"check the M (row) loop and its remainder of the {kernel} at M = {R + 1}{repro}"
             name = f"rows_{kind}_from" if not partial else "last_partial_tile"
             return Pattern(name, where, cause, step, evidence)
+        if not full and R - last_ok > 1:
+            boundary = 1 << (R.bit_length() - 1)  # the largest power of two in the unseen gap, a likely tile
+            boundary = boundary if boundary > last_ok else R
+            cause = (f"the {kernel} stops producing right rows somewhere in rows {last_ok + 1}-{R} (a tile or batch "
+                     f"loop bound such as {boundary}, or the last partial tile)"
+                     + (" and leaves them zero" if kind == "zero" else "") +
+                     "; a position-dependent fault from that position is the other candidate")
+            evidence["likely_tile"] = boundary
+            return Pattern(f"rows_{kind}_from", where, cause,
+                           f"dump the full tensor (not only the printed corners) to place the boundary, and check the "
+                           f"M (row) loop of the {kernel}{repro}", evidence)
         cause = ("every row from there on is wrong: a position-dependent fault from that position (the KV cache, "
                  "RoPE positions, a batch split) or a row loop bound")
         return Pattern(f"rows_{kind}_from", where, cause,
@@ -169,8 +182,8 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
                        f"output when a later block raises the row maximum); in a matmul, a second M tile",
                        f"check what the {kernel} does from its second block (row or key {B}) on",
                        {"first_wrong_row": first_bad, "block": B, "wrong_rows_after": n_bad, "rows": n_rows})
-    if full and n_rows > 2 and ok[-1] and bad[:-1].all():
-        return Pattern("all_rows_but_last", f"every token row but the last ({n_rows - 1}) differs",
+    if n_rows > 2 and ok[-1] and positions[-1] == n_rows - 1 and bad[:-1].all():
+        return Pattern("all_rows_but_last", f"every {which} but the last ({n_rows - 1}) differs",
                        "queries see keys after their own position: the causal mask is off by one or missing (the "
                        "last query has no later key to peek at, so it alone comes out right)",
                        f"check the mask's bound (key j is visible to query i only if j <= i) in the {kernel}",
@@ -393,6 +406,47 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
     return explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what,
                    head_axis=head_axis, n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
                    case=stage.vectors if stage.vectors.startswith("matmul.") else None)
+
+
+def printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float) -> Pattern | None:
+    """The token-row shapes on what an engine printed (llama.cpp's first and last rows along each
+    axis): a row is right when its printed values are within the entry's own bound (`tolerance`
+    times the reference row's rms, plus the print `resolution`). Only the printed rows are
+    seen, so a boundary is placed between the last right and the first wrong printed row."""
+    from .taps import stage_of
+
+    stage = stage_of(tap)
+    a = np.moveaxis(np.asarray(candidate, np.float64), stage.token_axis, 0)
+    b = np.moveaxis(np.asarray(reference, np.float64), stage.token_axis, 0)
+    k = np.moveaxis(np.asarray(known, bool), stage.token_axis, 0)
+    if a.shape != b.shape or a.shape != k.shape:
+        return None
+    rows = [t for t in range(a.shape[0]) if k[t].any()]
+    counts = {int(k[t].sum()) for t in rows}
+    if len(rows) < 3 or len(counts) != 1:
+        return None
+    a2 = np.stack([a[t][k[t]] for t in rows])
+    b2 = np.stack([b[t][k[t]] for t in rows])
+    scale = np.sqrt(np.mean(b * b, axis=tuple(range(1, b.ndim))))[rows] if b.ndim > 1 else np.abs(b[rows])
+    ok = np.isfinite(a2).all(axis=1) & (np.abs(a2 - b2).max(axis=1) <= tolerance * scale + 4 * resolution)
+    pattern = explain_rows(a2, b2, rows, a.shape[0], 0.0, stage.kernel or stage.what, ok=ok)
+    if pattern is not None:
+        pattern.evidence["printed_rows"] = rows
+        return pattern
+    if stage.shape.startswith(("[H,", "[KV,")):  # head-major: which printed heads are right
+        ha, hb, hk = (np.asarray(x) for x in (candidate, reference, known))
+        heads = [h for h in range(ha.shape[0]) if hk[h].any()]
+        hscale = np.sqrt(np.mean(np.asarray(hb, np.float64) ** 2))
+        right = [bool(np.isfinite(ha[h][hk[h]]).all() and np.abs(ha[h][hk[h]] - hb[h][hk[h]]).max()
+                      <= tolerance * hscale + 4 * resolution) for h in heads]
+        if any(right) and not all(right):
+            wrong = [h for h, r in zip(heads, right) if not r]
+            return Pattern("heads", f"printed heads {_span(wrong)} differ, printed heads "
+                                    f"{_span([h for h, r in zip(heads, right) if r])} match",
+                           f"a head index fault in the {stage.kernel or stage.what} (for query heads after the "
+                           "projection: the head -> KV-head mapping of the GQA broadcast)",
+                           "dump the full tensor to see every head", {"wrong_heads": wrong, "printed_heads": heads})
+    return None
 
 
 def sum_check(candidate_sum: float, reference_sum: float, n: int, absmax: float, unit: float) -> tuple[bool, float]:

@@ -28,7 +28,7 @@ KERNEL_FAULTS = {
     "tail_tile_stale:16": ("last_partial_tile", "token rows 0-31 match, rows 32-37 are copies of rows 0-5"),
     "down_rows_zero": ("rows_zero_from", "token rows 0-15 match, rows 16-37 are zero"),
     "cols_zero": ("columns_from", "columns 0-55 match, columns 56-63 are zero"),
-    "rope_sin_sign": ("all_rows_but_first", "token row 0 matches, every later row differs"),
+    "rope_sin_sign": ("all_rows_but_first", "token row 0 matches, every later token row differs"),
     "flash_no_rescale": ("rows_mostly_wrong_from", "token rows 0-"),
     "kv_head_mapping": ("heads", "heads 1-2 of 4 differ, heads 0, 3 match"),
     "mask_offset": ("all_rows_but_last", "every token row but the last (37) differs"),
@@ -184,3 +184,55 @@ def test_mask_values_of_any_size_mask_alike():
     leak[:, idx, idx + 1] = 0.5  # each query sees the next key
     p = stage_pattern("layers.0.attn.scores_masked", leak, b, _budget(), TINY)
     assert p.name == "all_rows_but_last" and "off by 1" in p.cause
+
+
+# ---------------------------------------------------------------------------
+# On what llama.cpp prints: the first and last 3 rows along each axis
+
+
+PRINTED = {  # fault -> (stage, pattern, words the hint leads with)
+    "tile_rows_zero": ("attn.q", "rows_zero_from", "the printed token rows up to 2 match, the printed rows from 35 "
+                                                   "on are zero"),
+    "down_rows_zero:16": ("mlp.down", "rows_zero_from", "the printed token rows up to 2 match"),
+    "rope_sin_sign": ("attn.q_rope", "all_rows_but_first", "printed token row 0 matches"),
+    "kv_head_mapping": ("attn.scores", "heads", "printed heads 1-2 differ, printed heads 0, 3 match"),
+    "mask_offset": ("attn.probs", "all_rows_but_last", "every printed token row but the last (37) differs"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    from mlx_tinyllama import sources
+    from mlx_tinyllama.compare import run_side
+
+    lm = sources.load("synthetic:tiny", "float32")
+    return run_side(lm, SEED_IDS), lm.config.as_dict()
+
+
+def _log_compare(tiny_dir, tiny_run, tmp_path, faults):
+    from test_llamacpp_log import llamacpp_log
+
+    from mlx_tinyllama import refs as R
+    from mlx_tinyllama.compare import compare
+    from mlx_tinyllama.tolerances import Tolerances
+
+    taps = Engine(tiny_dir, faults=faults).prefill(SEED_IDS)
+    path = tmp_path / "eval.log"
+    path.write_text(llamacpp_log(taps, 2))
+    side, cfg = tiny_run
+    return compare(R.load(path)[0], [side], Tolerances(), cfg, len(SEED_IDS))
+
+
+@pytest.mark.parametrize("fault", sorted(PRINTED))
+def test_printed_corners_name_the_pattern(fault, tiny_dir, tiny_run, tmp_path):
+    stage, name, words = PRINTED[fault]
+    result = _log_compare(tiny_dir, tiny_run, tmp_path, [fault])
+    first = result["first_divergence"]
+    assert first["tap"] == "layers.0." + stage and first["pattern"]["name"] == name, first["hint"]
+    assert first["hint"].startswith(words), first["hint"]
+
+
+def test_a_clean_log_has_no_pattern(tiny_dir, tiny_run, tmp_path):
+    result = _log_compare(tiny_dir, tiny_run, tmp_path, [])
+    assert result["status"] == "match"
+    assert not [e for e in result["entries"] if e["details"].get("pattern")]
