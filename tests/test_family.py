@@ -1,0 +1,187 @@
+"""The Llama family beside TinyLlama (issue 25), proven on models that transformers itself makes
+and initialises (nobody on the project chose their weights): Llama 3 RoPE scaling with tied
+embeddings (Llama 3.x, SmolLM2), Qwen2's q/k/v biases, Mistral's sliding window shorter than the
+prompt. Every tap against transformers in fp32; prefill = token-by-token decode = chunked prefill
+= the compiled step; greedy tokens equal transformers' generate; and each feature switched off on
+our side diverges where it should (so the agreement is not vacuous)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import SEED_IDS, has_torch
+from mlx_tinyllama import paths, sources
+from mlx_tinyllama.compare import run_side
+from mlx_tinyllama.config import ModelConfig, config_from_hf_dict
+from mlx_tinyllama.errors import UserError
+from mlx_tinyllama.tolerances import metrics, tolerance_for
+
+pytestmark = pytest.mark.skipif(not has_torch(), reason="needs torch + transformers")
+
+BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=32000, max_position_embeddings=256, initializer_range=0.2,
+            rms_norm_eps=1e-5)
+FAMILY = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM",
+               dict(BASE, head_dim=16, rope_theta=500000.0, tie_word_embeddings=True,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(BASE, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(BASE, sliding_window=8, tie_word_embeddings=False)),
+}
+
+
+def _make(kind: str, out):
+    """A checkpoint written by transformers from its own random initialisation."""
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, kwargs = FAMILY[kind]
+    torch.manual_seed(1234)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kwargs))
+    with torch.no_grad():  # biases of the order of the projections, so that dropping them shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY))
+def family(request, tmp_path_factory):
+    from mlx_tinyllama.reference import hf
+
+    d = _make(request.param, tmp_path_factory.mktemp(request.param))
+    hf_model = hf.load_hf_model(d, "float32")
+    ref, _ = hf.capture(hf_model, SEED_IDS)
+    return request.param, d, hf_model, {k: v.double().numpy() for k, v in ref.items()}
+
+
+def _worst(side_tensors: dict, ref: dict, n_layers: int) -> tuple[float, str]:
+    out = []
+    for tap, r in ref.items():
+        m = metrics(np.asarray(side_tensors[tap], np.float64), r, masked=tap.endswith("scores_masked"))
+        out.append((m["nmse"] / tolerance_for(tap, "nmse", "float32", "float32", n_layers), tap))
+    return max(out)
+
+
+def _first_over(side_tensors: dict, ref: dict, n_layers: int) -> str | None:
+    for tap, r in ref.items():
+        m = metrics(np.asarray(side_tensors[tap], np.float64), r, masked=tap.endswith("scores_masked"))
+        if not m["nmse"] <= tolerance_for(tap, "nmse", "float32", "float32", n_layers) or m["mask_mismatch"]:
+            return tap
+    return None
+
+
+@pytest.mark.parametrize("kernels", ["fused", "explicit"])
+def test_every_tap_matches_transformers_in_fp32(family, kernels):
+    kind, d, _, ref = family
+    lm = sources.load(str(d), "float32", kernels=kernels)
+    assert lm.config.architecture == FAMILY[kind][1]
+    ratio, tap = _worst(run_side(lm, SEED_IDS).tensors, ref, 2)
+    assert ratio < 0.5, (kind, kernels, tap, ratio)
+
+
+def test_each_feature_switched_off_diverges_where_it_acts(family):
+    """The agreement above is not vacuous: without the llama3 frequencies, without the biases, or
+    without the window, our run leaves transformers' at the stage that feature acts on."""
+    kind, d, _, ref = family
+    lm = sources.load(str(d), "float32")
+    cfg = lm.config
+    off = {"llama3": dict(rope_type="default", rope_factor=1.0),
+           "qwen2": dict(architecture="LlamaForCausalLM", model_type="llama"),
+           "mistral": dict(sliding_window=0)}[kind]
+    where = {"llama3": "layers.0.attn.q_rope", "qwen2": "layers.0.attn.q", "mistral": "layers.0.attn.scores_masked"}
+    weights = dict(sources.read_safetensors(sources.weight_files(d)))
+    if kind == "qwen2":
+        weights = {k: v for k, v in weights.items() if not k.endswith(".bias")}
+    broken = sources.build_model(replace(cfg, **off), weights, "float32", lm.model.ops)
+    lm.model = broken
+    assert _first_over(run_side(lm, SEED_IDS).tensors, ref, 2) == where[kind]
+
+
+def test_prefill_decode_chunks_and_compiled_step_agree(family):
+    kind, d, _, _ = family
+    lm = sources.load(str(d), "float32")
+    r = paths.check_paths(lm.model, SEED_IDS, chunks=(3, 7), continue_n=0, dtype="float32")
+    assert r["first_divergence"] is None and r["agree"], r["first_divergence"]
+    assert [p["path"] for p in r["paths"]] == ["decode", "chunk-3", "chunk-7", "compiled"]
+
+
+def test_greedy_tokens_equal_transformers_generate(family):
+    import torch
+
+    kind, d, hf_model, _ = family
+    lm = sources.load(str(d), "float32")
+    ours = paths.greedy_continuation(lm.model, SEED_IDS, 24).cached
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([SEED_IDS]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                                   eos_token_id=None, pad_token_id=0)[0, len(SEED_IDS):].tolist()
+    assert ours == theirs
+
+
+def test_the_window_and_the_llama3_frequencies_are_what_transformers_computes(family):
+    """Directly: masked keys past the window get no weight; the scaled inverse frequencies equal
+    transformers' rotary embedding's."""
+    kind, d, hf_model, ref = family
+    if kind == "mistral":
+        probs = ref["layers.0.attn.probs"]  # [H, T, S]
+        T = probs.shape[1]
+        far = np.arange(T)[None, :] <= np.arange(T)[:, None] - 8
+        assert far.any() and np.all(probs[:, far] == 0)
+    if kind == "llama3":
+        from mlx_tinyllama.ops import Rope
+
+        lm = sources.load(str(d), "float32")
+        theirs = hf_model.model.rotary_emb.inv_freq.numpy()
+        ours = np.array(Rope.from_config(lm.config).inv_freq)
+        assert np.array_equal(ours, theirs.astype(np.float32))
+        assert not np.array_equal(ours, np.array(Rope.make(16, 500000.0).inv_freq))
+
+
+# ---------------------------------------------------------------------------
+# Config: what each architecture accepts, what is refused by name
+
+
+def test_configs_of_each_architecture_round_trip():
+    for preset in ("llama3-tiny", "qwen2-tiny", "mistral-tiny", "llama3.2-1b", "qwen2.5-0.5b", "smollm2-135m",
+                   "mistral-7b"):
+        from mlx_tinyllama.synthetic import PRESETS
+
+        cfg = PRESETS[preset]
+        assert config_from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg, preset
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "max_window_layers"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling 'yarn'"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}}, "unsupported rope scaling 'llama3'"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type is 'gemma'"),
+    ({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}, "Qwen2ForCausalLM only"),
+    ({"mlp_bias": True}, "mlp_bias"),
+])
+def test_unsupported_variants_are_refused_by_name(change, words):
+    d = {**ModelConfig().to_hf_dict(), **change}
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        config_from_hf_dict(d)
+
+
+def test_default_rope_frequencies_are_transformers_bits():
+    """TinyLlama's own RoPE (theta 1e4, head_dim 64), and other thetas: the same float32 bits as
+    transformers' rotary embedding (torch raises the base to the exponents in double)."""
+    import transformers
+
+    from mlx_tinyllama.ops import rope_inv_freq
+
+    for head_dim, theta in ((64, 10000.0), (64, 1000000.0), (128, 500000.0), (16, 100000.0)):
+        cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                       rope_theta=theta)
+        theirs = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg).inv_freq.numpy()
+        assert np.array_equal(np.array(rope_inv_freq(head_dim, theta)), theirs), (head_dim, theta)
