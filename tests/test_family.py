@@ -185,3 +185,71 @@ def test_default_rope_frequencies_are_transformers_bits():
                                        rope_theta=theta)
         theirs = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg).inv_freq.numpy()
         assert np.array_equal(np.array(rope_inv_freq(head_dim, theta)), theirs), (head_dim, theta)
+
+
+# ---------------------------------------------------------------------------
+# tokenizer.json (byte-level BPE, the Llama 3 / Qwen2 kind) through `tokenizers`
+
+TRICKY = ["Hello! How are you?", "  two leading spaces", "tabs\tand\nnewlines\n\n", "café naïve Ünïcödé",
+          "中文字符和日本語", "emoji 🙂🚀 mixed", "numbers 1234567890 and 3.14159", "don't won't it's",
+          "<|eot_id|> inline special", "trailing space ", "", "a" * 50, "mixedCASE_snake-case/path.py"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                 "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A model directory with a byte-level BPE tokenizer.json and no tokenizer.model, trained here
+    by `tokenizers` (Llama 3's pre-tokenizer kind), with a Llama-3-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = _make("llama3", tmp_path_factory.mktemp("bpe"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog. " * 5, "Hello! How are you? I am fine.",
+              "café naïve 中文 🙂 12345"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False}))
+    return d
+
+
+def test_tokenizer_json_ids_equal_autotokenizer(bpe_dir):
+    from transformers import AutoTokenizer
+
+    from mlx_tinyllama.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(bpe_dir)  # auto: no tokenizer.model here, so tokenizer.json
+    theirs = AutoTokenizer.from_pretrained(str(bpe_dir))
+    assert ours.kind == "hf" and ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
+    for text in TRICKY:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text
+        ids = ours.encode(text)
+        assert ours.decode(ids) == theirs.decode(ids), text
+
+
+def test_tokens_command_runs_on_a_tokenizer_json_model_and_its_chat_template(bpe_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from mlx_tinyllama.trace import main as cli
+
+    out = tmp_path / "t.json"
+    assert cli(["tokens", "--model", str(bpe_dir), "--chat", "Hello! How are you?", "--system", "Be brief.",
+                "--json", str(out)]) == 0
+    ids = json.loads(out.read_text())["prompt"]["ids"]
+    theirs = AutoTokenizer.from_pretrained(str(bpe_dir)).apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you?"}],
+        add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ids == list(theirs)
+    # --compare-ids names a difference in this vocabulary too: an extra BOS in front
+    rc = cli(["tokens", "--model", str(bpe_dir), "--chat", "Hello! How are you?", "--system", "Be brief.",
+              "--compare-ids", ",".join(map(str, [ids[0]] + ids))])
+    assert rc == 1 and "BOS" in capsys.readouterr().out
