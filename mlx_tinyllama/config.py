@@ -40,6 +40,7 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # "llama3" only: the wavelength band (original context / factor)
     rope_high_freq_factor: float = 4.0  # between which frequencies are blended
     rope_original_max_position: int = 8192  # "llama3" only: the context the model was first trained at
+    rope_freq_factors: tuple = ()  # a GGUF's rope_freqs (Llama 3 as llama.cpp stores it): inv_freq / factor
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
@@ -64,6 +65,9 @@ class ModelConfig:
                                 f"({self.num_attention_heads}): no room for a head")
         if self.head_dim % 2:
             raise UserError(f"head_dim is {self.head_dim}; RoPE rotates halves of each head, so it must be even")
+        if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise UserError(f"{len(self.rope_freq_factors)} RoPE frequency factors for head_dim {self.head_dim}; "
+                            f"expected {self.head_dim // 2}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "

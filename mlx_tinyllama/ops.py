@@ -100,7 +100,14 @@ class Rope:
             llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                       cfg.rope_original_max_position)
         scale = 1.0 / cfg.rope_factor if cfg.rope_type == "linear" else 1.0
-        return cls.make(cfg.head_dim, cfg.rope_theta, scale, llama3)
+        rope = cls.make(cfg.head_dim, cfg.rope_theta, scale, llama3)
+        if not cfg.rope_freq_factors:
+            return rope
+        # llama.cpp divides each frequency by its factor (Llama 3 from a GGUF's rope_freqs)
+        inv_freq = rope.inv_freq / mx.array(np.array(cfg.rope_freq_factors, np.float32))
+        freqs = 1.0 / inv_freq
+        mx.eval(inv_freq, freqs)
+        return cls(inv_freq, freqs, scale)
 
 
 def cpu_half_gemm(dtype: mx.Dtype) -> bool:

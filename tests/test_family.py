@@ -253,3 +253,51 @@ def test_tokens_command_runs_on_a_tokenizer_json_model_and_its_chat_template(bpe
     rc = cli(["tokens", "--model", str(bpe_dir), "--chat", "Hello! How are you?", "--system", "Be brief.",
               "--compare-ids", ",".join(map(str, [ids[0]] + ids))])
     assert rc == 1 and "BOS" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# GGUF: per architecture (gguf_write writes what llama.cpp's converter writes:
+# scripts/llamacpp/check_family_gguf.py compares the two byte for byte, docs/gguf.md has its output)
+
+
+@pytest.mark.parametrize("preset, arch, permuted", [("qwen2-tiny", "Qwen2ForCausalLM", False),
+                                                     ("llama3-tiny", "LlamaForCausalLM", True)])
+def test_a_family_gguf_loads_with_its_layout_and_runs_like_its_checkpoint(preset, arch, permuted, tmp_path):
+    import gguf
+
+    from mlx_tinyllama import synthetic
+    from mlx_tinyllama.gguf import permute_qk
+    from mlx_tinyllama.gguf_write import convert
+
+    d = synthetic.materialize(preset, 0)
+    path = tmp_path / f"{preset}.gguf"
+    convert(d, path, "f32")
+    raw = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    hf = dict(sources.read_safetensors(sources.weight_files(d)))
+    import mlx.core as mx
+
+    q = np.array(hf["model.layers.0.self_attn.q_proj.weight"].astype(mx.float32))
+    want = permute_qk(q, 4) if permuted else q  # llama permutes Q/K rows; Qwen2's GGUF keeps HF's order
+    assert np.array_equal(raw["blk.0.attn_q.weight"], want)
+    assert ("blk.0.attn_q.bias" in raw) == (arch == "Qwen2ForCausalLM")
+    assert ("rope_freqs.weight" in raw) == (preset == "llama3-tiny")
+    lm = sources.load(str(path), "float32")
+    assert lm.config.architecture == arch and lm.config.tie_word_embeddings
+    ours = run_side(lm, SEED_IDS).tensors
+    ref = run_side(sources.load(str(d), "float32"), SEED_IDS).tensors
+    ratio, tap = _worst(ours, {k: np.asarray(v, np.float64) for k, v in ref.items()}, 2)
+    assert ratio < 0.5, (tap, ratio)
+
+
+def test_a_gguf_of_an_unknown_architecture_is_refused_by_name(tmp_path):
+    import gguf
+
+    path = tmp_path / "x.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="general.architecture is 'gemma'; this tool runs llama, qwen2"):
+        sources.load(str(path), "float32")
