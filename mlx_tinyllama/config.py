@@ -65,6 +65,7 @@ class ModelConfig:
                                 f"({self.num_attention_heads}): no room for a head")
         if self.head_dim % 2:
             raise UserError(f"head_dim is {self.head_dim}; RoPE rotates halves of each head, so it must be even")
+        object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
         if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
             raise UserError(f"{len(self.rope_freq_factors)} RoPE frequency factors for head_dim {self.head_dim}; "
                             f"expected {self.head_dim // 2}")
@@ -212,7 +213,9 @@ class ModelConfig:
         return d
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["rope_freq_factors"] = list(self.rope_freq_factors)  # as JSON reads it back
+        return d
 
 
 def _rope_from_hf(d: dict, where: str = "config.json", allowed=SUPPORTED_ROPE_TYPES) -> dict:

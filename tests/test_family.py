@@ -301,3 +301,19 @@ def test_a_gguf_of_an_unknown_architecture_is_refused_by_name(tmp_path):
     w.close()
     with pytest.raises(UserError, match="general.architecture is 'gemma'; this tool runs llama, qwen2"):
         sources.load(str(path), "float32")
+
+
+@pytest.mark.parametrize("preset", ["llama3-tiny", "qwen2-tiny", "mistral-tiny"])
+def test_bench_runs_mlx_lms_own_class_of_each_architecture_on_the_same_weights(preset):
+    """bench's side-by-side engine: mlx-lm's model of the architecture, same weight arrays; its
+    logits equal ours (a wrong class or a dropped bias would not), for a prompt inside Mistral's
+    window (mlx-lm's Llama, which Mistral maps to, has no window)."""
+    import mlx.core as mx
+
+    from mlx_tinyllama.bench.engines import mlx_lm_model
+
+    lm = sources.load(f"synthetic:{preset}", "float32")
+    ids = mx.array([SEED_IDS[:8]])
+    ours = np.array(lm.model(ids), np.float64)
+    theirs = np.array(mlx_lm_model(lm)(ids), np.float64)
+    assert metrics(theirs, ours)["nmse"] < tolerance_for("logits", "nmse", "float32", "float32", 2)
