@@ -126,8 +126,9 @@ def add_prompt_arguments(parser) -> None:
     group.add_argument("--system", metavar="TEXT", help="system message for --chat")
     group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
                        help="prepend BOS (id 1); the reference did not (default: --no-bos)")
-    group.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece",
-                       help="sentencepiece: tokenizer.model, the ground truth (default); "
+    group.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="auto",
+                       help="auto (default): tokenizer.model where the model has one, else tokenizer.json; "
+                            "sentencepiece: tokenizer.model, the ground truth of Llama 2 checkpoints; "
                             "hf: the model's tokenizer.json through `tokenizers`, as transformers does")
 
 
@@ -205,7 +206,7 @@ def check_tokens(candidate, ids: list[int], lm) -> None:
     from .tokenizer import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(lm.source.path, "sentencepiece")
+        tokenizer = load_tokenizer(lm.source.path, "auto")
     except UserError:
         tokenizer = None
     alignment = compare_ids(list(ids), list(candidate.ids), tokenizer)

@@ -40,14 +40,15 @@ class FixedKVCache:
     a scalar array) it gets back the whole buffer, with `mask` [1, 1, 1, capacity] (True:
     a written position) for the attention."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset=0, mask: mx.array | None = None):
+    def __init__(self, keys: mx.array, values: mx.array, offset=0, mask: mx.array | None = None, window: int = 0):
         self.keys, self.values, self.offset = keys, values, offset
         self.mask = mask  # the compiled step builds it once for all layers
+        self.window = window  # the model's sliding window (0: none), for a mask built here
 
     @classmethod
-    def empty(cls, n_kv: int, capacity: int, head_dim: int, dtype: mx.Dtype) -> "FixedKVCache":
+    def empty(cls, n_kv: int, capacity: int, head_dim: int, dtype: mx.Dtype, window: int = 0) -> "FixedKVCache":
         shape = (1, n_kv, capacity, head_dim)
-        return cls(mx.zeros(shape, dtype), mx.zeros(shape, dtype))
+        return cls(mx.zeros(shape, dtype), mx.zeros(shape, dtype), window=window)
 
     @property
     def capacity(self) -> int:
@@ -63,7 +64,7 @@ class FixedKVCache:
             self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), start, axes=(2,))
             self.values = mx.slice_update(self.values, values.astype(self.values.dtype), start, axes=(2,))
             if self.mask is None:
-                self.mask = visible_slots(self.capacity, self.offset + keys.shape[2] - 1)
+                self.mask = visible_slots(self.capacity, self.offset + keys.shape[2] - 1, self.window)
             return self.keys, self.values
         end = self.offset + keys.shape[2]
         if end > self.capacity:
@@ -74,17 +75,22 @@ class FixedKVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
-def visible_slots(capacity: int, last: mx.array) -> mx.array:
-    """[1, 1, 1, capacity] booleans, True for the slots 0..last: broadcasts against the scores
-    [B, H, T, S] in every SDPA kernel."""
-    return (mx.arange(capacity) <= last).reshape(1, 1, 1, -1)
+def visible_slots(capacity: int, last: mx.array, window: int = 0) -> mx.array:
+    """[1, 1, 1, capacity] booleans, True for the slots 0..last (and, with a sliding window, only
+    the last `window` of them): broadcasts against the scores [B, H, T, S] in every SDPA kernel."""
+    slots = mx.arange(capacity)
+    seen = slots <= last
+    if window:
+        seen = seen & (slots > last - window)
+    return seen.reshape(1, 1, 1, -1)
 
 
 def make_cache(model, capacity: int) -> list[FixedKVCache]:
     """One empty FixedKVCache per layer, in the model's parameter dtype."""
     cfg = model.config
     dtype = model.model.norm.weight.dtype
-    return [FixedKVCache.empty(cfg.num_key_value_heads, capacity, cfg.head_dim, dtype) for _ in model.layers]
+    return [FixedKVCache.empty(cfg.num_key_value_heads, capacity, cfg.head_dim, dtype, cfg.window)
+            for _ in model.layers]
 
 
 def concatenate_projections(model) -> bool:
@@ -137,7 +143,8 @@ class CompiledDecoder:
         self.last_taps: dict[str, mx.array] = {}
 
     def _step(self, token: mx.array, position: mx.array, keys: list, values: list):
-        mask = visible_slots(keys[0].shape[2], position)  # one per step, not one per layer: fewer kernels
+        # one per step, not one per layer: fewer kernels
+        mask = visible_slots(keys[0].shape[2], position, self.model.config.window)
         caches = [FixedKVCache(k, v, position, mask) for k, v in zip(keys, values)]
         taps = Taps(self.tap_names, "full") if self.tap_names else NO_TAPS
         ops = replace(self.model.ops, projections="concatenated") if self.concatenated else self.model.ops

@@ -180,10 +180,12 @@ class EngineOps(Ops):
             probs, v = round_f16(probs), round_f16(v)
         return super().pv(probs, v)
 
-    def fused_attention(self, q, k, v, scale, visible=None):
-        if visible is not None:  # a compiled decode step (decode.py): the emulation is for the prefill it compares
-            return super().fused_attention(q, k, v, scale, visible)
+    def fused_attention(self, q, k, v, scale, visible=None, window=0):
         T, S = q.shape[2], k.shape[2]
+        if visible is not None or (window and S > window):
+            # a compiled decode step (decode.py; the emulation is for the prefill it compares), or a
+            # sliding window, whose llama.cpp roundings are not emulated: the model's own attention
+            return super().fused_attention(q, k, v, scale, visible, window)
         if self.engine.flash_attn:
             k, v = self._kv(k), self._kv(v)
             if self.engine.kv_cache == "f16" and T < FA_TILE_Q:

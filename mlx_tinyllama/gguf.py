@@ -31,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .architectures import ARCHITECTURES, Architecture
 from .config import ModelConfig
 from .dtypes import canonical
 from .errors import UserError
@@ -73,14 +74,19 @@ class GGUFCheckpoint:
     info: dict = field(default_factory=dict)  # format, version, tensor types, Q/K layout
 
 
+# Llama 3's RoPE scaling, as llama.cpp's converter writes it: one divisor per frequency.
+ROPE_FREQS = "rope_freqs.weight"
+
+
 def hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (and `.bias`: Qwen2's
+    q/k/v); None if unknown."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias"):
         if parts[2] in _LAYER_NAMES:
-            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -119,18 +125,26 @@ def _to_dtype(dtype) -> mx.Dtype:
     return dtype
 
 
-def _require_llama(header, path) -> None:
+def _architecture(header, path) -> Architecture:
+    """The architecture a GGUF's general.architecture names. llama.cpp's converter writes
+    Mistral as 'llama' (without its sliding window: llama.cpp then attends to every earlier key,
+    and so does this tool's model of that file)."""
     arch = header_value(header, "general.architecture")
-    if arch != "llama":
+    found = next((a for a in ARCHITECTURES.values() if a.gguf_arch == arch), None)
+    if found is None:
         raise UserError(
-            f"{path}: general.architecture is {arch!r}, not 'llama': this tool runs the Llama "
-            "architecture (TinyLlama, Llama 2) only"
+            f"{path}: general.architecture is {arch!r}; this tool runs "
+            + ", ".join(sorted({a.gguf_arch for a in ARCHITECTURES.values()})) + " GGUFs"
         )
+    return found
 
 
-def _config(header, path, tensors: dict) -> ModelConfig:
+def _config(header, path, tensors: dict, freq_factors: tuple = ()) -> ModelConfig:
+    arch = _architecture(header, path)
+    prefix = arch.gguf_arch
+
     def get(key, default=None, required=False, kind=int):
-        return meta(header, path, f"llama.{key}", kind, default, required)
+        return meta(header, path, f"{prefix}.{key}", kind, default, required)
 
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path} has no token_embd.weight tensor")
@@ -138,13 +152,13 @@ def _config(header, path, tensors: dict) -> ModelConfig:
     n_heads = get("attention.head_count", required=True)
     for key, v in (("embedding_length", hidden), ("attention.head_count", n_heads)):
         if v < 1:  # divided by below
-            raise UserError(f"{path}: GGUF metadata llama.{key} is {v}; expected a positive integer")
+            raise UserError(f"{path}: GGUF metadata {prefix}.{key} is {v}; expected a positive integer")
     n_kv = get("attention.head_count_kv", n_heads)
     head_dim = get("attention.key_length", hidden // n_heads)
     rope_dim = get("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UserError(f"{path}: rope.dimension_count {rope_dim} != head_dim {head_dim} (partial RoPE is not Llama)")
-    scaling = header_value(header, "llama.rope.scaling.type")
+    scaling = header_value(header, f"{prefix}.rope.scaling.type")
     factor = get("rope.scaling.factor", 0.0, kind=float) or get("rope.scale_linear", 0.0, kind=float) or 1.0
     if scaling in (None, "none") and factor == 1.0:
         rope_type = "default"
@@ -156,6 +170,9 @@ def _config(header, path, tensors: dict) -> ModelConfig:
     vocab = int(tensors["token_embd.weight"].shape[0])
     try:
         return ModelConfig(
+            architecture=arch.hf_class,
+            model_type=arch.model_type,
+            rope_freq_factors=freq_factors,
             hidden_size=hidden,
             intermediate_size=get("feed_forward_length", required=True),
             num_hidden_layers=get("block_count", required=True),
@@ -211,8 +228,7 @@ def read_config(path) -> ModelConfig:
     path = Path(path)
     header, buf = open_gguf(path)
     try:
-        _require_llama(header, path)
-        return _config(header, path, header.tensors)
+        return _config(header, path, header.tensors, _freq_factors(header, path, buf))
     finally:
         buf.close()
 
@@ -223,8 +239,8 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
     dtype = _to_dtype(dtype)
     path = Path(path)
     header, buf = open_gguf(path)
-    _require_llama(header, path)
-    tensors = header.tensors
+    arch = _architecture(header, path)
+    tensors = {n: t for n, t in header.tensors.items() if n != ROPE_FREQS}  # not a weight: the config's
     unknown = [n for n in tensors if hf_name(n) is None]
     if unknown:
         raise UserError(f"{path} holds tensors this Llama loader does not know: {', '.join(unknown[:8])}")
@@ -235,7 +251,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
             f"{path} uses the tensor type(s) {', '.join(bad)}, which this tool cannot dequantize; "
             f"supported: {', '.join(SUPPORTED_TYPES)}"
         )
-    config = _config(header, path, tensors)
+    config = _config(header, path, tensors, _freq_factors(header, path, buf))
     expected = config.weight_shapes()
     mapped = {hf_name(n): n for n in tensors}
     missing = [n for n in expected if n not in mapped]
@@ -263,9 +279,9 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
         w = _from_mlx(gname, types[gname], mlx_arrays) if native else _from_numpy(tensors[gname], buf)
         if tuple(w.shape) != expected[hf]:
             raise UserError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, expected {expected[hf]} for {hf}")
-        if hf.endswith("q_proj.weight"):
+        if arch.gguf_permutes_qk and (hf.endswith("q_proj.weight") or hf.endswith("q_proj.bias")):
             w = unpermute_qk(w, config.num_attention_heads)
-        elif hf.endswith("k_proj.weight"):
+        elif arch.gguf_permutes_qk and (hf.endswith("k_proj.weight") or hf.endswith("k_proj.bias")):
             w = unpermute_qk(w, config.num_key_value_heads)
         weights[hf] = w.astype(dtype)
     mx.eval(list(weights.values()))
@@ -286,7 +302,7 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
         "name": header_value(header, "general.name"),
         "file_type": file_type_name,
         "tensor_types": dict(sorted(Counter(types.values()).items())),
-        "qk_layout": QK_LAYOUT,
+        "qk_layout": QK_LAYOUT if arch.gguf_permutes_qk else "as Hugging Face (this architecture's GGUF is not permuted)",
         "read_by": "mx.load + mx.dequantize" if native else "gguf-py reference dequantizer",
         "tied_embeddings": config.tie_word_embeddings,
         "add_bos_token": header_value(header, "tokenizer.ggml.add_bos_token"),  # llama.cpp adds BOS when true
@@ -294,6 +310,19 @@ def load_gguf(path, dtype=mx.float16) -> GGUFCheckpoint:
     }
     info["layout"] = describe(info)  # the line sources.ModelSource.describe() shows in a run's output
     return GGUFCheckpoint(config=config, weights=weights, info=info)
+
+
+def _freq_factors(header, path, buf) -> tuple:
+    """Llama 3's per-frequency RoPE divisors from the `rope_freqs` tensor, or () when there is none."""
+    t = header.tensors.get(ROPE_FREQS)
+    if t is None:
+        return ()
+    if t.type_name != "F32" or len(t.shape) != 1:
+        raise UserError(f"{path}: {ROPE_FREQS} is {t.type_name} {list(t.shape)}; llama.cpp writes one F32 row")
+    values = np.frombuffer(buf, "<f4", count=int(t.shape[0]), offset=t.offset)
+    if not np.all(np.isfinite(values)) or not np.all(values > 0):
+        raise UserError(f"{path}: {ROPE_FREQS} holds a non-positive or non-finite divisor")
+    return tuple(float(v) for v in values)
 
 
 def describe(info: dict) -> str:

@@ -29,9 +29,13 @@ def _gguf_names(config: ModelConfig) -> dict[str, str]:
     """HF parameter name -> GGUF tensor name, in llama.cpp's file order."""
     inverse = {v: k for k, v in _GLOBAL_NAMES.items()}
     names = {"model.embed_tokens.weight": "token_embd.weight"}
+    biases = {"attn_q", "attn_k", "attn_v"} if config.qkv_bias else set()
+    biases |= {"attn_output"} if config.o_bias else set()
     for n in range(config.num_hidden_layers):
         for g, h in _LAYER_NAMES.items():
             names[f"model.layers.{n}.{h}.weight"] = f"blk.{n}.{g}.weight"
+            if g in biases:
+                names[f"model.layers.{n}.{h}.bias"] = f"blk.{n}.{g}.bias"
     names["model.norm.weight"] = inverse["model.norm.weight"]
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = inverse["lm_head.weight"]
@@ -80,6 +84,27 @@ def _add_tokenizer(writer, tokenizer_path: Path, vocab_size: int) -> None:
     writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
 
 
+def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
+    """Llama 3's RoPE scaling as per-frequency divisors, computed as llama.cpp's converter does
+    (in float64 from its float32 frequencies, stored as float32)."""
+    dim, base = config.head_dim, config.rope_theta
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64))
+    low = config.rope_original_max_position / config.rope_low_freq_factor
+    high = config.rope_original_max_position / config.rope_high_freq_factor
+    out = []
+    for f in freqs.astype(np.float32).astype(np.float64):
+        wavelen = 2 * np.pi / f
+        if wavelen < high:
+            out.append(1.0)
+        elif wavelen > low:
+            out.append(config.rope_factor)
+        else:
+            smooth = (config.rope_original_max_position / wavelen - config.rope_low_freq_factor) / (
+                config.rope_high_freq_factor - config.rope_low_freq_factor)
+            out.append(1 / ((1 - smooth) / config.rope_factor + smooth))
+    return np.array(out, np.float32)
+
+
 def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> dict:
     """Write `out_path` (GGUF) from `hf_dir`. out_type: f32 | f16 | q8_0 | q4_0 | q4_1 | q5_0
     (1-D norms stay F32, and a matrix whose row length is not a multiple of the block size
@@ -106,7 +131,8 @@ def convert(hf_dir, out_path, out_type: str = "f16", permute: str = "once") -> d
 
 
 def _write(gguf, out_path, hf_dir, config, tensors, names, file_type, qtype, out_type, permute) -> dict[str, str]:
-    writer = gguf.GGUFWriter(str(out_path), "llama")
+    arch = config.arch
+    writer = gguf.GGUFWriter(str(out_path), arch.gguf_arch)
     writer.add_name(hf_dir.name)
     writer.add_file_type(int(file_type))
     writer.add_context_length(config.max_position_embeddings)
@@ -124,7 +150,8 @@ def _write(gguf, out_path, hf_dir, config, tensors, names, file_type, qtype, out
     if config.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_factor)
-    writer.add_vocab_size(config.vocab_size)
+    if arch.gguf_arch == "llama":  # llama.cpp's converter writes it for llama, not for qwen2
+        writer.add_vocab_size(config.vocab_size)
     # llama.cpp refuses quantized tensors from files without it; its converter always writes it.
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok = hf_dir / "tokenizer.model"
@@ -135,11 +162,14 @@ def _write(gguf, out_path, hf_dir, config, tensors, names, file_type, qtype, out
         writer.add_chat_template(template)
 
     written: dict[str, str] = {}
-    times = {"once": 1, "none": 0, "twice": 2}[permute]
+    if config.rope_type == "llama3":  # as llama.cpp's converter: one divisor per frequency, first
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+        written["rope_freqs.weight"] = "F32"
+    times = {"once": 1, "none": 0, "twice": 2}[permute] if arch.gguf_permutes_qk else 0
     for hf, gname in names.items():
         w = tensors[hf]
-        heads = (config.num_attention_heads if hf.endswith("q_proj.weight")
-                 else config.num_key_value_heads if hf.endswith("k_proj.weight") else 0)
+        heads = (config.num_attention_heads if hf.endswith(("q_proj.weight", "q_proj.bias"))
+                 else config.num_key_value_heads if hf.endswith(("k_proj.weight", "k_proj.bias")) else 0)
         for _ in range(times if heads else 0):
             w = permute_qk(w, heads)
         w = np.ascontiguousarray(w)

@@ -39,10 +39,11 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attn_scale
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.window = cfg.window  # a sliding window of keys (Mistral); 0: every earlier key
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self._qkv = None  # ([Wq; Wk; Wv], views) from decode.concatenate_projections (underscore: not a parameter)
 
     def project(self, h, ops: Ops):
@@ -71,9 +72,9 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # all S = offset + T keys/values so far
         visible = getattr(cache, "mask", None)  # a fixed-capacity cache (decode.py) hides unwritten slots
         if ops.fused:
-            ctx = ops.fused_attention(q, k, v, self.scale, visible)
+            ctx = ops.fused_attention(q, k, v, self.scale, visible, self.window)
             if tap.enabled and any(tap.wants(p + s) for s in ATTENTION_INTERNALS):  # observed only
-                observed = ops.observed_internals(q, k, self.scale, visible)  # CUDA: one kernel, else None
+                observed = ops.observed_internals(q, k, self.scale, visible, self.window)  # CUDA: one kernel
                 if observed is None:
                     self.probs(q, k, ops, tap, p, visible)
                 else:
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         T, S = q.shape[2], k.shape[2]
         s = tap(p + "attn.scores", ops.qk(q, k))
         s = tap(p + "attn.scores_scaled", ops.scale(s, self.scale))
-        s = tap(p + "attn.scores_masked", ops.add_mask(s, T, S, visible))
+        s = tap(p + "attn.scores_masked", ops.add_mask(s, T, S, visible, self.window))
         return tap(p + "attn.probs", ops.softmax(s, q.dtype))
 
 
@@ -160,7 +161,7 @@ class TinyLlama(nn.Module):
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._rope = Rope.make(cfg.head_dim, cfg.rope_theta, 1.0 / cfg.rope_factor)  # constants, not parameters
+        self._rope = Rope.from_config(cfg)  # constants, not parameters
 
     @property
     def layers(self):

@@ -50,10 +50,30 @@ def mask_value(dtype: mx.Dtype) -> float:
     return float(mx.finfo(dtype).min)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> mx.array:
-    """1 / theta^(2i/d) in float32, as transformers' default RoPE computes it."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return mx.array((1.0 / (np.float32(theta) ** exponent)).astype(np.float32))
+def _rdiv(numerator: float, x: np.ndarray) -> np.ndarray:
+    """numerator / x as torch computes a Python number over a float32 tensor: x's float32
+    reciprocal times the number in float32 (not one division: the last bit differs)."""
+    return (np.float32(1) / x).astype(np.float32) * np.float32(numerator)
+
+
+def rope_inv_freq(head_dim: int, theta: float, llama3: tuple | None = None) -> mx.array:
+    """1 / theta^(2i/d), bit for bit transformers' float32 values (torch raises a Python number to
+    a float32 tensor in double, then rounds). `llama3`: (factor, low_freq_factor, high_freq_factor,
+    original context): Llama 3.1's scaling divides the low frequencies (wavelengths above
+    original/low) by factor, keeps the high ones (below original/high) and blends the band
+    between, each step rounded as transformers rounds it (tests/test_family.py checks the bits)."""
+    f32 = np.float32
+    exponent = (np.arange(0, head_dim, 2, dtype=np.int64).astype(f32) / f32(head_dim)).astype(f32)
+    inv_freq = (f32(1) / (np.float64(theta) ** exponent.astype(np.float64)).astype(f32)).astype(f32)
+    if llama3 is not None:
+        factor, low, high, original = llama3
+        wavelen = _rdiv(2 * np.pi, inv_freq)
+        scaled = np.where(wavelen > original / low, (inv_freq / f32(factor)).astype(f32), inv_freq)
+        smooth = ((_rdiv(original, wavelen) - f32(low)) / f32(high - low)).astype(f32)
+        smoothed = ((f32(1) - smooth) * scaled / f32(factor) + smooth * scaled).astype(f32)
+        medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(f32)
+    return mx.array(inv_freq)
 
 
 @dataclass(frozen=True)
@@ -66,11 +86,28 @@ class Rope:
     position_scale: float = 1.0
 
     @classmethod
-    def make(cls, head_dim: int, theta: float, position_scale: float = 1.0) -> "Rope":
-        inv_freq = rope_inv_freq(head_dim, theta)
+    def make(cls, head_dim: int, theta: float, position_scale: float = 1.0, llama3: tuple | None = None) -> "Rope":
+        inv_freq = rope_inv_freq(head_dim, theta, llama3)
         freqs = 1.0 / inv_freq
         mx.eval(inv_freq, freqs)
         return cls(inv_freq, freqs, position_scale)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Rope":
+        """The model's RoPE: default, linear (positions / factor) or llama3 (scaled frequencies)."""
+        llama3 = None
+        if cfg.rope_type == "llama3":
+            llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                      cfg.rope_original_max_position)
+        scale = 1.0 / cfg.rope_factor if cfg.rope_type == "linear" else 1.0
+        rope = cls.make(cfg.head_dim, cfg.rope_theta, scale, llama3)
+        if not cfg.rope_freq_factors:
+            return rope
+        # llama.cpp divides each frequency by its factor (Llama 3 from a GGUF's rope_freqs)
+        inv_freq = rope.inv_freq / mx.array(np.array(cfg.rope_freq_factors, np.float32))
+        freqs = 1.0 / inv_freq
+        mx.eval(inv_freq, freqs)
+        return cls(inv_freq, freqs, scale)
 
 
 def cpu_half_gemm(dtype: mx.Dtype) -> bool:
@@ -95,15 +132,17 @@ UPCAST_PER_CALL_ROWS = 512
 
 
 class Fp32GemmLinear(nn.Module):
-    """A bias-free nn.Linear whose half-precision matmul on the CPU is fp32 GEMM of the upcast
+    """An nn.Linear (with or without a bias) whose half-precision matmul on the CPU is fp32 GEMM of the upcast
     operands. `weight` stays the model's half-precision parameter. Calls of many rows upcast
     it per call; the first call of fewer than UPCAST_PER_CALL_ROWS rows makes an exact fp32
     copy (`_weight32`, underscore: not a parameter) that every later call reads. Both are
     the same fp32 values, so the result does not depend on which one a call uses."""
 
-    def __init__(self, weight: mx.array):
+    def __init__(self, weight: mx.array, bias: mx.array | None = None):
         super().__init__()
         self.weight = weight
+        if bias is not None:  # Qwen2's q/k/v: added in fp32 before the one rounding, as a CPU addmm does
+            self.bias = bias
         self._weight32 = None  # made on the first few-row call (`weight32`)
         self._weight32_of = None  # the weight it is a copy of: a replaced weight gets a new copy
 
@@ -125,21 +164,23 @@ class Fp32GemmLinear(nn.Module):
         return w32
 
     def __call__(self, x: mx.array) -> mx.array:
+        bias = self.bias if "bias" in self else None
         if cpu_half_gemm(x.dtype):
             rows = x.size // x.shape[-1]
-            return (x.astype(mx.float32) @ self.weight32(rows).T).astype(x.dtype)
-        return x @ self.weight.T
+            y = x.astype(mx.float32) @ self.weight32(rows).T
+            return (y if bias is None else y + bias.astype(mx.float32)).astype(x.dtype)
+        return x @ self.weight.T if bias is None else mx.addmm(bias, x, self.weight.T)
 
 
 def use_fp32_gemm(model: nn.Module) -> int:
-    """Replace every bias-free nn.Linear of `model` by an Fp32GemmLinear on the same weight
+    """Replace every nn.Linear of `model` by an Fp32GemmLinear on the same weight
     (call it when `cpu_half_gemm(weight dtype)`; no fp32 copy is made here); returns how many
     were replaced."""
     n = 0
     for parent in model.modules():
         for key, child in list(parent.children().items()):
-            if type(child) is nn.Linear and "bias" not in child:
-                setattr(parent, key, Fp32GemmLinear(child.weight))
+            if type(child) is nn.Linear:
+                setattr(parent, key, Fp32GemmLinear(child.weight, child.bias if "bias" in child else None))
                 n += 1
     return n
 
@@ -167,12 +208,16 @@ def silu_fp32(x: mx.array) -> mx.array:
 
 
 @lru_cache(maxsize=8)
-def _causal_mask(T: int, S: int, dtype: mx.Dtype) -> mx.array:
+def _causal_mask(T: int, S: int, dtype: mx.Dtype, window: int = 0) -> mx.array:
     """One mask per shape, shared by every layer of a forward pass (and the next one of the same
-    length): five kernels once instead of in each of 22 layers."""
+    length): five kernels once instead of in each of 22 layers. `window` > 0 also hides the keys
+    `window` or more positions behind the query (a sliding window, as transformers' Mistral)."""
     rows = mx.arange(S - T, S)[:, None]
     cols = mx.arange(S)[None, :]
-    mask = mx.where(cols > rows, mx.array(mask_value(dtype), dtype), mx.array(0, dtype))
+    hidden = cols > rows
+    if window:
+        hidden = hidden | (cols <= rows - window)
+    mask = mx.where(hidden, mx.array(mask_value(dtype), dtype), mx.array(0, dtype))
     mx.eval(mask)
     return mask
 
@@ -236,11 +281,12 @@ class Ops:
         return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
 
     # --- attention ------------------------------------------------------------
-    def causal_mask(self, T: int, S: int, dtype: mx.Dtype) -> mx.array | None:
-        """Additive [T, S] mask: query t (absolute position S-T+t) sees keys 0..S-T+t."""
-        if T == 1:
+    def causal_mask(self, T: int, S: int, dtype: mx.Dtype, window: int = 0) -> mx.array | None:
+        """Additive [T, S] mask: query t (absolute position S-T+t) sees keys 0..S-T+t, and with a
+        sliding `window` only the last `window` of them."""
+        if T == 1 and not (window and S > window):
             return None
-        return _causal_mask(T, S, dtype)
+        return _causal_mask(T, S, dtype, window if window and S > window else 0)
 
     def scores_dtype(self, dtype: mx.Dtype) -> mx.Dtype:
         return mx.float32 if self.policy == "mixed" else dtype
@@ -257,9 +303,13 @@ class Ops:
     def scale(self, scores: mx.array, scale: float) -> mx.array:
         return scores * mx.array(scale, scores.dtype)
 
-    def add_mask(self, scores: mx.array, T: int, S: int, visible: mx.array | None = None) -> mx.array:
-        """+ the causal mask; `visible` [.., S] (a fixed-capacity cache's written slots) masks the rest too."""
-        mask = self.causal_mask(T, S, scores.dtype)
+    def add_mask(self, scores: mx.array, T: int, S: int, visible: mx.array | None = None,
+                 window: int = 0) -> mx.array:
+        """+ the causal mask; `visible` [.., S] (a fixed-capacity cache's written slots, within the
+        window) masks the rest too."""
+        w = 0 if visible is not None else window
+        # Three arguments when there is no window: fault subclasses (faults.py) override the 3-argument form.
+        mask = self.causal_mask(T, S, scores.dtype, w) if w else self.causal_mask(T, S, scores.dtype)
         if visible is not None:
             hidden = mx.where(visible, mx.array(0, scores.dtype), mx.array(mask_value(scores.dtype), scores.dtype))
             mask = hidden if mask is None else mx.minimum(mask, hidden)
@@ -279,9 +329,12 @@ class Ops:
         out = matmul(probs.reshape(B, KV, H // KV, T, S), v[:, :, None])
         return out.reshape(B, H, T, D)
 
-    def fused_attention(self, q, k, v, scale: float, visible: mx.array | None = None) -> mx.array:
-        """`visible` [1, 1, 1, S] (boolean, True = attend): the fixed-capacity cache's written slots."""
-        T = q.shape[2]
+    def fused_attention(self, q, k, v, scale: float, visible: mx.array | None = None, window: int = 0) -> mx.array:
+        """`visible` [1, 1, 1, S] (boolean, True = attend): the fixed-capacity cache's written slots
+        (within the window); `window`: a sliding window of keys, as an additive mask once it hides any."""
+        T, S = q.shape[2], k.shape[2]
+        if visible is None and window and S > window:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=_causal_mask(T, S, q.dtype, window))
         if visible is not None:
             if T > 1:
                 raise ValueError("a visibility mask is for single-token steps")
@@ -290,12 +343,13 @@ class Ops:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
 
-    def observed_internals(self, q, k, scale: float, visible: mx.array | None = None):
+    def observed_internals(self, q, k, scale: float, visible: mx.array | None = None, window: int = 0):
         """The fused path's observed scores, scaled and masked scores and probs in one CUDA kernel
         (cuda_attention.attention_internals: the roundings of qk/scale/add_mask/softmax), or None
         where that does not apply: off CUDA, with a visibility mask, another policy, or an Ops
         subclass that changes one of those steps (a fault must be seen as written)."""
-        if not (self.fused and self.policy == "hf" and visible is None and cuda_attention.available()):
+        if not (self.fused and self.policy == "hf" and visible is None and cuda_attention.available()) \
+                or (window and k.shape[2] > window):  # the kernel knows the causal mask only
             return None
         if any(getattr(type(self), m) is not getattr(Ops, m) for m in _INTERNAL_STEPS):
             return None

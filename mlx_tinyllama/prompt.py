@@ -105,7 +105,7 @@ def prompt_text(args, chat_template_dir, eos_token: str = "</s>", bos_token: str
 
 def resolve_prompt(args, tokenizer_location: Path, chat_template_dir: Path | None) -> Prompt:
     """The prompt's ids (and text and pieces) from the options added by `add_prompt_arguments`."""
-    tokenizer = load_tokenizer(tokenizer_location, getattr(args, "tokenizer", None) or "sentencepiece")
+    tokenizer = load_tokenizer(tokenizer_location, getattr(args, "tokenizer", None) or "auto")
     specials = {i: p for p, i in tokenizer.special_ids.items()}
     text, source = prompt_text(args, chat_template_dir, eos_token=specials.get(tokenizer.eos_id, "</s>"),
                                bos_token=specials.get(tokenizer.bos_id, "<s>"))

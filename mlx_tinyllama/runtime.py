@@ -15,7 +15,7 @@ def tokenizer_for(lm: sources.LoadedModel, kind: str | None = None):
     """The model's own tokenizer (`kind`: sentencepiece, the default, or hf)."""
     from .tokenizer import load_tokenizer
 
-    return load_tokenizer(lm.source.path, kind or "sentencepiece")
+    return load_tokenizer(lm.source.path, kind or "auto")
 
 
 def model_header(lm: sources.LoadedModel) -> dict:

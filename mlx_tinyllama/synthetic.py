@@ -41,6 +41,38 @@ PRESETS: dict[str, ModelConfig] = {
     "medium": replace(TINYLLAMA, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                       num_attention_heads=16, num_key_value_heads=4, head_dim=0),
 }
+# The Llama family beside TinyLlama (issue 25): the published configs' shapes, generated weights.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_max_position=8192)
+PRESETS.update({
+    "llama3.2-1b": replace(TINYLLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                           rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+                           bos_token_id=128000, eos_token_id=128001, **LLAMA3_ROPE),
+    "smollm2-135m": replace(TINYLLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                            rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+                            bos_token_id=0, eos_token_id=0),
+    "qwen2.5-0.5b": replace(TINYLLAMA, architecture="Qwen2ForCausalLM", model_type="qwen2", hidden_size=896,
+                            intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, head_dim=64, vocab_size=151936, rope_theta=1000000.0,
+                            rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
+                            bos_token_id=151643, eos_token_id=151645),
+    "mistral-7b": replace(TINYLLAMA, architecture="MistralForCausalLM", model_type="mistral", hidden_size=4096,
+                          intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=32768,
+                          sliding_window=4096),
+})
+# Tiny ones of each for tests: the same features (llama3 RoPE whose scaled band the short prompts
+# reach, tied embeddings, q/k/v biases, a window shorter than the seed prompt's 38 tokens).
+PRESETS.update({
+    "llama3-tiny": replace(PRESETS["tiny"], head_dim=16, rope_theta=500000.0, tie_word_embeddings=True,
+                           **dict(LLAMA3_ROPE, rope_factor=8.0, rope_original_max_position=32)),
+    "qwen2-tiny": replace(PRESETS["tiny"], architecture="Qwen2ForCausalLM", model_type="qwen2",
+                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "mistral-tiny": replace(PRESETS["tiny"], architecture="MistralForCausalLM", model_type="mistral",
+                            sliding_window=8),
+})
 DEFAULT_PRESET = "tinyllama"
 
 # Presets whose generated weights are changed afterwards (the fp16 stress models of
@@ -76,6 +108,8 @@ def parse_spec(spec: str) -> tuple[str, int]:
 
 def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
     fan_in = shape[-1]
+    if name.endswith(".bias"):
+        return 0.5  # Qwen2's q/k/v biases are of the order of the projections' outputs
     if "embed_tokens" in name:
         return 0.02  # small embeddings, as in trained Llamas (seed: embed values ~1e-2)
     if "q_proj" in name or "k_proj" in name:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import UserError, read_bytes
 
-KINDS = ("sentencepiece", "hf")
+KINDS = ("auto", "sentencepiece", "hf")  # auto: tokenizer.model if the model has one, else tokenizer.json
 
 
 class Tokenizer:
@@ -219,9 +219,11 @@ def _special_token_names(config_path: Path) -> dict[str, str]:
     return names
 
 
-def load_tokenizer(location, kind: str = "sentencepiece") -> Tokenizer | HFTokenizer:
-    """The tokenizer of a model directory (tokenizer.model, or tokenizer.json for kind="hf"),
-    a `.gguf` file (its embedded SentencePiece model), or a tokenizer file given directly."""
+def load_tokenizer(location, kind: str = "auto") -> Tokenizer | HFTokenizer:
+    """The tokenizer of a model directory (tokenizer.model, or tokenizer.json for kind="hf"; with
+    "auto" the SentencePiece model where there is one, the ground truth of Llama 2 checkpoints, else
+    the tokenizer.json that byte-level BPE models (Llama 3, Qwen2) ship alone), a `.gguf` file (its
+    embedded SentencePiece model), or a tokenizer file given directly."""
     if kind not in KINDS:
         raise UserError(f"unknown tokenizer kind {kind!r}: choose from {', '.join(KINDS)}")
     path = Path(location).expanduser()
@@ -233,6 +235,9 @@ def load_tokenizer(location, kind: str = "sentencepiece") -> Tokenizer | HFToken
         return _load_gguf(path, kind)
     if path.is_file():
         return HFTokenizer.from_file(path) if path.suffix == ".json" else Tokenizer.from_file(path)
+    if kind == "auto":
+        kind = "sentencepiece" if (path / "tokenizer.model").is_file() or not (path / "tokenizer.json").is_file() \
+            else "hf"
     name = "tokenizer.json" if kind == "hf" else "tokenizer.model"
     if not (path / name).is_file():
         hint = " (use --tokenizer sentencepiece)" if kind == "hf" else ""

@@ -96,17 +96,20 @@ def test_eos_list_takes_the_first_id():
     assert config_from_hf_dict({**tinyllama_dict(), "eos_token_id": [2, 32000]}).eos_token_id == 2
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gpt2", None])
-def test_non_llama_model_type_is_rejected(model_type):
+@pytest.mark.parametrize("model_type, words", [
+    ("gpt2", r"model_type is 'gpt2'; this tool runs llama \(LlamaForCausalLM\), qwen2"),
+    (None, r"model_type is None; this tool runs"),
+    ("mistral", r"for model_type 'mistral' this tool runs MistralForCausalLM only"),  # the class disagrees
+])
+def test_unknown_model_type_or_class_is_rejected(model_type, words):
     d = {**tinyllama_dict(), "model_type": model_type}
-    with pytest.raises(UserError, match=r"model_type is .*not 'llama'"):
+    with pytest.raises(UserError, match=words):
         config_from_hf_dict(d)
 
 
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8192},
+    {"rope_type": "longrope", "factor": 8.0, "original_max_position_embeddings": 8192},
     {"type": "dynamic", "factor": 2.0},
 ])
 def test_unsupported_rope_scaling_is_rejected(scaling):
@@ -131,7 +134,7 @@ def test_missing_required_field_is_named(field):
 
 @pytest.mark.parametrize("change, words", [
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_size": "wide"}, "expected an integer"),
     ({"num_key_value_heads": 5}, "not a multiple of num_key_value_heads"),
 ])

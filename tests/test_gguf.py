@@ -385,5 +385,5 @@ def test_read_config_without_tensors(ggufs, tiny_dir, tmp_path):
 
     assert sources.read_config(str(ggufs["f16"])) == load_config(tiny_dir)
     assert sources.read_config(str(tiny_dir)) == load_config(tiny_dir)
-    with pytest.raises(UserError, match="not 'llama'"):
+    with pytest.raises(UserError, match="general.architecture is 'gpt2'; this tool runs llama, qwen2"):
         sources.read_config(str(_minimal_gguf(tmp_path / "gpt2.gguf", arch="gpt2")))

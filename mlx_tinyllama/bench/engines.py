@@ -52,19 +52,13 @@ class MLXEngine:
 
 
 def mlx_lm_model(lm):
-    """mlx-lm's Llama on the same weight arrays (shared, not copied)."""
-    from mlx_lm.models import llama
+    """mlx-lm's own model of the checkpoint's architecture (its Llama, Qwen2, ...; Mistral is its
+    Llama) from the same config.json, on the same weight arrays (shared, not copied)."""
+    from mlx_lm.utils import _get_classes  # mlx-lm's own config -> (Model, ModelArgs) lookup
 
-    cfg = lm.config
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        intermediate_size=cfg.intermediate_size, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_scaling=None if cfg.rope_type == "default" else {"type": cfg.rope_type, "factor": cfg.rope_factor},
-    )
-    model = llama.Model(args)
+    config = lm.config.to_hf_dict()
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
     model.load_weights(tree_flatten(lm.model.parameters()), strict=True)
     return model
 

@@ -128,7 +128,8 @@ def _alignment_table(alignment, tokenizer):
 
 def _warn_if_tokenizers_disagree(location: Path, args, ids: list[int]) -> None:
     """SentencePiece is the ground truth; a tokenizer.json may differ from it (see tokenizer.py)."""
-    other_kind = "hf" if args.tokenizer == "sentencepiece" else "sentencepiece"
+    used = load_tokenizer(location, args.tokenizer).kind if args.tokenizer == "auto" else args.tokenizer
+    other_kind = "hf" if used == "sentencepiece" else "sentencepiece"
     other_file = "tokenizer.json" if other_kind == "hf" else "tokenizer.model"
     if not (location.is_dir() and (location / other_file).is_file()):
         return

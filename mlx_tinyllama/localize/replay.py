@@ -65,15 +65,16 @@ class StageOps:
     def __init__(self, lm, ids: list[int] | None, position: int = 0):
         self.lm, self.cfg, self.ids, self.position = lm, lm.config, ids, position
         self.model = lm.model
-        self._rope = Rope.make(self.cfg.head_dim, self.cfg.rope_theta, 1.0 / self.cfg.rope_factor)
+        self._rope = Rope.from_config(self.cfg)
 
     def weight(self, w: mx.array) -> mx.array:
         """A float32 copy for one op, not kept: each weight is read about once per replay, and all of
         TinyLlama's in float32 would be 4.4 GB."""
         return w.astype(F32)
 
-    def linear(self, x: np.ndarray, w: mx.array) -> np.ndarray:
-        return np.array(mx.array(x, F32) @ self.weight(w).T)
+    def linear(self, x: np.ndarray, w: mx.array, bias: mx.array | None = None) -> np.ndarray:
+        y = mx.array(x, F32) @ self.weight(w).T
+        return np.array(y if bias is None else y + bias.astype(F32))
 
     def norm(self, x: np.ndarray, w: mx.array) -> np.ndarray:
         return np.array(EXPLICIT.rms_norm(mx.array(x, F32), self.weight(w), self.cfg.rms_norm_eps))
@@ -99,11 +100,14 @@ class StageOps:
 
     def mask(self, s: np.ndarray, shift: int = 0, off: bool = False) -> np.ndarray:
         T, S = s.shape[-2], s.shape[-1]
-        if off or T == 1 and shift == 0:
+        if off or T == 1 and shift == 0 and not (self.cfg.window and S > self.cfg.window):
             return s.astype(np.float32)
         rows = np.arange(S - T, S)[:, None] + shift
         low = float(np.finfo(np.float32).min)
-        return np.where(np.arange(S)[None, :] > rows, np.float32(low), s.astype(np.float32))
+        hidden = np.arange(S)[None, :] > rows
+        if self.cfg.window and S > self.cfg.window:  # a sliding window hides the keys that far back
+            hidden |= np.arange(S)[None, :] <= rows - self.cfg.window
+        return np.where(hidden, np.float32(low), s.astype(np.float32))
 
     def softmax(self, s: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.array(mx.softmax(mx.array(s, F32), axis=axis))
@@ -135,7 +139,7 @@ class StageOps:
         if stage in ("attn.q", "attn.k", "attn.v"):
             proj = {"attn.q": a.q_proj, "attn.k": a.k_proj, "attn.v": a.v_proj}[stage]
             n = cfg.num_attention_heads if stage == "attn.q" else cfg.num_key_value_heads
-            return self.heads(self.linear(x, proj.weight), n)
+            return self.heads(self.linear(x, proj.weight, proj.bias if "bias" in proj else None), n)
         simple = {
             "attn_norm": lambda: self.norm(x, L.input_layernorm.weight),
             "attn.q_rope": lambda: self.rope(x, variant.get("rope_offset", 0), variant.get("interleaved", False)),
@@ -145,7 +149,7 @@ class StageOps:
             "attn.scores_masked": lambda: self.mask(x, variant.get("mask_shift", 0), variant.get("mask_off", False)),
             "attn.probs": lambda: self.softmax(x, variant.get("softmax_axis", -1)),
             "attn.context": lambda: self.pv(x, inputs[1], variant.get("kv_map")),
-            "attn.out": lambda: self.linear(x, a.o_proj.weight),
+            "attn.out": lambda: self.linear(x, a.o_proj.weight, a.o_proj.bias if "bias" in a.o_proj else None),
             "resid_mid": lambda: (x.astype(np.float32) + inputs[1].astype(np.float32)),
             "mlp_norm": lambda: self.norm(x, L.post_attention_layernorm.weight),
             "mlp.gate": lambda: self.linear(x, mlp.gate_proj.weight),

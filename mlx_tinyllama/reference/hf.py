@@ -1,4 +1,4 @@
-"""The transformers reference: run `LlamaForCausalLM` on a model directory and
+"""The transformers reference: run the checkpoint's class (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) on a model directory and
 capture every canonical tap (taps.py) with the same names and shapes as this
 package's own run.
 
@@ -41,19 +41,23 @@ def _torch():
 
 def load_hf_model(model_dir: Path, dtype: str = "float32"):
     torch = _torch()
-    from transformers import LlamaForCausalLM
+    import transformers
 
-    model = LlamaForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype), attn_implementation="eager"
-    )
+    from ..config import load_config
+
+    cls = getattr(transformers, load_config(Path(model_dir)).architecture)  # the checkpoint's own class
+    model = cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), attn_implementation="eager")
     model.eval()
     return model
 
 
 def capture(model, ids: list[int]) -> tuple[dict, "object"]:
     """Run `model` on `ids` (no BOS added) and return ({tap name: tensor without batch dim}, logits)."""
+    import sys
+
     torch = _torch()
-    from transformers.models.llama import modeling_llama as ml
+    # The architecture's own modeling module (Llama, Qwen2, Mistral): its RoPE and GQA repeat.
+    ml = sys.modules[type(model.model.layers[0].self_attn).__module__]
 
     cfg = model.config
     n_layers = cfg.num_hidden_layers
@@ -205,7 +209,8 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
         "kind": "full-tensors",
         "tensors": tensor_file.name,
         "provenance": {
-            "computed_by": "Hugging Face transformers (LlamaForCausalLM, eager attention, eval mode, no cache)",
+            "computed_by": f"Hugging Face transformers ({load_config(model_dir).architecture}, eager attention, "
+                           "eval mode, no cache)",
             "script": "scripts/make_reference.py",
             "method": "forward hooks for module outputs; RoPE/scores/mask/softmax recomputed with transformers' "
                       "apply_rotary_pos_emb and repeat_kv from hooked inputs, checked equal to the eager "

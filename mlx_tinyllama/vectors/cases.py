@@ -133,7 +133,11 @@ def rms_norm_cases(w: ModelWeights, act: Activations, quick: bool) -> list[Case]
 
 def rope_cases(w: ModelWeights, act: Activations, quick: bool) -> list[Case]:
     cfg = w.config
-    base = {"theta": cfg.rope_theta, "head_dim": cfg.head_dim, "position_scale": 1.0 / cfg.rope_factor}
+    base = {"theta": cfg.rope_theta, "head_dim": cfg.head_dim,
+            "position_scale": 1.0 / cfg.rope_factor if cfg.rope_type == "linear" else 1.0}
+    if cfg.rope_type == "llama3":
+        base["llama3"] = [cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                          cfg.rope_original_max_position]
     cases = []
     for offset, T in _pick(ROPE_CASES, ROPE_QUICK, quick):
         name = f"rope.q.offset{offset}.T{T}"

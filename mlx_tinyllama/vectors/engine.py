@@ -60,7 +60,9 @@ def run_op(ops: Ops, op: str, inputs: dict, params: dict, dtype) -> mx.array:
     elif op == "rms_norm":
         out = ops.rms_norm(a["x"], a["weight"], params["eps"])
     elif op == "rope":
-        rope = Rope.make(params["head_dim"], params["theta"], params.get("position_scale", 1.0))
+        llama3 = params.get("llama3")
+        rope = Rope.make(params["head_dim"], params["theta"], params.get("position_scale", 1.0),
+                         tuple(llama3) if llama3 else None)
         out = ops.rope(a["x"][None], params["offset"], rope)[0]
     elif op == "scores":
         out = _scores(ops, a["q"][None], a["k"][None], params, params.get("masked", True))[0]
