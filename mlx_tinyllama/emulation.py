@@ -95,7 +95,8 @@ class EnginePrecision:
         if self.matmul_input != "f32" and self.extra_buffer == "amx":
             text += ", AMX buffer (its f16 matmuls take f32 inputs)"
         elif self.path_unknown:
-            text += ", AMX buffer or not: unknown (AMX path emulated, fp16 tolerance)"
+            text += (", AMX buffer or not: unknown (AMX path emulated; the tolerance class "
+                     f"{self.tolerance_class} covers both)")
         return text
 
     @classmethod
