@@ -291,11 +291,39 @@ def _extra_buffer(info: dict) -> tuple[str, list[str]]:
     return "none", []
 
 
-def engine_from_log(info: dict, gguf_types: dict | None = None) -> tuple[EnginePrecision, list[str]]:
+def amx_weight_count(config, matmul_input: str) -> int:
+    """How many weights the rule of amx.cpp's supports_op puts in the AMX buffer (every matmul
+    weight but the embedding, which the loader places for GET_ROWS). f16 needs out % 32 and
+    in % 16; q8_0 out % 32 and in % 32 (rows no multiple of 32 are f16 in the file)."""
+    n = 0
+    for name, shape in config.weight_shapes().items():
+        if len(shape) != 2 or name == "model.embed_tokens.weight":
+            continue
+        out_features, in_features = shape
+        quantized = matmul_input == "q8_0" and in_features % Q8_0_BLOCK == 0
+        n += out_features % AMX_N_ALIGN == 0 and in_features % (Q8_0_BLOCK if quantized else AMX_K_ALIGN_F16) == 0
+    return n
+
+
+def _check_amx_placement(info: dict, config, engine: EnginePrecision) -> list[str]:
+    """The loader prints how many weights it kept off the AMX buffer: it must be what the rule
+    predicts, or the emulated path is wrong for some matmuls."""
+    moved = (info.get("moved_off") or {}).get("AMX")
+    if engine.extra_buffer != "amx" or config is None or moved is None:
+        return []
+    expected = len(config.weight_shapes()) - amx_weight_count(config, engine.matmul_input)
+    if moved == expected:
+        return []
+    return [f"the loader kept {moved} weights off the AMX buffer where the emulated rule (amx.cpp's supports_op) "
+            f"predicts {expected}: some matmuls may take another path than emulated"]
+
+
+def engine_from_log(info: dict, gguf_types: dict | None = None, config=None) -> tuple[EnginePrecision, list[str]]:
     """The precision a llama.cpp log shows (refs.llamacpp.LogInfo.as_dict()), and notes on what it
     could not tell. Weight types come from the log's loader lines (-v) or else from the GGUF the
     reference was loaded from; the matmul path (AMX extra buffer or not) from the loader's buffer
-    lines (-v) or the system_info line."""
+    lines (-v) or the system_info line, checked against the loader's count of weights it kept off
+    the AMX buffer when `config` (the model's ModelConfig) is given."""
     notes = []
     types = info.get("weight_types") or list((gguf_types or {}).keys())
     matmul = _matmul_input(types)
@@ -313,5 +341,6 @@ def engine_from_log(info: dict, gguf_types: dict | None = None) -> tuple[EngineP
     if matmul in ("f16", "q8_0"):  # f16 weights (q8_0 files keep some) are the ones AMX changes
         extra, buffer_notes = _extra_buffer(info)
         notes += buffer_notes
-    return EnginePrecision(matmul_input=matmul, kv_cache=kv, flash_attn=bool(info.get("flash_attn")),
-                           extra_buffer=extra), notes
+    engine = EnginePrecision(matmul_input=matmul, kv_cache=kv, flash_attn=bool(info.get("flash_attn")),
+                             extra_buffer=extra)
+    return engine, notes + _check_amx_placement(info, config, engine)

@@ -102,3 +102,29 @@ def test_emulate_flag_sets_the_matmul_path():
     assert EnginePrecision.parse("matmul=f16,amx=unknown").tolerance_class == "float16"
     with pytest.raises(UserError, match="amx=on"):
         EnginePrecision.parse("amx=maybe")
+
+
+def test_the_loaders_amx_placement_is_checked_against_the_emulated_rule():
+    import lzma
+    from pathlib import Path
+
+    from mlx_tinyllama.emulation import amx_weight_count
+    from mlx_tinyllama.refs import parse_llamacpp_tensors
+    from mlx_tinyllama.refs.llamacpp import parse_log_info
+    from mlx_tinyllama.synthetic import PRESETS
+
+    small, tinyllama = PRESETS["small"], PRESETS["tinyllama"]
+    # synthetic:small: q/k/v/o, down and output on AMX (21), gate/up (688 outputs) not; 1.1B: all 155
+    assert amx_weight_count(small, "f16") == amx_weight_count(small, "q8_0") == 21
+    assert amx_weight_count(tinyllama, "f16") == 22 * 7 + 1
+    fixtures = Path(__file__).parent / "fixtures" / "llamacpp"
+    for case, config, moved in (("amx_default_short_verbose", small, 18),
+                                ("amx_default_short_verbose_tinyllama", tinyllama, 46)):
+        text = lzma.decompress((fixtures / f"{case}.log.xz").read_bytes()).decode()
+        info = parse_log_info(text, parse_llamacpp_tensors(text)).as_dict()
+        assert info["moved_off"] == {"AMX": moved}  # what llama.cpp's loader itself printed
+        engine, notes = engine_from_log(info, None, config)
+        assert engine.extra_buffer == "amx" and not notes  # the rule predicts the loader's placement
+        # a loader that placed otherwise (another llama.cpp, another rule) is said, not silently emulated
+        engine, notes = engine_from_log(dict(info, moved_off={"AMX": moved - 1}), None, config)
+        assert len(notes) == 1 and f"kept {moved - 1} weights off the AMX buffer" in notes[0]

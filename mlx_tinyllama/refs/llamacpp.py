@@ -207,17 +207,21 @@ class LogInfo:
     activations: list[str] = field(default_factory=list)  # types of the printed activations
     system_info: str | None = None
     model_buffers: list[str] = field(default_factory=list)  # the loader's "X model buffer size" lines (-v)
+    # the loader's "tensor 'T' (t) (and N others) cannot be used with preferred buffer type X": {X: N + 1}
+    moved_off: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"ids": self.ids, "kv_cache": self.kv_cache, "flash_attn": self.flash_attn,
                 "fused_softmax": self.fused_softmax, "k_rope_visible": self.k_rope_visible,
                 "weight_types": self.weight_types, "activations": self.activations, "system_info": self.system_info,
-                "model_buffers": self.model_buffers}
+                "model_buffers": self.model_buffers, "moved_off": self.moved_off}
 
 
 _TYPE_LINE = re.compile(r"llama_model_loader: - type\s+(\w+):\s+\d+ tensors")
 # "load_tensors:          AMX model buffer size =    18.22 MiB" (printed with -v; CPU_Mapped, CPU_REPACK, ...)
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size =")
+_MOVED_LINE = re.compile(r"done_getting_tensors: tensor '.*' \(\w+\) \(and (\d+) others\) cannot be used with "
+                         r"preferred buffer type (\S+),")
 
 
 def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
@@ -239,6 +243,9 @@ def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
             m = _BUFFER_LINE.search(line)
             if m and m.group(1) not in info.model_buffers:
                 info.model_buffers.append(m.group(1))
+            m = _MOVED_LINE.search(line)
+            if m:
+                info.moved_off[m.group(2)] = int(m.group(1)) + 1
     for t in tensors:
         if t.name.startswith("cache_k_l") and info.kv_cache is None:
             info.kv_cache = t.type

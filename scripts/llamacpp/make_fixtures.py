@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     cases = dict(CASES, **AMX_CASES, **CRASH_CASES)
     if args.tinyllama:
         cases["clean_default_short_tinyllama"] = ("f16", "short", [], None, "correct engine, the 1.1B TinyLlama shape, defaults")
+        cases["amx_default_short_verbose_tinyllama"] = ("f16", "short", ["-v"], None, "correct engine, the 1.1B TinyLlama "
+                                                        "shape, true defaults on an AMX CPU (every matmul on the AMX buffer), -v")
     wanted = args.only or list(cases)
     unknown = [c for c in wanted if c not in cases]
     if unknown:
