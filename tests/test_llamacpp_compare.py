@@ -38,6 +38,8 @@ FAULTS = {
     "gate_up_swapped": ("layers.0.mlp.gate", "swapped"),
     "gelu": ("layers.0.mlp.prod", "GELU"),
     "v_from_k": ("layers.0.attn.v", "value projection"),
+    # in ggml-cpu's flash attention kernel, made on the AMX CPU without -v (the wider tolerance)
+    "gqa_broadcast": ("layers.0.attn.context", "KV-head mapping"),
 }
 
 
@@ -236,3 +238,18 @@ def test_llamacpp_command_asks_for_the_verbose_log_that_names_the_path(ggufs, tm
     rc = trace.main(["llamacpp", "--gguf", str(ggufs["f16"]), "--llama-cpp", str(script),
                      "--prompt-file", str(FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
     assert rc == 0 and "AMX buffer (its" in emulated(json.loads(out.read_text()))
+
+
+def test_the_fused_flash_attention_node_is_compared_and_shows_what_kqv_out_hides(ggufs, logs, tmp_path):
+    # head h -> KV head h % n_kv: right for heads 0 and 7, the only ones kqv_out's printed corners
+    # show; the FLASH_ATTN_EXT node prints 6 heads. Without it, the fault was blamed on o_proj.
+    rc, result = run_compare(tmp_path, "--against", logs("fault_gqa_broadcast"), "--model", ggufs["f16"])
+    context = {e["key"]: e for e in result["entries"] if e["tap"] == "layers.0.attn.context"}
+    assert context["kqv_out-0 (RESHAPE)"]["ok"]  # its 36 printed values are right
+    assert not context["node_21 (FLASH_ATTN_EXT)"]["ok"] and context["node_21 (FLASH_ATTN_EXT)"]["details"]["compared"] == 216
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.context"
+    # a clean log: every layer's fused node is compared (as the context of the layer before it) and matches
+    rc, result = run_compare(tmp_path, "--against", logs("amx_default_short_verbose"), "--model", ggufs["f16"])
+    fused = [e for e in result["entries"] if "FLASH_ATTN_EXT" in e["key"] and e["metric"] != "sum_rel"]
+    assert rc == 0 and [e["tap"] for e in fused] == [f"layers.{i}.attn.context" for i in range(4)]
+    assert not any("FLASH_ATTN_EXT" in n["key"] for n in result["not_compared"])
