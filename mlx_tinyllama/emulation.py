@@ -281,12 +281,12 @@ def _extra_buffer(info: dict) -> tuple[str, list[str]]:
     system_info = info.get("system_info")
     if system_info is None:
         return "unknown", ["the log has no system_info line: whether llama.cpp's AMX buffer ran the f16 matmuls "
-                           "(f32 inputs) is unknown: the fp16 tolerance covers both paths (run llama-eval-callback "
-                           "with -v, or give --emulate ...,amx=on|off)"]
+                           "(f32 inputs) is unknown: the AMX path is emulated under a tolerance that covers both "
+                           "(run llama-eval-callback with -v, or give --emulate ...,amx=on|off)"]
     if "AMX_INT8 = 1" in system_info:
         return "unknown", ["this CPU has AMX (system_info: AMX_INT8 = 1) and the log does not say whether llama.cpp "
                            "used its AMX buffer (default: f16 matmuls take f32 inputs) or ran with -nr (inputs "
-                           "rounded to f16): the AMX path is emulated and the fp16 tolerance covers both (run "
+                           "rounded to f16): the AMX path is emulated under a tolerance that covers both (run "
                            "llama-eval-callback with -v to have it read, or give --emulate ...,amx=on|off)"]
     return "none", []
 

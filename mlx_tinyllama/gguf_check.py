@@ -187,8 +187,10 @@ def _metadata(report: Report, header, config, hf_dir: Path, n_tokens: int | None
     raw = _hf_json(hf_dir, "config.json") or {}
     tok_cfg = _hf_json(hf_dir, "tokenizer_config.json")
     rope_scaling = raw.get("rope_scaling") or {}
-    hf_factor = float(rope_scaling.get("factor", 1.0)) if rope_scaling.get("rope_type", rope_scaling.get("type")) == "linear" else 1.0
-    gguf_factor = header_value(header, "llama.rope.scaling.factor") or header_value(header, "llama.rope.scale_linear") or 1.0
+    linear = rope_scaling.get("rope_type", rope_scaling.get("type")) == "linear"
+    hf_factor = float(rope_scaling.get("factor", 1.0)) if linear else 1.0
+    gguf_factor = (header_value(header, "llama.rope.scaling.factor") or header_value(header, "llama.rope.scale_linear")
+                   or 1.0)
     rows = [  # (what, GGUF key, GGUF value, HF source, HF value, compare as)
         ("layers", "llama.block_count", header_value(header, "llama.block_count"),
          "num_hidden_layers", config.num_hidden_layers, "int"),
@@ -261,7 +263,9 @@ def _check_tensor(report: Report, gname: str, hname: str, info, buf, hf_arrays: 
     h = _as_matrix(h)
     heads = (config.num_attention_heads if hname.endswith("q_proj.weight")
              else config.num_key_value_heads if hname.endswith("k_proj.weight") else 0)
-    layouts = [k for k in QK_LAYOUTS if heads and (k != "k_permuted_with_query_heads" or heads != config.num_attention_heads)]
+    # (K with the query head count is a layout of its own only where the two counts differ)
+    layouts = [k for k in QK_LAYOUTS
+               if heads and (k != "k_permuted_with_query_heads" or heads != config.num_attention_heads)]
     expected = QK_LAYOUTS["permuted"][1](h, heads, config.num_attention_heads) if heads else h
     over, worst, first = _excess(g, expected, info.type_name)
     row.update(worst_ratio=worst, over=over, n=int(h.size))
@@ -313,7 +317,8 @@ def _tied(report: Report, tensors: dict, hf_arrays: dict, hf_tied: bool) -> None
         return
     if g_has and (hf_tied or not h_has):
         report.tied["status"] = "checked_as_tensor"
-        report.tied["note"] = "the GGUF stores output.weight; the HF checkpoint ties it to the embedding: compared with it"
+        report.tied["note"] = ("the GGUF stores output.weight; the HF checkpoint ties it to the embedding: "
+                               "compared with it")
         return
     report.tied["status"] = "equal"
 
