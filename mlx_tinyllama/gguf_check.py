@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import load_config
 from .errors import UserError
-from .gguf import _from_numpy, _require_llama, hf_name, permute_qk, unpermute_qk
+from .gguf import ROPE_FREQS, _architecture, _from_numpy, hf_name, permute_qk, unpermute_qk
 from .gguf_header import header_value, open_gguf
 
 ROW_CHUNK = 4096  # rows compared at a time: bounds the float64 copies of a [32000, 2048] tensor
@@ -184,37 +184,38 @@ def _f32(x) -> float:
 
 
 def _metadata(report: Report, header, config, hf_dir: Path, n_tokens: int | None) -> None:
+    p = config.arch.gguf_arch  # the metadata prefix: llama.*, qwen2.*
     raw = _hf_json(hf_dir, "config.json") or {}
     tok_cfg = _hf_json(hf_dir, "tokenizer_config.json")
     rope_scaling = raw.get("rope_scaling") or {}
     linear = rope_scaling.get("rope_type", rope_scaling.get("type")) == "linear"
     hf_factor = float(rope_scaling.get("factor", 1.0)) if linear else 1.0
-    gguf_factor = (header_value(header, "llama.rope.scaling.factor") or header_value(header, "llama.rope.scale_linear")
+    gguf_factor = (header_value(header, f"{p}.rope.scaling.factor") or header_value(header, f"{p}.rope.scale_linear")
                    or 1.0)
     rows = [  # (what, GGUF key, GGUF value, HF source, HF value, compare as)
-        ("layers", "llama.block_count", header_value(header, "llama.block_count"),
+        ("layers", f"{p}.block_count", header_value(header, f"{p}.block_count"),
          "num_hidden_layers", config.num_hidden_layers, "int"),
-        ("heads", "llama.attention.head_count", header_value(header, "llama.attention.head_count"),
+        ("heads", f"{p}.attention.head_count", header_value(header, f"{p}.attention.head_count"),
          "num_attention_heads", config.num_attention_heads, "int"),
-        ("kv heads", "llama.attention.head_count_kv", header_value(header, "llama.attention.head_count_kv"),
+        ("kv heads", f"{p}.attention.head_count_kv", header_value(header, f"{p}.attention.head_count_kv"),
          "num_key_value_heads", config.num_key_value_heads, "int"),
-        ("head size", "llama.attention.key_length", header_value(header, "llama.attention.key_length"),
+        ("head size", f"{p}.attention.key_length", header_value(header, f"{p}.attention.key_length"),
          "head_dim", config.head_dim, "int"),
-        ("rope dims", "llama.rope.dimension_count", header_value(header, "llama.rope.dimension_count"),
+        ("rope dims", f"{p}.rope.dimension_count", header_value(header, f"{p}.rope.dimension_count"),
          "head_dim", config.head_dim, "int"),
-        ("hidden size", "llama.embedding_length", header_value(header, "llama.embedding_length"),
+        ("hidden size", f"{p}.embedding_length", header_value(header, f"{p}.embedding_length"),
          "hidden_size", config.hidden_size, "int"),
-        ("MLP size", "llama.feed_forward_length", header_value(header, "llama.feed_forward_length"),
+        ("MLP size", f"{p}.feed_forward_length", header_value(header, f"{p}.feed_forward_length"),
          "intermediate_size", config.intermediate_size, "int"),
-        ("rope theta", "llama.rope.freq_base", header_value(header, "llama.rope.freq_base"),
+        ("rope theta", f"{p}.rope.freq_base", header_value(header, f"{p}.rope.freq_base"),
          "rope_theta", config.rope_theta, "f32"),
-        ("rope scaling factor", "llama.rope.scaling.factor", gguf_factor, "rope_scaling", hf_factor, "f32"),
-        ("RMSNorm eps", "llama.attention.layer_norm_rms_epsilon",
-         header_value(header, "llama.attention.layer_norm_rms_epsilon"), "rms_norm_eps", config.rms_norm_eps, "f32"),
-        ("vocab (llama.vocab_size)", "llama.vocab_size", header_value(header, "llama.vocab_size"),
+        ("rope scaling factor", f"{p}.rope.scaling.factor", gguf_factor, "rope_scaling", hf_factor, "f32"),
+        ("RMSNorm eps", f"{p}.attention.layer_norm_rms_epsilon",
+         header_value(header, f"{p}.attention.layer_norm_rms_epsilon"), "rms_norm_eps", config.rms_norm_eps, "f32"),
+        (f"vocab ({p}.vocab_size)", f"{p}.vocab_size", header_value(header, f"{p}.vocab_size"),
          "vocab_size", config.vocab_size, "int"),
         ("vocab (tokenizer tokens)", "tokenizer.ggml.tokens", n_tokens, "vocab_size", config.vocab_size, "int"),
-        ("context", "llama.context_length", header_value(header, "llama.context_length"),
+        ("context", f"{p}.context_length", header_value(header, f"{p}.context_length"),
          "max_position_embeddings", config.max_position_embeddings, "int"),
         ("BOS id", "tokenizer.ggml.bos_token_id", header_value(header, "tokenizer.ggml.bos_token_id"),
          "bos_token_id", raw.get("bos_token_id"), "int"),
@@ -266,11 +267,14 @@ def _check_tensor(report: Report, gname: str, hname: str, info, buf, hf_arrays: 
     # (K with the query head count is a layout of its own only where the two counts differ)
     layouts = [k for k in QK_LAYOUTS
                if heads and (k != "k_permuted_with_query_heads" or heads != config.num_attention_heads)]
-    expected = QK_LAYOUTS["permuted"][1](h, heads, config.num_attention_heads) if heads else h
+    # the architecture's own layout first: llama.cpp permutes Llama's Q/K, keeps Qwen2's as HF's
+    own = "permuted" if config.arch.gguf_permutes_qk else "not_permuted"
+    layouts = sorted(layouts, key=lambda k: k != own)
+    expected = QK_LAYOUTS[own][1](h, heads, config.num_attention_heads) if heads else h
     over, worst, first = _excess(g, expected, info.type_name)
     row.update(worst_ratio=worst, over=over, n=int(h.size))
     if heads:
-        row["layout"] = "permuted"
+        row["layout"] = own
     if over == 0:
         row["status"] = "equal"
         return
@@ -292,6 +296,31 @@ def _check_tensor(report: Report, gname: str, hname: str, info, buf, hf_arrays: 
     row.update(detail=f"{over} of {h.size} values beyond the {info.type_name} rounding (worst {worst:.3g}x its bound; "
                       f"first at [{r}, {c}]: GGUF {g[r, c]:.6g}, HF {expected[r, c]:.6g})")
     report.mismatches.append(f"tensor {gname} ({hname}): {row['detail']}")
+
+
+def _rope_freqs(report: Report, tensors: dict, buf, config) -> None:
+    """Llama 3's RoPE scaling as llama.cpp's converter stores it (rope_freqs: one divisor per
+    frequency), against the divisors the checkpoint's rope_scaling implies."""
+    from .gguf_write import llama3_rope_factors
+
+    info = tensors.get(ROPE_FREQS)
+    if config.rope_type != "llama3":
+        if info is not None:
+            report.mismatches.append(f"tensor {ROPE_FREQS}: RoPE frequency divisors in the GGUF, but the checkpoint "
+                                     f"has {config.rope_type!r} RoPE")
+        return
+    if info is None:
+        report.mismatches.append(f"tensor {ROPE_FREQS}: missing; the checkpoint's llama3 RoPE scaling is not in "
+                                 "the GGUF (llama.cpp would run it unscaled)")
+        return
+    g = np.array(_from_numpy(info, buf)).astype(np.float32).reshape(-1)
+    want = llama3_rope_factors(config)
+    same = g.shape == want.shape and np.allclose(g, want, rtol=4 * np.finfo(np.float32).eps, atol=0)
+    report.tensors.append({"gguf": ROPE_FREQS, "hf": "rope_scaling (llama3)", "type": info.type_name,
+                           "shape": list(info.shape), "status": "equal" if same else "differs"})
+    if not same:
+        report.mismatches.append(f"tensor {ROPE_FREQS}: the divisors differ from the checkpoint's llama3 RoPE "
+                                 f"scaling (GGUF {g[:4].tolist()}..., HF {want[:4].tolist()}...)")
 
 
 def _tied(report: Report, tensors: dict, hf_arrays: dict, hf_tied: bool) -> None:
@@ -334,15 +363,25 @@ def check_gguf(gguf_path, hf_dir) -> Report:
     hf_arrays = _hf_tensors(hf_dir)
     header, buf = open_gguf(gguf_path)
     try:
-        _require_llama(header, gguf_path)
+        arch = _architecture(header, gguf_path)
         report = Report(gguf=str(gguf_path), hf=str(hf_dir))
+        if config.window:  # llama.cpp's converter has no key for it (Mistral is written as llama)
+            report.mismatches.append(f"sliding window: the checkpoint attends to the last {config.window} keys; the "
+                                     "GGUF stores no window, so llama.cpp attends to every earlier key (the two "
+                                     f"differ on prompts longer than {config.window} tokens)")
+        if arch.gguf_arch != config.arch.gguf_arch:
+            report.mismatches.append(f"architecture: the GGUF is {arch.gguf_arch!r}, the checkpoint "
+                                     f"{config.architecture} converts to {config.arch.gguf_arch!r}")
         tokens = header_value(header, "tokenizer.ggml.tokens")
         _metadata(report, header, config, hf_dir, len(tokens) if tokens is not None else None)
         tensors = header.tensors
         expected = config.weight_shapes()  # HF names the config implies
         hf_tied = bool(config.tie_word_embeddings)
         mapped = {}
+        _rope_freqs(report, tensors, buf, config)
         for gname in tensors:
+            if gname == ROPE_FREQS:
+                continue  # not a weight: Llama 3's RoPE scaling, checked above
             h = hf_name(gname)
             if h is None:
                 report.mismatches.append(f"tensor {gname}: a GGUF tensor with no HF counterpart "

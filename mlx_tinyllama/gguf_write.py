@@ -141,7 +141,8 @@ def _write(gguf, out_path, hf_dir, config, tensors, names, file_type, qtype, out
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
+    if arch.gguf_arch == "llama":  # llama.cpp's converter writes it for llama, not for qwen2
+        writer.add_rope_dimension_count(config.head_dim)
     # Always written, as llama.cpp's converter does: readers need not derive head_dim.
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)

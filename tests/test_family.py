@@ -317,3 +317,70 @@ def test_bench_runs_mlx_lms_own_class_of_each_architecture_on_the_same_weights(p
     ours = np.array(lm.model(ids), np.float64)
     theirs = np.array(mlx_lm_model(lm)(ids), np.float64)
     assert metrics(theirs, ours)["nmse"] < tolerance_for("logits", "nmse", "float32", "float32", 2)
+
+
+# ---------------------------------------------------------------------------
+# gguf-check per architecture
+
+
+def _gguf_check(path, hf_dir, tmp_path):
+    from mlx_tinyllama.trace import main as cli
+
+    out = tmp_path / "check.json"
+    rc = cli(["gguf-check", "--gguf", str(path), "--hf", str(hf_dir), "--json", str(out)])
+    return rc, json.loads(out.read_text())
+
+
+def _rewrite(src, dst, change):
+    """A copy of a GGUF with its tensors changed by `change(name, array) -> array | None` (None drops it)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        w.add_key_value(key, field.contents(), field.types[0],
+                        sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        x = change(t.name, np.array(t.data))
+        if x is not None:
+            w.add_tensor(t.name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "llama3-tiny"])
+def test_gguf_check_passes_a_family_gguf_and_names_its_conversion_faults(preset, tmp_path):
+    from mlx_tinyllama import synthetic
+    from mlx_tinyllama.gguf import permute_qk
+    from mlx_tinyllama.gguf_write import convert
+
+    d = synthetic.materialize(preset, 0)
+    clean = tmp_path / "clean.gguf"
+    convert(d, clean, "f32")
+    rc, result = _gguf_check(clean, d, tmp_path)
+    assert rc == 0 and not result["mismatches"], result["mismatches"]
+    if preset == "qwen2-tiny":  # a converter that permutes Qwen2's Q like Llama's
+        bad = _rewrite(clean, tmp_path / "bad.gguf",
+                       lambda n, x: permute_qk(x, 4) if n == "blk.0.attn_q.weight" else x)
+        rc, result = _gguf_check(bad, d, tmp_path)
+        assert rc == 1 and any("blk.0.attn_q.weight" in m and "permuted per head" in m for m in result["mismatches"])
+    else:  # a converter that drops Llama 3's RoPE scaling
+        bad = _rewrite(clean, tmp_path / "bad.gguf", lambda n, x: None if n == "rope_freqs.weight" else x)
+        rc, result = _gguf_check(bad, d, tmp_path)
+        assert rc == 1 and any("rope_freqs" in m and "unscaled" in m for m in result["mismatches"])
+
+
+def test_gguf_check_says_a_mistral_gguf_lost_its_window(tmp_path):
+    from mlx_tinyllama import synthetic
+    from mlx_tinyllama.gguf_write import convert
+
+    d = synthetic.materialize("mistral-tiny", 0)
+    convert(d, tmp_path / "m.gguf", "f32")
+    rc, result = _gguf_check(tmp_path / "m.gguf", d, tmp_path)
+    assert rc == 1 and any(m.startswith("sliding window") for m in result["mismatches"])
