@@ -246,6 +246,9 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     refs_ = ", ".join(f"{r['name']} ({r['dtype'] or '?'})" for r in result["references"])
     cand = result["candidate"]
     con.print(f"[bold]compare[/] {cand['name']} ({cand['dtype'] or '?'}) against {refs_}")
+    basis = result.get("tolerance_basis")
+    if basis:
+        con.print(f"tolerance: {basis['dtype']} ({basis['reason']})", markup=False, highlight=False)
     for s in result["skipped"]:
         con.print(f"[yellow]skipped[/] {s['source']}: {s['reason']}")
     entries = result["entries"]
