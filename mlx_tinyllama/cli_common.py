@@ -273,6 +273,9 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     nf = result["first_nonfinite"]
     if nf:
         con.print(f"[red]first non-finite value[/]: {nf['tap']}{nf['index']} = {nf['value']} ({nf['count']} in that tap)")
+    if result.get("partial_rows"):  # what a verdict on these stages covers: the rows they hold
+        con.print("compared on some token rows only: " + ", ".join(f"{t}: {n}" for t, n in result["partial_rows"].items()),
+                  markup=False, highlight=False)
     if result["status"] == "match":
         con.print("[bold green]match[/]: every compared stage is within tolerance")
         return

@@ -413,6 +413,7 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
         "missing": missing,
         "tolerances": tol.describe(),
         "tolerance_basis": basis.with_reference(used[0].dtype or "float32", False).as_dict(),
+        "partial_rows": {e["tap"]: e["note"] for e in entries if e["metric"] == "nmse" and e["index"] != "full"},
     }
 
 

@@ -276,6 +276,8 @@ class Basis:
         if unit_roundoff(reference_dtype) > unit_roundoff(self.dtype):
             b.reason += (f"; the reference computes in {reference_dtype}"
                          f"{' (--dtype)' if given else ''}, coarser: tolerances are {reference_dtype}'s")
+            b.dtype = reference_dtype  # the tolerance's class is the coarser side's (nmse_budget)
+            b.per_tap = {t: d for t, d in b.per_tap.items() if unit_roundoff(d) > unit_roundoff(reference_dtype)}
         return b
 
 
@@ -445,7 +447,7 @@ def metrics(a, b, known=None, masked: bool = False, mask_dtype=None) -> dict:
     ma = mb = np.zeros(a.shape, bool)
     if masked:  # -inf is a mask value too (engines use it; float32's minimum becomes -inf in fp16)
         ma, mb = masked_positions(a, mask_dtype), masked_positions(b, mask_dtype)
-        flips = (ma & weighted_positions(b, mask_dtype)) | (mb & weighted_positions(a, mask_dtype))
+        flips = (ma & ~mb & weighted_positions(b, mask_dtype)) | (mb & ~ma & weighted_positions(a, mask_dtype))
         out["mask_mismatch"] = int((sel & flips).sum())
     out["first_nonfinite_a"] = first_nonfinite(np.where(sel & ~ma, a, 0.0))
     out["first_nonfinite_b"] = first_nonfinite(np.where(sel & ~mb, b, 0.0))

@@ -138,13 +138,11 @@ def _steps(args) -> int:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
     dumps = load_steps(args.against_steps, read_name_map(args.map))
-    if args.against_dtype:
-        from ..tolerances import dtype_key
-
-        dumps.dtype = dtype_key(args.against_dtype)
+    if args.dtype is None:  # the reference decodes at their precision (the rule of --against)
+        args.dtype = dumps.basis(args.against_dtype).reference_dtype
     lm = cli_common.load_model(args)
     ids = cli_common.prompt_for(args, lm).ids if _prompt_given(args) else None
-    result = compare_steps(dumps, lm, ids, tol)
+    result = compare_steps(dumps, lm, ids, tol, args.against_dtype)
     all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids
     prompt = Prompt(ids=all_ids, text=None, source="--token-ids" if ids else "the step dumps' token ids")
     result = {**ResultHeader.of_run("compare", lm, prompt).as_dict(), **result}
@@ -222,6 +220,9 @@ def print_steps(result: dict) -> None:
     con = cli_common.console()
     t = Table(title=f"decode steps against {result['reference']['model']} ({result['reference']['dtype']}), "
                     f"their dtype {result['dtype']}")
+    basis = result.get("tolerance_basis")
+    if basis:
+        con.print(f"tolerance: {basis['dtype']} ({basis['reason']})", markup=False, highlight=False)
     for col in ("position", "tokens", "vs our decode", "vs prefill row", "localized"):
         t.add_column(col, no_wrap=True)
     for s in result["steps"]:
