@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dtypes import ALIASES, FP16_MAX, canonical
+from .dtypes import ALIASES, FP16_MAX, STORAGE_DTYPES, canonical
 from .errors import UserError
 
 # Unit roundoff u = 2^-(mantissa bits + 1): the largest relative error of one rounding.
@@ -230,9 +230,6 @@ class Pinned(Tolerances):
 # ---------------------------------------------------------------------------
 # Which precision the candidate is judged at
 
-# safetensors' dtype tags and numpy's names, for the storage dtype of a dumped tensor
-STORAGE_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-                  "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 REFERENCE_DTYPES = ("float16", "bfloat16", "float32")  # what this package's model computes in
 
 

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
 from ..localize.coverage import required_not_compared
-from ..refs.loaders import load, read_name_map
+from ..refs.loaders import load, read_name_map, refuse_decode_step
 from ..refs.side import Side
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
@@ -76,6 +76,7 @@ def main(args) -> int:
         if len(candidate) != 1:
             raise UserError(f"--against {args.against}: holds {len(candidate)} sources; give one dump")
         candidate = candidate[0]
+        refuse_decode_step(candidate)
         basis = judging_basis(candidate, args.against_dtype)  # the dtype that sets the tolerances, and why
         if args.against_dtype:
             candidate.dtype = basis.dtype

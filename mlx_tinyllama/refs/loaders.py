@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dtypes import STORAGE_DTYPES, canonical
 from ..errors import UserError, read_bytes
 from ..outputs import number
 from .side import Item, Selector, Side, is_known_tap
@@ -227,8 +228,6 @@ def read_tensor_file(path: Path, storage: dict | None = None) -> dict[str, np.nd
 
 def _safetensors_dtypes(path: Path) -> dict[str, str]:
     """{tensor name: stored dtype} from a safetensors header (floating tensors only)."""
-    from ..tolerances import STORAGE_DTYPES
-
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -242,26 +241,27 @@ def _safetensors_dtypes(path: Path) -> dict[str, str]:
 def declared_dtype(meta: dict, path: Path) -> str | None:
     """The precision a dump's metadata declares (kit/ writes `dtype`), checked: an unknown name is
     bad input, not a silent float32."""
-    from ..tolerances import dtype_key
-
     value = meta.get("dtype")
     if value in (None, ""):
         return None
-    try:
-        return dtype_key(value)
-    except UserError:
+    name = canonical(str(value).strip().lower())
+    if name not in STORAGE_DTYPES.values():
         raise UserError(f"{path}: its metadata declares dtype {str(value)[:40]!r}, not one of float16, bfloat16, "
-                        "float32, float64 (give --against-dtype)") from None
+                        "float32, float64 (give --against-dtype)")
+    return name
 
 
-def refuse_decode_step(path: Path, meta: dict, names) -> None:
+def refuse_decode_step(side: Side) -> None:
     """A decode-step dump (kit's `position` > 0, or TAP@POSITION names) is not a prefill: its rows
-    start past position 0 and its scores hold more keys than rows. Say which option reads it."""
-    position = str(meta.get("position", "0")).strip()
-    stepped = next((n for n in names if "@" in n), None)
+    start past position 0 and its scores hold more keys than rows. Say which option reads it
+    (compare --against calls this; other readers, the kit's tests among them, read any dump)."""
+    if side.kind != "dump":
+        return
+    position = str((side.provenance.get("metadata") or {}).get("position", "0")).strip()
+    stepped = next((n["key"] for n in side.not_comparable if "@" in str(n.get("key", ""))), None)
     if (position.isdigit() and int(position) > 0) or stepped:
         where = f"position {position} in its metadata" if not stepped else f"tensor names like {stepped!r}"
-        raise UserError(f"{path} is a decode step ({where}): use --against-steps, which compares it with "
+        raise UserError(f"{side.name} is a decode step ({where}): use --against-steps, which compares it with "
                         "this package's KV-cache decode")
 
 
@@ -281,7 +281,6 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
     storage: dict[str, str] = {}
     tensors = read_tensor_file(path, storage)
     meta = safetensors_metadata(path)
-    refuse_decode_step(path, meta, tensors)
     ids = None
     if "tokens" in meta:
         try:
