@@ -150,6 +150,20 @@ def test_a_coarser_reference_says_so_and_localization_agrees_with_the_verdict(ti
     assert all(s["local_ratio"] is None or s["local_ratio"] <= 1 for s in result["stages"])
 
 
+def test_a_dump_against_a_stored_reference_with_the_model_needs_no_dtype(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--against DUMP --ref REF --model M (the model's weights for the replay) without --dtype: it loaded
+    the model with dtype None."""
+    ref = str(Path(__file__).resolve().parents[1] / "refs" / "synthetic-tiny-fp32.json")
+    dump = _write("kit", _taps(tiny_dir, monkeypatch, "eps_after_sqrt"), tmp_path / "kit_e.safetensors")
+    out = tmp_path / "r.json"
+    assert cli(["compare", "--against", str(dump), "--ref", ref, *MODEL, "--json", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["first_divergence"]["tap"] == "layers.0.attn_norm" and result["tolerance_basis"]["dtype"] == "float32"
+    assert result["localized"]["stage"] == "layers.0.attn_norm"
+    dump = _write("kit", _taps(tiny_dir, monkeypatch, "clean"), tmp_path / "kit_c.safetensors")
+    assert cli(["compare", "--against", str(dump), "--ref", ref, *MODEL, "--json", str(out)]) == 0
+
+
 def test_a_dump_without_a_dtype_is_judged_as_float32_and_says_so(tiny_dir, tmp_path, monkeypatch, capsys):
     taps = _taps(tiny_dir, monkeypatch, "clean")
     path = tmp_path / "nodtype.json"
@@ -253,13 +267,15 @@ def test_recorded_ids_of_another_count_are_exit_2(fmt, tiny_dir, tmp_path, monke
     assert rc == 2 and "39" in err and "38" in err
 
 
-def test_a_llamacpp_log_of_other_ids_is_exit_2(capsys):
-    log = Path(__file__).parent / "fixtures" / "llamacpp"
-    logs = sorted(log.glob("*.log"))
-    if not logs:
-        pytest.skip("no llama.cpp fixture log")
-    rc = cli(["compare", "--against", str(logs[0]), "--model", "synthetic:tiny", "--token-ids", "1,2,3"])
-    assert rc == 2 and "different token ids" in capsys.readouterr().err
+def test_a_llamacpp_log_of_other_ids_is_exit_2(tmp_path, capsys):
+    import lzma
+
+    log = tmp_path / "clean.log"
+    log.write_bytes(lzma.decompress((Path(__file__).parent / "fixtures" / "llamacpp" /
+                                     "clean_fp32_short.log.xz").read_bytes()))
+    rc = cli(["compare", "--against", str(log), "--model", "synthetic:small", "--token-ids", "1,2,3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "different token ids" in err and len(err.strip().splitlines()) == 1
 
 
 def _steps(tiny_dir, out: Path, faults=(), edit=None) -> list[int]:

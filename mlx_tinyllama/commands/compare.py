@@ -106,6 +106,8 @@ def main(args) -> int:
     if not n_tokens:
         raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
     result = compare(candidate, references, tol, cfg, n_tokens, basis)
+    if args.model and args.dtype is None:
+        args.dtype = "float32"  # the weights for the replay, which computes in float32 (was: unknown dtype None)
     lm = cli_common.load_model(args) if args.model else None  # the weights, for the replay
     _localize(args, result, candidate, references, lm, tol, n_tokens, cfg)
     ids = compared_ids(candidate, references)
