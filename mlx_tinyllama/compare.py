@@ -360,7 +360,7 @@ def dump_token_rows(candidate: Side, cfg: dict) -> int | None:
 
 def _token_count_mismatch(candidate: Side, cfg: dict, n_tokens: int) -> str | None:
     """A dump of another prompt length (no ids recorded to say so): bad input, named with both counts."""
-    if candidate.ids is not None or candidate.kind != "dump":
+    if candidate.ids is not None or candidate.kind not in ("dump", "stats-json"):
         return None
     held = dump_token_rows(candidate, cfg)
     if held is None or held == n_tokens or held == 1:  # 1 row everywhere: a last-row-only dump
@@ -406,7 +406,9 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
-        "candidate": candidate.header(),
+        # an undeclared dtype read off the stored tensors is still what the candidate is (not "?")
+        "candidate": dict(candidate.header(), **({"dtype": basis.dtype} if basis.source == "storage" and
+                                                  not candidate.dtype else {})),
         "references": [r.header() for r in used],
         "skipped": skipped,
         "not_compared": not_compared,

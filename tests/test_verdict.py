@@ -110,11 +110,22 @@ def test_a_float16_dump_is_recognised_as_float16(fmt, tiny_dir, tmp_path, monkey
     rc, result, text = _compare(dump, tmp_path, capsys)
     assert rc == 0, text
     assert result["tolerance_basis"]["dtype"] == "float16" and result["dtype"] == "float16"
-    assert "tolerance: float16" in text
+    assert "tolerance: float16" in text and result["candidate"]["dtype"] == "float16" and "(?)" not in text
     # the same fp16 storage of a faulty engine still diverges where the fault is
     dump = _write(fmt, _taps(tiny_dir, monkeypatch, "eps_after_sqrt"), tmp_path / f"e{SUFFIX[fmt]}", dtype="float16")
     rc, result, _ = _compare(dump, tmp_path, capsys)
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn_norm"
+
+
+def test_a_float64_npz_is_judged_at_float32_against_a_float32_reference(tiny_dir, tmp_path, monkeypatch, capsys):
+    """NumPy engines often keep float64: the reference cannot compute finer than float32, whose class decides."""
+    dump = _write("npz", _taps(tiny_dir, monkeypatch, "clean"), tmp_path / "c.npz", dtype="float64")
+    rc, result, text = _compare(dump, tmp_path, capsys)
+    assert rc == 0, text
+    assert result["tolerance_basis"]["reference_dtype"] == "float32" and result["dtype"] == "float32"
+    dump = _write("npz", _taps(tiny_dir, monkeypatch, "silu_half_exp"), tmp_path / "e.npz", dtype="float64")
+    rc, result, _ = _compare(dump, tmp_path, capsys)
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.mlp.act"
 
 
 def test_mixed_dtypes_are_judged_per_tensor_from_the_coarsest_upstream(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -247,10 +258,14 @@ def test_last_row_only_tensors_are_compared_on_the_last_row(fmt, tap, shape, tin
 # Token counts and decode steps: bad input, exit 2
 
 
-@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "stats"])
 def test_a_dump_of_another_token_count_is_exit_2_naming_both_counts(fmt, tiny_dir, tmp_path, monkeypatch, capsys):
     ids = SEED_IDS + [29871]
     dump = _write(fmt, _taps(tiny_dir, monkeypatch, "clean", ids), tmp_path / f"t{SUFFIX[fmt]}", ids=ids)
+    if fmt == "stats":  # a stats JSON that records no ids
+        data = json.loads(dump.read_text())
+        del data["prompt"]
+        dump.write_text(json.dumps(data))
     rc = cli(["compare", "--against", str(dump), *MODEL])  # --token-ids forgotten: the seed prompt's 38 ids
     err = capsys.readouterr().err
     assert rc == 2 and f"holds {len(ids)} token rows" in err and f"{P0} tokens" in err and "--token-ids" in err
