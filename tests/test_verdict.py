@@ -335,6 +335,26 @@ def test_steps_without_dtype_follow_their_metadata(tiny_dir, tmp_path, monkeypat
     assert (result["first_divergence"]["position"], result["first_divergence"]["tap"]) == (P0, "layers.0.attn_norm")
 
 
+def test_steps_judge_a_subtle_fault_at_their_precision_and_localize_only_beside_a_divergence(tiny_dir, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """The fp16-exp SiLU in float32 step dumps: found at mlp.act without --dtype; with --dtype float16 (the
+    user asks for fp16 tolerances) the steps match, and no step is `localized` beside that match."""
+    with monkeypatch.context() as m:
+        m.setattr(numpy_engine, "_silu", _silu_half_exp)
+        _steps(tiny_dir, tmp_path / "silu")
+    out = tmp_path / "s.json"
+    assert cli(["compare", "--against-steps", str(tmp_path / "silu"), *MODEL, "--json", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert (result["first_divergence"]["position"], result["first_divergence"]["tap"]) == (P0, "layers.0.mlp.act")
+    assert result["localized"]["stage"] == "layers.0.mlp.act"
+    assert cli(["compare", "--against-steps", str(tmp_path / "silu"), *MODEL, "--dtype", "float16",
+                "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["status"] == "match" and result["localized"] is None
+    assert all("localized" not in s for s in result["steps"]) and "coarser" in result["tolerance_basis"]["reason"]
+    capsys.readouterr()
+
+
 def test_steps_with_other_token_ids_are_exit_2(tiny_dir, tmp_path, capsys):
     ids = _steps(tiny_dir, tmp_path / "s")
     other = list(ids)
