@@ -117,6 +117,22 @@ def test_a_float16_dump_is_recognised_as_float16(fmt, tiny_dir, tmp_path, monkey
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn_norm"
 
 
+@pytest.mark.parametrize("declared,stored", [(None, "bfloat16"), ("bfloat16", "float32")])
+def test_bfloat16_from_storage_or_metadata(declared, stored, tiny_dir, tmp_path, monkeypatch, capsys):
+    """bf16 read off a safetensors header (no metadata) or declared over float32 storage: the reference
+    computes in bfloat16 and a correct engine matches at bf16's tolerance."""
+    kit = numpy_engine._kit_module()
+    d = kit.TapDump(tokens=SEED_IDS, position=0, dtype=declared)
+    for n, x in _taps(tiny_dir, monkeypatch, "clean").items():
+        d.add(n, x.astype(np.float32), store_as=stored)
+    d.write(tmp_path / "kit_b.safetensors")
+    rc, result, text = _compare(tmp_path / "kit_b.safetensors", tmp_path, capsys)
+    basis = result["tolerance_basis"]
+    assert rc == 0, text
+    assert basis["dtype"] == "bfloat16" and result["dtype"] == "bfloat16"
+    assert basis["source"] == ("declared" if declared else "storage")
+
+
 def test_a_float64_npz_is_judged_at_float32_against_a_float32_reference(tiny_dir, tmp_path, monkeypatch, capsys):
     """NumPy engines often keep float64: the reference cannot compute finer than float32, whose class decides."""
     dump = _write("npz", _taps(tiny_dir, monkeypatch, "clean"), tmp_path / "c.npz", dtype="float64")
