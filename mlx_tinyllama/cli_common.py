@@ -247,6 +247,9 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     refs_ = ", ".join(f"{r['name']} ({r['dtype'] or '?'})" for r in result["references"])
     cand = result["candidate"]
     con.print(f"[bold]compare[/] {cand['name']} ({cand['dtype'] or '?'}) against {refs_}")
+    basis = result.get("tolerance_basis")
+    if basis:
+        con.print(f"tolerance: {basis['dtype']} ({basis['reason']})", markup=False, highlight=False)
     for s in result["skipped"]:
         con.print(f"[yellow]skipped[/] {s['source']}: {s['reason']}")
     entries = result["entries"]
@@ -271,6 +274,9 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     nf = result["first_nonfinite"]
     if nf:
         con.print(f"[red]first non-finite value[/]: {nf['tap']}{nf['index']} = {nf['value']} ({nf['count']} in that tap)")
+    if result.get("partial_rows"):  # what a verdict on these stages covers: the rows they hold
+        con.print("compared on some token rows only: " + ", ".join(f"{t}: {n}" for t, n in result["partial_rows"].items()),
+                  markup=False, highlight=False)
     if result["status"] == "match":
         con.print("[bold green]match[/]: every compared stage is within tolerance")
         return

@@ -23,7 +23,8 @@ from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
-from .tolerances import PRINT_SAFETY, Tolerances, metrics
+from .taps import tap_names
+from .tolerances import PRINT_SAFETY, Basis, Tolerances, candidate_basis, metrics
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "vocab_size", "head_dim")
@@ -82,30 +83,36 @@ def _entry(tap, metric, value, tolerance, index="full", key="", source="", detai
 
 
 class _Ctx:
-    def __init__(self, candidate, reference, tol: Tolerances, cfg: dict, n_tokens: int):
-        self.c, self.r, self.tol, self.cfg, self.T = candidate, reference, tol, cfg, n_tokens
+    def __init__(self, candidate, reference, tol: Tolerances, cfg: dict, n_tokens: int, basis: Basis):
+        self.c, self.r, self.cfg, self.T = candidate, reference, cfg, n_tokens
+        self.basis = basis.with_reference(reference.dtype or "float32", False)
+        self.tol = tol.pinned(self.basis)  # the same tolerance whoever asks (verdict, replay)
         self.L = int(cfg["num_hidden_layers"])
         self._canon: dict = {}
 
     def tolerance(self, tap, metric):
-        return self.tol.get(tap, metric, self.c.dtype or "float32", self.r.dtype or "float32", self.L)
+        return self.tol.get(tap, metric, n_layers=self.L)
+
+    def mask_dtype(self, tap):
+        """The dtype whose softmax decides what "masked" means (tolerances.masked_positions)."""
+        return self.basis.dtype_of(tap)
 
     def full(self, side: Side, tap: str):
-        """Side's full tensor of tap in canonical layout (np.float64), or None; raises ValueError on bad shape."""
+        """Side's tensor of tap in canonical layout (np.float64) and the token rows it holds (None: all),
+        or (None, None); raises ValueError on a shape that fits no layout."""
         if tap not in side.tensors:
-            return None
+            return None, None
         k = (id(side), tap)
         if k not in self._canon:
             x, _, rows, notes = to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
-            if rows is not None:
-                raise ValueError(f"{side.name}: {tap} holds only {len(rows)} of {self.T} token rows")
-            self._canon[k] = np.asarray(x, np.float64)
+            self._canon[k] = np.asarray(x, np.float64), rows
         return self._canon[k]
 
 
-def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
+def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, n_tokens: int,
+                  basis: Basis | None = None) -> dict:
     """Entries for every reference number that the candidate can be compared with, in forward order."""
-    ctx = _Ctx(candidate, reference, tol, cfg, n_tokens)
+    ctx = _Ctx(candidate, reference, tol, cfg, n_tokens, basis or judging_basis(candidate))
     entries, missing = [], []
     for tap in tap_order(ctx.L):
         ref_items = [i for i in reference.items if i.tap == tap]
@@ -113,13 +120,20 @@ def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, 
         if tap not in reference.tensors and not ref_items:
             continue
         try:
-            cf, rf = ctx.full(candidate, tap), ctx.full(reference, tap)
+            (cf, c_rows), (rf, r_rows) = ctx.full(candidate, tap), ctx.full(reference, tap)
+            if r_rows is not None:
+                raise ValueError(f"{reference.name}: {tap} holds only {len(r_rows)} of {n_tokens} token rows")
         except ValueError as e:
             entries.append(_entry(tap, "shape", math.inf, 0, note=str(e), source=reference.name))
             continue
         got = []
-        if rf is not None and cf is not None:
+        if rf is not None and cf is not None and c_rows is not None:  # their last row(s) only
+            got += _full_vs_full(ctx, tap, cf, _rows(rf, c_rows, token_axis_of(tap)), _rows_index(c_rows, n_tokens))
+            cf = None  # their items, if any, are compared against our full tensor below
+        elif rf is not None and cf is not None:
             got += _full_vs_full(ctx, tap, cf, rf)
+        elif c_rows is not None:
+            cf = None
         for item in ref_items:
             match = next((c for c in cand_items if c.selector == item.selector), None)
             if cf is not None:
@@ -137,9 +151,14 @@ def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, 
     return {"entries": entries, "missing": missing}
 
 
-def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
+def _rows_index(rows: list[int], n_tokens: int) -> str:
+    """The index of a comparison of some token rows: "last" (the last row only) or "rows[a:b]"."""
+    return "last" if rows == [n_tokens - 1] else f"rows[{rows[0]}:{rows[-1] + 1}]"
+
+
+def _full_vs_full(ctx: _Ctx, tap, a, b, index: str = "full") -> list[dict]:
     masked = tap.endswith("attn.scores_masked")
-    m = metrics(a, b, masked=masked)
+    m = metrics(a, b, masked=masked, mask_dtype=ctx.mask_dtype(tap))
     details = {k: m[k] for k in ("max_abs", "max_rel", "cosine", "rel_rms", "compared")}
     details["first_nonfinite"] = list(m["first_nonfinite_a"]) if m["first_nonfinite_a"] else None
     tol = ctx.tolerance(tap, "nmse")
@@ -147,12 +166,14 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
         permuted = qk_permutation(a, b, tol)
         if permuted:
             details["qk_permutation"] = permuted
-    out = [_entry(tap, "nmse", m["nmse"], tol, details=details)]
+    note = "" if index == "full" else ("last row only" if index == "last" else f"{index} only")
+    out = [_entry(tap, "nmse", m["nmse"], tol, index, details=details, note=note)]
     if masked:
-        out.append(_entry(tap, "mask_mismatch", m["mask_mismatch"], 0))
+        out.append(_entry(tap, "mask_mismatch", m["mask_mismatch"], ctx.tolerance(tap, "mask_mismatch"), index))
     if m["nonfinite"]:
-        out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, details=details))
-    if not all(e["ok"] for e in out) and "qk_permutation" not in details and tap not in SHORTCUT_TAPS:
+        out.append(_entry(tap, "nonfinite", m["nonfinite"], ctx.tolerance(tap, "nonfinite"), index, details=details))
+    if index == "full" and not all(e["ok"] for e in out) and "qk_permutation" not in details \
+            and tap not in SHORTCUT_TAPS:
         shape = stage_pattern(tap, a, b, tol, ctx.cfg)  # what the error looks like: rows, heads, order
         if shape is not None:
             for e in out:
@@ -176,7 +197,7 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             return [_entry(tap, "shape", math.inf, 0, index, key, note=str(e))]
         other = full if rows is None else _rows(full, rows, axis)
         a, b = (x, other) if cand_value is not None else (other, x)
-        m = metrics(a, b, known=known, masked=tap.endswith("attn.scores_masked"))
+        m = metrics(a, b, known=known, masked=tap.endswith("attn.scores_masked"), mask_dtype=ctx.mask_dtype(tap))
         scale = _rms(other)
         value = m["max_abs"] / scale if scale > 0 else m["max_abs"]
         printed = PRINT_SAFETY * item.resolution
@@ -190,7 +211,8 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             if shape is not None:  # what the printed rows say of the error's shape
                 details["pattern"] = shape.as_dict()
         if m["nonfinite"]:
-            out.append(_entry(tap, "nonfinite", m["nonfinite"], 0, index, key, details=details))
+            out.append(_entry(tap, "nonfinite", m["nonfinite"], ctx.tolerance(tap, "nonfinite"), index, key,
+                              details=details))
         return out
     masked = tap.endswith("attn.scores_masked")
     if masked and sel.kind in ("sum", "row_sum"):
@@ -230,16 +252,17 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
 
 def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
     """Row samples of masked scores: the mask positions must agree; the rest is compared like any row."""
-    from .tolerances import MASKED_BELOW
+    from .tolerances import masked_positions
 
-    m = metrics(a, b, masked=True)
+    m = metrics(a, b, masked=True, mask_dtype=ctx.mask_dtype(tap))
     row = sel.row_of(full, axis) if full is not None else np.asarray(b, np.float64)
-    scale = _rms(row[row > MASKED_BELOW])
+    scale = _rms(row[~masked_positions(row, ctx.mask_dtype(tap))])
     value = 0.0 if m["compared"] == 0 else (m["max_abs"] / scale if scale > 0 else math.inf)
     if m["nonfinite"]:
         value = math.inf
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "scale": scale}
-    return [_entry(tap, "mask_mismatch", m["mask_mismatch"], 0, sel.key, item.key, details=details),
+    return [_entry(tap, "mask_mismatch", m["mask_mismatch"], ctx.tolerance(tap, "mask_mismatch"), sel.key, item.key,
+                   details=details),
             _entry(tap, "rel_rms", value, ctx.tolerance(tap, "rel_rms"), sel.key, item.key, details=details)]
 
 
@@ -303,12 +326,12 @@ def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, ind
         ra, rb = ref_logit(c_top), ref_logit(r_top)
         tie = (a is not None and b is not None and abs(a - b) <= margin) or \
               (ra is not None and rb is not None and abs(ra - rb) <= margin)
-    out.append(_entry(tap, "top1", 0 if c_top == r_top or tie else 1, 0, index, key,
+    out.append(_entry(tap, "top1", 0 if c_top == r_top or tie else 1, ctx.tolerance(tap, "top1"), index, key,
                       details={"candidate": c_top, "reference": r_top, "tie": tie}))
     c_ids = {e["token_id"] for e in c_list}
     boundary = r_list[-1]["logit"]
     lost = [e["token_id"] for e in r_list if e["token_id"] not in c_ids and e["logit"] > boundary + margin]
-    out.append(_entry(tap, "topk_missing", len(lost), 0, index, key,
+    out.append(_entry(tap, "topk_missing", len(lost), ctx.tolerance(tap, "topk_missing"), index, key,
                       details={"missing_ids": lost, "candidate_ids": [e["token_id"] for e in c_list],
                                "reference_ids": [e["token_id"] for e in r_list]}))
     return out
@@ -318,15 +341,61 @@ def _topk_entries(ctx, tap, sel, cand_full, cand_value, ref_full, ref_value, ind
 # Putting it together
 
 
-def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict, n_tokens: int) -> dict:
-    """Compare the candidate with every compatible reference; the result dict (see module doc)."""
+def judging_basis(candidate: Side, forced: str | None = None) -> Basis:
+    """The dtype each candidate tensor is judged at, and why (tolerances.Basis has the rule)."""
+    taps = [t for t in candidate.taps() if t not in SHORTCUT_TAPS]
+    layers = [int(t.split(".")[1]) for t in taps if t.startswith("layers.")]
+    what = {"llama.cpp-log": "the log", "stats-json": "the stats JSON", "run": "this package's run"}.get(
+        candidate.kind, "the dump")
+    return candidate_basis(tap_names(max(layers, default=-1) + 1), candidate.tensor_dtypes, candidate.dtype,
+                           forced, what)
+
+
+def dump_token_rows(candidate: Side, cfg: dict) -> int | None:
+    """How many token rows a dump's tensors hold, read off their shapes (the most any tap holds: a
+    last-row-only tap holds 1), or None when no tensor tells (stats, sums, 1-D rows)."""
+    rows = []
+    for tap, x in candidate.tensors.items():
+        if tap in SHORTCUT_TAPS or np.ndim(x) < 2:
+            continue
+        for T in {x.shape[-2], x.shape[0]} if np.ndim(x) == 2 else {x.shape[-2]}:
+            try:  # the count at which this tensor fits its tap's layout (a padded KV length aside)
+                _, _, held, _ = to_canonical(tap, x, None, cfg, T, candidate.layout)
+            except ValueError:
+                continue
+            if held is None:
+                rows.append(T)
+                break
+    return max(rows) if rows else None
+
+
+def _token_count_mismatch(candidate: Side, cfg: dict, n_tokens: int) -> str | None:
+    """A dump of another prompt length (no ids recorded to say so): bad input, named with both counts."""
+    if candidate.ids is not None or candidate.kind not in ("dump", "stats-json"):
+        return None
+    held = dump_token_rows(candidate, cfg)
+    if held is None or held == n_tokens or held == 1:  # 1 row everywhere: a last-row-only dump
+        return None
+    return (f"{candidate.name} holds {held} token rows (read off its tensors' shapes; it records no token ids) "
+            f"but the reference has {n_tokens} tokens: give the ids your engine ran with --token-ids "
+            f"(or write them into the dump's 'tokens' metadata, as kit/ does)")
+
+
+def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict, n_tokens: int,
+            basis: Basis | None = None) -> dict:
+    """Compare the candidate with every compatible reference; the result dict (see module doc).
+    `basis`: the dtype each candidate tensor is judged at (default: judging_basis(candidate))."""
+    basis = basis or judging_basis(candidate)
+    mismatch = _token_count_mismatch(candidate, cfg, n_tokens)
+    if mismatch:
+        raise UserError(mismatch)
     entries, missing, skipped, used = [], [], [], []
     for ref in references:
         reason = incompatibility(candidate, ref, cfg)
         if reason:
             skipped.append({"source": ref.name, "reason": reason})
             continue
-        part = compare_sides(candidate, ref, tol, cfg, n_tokens)
+        part = compare_sides(candidate, ref, tol, cfg, n_tokens, basis)
         entries += part["entries"]
         missing += [{"source": ref.name, "tap": t} for t in part["missing"]]
         used.append(ref)
@@ -348,12 +417,16 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
-        "candidate": candidate.header(),
+        # an undeclared dtype read off the stored tensors is still what the candidate is (not "?")
+        "candidate": dict(candidate.header(), **({"dtype": basis.dtype} if basis.source == "storage" and
+                                                  not candidate.dtype else {})),
         "references": [r.header() for r in used],
         "skipped": skipped,
         "not_compared": not_compared,
         "missing": missing,
         "tolerances": tol.describe(),
+        "tolerance_basis": basis.with_reference(used[0].dtype or "float32", False).as_dict(),
+        "partial_rows": {e["tap"]: e["note"] for e in entries if e["metric"] == "nmse" and e["index"] != "full"},
     }
 
 

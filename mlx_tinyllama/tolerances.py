@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dtypes import ALIASES, FP16_MAX, canonical
+from .dtypes import ALIASES, FP16_MAX, STORAGE_DTYPES, canonical
 from .errors import UserError
 
 # Unit roundoff u = 2^-(mantissa bits + 1): the largest relative error of one rounding.
@@ -83,6 +83,13 @@ METRICS = ("nmse",) + AMPLITUDE_METRICS + COUNT_METRICS
 
 # Attention scores at or below this are "masked" (transformers adds finfo.min; fp16's is -65504).
 MASKED_BELOW = -0.5 * FP16_MAX
+
+# A score s of a row whose largest score is m gets softmax weight <= exp(s - m) (the row's sum is
+# >= 1). Below half the dtype's smallest subnormal that weight rounds to zero: s masks exactly as
+# well as -inf ("equal by effect"). ln(2^-25) = -17.3 in float16 (ONNX converters write -1e4),
+# ln(2^-134) = -92.9 in bfloat16, ln(2^-150) = -104 in float32, ln(2^-1075) = -745 in float64.
+ZERO_WEIGHT_BELOW = {"float16": -25 * math.log(2.0), "bfloat16": -134 * math.log(2.0),
+                     "float32": -150 * math.log(2.0), "float64": -1075 * math.log(2.0)}
 
 
 def dtype_key(dtype) -> str:
@@ -192,6 +199,11 @@ class Tolerances:
                 return value
         return tolerance_for(tap, metric, dtype_a, dtype_b, n_layers) * self.scale
 
+    def pinned(self, basis: "Basis") -> "Pinned":
+        """These tolerances with their dtypes fixed by `basis` (Pinned)."""
+        base = self.base if isinstance(self, Pinned) else self
+        return Pinned(list(base.overrides), base.scale, basis=basis, base=base)
+
     def describe(self) -> dict:
         return {"model": "nmse <= SAFETY*(C_ROUND*u_eff^2 + C_ACC*u_fp32^2)*max(1,depth)^GROWTH_EXPONENT "
                          "(C_EMULATED for an emulated engine precision); "
@@ -199,6 +211,114 @@ class Tolerances:
                 "C_ROUND": C_ROUND, "C_ACC": C_ACC, "C_EMULATED": C_EMULATED, "GROWTH_EXPONENT": GROWTH_EXPONENT, "SAFETY": SAFETY,
                 "AMPLITUDE_FACTOR": AMPLITUDE_FACTOR, "scale": self.scale,
                 "overrides": [f"{p}:{m}={v}" for p, m, v in self.overrides]}
+
+
+@dataclass
+class Pinned(Tolerances):
+    """Tolerances whose dtypes are fixed by a `Basis`: every caller (the verdict, the replay, decode
+    steps) gets the same tolerance for a tap whatever dtypes it passes, so a stage cannot be within
+    tolerance for the verdict and over it for the replay. `base` keeps the free form (diagnosis
+    judges a transform at the dtype the transform implies)."""
+
+    basis: "Basis | None" = None
+    base: Tolerances | None = None
+
+    def get(self, tap: str, metric: str, dtype_a=None, dtype_b=None, n_layers: int = 0) -> float:
+        return self.base.get(tap, metric, self.basis.dtype_of(tap), self.basis.reference_dtype, n_layers)
+
+
+# ---------------------------------------------------------------------------
+# Which precision the candidate is judged at
+
+REFERENCE_DTYPES = ("float16", "bfloat16", "float32")  # what this package's model computes in
+
+
+def coarsest(dtypes) -> str | None:
+    """The dtype of largest unit roundoff (the widest tolerance) among `dtypes`."""
+    dtypes = [d for d in dtypes if d]
+    return max(dtypes, key=unit_roundoff) if dtypes else None
+
+
+@dataclass
+class Basis:
+    """The dtype each of the candidate's tensors is judged at, the dtype the reference computes in,
+    and why, in words (the result header prints it).
+
+    Rule: --against-dtype, else the dtype the candidate declares (kit metadata, a stats JSON's
+    `dtype`, step dumps' metadata), else the dtypes its tensors are stored in; a tensor stored
+    coarser than declared is judged at its storage dtype (it cannot be finer than its bytes). With
+    mixed storage, each tensor is judged at the coarsest dtype of itself and every tensor before it
+    in forward order: rounding errors flow downstream, so float32 logits after float16 layers
+    carry float16 errors, while float32 layers before a float16 tensor keep float32 tolerances.
+    Nothing declared and nothing stored (a stats JSON without `dtype`): float32, the strictest, said
+    so. The reference computes in the candidate's dtype when that is one dtype, else in float32."""
+
+    dtype: str  # the headline: the coarsest dtype any tensor is judged at
+    reason: str
+    per_tap: dict = field(default_factory=dict)  # tap -> dtype, where it differs from `dtype`
+    reference_dtype: str = "float32"
+    source: str = "storage"  # against-dtype | declared | storage | default | reference
+
+    def dtype_of(self, tap: str) -> str:
+        return self.per_tap.get(tap, self.dtype)
+
+    def as_dict(self) -> dict:
+        return {"dtype": self.dtype, "reason": self.reason, "source": self.source,
+                "reference_dtype": self.reference_dtype, "per_tap": dict(self.per_tap)}
+
+    def with_reference(self, reference_dtype: str, given: bool) -> "Basis":
+        """The basis once the reference's dtype is known; a reference coarser than the candidate
+        (--dtype float16 against a float32 dump) widens every tolerance: say so."""
+        b = Basis(self.dtype, self.reason, dict(self.per_tap), reference_dtype, self.source)
+        if unit_roundoff(reference_dtype) > unit_roundoff(self.dtype):
+            b.reason += (f"; the reference computes in {reference_dtype}"
+                         f"{' (--dtype)' if given else ''}, coarser: tolerances are {reference_dtype}'s")
+            b.dtype = reference_dtype  # the tolerance's class is the coarser side's (nmse_budget)
+            b.per_tap = {t: d for t, d in b.per_tap.items() if unit_roundoff(d) > unit_roundoff(reference_dtype)}
+        return b
+
+
+def candidate_basis(order: list[str], storage: dict[str, str] | None = None, declared: str | None = None,
+                    forced: str | None = None, what: str = "the dump") -> Basis:
+    """The Basis of a candidate whose tensors are `storage` {tap: dtype} (rule: Basis)."""
+    storage = {t: dtype_key(STORAGE_DTYPES.get(d, d)) for t, d in (storage or {}).items() if d}
+    if forced:
+        d = dtype_key(forced)
+        return Basis(d, f"--against-dtype {d}", {}, _reference_for({d}), "against-dtype")
+    if declared:
+        d = dtype_key(declared)
+        coarser = {t: s for t, s in storage.items() if unit_roundoff(s) > unit_roundoff(d)}
+        reason = f"{what} declares dtype {d}"
+        if coarser:
+            kinds = sorted(set(coarser.values()))
+            reason += f"; {len(coarser)} tensor(s) stored in {', '.join(kinds)} are judged at that dtype"
+        head = coarsest([d, *coarser.values()])
+        per_tap = {t: s for t, s in coarser.items() if s != head}
+        per_tap.update({t: d for t in storage if t not in coarser and d != head})
+        return Basis(head, reason, per_tap, _reference_for({d, *coarser.values()}), "declared")
+    if not storage:
+        return Basis("float32", f"{what} does not say its dtype: judged as float32, the strictest (give "
+                                "--against-dtype float16 or bfloat16 if it computed in half precision)",
+                     {}, "float32", "default")
+    kinds = set(storage.values())
+    if len(kinds) == 1:
+        d = kinds.pop()
+        return Basis(d, f"{what}'s tensors are {d}", {}, _reference_for({d}), "storage")
+    per_tap, running = {}, None
+    for tap in [t for t in order if t in storage] + sorted(t for t in storage if t not in order):
+        running = coarsest([running, storage[tap]])
+        per_tap[tap] = running
+    head = coarsest(per_tap.values())
+    first = {d: next(t for t in per_tap if per_tap[t] == d) for d in sorted(set(per_tap.values()), key=unit_roundoff)}
+    steps = ", ".join(f"{d} from {t}" for d, t in first.items())
+    reason = (f"{what}'s tensors are of mixed dtypes ({', '.join(sorted(kinds))}): each is judged at the coarsest "
+              f"dtype of itself and the tensors before it ({steps})")
+    return Basis(head, reason, {t: d for t, d in per_tap.items() if d != head}, "float32", "storage")
+
+
+def _reference_for(dtypes: set[str]) -> str:
+    """The reference computes in the candidate's one dtype, or float32 (float64 or mixed)."""
+    return next(iter(dtypes)) if len(dtypes) == 1 and next(iter(dtypes)) in REFERENCE_DTYPES else "float32"
 
 
 # ---------------------------------------------------------------------------
@@ -266,16 +386,54 @@ def first_nonfinite(x) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
 
 
-def metrics(a, b, known=None, masked: bool = False) -> dict:
+def zero_weight_threshold(dtype) -> float:
+    """ln of the weight below which a softmax output in `dtype` is exactly zero (ZERO_WEIGHT_BELOW);
+    an emulated or quantized class rounds its softmax like the dtype it emulates (q8_0: float32)."""
+    key = dtype_key(dtype) if dtype is not None else "float32"
+    key = EMULATED.get(key, key)
+    return ZERO_WEIGHT_BELOW.get(key, ZERO_WEIGHT_BELOW["float32"])
+
+
+def _below_top(x) -> np.ndarray:
+    """Each masked score minus the largest finite score of its row (keys on the last axis)."""
+    x = _as_f64(x)
+    finite = np.where(np.isfinite(x), x, -np.inf)
+    top = finite.max(axis=-1, keepdims=True) if x.ndim else finite
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(top), x - top, np.nan)
+
+
+def weighted_positions(x, dtype=None) -> np.ndarray:
+    """Where a masked score keeps a weight of at least one unit roundoff of `dtype` after the softmax
+    (exp(s - max) >= u): it visibly changes the row. A position masked on one side and weighted on
+    the other is a mask mismatch; one masked on one side and between the two thresholds on the other
+    (a real score far below its row's maximum, a correct engine) weighs nothing either way."""
+    key = EMULATED.get(dtype_key(dtype), dtype_key(dtype)) if dtype is not None else "float32"
+    with np.errstate(invalid="ignore"):
+        return _below_top(x) >= math.log(UNIT_ROUNDOFF.get(key, UNIT_ROUNDOFF["float32"]))
+
+
+def masked_positions(x, dtype=None) -> np.ndarray:
+    """Where masked attention scores (keys on the last axis) give zero weight after the softmax in
+    `dtype` (float32 when None): -inf, the dtype's minimum, or any value so far below its row's
+    largest score that exp() of the difference rounds to zero (-1e4 in float16 or float32)."""
+    x = _as_f64(x)
+    with np.errstate(invalid="ignore"):
+        by_effect = _below_top(x) < zero_weight_threshold(dtype)
+    return (x <= MASKED_BELOW) | np.isneginf(x) | by_effect
+
+
+def metrics(a, b, known=None, masked: bool = False, mask_dtype=None) -> dict:
     """Differences of a (the side under test) from b (the reference), same shape.
 
     Returns nmse = sum((a-b)^2)/sum(b^2), max_abs, max_rel (|a-b|/|b| where |b| is
     not tiny), cosine, rel_rms = max|a-b| / rms(b), the first non-finite index of
     each side, nonfinite = how many positions are non-finite in a but finite in b.
     `known`: a boolean mask of the positions to compare (sparse dumps).
-    `masked`: attention scores after the causal mask: positions masked (<= MASKED_BELOW,
-    -inf included) on both sides are equal by definition; masked on one side only are counted in
-    mask_mismatch and excluded from the other metrics.
+    `masked`: attention scores after the causal mask: positions masked on both sides are equal by
+    definition; masked on one side and weighted on the other (weighted_positions) are counted in
+    mask_mismatch; masked on either side, they are excluded from the other metrics. "Masked" is by effect (masked_positions): zero weight after a softmax in
+    `mask_dtype`, the candidate's dtype (float32 when None), so -1e4, -65504 and -inf all mask.
     """
     a, b = _as_f64(a), _as_f64(b)
     if a.shape != b.shape:
@@ -285,8 +443,9 @@ def metrics(a, b, known=None, masked: bool = False) -> dict:
     fa, fb = np.isfinite(a), np.isfinite(b)
     ma = mb = np.zeros(a.shape, bool)
     if masked:  # -inf is a mask value too (engines use it; float32's minimum becomes -inf in fp16)
-        ma, mb = a <= MASKED_BELOW, b <= MASKED_BELOW
-        out["mask_mismatch"] = int((sel & (ma != mb)).sum())
+        ma, mb = masked_positions(a, mask_dtype), masked_positions(b, mask_dtype)
+        flips = (ma & ~mb & weighted_positions(b, mask_dtype)) | (mb & ~ma & weighted_positions(a, mask_dtype))
+        out["mask_mismatch"] = int((sel & flips).sum())
     out["first_nonfinite_a"] = first_nonfinite(np.where(sel & ~ma, a, 0.0))
     out["first_nonfinite_b"] = first_nonfinite(np.where(sel & ~mb, b, 0.0))
     if masked:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 
 from .. import cli_common
-from ..compare import compare, compared_ids, needs_shortcut, run_side
+from ..compare import compare, compared_ids, judging_basis, needs_shortcut, run_side
 from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
 from ..localize.coverage import required_not_compared
-from ..refs.loaders import load, read_name_map
+from ..refs.loaders import load, read_name_map, refuse_decode_step
 from ..refs.side import Side
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
@@ -76,10 +76,10 @@ def main(args) -> int:
         if len(candidate) != 1:
             raise UserError(f"--against {args.against}: holds {len(candidate)} sources; give one dump")
         candidate = candidate[0]
+        refuse_decode_step(candidate)
+        basis = judging_basis(candidate, args.against_dtype)  # the dtype that sets the tolerances, and why
         if args.against_dtype:
-            from ..tolerances import dtype_key
-
-            candidate.dtype = dtype_key(args.against_dtype)
+            candidate.dtype = basis.dtype
     if references is not None and not args.against:  # this package's run against the reference
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
@@ -90,20 +90,24 @@ def main(args) -> int:
     if references is None:  # their dump against this package's run
         if args.dtype is None and candidate.kind == "llama.cpp-log":
             args.dtype = "float32"  # the emulation rounds like the engine, from an fp32 computation
+        elif args.dtype is None:
+            args.dtype = basis.reference_dtype  # the reference computes at the candidate's precision
         lm, prompt = _load_run(args, [candidate])
         engine = cli_common.emulate_engine(args, candidate, lm)
         references = [run_side(lm, prompt.ids)]
         if engine is not None:
             cli_common.mark_emulated(references[0], engine)
         cfg = lm.config.as_dict()
-        result = compare(candidate, references, tol, cfg, len(prompt.ids))
+        result = compare(candidate, references, tol, cfg, len(prompt.ids), basis)
         _localize(args, result, candidate, references, lm, tol, len(prompt.ids), cfg)
         return _finish(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     cfg = _config(args, references)  # their dump against a stored reference
     n_tokens = next((r.n_tokens for r in references if r.n_tokens), None) or candidate.n_tokens
     if not n_tokens:
         raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
-    result = compare(candidate, references, tol, cfg, n_tokens)
+    result = compare(candidate, references, tol, cfg, n_tokens, basis)
+    if args.model and args.dtype is None:
+        args.dtype = "float32"  # the weights for the replay, which computes in float32 (was: unknown dtype None)
     lm = cli_common.load_model(args) if args.model else None  # the weights, for the replay
     _localize(args, result, candidate, references, lm, tol, n_tokens, cfg)
     ids = compared_ids(candidate, references)
@@ -137,13 +141,11 @@ def _steps(args) -> int:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
     dumps = load_steps(args.against_steps, read_name_map(args.map))
-    if args.against_dtype:
-        from ..tolerances import dtype_key
-
-        dumps.dtype = dtype_key(args.against_dtype)
+    if args.dtype is None:  # the reference decodes at their precision (the rule of --against)
+        args.dtype = dumps.basis(args.against_dtype).reference_dtype
     lm = cli_common.load_model(args)
     ids = cli_common.prompt_for(args, lm).ids if _prompt_given(args) else None
-    result = compare_steps(dumps, lm, ids, tol)
+    result = compare_steps(dumps, lm, ids, tol, args.against_dtype)
     all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids
     prompt = Prompt(ids=all_ids, text=None, source="--token-ids" if ids else "the step dumps' token ids")
     result = {**ResultHeader.of_run("compare", lm, prompt).as_dict(), **result}
@@ -221,6 +223,9 @@ def print_steps(result: dict) -> None:
     con = cli_common.console()
     t = Table(title=f"decode steps against {result['reference']['model']} ({result['reference']['dtype']}), "
                     f"their dtype {result['dtype']}")
+    basis = result.get("tolerance_basis")
+    if basis:
+        con.print(f"tolerance: {basis['dtype']} ({basis['reason']})", markup=False, highlight=False)
     for col in ("position", "tokens", "vs our decode", "vs prefill row", "localized"):
         t.add_column(col, no_wrap=True)
     for s in result["steps"]:

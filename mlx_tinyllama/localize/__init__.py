@@ -13,6 +13,7 @@ from .. import refs as R
 from .coverage import coverage
 from .diagnose import diagnose
 from .replay import StageOps, localized, recipe_inputs, replay
+from ..tolerances import Basis
 from .transforms import Case
 
 
@@ -44,6 +45,8 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
                                                    "weights (--model)"}
         return result
     cfg = lm.config.as_dict()
+    if result.get("tolerance_basis"):  # the verdict's tolerances, exactly: replay judges on the same basis
+        tol = tol.pinned(Basis(**result["tolerance_basis"]))
     theirs = canonical_tensors(candidate, cfg, n_tokens)
     ids = candidate.ids or result.get("tokens")
     position = int((candidate.provenance.get("metadata") or {}).get("position", 0) or 0)
@@ -51,10 +54,13 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
     ratios = {s["tap"]: s["ratio"] for s in result["stages"]}
     for s in result["stages"]:
         s["local_ratio"] = rep.stages.get(s["tap"], {}).get("local_ratio")
-    result["localized"] = localized(rep, ratios, L)
+    # a stage over its tolerance locally is over it globally too unless upstream errors cancel it: beside a
+    # `match` that is no bug to localize (the verdict and the localization must not contradict each other)
+    result["localized"] = localized(rep, ratios, L) if result["status"] == "diverged" else None
     result["replay"] = {"replayed": len(rep.outputs),
                         "skipped": {t: s["skipped"] for t, s in rep.stages.items() if "skipped" in s}}
-    result["diagnosis"] = _diagnosis(result, rep, theirs, references, lm, ids, position, tol, candidate.dtype, n_tokens)
+    result["diagnosis"] = _diagnosis(result, rep, theirs, references, lm, ids, position, getattr(tol, "base", None) or tol,
+                                     (result.get("tolerance_basis") or {}).get("dtype") or candidate.dtype, n_tokens)
     if result["status"] == "diverged" and result["localized"] is None and rep.outputs:
         worst = max((s for s in rep.stages.values() if "local_ratio" in s), key=lambda s: s["local_ratio"])
         result["replay"]["note"] = (f"no stage's local error exceeds its tolerance: the divergence at "

@@ -22,8 +22,9 @@ import numpy as np
 
 from .. import refs as R
 from ..errors import UserError
+from ..refs.loaders import declared_dtype
 from ..taps import Taps, stage_of, tap_names
-from ..tolerances import Tolerances, metrics
+from ..tolerances import Basis, Tolerances, candidate_basis, coarsest, metrics
 from .diagnose import diagnose
 from .replay import StageOps, recipe_inputs, replay
 from .transforms import Case
@@ -47,8 +48,13 @@ class Step:
 class StepDumps:
     steps: list[Step]
     ids: list[int] | None
-    dtype: str | None
+    dtype: str | None  # declared in their metadata (kit/ writes it); None when not
     not_comparable: list[dict] = field(default_factory=list)
+    tensor_dtypes: dict[str, str] = field(default_factory=dict)  # tap -> stored dtype (the coarsest over steps)
+
+    def basis(self, forced: str | None = None, n_layers: int = 0) -> Basis:
+        """The dtype each tap is judged at, and why: the rule of compare (tolerances.Basis)."""
+        return candidate_basis(tap_names(n_layers), self.tensor_dtypes, self.dtype, forced, "the step dumps")
 
 
 def _files(paths: list[str]) -> list[Path]:
@@ -69,17 +75,19 @@ def _files(paths: list[str]) -> list[Path]:
 def load_steps(paths: list[str], name_map: dict | None = None) -> StepDumps:
     """Read step dumps (files, or directories of them) and group their tensors by position."""
     by_pos: dict[int, Step] = {}
-    token_lists, dtypes, skipped = [], set(), []
+    token_lists, dtypes, skipped, stored = [], set(), [], {}
     for path in _files(paths):
         meta = R.safetensors_metadata(path)
-        tensors = R.read_tensor_file(path)
+        storage: dict[str, str] = {}
+        tensors = R.read_tensor_file(path, storage)
         if meta.get("tokens"):
             try:
                 token_lists.append([int(i) for i in json.loads(meta["tokens"])])
             except (ValueError, TypeError):
                 raise UserError(f"{path}: metadata 'tokens' is not a JSON list of ids") from None
-        if meta.get("dtype"):
-            dtypes.add(meta["dtype"])
+        declared = declared_dtype(meta, path)
+        if declared:
+            dtypes.add(declared)
         for their, x in tensors.items():
             name, at, pos_text = their.partition("@")
             pos_text = pos_text if at else meta.get("position")
@@ -98,12 +106,14 @@ def load_steps(paths: list[str], name_map: dict | None = None) -> StepDumps:
                 x = x[0]
             step.tensors[tap] = x
             step.sources.add(path.name)
+            if their in storage:
+                stored[tap] = coarsest([stored.get(tap), storage[their]])
     if not by_pos:
         raise UserError("no step tensors with canonical names in " + ", ".join(paths))
     if len(dtypes) > 1:
         raise UserError(f"the step dumps disagree on their dtype: {sorted(dtypes)}")
     return StepDumps(sorted(by_pos.values(), key=lambda s: s.position), _token_ids(token_lists),
-                     dtypes.pop() if dtypes else None, skipped)
+                     dtypes.pop() if dtypes else None, skipped, stored)
 
 
 def _token_ids(lists: list[list[int]]) -> list[int] | None:
@@ -162,14 +172,23 @@ def _ratio(value: float, tolerance: float) -> float:
 
 
 def _shape_note(tap: str, theirs: tuple, ours: tuple, pos: int) -> str:
+    """A shape mismatch in words; on the key axis, which way the key count is wrong."""
     if any(tap.endswith(s) for s in KEY_AXIS_STAGES) and theirs[:-1] == ours[:-1]:
-        return (f"{theirs[-1]} key positions, {ours[-1]} expected at position {pos} (position + tokens): the KV "
-                "cache does not hold every past position (it stopped growing, or has a fixed size)")
+        have, want = theirs[-1], ours[-1]
+        head = f"{have} key positions, {want} expected at position {pos} (position + tokens)"
+        if have < want:
+            return (f"{head}: {'one' if want - have == 1 else want - have} too few: the KV cache does not hold every past position (it stopped "
+                    "growing, has a fixed size, or the new token's key was not appended before attending)")
+        off = "one" if have - want == 1 else str(have - want)
+        return (f"{head}: {off} too many: attention reads past the current position (a cache length off by "
+                f"{off}, the cache's capacity or padding read as keys, or the position advanced before the "
+                "step); if the extra keys are padding, give only the first position + tokens")
     return f"shape {list(theirs)}, expected {list(ours)}"
 
 
 def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tuple, n_layers: int) -> list[dict]:
-    """Per tap (forward order) of one step: {tap, ok, ratio, metric, value, tolerance, note}."""
+    """Per tap (forward order) of one step: {tap, ok, ratio, metric, value, tolerance, note}.
+    `dtypes`: (theirs, ours), for an unpinned `tol`; the mask dtype is theirs."""
     out = []
     for tap in tap_names(n_layers):
         if tap not in theirs or tap not in ours:
@@ -179,9 +198,12 @@ def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tu
             out.append({"tap": tap, "ok": False, "ratio": math.inf, "metric": "shape", "value": math.inf,
                         "tolerance": 0.0, "note": _shape_note(tap, a.shape, b.shape, pos)})
             continue
-        m = metrics(a, b, masked=tap.endswith("attn.scores_masked"))
+        their_dtype = tol.basis.dtype_of(tap) if getattr(tol, "basis", None) else dtypes[0]
+        m = metrics(a, b, masked=tap.endswith("attn.scores_masked"), mask_dtype=their_dtype)
         tolerance = tol.get(tap, "nmse", dtypes[0], dtypes[1], n_layers)
-        value = math.inf if m["mask_mismatch"] or m["nonfinite"] else m["nmse"]
+        counts_over = m["mask_mismatch"] > tol.get(tap, "mask_mismatch", dtypes[0], dtypes[1], n_layers) or \
+            m["nonfinite"] > tol.get(tap, "nonfinite", dtypes[0], dtypes[1], n_layers)
+        value = math.inf if counts_over else m["nmse"]
         ratio = _ratio(value, tolerance)
         note = ""
         if ratio > 1 and not np.any(a):
@@ -194,7 +216,15 @@ def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tu
 
 def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, their_dtype: str | None = None) -> dict:
     """The `compare --against-steps` result: per step against our decode and our prefill row, the
-    first (position, stage) that diverges, local errors, and a diagnosis of the first divergence."""
+    first (position, stage) that diverges, local errors, and a diagnosis of the first divergence.
+    `their_dtype` (--against-dtype) overrides the dumps' own (StepDumps.basis)."""
+    if ids and dumps.ids:
+        n = min(len(ids), len(dumps.ids))
+        if ids[:n] != dumps.ids[:n]:
+            at = next(i for i in range(n) if ids[i] != dumps.ids[i])
+            raise UserError(f"--token-ids differ from the ids the step dumps record ({len(ids)} given, "
+                            f"{len(dumps.ids)} recorded; first difference at position {at}: {ids[at]} given, "
+                            f"{dumps.ids[at]} recorded): nothing was compared")
     ids = ids or dumps.ids
     if not ids:
         raise UserError("the step dumps record no token ids: give --token-ids with every id up to the last step")
@@ -208,7 +238,9 @@ def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, 
     if at > len(ids):
         raise UserError(f"the steps reach position {at - 1} but only {len(ids)} token ids are known")
     lm.config.check_ids(ids[:at])
-    dtype = their_dtype or dumps.dtype or "float32"
+    basis = dumps.basis(their_dtype, L).with_reference(lm.dtype, False)
+    free, tol = tol, tol.pinned(basis)  # the verdict and the replay judge on one basis
+    dtype = basis.dtype
     decode, rows = reference_steps(lm, ids, chunks)
     out_steps, first, first_row, localized = [], None, None, None
     for s in dumps.steps:
@@ -226,20 +258,20 @@ def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, 
                 "missing": [t for t in tap_names(L) if t not in s.tensors],
                 "prefill_row": {"status": "diverged" if bad_row else "match",
                                 "first_divergence": bad_row["tap"] if bad_row else None}}
-        local = rep.first_local()
+        local = rep.first_local() if bad else None  # beside a step that matches there is nothing to localize
         if local:
             step["localized"] = {"stage": local, "local_ratio": rep.stages[local]["local_ratio"]}
             localized = localized or {"position": pos, **step["localized"]}
         if bad and first is None:
             first = {"position": pos, "tap": bad["tap"], "metric": bad["metric"], "ratio": bad["ratio"],
                      "note": bad["note"]}
-            first["diagnosis"] = _diagnose_step(s, bad["tap"], rep, decode[pos], lm, ids, pos, tol, dtype)
+            first["diagnosis"] = _diagnose_step(s, bad["tap"], rep, decode[pos], lm, ids, pos, free, dtype)
         if bad_row and first_row is None:
             first_row = {"position": pos, "tap": bad_row["tap"], "note": bad_row["note"]}
         out_steps.append(step)
     return {"status": "diverged" if first else "match", "tokens": ids[:at], "first_divergence": first,
             "first_prefill_row_divergence": first_row, "localized": localized, "steps": out_steps,
-            "dtype": dtype, "reference": {"model": lm.source.spec, "dtype": lm.dtype},
+            "dtype": dtype, "tolerance_basis": basis.as_dict(), "reference": {"model": lm.source.spec, "dtype": lm.dtype},
             "not_compared": dumps.not_comparable, "tolerances": tol.describe()}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dtypes import STORAGE_DTYPES, canonical
 from ..errors import UserError, read_bytes
 from ..outputs import number
 from .side import Item, Selector, Side, is_known_tap
@@ -142,7 +143,7 @@ def _load_stats_json(path: Path, data: dict, name_map: dict | None) -> Side:
     The token ids are `prompt.ids` (schema 1, docs/json.md), or `tokens` in files written before it."""
     prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else {}
     ids = prompt.get("ids") if isinstance(prompt.get("ids"), list) else data.get("tokens")
-    side = Side(name=path.name, kind="stats-json", dtype=data.get("dtype"),
+    side = Side(name=path.name, kind="stats-json", dtype=declared_dtype(data, path),
                 ids=_ids(ids, path, "prompt.ids") if isinstance(ids, list) else None,
                 config=(data.get("model") or {}).get("config") if isinstance(data.get("model"), dict) else None)
     side.n_tokens = len(side.ids) if side.ids else None
@@ -205,33 +206,63 @@ def _ids(v, path: Path, key: str) -> list[int]:
     return list(v)
 
 
-def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
-    """safetensors (any float dtype, bf16 included) or npz -> float32 numpy arrays."""
+def read_tensor_file(path: Path, storage: dict | None = None) -> dict[str, np.ndarray]:
+    """safetensors (any float dtype, bf16 included) or npz -> float32 numpy arrays; `storage`, when
+    given, receives each tensor's stored dtype ({name: "float16", ...}: the tolerances follow it)."""
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path) as z:
-                return {k: np.asarray(z[k]) for k in z.files}
+                arrays = {k: np.asarray(z[k]) for k in z.files}
+            if storage is not None:
+                storage.update({k: str(v.dtype) for k, v in arrays.items() if v.dtype.kind == "f"})
+            return arrays
         import mlx.core as mx
 
+        if storage is not None:
+            storage.update(_safetensors_dtypes(path))
         return {k: np.array(v.astype(mx.float32)) if v.dtype != mx.float32 else np.array(v)
                 for k, v in mx.load(str(path), format="safetensors").items()}
     except Exception as e:  # truncated or foreign files raise several types
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a tensor file?)") from None
 
 
-def _tensor_dtype(path: Path) -> str | None:
-    if path.suffix.lower() != ".safetensors":
-        return None
+def _safetensors_dtypes(path: Path) -> dict[str, str]:
+    """{tensor name: stored dtype} from a safetensors header (floating tensors only)."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        meta = header.pop("__metadata__", {}) or {}
-        kinds = {v.get("dtype") for v in header.values() if isinstance(v, dict)}
-        return meta.get("dtype") or {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(
-            kinds.pop() if len(kinds) == 1 else "")
     except Exception:  # the tensor reader reports a broken file with a clear message
+        return {}
+    return {k: STORAGE_DTYPES[v["dtype"]] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in STORAGE_DTYPES}
+
+
+def declared_dtype(meta: dict, path: Path) -> str | None:
+    """The precision a dump's metadata declares (kit/ writes `dtype`), checked: an unknown name is
+    bad input, not a silent float32."""
+    value = meta.get("dtype")
+    if value in (None, ""):
         return None
+    name = canonical(str(value).strip().lower())
+    if name not in STORAGE_DTYPES.values():
+        raise UserError(f"{path}: its metadata declares dtype {str(value)[:40]!r}, not one of float16, bfloat16, "
+                        "float32, float64 (give --against-dtype)")
+    return name
+
+
+def refuse_decode_step(side: Side) -> None:
+    """A decode-step dump (kit's `position` > 0, or TAP@POSITION names) is not a prefill: its rows
+    start past position 0 and its scores hold more keys than rows. Say which option reads it
+    (compare --against calls this; other readers, the kit's tests among them, read any dump)."""
+    if side.kind != "dump":
+        return
+    position = str((side.provenance.get("metadata") or {}).get("position", "0")).strip()
+    stepped = next((n["key"] for n in side.not_comparable if "@" in str(n.get("key", ""))), None)
+    if (position.isdigit() and int(position) > 0) or stepped:
+        where = f"position {position} in its metadata" if not stepped else f"tensor names like {stepped!r}"
+        raise UserError(f"{side.name} is a decode step ({where}): use --against-steps, which compares it with "
+                        "this package's KV-cache decode")
 
 
 def safetensors_metadata(path: Path) -> dict:
@@ -247,7 +278,8 @@ def safetensors_metadata(path: Path) -> dict:
 
 
 def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
-    tensors = read_tensor_file(path)
+    storage: dict[str, str] = {}
+    tensors = read_tensor_file(path, storage)
     meta = safetensors_metadata(path)
     ids = None
     if "tokens" in meta:
@@ -255,7 +287,7 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
             ids = [int(i) for i in json.loads(meta["tokens"])]
         except (ValueError, TypeError):
             ids = None
-    side = Side(name=path.name, kind="dump", dtype=_tensor_dtype(path), ids=ids,
+    side = Side(name=path.name, kind="dump", dtype=declared_dtype(meta, path), ids=ids,
                 n_tokens=len(ids) if ids else None, layout=layout, provenance={"metadata": meta})
     for their, x in tensors.items():
         tap = map_name(their, name_map)
@@ -263,6 +295,8 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
             side.not_comparable.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
         else:
             side.tensors[tap] = np.asarray(x, np.float32)
+            if their in storage:
+                side.tensor_dtypes[tap] = storage[their]
     return side
 
 
@@ -275,6 +309,7 @@ def _load_sharded(path: Path, name_map: dict | None, layout: str) -> Side:
     for shard in shards[1:]:
         more = _load_tensors(shard, name_map, layout)
         side.tensors.update(more.tensors)
+        side.tensor_dtypes.update(more.tensor_dtypes)
         side.not_comparable += more.not_comparable
     side.name = path.name
     return side

@@ -113,7 +113,8 @@ class Item:
 class Side:
     name: str
     kind: str  # full-tensors | seed-json | run | dump | stats-json | llama.cpp-log
-    dtype: str | None = None  # for tolerances; None = unknown
+    dtype: str | None = None  # the precision it declares (metadata, a stats JSON's dtype); None = not declared
+    tensor_dtypes: dict[str, str] = field(default_factory=dict)  # tap -> the dtype its tensor was stored in
     ids: list[int] | None = None
     n_tokens: int | None = None
     config: dict | None = None  # (partial) model shape
