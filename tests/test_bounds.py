@@ -1,0 +1,178 @@
+"""Bounds (issue 24 items 2-5): children bounded in time and output, parsers bounded by the bytes
+present, directories written as a set, manifests and indexes that name only files inside their
+directory. Every probe: one line, its documented exit code, inputs and earlier outputs intact,
+bounded time and memory. Fake children are small Python scripts (portable to macOS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from mlx_tinyllama import child, trace
+from mlx_tinyllama.errors import UserError
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX's")
+
+
+def one_error(rc, err, code=2, words=None):
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("running:")]
+    assert rc == code and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, (rc, err)
+    if words:
+        assert words in lines[0], lines[0]
+    return lines[0]
+
+
+def script(tmp_path, name, body) -> list[str]:
+    p = tmp_path / f"{name}.py"
+    p.write_text(textwrap.dedent(body))
+    return [sys.executable, str(p)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0): read its state where /proc exists
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+# A child that starts a grandchild (which would outlive a plain kill of the child), says both pids, then
+# does what its mode says.
+CHILD = """
+import os, subprocess, sys, time
+grand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[2], "w").write(f"{os.getpid()} {grand.pid}")
+mode = sys.argv[1]
+if mode == "hang":
+    time.sleep(120)
+elif mode == "flood":
+    line = "x" * 1023 + "\\n"
+    while True:
+        sys.stdout.write(line)
+elif mode == "crash":
+    print("loading model"); print("GGML_ASSERT(failed)", file=sys.stderr); sys.stdout.flush(); os._exit(134)
+elif mode == "slow":
+    time.sleep(1.5); print("all good"); sys.exit(0)
+"""
+
+
+@posix_only
+@pytest.mark.parametrize("mode,words", [("hang", "ran longer than 2 s"), ("flood", "more than 1 MB")])
+def test_a_hanging_or_flooding_child_is_stopped_with_its_group(tmp_path, mode, words):
+    pids = tmp_path / "pids"
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=words):
+        child.run_bounded([*script(tmp_path, "child", CHILD), mode, str(pids)], 2, 1 << 20, "fake")
+    assert time.monotonic() - t0 < 2 + 2 * child.GRACE_S + 5  # bounded time
+    me, grand = map(int, pids.read_text().split())
+    time.sleep(0.2)
+    assert not alive(me) and not alive(grand)  # the whole group, grandchild included
+
+
+@posix_only
+def test_a_crashing_child_gives_its_code_and_output_and_a_slow_one_finishes(tmp_path):
+    pids = tmp_path / "pids"
+    r = child.run_bounded([*script(tmp_path, "child", CHILD), "crash", str(pids)], 30, 1 << 20, "fake")
+    assert r.returncode == 134 and "GGML_ASSERT" in r.output and "loading model" in r.output
+    assert not alive(int(pids.read_text().split()[1]))  # what it left running is ended too
+    r = child.run_bounded([*script(tmp_path, "child", CHILD), "slow", str(pids)], 30, 1 << 20, "fake")
+    assert r.returncode == 0 and r.output == "all good\n" and r.seconds >= 1.5
+
+
+def test_a_child_that_cannot_start_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="cannot run"):
+        child.run_bounded([str(tmp_path / "nothing")], 5, 1 << 20, "fake")
+
+
+@posix_only
+def test_ctrl_c_and_sigterm_end_the_childs_group(tmp_path):
+    """The parent interrupted (Ctrl-C, or SIGTERM as the CLI turns it into one): no child survives."""
+    pids = tmp_path / "pids"
+    parent = script(tmp_path, "parent", f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from mlx_tinyllama import child, trace
+        try:
+            with trace._sigterm_as_interrupt():
+                child.run_bounded([sys.executable, {str(tmp_path / 'child.py')!r}, "hang", {str(pids)!r}], 60,
+                                  1 << 20, "fake")
+        except KeyboardInterrupt:
+            sys.exit(130)
+        """)
+    script(tmp_path, "child", CHILD)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        pids.unlink(missing_ok=True)
+        p = subprocess.Popen(parent)
+        try:
+            deadline = time.monotonic() + 30
+            while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            me, grand = map(int, pids.read_text().split())
+            p.send_signal(sig)
+            assert p.wait(timeout=30) == 130
+        finally:
+            if p.poll() is None:
+                p.kill()
+        time.sleep(0.2)
+        assert not alive(me) and not alive(grand), sig
+
+
+# --- through the llamacpp command ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    from mlx_tinyllama.gguf_write import convert
+    from mlx_tinyllama.synthetic import materialize
+
+    out = tmp_path_factory.mktemp("bounds_gguf") / "tiny-f32.gguf"
+    convert(materialize("tiny", 0), out, out_type="f32")
+    return out
+
+
+def fake_llamacpp(tmp_path, body: str) -> Path:
+    p = tmp_path / "llama-eval-callback"
+    p.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    p.chmod(0o755)
+    return p
+
+
+@posix_only
+@pytest.mark.parametrize("body,options,words", [
+    ("import time\ntime.sleep(60)\n", ["--timeout", "1"], "ran longer than 1 s; it was stopped (--timeout"),
+    ("import sys\nwhile True: sys.stdout.write('y' * 4096)\n", ["--max-log-mb", "1"], "more than 1 MB"),
+    ("import sys\nprint('llama_model_load: error loading model'); sys.exit(1)\n", [], "exited with 1: llama_model_load"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", [], "killed by signal 11"),
+])
+def test_llamacpp_command_bounds_its_child(tmp_path, gguf, capfd, body, options, words):
+    binary = fake_llamacpp(tmp_path, body)
+    log = tmp_path / "kept.log"
+    log.write_text("an earlier log\n")
+    before = gguf.read_bytes()
+    t0 = time.monotonic()
+    capfd.readouterr()
+    rc = trace.main(["llamacpp", "--gguf", str(gguf), "--llama-cpp", str(binary), "--prompt", "hi",
+                     "--log", str(log), *options])
+    one_error(rc, capfd.readouterr().err, 2, words)
+    assert time.monotonic() - t0 < 30
+    assert log.read_text() == "an earlier log\n" and gguf.read_bytes() == before
+
+
+@pytest.mark.parametrize("option", [["--timeout", "0"], ["--timeout", "nan"], ["--max-log-mb", "-1"]])
+def test_llamacpp_limits_must_be_positive(tmp_path, gguf, capfd, option):
+    capfd.readouterr()
+    rc = trace.main(["llamacpp", "--gguf", str(gguf), "--llama-cpp", str(tmp_path), "--prompt", "hi", *option])
+    one_error(rc, capfd.readouterr().err, 2, "must be positive")
