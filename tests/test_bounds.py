@@ -176,3 +176,82 @@ def test_llamacpp_limits_must_be_positive(tmp_path, gguf, capfd, option):
     capfd.readouterr()
     rc = trace.main(["llamacpp", "--gguf", str(gguf), "--llama-cpp", str(tmp_path), "--prompt", "hi", *option])
     one_error(rc, capfd.readouterr().err, 2, "must be positive")
+
+
+# --- parsers bounded by the bytes present ----------------------------------------------------------
+
+
+def _block(name: str, shape: str, rows: int = 0, width: int = 6) -> str:
+    body = "".join("  [" + ", ".join(["0.5000"] * width) + "]\n" for _ in range(rows))
+    return f"ggml_debug: {name} = (f32) MUL_MAT(a, b) = {{{shape}}}\n{body}  sum = 1.0\n"
+
+
+def _peak_mb(fn) -> tuple[object, float]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            out = fn()
+        except UserError as e:
+            out = e
+        return out, tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
+def test_log_headers_declaring_big_shapes_allocate_nothing_until_refused():
+    """The issue's probe: a few KB of `{8192, 8192}` blocks took over 2 GB. Blocks without values
+    allocate nothing; blocks with values are refused once their declared total passes the bound,
+    before any is made dense."""
+    from mlx_tinyllama.refs.llamacpp import MAX_LOG_TOTAL_ELEMENTS, parse_llamacpp_log
+
+    headers = "".join(_block(f"ffn_up-{i}", "8192, 8192") for i in range(200))  # sums only
+    side, peak = _peak_mb(lambda: parse_llamacpp_log(headers))
+    assert not isinstance(side, UserError) and peak < 20, peak
+    assert {i.selector.kind for i in side.items} == {"sum"} and len(side.items) == 200
+    printed = "".join(_block(f"ffn_up-{i}", "8192, 8192", rows=6) for i in range(5))
+    assert len(printed) < 4096 and 5 * 8192 * 8192 > MAX_LOG_TOTAL_ELEMENTS
+    err, peak = _peak_mb(lambda: parse_llamacpp_log(printed))
+    assert isinstance(err, UserError) and "values in all" in str(err) and peak < 20, (err, peak)
+    # the same blocks within the bound still parse (a clean case of the same shape, not flagged)
+    side, _ = _peak_mb(lambda: parse_llamacpp_log(_block("ffn_up-0", "64, 8", rows=6)))
+    assert [i.selector.kind for i in side.items] == ["full", "sum"] and side.items[0].known.sum() == 36
+
+
+def test_log_rows_beyond_the_shape_are_refused_without_reading_on():
+    from mlx_tinyllama.refs.llamacpp import parse_llamacpp_tensors
+
+    with pytest.raises(UserError, match="should print 6 rows of 6 values"):
+        parse_llamacpp_tensors(_block("ffn_up-0", "64, 8", rows=7))
+    with pytest.raises(UserError, match="should print"):
+        parse_llamacpp_tensors(_block("ffn_up-0", "64, 8", rows=6, width=5))
+
+
+@pytest.fixture
+def ref_json(tmp_path):
+    """A tiny stats reference to compare logs against."""
+    out = tmp_path / "ref.json"
+    assert trace.main(["run", "--model", "synthetic:tiny", "--prompt", "hi", "--json", str(out)]) == 0
+    return out
+
+
+@posix_only
+def test_special_files_and_oversized_logs_are_refused(tmp_path, ref_json, capfd, monkeypatch):
+    fifo = tmp_path / "llama.log"
+    os.mkfifo(fifo)  # a reader would block forever
+    cases = [(fifo, "not a regular file")]
+    if Path("/dev/zero").exists():
+        cases.append((Path("/dev/zero"), "not a regular file"))  # a reader would never end
+    from mlx_tinyllama.refs import loaders
+
+    big = tmp_path / "big.log"
+    big.write_bytes(_block("ffn_up-0", "64, 8", rows=6).encode() * 40)
+    monkeypatch.setattr(loaders, "MAX_LOG_BYTES", 4096)
+    cases.append((big, "a log is read up to 4096"))
+    for path, words in cases:
+        capfd.readouterr()
+        t0 = time.monotonic()
+        rc = trace.main(["compare", "--ref", str(ref_json), "--against", str(path)])
+        one_error(rc, capfd.readouterr().err, 2, words)
+        assert time.monotonic() - t0 < 30

@@ -29,7 +29,7 @@ from ..tolerances import Tolerances
 
 BINARY = "llama-eval-callback"
 DEFAULT_TIMEOUT_S = 600  # TinyLlama's 39-token prompt takes seconds on 2 cores; a 2,048-token one minutes
-DEFAULT_MAX_LOG_MB = 512  # TinyLlama's log of a 39-token prompt is 1.3 MB; the parser reads up to this
+DEFAULT_MAX_LOG_MB = 128  # TinyLlama's log of a 39-token prompt is 1.3 MB; `compare` reads logs up to this too
 BUILD_HINT = "build it with `bash scripts/llamacpp/build.sh` (llama.cpp from the llama-cpp-python sdist, ~17 min on 2 cores)"
 
 

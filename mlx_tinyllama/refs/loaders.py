@@ -37,11 +37,16 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
         return [_load_sharded(path, name_map, layout or "hf")]
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a reference .json, a .safetensors/.npz dump or a log file")
+    if not path.is_file():  # /dev/zero, a FIFO, a socket: endless or blocking reads
+        raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a file")
     suffix = path.suffix.lower()
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
         return [_load_tensors(path, name_map, layout or "hf")]
+    if path.stat().st_size > MAX_LOG_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size} bytes; a log is read up to {MAX_LOG_BYTES} "
+                        "(TinyLlama's llama-eval-callback log of a 39-token prompt is 1.3 MB)")
     text = _read_text(path)
     if "ggml_debug" in text or "common_debug_cb_eval" in text or re.search(r"= \(\w+\)\s+\S+\(", text):
         return [parse_llamacpp_log(text, path.name, name_map, layout or "gguf")]
@@ -57,6 +62,7 @@ def _read_text(path: Path) -> str:
 
 
 MAX_JSON_BYTES = 256 << 20  # a stats JSON with full `values` of every tap of a long prompt stays below
+MAX_LOG_BYTES = 128 << 20  # ~100x TinyLlama's llama-eval-callback log of a 39-token prompt (1.3 MB)
 
 
 def _load_json(path: Path, name_map: dict | None) -> list[Side]:
