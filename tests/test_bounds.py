@@ -255,3 +255,167 @@ def test_special_files_and_oversized_logs_are_refused(tmp_path, ref_json, capfd,
         rc = trace.main(["compare", "--ref", str(ref_json), "--against", str(path)])
         one_error(rc, capfd.readouterr().err, 2, words)
         assert time.monotonic() - t0 < 30
+
+
+# --- vectors: a directory written as a set; manifests that say only what they may ------------------
+
+
+def tree(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def siblings(d: Path) -> list[str]:
+    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}."))
+
+
+def vwrite(capfd, d, *more):
+    capfd.readouterr()
+    rc = trace.main(["vectors", "write", str(d), "--model", "synthetic:tiny", "--quick", *more])
+    return rc, capfd.readouterr().err
+
+
+@pytest.fixture
+def written(tmp_path, capfd):
+    d = tmp_path / "vec"
+    rc, err = vwrite(capfd, d)
+    assert rc == 0, err
+    return d
+
+
+def test_vectors_never_replace_a_directory_they_did_not_write(tmp_path, written, capfd):
+    from mlx_tinyllama.synthetic import cache_root, materialize
+
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my app", "icons": []}')  # a web app's manifest
+    (app / "index.html").write_text("<html></html>")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for name, content in tree(written).items():
+        (extra / name).write_bytes(content)
+    (extra / "notes.txt").write_text("mine")  # a vectors directory the user added a file to
+    model = materialize("tiny", 0)
+    cases = [(app, "not a vectors directory this tool wrote"), (extra, "notes.txt"),
+             (model, "inside the synthetic model cache"), (cache_root() / "vectors", "inside the synthetic model cache")]
+    for d, words in cases:
+        before = tree(d) if d.exists() else None
+        rc, err = vwrite(capfd, d)
+        one_error(rc, err, 2, words)
+        assert (tree(d) if d.exists() else None) == before and siblings(d) == []
+
+
+def test_vectors_rewrite_replaces_the_whole_set(written, capfd):
+    """Another dtype's vectors over the earlier ones: every file is the new write's (the manifest
+    names each, and each holds what the manifest says), nothing of the earlier is left."""
+    from mlx_tinyllama.vectors.store import Vectors
+
+    before = tree(written)
+    rc, err = vwrite(capfd, written, "--dtype", "float32")
+    assert rc == 0, err
+    after = Vectors(written)
+    assert after.manifest["dtype"] == "float32" and tree(written) != before and siblings(written) == []
+    assert set(tree(written)) == {p.name for p in after.paths()}
+    for case in after.cases:
+        assert after.golden(case).shape == tuple(case["shapes"]["y"])  # no earlier file under a new manifest
+        assert all(v.dtype.name in ("float32", "int32", "uint32", "int64") for v in after.inputs(case).values())
+
+
+@pytest.mark.parametrize("where", ["second file", "manifest", "swap"])
+def test_vectors_write_interrupted_leaves_the_earlier_set(written, capfd, monkeypatch, where):
+    from mlx_tinyllama.vectors import store, write
+
+    before = tree(written)
+    if where == "swap":  # the new directory cannot take the place: the earlier one is put back
+        real = os.replace
+
+        def replace(a, b):
+            if Path(a).name.endswith(".new"):
+                raise OSError(28, "No space left on device")
+            return real(a, b)
+        monkeypatch.setattr(write.os, "replace", replace)
+    else:
+        calls = []
+        target = write if where == "manifest" else store
+        name = "write_text" if where == "manifest" else "save_safetensors"
+        real = getattr(target, name)
+
+        def interrupted(*a, **k):
+            calls.append(a)
+            if where == "manifest" or len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        monkeypatch.setattr(target, name, interrupted)
+        if where != "manifest":
+            monkeypatch.setattr(write, "save_safetensors", interrupted)
+    rc, err = vwrite(capfd, written, "--dtype", "float32")
+    assert rc == (1 if where == "swap" else 130), err
+    assert tree(written) == before and siblings(written) == []
+
+
+BAD_CASES = [  # (change to case 0, words)
+    ({"tolerance": {"nmse": "1e-3", "n": 1, "kappa": 0}}, "tolerance.nmse"),
+    ({"tolerance": {"nmse": None, "n": 1, "kappa": 0}}, "tolerance.nmse"),
+    ({"tolerance": {"nmse": -1, "n": 1, "kappa": 0}}, "tolerance.nmse"),
+    ({"tolerance": {"nmse": 1e300, "n": 1, "kappa": 0}}, "tolerance.nmse"),
+    ({"tolerance": {"nmse": 0.5, "n": 1, "kappa": 0}}, "an all-zero result has NMSE 1"),
+    ({"tolerance": {"nmse": 1e-3, "n": "x", "kappa": 0}}, "tolerance.n"),
+    ({"tolerance": None}, "tolerance.nmse/n/kappa"),
+    ({"shapes": [[4, 4]]}, "shapes must be an object"),
+    ({"shapes": {"x": [4, -1]}}, "shapes must be an object"),
+    ({"params": {}}, "params lacks eps"),
+    ({"params": None}, "params must be an object"),
+    ({"inputs": ["x"]}, "inputs must be an object"),
+    ({"file": "../outside.safetensors"}, "inside the vectors directory"),
+    ({"file": "/etc/passwd"}, "inside the vectors directory"),
+    ({"file": "sub/dir.safetensors"}, "inside the vectors directory"),
+    ({"name": 3}, "name must be a string"),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD_CASES, ids=[w + str(i) for i, (_, w) in enumerate(BAD_CASES)])
+def test_bad_manifests_are_one_line(tmp_path, written, capfd, change, words):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for name, content in tree(written).items():
+        (d / name).write_bytes(content)
+    manifest = json.loads((d / "manifest.json").read_text())
+    first = next(i for i, c in enumerate(manifest["cases"]) if c["op"] == "rms_norm")
+    manifest["cases"][first].update(change)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    before = tree(d)
+    capfd.readouterr()
+    rc = trace.main(["vectors", "run", str(d), "--engine", f"{REPO / 'tests' / 'numpy_kernels.py'}:clean",
+                     "--out", str(tmp_path / "out.safetensors")])
+    one_error(rc, capfd.readouterr().err, 2, words)
+    assert tree(d) == before and not (tmp_path / "out.safetensors").exists()
+
+
+ENGINES = {
+    "returns None": ("def f(op, inputs, params):\n    return None\n", "returned NoneType"),
+    "returns text": ("def f(op, inputs, params):\n    return 'ok'\n", "returned str"),
+    "syntax error": ("def f(op, inputs, params)\n    return 1\n", "SyntaxError"),
+}
+
+
+@pytest.mark.parametrize("what", list(ENGINES))
+def test_bad_engines_are_one_line(tmp_path, written, capfd, monkeypatch, what):
+    body, words = ENGINES[what]
+    (tmp_path / "bad_engine_mod.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in (f"{tmp_path / 'bad_engine_mod.py'}:f", "bad_engine_mod:f"):  # a file, and an importable module
+        sys.modules.pop("bad_engine_mod", None)
+        capfd.readouterr()
+        rc = trace.main(["vectors", "run", str(written), "--engine", spec, "--out", str(tmp_path / "o.safetensors")])
+        one_error(rc, capfd.readouterr().err, 2, words)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_clean_vectors_and_engine_still_pass(tmp_path, written, capfd):
+    """The checks above refuse nothing a correct manifest and engine give."""
+    out = tmp_path / "o.safetensors"
+    capfd.readouterr()
+    rc = trace.main(["vectors", "run", str(written), "--engine", f"{REPO / 'tests' / 'numpy_kernels.py'}:clean",
+                     "--out", str(out)])
+    assert rc == 0, capfd.readouterr().err
+    rc = trace.main(["vectors", "check", str(written), "--results", str(out)])
+    assert rc == 0, capfd.readouterr()
