@@ -419,3 +419,85 @@ def test_the_clean_vectors_and_engine_still_pass(tmp_path, written, capfd):
     assert rc == 0, capfd.readouterr().err
     rc = trace.main(["vectors", "check", str(written), "--results", str(out)])
     assert rc == 0, capfd.readouterr()
+
+
+# --- dumps of one path: never two writes mixed, never the stale form read --------------------------
+
+
+def dump_run(path, *more):
+    return trace.main(["run", "--model", "synthetic:tiny", "--dtype", "float32", "--taps", "*", "--dump", str(path),
+                       *more])
+
+
+def compare_dump(path, capfd, *more):
+    capfd.readouterr()
+    rc = trace.main(["compare", "--against", str(path), "--model", "synthetic:tiny", "--dtype", "float32", *more])
+    return rc, capfd.readouterr().err
+
+
+def test_a_sharded_dump_supersedes_a_single_file_dump_and_back(tmp_path, capfd):
+    """Issue 21: a stale single-file dump beside a newer sharded dump of the same path was read
+    instead of it (match against the earlier run's ids). Each write now removes the other form."""
+    from mlx_tinyllama import dump
+
+    path = tmp_path / "taps.safetensors"
+    assert dump_run(path, "--token-ids", "1,450,4996") == 0 and path.is_file()  # earlier run: other ids
+    assert dump_run(path, "--dump-shard-mb", "0.02") == 0  # the newer run, sharded
+    assert not path.exists() and dump.index_path(path).is_file()
+    rc, err = compare_dump(path, capfd, "--token-ids", "1,450,4996")  # the earlier run's ids: not this dump's
+    assert rc == 2, err
+    rc, err = compare_dump(path, capfd)  # its own ids: the clean run is not flagged
+    assert rc == 0, err
+    shards = sorted(p.name for p in tmp_path.glob("taps-*.safetensors"))
+    assert dump_run(path) == 0  # back to one file: the index and its shards go
+    assert path.is_file() and not dump.index_path(path).exists() and not list(tmp_path.glob("taps-*")) and shards
+    rc, err = compare_dump(path, capfd)
+    assert rc == 0, err
+
+
+def test_both_forms_present_is_refused_not_guessed(tmp_path, capfd):
+    from mlx_tinyllama import dump
+
+    path = tmp_path / "taps.safetensors"
+    assert dump_run(path, "--dump-shard-mb", "0.02") == 0
+    stale = tmp_path / "other.safetensors"
+    assert dump_run(stale, "--token-ids", "1,450,4996") == 0
+    os.replace(stale, path)  # as a run stopped between its rename and its clean-up would leave it
+    before = tree(tmp_path)
+    rc, err = compare_dump(path, capfd)
+    one_error(rc, err, 2, "two dumps of one path")
+    rc, err = compare_dump(dump.index_path(path), capfd)  # the index named: its own shards, read
+    assert rc == 0, err
+    assert tree(tmp_path) == before
+
+
+def test_a_shard_of_another_run_is_refused(tmp_path, capfd):
+    """A run stopped after renaming its shards but before its index leaves new shards under an
+    old index: the generation ids differ, the dump is refused, not mixed."""
+    from mlx_tinyllama import dump
+
+    a, b = tmp_path / "a" / "taps.safetensors", tmp_path / "b" / "taps.safetensors"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    assert dump_run(a, "--dump-shard-mb", "0.02") == 0
+    assert dump_run(b, "--dump-shard-mb", "0.02", "--token-ids", "1,450,4996") == 0
+    os.replace(b.parent / "taps-00002.safetensors", a.parent / "taps-00002.safetensors")
+    rc, err = compare_dump(a, capfd)
+    one_error(rc, err, 2, "taps-00002.safetensors is not of the dump")
+    meta = json.loads(dump.index_path(b).read_text())["metadata"]
+    assert len(meta[dump.GENERATION]) == 32
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", 3])
+def test_index_entries_stay_inside_their_directory(tmp_path, capfd, name):
+    from mlx_tinyllama import dump
+
+    path = tmp_path / "d" / "taps.safetensors"
+    path.parent.mkdir()
+    assert dump_run(path, "--dump-shard-mb", "0.02") == 0
+    (tmp_path / "outside.safetensors").write_bytes((path.parent / "taps-00001.safetensors").read_bytes())
+    index = json.loads(dump.index_path(path).read_text())
+    index["weight_map"]["layers.0.attn.q"] = name
+    dump.index_path(path).write_text(json.dumps(index))
+    rc, err = compare_dump(path, capfd)
+    one_error(rc, err, 2, "outside its directory")

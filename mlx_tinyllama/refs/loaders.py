@@ -27,7 +27,7 @@ MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.
 def load(path: str | Path, name_map: dict | None = None, layout: str | None = None) -> list[Side]:
     """Read any supported file into one or more Sides (a seed bundle holds several)."""
     path = Path(path)
-    from ..dump import INDEX_SUFFIX, index_path
+    from ..dump import INDEX_SUFFIX, check_single, index_path
 
     if not path.exists() and index_path(path).is_file():  # a sharded dump named by its first form
         path = index_path(path)
@@ -40,6 +40,8 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
     if not path.is_file():  # /dev/zero, a FIFO, a socket: endless or blocking reads
         raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a file")
     suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        check_single(path)
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
@@ -274,9 +276,11 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
 
 def _load_sharded(path: Path, name_map: dict | None, layout: str) -> Side:
     """A dump streamed in shards (dump.py): its index names the shards, read as one dump."""
-    from ..dump import read_index
+    from ..dump import check_generation, read_index
 
-    shards, _ = read_index(path)
+    shards, meta = read_index(path)
+    for shard in shards:  # before any tensor is read
+        check_generation(shard, safetensors_metadata(shard), path, meta)
     side = _load_tensors(shards[0], name_map, layout)
     for shard in shards[1:]:
         more = _load_tensors(shard, name_map, layout)
