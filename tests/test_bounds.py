@@ -501,3 +501,39 @@ def test_index_entries_stay_inside_their_directory(tmp_path, capfd, name):
     dump.index_path(path).write_text(json.dumps(index))
     rc, err = compare_dump(path, capfd)
     one_error(rc, err, 2, "outside its directory")
+
+
+def test_npz_arrays_declaring_more_than_they_hold_are_refused(tmp_path, capfd):
+    import io
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as fmt
+
+    from mlx_tinyllama.refs.npz_bounds import check_npz
+
+    header = io.BytesIO()
+    fmt.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (200000, 200000)})
+    hostile = tmp_path / "hostile.npz"
+    with zipfile.ZipFile(hostile, "w") as z:
+        z.writestr("logits.npy", header.getvalue() + b"\0" * 64)  # 150 GB declared, 64 bytes held
+    before = hostile.read_bytes()
+    err, peak = _peak_mb(lambda: check_npz(hostile))
+    assert isinstance(err, UserError) and "holds 64" in str(err) and peak < 20
+    capfd.readouterr()
+    rc = trace.main(["compare", "--against", str(hostile), "--model", "synthetic:tiny"])
+    one_error(rc, capfd.readouterr().err, 2, "declares shape [200000, 200000]")
+    assert hostile.read_bytes() == before
+    # consistent files pass, compressed or not, of any dtype (not flagged)
+    fine = tmp_path / "fine.npz"
+    np.savez_compressed(fine, a=np.zeros((300, 300), np.float16), ids=np.arange(5))
+    assert check_npz(fine) is None
+
+
+@posix_only
+def test_a_fifo_as_map_is_refused(tmp_path, capfd, ref_json):
+    fifo = tmp_path / "map.json"
+    os.mkfifo(fifo)
+    capfd.readouterr()
+    rc = trace.main(["compare", "--ref", str(ref_json), "--against", str(ref_json), "--map", str(fifo)])
+    one_error(rc, capfd.readouterr().err, 2, "not a regular file")

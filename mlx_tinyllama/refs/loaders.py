@@ -15,6 +15,7 @@ from ..outputs import number
 from .side import Item, Selector, Side, is_known_tap
 from .seed import SEED_FORMAT, topk_value, seed_entries, seed_format_of, side_from_entries
 from .llamacpp import map_name, parse_llamacpp_log
+from .npz_bounds import check_npz
 
 
 MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.py writes
@@ -42,6 +43,8 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         check_single(path)
+    if suffix == ".npz":
+        check_npz(path)
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
@@ -298,6 +301,8 @@ def read_name_map(path: str | Path | None) -> dict | None:
         raise UserError(f"--map: {p} is a directory; give a JSON file {{their name: canonical tap}}")
     if not p.exists():
         raise UserError(f"--map: {p} does not exist")
+    if not p.is_file():  # a FIFO or a device: the read would block or never end
+        raise UserError(f"--map: {p} is not a regular file; give a JSON file")
     if p.stat().st_size > MAX_JSON_BYTES:
         raise UserError(f"--map: {p} is {p.stat().st_size} bytes; at most {MAX_JSON_BYTES} are read")
     try:
