@@ -537,3 +537,14 @@ def test_a_fifo_as_map_is_refused(tmp_path, capfd, ref_json):
     capfd.readouterr()
     rc = trace.main(["compare", "--ref", str(ref_json), "--against", str(ref_json), "--map", str(fifo)])
     one_error(rc, capfd.readouterr().err, 2, "not a regular file")
+
+
+@posix_only
+def test_step_dumps_and_tensor_files_that_are_fifos_are_refused(tmp_path):
+    """The same checks for every tensor reader (step dumps read files directly)."""
+    from mlx_tinyllama.refs.loaders import read_tensor_file
+
+    fifo = tmp_path / "step-0001.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_tensor_file(fifo)

@@ -43,8 +43,6 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         check_single(path)
-    if suffix == ".npz":
-        check_npz(path)
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
@@ -218,6 +216,7 @@ def _ids(v, path: Path, key: str) -> list[int]:
 
 def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
     """safetensors (any float dtype, bf16 included) or npz -> float32 numpy arrays."""
+    _check_tensor_file(path)
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path) as z:
@@ -228,6 +227,15 @@ def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
                 for k, v in mx.load(str(path), format="safetensors").items()}
     except Exception as e:  # truncated or foreign files raise several types
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a tensor file?)") from None
+
+
+def _check_tensor_file(path: Path) -> None:
+    """Before reading: a regular file (a FIFO would block, a device never end) whose npz arrays fit
+    in the bytes it holds (safetensors offsets are checked by MLX against the file's size)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} is not a regular file (missing, a directory, a device or a pipe): give a tensor file")
+    if Path(path).suffix.lower() == ".npz":
+        check_npz(Path(path))
 
 
 def _tensor_dtype(path: Path) -> str | None:
