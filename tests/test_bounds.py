@@ -548,3 +548,19 @@ def test_step_dumps_and_tensor_files_that_are_fifos_are_refused(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UserError, match="not a regular file"):
         read_tensor_file(fifo)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/x.safetensors", "sub/m.safetensors", None, 3])
+def test_reference_manifest_tensors_stay_beside_it(tmp_path, capfd, name):
+    import shutil
+
+    d = tmp_path / "refs"
+    d.mkdir()
+    src = REPO / "refs" / "synthetic-tiny-fp32.json"
+    shutil.copy(REPO / "refs" / "synthetic-tiny-fp32.safetensors", tmp_path / "outside.safetensors")
+    manifest = json.loads(src.read_text())
+    manifest["tensors"] = name
+    (d / "m.json").write_text(json.dumps(manifest))
+    capfd.readouterr()
+    rc = trace.main(["compare", "--ref", str(d / "m.json"), "--model", "synthetic:tiny", "--dtype", "float32"])
+    one_error(rc, capfd.readouterr().err, 2, "must name a file beside the manifest")

@@ -92,7 +92,10 @@ def _load_json(path: Path, name_map: dict | None) -> list[Side]:
 
 
 def _load_manifest(path: Path, data: dict) -> Side:
-    tensor_file = path.parent / str(data.get("tensors", ""))
+    name = data.get("tensors")
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or ":" in name:
+        raise UserError(f"{path}: \"tensors\" must name a file beside the manifest, not {json.dumps(name)[:60]}")
+    tensor_file = path.parent / name
     if not tensor_file.is_file():
         raise UserError(f"{path}: its tensor file {tensor_file.name} is missing beside it")
     tensors = read_tensor_file(tensor_file)
