@@ -30,7 +30,8 @@ HINT = (f"note: MLX's CPU build on Linux runs this about {SPEEDUP} faster with O
 
 
 def plan(env: dict, platform: str, machine: str, exists=os.path.exists) -> tuple[str, str | None]:
-    """What to do: ("preload", library path), ("hint", None) or ("none", None)."""
+    """What to do: ("preload", library path), ("hint", None), ("missing", the path named in
+    MLX_TINYLLAMA_BLAS that does not exist) or ("none", None)."""
     if not platform.startswith("linux") or env.get(SWITCH, "") == "0" or env.get(GUARD):
         return "none", None
     lib = env.get(SWITCH) or OPENBLAS.get(machine)
@@ -40,7 +41,7 @@ def plan(env: dict, platform: str, machine: str, exists=os.path.exists) -> tuple
     if lib in preloaded or any("blas" in os.path.basename(p).lower() for p in preloaded):
         return "none", None  # the user chose a BLAS (this one or another)
     if not exists(lib):
-        return "hint", None
+        return ("missing", lib) if env.get(SWITCH) else ("hint", None)
     return "preload", lib
 
 
@@ -73,6 +74,8 @@ def ensure_fast_blas(env=None, platform: str | None = None, machine: str | None 
     if action == "hint":
         if stderr.isatty():  # a note for a person at a terminal, never in a script's or a test's captured output
             print(HINT.format(switch=SWITCH), file=stderr)
+    elif action == "missing" and stderr.isatty():
+        print(f"note: {SWITCH}={lib} does not exist; running with MLX's own BLAS", file=stderr)
     elif action == "preload" and "mlx.core" not in sys.modules:  # too late once MLX is loaded
         argv = command_line()
         if argv is not None:

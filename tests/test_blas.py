@@ -38,6 +38,8 @@ def present(*paths):
     ({"LD_PRELOAD": "/x/libasan.so"}, "linux", "x86_64", present(LIB), ("preload", LIB)),  # not a BLAS
     ({"MLX_TINYLLAMA_BLAS": "/fake/libblas.so"}, "linux", "x86_64", present("/fake/libblas.so"),
      ("preload", "/fake/libblas.so")),  # another library named
+    ({"MLX_TINYLLAMA_BLAS": "/fake/libblas.so"}, "linux", "x86_64", present(LIB),
+     ("missing", "/fake/libblas.so")),  # ... that does not exist: said, not replaced by the default
 ])
 def test_plan(env, platform, machine, exists, expected):
     assert blas.plan(env, platform, machine, exists) == expected
