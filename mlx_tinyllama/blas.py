@@ -1,6 +1,6 @@
 """A fast first run on Linux: MLX's CPU wheel for Linux links its own reference BLAS, which
-runs the README's first command (the synthetic 1.1B model, fp32) about 12x slower than
-OpenBLAS does (docs/benchmarks.md, "The first run"). When Debian/Ubuntu's OpenBLAS is
+runs the README's first command (the synthetic 1.1B model) about 8x slower than OpenBLAS
+does (docs/benchmarks.md, "The first run"). When Debian/Ubuntu's OpenBLAS is
 installed and not already preloaded, the CLI runs itself again with it in LD_PRELOAD, once,
 before MLX is imported; where it is not installed it says in one line how to get it (on a
 terminal only: captured stderr stays the command's own).
@@ -24,7 +24,7 @@ OPENBLAS = {
 SWITCH = "MLX_TINYLLAMA_BLAS"  # "0": neither preload nor hint; a path: that library instead of OPENBLAS
 GUARD = "_MLX_TINYLLAMA_BLAS_REEXEC"  # set in the re-executed process: never a second re-exec
 # Measured with the README's first command (docs/benchmarks.md, "The first run").
-SPEEDUP = "12x"
+SPEEDUP = "8x"
 HINT = (f"note: MLX's CPU build on Linux runs this about {SPEEDUP} faster with OpenBLAS: "
         "`sudo apt-get install libopenblas0-pthread` (then it is used automatically; {switch}=0 silences this)")
 
