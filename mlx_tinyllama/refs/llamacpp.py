@@ -123,8 +123,8 @@ def _parse_float(tok: str) -> float:
 # log that declares more is corrupt or not a Llama's, and is refused before anything is allocated.
 MAX_LOG_ELEMENTS = 1 << 26
 # What all the compared tensors of one log may hold together, declared (5 bytes a value: float32 and a
-# mask): 1.3 GB. TinyLlama's log of a 39-token prompt compares 70 M values, a 4-layer model's of 335 tokens
-# 23 M; a log of small headers that each declare a big shape (2 KB declaring 8192 x 8192 per block took
+# mask): 1.3 GB. TinyLlama's log of a 39-token prompt declares 70 M values and compares 30 M, a 4-layer
+# model's of 335 tokens declares 23 M; a log of small headers that each declare a big shape (2 KB declaring 8192 x 8192 per block took
 # over 2 GB) is refused here instead of allocating what it declares.
 MAX_LOG_TOTAL_ELEMENTS = 1 << 28
 
