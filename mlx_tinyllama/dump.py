@@ -170,6 +170,8 @@ def read_index(path: str | Path) -> tuple[list[Path], dict]:
     """A dump's index -> (its shard files, in order; its metadata). Shard names must be plain file
     names beside the index; an index of more than MAX_INDEX_BYTES is refused."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise UserError(f"{path} is not a regular file; a dump index is a JSON file")
     try:
         if path.stat().st_size > MAX_INDEX_BYTES:
             raise UserError(f"{path} is {path.stat().st_size} bytes; a dump index is read up to {MAX_INDEX_BYTES}")

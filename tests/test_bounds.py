@@ -564,3 +564,15 @@ def test_reference_manifest_tensors_stay_beside_it(tmp_path, capfd, name):
     capfd.readouterr()
     rc = trace.main(["compare", "--ref", str(d / "m.json"), "--model", "synthetic:tiny", "--dtype", "float32"])
     one_error(rc, capfd.readouterr().err, 2, "must name a file beside the manifest")
+
+
+@posix_only
+def test_an_index_that_is_a_fifo_is_refused(tmp_path, capfd):
+    from mlx_tinyllama import dump
+
+    path = tmp_path / "taps.safetensors"
+    os.mkfifo(dump.index_path(path))
+    rc, err = compare_dump(dump.index_path(path), capfd)  # named directly: it would block the read
+    one_error(rc, err, 2, "not a regular file")
+    rc, err = compare_dump(path, capfd)  # by the dump's name: not taken for an index
+    one_error(rc, err, 2, "does not exist")
