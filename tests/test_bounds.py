@@ -576,3 +576,24 @@ def test_an_index_that_is_a_fifo_is_refused(tmp_path, capfd):
     one_error(rc, err, 2, "not a regular file")
     rc, err = compare_dump(path, capfd)  # by the dump's name: not taken for an index
     one_error(rc, err, 2, "does not exist")
+
+
+@posix_only
+def test_llamacpp_log_is_written_whole_or_not_at_all(tmp_path, gguf, capfd, monkeypatch):
+    """--log keeps the child's output; a failed write (full disk) leaves the earlier log whole, exit 1."""
+    from mlx_tinyllama import outputs
+
+    binary = fake_llamacpp(tmp_path, "print('llama.cpp says hello')\n")
+    log = tmp_path / "kept.log"
+    log.write_text("an earlier log\n")
+    real = os.replace
+
+    def full(a, b):
+        if Path(b) == log:
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+    monkeypatch.setattr(outputs.os, "replace", full)
+    capfd.readouterr()
+    rc = trace.main(["llamacpp", "--gguf", str(gguf), "--llama-cpp", str(binary), "--prompt", "hi", "--log", str(log)])
+    one_error(rc, capfd.readouterr().err, 1, "No space left")
+    assert log.read_text() == "an earlier log\n" and [p.name for p in tmp_path.glob(".kept.log*")] == []

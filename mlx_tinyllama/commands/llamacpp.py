@@ -114,7 +114,7 @@ def main(args) -> int:
     log = run_eval_callback(binary, gguf, prompt.text, args.threads, args.llama_args.split(), args.timeout,
                             args.max_log_mb)
     if args.log:
-        Path(args.log).write_text(log, encoding="utf-8")
+        outputs.write_text(args.log, log)  # atomic: a full disk leaves the earlier log whole
     candidate = parse_llamacpp_log(log, f"llama.cpp ({binary.name}, {gguf.name})")
     cli_common.check_tokens(candidate, prompt.ids, lm)
     engine = cli_common.emulate_engine(args, candidate, lm)
