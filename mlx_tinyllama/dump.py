@@ -19,6 +19,13 @@ a valid dump of its taps. `read_index` lists the shards for `compare`.
 Nothing is half-written: shards go to hidden temporary files beside `path` and take
 their names only in `finish()` (the index last); `abort()` (or an interrupted run)
 removes them, so an earlier dump at `path` stays as it was.
+
+Two writes are never mixed: every dump carries a generation id in its metadata (each
+shard's and the index's); the index, written last, names it, and `read_index` refuses a
+shard of another generation (a run stopped between renaming its shards and writing its
+index). A write removes the other form of the same path afterwards (a single file removes
+an earlier index and its shards; a sharded dump an earlier single file), and a reader given
+`path` while both forms exist refuses instead of guessing which one is stale.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +46,8 @@ from .taps import Taps, split_name, stage_of, tensor_stats
 
 INDEX_SUFFIX = ".index.json"
 DEFAULT_SHARD_BYTES = 1 << 30
+GENERATION = "generation"  # the metadata key of a dump's write id
+MAX_INDEX_BYTES = 64 << 20  # an index lists one line per tap: ~30 KB for TinyLlama's 1,500 taps
 
 
 def index_path(path: str | Path) -> Path:
@@ -55,7 +66,8 @@ class StreamingDump(Taps):
 
     def __init__(self, names, path: str | Path, metadata: dict[str, str], shard_bytes: int = DEFAULT_SHARD_BYTES):
         super().__init__(names, "full")
-        self.path, self.metadata, self.shard_bytes = Path(path), dict(metadata), shard_bytes
+        self.path, self.shard_bytes = Path(path), shard_bytes
+        self.metadata = {**metadata, GENERATION: uuid.uuid4().hex}
         self.shards: list[tuple[Path, list[str]]] = []
         self._pending: list[Path] = []  # temporary files of the shards, renamed in finish()
         self._layer: int | None = None
@@ -110,11 +122,20 @@ class StreamingDump(Taps):
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
         self._pending = []
         if len(self.shards) == 1:
+            _remove_sharded(self.path)  # an earlier sharded dump of this path is stale now
             return [self.path]
         index = {"metadata": {**self.metadata, "shards": len(self.shards)},
                  "weight_map": {n: p.name for p, names in self.shards for n in names}}
         with atomic_path(index_path(self.path)) as tmp:
             tmp.write_text(json.dumps(index, indent=1))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # an earlier single-file dump of this path is stale now
+        ours = {p.name for p, _ in self.shards}
+        for k in range(len(self.shards) + 1, 100000):  # an earlier, longer sharded dump's last shards
+            extra = shard_path(self.path, k)
+            if not extra.exists() or extra.name in ours:
+                break
+            extra.unlink()
         return [p for p, _ in self.shards] + [index_path(self.path)]
 
     def abort(self) -> None:
@@ -128,16 +149,63 @@ class StreamingDump(Taps):
         return {n: self._done[n] for n in self.order}
 
 
-def read_index(path: str | Path) -> tuple[list[Path], dict]:
-    """A dump's index -> (its shard files, in order; its metadata)."""
-    path = Path(path)
+def _remove_sharded(path: Path) -> None:
+    """Remove the sharded dump of `path` (its index, then the shards it names that carry this path's
+    shard names: nothing else an index could name is deleted)."""
+    index = index_path(path)
     try:
+        names = json.loads(index.read_text()).get("weight_map", {}).values()
+    except (OSError, ValueError, AttributeError):
+        names = []
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(index)
+    pattern = re.compile(re.escape(path.stem) + r"-\d{5}" + re.escape(path.suffix))
+    for name in {n for n in names if isinstance(n, str)}:
+        if pattern.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.parent / name)
+
+
+def read_index(path: str | Path) -> tuple[list[Path], dict]:
+    """A dump's index -> (its shard files, in order; its metadata). Shard names must be plain file
+    names beside the index; an index of more than MAX_INDEX_BYTES is refused."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise UserError(f"{path} is not a regular file; a dump index is a JSON file")
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise UserError(f"{path} is {path.stat().st_size} bytes; a dump index is read up to {MAX_INDEX_BYTES}")
         index = json.loads(path.read_text())
         weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        names = list(weight_map.values())
+        meta = index.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise TypeError("metadata is not an object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise UserError(f"{path} is not a dump index (JSON with a weight_map): {e}") from None
-    shards = list(dict.fromkeys(path.parent / f for f in weight_map.values()))
+    bad = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n or ":" in n]
+    if bad:
+        raise UserError(f"{path} names a shard outside its directory ({json.dumps(bad[0])[:60]}): shard names are "
+                        "file names beside the index")
+    shards = list(dict.fromkeys(path.parent / f for f in names))
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise UserError(f"{path} names shards that do not exist: {', '.join(missing[:3])}")
-    return shards, index.get("metadata", {})
+    return shards, meta
+
+
+def check_generation(shard: Path, shard_meta: dict, index: Path, index_meta: dict) -> None:
+    """A shard read through an index must be of the index's write (dumps written before generation
+    ids existed carry none and are not checked)."""
+    want = index_meta.get(GENERATION)
+    if want is not None and shard_meta.get(GENERATION) != want:
+        raise UserError(f"{shard} is not of the dump that {index.name} describes (another run's shard: the run "
+                        "that wrote it was stopped, or files were copied over): rerun the dump")
+
+
+def check_single(path: Path) -> None:
+    """A single-file dump read by its name while a sharded dump of the same name exists: one of the
+    two is stale (a write removes the other form), and which one is not guessed."""
+    if index_path(path).is_file():
+        raise UserError(f"both {path.name} and {index_path(path).name} exist in {path.parent}: two dumps of one "
+                        "path, one of them stale; delete the one you did not mean (or give the index)")

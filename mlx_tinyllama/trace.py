@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line itself (not a test calling main): OpenBLAS on Linux, before MLX loads
+        from .blas import ensure_fast_blas
+
+        ensure_fast_blas()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--debug"] and argv[1:2] and argv[1] in COMMANDS:  # `--debug COMMAND ...` too
         argv = [argv[1], "--debug", *argv[2:]]

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from .. import cli_common, outputs
+from ..child import run_bounded
 from ..compare import compare, run_side
 from ..errors import UserError
 from ..refs.llamacpp import parse_llamacpp_log
@@ -28,6 +28,8 @@ from ..results import ResultHeader
 from ..tolerances import Tolerances
 
 BINARY = "llama-eval-callback"
+DEFAULT_TIMEOUT_S = 600  # TinyLlama's 39-token prompt takes seconds on 2 cores; a 2,048-token one minutes
+DEFAULT_MAX_LOG_MB = 128  # TinyLlama's log of a 39-token prompt is 1.3 MB; `compare` reads logs up to this too
 BUILD_HINT = "build it with `bash scripts/llamacpp/build.sh` (llama.cpp from the llama-cpp-python sdist, ~17 min on 2 cores)"
 
 
@@ -39,6 +41,10 @@ def add_arguments(p) -> None:
     p.add_argument("--llama-args", metavar="ARGS", default="",
                    help="more llama-eval-callback arguments, e.g. \"-fa off -ctk f32 -ctv f32\"")
     p.add_argument("--log", metavar="PATH", help="also keep llama.cpp's log here")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"stop llama.cpp (its whole process group) after this long (default {DEFAULT_TIMEOUT_S})")
+    p.add_argument("--max-log-mb", type=float, default=DEFAULT_MAX_LOG_MB, metavar="MB",
+                   help=f"stop llama.cpp once its output exceeds this (default {DEFAULT_MAX_LOG_MB})")
     p.add_argument("--emulate", default="auto", metavar="auto|fp32|matmul=f16,kv=f16,fa=on",
                    help="the reference's precision: auto (default) reads llama.cpp's from its log and the GGUF")
     p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V", help="override a tolerance (repeatable)")
@@ -68,22 +74,22 @@ def find_binary(given: str | None, repo_root: Path | None = None) -> Path:
                     "or pass --llama-cpp BIN_OR_DIR")
 
 
-def run_eval_callback(binary: Path, gguf: Path, text: str, threads: int, extra: list[str]) -> str:
-    """llama.cpp's log (stdout and stderr, as a user would save it) for `text`."""
+def run_eval_callback(binary: Path, gguf: Path, text: str, threads: int, extra: list[str],
+                      timeout_s: float = DEFAULT_TIMEOUT_S, max_log_mb: float = DEFAULT_MAX_LOG_MB) -> str:
+    """llama.cpp's log (stdout and stderr, as a user would save it) for `text`; the child is
+    bounded in time and output (child.py)."""
     with tempfile.TemporaryDirectory(prefix="mlx_tinyllama_llamacpp_") as tmp:
         prompt_file = Path(tmp) / "prompt.txt"
         prompt_file.write_text(text + "\n", encoding="utf-8")  # -f strips one trailing newline
         cmd = [str(binary), "-m", str(gguf), "-f", str(prompt_file), "-t", str(threads), *extra]
         print("running: " + " ".join(cmd), file=sys.stderr)
-        try:
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-        except OSError as e:
-            raise UserError(f"cannot run {binary}: {e.strerror or e}") from None
-    log = r.stdout.decode("utf-8", errors="replace")
+        r = run_bounded(cmd, timeout_s, int(max_log_mb * (1 << 20)), binary.name,
+                        timeout_hint="--timeout SECONDS gives it longer", size_hint="--max-log-mb MB allows more")
     if r.returncode != 0:
-        tail = " | ".join(line.strip() for line in log.strip().splitlines()[-3:])
-        raise UserError(f"{binary.name} exited with {r.returncode}: {tail}")
-    return log
+        tail = " | ".join(line.strip() for line in r.output.strip().splitlines()[-3:])
+        died = f"was killed by signal {-r.returncode}" if r.returncode < 0 else f"exited with {r.returncode}"
+        raise UserError(f"{binary.name} {died}: {tail[-300:]}")
+    return r.output
 
 
 def main(args) -> int:
@@ -96,6 +102,8 @@ def main(args) -> int:
     cli_common.check_outputs(args)
     if args.log:
         outputs.check_file(args.log, "--log")
+    if not (args.timeout > 0 and args.max_log_mb > 0):  # NaN fails both
+        raise UserError("--timeout and --max-log-mb must be positive")
     binary = find_binary(args.llama_cpp)
     tol = Tolerances.from_overrides(args.tol)
     args.model, args.dtype, args.policy, args.kernels, args.download = str(gguf), "float32", "hf", None, False
@@ -108,9 +116,9 @@ def main(args) -> int:
         # Only a verbose log names the buffers the weights went to (AMX or not: f32 or f16 matmul
         # inputs; docs/llamacpp.md); without them the emulation falls back to a wider tolerance.
         extra.append("-v")
-    log = run_eval_callback(binary, gguf, prompt.text, args.threads, extra)
+    log = run_eval_callback(binary, gguf, prompt.text, args.threads, extra, args.timeout, args.max_log_mb)
     if args.log:
-        Path(args.log).write_text(log, encoding="utf-8")
+        outputs.write_text(args.log, log)  # atomic: a full disk leaves the earlier log whole
     candidate = parse_llamacpp_log(log, f"llama.cpp ({binary.name}, {gguf.name})")
     cli_common.check_tokens(candidate, prompt.ids, lm)
     engine = cli_common.emulate_engine(args, candidate, lm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -121,6 +122,11 @@ def _parse_float(tok: str) -> float:
 # context x context) of a model this tool runs, e.g. TinyLlama's 2048-token logits: 65.5 M values. A
 # log that declares more is corrupt or not a Llama's, and is refused before anything is allocated.
 MAX_LOG_ELEMENTS = 1 << 26
+# What all the compared tensors of one log may hold together, declared (5 bytes a value: float32 and a
+# mask): 1.3 GB. TinyLlama's log of a 39-token prompt declares 70 M values and compares 30 M, a 4-layer
+# model's of 335 tokens declares 23 M; a log of small headers that each declare a big shape (2 KB declaring 8192 x 8192 per block took
+# over 2 GB) is refused here instead of allocating what it declares.
+MAX_LOG_TOTAL_ELEMENTS = 1 << 28
 
 
 def _shape(name: str, text: str) -> list[int]:
@@ -137,13 +143,51 @@ def _shape(name: str, text: str) -> list[int]:
 
 @dataclass
 class LogTensor:
+    """One printed tensor. Its rows are kept as printed (a few values each: bounded by the bytes of
+    the log); the dense `values`/`known` of its declared shape are made only when asked for."""
+
     name: str
     type: str
     op: str
     ne: list[int]
-    values: np.ndarray  # numpy order (reversed ne), NaN where not printed
-    known: np.ndarray
+    rows: list  # the printed rows, float32 arrays of the printed ne[0] indices
     sum: float | None
+
+    @property
+    def shape(self) -> tuple:
+        """numpy order (reversed ne) without ggml's trailing 1-sized dims"""
+        ne = self.ne
+        ndim = max(1, max(d + 1 for d in range(4) if ne[d] > 1) if any(n > 1 for n in ne) else 1)
+        return (ne[3], ne[2], ne[1], ne[0])[4 - ndim:]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.ne))
+
+    @cached_property
+    def _dense(self) -> tuple[np.ndarray, np.ndarray]:
+        ne = self.ne
+        full = (ne[3], ne[2], ne[1], ne[0])
+        values = np.full(full, np.nan, np.float32)  # float32: what llama.cpp computed; half the memory
+        known = np.zeros(full, bool)
+        i0s = _printed_indices(ne[0])
+        for (i3, i2, i1), row in zip(_slots(ne), self.rows):
+            values[i3, i2, i1, i0s] = row
+            known[i3, i2, i1, i0s] = True
+        return values.reshape(self.shape), known.reshape(self.shape)
+
+    @property
+    def values(self) -> np.ndarray:  # NaN where not printed
+        return self._dense[0]
+
+    @property
+    def known(self) -> np.ndarray:
+        return self._dense[1]
+
+
+def _slots(ne) -> list[tuple[int, int, int]]:
+    """(i3, i2, i1) of each row llama.cpp prints, in order"""
+    return [(i3, i2, i1) for i3 in range(ne[3]) for i2 in _printed_indices(ne[2]) for i1 in _printed_indices(ne[1])]
 
 
 def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
@@ -156,7 +200,10 @@ def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
         i += 1
         if not m:
             continue
-        ne = _shape(m.group("name").strip(), m.group("shape"))
+        name = m.group("name").strip()
+        ne = _shape(name, m.group("shape"))
+        expected = ne[3] * len(_printed_indices(ne[2])) * len(_printed_indices(ne[1]))
+        width = len(_printed_indices(ne[0]))
         rows, total = [], None
         while i < len(lines) and not _HEADER.match(lines[i]):
             s = lines[i].strip()
@@ -169,29 +216,18 @@ def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
                 body = s.strip("[], ")
                 toks = [t for t in body.split(",") if t.strip() and t.strip() != "..."]
                 try:
-                    rows.append([_parse_float(t) for t in toks])
+                    row = np.array([_parse_float(t) for t in toks], np.float32)
                 except ValueError:
-                    raise UserError(f"llama.cpp log: bad number in the values of {m.group('name')}: {s[:80]!r}") from None
-        out.append(_assemble(m.group("name").strip(), m.group("type"), m.group("op"), ne, rows, total))
+                    raise UserError(f"llama.cpp log: bad number in the values of {name}: {s[:80]!r}") from None
+                if len(row) != width or len(rows) >= expected:
+                    rows.append(row)
+                    break  # the check below says what is wrong; nothing more of this block is kept
+                rows.append(row)
+        if rows and (len(rows) != expected or any(len(r) != width for r in rows)):
+            raise UserError(f"llama.cpp log: tensor {name} with shape {{{', '.join(map(str, ne))}}} should print "
+                            f"{expected} rows of {width} values, found {len(rows)} rows: truncated or edited log?")
+        out.append(LogTensor(name, m.group("type"), m.group("op"), ne, rows, total))
     return out
-
-
-def _assemble(name, type_, op, ne, rows, total) -> LogTensor:
-    shape = (ne[3], ne[2], ne[1], ne[0])
-    values = np.full(shape, np.nan, np.float32)  # float32: what llama.cpp computed; half the memory
-    known = np.zeros(shape, bool)
-    i0s = _printed_indices(ne[0])
-    slots = [(i3, i2, i1) for i3 in range(ne[3]) for i2 in _printed_indices(ne[2]) for i1 in _printed_indices(ne[1])]
-    if rows and (len(rows) != len(slots) or any(len(r) != len(i0s) for r in rows)):
-        raise UserError(f"llama.cpp log: tensor {name} with shape {{{', '.join(map(str, ne))}}} should print "
-                        f"{len(slots)} rows of {len(i0s)} values, found {len(rows)} rows: truncated or edited log?")
-    for (i3, i2, i1), row in zip(slots, rows):
-        values[i3, i2, i1, i0s] = row
-        known[i3, i2, i1, i0s] = True
-    # numpy order without ggml's trailing 1-sized dims
-    ndim = max(1, max(d + 1 for d in range(4) if ne[d] > 1) if any(n > 1 for n in ne) else 1)
-    keep = shape[4 - ndim:]
-    return LogTensor(name, type_, op, ne, values.reshape(keep), known.reshape(keep), total)
 
 
 @dataclass
@@ -268,6 +304,8 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
         counts[t.name] = counts.get(t.name, 0) + 1
     seen: dict[str, int] = {}
     printed: set[tuple[str, str]] = set()
+    allocated = 0  # declared values of the compared tensors, made dense below
+    planned = []
     side = Side(name=name, kind="llama.cpp-log", layout=layout, ids=info.ids,
                 n_tokens=len(info.ids) if info.ids else None,
                 provenance={"computed_by": "llama.cpp (llama-eval-callback log)", "llama.cpp": info.as_dict()})
@@ -276,17 +314,16 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
         k = seen.get(t.name, 0)
         seen[t.name] = k + 1
         tap = llamacpp_tap(t.name, t.op, k, counts[t.name], name_map)
-        values, known = t.values, t.known
+        merge_heads = False  # FLASH_ATTN_EXT's [T, heads, head_dim], compared as [T, heads*head_dim]
         suffix = re.search(r"-(\d+)(?: \(|$)", t.name)
         if suffix:
             layer_now = int(suffix.group(1))
-        if tap is None and t.op == "FLASH_ATTN_EXT" and layer_now is not None and t.values.ndim == 3:
+        if tap is None and t.op == "FLASH_ATTN_EXT" and layer_now is not None and len(t.shape) == 3:
             # The fused output [T, heads, head_dim] is kqv_out's values, but printed per dimension:
             # its corners show 6 heads (kqv_out's, only the first and the last), and a fault that
             # spares those two (a GQA broadcast that maps head h to h % n_kv) shows only here.
             tap = f"layers.{layer_now}.attn.context"
-            values = t.values.reshape(t.values.shape[0], -1)
-            known = t.known.reshape(t.known.shape[0], -1)
+            merge_heads = True
         base, _, layer = t.name.partition("-")
         if tap is None and t.op == "RESHAPE" and base in ("Qcur", "Kcur", "Vcur") and layer.isdigit() \
                 and (t.name, "MUL_MAT") not in printed:
@@ -301,13 +338,24 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
         base = re.sub(r"-\d+$", "", t.name)
         if base in GATED_ACTIVATIONS and base != "ffn_swiglu":
             note += f"; llama.cpp gated the MLP with {GATED_ACTIVATIONS[base]} ({t.op}), the model with SiLU (SWIGLU)"
-        if known.any():
+        if t.rows:
+            allocated += t.size
+        planned.append((tap, t, where, note, merge_heads))
+    if allocated > MAX_LOG_TOTAL_ELEMENTS:  # checked before any tensor is made dense
+        raise UserError(f"{name}: its compared tensors declare {allocated} values in all; this parser holds at most "
+                        f"{MAX_LOG_TOTAL_ELEMENTS} (corrupt, or a prompt too long to compare from a log: use fewer tokens)")
+    for tap, t, where, note, merge_heads in planned:
+        if t.rows:
+            values, known = t.values, t.known
+            if merge_heads:
+                values, known = values.reshape(values.shape[0], -1), known.reshape(known.shape[0], -1)
             side.items.append(Item(tap, Selector("full"), values, key=where, known=known,
                                    resolution=LLAMACPP_PRINT_RESOLUTION, note=note))
         if t.sum is not None:
             # ggml's printed sum: a plain float32 running sum over the tensor in its memory order
             side.items.append(Item(tap, Selector("sum"), np.float64(t.sum), key=f"{where} sum",
-                                   source_shape=values.shape, accumulation="float32-sequential", note=note))
+                                   source_shape=(t.shape[0], int(np.prod(t.shape[1:]))) if merge_heads
+                                   else t.shape, accumulation="float32-sequential", note=note))
     # The printed activations are f32 even when the engine rounds inside its ops; the precision it
     # computed with is emulated on the reference side (emulation.py), so tolerances stay fp32's.
     side.dtype = "float32" if set(info.activations) <= {"f32"} else {"f16": "float16", "bf16": "bfloat16"}.get(

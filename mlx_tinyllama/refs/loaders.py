@@ -16,6 +16,7 @@ from ..outputs import number
 from .side import Item, Selector, Side, is_known_tap
 from .seed import SEED_FORMAT, topk_value, seed_entries, seed_format_of, side_from_entries
 from .llamacpp import map_name, parse_llamacpp_log
+from .npz_bounds import check_npz
 
 
 MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.py writes
@@ -28,7 +29,7 @@ MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.
 def load(path: str | Path, name_map: dict | None = None, layout: str | None = None) -> list[Side]:
     """Read any supported file into one or more Sides (a seed bundle holds several)."""
     path = Path(path)
-    from ..dump import INDEX_SUFFIX, index_path
+    from ..dump import INDEX_SUFFIX, check_single, index_path
 
     if not path.exists() and index_path(path).is_file():  # a sharded dump named by its first form
         path = index_path(path)
@@ -38,11 +39,18 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
         return [_load_sharded(path, name_map, layout or "hf")]
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a reference .json, a .safetensors/.npz dump or a log file")
+    if not path.is_file():  # /dev/zero, a FIFO, a socket: endless or blocking reads
+        raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a file")
     suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        check_single(path)
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
         return [_load_tensors(path, name_map, layout or "hf")]
+    if path.stat().st_size > MAX_LOG_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size} bytes; a log is read up to {MAX_LOG_BYTES} "
+                        "(TinyLlama's llama-eval-callback log of a 39-token prompt is 1.3 MB)")
     text = _read_text(path)
     if "ggml_debug" in text or "common_debug_cb_eval" in text or re.search(r"= \(\w+\)\s+\S+\(", text):
         return [parse_llamacpp_log(text, path.name, name_map, layout or "gguf")]
@@ -58,6 +66,7 @@ def _read_text(path: Path) -> str:
 
 
 MAX_JSON_BYTES = 256 << 20  # a stats JSON with full `values` of every tap of a long prompt stays below
+MAX_LOG_BYTES = 128 << 20  # ~100x TinyLlama's llama-eval-callback log of a 39-token prompt (1.3 MB)
 
 
 def _load_json(path: Path, name_map: dict | None) -> list[Side]:
@@ -84,7 +93,10 @@ def _load_json(path: Path, name_map: dict | None) -> list[Side]:
 
 
 def _load_manifest(path: Path, data: dict) -> Side:
-    tensor_file = path.parent / str(data.get("tensors", ""))
+    name = data.get("tensors")
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or ":" in name:
+        raise UserError(f"{path}: \"tensors\" must name a file beside the manifest, not {json.dumps(name)[:60]}")
+    tensor_file = path.parent / name
     if not tensor_file.is_file():
         raise UserError(f"{path}: its tensor file {tensor_file.name} is missing beside it")
     tensors = read_tensor_file(tensor_file)
@@ -209,6 +221,7 @@ def _ids(v, path: Path, key: str) -> list[int]:
 def read_tensor_file(path: Path, storage: dict | None = None) -> dict[str, np.ndarray]:
     """safetensors (any float dtype, bf16 included) or npz -> float32 numpy arrays; `storage`, when
     given, receives each tensor's stored dtype ({name: "float16", ...}: the tolerances follow it)."""
+    _check_tensor_file(path)
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path) as z:
@@ -224,6 +237,15 @@ def read_tensor_file(path: Path, storage: dict | None = None) -> dict[str, np.nd
                 for k, v in mx.load(str(path), format="safetensors").items()}
     except Exception as e:  # truncated or foreign files raise several types
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a tensor file?)") from None
+
+
+def _check_tensor_file(path: Path) -> None:
+    """Before reading: a regular file (a FIFO would block, a device never end) whose npz arrays fit
+    in the bytes it holds (safetensors offsets are checked by MLX against the file's size)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} is not a regular file (missing, a directory, a device or a pipe): give a tensor file")
+    if Path(path).suffix.lower() == ".npz":
+        check_npz(Path(path))
 
 
 def _safetensors_dtypes(path: Path) -> dict[str, str]:
@@ -302,9 +324,11 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
 
 def _load_sharded(path: Path, name_map: dict | None, layout: str) -> Side:
     """A dump streamed in shards (dump.py): its index names the shards, read as one dump."""
-    from ..dump import read_index
+    from ..dump import check_generation, read_index
 
-    shards, _ = read_index(path)
+    shards, meta = read_index(path)
+    for shard in shards:  # before any tensor is read
+        check_generation(shard, safetensors_metadata(shard), path, meta)
     side = _load_tensors(shards[0], name_map, layout)
     for shard in shards[1:]:
         more = _load_tensors(shard, name_map, layout)
@@ -323,6 +347,8 @@ def read_name_map(path: str | Path | None) -> dict | None:
         raise UserError(f"--map: {p} is a directory; give a JSON file {{their name: canonical tap}}")
     if not p.exists():
         raise UserError(f"--map: {p} does not exist")
+    if not p.is_file():  # a FIFO or a device: the read would block or never end
+        raise UserError(f"--map: {p} is not a regular file; give a JSON file")
     if p.stat().st_size > MAX_JSON_BYTES:
         raise UserError(f"--map: {p} is {p.stat().st_size} bytes; at most {MAX_JSON_BYTES} are read")
     try:

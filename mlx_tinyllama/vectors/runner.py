@@ -37,19 +37,27 @@ def load_engine(spec: str):
             module = importlib.import_module(module_name)
         except ImportError as e:
             raise UserError(f"--engine: cannot import {module_name}: {e}") from None
+        except Exception as e:  # a syntax error or a failing import in the user's module
+            raise UserError(f"--engine: importing {module_name} failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"--engine: {module_name} has no function {attr}")
     return fn
 
 
-def _stored(out) -> mx.array:
+def _stored(out, case: dict) -> mx.array:
     """An engine's output as it will be stored: its own float dtype (float64 as float32)."""
     if isinstance(out, mx.array):
         return out
-    arr = to_numpy(out) if not hasattr(out, "detach") else out.detach().float().cpu().numpy()
-    arr = np.asarray(arr)
-    return mx.array(arr.astype(np.float32) if arr.dtype == np.float64 else arr)
+    try:
+        arr = to_numpy(out) if not hasattr(out, "detach") else out.detach().float().cpu().numpy()
+        arr = np.asarray(arr)
+        if arr.dtype.kind not in "fiub" or arr.ndim == 0:
+            raise TypeError(f"{type(out).__name__}")
+        return mx.array(arr.astype(np.float32) if arr.dtype == np.float64 else arr)
+    except Exception:  # None, a string, a ragged list, a scalar: not an array of numbers
+        raise UserError(f"the engine returned {type(out).__name__} for {case['name']} ({case['op']}); "
+                        "it must return an array of numbers") from None
 
 
 def run_engine(vectors: Vectors, engine, ops: list[str] | None = None, names: list[str] | None = None,
@@ -68,7 +76,7 @@ def run_engine(vectors: Vectors, engine, ops: list[str] | None = None, names: li
             continue
         except Exception as e:  # the engine's own failure: name the case it failed on
             raise UserError(f"the engine failed on {case['name']} ({case['op']}): {type(e).__name__}: {e}") from None
-        results[case["output"]] = _stored(out)
+        results[case["output"]] = _stored(out, case)
         mx.eval(results[case["output"]])
         if progress:
             progress(i + 1, len(cases), f"running {case['name']}")

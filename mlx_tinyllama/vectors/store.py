@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +23,13 @@ MANIFEST = "manifest.json"
 FORMAT = "mlx_tinyllama.vectors"
 VERSION = 1
 CASE_FIELDS = ("name", "op", "semantics", "shapes", "dtype", "params", "inputs", "output", "file", "tolerance")
+# The parameters each op reads (engine.run_op); a case without one would fail inside the golden op.
+OP_PARAMS = {"rms_norm": ("eps",), "rope": ("head_dim", "theta", "offset"), "scores": ("scale",),
+             "sdpa": ("scale",)}
+# An all-zero result has NMSE 1: a tolerance near it passes anything. The loosest the rule gives
+# (bfloat16 SDPA with a large |score|) is ~1e-2.
+MAX_NMSE_TOLERANCE = 0.1
+MAX_MANIFEST_BYTES = 64 << 20  # the full vectors' manifest is ~0.2 MB
 
 
 def save_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
@@ -55,9 +63,11 @@ def load_manifest(directory) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         raise UserError(f"{directory} has no {MANIFEST}: write one with `vectors write {directory}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size} bytes; a vectors manifest is read up to {MAX_MANIFEST_BYTES}")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a vectors manifest (no \"format\": \"{FORMAT}\")")
@@ -68,11 +78,55 @@ def load_manifest(directory) -> dict:
         raise UserError(f"{path} lists no cases")
     for i, case in enumerate(cases):
         missing = [f for f in CASE_FIELDS if not isinstance(case, dict) or f not in case]
-        if not missing and not all(k in (case["tolerance"] or {}) for k in ("nmse", "n", "kappa")):
+        if not missing and not (isinstance(case["tolerance"], dict)
+                                and all(k in case["tolerance"] for k in ("nmse", "n", "kappa"))):
             missing = ["tolerance.nmse/n/kappa"]
         if missing:
             raise UserError(f"{path}: case {i} lacks {', '.join(missing)}")
+        problem = case_problem(case)
+        if problem:
+            raise UserError(f"{path}: case {i} ({str(case.get('name'))[:60]}): {problem}")
     return manifest
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _plain_name(f) -> bool:
+    """A file name inside the directory: no folder part, not absolute, not `..`."""
+    return isinstance(f, str) and f not in ("", ".", "..") and "/" not in f and "\\" not in f and ":" not in f
+
+
+def case_problem(case: dict) -> str | None:
+    """What is wrong with one case of a manifest, in words (None: nothing)."""
+    for key in ("name", "op", "output", "dtype"):
+        if not isinstance(case[key], str):
+            return f"{key} must be a string, not {json.dumps(case[key])[:40]}"
+    if not _plain_name(case["file"]):
+        return f"file {json.dumps(case['file'])[:60]} must be a file name inside the vectors directory"
+    inputs, shapes, params, tol = case["inputs"], case["shapes"], case["params"], case["tolerance"]
+    if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs.values()):
+        return "inputs must be an object {role: tensor key}"
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+            for v in shapes.values()):
+        return "shapes must be an object {role: [dims]} of non-negative integers"
+    lacking = [r for r in [*inputs, "y"] if r not in shapes]
+    if lacking:
+        return f"shapes lacks {', '.join(lacking)}"
+    if not isinstance(params, dict):
+        return "params must be an object"
+    lacking = [p for p in OP_PARAMS.get(case["op"], ()) if p not in params]
+    if lacking:
+        return f"params lacks {', '.join(lacking)} (needed by {case['op']})"
+    nmse = tol["nmse"]
+    if not _number(nmse) or not 0 <= nmse <= MAX_NMSE_TOLERANCE:
+        return (f"tolerance.nmse {json.dumps(nmse)[:40]} must be a number in [0, {MAX_NMSE_TOLERANCE}] "
+                "(an all-zero result has NMSE 1)")
+    if not _number(tol["n"]) or tol["n"] < 0 or not _number(tol["kappa"]) or tol["kappa"] < 0:
+        return "tolerance.n and tolerance.kappa must be finite numbers >= 0"
+    return None
 
 
 class Vectors:
