@@ -7,6 +7,9 @@ on with it (a usage synopsis). A `$ ` prompt and a trailing `# comment` are drop
 non-shell block that do not start with a launcher (`python`, `bash`, `xz`, `VAR=value ...`) are
 output or code, never commands.
 
+In prose, an inline code span that starts with a launcher is a command too (`python -m
+mlx_tinyllama.trace COMMAND --help`), its line breaks joined.
+
 A helper of tests/test_docs_commands.py, kept apart so that the extraction is tested on its own.
 """
 
@@ -23,6 +26,7 @@ LAUNCHERS = {"python", "python3", "bash", "sh", "xz", "pip", "pip3", "/usr/bin/t
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)")
 _HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
 _ASSIGN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_SPAN = re.compile(r"(?<!`)`([^`]+)`(?!`)")
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,9 @@ def _commands_of_block(path: str, first_line: int, lines: list[str], shell: bool
 
 
 def extract(repo: Path, path: str) -> list[DocCommand]:
-    """Every command of one Markdown file, in the order printed."""
+    """Every command of one Markdown file: the code blocks' in the order printed, then the prose's."""
     lines = (repo / path).read_text(encoding="utf-8").split("\n")
+    prose = list(lines)  # the file with its code blocks blanked, for the inline spans
     out: list[DocCommand] = []
     i = 0
     prev_blank = True
@@ -114,6 +119,7 @@ def extract(repo: Path, path: str) -> list[DocCommand]:
             while j < len(lines) and not lines[j].strip().startswith(fence):
                 j += 1
             out += _commands_of_block(path, i + 2, lines[i + 1:j], info in SHELL_INFOS)
+            prose[i:j + 1] = [""] * len(prose[i:j + 1])
             i, prev_blank = j + 1, False
             continue
         if prev_blank and lines[i].startswith("    ") and lines[i].strip():  # an indented code block
@@ -121,10 +127,16 @@ def extract(repo: Path, path: str) -> list[DocCommand]:
             while j < len(lines) and (lines[j].startswith("    ") or not lines[j].strip()):
                 j += 1
             out += _commands_of_block(path, i + 1, [ln[4:] for ln in lines[i:j]], False)
+            prose[i:j] = [""] * (j - i)
             i, prev_blank = j, True
             continue
         prev_blank = not lines[i].strip()
         i += 1
+    text = "\n".join(prose)
+    for m in _SPAN.finditer(text):
+        span = " ".join(m.group(1).split())
+        if starts_command(span) and not span.startswith("$ "):
+            out.append(DocCommand(path, text.count("\n", 0, m.start()) + 1, strip_comment(span)))
     return out
 
 

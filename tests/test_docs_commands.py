@@ -94,6 +94,11 @@ SYNOPSES = {
         f"{TRACE} vectors write vec --dtype float16 --model synthetic:tiny --quick",
     "python -m mlx_tinyllama.trace vectors check vec --results theirs.safetensors [--json out.json] [--report out.html]":
         f"{TRACE} vectors check vec --results theirs.safetensors --json out.json --report out.html",
+    f"{TRACE} COMMAND --help": f"{TRACE} compare --help",
+    f"{TRACE} paths --model synthetic:small[:seed=N] --dtype float32 [--kernels explicit] --chunk 2 --chunk 5":
+        f"{TRACE} paths --model synthetic:tiny:seed=1 --dtype float32 --kernels explicit --chunk 2 --chunk 5",
+    f"{TRACE} stability --model synthetic:PRESET --dtypes fp16,bf16 --json out.json":
+        f"{TRACE} stability --model synthetic:stress-scores --dtypes fp16,bf16 --json out.json",
 }
 
 # exit codes other than 0, with what the doc says
@@ -119,7 +124,23 @@ EXCLUDED = {
     "print(materialize(\"tinyllama\"))')\" tl.gguf": "the 1.1B-shaped GGUF (2.2 GB, minutes)",
     f"{TRACE} compare --against tl.log --model tl.gguf": "the 1.1B-shaped GGUF (2.2 GB, minutes)",
     "bash scripts/vectors_faults.sh /tmp/vf_tl": "vectors of the 1.1B shape",
+    "bash scripts/test.sh -m 'not slow' tests/test_model.py": "makes (or reuses) .venv and installs the dev "
+        "dependencies into it (PyPI), then runs pytest there",
+    "pip uninstall mlx-cpu": "changes the environment (the CUDA backend's install)",
+    "pip install --force-reinstall --no-deps mlx-cuda-13": "changes the environment; an NVIDIA GPU's wheel",
+    "python scripts/llamacpp/table.py": "the same script as docs/llamacpp.md:115's command, which runs it (slow) "
+        "and checks this table",
     # docs/benchmarks.md: the measurements as they were run (minutes each, a GPU, or Metal)
+    f"{TRACE} bench": "the default benchmark: the 1.1B shape at 38..2,048 tokens (minutes)",
+    f"LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 {TRACE}": "the prefix of the bench "
+        "commands printed after it, not a command by itself (alone it runs the 1.1B shape)",
+    "python scripts/profile_dump.py 2048 3": "a profile of a 2,048-token dump of the 1.1B shape (minutes, GBs)",
+    "bash scripts/bench_gpu.sh exec CMD": "runs on the GPU machine",
+    "bash scripts/bench_gpu.sh run": "runs on the GPU machine",
+    "bash scripts/bench_gpu.sh tests": "runs on the GPU machine",
+    "bash scripts/bench_gpu.sh exec python3 scripts/gpu_decode_attention.py": "runs on the GPU machine",
+    "python scripts/profile_taps.py synthetic:tinyllama float16": "a recorded profile of the 1.1B shape",
+    "python scripts/profile_taps.py synthetic:tinyllama float32": "a recorded profile of the 1.1B shape",
     f"{TRACE} bench --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --json bench.json": "a benchmark of the real checkpoint on a Mac",
     f"MTL_CAPTURE_ENABLED=1 {TRACE} bench --no-tap-overhead --no-stages --prompt-lengths 38 --metal-capture "
     "decode.gputrace": "Metal only (an Xcode GPU trace)",
@@ -165,6 +186,8 @@ SLOW = {
     f"{TRACE} paths --model synthetic:tiny --fault drop-kv:9 --report paths.html": "the paths report: 35 s",
     f"{TRACE} stability --model synthetic:stress-scores --report stability.html": "the stability report: 25 s",
     "PYTHONPATH=$PWD python scripts/llamacpp/table.py": "19 compares on synthetic:small: 62 s",
+    "python -m mlx_tinyllama.tolerances small medium": "transformers beside MLX on two models",
+    "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and localize",
 }
 
 
@@ -229,7 +252,7 @@ def unfilled(text: str) -> list[str]:
     """What still looks like a placeholder: `...`, [optional] parts, a|b choices, UPPERCASE values
     (in the command line; a here-document's body is a program)."""
     words = shlex.split(text.split("\n")[0], comments=True)
-    bad = [w for w in words if w.endswith("...") or (w.startswith("[") and not w.startswith("[-"))
+    bad = [w for w in words if w.endswith("...") or re.search(r"\[(-|:|[A-Z])", w)
            or re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[a-z]+)?", w)]
     bad += [w for w in words if re.fullmatch(r"[\w.-]+(\|[\w.-]+)+", w)]
     return bad
@@ -446,6 +469,7 @@ def test_extraction_reads_shell_blocks_prompts_continuations_and_heredocs(tmp_pa
         "```python", "import numpy", "```", "",
         "```sh", "python - tiny <<'EOF'", "print(1)", "EOF", "echo done", "```", "",
         "Indented:", "", "    python3 scripts/y.py --flag", "    not a command", "",
+        "Inline `python -m mlx_tinyllama.trace paths", "--chunk 2` and `x = python` and ``python a``.",
     ]))
     got = [(c.line, c.text, c.output) for c in extract(tmp_path, "doc.md")]
     assert got == [
@@ -456,6 +480,7 @@ def test_extraction_reads_shell_blocks_prompts_continuations_and_heredocs(tmp_pa
         (28, "python - tiny <<'EOF'\nprint(1)\nEOF", ()),
         (31, "echo done", ()),
         (36, "python3 scripts/y.py --flag", ()),
+        (39, "python -m mlx_tinyllama.trace paths --chunk 2", ()),
     ]
     assert starts_command("LD_PRELOAD=x python -m a") and not starts_command("x = python")
     assert strip_comment("a '#b' # c") == "a '#b'"
@@ -477,4 +502,6 @@ def test_doc_output_is_matched_by_its_whole_last_line():
 
 def test_placeholders_left_are_caught():
     assert unfilled("python -m mlx_tinyllama.trace x --model M --ids 1,2,... [--quick] --outtype f32|f16")
-    assert not unfilled("python -m mlx_tinyllama.trace x --model synthetic:tiny --taps 'layers.*' --json a.json")
+    for placeholder in ("--model synthetic:tiny[:seed=N]", "[--kernels explicit]", "--results X.safetensors", "a|b"):
+        assert unfilled(f"python -m mlx_tinyllama.trace x {placeholder}"), placeholder
+    assert not unfilled("python -m mlx_tinyllama.trace x --model synthetic:tiny --taps 'layers.*[0-9].out' --json a.json")
