@@ -186,27 +186,43 @@ SLOW = {
     f"{TRACE} paths --model synthetic:tiny --fault drop-kv:9 --report paths.html": "the paths report: 35 s",
     f"{TRACE} stability --model synthetic:stress-scores --report stability.html": "the stability report: 25 s",
     "PYTHONPATH=$PWD python scripts/llamacpp/table.py": "19 compares on synthetic:small: 62 s",
-    "python -m mlx_tinyllama.tolerances small medium": "transformers beside MLX on two models",
-    "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and localize",
+    "python -m mlx_tinyllama.tolerances small medium": "transformers beside MLX on two models: 82 s",
+    "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and "
+        "localize: 55 s",
+    "python -m pytest tests/test_layers.py": "a pytest run of its own: 24 s",
 }
 
 
+_MEASURED = re.compile(r"\d+\.\d+(?:e[+-]?\d+)?|\d+e[+-]?\d+|\d+(?=\s?[x×])")
 
-def _llamacpp_table_as_printed(out: str) -> None:
-    """docs/llamacpp.md's results table is what table.py prints: every case, its settings, GGUF,
-    exit code and first divergence. (The ratio column depends on the CPU's rounding order; it is
-    the doc's record of this machine, not checked here.)"""
-    def rows(text: str) -> dict[str, list[str]]:
-        cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in text.splitlines()
-                 if ln.startswith("| `")]
-        return {r[0]: r[1:5] for r in cells}
-    doc = (REPO / "docs" / "llamacpp.md").read_text(encoding="utf-8").split("## Results", 1)[1]
-    printed, shown = rows(out), rows(doc.split("\n## ", 1)[0])
-    assert printed and printed == shown, f"docs/llamacpp.md's table differs from table.py's:\n{out}"
+
+def table_rows(text: str) -> dict[str, str]:
+    """A Markdown table's rows by their first cell, each row with its measured numbers (decimals,
+    exponents, `N×` ratios) as `#`: they depend on the CPU's rounding order, and the doc records one
+    machine's; the cases, stages, exit codes and diagnoses must be the same everywhere."""
+    rows = {}
+    for ln in text.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if ln.startswith("| `"):
+            rows[_MEASURED.sub("#", cells[0])] = _MEASURED.sub("#", " | ".join(cells[1:]))
+    return rows
+
+
+def table_as_printed(doc: str, heading: str):
+    """A check: the table under `heading` in `doc` is the one the command prints."""
+    def check(out: str) -> None:
+        section = (REPO / doc).read_text(encoding="utf-8").split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+        printed, shown = table_rows(out), table_rows(section)
+        assert printed and printed == shown, f"{doc}'s table under {heading!r} differs from the command's:\n{out}"
+    return check
 
 
 # extra checks of a command's output: what the doc says it prints
-CHECKS = {"PYTHONPATH=$PWD python scripts/llamacpp/table.py": _llamacpp_table_as_printed}
+CHECKS = {
+    "PYTHONPATH=$PWD python scripts/llamacpp/table.py": table_as_printed("docs/llamacpp.md", "## Results"),
+    "PYTHONPATH=. python scripts/localize_faults.py": table_as_printed("docs/localize.md",
+                                                                      "## Every fault of the test engine"),
+}
 
 # options whose value is a file or directory the command writes
 OUTPUT_OPTIONS = {"--json", "--report", "--dump", "--plots", "--out"}
@@ -461,7 +477,7 @@ def test_every_substitution_is_used_and_every_made_file_is_known(made):
 def test_extraction_reads_shell_blocks_prompts_continuations_and_heredocs(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("\n".join([
-        "Text `python -m mlx_tinyllama.trace inline` is prose.", "",
+        "Text `python -m mlx_tinyllama.trace inline` is a command in prose.", "",
         "```bash", "# a comment", "python -m mlx_tinyllama.trace run --model X \\", "    --json a.json  # why", "```",
         "", "```", "python -m mlx_tinyllama.trace stability --model M", "    [--json PATH]   # comment", "```",
         "", "```", "$ python -m mlx_tinyllama.trace paths", "table line", "all agree", "",
@@ -480,6 +496,7 @@ def test_extraction_reads_shell_blocks_prompts_continuations_and_heredocs(tmp_pa
         (28, "python - tiny <<'EOF'\nprint(1)\nEOF", ()),
         (31, "echo done", ()),
         (36, "python3 scripts/y.py --flag", ()),
+        (1, "python -m mlx_tinyllama.trace inline", ()),
         (39, "python -m mlx_tinyllama.trace paths --chunk 2", ()),
     ]
     assert starts_command("LD_PRELOAD=x python -m a") and not starts_command("x = python")
@@ -498,6 +515,15 @@ def test_doc_output_is_matched_by_its_whole_last_line():
     assert last_line_shown(["table", "first divergence: a b", "(c)"], "table\nfirst divergence: a b (c)\n\n")
     assert not last_line_shown(["all paths agree at every tap"], "all paths agree at every tap and position\n")
     assert not last_line_shown(["x"], "")
+
+
+def test_tables_compare_cases_stages_and_verdicts_not_measured_digits():
+    a = "| `fault_gelu` | f16 | 1 | `layers.0.mlp.prod` | 78x over |\n| `clean` | f16 | 0 | none (match) | 0.30 (under 1) |"
+    assert table_rows(a) == table_rows(a.replace("78x", "81x").replace("0.30", "0.38"))
+    assert table_rows(a) != table_rows(a.replace("layers.0.mlp.prod", "layers.0.mlp.act"))
+    assert table_rows(a) != table_rows(a.replace("| 1 |", "| 0 |"))
+    assert table_rows(a) != table_rows(a.replace("layers.0", "layers.1"))
+    assert set(table_rows("| `drift:3.37e-06` (tiny) | layers.0.attn.scores (2×) |")) == {"`drift:#` (tiny)"}
 
 
 def test_placeholders_left_are_caught():
