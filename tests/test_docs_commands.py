@@ -278,7 +278,7 @@ def unfilled(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, tiny_dir, small_dir):
+def made(tmp_path_factory, tiny_dir, request):
     """name -> a function making that file (once) and returning its path."""
     root = tmp_path_factory.mktemp("docs_inputs")
     cache: dict[str, str] = {}
@@ -317,7 +317,7 @@ def made(tmp_path_factory, tiny_dir, small_dir):
 
     def small_gguf():
         from mlx_tinyllama.gguf_write import convert
-        convert(small_dir, root / "small-f16.gguf", out_type="f16")
+        convert(request.getfixturevalue("small_dir"), root / "small-f16.gguf", out_type="f16")
         return str(root / "small-f16.gguf")
 
     def small_log():
@@ -385,7 +385,7 @@ def run_in_process(argv: list[str], tmp: Path, monkeypatch, capsys) -> tuple[int
     try:
         rc = trace.main(argv)
     except SystemExit as e:  # argparse refusing the command line
-        rc = e.code if isinstance(e.code, int) else 2
+        rc = 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     out = capsys.readouterr()
     return rc, out.out, out.err
 
