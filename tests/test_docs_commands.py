@@ -67,6 +67,7 @@ SUBSTITUTIONS = [
     ("path/to/file.py:engine", "tests/numpy_kernels.py:clean", "a file: the tests' clean NumPy kernels"),
     ("/tmp/mlxtl", "{@tmp}/mlxtl", "the command's own directory instead of /tmp"),
     ("/tmp/vf", "{@tmp}/vf", "the command's own directory instead of /tmp"),
+    ("/tmp/vf_float32", "{@tmp}/vf_float32", "the command's own directory instead of /tmp"),
     ("--max-tokens 64", "--max-tokens 8", "speed: 64 tokens take 16 s on this VM"),
     ("--model synthetic:tiny --repeats 2", "--model synthetic:tiny --repeats 1 --warmup 0 --prompt-lengths 16 "
      "--decode-tokens 4 --decode-context 8 --tap-prompt-length 16 --tap-decode-tokens 2",
@@ -134,6 +135,7 @@ EXCLUDED = {
     f"{TRACE} bench": "the default benchmark: the 1.1B shape at 38..2,048 tokens (minutes)",
     f"LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 {TRACE}": "the prefix of the bench "
         "commands printed after it, not a command by itself (alone it runs the 1.1B shape)",
+    "/usr/bin/time -v": "the measuring prefix of the dump commands printed with it, not a command by itself",
     "python scripts/profile_dump.py 2048 3": "a profile of a 2,048-token dump of the 1.1B shape (minutes, GBs)",
     "bash scripts/bench_gpu.sh exec CMD": "runs on the GPU machine",
     "bash scripts/bench_gpu.sh run": "runs on the GPU machine",
@@ -190,6 +192,7 @@ SLOW = {
     "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and "
         "localize: 55 s",
     "python -m pytest tests/test_layers.py": "a pytest run of its own: 24 s",
+    "bash scripts/vectors_faults.sh /tmp/vf_float32 synthetic:small float32": "as the float16 one: 45 s",
 }
 
 
@@ -265,12 +268,13 @@ def known_issue(text: str, rc: int, expected: int, err: str) -> bool:
 
 
 def unfilled(text: str) -> list[str]:
-    """What still looks like a placeholder: `...`, [optional] parts, a|b choices, UPPERCASE values
-    (in the command line; a here-document's body is a program)."""
+    """What still looks like a placeholder: `...`, [optional] parts, a|b choices, UPPERCASE values,
+    and paths under /tmp (a command here writes only in its own directory); in the command line: a
+    here-document's body is a program."""
     words = shlex.split(text.split("\n")[0], comments=True)
     bad = [w for w in words if w.endswith("...") or re.search(r"\[(-|:|[A-Z])", w)
            or re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[a-z]+)?", w)]
-    bad += [w for w in words if re.fullmatch(r"[\w.-]+(\|[\w.-]+)+", w)]
+    bad += [w for w in words if re.fullmatch(r"[\w.-]+(\|[\w.-]+)+", w) or w.startswith("/tmp/")]
     return bad
 
 
@@ -528,6 +532,7 @@ def test_tables_compare_cases_stages_and_verdicts_not_measured_digits():
 
 def test_placeholders_left_are_caught():
     assert unfilled("python -m mlx_tinyllama.trace x --model M --ids 1,2,... [--quick] --outtype f32|f16")
-    for placeholder in ("--model synthetic:tiny[:seed=N]", "[--kernels explicit]", "--results X.safetensors", "a|b"):
+    for placeholder in ("--model synthetic:tiny[:seed=N]", "[--kernels explicit]", "--results X.safetensors", "a|b",
+                        "--out /tmp/vf_fp32"):
         assert unfilled(f"python -m mlx_tinyllama.trace x {placeholder}"), placeholder
     assert not unfilled("python -m mlx_tinyllama.trace x --model synthetic:tiny --taps 'layers.*[0-9].out' --json a.json")
