@@ -20,9 +20,9 @@ from ..compare import compare, compared_ids, needs_shortcut, run_side
 from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
-from ..localize.coverage import required_not_compared
+from ..localize.coverage import required_not_compared, unmapped_message, unmapped_names, where_it_stops
 from ..refs.loaders import load, read_name_map
-from ..refs.side import Side
+from ..refs.side import Side, is_known_tap
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
 
@@ -39,6 +39,15 @@ def add_arguments(p) -> None:
     p.add_argument("--require", action="append", metavar="GLOB",
                    help="exit 1 unless every stage matching GLOB was compared (repeatable), e.g. 'layers.*.attn.probs'")
     p.add_argument("--map", metavar="FILE.json", help="name mapping {their name: canonical tap} for --against")
+    p.add_argument("--suggest-map", metavar="OUT.json",
+                   help="write a starting --map for --against's tensors, matched to the taps by shape and value "
+                        "against this package's run (with the confidence of each line), and compare nothing")
+    p.add_argument("--ignore-unmapped", action="store_true",
+                   help="compare the names that are known and leave the others out (default: names that are "
+                        "not canonical taps nor in --map are an error, exit 2)")
+    p.add_argument("--partial", action="store_true",
+                   help="accept a dump or log that holds only part of the forward pass (only layer 0, or it "
+                        "stops early): the verdict says so (default: one that stops early is exit 2)")
     p.add_argument("--layout", choices=("hf", "gguf"), help="Q/K layout of --against (default: gguf for llama.cpp "
                                                            "logs, hf otherwise)")
     p.add_argument("--against-dtype", metavar="DTYPE", help="precision of --against for tolerances (default: "
@@ -66,6 +75,10 @@ def main(args) -> int:
         return _steps(args)
     if not args.ref and not args.against:
         raise UserError("compare needs --ref REF and/or --against FILE (or --against-steps DIR)")
+    if not args.against and (args.suggest_map or args.ignore_unmapped or args.partial):
+        raise UserError("--suggest-map, --ignore-unmapped and --partial apply to --against FILE")
+    if args.suggest_map and args.ref:
+        raise UserError("--suggest-map matches --against's tensors with this package's run (--model): without --ref")
     cli_common.check_outputs(args)
     cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
@@ -80,6 +93,11 @@ def main(args) -> int:
             from ..tolerances import dtype_key
 
             candidate.dtype = dtype_key(args.against_dtype)
+        if args.suggest_map:
+            return _suggest(args, candidate, name_map, tol)
+        unknown = unmapped_names(candidate)
+        if unknown and not args.ignore_unmapped:
+            raise UserError(unmapped_message(unknown, args.against))
     if references is not None and not args.against:  # this package's run against the reference
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
@@ -115,9 +133,45 @@ def _localize(args, result, candidate, references, lm, tol, n_tokens, cfg) -> No
     """Coverage (always), replay and diagnosis (with the model), and the --require check, into result."""
     n_layers = int(cfg["num_hidden_layers"])
     localize(result, candidate, references, lm, tol, n_tokens, n_layers)
+    if args.against:
+        result["coverage"]["partial"] = _stops(args, candidate, n_layers)
+        result["coverage"]["ignored_unmapped"] = bool(unmapped_names(candidate))
     if args.require:
         result["required"] = {"patterns": list(args.require),
                               "not_compared": required_not_compared(result["coverage"], args.require, n_layers)}
+
+
+def _stops(args, candidate, n_layers: int) -> str | None:
+    """Where their dump or log stops early: exit 2, or with --partial what the verdict line says."""
+    stops = where_it_stops({t for t in candidate.taps() if is_known_tap(t)}, n_layers)
+    if stops and not args.partial:
+        what = "log" if candidate.kind == "llama.cpp-log" else "dump"
+        raise UserError(f"{args.against}: the {what} {stops}. Nothing was judged: a verdict over the stages "
+                        "before it would pass an engine that never finished. Give --partial if it holds only "
+                        "these stages by design")
+    return stops
+
+
+def _suggest(args, candidate, name_map, tol) -> int:
+    """`--suggest-map OUT.json`: their tensors matched to taps against this package's run, written as a map."""
+    from ..outputs import write_json
+    from ..refs.suggest import describe, read_raw_tensors, suggest_map
+
+    if candidate.kind != "dump":
+        raise UserError(f"--suggest-map needs full tensors (.safetensors/.npz): {args.against} is a {candidate.kind}")
+    lm, prompt = _load_run(args, [candidate])
+    reference = run_side(lm, prompt.ids)
+    raw = read_raw_tensors(args.against)
+    lines = suggest_map(raw, reference.tensors, lm.config.as_dict(), len(prompt.ids), candidate.dtype or lm.dtype,
+                        lm.dtype, tol, candidate.layout, name_map)
+    mapping = {ln["name"]: ln["tap"] for ln in lines if ln["tap"] and ln["name"] != ln["tap"]}
+    write_json(args.suggest_map, mapping)
+    for ln in lines:
+        print(describe(ln))
+    n_sure = sum(ln["confidence"] == "match" for ln in lines)
+    print(f"wrote {args.suggest_map}: {len(mapping)} name(s) mapped ({n_sure} of {len(lines)} tensors within "
+          f"tolerance of one tap); check the lines that are not `match`, then give --map {args.suggest_map}")
+    return 0
 
 
 def _finish(args, header, result, lm=None) -> int:

@@ -1,0 +1,78 @@
+"""The verdict of a comparison, stated once: status, exit code and the one line that says the
+outcome with its coverage ("match: 41/43 stages ..."). The printed output, the JSON and the exit
+code all take it from here, so none of them can say `match` while another says otherwise."""
+
+from __future__ import annotations
+
+from .formatting import fmt
+
+MATCH, DIVERGED, INCOMPLETE = "match", "diverged", "incomplete"
+
+
+def verdict(result: dict) -> dict:
+    """{status, exit_code, line, compared, stages, partial} from a compare result that has been
+    through localize (coverage, localized) and the --require check."""
+    cov = result.get("coverage")
+    if cov:
+        compared, total = len(cov["compared"]), len(cov["cells"])
+    else:  # no coverage (a result built without localize): the stages compared are all it knows
+        compared = total = len(result["stages"])
+    of = f"{compared}/{total} stages"
+    first, loc = result.get("first_divergence"), result.get("localized")
+    required = (result.get("required") or {}).get("not_compared") or []
+    partial = (cov or {}).get("partial")
+    if first:
+        status = DIVERGED
+        line = (f"diverged at {first['tap']} ({first['error']['metric']} {fmt(first['error']['ratio'])}x its "
+                f"tolerance): {of} compared")
+    elif loc:  # every stage within tolerance of our numbers, yet one stage's own arithmetic is not
+        status = DIVERGED
+        line = (f"diverged at {loc['stage']}: its own error, replayed from their inputs, is "
+                f"{fmt(loc['local_ratio'])}x its tolerance, although each of the {of} compared is within "
+                "tolerance of the reference")
+    elif required:
+        status = INCOMPLETE
+        line = (f"incomplete: {of} compared and within tolerance, but {len(required)} stage(s) that --require "
+                f"asks for were not compared ({', '.join(required[:4])}{' ...' if len(required) > 4 else ''})")
+    else:
+        status = MATCH
+        line = f"match: {of}"
+    if partial:
+        line += f" (partial dump, by --partial: it {partial})"
+    gaps = _not_compared(cov) if cov else ""
+    if gaps:
+        line += f"; not compared: {gaps}"
+    if result.get("shared_input"):
+        line += "; the reference shares the engine's converted file: conversion faults are not checked (see note)"
+    return {"status": status, "exit_code": 0 if status == MATCH else 1, "line": line, "compared": compared,
+            "stages": total, "partial": partial}
+
+
+def _not_compared(cov: dict) -> str:
+    parts = []
+    if cov["missing"]:
+        parts.append(f"{len(cov['missing'])} missing from their dump")
+    canon = [k for k in cov["not_comparable"] if k in cov["cells"]]
+    if canon:
+        parts.append(f"{len(canon)} not comparable")
+    if cov["shape_mismatch"]:
+        parts.append(f"{len(cov['shape_mismatch'])} shape mismatch")
+    other = len(cov["not_comparable"]) - len(canon)
+    if other:
+        parts.append(f"{other} of their tensor(s) with no canonical name"
+                     + (" (ignored by --ignore-unmapped)" if cov.get("ignored_unmapped") else ""))
+    return ", ".join(parts)
+
+
+def shared_input(source, candidate_kind: str) -> dict | None:
+    """When the reference ran from a converted file (a GGUF) that the other engine may have run too,
+    a fault of the conversion is on both sides and cannot show: say so (None for an HF checkpoint)."""
+    if source.format != "gguf":
+        return None
+    path = str(source.path)
+    who = ("the same GGUF the engine ran" if candidate_kind == "llama.cpp-log"
+           else "a GGUF (--model), the file the engine may have run too")
+    return {"file": path, "format": "gguf",
+            "note": f"the reference was computed from {who} ({path}): a conversion fault (e.g. Q/K written "
+                    "without the permutation) is invisible to this compare; check the file with "
+                    f"`python -m mlx_tinyllama.trace gguf-check --gguf {path} --hf HF_DIR`"}
