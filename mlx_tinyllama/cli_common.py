@@ -253,11 +253,11 @@ def print_verdict(result: dict) -> None:
     con = console()
     shared = result.get("shared_input")
     if shared:
-        con.print(f"[yellow]note[/]: {escape(shared['note'])}")
+        con.print(f"[yellow]note[/]: {escape(shared['note'])}", soft_wrap=True)
     v = result["verdict"]
     colour = {"match": "bold green", "diverged": "bold red"}.get(v["status"], "bold yellow")
     status, _, rest = v["line"].partition(":")
-    con.print(f"[{colour}]{status}[/]:{escape(rest)}")
+    con.print(f"[{colour}]{status}[/]:{escape(rest)}", soft_wrap=True)  # one line, whatever the width
 
 
 def print_comparison(result: dict, show_all: bool = False) -> None:

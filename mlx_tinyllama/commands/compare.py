@@ -22,7 +22,8 @@ from ..formatting import fmt
 from ..localize import localize
 from ..localize.coverage import required_not_compared, unmapped_message, unmapped_names, where_it_stops
 from ..refs.loaders import load, read_name_map
-from ..refs.side import Side, is_known_tap
+from ..refs.side import SHORTCUT_TAPS, Side, is_known_tap
+from ..taps import split_name
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
 
@@ -98,6 +99,7 @@ def main(args) -> int:
         unknown = unmapped_names(candidate)
         if unknown and not args.ignore_unmapped:
             raise UserError(unmapped_message(unknown, args.against))
+        _stops(args, candidate, None)  # what can be told before the model loads (the layer count completes it)
     if references is not None and not args.against:  # this package's run against the reference
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
@@ -141,9 +143,13 @@ def _localize(args, result, candidate, references, lm, tol, n_tokens, cfg) -> No
                               "not_compared": required_not_compared(result["coverage"], args.require, n_layers)}
 
 
-def _stops(args, candidate, n_layers: int) -> str | None:
-    """Where their dump or log stops early: exit 2, or with --partial what the verdict line says."""
-    stops = where_it_stops({t for t in candidate.taps() if is_known_tap(t)}, n_layers)
+def _stops(args, candidate, n_layers: int | None) -> str | None:
+    """Where their dump or log stops early: exit 2, or with --partial what the verdict line says.
+    n_layers None: the layers they hold (a cut is seen, not yet missing last layers)."""
+    taps = {t for t in candidate.taps() if is_known_tap(t) and t not in SHORTCUT_TAPS}
+    if n_layers is None:
+        n_layers = 1 + max((split_name(t)[0] for t in taps if split_name(t)[0] is not None), default=-1)
+    stops = where_it_stops(taps, n_layers)
     if stops and not args.partial:
         what = "log" if candidate.kind == "llama.cpp-log" else "dump"
         raise UserError(f"{args.against}: the {what} {stops}. Nothing was judged: a verdict over the stages "

@@ -117,9 +117,11 @@ def where_it_stops(taps: set[str], n_layers: int) -> str | None:
 
     The rule (docs/localize.md): the last stage it holds is final_norm or logits (an engine that
     died, or a log cut mid-block, has neither); from its first layer (layer 0 when it holds embed)
-    to the last, no layer holds nothing; a stage it holds in two layers it holds in every layer
-    between. Dumps that leave out a kind of stage in every layer (a fused attention without scores)
-    or hold the seed's plan (layer 0 whole, then each layer's out) pass."""
+    to the last, no layer holds nothing. A stage missing from some layers only is not a cut (an
+    engine whose graph differs in one layer, a fault itself, leaves such a hole): coverage counts it
+    as missing and the verdict line says so. Dumps that leave out a kind of stage in every layer (a
+    fused attention without scores) or hold the seed's plan (layer 0 whole, then each layer's out)
+    pass."""
     order = tap_names(n_layers)
     present = [t for t in order if t in taps]
     if not present:
@@ -129,24 +131,13 @@ def where_it_stops(taps: set[str], n_layers: int) -> str | None:
         after = order[order.index(last) + 1:]
         return (f"stops after {last}: the engine died or the file was cut "
                 f"({len(after)} later stage(s) missing, through {after[-1]})")
-    layers: dict[str, set[int]] = {}
-    for t in present:
-        layer, stage = split_name(t)
-        if layer is not None:
-            layers.setdefault(stage, set()).add(layer)
-    held = set().union(*layers.values()) if layers else set()
+    held = {layer for layer, _ in map(split_name, present) if layer is not None}
     if held:
         first = 0 if "embed" in taps else min(held)
         empty = [i for i in range(first, n_layers) if i not in held]
         if empty:
             return (f"holds nothing of layer(s) {_ranges(empty)} although it holds stages before and after "
                     "them: the file was cut or a layer was skipped")
-    for stage in (s.name for s in LAYER_STAGES):
-        have = layers.get(stage, set())
-        gaps = [i for i in range(min(have), max(have)) if i not in have] if have else []
-        if gaps:
-            return (f"holds {stage} in layers {min(have)} and {max(have)} but not in layer(s) {_ranges(gaps)} "
-                    f"(e.g. layers.{gaps[0]}.{stage} is missing): the file was cut or a tensor was skipped")
     return None
 
 

@@ -1,0 +1,204 @@
+"""The verdict holds only what was compared: unknown candidate names are refused (exit 2) and
+point to `--suggest-map`; a dump or log that stops early is refused unless `--partial`; a GGUF
+given as --model is named as an input both sides share; and over a set of scenarios the exit
+code, the status, the printed verdict line (the last line) and the JSON's verdict agree."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import SEED_IDS
+from mlx_tinyllama.taps import split_name, tap_names
+from mlx_tinyllama.trace import main as cli
+from numpy_engine import Engine
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "synthetic:tiny", "--dtype", "float32"]
+ALL = tap_names(2)
+LLAMACPP = REPO / "tests" / "fixtures" / "llamacpp"
+
+
+def engine_taps(tiny_dir, faults=(), ids=SEED_IDS) -> dict[str, np.ndarray]:
+    engine = Engine(tiny_dir, faults)
+    engine.prefill(ids)
+    return {k: v.astype(np.float32) for k, v in engine.dumped().items()}
+
+
+def write(path, tensors: dict, ids=SEED_IDS) -> Path:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path),
+              metadata={"tokens": json.dumps(list(ids))})
+    return Path(path)
+
+
+def onnx_names(taps: list[str]) -> dict[str, str]:
+    """{canonical tap: a name as a dynamo ONNX export gives it}: op kind and a graph-wide counter."""
+    kind = {"attn.q": "linear", "attn.k": "linear", "attn.v": "linear", "attn.out": "linear", "mlp.gate": "linear",
+            "mlp.up": "linear", "mlp.down": "linear", "logits": "linear", "attn.scores_scaled": "mul",
+            "mlp.prod": "mul", "mlp.act": "silu"}
+    out, n = {}, 3
+    for t in taps:
+        n += 7
+        out[t] = f"{kind.get(split_name(t)[1], 'val')}_{n}"
+    return out
+
+
+def shuffled(d: dict, seed: int = 0) -> dict:
+    keys = list(d)
+    random.Random(seed).shuffle(keys)
+    return {k: d[k] for k in keys}
+
+
+def run(tmp_path, capsys, *args) -> tuple[int, dict | None, str, str]:
+    out = tmp_path / "v.json"
+    out.unlink(missing_ok=True)
+    rc = cli(["compare", *map(str, args), "--json", str(out)])
+    cap = capsys.readouterr()
+    return rc, (json.loads(out.read_text()) if out.exists() else None), cap.out, cap.err
+
+
+def last_line(out: str) -> str:
+    return [ln for ln in out.splitlines() if ln.strip()][-1]
+
+
+# ---------------------------------------------------------------------------
+# Unknown names
+
+
+def test_unmapped_names_are_exit_2_and_point_to_suggest_map(tiny_dir, tmp_path, capsys):
+    taps = engine_taps(tiny_dir)
+    names = onnx_names(ALL)
+    dump = write(tmp_path / "onnx.safetensors", {names[t]: x for t, x in taps.items()})
+    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY)
+    assert rc == 2 and result is None and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "43 tensor name(s) are not canonical taps" in err and "and 38 more" in err
+    assert "--suggest-map" in err and sum(f"{n}," in err or f"{n} and" in err for n in names.values()) == 5
+
+
+def test_a_few_unmapped_names_refused_or_left_out_by_ignore_unmapped(tiny_dir, tmp_path, capsys):
+    """Unlike the all-renamed dump: three names unknown among canonical ones (a user who forgot a
+    line of --map). Refused; with --ignore-unmapped compared without them, and the verdict says so."""
+    taps = engine_taps(tiny_dir)
+    renamed = {"layers.1.mlp.up": "blk.1.ffn_up_out", "layers.0.attn.k": "k_cache_in", "logits": "lm_out"}
+    dump = write(tmp_path / "few.safetensors", {renamed.get(t, t): x for t, x in taps.items()})
+    rc, _, _, err = run(tmp_path, capsys, "--against", dump, *TINY)
+    assert rc == 2 and "3 tensor name(s)" in err and "lm_out" in err and "more" not in err
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--ignore-unmapped")
+    assert rc == 0 and result["status"] == "match"
+    line = result["verdict"]["line"]
+    assert line.startswith("match: 40/43 stages; not compared: 3 missing from their dump, 3 of their tensor(s) "
+                           "with no canonical name (ignored by --ignore-unmapped)")
+    assert last_line(out) == line
+
+
+def test_clean_canonical_dump_is_not_flagged(tiny_dir, tmp_path, capsys):
+    dump = write(tmp_path / "clean.safetensors", engine_taps(tiny_dir))
+    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY)
+    assert rc == 0 and err == "" and result["verdict"]["line"] == "match: 43/43 stages"
+    assert last_line(out) == "match: 43/43 stages" and result["verdict"]["partial"] is None
+    assert "shared_input" not in result or result["shared_input"] is None  # an HF model: nothing shared
+
+
+# ---------------------------------------------------------------------------
+# Dumps and logs that stop early
+
+
+def _drop_after(taps: dict, last: str) -> dict:
+    cut = ALL.index(last)
+    return {t: x for t, x in taps.items() if ALL.index(t) <= cut}
+
+
+CUTS = {  # how the dump is cut -> the words that must name where it stops
+    "last_layer": (lambda t: _drop_after(t, "layers.0.out"), "stops after layers.0.out"),
+    "mid_block": (lambda t: _drop_after(t, "layers.1.attn.out"), "stops after layers.1.attn.out"),
+    "no_tail": (lambda t: _drop_after(t, "layers.1.out"), "stops after layers.1.out"),
+    "layer_missing": (lambda t: {k: x for k, x in t.items() if not k.startswith("layers.0.")},
+                      "holds nothing of layer(s) 0"),
+}
+
+
+@pytest.mark.parametrize("cut", sorted(CUTS))
+def test_a_dump_that_stops_early_is_exit_2_unless_partial(cut, tiny_dir, tmp_path, capsys):
+    keep, words = CUTS[cut]
+    taps = keep(engine_taps(tiny_dir))
+    dump = write(tmp_path / "cut.safetensors", taps)
+    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY)
+    assert rc == 2 and result is None and out == ""
+    assert err.startswith("error: ") and words in err and "--partial" in err and len(err.strip().splitlines()) == 1
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--partial")
+    v = result["verdict"]
+    assert rc == 0 and v["status"] == "match" and words in v["partial"]
+    assert v["line"].startswith(f"match: {len(taps)}/43 stages (partial dump, by --partial: it {words}")
+    assert last_line(out) == v["line"]
+
+
+@pytest.mark.parametrize("plan", ["seed_plan", "logits_only", "fused_attention"])
+def test_dumps_partial_by_design_but_complete_to_the_end_pass(plan, tiny_dir, tmp_path, capsys):
+    """Not cuts: the seed's plan (layer 0 whole, each layer's out), the logits alone, an engine that
+    never forms the scores. Their verdict line carries the coverage."""
+    taps = engine_taps(tiny_dir)
+    keep = {"seed_plan": lambda t: t in ("embed", "final_norm", "logits") or t.startswith("layers.0.")
+            or t.endswith(".out") and not t.endswith("attn.out"),
+            "logits_only": lambda t: t == "logits",
+            "fused_attention": lambda t: ".attn.scores" not in t and ".attn.probs" not in t}[plan]
+    kept = {t: x for t, x in taps.items() if keep(t)}
+    rc, result, out, _ = run(tmp_path, capsys, "--against", write(tmp_path / "p.safetensors", kept), *TINY)
+    assert rc == 0 and result["verdict"]["partial"] is None
+    assert result["verdict"]["line"].startswith(f"match: {len(kept)}/43 stages; not compared: "
+                                                f"{43 - len(kept)} missing from their dump")
+    assert last_line(out) == result["verdict"]["line"]
+
+
+@pytest.fixture(scope="module")
+def fp32_log(tmp_path_factory) -> str:
+    return lzma.decompress((LLAMACPP / "clean_fp32_short.log.xz").read_bytes()).decode()
+
+
+@pytest.mark.parametrize("mid_line", [False, True])
+def test_a_llamacpp_log_cut_after_layer_1_attention_is_exit_2(mid_line, fp32_log, small_dir, tmp_path, capsys):
+    """The engine died in layer 1's residual add: the log ends in the middle of a block."""
+    cut = fp32_log.index("ffn_inp-1 = ")
+    cut = fp32_log.rindex("\n", 0, cut) + 1
+    if mid_line:  # the dying process flushed half of attn_out-1's values
+        start = fp32_log.rindex("attn_out-1 = ", 0, cut)
+        cut = start + (cut - start) // 2
+    log = tmp_path / "cut.log"
+    log.write_text(fp32_log[:cut])
+    rc, result, out, err = run(tmp_path, capsys, "--against", log, "--model", small_dir)
+    assert rc == 2 and result is None and len(err.strip().splitlines()) == 1
+    if mid_line:  # the parser refuses the half block itself (refs/llamacpp.py), naming the tensor
+        assert "attn_out-1" in err and "truncated" in err
+    else:
+        assert "the log stops after layers.1.attn.out: the engine died or the file was cut" in err
+    full = tmp_path / "full.log"
+    full.write_text(fp32_log)
+    rc, result, out, _ = run(tmp_path, capsys, "--against", full, "--model", small_dir)
+    assert rc == 0 and result["verdict"]["line"].startswith("match: ")
+    assert "shared_input" not in result or result["shared_input"] is None  # HF directory as --model
+
+
+# ---------------------------------------------------------------------------
+# Shared inputs
+
+
+def test_a_gguf_model_is_named_as_a_shared_input(tiny_dir, tmp_path, capsys):
+    from mlx_tinyllama.gguf_write import convert
+
+    gguf = tmp_path / "tiny-f32.gguf"
+    convert(tiny_dir, gguf, out_type="f32")
+    dump = write(tmp_path / "clean.safetensors", engine_taps(tiny_dir))
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, "--model", gguf, "--dtype", "float32")
+    assert rc == 0 and result["shared_input"]["file"] == str(gguf)
+    assert "gguf-check --gguf" in result["shared_input"]["note"] and "--hf HF_DIR" in result["shared_input"]["note"]
+    assert "conversion fault" in out and "Q/K written without the permutation" in out.replace("\n", " ")
+    assert "conversion faults are not checked" in result["verdict"]["line"] and last_line(out) == result["verdict"]["line"]
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, "--model", tiny_dir, "--dtype", "float32")
+    assert rc == 0 and not result.get("shared_input") and "conversion" not in out
