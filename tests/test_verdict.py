@@ -202,3 +202,76 @@ def test_a_gguf_model_is_named_as_a_shared_input(tiny_dir, tmp_path, capsys):
     assert "conversion faults are not checked" in result["verdict"]["line"] and last_line(out) == result["verdict"]["line"]
     rc, result, out, _ = run(tmp_path, capsys, "--against", dump, "--model", tiny_dir, "--dtype", "float32")
     assert rc == 0 and not result.get("shared_input") and "conversion" not in out
+
+
+# ---------------------------------------------------------------------------
+# --suggest-map
+
+
+def suggest(tmp_path, capsys, dump, *extra) -> tuple[int, dict, list[str]]:
+    out = tmp_path / "suggested.json"
+    rc = cli(["compare", "--against", str(dump), *TINY, "--suggest-map", str(out), *extra])
+    printed = capsys.readouterr().out.splitlines()
+    return rc, json.loads(out.read_text()), printed
+
+
+def test_suggest_map_reproduces_an_onnx_export_map(tiny_dir, tmp_path, capsys):
+    """Names as a dynamo export gives them, a batch axis on every tensor, the file order shuffled:
+    every tensor equals one tap, so the suggested map is the true one, and compare with it matches."""
+    names = onnx_names(ALL)
+    dump = write(tmp_path / "onnx.safetensors",
+                 shuffled({names[t]: x[None] for t, x in engine_taps(tiny_dir).items()}))
+    rc, mapping, printed = suggest(tmp_path, capsys, dump)
+    assert rc == 0 and mapping == {v: k for k, v in names.items()}
+    lines = [ln for ln in printed if " -> " in ln]
+    assert len(lines) == 43 and all(" match (" in ln for ln in lines)
+    assert printed[-1].startswith("wrote ") and "43 of 43 tensors within tolerance" in printed[-1]
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", tmp_path / "suggested.json")
+    assert rc == 0 and result["verdict"]["line"] == "match: 43/43 stages"
+    # the map is an output like any other: never written over an input
+    assert cli(["compare", "--against", str(dump), *TINY, "--suggest-map", str(dump)]) == 2
+
+
+def test_suggest_map_says_ambiguous_where_taps_are_equal(tiny_dir, tmp_path, capsys):
+    """One token: RoPE at position 0 is the identity (q = q_rope), nothing is masked (scaled =
+    masked) and every softmax is 1 (probs equal across layers). Those tensors are called ambiguous
+    with the true tap among the candidates and left out of the map; the others are mapped right."""
+    ids = SEED_IDS[:1]
+    names = onnx_names(ALL)
+    truth = {v: k for k, v in names.items()}
+    dump = write(tmp_path / "one.safetensors",
+                 shuffled({names[t]: x for t, x in engine_taps(tiny_dir, ids=ids).items()}), ids=ids)
+    rc, mapping, printed = suggest(tmp_path, capsys, dump)
+    assert rc == 0 and all(truth[k] == v for k, v in mapping.items())
+    ambiguous = {ln.split(" -> ")[0]: ln for ln in printed if " -> ?  ambiguous" in ln}
+    stages = {split_name(truth[n])[1] for n in ambiguous}
+    assert stages == {"attn.q", "attn.q_rope", "attn.k", "attn.k_rope", "attn.scores_scaled",
+                      "attn.scores_masked", "attn.probs"}
+    assert len(ambiguous) == 14 and set(mapping) == set(truth) - set(ambiguous)
+    assert all(truth[n] + " (" in ln for n, ln in ambiguous.items())  # the true tap is among the candidates
+
+
+def test_suggest_map_on_mixed_names_of_a_faulted_engine(tiny_dir, tmp_path, capsys):
+    """Unlike the export: half the names already canonical, no batch axis, and a fault (RoPE
+    positions off by one in layer 1): the renamed tensors are mapped right, the faulted stage as
+    "likely" (closest, over tolerance), and compare with the map finds the fault at its stage."""
+    names = onnx_names(ALL)
+    taps = engine_taps(tiny_dir, ["rope_offset@1"])
+    mixed = {(names[t] if i % 2 else t): x for i, (t, x) in enumerate(taps.items())}
+    dump = write(tmp_path / "mixed.safetensors", shuffled(mixed, 1))
+    rc, mapping, printed = suggest(tmp_path, capsys, dump)
+    assert rc == 0 and mapping == {names[t]: t for i, t in enumerate(taps) if i % 2}
+    q_rope = next(ln for ln in printed if ln.startswith(names["layers.1.attn.q_rope"] + " -> "))
+    assert " likely (" in q_rope and "check the line" in q_rope
+    assert sum(" given (a canonical tap name)" in ln for ln in printed) == 22
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", tmp_path / "suggested.json")
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.1.attn.q_rope"
+    assert last_line(out).startswith("diverged at layers.1.attn.q_rope")
+
+
+def test_suggest_map_needs_full_tensors(tmp_path, capsys, fp32_log, small_dir):
+    log = tmp_path / "l.log"
+    log.write_text(fp32_log)
+    assert cli(["compare", "--against", str(log), "--model", str(small_dir), "--suggest-map",
+                str(tmp_path / "m.json")]) == 2
+    assert "needs full tensors" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
