@@ -4,6 +4,8 @@ code all take it from here, so none of them can say `match` while another says o
 
 from __future__ import annotations
 
+import math
+
 from .formatting import fmt
 
 MATCH, DIVERGED, INCOMPLETE = "match", "diverged", "incomplete"
@@ -23,8 +25,7 @@ def verdict(result: dict) -> dict:
     partial = (cov or {}).get("partial")
     if first:
         status = DIVERGED
-        line = (f"diverged at {first['tap']} ({first['error']['metric']} {fmt(first['error']['ratio'])}x its "
-                f"tolerance): {of} compared")
+        line = f"diverged at {first['tap']} ({_why(first, cov)}): {of} compared"
     elif loc:  # every stage within tolerance of our numbers, yet one stage's own arithmetic is not
         status = DIVERGED
         line = (f"diverged at {loc['stage']}: its own error, replayed from their inputs, is "
@@ -46,6 +47,16 @@ def verdict(result: dict) -> dict:
         line += "; the reference shares the engine's converted file: conversion faults are not checked (see note)"
     return {"status": status, "exit_code": 0 if status == MATCH else 1, "line": line, "compared": compared,
             "stages": total, "partial": partial}
+
+
+def _why(first: dict, cov: dict | None) -> str:
+    err = first["error"]
+    if err["metric"] == "shape":
+        note = ((cov or {}).get("shape_mismatch") or {}).get(first["tap"])
+        return "shape mismatch" + (f": {note}" if note else "")
+    if not math.isfinite(err["ratio"]):  # a count against a tolerance of 0 (non-finite values, top-k ids)
+        return f"{err['metric']} = {fmt(err['value'])}, tolerance {fmt(err['tolerance'])}"
+    return f"{err['metric']} {fmt(err['ratio'])}x its tolerance"
 
 
 def _not_compared(cov: dict) -> str:

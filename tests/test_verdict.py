@@ -275,3 +275,87 @@ def test_suggest_map_needs_full_tensors(tmp_path, capsys, fp32_log, small_dir):
     assert cli(["compare", "--against", str(log), "--model", str(small_dir), "--suggest-map",
                 str(tmp_path / "m.json")]) == 2
     assert "needs full tensors" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# Every message agrees with the verdict
+
+
+def agrees(rc: int, result: dict | None, out: str, err: str) -> str:
+    """Exit code, status, the printed verdict line (the last line) and the JSON say one thing."""
+    if rc == 2:  # refused: one line on stderr, no verdict anywhere
+        assert result is None and len(err.strip().splitlines()) >= 1 and err.strip().splitlines()[-1].startswith("error: ")
+        assert "match" not in out
+        return "refused"
+    v, status = result["verdict"], result["status"]
+    assert v["status"] == status and rc == v["exit_code"] == (0 if status == "match" else 1)
+    assert last_line(out) == v["line"] and v["line"].startswith(status + (":" if status != "diverged" else " at "))
+    assert f"{v['compared']}/{v['stages']} stages" in v["line"]
+    assert v["compared"] == len(result["coverage"]["compared"]) and v["stages"] == len(result["coverage"]["cells"])
+    if status == "match":
+        assert result["first_divergence"] is None and not result.get("localized")
+        assert "first divergence" not in out and "localized:" not in out and "required but not" not in out
+        assert len(result["coverage"]["compared"]) == v["compared"]
+        if v["compared"] < v["stages"]:
+            assert "not compared: " in v["line"]  # the match says what it did not cover
+    else:
+        assert not v["line"].startswith("match")
+    first = result["first_divergence"]
+    if first and first["error"]["metric"] == "shape":  # a layout or missing rows, not drift from upstream
+        assert "accumulates from small errors" not in out and "shape mismatch" in v["line"]
+    return status
+
+
+SCENARIOS = {  # name -> (how the dump is made, extra options, expected outcome)
+    "clean": (lambda t: t, [], "match"),
+    "faulted": ("wrong_scale@1", [], "diverged"),
+    "partial": (lambda t: _drop_after(t, "layers.0.out"), ["--partial"], "match"),
+    "cut": (lambda t: _drop_after(t, "layers.0.out"), [], "refused"),
+    "unmapped": (lambda t: {("x_" + k if k.endswith("mlp.up") else k): x for k, x in t.items()}, [], "refused"),
+    "unmapped_ignored": (lambda t: {("x_" + k if k.endswith("mlp.up") else k): x for k, x in t.items()},
+                         ["--ignore-unmapped"], "match"),
+    "required_missing": (lambda t: {k: x for k, x in t.items() if not k.endswith("attn.probs")},
+                         ["--require", "layers.*.attn.probs"], "incomplete"),
+    "last_row_only_npz": (lambda t: {**t, "logits": t["logits"][-1:]}, [], None),  # whatever it is, it agrees
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_status_exit_code_line_and_json_agree(name, tiny_dir, tmp_path, capsys):
+    make, extra, expected = SCENARIOS[name]
+    if isinstance(make, str):
+        taps = engine_taps(tiny_dir, [make])
+    else:
+        taps = make(engine_taps(tiny_dir))
+    if name.endswith("_npz"):
+        dump = tmp_path / "d.npz"
+        np.savez(dump, **taps)
+        extra = [*extra, "--token-ids", ",".join(map(str, SEED_IDS))]
+    else:
+        dump = write(tmp_path / "d.safetensors", taps)
+    outcome = agrees(*run(tmp_path, capsys, "--against", dump, *TINY, *extra))
+    assert expected is None or outcome == expected
+
+
+def test_a_llamacpp_log_and_a_stats_json_agree_too(fp32_log, small_dir, tmp_path, capsys):
+    """Other formats: a llama.cpp log (the last layer holds only the last row) and `run --json`."""
+    log = tmp_path / "l.log"
+    log.write_text(fp32_log)
+    assert agrees(*run(tmp_path, capsys, "--against", log, "--model", small_dir)) == "match"
+    stats = tmp_path / "stats.json"
+    assert cli(["run", *TINY, "--json", str(stats)]) == 0
+    capsys.readouterr()
+    assert agrees(*run(tmp_path, capsys, "--against", stats, *TINY)) == "match"
+
+
+def test_a_localized_stage_is_never_beside_a_match():
+    """A stage whose own error (replayed from their inputs) is over tolerance while every stage is
+    within tolerance of ours: the verdict is `diverged` at that stage, not `match` beside it."""
+    from mlx_tinyllama.verdict import verdict
+
+    cov = {"compared": ["embed", "logits"], "cells": {"embed": "compared", "logits": "compared"}, "missing": [],
+           "not_comparable": {}, "shape_mismatch": {}}
+    base = {"first_divergence": None, "stages": [], "coverage": cov}
+    assert verdict({**base, "localized": None})["line"] == "match: 2/2 stages"
+    v = verdict({**base, "localized": {"stage": "embed", "local_ratio": 1926.0, "inherited_ratio": 0.0}})
+    assert v["status"] == "diverged" and v["exit_code"] == 1 and v["line"].startswith("diverged at embed: ")

@@ -55,7 +55,9 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
     result["replay"] = {"replayed": len(rep.outputs),
                         "skipped": {t: s["skipped"] for t, s in rep.stages.items() if "skipped" in s}}
     result["diagnosis"] = _diagnosis(result, rep, theirs, references, lm, ids, position, tol, candidate.dtype, n_tokens)
-    if result["status"] == "diverged" and result["localized"] is None and rep.outputs:
+    first = result["first_divergence"]
+    if first and first["error"]["metric"] != "shape" and result["localized"] is None and rep.outputs:
+        # (a shape mismatch is a layout or a missing row, not an error accumulated upstream)
         worst = max((s for s in rep.stages.values() if "local_ratio" in s), key=lambda s: s["local_ratio"])
         result["replay"]["note"] = (f"no stage's local error exceeds its tolerance: the divergence at "
                                     f"{result['first_divergence']['tap']} accumulates from small errors upstream (largest "
