@@ -152,10 +152,10 @@ def _stops(args, candidate, n_layers: int | None) -> str | None:
     stops = where_it_stops(taps, n_layers)
     if stops and not args.partial:
         what = "log" if candidate.kind == "llama.cpp-log" else "dump"
-        raise UserError(f"{args.against}: the {what} {stops}. Nothing was judged: a verdict over the stages "
-                        "before it would pass an engine that never finished. Give --partial if it holds only "
-                        "these stages by design")
-    return stops
+        raise UserError(f"{args.against}: the {what} {stops[0]}: {stops[1]}. Nothing was judged: a verdict over "
+                        "the stages before it would pass an engine that never finished. Give --partial if it holds "
+                        "only these stages by design")
+    return stops[0] if stops else None
 
 
 def _suggest(args, candidate, name_map, tol) -> int:

@@ -112,8 +112,8 @@ def unmapped_message(names: list[str], source: str) -> str:
             "--ignore-unmapped to compare only the names that are known")
 
 
-def where_it_stops(taps: set[str], n_layers: int) -> str | None:
-    """Where a dump or log that should hold a forward pass stops early, or None.
+def where_it_stops(taps: set[str], n_layers: int) -> tuple[str, str] | None:
+    """Where a dump or log that should hold a forward pass stops early, and the likely cause; or None.
 
     The rule (docs/localize.md): the last stage it holds is final_norm or logits (an engine that
     died, or a log cut mid-block, has neither); from its first layer (layer 0 when it holds embed)
@@ -128,16 +128,14 @@ def where_it_stops(taps: set[str], n_layers: int) -> str | None:
         return None
     last = present[-1]
     if last not in ("final_norm", "logits"):
-        after = order[order.index(last) + 1:]
-        return (f"stops after {last}: the engine died or the file was cut "
-                f"({len(after)} later stage(s) missing, through {after[-1]})")
+        return f"stops after {last}", "the engine died or the file was cut (nothing after it: no final_norm, no logits)"
     held = {layer for layer, _ in map(split_name, present) if layer is not None}
     if held:
         first = 0 if "embed" in taps else min(held)
         empty = [i for i in range(first, n_layers) if i not in held]
         if empty:
-            return (f"holds nothing of layer(s) {_ranges(empty)} although it holds stages before and after "
-                    "them: the file was cut or a layer was skipped")
+            return (f"holds nothing of layer(s) {_ranges(empty)} although it holds stages before and after them",
+                    "the file was cut or a layer was skipped")
     return None
 
 
