@@ -87,3 +87,34 @@ def shared_input(source, candidate_kind: str) -> dict | None:
             "note": f"the reference was computed from {who} ({path}): a conversion fault (e.g. Q/K written "
                     "without the permutation) is invisible to this compare; check the file with "
                     f"`python -m mlx_tinyllama.trace gguf-check --gguf {path} --hf HF_DIR`"}
+
+
+def steps_verdict(result: dict) -> dict:
+    """The verdict of `compare --against-steps`: the same rules over decode steps (their step dumps
+    against our KV-cache decode); the line says how many steps and how many stages each held."""
+    steps = result["steps"]
+    counts = [len(s["stages"]) for s in steps]
+    total = max((len(s["stages"]) + len(s["missing"]) for s in steps), default=0)
+    positions = f"position {steps[0]['position']}" if len(steps) == 1 else \
+        f"positions {steps[0]['position']}-{steps[-1]['position']}"
+    per = f"{min(counts)}/{total}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}/{total}"
+    of = f"{len(steps)} step(s) at {positions}, {per} stages each"
+    first, loc = result.get("first_divergence"), result.get("localized")
+    if first:
+        status = DIVERGED
+        line = f"diverged at position {first['position']}, {first['tap']} ({fmt(first['ratio'])}x its tolerance): {of}"
+    elif loc:
+        status = DIVERGED
+        line = (f"diverged at position {loc['position']}, {loc['stage']}: its own error, replayed from their "
+                f"inputs, is {fmt(loc['local_ratio'])}x its tolerance, although every step is within tolerance "
+                f"of our decode ({of})")
+    else:
+        status = MATCH
+        line = f"match: {of}"
+    if min(counts) < total:
+        line += f"; not compared: {total * len(steps) - sum(counts)} stage(s) missing from their dumps"
+    other = len(result.get("not_compared") or [])
+    if other:
+        line += f"; {other} of their tensor(s) with no canonical name (ignored by --ignore-unmapped)"
+    return {"status": status, "exit_code": 0 if status == MATCH else 1, "line": line, "steps": len(steps),
+            "compared": sum(counts), "stages": total * len(steps), "partial": None}

@@ -359,3 +359,45 @@ def test_a_localized_stage_is_never_beside_a_match():
     assert verdict({**base, "localized": None})["line"] == "match: 2/2 stages"
     v = verdict({**base, "localized": {"stage": "embed", "local_ratio": 1926.0, "inherited_ratio": 0.0}})
     assert v["status"] == "diverged" and v["exit_code"] == 1 and v["line"].startswith("diverged at embed: ")
+
+
+def _step_dumps(tiny_dir, out: Path, faults=(), rename=None) -> Path:
+    """Three decode steps of the NumPy engine after the prompt, one file each (names renamed by `rename`)."""
+    from safetensors.numpy import save_file as save
+
+    out.mkdir()
+    engine = Engine(tiny_dir, faults)
+    taps, ids = engine.prefill(SEED_IDS), list(SEED_IDS)
+    for k in range(3):
+        ids.append(int(np.argmax(taps["logits"][-1])))
+        taps = engine.step(ids[-1])
+        tensors = {(rename or {}).get(t, t): np.ascontiguousarray(x, np.float32) for t, x in engine.dumped().items()}
+        save(tensors, str(out / f"step{k}.safetensors"),
+             metadata={"tokens": json.dumps(ids), "position": str(len(ids) - 1)})
+    return out
+
+
+def test_decode_steps_have_the_same_verdict_rules(tiny_dir, tmp_path, capsys):
+    """--against-steps, a format unlike a prefill dump: its verdict line counts the steps and the
+    stages each held; unknown names are exit 2 there too (or left out with --ignore-unmapped)."""
+    clean = _step_dumps(tiny_dir, tmp_path / "clean")
+    out_json = tmp_path / "s.json"
+    rc = cli(["compare", "--against-steps", str(clean), *TINY, "--json", str(out_json)])
+    out, result = capsys.readouterr().out, json.loads(out_json.read_text())
+    assert rc == 0 and result["status"] == "match"
+    assert result["verdict"]["line"] == "match: 3 step(s) at positions 38-40, 43/43 stages each"
+    assert last_line(out) == result["verdict"]["line"]
+    bad = _step_dumps(tiny_dir, tmp_path / "bad", ["zeros_after_first_step"])
+    rc = cli(["compare", "--against-steps", str(bad), *TINY, "--json", str(out_json)])
+    out, result = capsys.readouterr().out, json.loads(out_json.read_text())
+    assert rc == 1 and result["status"] == "diverged" and last_line(out) == result["verdict"]["line"]
+    assert result["verdict"]["line"].startswith("diverged at position 39, layers.0.attn.context")
+    renamed = _step_dumps(tiny_dir, tmp_path / "renamed", rename={"layers.1.mlp.up": "ffn_up_1"})
+    assert cli(["compare", "--against-steps", str(renamed), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "1 tensor name(s)" in err and "ffn_up_1" in err and "--suggest-map" in err
+    rc = cli(["compare", "--against-steps", str(renamed), *TINY, "--ignore-unmapped", "--json", str(out_json)])
+    out, result = capsys.readouterr().out, json.loads(out_json.read_text())
+    assert rc == 0 and last_line(out) == result["verdict"]["line"] == (
+        "match: 3 step(s) at positions 38-40, 42/43 stages each; not compared: 3 stage(s) missing from their "
+        "dumps; 3 of their tensor(s) with no canonical name (ignored by --ignore-unmapped)")

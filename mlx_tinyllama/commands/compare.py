@@ -20,12 +20,13 @@ from ..compare import compare, compared_ids, needs_shortcut, run_side
 from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
-from ..localize.coverage import required_not_compared, unmapped_message, unmapped_names, where_it_stops
+from ..localize.coverage import UNMAPPED_REASON, required_not_compared, unmapped_message, unmapped_names, where_it_stops
 from ..refs.loaders import load, read_name_map
 from ..refs.side import SHORTCUT_TAPS, Side, is_known_tap
 from ..taps import split_name
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
+from ..verdict import steps_verdict
 
 
 def add_arguments(p) -> None:
@@ -73,6 +74,8 @@ def main(args) -> int:
     if args.against_steps:
         if args.ref or args.against:
             raise UserError("--against-steps compares decode steps with this package's run: without --ref or --against")
+        if args.suggest_map or args.partial:
+            raise UserError("--suggest-map and --partial apply to --against FILE, not --against-steps")
         return _steps(args)
     if not args.ref and not args.against:
         raise UserError("compare needs --ref REF and/or --against FILE (or --against-steps DIR)")
@@ -197,6 +200,9 @@ def _steps(args) -> int:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
     dumps = load_steps(args.against_steps, read_name_map(args.map))
+    unknown = [n["key"] for n in dumps.not_comparable if n.get("reason") == UNMAPPED_REASON]
+    if unknown and not args.ignore_unmapped:
+        raise UserError(unmapped_message(unknown, args.against_steps[0]))
     if args.against_dtype:
         from ..tolerances import dtype_key
 
@@ -207,10 +213,12 @@ def _steps(args) -> int:
     all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids
     prompt = Prompt(ids=all_ids, text=None, source="--token-ids" if ids else "the step dumps' token ids")
     result = {**ResultHeader.of_run("compare", lm, prompt).as_dict(), **result}
+    result["verdict"] = steps_verdict(result)
+    result["status"] = result["verdict"]["status"]
     if args.json:
         write_json(args.json, result)
     print_steps(result)
-    return 0 if result["status"] == "match" else 1
+    return result["verdict"]["exit_code"]
 
 
 def _load_ref(spec: str) -> list[Side]:
@@ -290,10 +298,9 @@ def print_steps(result: dict) -> None:
                   style=None if s["status"] == "match" else "red")
     con.print(t)
     f = result["first_divergence"]
-    if f is None:
-        con.print("[bold green]match[/]: every step is within tolerance of our KV-cache decode")
-        return
-    con.print(f"[bold red]first divergence: position {f['position']}, {f['tap']}[/] ({f['metric']}, "
-              f"{fmt(f['ratio'])}x tolerance)" + (f": {escape(f['note'])}" if f["note"] else ""))
-    for d in f["diagnosis"]:
-        con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
+    if f is not None:
+        con.print(f"[bold red]first divergence: position {f['position']}, {f['tap']}[/] ({f['metric']}, "
+                  f"{fmt(f['ratio'])}x tolerance)" + (f": {escape(f['note'])}" if f["note"] else ""))
+        for d in f["diagnosis"]:
+            con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
+    cli_common.print_verdict(result)  # the outcome, with the steps and stages it covers: the last line

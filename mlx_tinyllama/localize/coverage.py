@@ -105,6 +105,7 @@ def unmapped_names(candidate) -> list[str]:
 
 
 def unmapped_message(names: list[str], source: str) -> str:
+    names = list(dict.fromkeys(names))  # one name in several step files is one name
     few = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return (f"{source}: {len(names)} tensor name(s) are not canonical taps and not in --map ({few}); "
             "nothing was compared. Write a starting map with `compare --against "
