@@ -17,9 +17,9 @@ def verdict(result: dict) -> dict:
     cov = result.get("coverage")
     if cov:
         compared, total = len(cov["compared"]), len(cov["cells"])
-    else:  # no coverage (a result built without localize): the stages compared are all it knows
-        compared = total = len(result["stages"])
-    of = f"{compared}/{total} stages"
+    else:  # no coverage (a result built without it): the stages compared, out of an unknown number
+        compared, total = len(result["stages"]), None
+    of = f"{compared}/{total} stages" if total else f"{compared} stages (coverage not computed)"
     first, loc = result.get("first_divergence"), result.get("localized")
     required = (result.get("required") or {}).get("not_compared") or []
     partial = (cov or {}).get("partial")

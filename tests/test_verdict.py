@@ -6,6 +6,7 @@ code, the status, the printed verdict line (the last line) and the JSON's verdic
 from __future__ import annotations
 
 import json
+import os
 import lzma
 import random
 from pathlib import Path
@@ -401,3 +402,23 @@ def test_decode_steps_have_the_same_verdict_rules(tiny_dir, tmp_path, capsys):
     assert rc == 0 and last_line(out) == result["verdict"]["line"] == (
         "match: 3 step(s) at positions 38-40, 42/43 stages each; not compared: 3 stage(s) missing from their "
         "dumps; 3 of their tensor(s) with no canonical name (ignored by --ignore-unmapped)")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
+def test_the_llamacpp_command_gives_coverage_and_names_the_shared_gguf(small_dir, tmp_path, capsys):
+    """`llamacpp --gguf`: the reference and the engine run the one GGUF (the note says so), and its
+    verdict line carries the coverage like compare's."""
+    from mlx_tinyllama.gguf_write import convert
+    from test_llamacpp_compare import FIXTURES as LLAMACPP_FIXTURES, fake_binary
+
+    gguf = tmp_path / "small-f16.gguf"
+    convert(small_dir, gguf, out_type="f16")
+    out = tmp_path / "r.json"
+    rc = cli(["llamacpp", "--gguf", str(gguf), "--llama-cpp", str(fake_binary(tmp_path, "clean_default_short")),
+              "--prompt-file", str(LLAMACPP_FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
+    printed, result = capsys.readouterr().out, json.loads(out.read_text())
+    v = result["verdict"]
+    assert rc == 0 and v["status"] == "match" and v["stages"] == 83 and 0 < v["compared"] < 83  # 4 layers
+    assert v["line"].startswith(f"match: {v['compared']}/83 stages; not compared: ")
+    assert last_line(printed) == v["line"] and "conversion faults are not checked" in v["line"]
+    assert result["shared_input"]["file"] == str(gguf) and "the same GGUF the engine ran" in result["shared_input"]["note"]
