@@ -209,25 +209,31 @@ def test_a_gguf_model_is_named_as_a_shared_input(tiny_dir, tmp_path, capsys):
 # --suggest-map
 
 
-def suggest(tmp_path, capsys, dump, *extra) -> tuple[int, dict, list[str]]:
+def suggest(tmp_path, capsys, dump, *extra, dtype="float32") -> tuple[int, dict, list[str]]:
     out = tmp_path / "suggested.json"
-    rc = cli(["compare", "--against", str(dump), *TINY, "--suggest-map", str(out), *extra])
+    rc = cli(["compare", "--against", str(dump), "--model", "synthetic:tiny", "--dtype", dtype,
+              "--suggest-map", str(out), *extra])
     printed = capsys.readouterr().out.splitlines()
     return rc, json.loads(out.read_text()), printed
 
 
-def test_suggest_map_reproduces_an_onnx_export_map(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_suggest_map_reproduces_an_onnx_export_map(dtype, tiny_dir, tmp_path, capsys):
     """Names as a dynamo export gives them, a batch axis on every tensor, the file order shuffled:
-    every tensor equals one tap, so the suggested map is the true one, and compare with it matches."""
+    every tensor equals one tap, so the suggested map is the true one, and compare with it matches.
+    In float16 too (the mask's float32 minimum becomes -inf there: still masked)."""
     names = onnx_names(ALL)
-    dump = write(tmp_path / "onnx.safetensors",
-                 shuffled({names[t]: x[None] for t, x in engine_taps(tiny_dir).items()}))
-    rc, mapping, printed = suggest(tmp_path, capsys, dump)
+    with np.errstate(over="ignore"):
+        tensors = {names[t]: np.ascontiguousarray(x[None], dtype) for t, x in engine_taps(tiny_dir).items()}
+    dump = tmp_path / "onnx.safetensors"
+    save_file(shuffled(tensors), str(dump), metadata={"tokens": json.dumps(SEED_IDS)})
+    rc, mapping, printed = suggest(tmp_path, capsys, dump, dtype=dtype)
     assert rc == 0 and mapping == {v: k for k, v in names.items()}
     lines = [ln for ln in printed if " -> " in ln]
     assert len(lines) == 43 and all(" match (" in ln for ln in lines)
     assert printed[-1].startswith("wrote ") and "43 of 43 tensors within tolerance" in printed[-1]
-    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", tmp_path / "suggested.json")
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, "--model", "synthetic:tiny", "--dtype", dtype,
+                             "--map", tmp_path / "suggested.json")
     assert rc == 0 and result["verdict"]["line"] == "match: 43/43 stages"
     # the map is an output like any other: never written over an input
     assert cli(["compare", "--against", str(dump), *TINY, "--suggest-map", str(dump)]) == 2
