@@ -83,6 +83,9 @@ def main(args) -> int:
         raise UserError("--suggest-map, --ignore-unmapped and --partial apply to --against FILE")
     if args.suggest_map and args.ref:
         raise UserError("--suggest-map matches --against's tensors with this package's run (--model): without --ref")
+    if args.suggest_map and any((args.json, args.report, args.plots, args.require, args.partial, args.ignore_unmapped)):
+        raise UserError("--suggest-map writes the map and compares nothing: give --json/--report/--plots/--require/"
+                        "--partial/--ignore-unmapped to the compare that uses it (--map)")
     cli_common.check_outputs(args)
     cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
