@@ -262,10 +262,14 @@ def test_suggest_map_says_ambiguous_where_taps_are_equal(tiny_dir, tmp_path, cap
     assert all(truth[n] + " (" in ln for n, ln in ambiguous.items())  # the true tap is among the candidates
 
 
-def test_suggest_map_on_mixed_names_of_a_faulted_engine(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("sample", [None, 97])
+def test_suggest_map_on_mixed_names_of_a_faulted_engine(sample, tiny_dir, tmp_path, capsys, monkeypatch):
     """Unlike the export: half the names already canonical, no batch axis, and a fault (RoPE
     positions off by one in layer 1): the renamed tensors are mapped right, the faulted stage as
-    "likely" (closest, over tolerance), and compare with the map finds the fault at its stage."""
+    "likely" (closest, over tolerance), and compare with the map finds the fault at its stage.
+    With sample=97 every pair is first measured on 97 positions (as big tensors are): same map."""
+    if sample:
+        monkeypatch.setattr("mlx_tinyllama.refs.suggest.SAMPLE", sample)
     names = onnx_names(ALL)
     taps = engine_taps(tiny_dir, ["rope_offset@1"])
     mixed = {(names[t] if i % 2 else t): x for i, (t, x) in enumerate(taps.items())}
