@@ -262,6 +262,21 @@ def test_suggest_map_says_ambiguous_where_taps_are_equal(tiny_dir, tmp_path, cap
     assert all(truth[n] + " (" in ln for n, ln in ambiguous.items())  # the true tap is among the candidates
 
 
+def test_suggest_map_leaves_out_two_tensors_that_equal_one_tap(tiny_dir, tmp_path, capsys):
+    """An engine that dumps one tensor twice (a view and its copy): neither copy can be told from
+    the other, so both are ambiguous, each naming the other; everything else is mapped right."""
+    names = onnx_names(ALL)
+    taps = engine_taps(tiny_dir)
+    tensors = {names[t]: x for t, x in taps.items()}
+    tensors["copy_7"] = taps["layers.0.mlp.act"].copy()
+    rc, mapping, printed = suggest(tmp_path, capsys, write(tmp_path / "twice.safetensors", shuffled(tensors)))
+    act = names["layers.0.mlp.act"]
+    assert rc == 0 and mapping == {v: k for k, v in names.items() if v != act}
+    lines = {ln.split(" -> ")[0]: ln for ln in printed if " -> " in ln}
+    assert "ambiguous: copy_7 equal(s) layers.0.mlp.act too" in lines[act]
+    assert f"ambiguous: {act} equal(s) layers.0.mlp.act too" in lines["copy_7"]
+
+
 @pytest.mark.parametrize("sample", [None, 97])
 def test_suggest_map_on_mixed_names_of_a_faulted_engine(sample, tiny_dir, tmp_path, capsys, monkeypatch):
     """Unlike the export: half the names already canonical, no batch axis, and a fault (RoPE

@@ -115,7 +115,7 @@ def suggest_map(theirs: dict[str, np.ndarray], ours: dict[str, np.ndarray], cfg:
             rivals = sorted(n for n in rest if n != name and close[n] & set(options))
             lines[name] = _line(name, None, "ambiguous", None, [{"tap": t, "ratio": ratio[name][t]} for t in options],
                                 note="equals several taps within tolerance" if len(options) > 1 else
-                                f"{options[0]} equals {', '.join(rivals)} too")
+                                f"{', '.join(rivals)} equal(s) {options[0]} too")
     while True:  # the clearest "likely" first, so that two tensors never take one tap
         best = None
         for name in (n for n in rest if n not in lines):
