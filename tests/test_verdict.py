@@ -103,8 +103,9 @@ def test_a_few_unmapped_names_refused_or_left_out_by_ignore_unmapped(tiny_dir, t
 
 def test_clean_canonical_dump_is_not_flagged(tiny_dir, tmp_path, capsys):
     dump = write(tmp_path / "clean.safetensors", engine_taps(tiny_dir))
-    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY)
+    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY, "--report", tmp_path / "r.html")
     assert rc == 0 and err == "" and result["verdict"]["line"] == f"match: {N}/{N} stages"
+    assert f"match: {N}/{N} stages" in (tmp_path / "r.html").read_text()  # the report states the same verdict
     assert last_line(out) == f"match: {N}/{N} stages" and result["verdict"]["partial"] is None
     assert "shared_input" not in result or result["shared_input"] is None  # an HF model: nothing shared
 
