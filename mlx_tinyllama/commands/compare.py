@@ -7,9 +7,11 @@ the first stage that diverges.
     compare --against-steps steps/ --model synthetic:tiny       # their decode steps vs our KV-cache decode
 
 With their full tensors and the model, the result also localizes the cause (replay, diagnosis)
-and always says which stages were compared (coverage); see docs/localize.md.
+and always says which stages were compared (coverage); see docs/localize.md. The verdict line
+(verdict.py), printed last, states the outcome with that coverage.
 Exit code 0: every compared stage within tolerance (and every --require'd stage compared);
-1: something diverges or a required stage was not compared; 2: bad input.
+1: something diverges or a required stage was not compared; 2: bad input, among it their names
+that are not taps (--ignore-unmapped, --suggest-map) and a dump or log that stops early (--partial).
 """
 
 from __future__ import annotations
