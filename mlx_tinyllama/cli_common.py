@@ -70,7 +70,7 @@ def load_model(args) -> sources.LoadedModel:
 
 
 # Every output option a command may have: file outputs, then directory outputs; and every input.
-FILE_OUTPUTS = ("json", "report", "dump")
+FILE_OUTPUTS = ("json", "report", "dump", "suggest_map")
 DIR_OUTPUTS = ("plots",)
 INPUTS = ("ref", "against", "map", "compare", "prompt_file")
 
@@ -223,9 +223,17 @@ def mark_emulated(reference, engine) -> None:
 
 
 def finish_comparison(args, header, comparison: dict, lm=None) -> int:
-    """`header` (results.ResultHeader) + the comparison: print the table, write --json and
-    --report/--plots (compare's own or run's); return the exit code (0 match, 1 diverged)."""
+    """`header` (results.ResultHeader) + the comparison: settle the verdict (verdict.py: status,
+    exit code and the verdict line, the one statement of the outcome), write --json and
+    --report/--plots (compare's own or run's), print the table, the coverage and the verdict line
+    last; return the verdict's exit code (0 match, 1 diverged or incomplete)."""
+    from .verdict import shared_input, verdict
+
     result = {**header.as_dict(), **comparison}
+    if lm is not None and result["candidate"]["kind"] != "run":  # another engine's numbers vs our run of lm
+        result["shared_input"] = shared_input(lm.source, result["candidate"]["kind"])
+    result["verdict"] = verdict(result)
+    result["status"] = result["verdict"]["status"]
     if getattr(args, "json", None):
         write_json(args.json, result)
     if getattr(args, "report", None) or getattr(args, "plots", None):
@@ -235,9 +243,22 @@ def finish_comparison(args, header, comparison: dict, lm=None) -> int:
                        plots_dir=getattr(args, "plots", None), **report_options(args))
     print_comparison(result, show_all=bool(getattr(args, "all", False)))
     print_localization(result)
-    if result.get("required", {}).get("not_compared"):
-        return 1  # a required stage was not compared: not a pass, even if everything compared matches
-    return 0 if result["status"] == "match" else 1
+    print_verdict(result)
+    return result["verdict"]["exit_code"]
+
+
+def print_verdict(result: dict) -> None:
+    """The notes that qualify the outcome, then the verdict line: the last line printed."""
+    from rich.markup import escape
+
+    con = console()
+    shared = result.get("shared_input")
+    if shared:
+        con.print(f"[yellow]note[/]: {escape(shared['note'])}", soft_wrap=True)
+    v = result["verdict"]
+    colour = {"match": "bold green", "diverged": "bold red"}.get(v["status"], "bold yellow")
+    status, _, rest = v["line"].partition(":")
+    con.print(f"[{colour}]{status}[/]:{escape(rest)}", soft_wrap=True)  # one line, whatever the width
 
 
 def print_comparison(result: dict, show_all: bool = False) -> None:
@@ -277,8 +298,7 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     if result.get("partial_rows"):  # what a verdict on these stages covers: the rows they hold
         con.print("compared on some token rows only: " + ", ".join(f"{t}: {n}" for t, n in result["partial_rows"].items()),
                   markup=False, highlight=False)
-    if result["status"] == "match":
-        con.print("[bold green]match[/]: every compared stage is within tolerance")
+    if not d:  # the outcome itself is the verdict line, printed last (print_verdict)
         return
     err = d["error"]
     con.print(f"[bold red]first divergence: {d['tap']}[/] ({d['what']}): {err['metric']} = {fmt(err['value'])}, "

@@ -60,7 +60,8 @@ def test_require_fails_a_match_that_skipped_a_required_stage(tiny_dir, tmp_path,
     args = ["--require", "layers.*.attn.probs", "--require", "logits"]
     assert cli(["compare", "--against", str(partial), *TINY, "--json", str(tmp_path / "p.json"), *args]) == 1
     result = json.loads((tmp_path / "p.json").read_text())
-    assert result["status"] == "match"  # everything compared matches ...
+    # everything compared matches, but not all that was asked: neither `match` (exit 1) nor a divergence
+    assert result["status"] == "incomplete" and result["verdict"]["exit_code"] == 1 and not result["first_divergence"]
     assert result["required"]["not_compared"] == ["layers.0.attn.probs", "layers.1.attn.probs"]  # ... but not all
     assert result["coverage"]["missing"] == ["layers.0.attn.probs", "layers.1.attn.probs"]
     assert "required but not compared" in capsys.readouterr().out

@@ -7,9 +7,11 @@ the first stage that diverges.
     compare --against-steps steps/ --model synthetic:tiny       # their decode steps vs our KV-cache decode
 
 With their full tensors and the model, the result also localizes the cause (replay, diagnosis)
-and always says which stages were compared (coverage); see docs/localize.md.
+and always says which stages were compared (coverage); see docs/localize.md. The verdict line
+(verdict.py), printed last, states the outcome with that coverage.
 Exit code 0: every compared stage within tolerance (and every --require'd stage compared);
-1: something diverges or a required stage was not compared; 2: bad input.
+1: something diverges or a required stage was not compared; 2: bad input, among it their names
+that are not taps (--ignore-unmapped, --suggest-map) and a dump or log that stops early (--partial).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from ..compare import compare, compared_ids, judging_basis, needs_shortcut, run_
 from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
-from ..localize.coverage import required_not_compared
+from ..localize.coverage import UNMAPPED_REASON, required_not_compared, unmapped_message, unmapped_names, where_it_stops
 from ..refs.loaders import load, read_name_map, refuse_decode_step
-from ..refs.side import Side
+from ..refs.side import SHORTCUT_TAPS, Side, is_known_tap
+from ..taps import split_name
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
+from ..verdict import steps_verdict
 
 
 def add_arguments(p) -> None:
@@ -39,6 +43,15 @@ def add_arguments(p) -> None:
     p.add_argument("--require", action="append", metavar="GLOB",
                    help="exit 1 unless every stage matching GLOB was compared (repeatable), e.g. 'layers.*.attn.probs'")
     p.add_argument("--map", metavar="FILE.json", help="name mapping {their name: canonical tap} for --against")
+    p.add_argument("--suggest-map", metavar="OUT.json",
+                   help="write a starting --map for --against's tensors, matched to the taps by shape and value "
+                        "against this package's run (with the confidence of each line), and compare nothing")
+    p.add_argument("--ignore-unmapped", action="store_true",
+                   help="compare the names that are known and leave the others out (default: names that are "
+                        "not canonical taps nor in --map are an error, exit 2)")
+    p.add_argument("--partial", action="store_true",
+                   help="accept a dump or log that holds only part of the forward pass (only layer 0, or it "
+                        "stops early): the verdict says so (default: one that stops early is exit 2)")
     p.add_argument("--layout", choices=("hf", "gguf"), help="Q/K layout of --against (default: gguf for llama.cpp "
                                                            "logs, hf otherwise)")
     p.add_argument("--against-dtype", metavar="DTYPE", help="precision of --against for tolerances (default: "
@@ -63,9 +76,18 @@ def main(args) -> int:
     if args.against_steps:
         if args.ref or args.against:
             raise UserError("--against-steps compares decode steps with this package's run: without --ref or --against")
+        if args.suggest_map or args.partial:
+            raise UserError("--suggest-map and --partial apply to --against FILE, not --against-steps")
         return _steps(args)
     if not args.ref and not args.against:
         raise UserError("compare needs --ref REF and/or --against FILE (or --against-steps DIR)")
+    if not args.against and (args.suggest_map or args.ignore_unmapped or args.partial):
+        raise UserError("--suggest-map, --ignore-unmapped and --partial apply to --against FILE")
+    if args.suggest_map and args.ref:
+        raise UserError("--suggest-map matches --against's tensors with this package's run (--model): without --ref")
+    if args.suggest_map and any((args.json, args.report, args.plots, args.require, args.partial, args.ignore_unmapped)):
+        raise UserError("--suggest-map writes the map and compares nothing: give --json/--report/--plots/--require/"
+                        "--partial/--ignore-unmapped to the compare that uses it (--map)")
     cli_common.check_outputs(args)
     cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
@@ -80,6 +102,14 @@ def main(args) -> int:
         basis = judging_basis(candidate, args.against_dtype)  # the dtype that sets the tolerances, and why
         if args.against_dtype:
             candidate.dtype = basis.dtype
+        if args.suggest_map:
+            if args.dtype is None:
+                args.dtype = basis.reference_dtype  # the reference at the candidate's precision, as a compare
+            return _suggest(args, candidate, name_map, tol)
+        unknown = unmapped_names(candidate)
+        if unknown and not args.ignore_unmapped:
+            raise UserError(unmapped_message(unknown, args.against))
+        _stops(args, candidate, None)  # what can be told before the model loads (the layer count completes it)
     if references is not None and not args.against:  # this package's run against the reference
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
@@ -119,9 +149,49 @@ def _localize(args, result, candidate, references, lm, tol, n_tokens, cfg) -> No
     """Coverage (always), replay and diagnosis (with the model), and the --require check, into result."""
     n_layers = int(cfg["num_hidden_layers"])
     localize(result, candidate, references, lm, tol, n_tokens, n_layers)
+    if args.against:
+        result["coverage"]["partial"] = _stops(args, candidate, n_layers)
+        result["coverage"]["ignored_unmapped"] = bool(unmapped_names(candidate))
     if args.require:
         result["required"] = {"patterns": list(args.require),
                               "not_compared": required_not_compared(result["coverage"], args.require, n_layers)}
+
+
+def _stops(args, candidate, n_layers: int | None) -> str | None:
+    """Where their dump or log stops early: exit 2, or with --partial what the verdict line says.
+    n_layers None: the layers they hold (a cut is seen, not yet missing last layers)."""
+    taps = {t for t in candidate.taps() if is_known_tap(t) and t not in SHORTCUT_TAPS}
+    if n_layers is None:
+        n_layers = 1 + max((split_name(t)[0] for t in taps if split_name(t)[0] is not None), default=-1)
+    stops = where_it_stops(taps, n_layers)
+    if stops and not args.partial:
+        what = "log" if candidate.kind == "llama.cpp-log" else "dump"
+        raise UserError(f"{args.against}: the {what} {stops[0]}: {stops[1]}. Nothing was judged: a verdict over "
+                        "the stages before it would pass an engine that never finished. Give --partial if it holds "
+                        "only these stages by design")
+    return stops[0] if stops else None
+
+
+def _suggest(args, candidate, name_map, tol) -> int:
+    """`--suggest-map OUT.json`: their tensors matched to taps against this package's run, written as a map."""
+    from ..outputs import write_json
+    from ..refs.suggest import describe, read_raw_tensors, suggest_map
+
+    if candidate.kind != "dump":
+        raise UserError(f"--suggest-map needs full tensors (.safetensors/.npz): {args.against} is a {candidate.kind}")
+    lm, prompt = _load_run(args, [candidate])
+    reference = run_side(lm, prompt.ids)
+    raw = read_raw_tensors(args.against)
+    lines = suggest_map(raw, reference.tensors, lm.config.as_dict(), len(prompt.ids), candidate.dtype or lm.dtype,
+                        lm.dtype, tol, candidate.layout, name_map)
+    mapping = {ln["name"]: ln["tap"] for ln in lines if ln["tap"] and ln["name"] != ln["tap"]}
+    write_json(args.suggest_map, mapping)
+    for ln in lines:
+        print(describe(ln))
+    n_sure = sum(ln["confidence"] == "match" for ln in lines)
+    print(f"wrote {args.suggest_map}: {len(mapping)} name(s) mapped ({n_sure} of {len(lines)} tensors within "
+          f"tolerance of one tap); check the lines that are not `match`, then give --map {args.suggest_map}")
+    return 0
 
 
 def _finish(args, header, result, lm=None) -> int:
@@ -141,6 +211,9 @@ def _steps(args) -> int:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
     dumps = load_steps(args.against_steps, read_name_map(args.map))
+    unknown = [n["key"] for n in dumps.not_comparable if n.get("reason") == UNMAPPED_REASON]
+    if unknown and not args.ignore_unmapped:
+        raise UserError(unmapped_message(unknown, args.against_steps[0]))
     if args.dtype is None:  # the reference decodes at their precision (the rule of --against)
         args.dtype = dumps.basis(args.against_dtype).reference_dtype
     lm = cli_common.load_model(args)
@@ -149,10 +222,12 @@ def _steps(args) -> int:
     all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids
     prompt = Prompt(ids=all_ids, text=None, source="--token-ids" if ids else "the step dumps' token ids")
     result = {**ResultHeader.of_run("compare", lm, prompt).as_dict(), **result}
+    result["verdict"] = steps_verdict(result)
+    result["status"] = result["verdict"]["status"]
     if args.json:
         write_json(args.json, result)
     print_steps(result)
-    return 0 if result["status"] == "match" else 1
+    return result["verdict"]["exit_code"]
 
 
 def _load_ref(spec: str) -> list[Side]:
@@ -235,10 +310,9 @@ def print_steps(result: dict) -> None:
                   style=None if s["status"] == "match" else "red")
     con.print(t)
     f = result["first_divergence"]
-    if f is None:
-        con.print("[bold green]match[/]: every step is within tolerance of our KV-cache decode")
-        return
-    con.print(f"[bold red]first divergence: position {f['position']}, {f['tap']}[/] ({f['metric']}, "
-              f"{fmt(f['ratio'])}x tolerance)" + (f": {escape(f['note'])}" if f["note"] else ""))
-    for d in f["diagnosis"]:
-        con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
+    if f is not None:
+        con.print(f"[bold red]first divergence: position {f['position']}, {f['tap']}[/] ({f['metric']}, "
+                  f"{fmt(f['ratio'])}x tolerance)" + (f": {escape(f['note'])}" if f["note"] else ""))
+        for d in f["diagnosis"]:
+            con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
+    cli_common.print_verdict(result)  # the outcome, with the steps and stages it covers: the last line

@@ -23,6 +23,7 @@ from .. import cli_common, outputs
 from ..child import run_bounded
 from ..compare import compare, run_side
 from ..errors import UserError
+from ..localize.coverage import coverage
 from ..refs.llamacpp import parse_llamacpp_log
 from ..results import ResultHeader
 from ..tolerances import Tolerances
@@ -126,4 +127,6 @@ def main(args) -> int:
     if engine is not None:
         cli_common.mark_emulated(reference, engine)
     result = compare(candidate, [reference], tol, lm.config.as_dict(), len(prompt.ids))
+    # what was compared, for the verdict line ("match: 71/83 stages"), as compare --against says it
+    result["coverage"] = coverage(result, candidate, [reference], lm.config.num_hidden_layers)
     return cli_common.finish_comparison(args, ResultHeader.of_run("llamacpp", lm, prompt), result, lm)

@@ -54,14 +54,16 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
     ratios = {s["tap"]: s["ratio"] for s in result["stages"]}
     for s in result["stages"]:
         s["local_ratio"] = rep.stages.get(s["tap"], {}).get("local_ratio")
-    # a stage over its tolerance locally is over it globally too unless upstream errors cancel it: beside a
-    # `match` that is no bug to localize (the verdict and the localization must not contradict each other)
-    result["localized"] = localized(rep, ratios, L) if result["status"] == "diverged" else None
+    # A stage whose own arithmetic is over its tolerance is a fault even where the compared tensors stay
+    # within theirs (upstream errors can cancel it): verdict.py makes that `diverged`, never `match`.
+    result["localized"] = localized(rep, ratios, L)
     result["replay"] = {"replayed": len(rep.outputs),
                         "skipped": {t: s["skipped"] for t, s in rep.stages.items() if "skipped" in s}}
     result["diagnosis"] = _diagnosis(result, rep, theirs, references, lm, ids, position, getattr(tol, "base", None) or tol,
                                      (result.get("tolerance_basis") or {}).get("dtype") or candidate.dtype, n_tokens)
-    if result["status"] == "diverged" and result["localized"] is None and rep.outputs:
+    first = result["first_divergence"]
+    if first and first["error"]["metric"] != "shape" and result["localized"] is None and rep.outputs:
+        # (a shape mismatch is a layout or a missing row, not an error accumulated upstream)
         worst = max((s for s in rep.stages.values() if "local_ratio" in s), key=lambda s: s["local_ratio"])
         result["replay"]["note"] = (f"no stage's local error exceeds its tolerance: the divergence at "
                                     f"{result['first_divergence']['tap']} accumulates from small errors upstream (largest "

@@ -89,3 +89,61 @@ def summary(cov: dict) -> str:
 def _few(taps: list[str]) -> str:
     stages = sorted({split_name(t)[1] for t in taps})
     return ", ".join(stages[:4]) + (" ..." if len(stages) > 4 else "")
+
+
+# ---------------------------------------------------------------------------
+# What the candidate holds, before anything is compared: names the tool does not know, and a
+# dump or log that stops early. Either would otherwise end in a `match` over whatever was left.
+
+UNMAPPED_REASON = "no canonical tap for this name (give --map)"  # refs.loaders' reason for an unknown name
+
+
+def unmapped_names(candidate) -> list[str]:
+    """Their tensor names that are not a canonical tap nor in --map. A node of the engine's own
+    format that its parser lists with another reason (llama.cpp's inp_embd, ...) is not one."""
+    return [n["key"] for n in candidate.not_comparable if n.get("reason") == UNMAPPED_REASON]
+
+
+def unmapped_message(names: list[str], source: str) -> str:
+    names = list(dict.fromkeys(names))  # one name in several step files is one name
+    few = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{source}: {len(names)} tensor name(s) are not canonical taps and not in --map ({few}); "
+            "nothing was compared. Write a starting map with `compare --against "
+            f"{source} --model M --suggest-map MAP.json`, check it and give --map MAP.json, or pass "
+            "--ignore-unmapped to compare only the names that are known")
+
+
+def where_it_stops(taps: set[str], n_layers: int) -> tuple[str, str] | None:
+    """Where a dump or log that should hold a forward pass stops early, and the likely cause; or None.
+
+    The rule (docs/localize.md): the last stage it holds is final_norm or logits (an engine that
+    died, or a log cut mid-block, has neither); from its first layer (layer 0 when it holds embed)
+    to the last, no layer holds nothing. A stage missing from some layers only is not a cut (an
+    engine whose graph differs in one layer, a fault itself, leaves such a hole): coverage counts it
+    as missing and the verdict line says so. Dumps that leave out a kind of stage in every layer (a
+    fused attention without scores) or hold the seed's plan (layer 0 whole, then each layer's out)
+    pass."""
+    order = tap_names(n_layers)
+    present = [t for t in order if t in taps]
+    if not present:
+        return None
+    last = present[-1]
+    if last not in ("final_norm", "logits"):
+        return f"stops after {last}", "the engine died or the file was cut (nothing after it: no final_norm, no logits)"
+    held = {layer for layer, _ in map(split_name, present) if layer is not None}
+    if held:
+        first = 0 if "embed" in taps else min(held)
+        empty = [i for i in range(first, n_layers) if i not in held]
+        if empty:
+            return (f"holds nothing of layer(s) {_ranges(empty)} although it holds stages before and after them",
+                    "the file was cut or a layer was skipped")
+    return None
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)

@@ -49,6 +49,8 @@ def comparison_sections(result: dict, lm) -> tuple[list[Section], str, bool | No
                  "order from top to bottom. The first stage that fails its tolerance is framed in red: "
                  "everything after it inherits the error, so fix that stage first.")
     sec.facts = [("status", status), ("first divergence", first or "none"), ("what it is", describe(first))]
+    if result.get("verdict"):  # the verdict line, as printed: the outcome with its coverage
+        sec.facts.insert(1, ("verdict", result["verdict"]["line"]))
     if divergence:
         sec.facts.append(("where to look", divergence["hint"]))
     nonfinite = result["first_nonfinite"]

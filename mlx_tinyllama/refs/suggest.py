@@ -1,0 +1,199 @@
+"""A starting `--map` for another engine's dump: each of their tensors matched to the canonical
+tap it equals, by shape and value, against this package's run of the same tokens.
+
+On a correct engine most tensors equal one tap within its tolerance (under a layout that
+`to_canonical` knows: heads split or merged, a batch axis, ggml's order). A tap that several of
+their tensors equal, or a tensor that equals several taps, is left out of the map and called
+ambiguous, with the candidates; elimination settles what it can (a tensor whose other candidates
+went to tensors that match only them). A tensor within tolerance of no tap (a broken stage, or
+everything after one) gets the closest free tap of its size when it is clearly the closest
+("likely"), so the compare that follows can name the stage that diverges."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..taps import split_name, tap_names
+from .layout import expected_shape, to_canonical
+
+MASKED = -1e4  # at or below this a score is masked: -inf, the dtype's minimum, ONNX's -1e4 (fp16)
+LIKELY_NMSE = 0.5  # a tensor this far from a tap still follows it (a fault, or an error inherited)
+LIKELY_MARGIN = 4.0  # ... when the next closest tap is this much further
+SAMPLE = 1 << 16  # a pair of big tensors is first compared on this many positions (scores at 2,048
+NEAR = 4.0  # tokens hold 134M values); within NEAR x the tolerance there, on every position
+
+
+def read_raw_tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors/.npz dump (or a sharded dump's index) under its own name."""
+    from pathlib import Path
+
+    from ..dump import INDEX_SUFFIX, index_path, read_index
+    from .loaders import read_tensor_file
+
+    path = Path(path)
+    if not path.exists() and index_path(path).is_file():
+        path = index_path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        out = {}
+        for shard in read_index(path)[0]:
+            out.update(read_tensor_file(shard))
+        return out
+    return read_tensor_file(path)
+
+
+def nmse(theirs: np.ndarray, ours: np.ndarray) -> float:
+    """Normalized squared error over the positions neither side masks; inf when the masked (or NaN)
+    positions differ: a masked score row and an unmasked one are different stages."""
+    a, b = np.asarray(theirs, np.float64), np.asarray(ours, np.float64)
+    ma, mb = ~(a > MASKED), ~(b > MASKED)  # NaN counts as masked on both sides
+    if not np.array_equal(ma, mb) or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return float("inf")
+    keep = ~ma
+    if not keep.any():
+        return 0.0
+    d, scale = a[keep] - b[keep], float(np.sum(b[keep] ** 2))
+    err = float(np.sum(d * d))
+    if scale == 0.0:
+        return 0.0 if err == 0.0 else float("inf")
+    return err / scale
+
+
+def suggest_map(theirs: dict[str, np.ndarray], ours: dict[str, np.ndarray], cfg: dict, n_tokens: int,
+                their_dtype, our_dtype, tol, layout: str = "hf", given: dict | None = None) -> list[dict]:
+    """One line per tensor of theirs: {name, tap (None: left out of the map), confidence: given |
+    match | likely | ambiguous | none, ratio (error / tolerance at `tap`), candidates: [{tap, ratio}],
+    note}, in the forward order of their taps (unmapped last)."""
+    n_layers = int(cfg["num_hidden_layers"])
+    order = tap_names(n_layers)
+    given = dict(given or {})
+    lines, fixed = {}, {}
+    for name in theirs:
+        tap = given.get(name, name if name in order else None)
+        if tap is not None:
+            lines[name] = {"name": name, "tap": tap, "confidence": "given", "ratio": None, "candidates": [],
+                           "note": "in --map" if name in given else "a canonical tap name"}
+            fixed[tap] = name
+    free = [t for t in order if t in ours and t not in fixed]
+    sizes = {t: int(np.prod(expected_shape(t, cfg, n_tokens))) for t in free}
+    errors: dict[str, dict[str, float]] = {}
+    canon: dict[tuple[str, str], np.ndarray | None] = {}
+    samples: dict[int, np.ndarray | None] = {}  # by size: the same positions in every pair compared
+    for name, x in theirs.items():
+        if name in lines:
+            continue
+        if not np.issubdtype(np.asarray(x).dtype, np.floating):
+            lines[name] = _line(name, None, "none", note=f"not a float tensor ({np.asarray(x).dtype})")
+            continue
+        errors[name] = {}
+        for tap in free:
+            if sizes[tap] != x.size:
+                continue
+            stage = split_name(tap)[1] if tap.startswith("layers.") else tap
+            if (name, stage) not in canon:  # the layout depends on the stage, not the layer
+                canon[(name, stage)] = _canonical(tap, x, cfg, n_tokens, layout)
+            y = canon[(name, stage)]
+            if y is None:
+                continue
+            idx = samples.setdefault(y.size, _sample(y.size))
+            e = nmse(y.reshape(-1)[idx], ours[tap].reshape(-1)[idx]) if idx is not None else nmse(y, ours[tap])
+            if idx is not None and e <= NEAR * tol.get(tap, "nmse", their_dtype, our_dtype, n_layers):
+                e = nmse(y, ours[tap])  # near tolerance: the whole tensor decides
+            errors[name][tap] = e
+        canon = {k: v for k, v in canon.items() if k[0] != name}
+    ratio = {n: {t: e / tol.get(t, "nmse", their_dtype, our_dtype, n_layers) for t, e in errs.items()}
+             for n, errs in errors.items()}
+    close = {n: {t for t, r in rs.items() if r <= 1.0} for n, rs in ratio.items()}
+    taken = _settle(close)
+    for name, tap in taken.items():
+        lines[name] = _line(name, tap, "match", ratio[name][tap], _others(ratio[name], tap),
+                            note="within tolerance of this tap only")
+    claimed = set(taken.values()) | set(fixed)
+    rest = [n for n in errors if n not in lines]
+    for name in rest:
+        options = sorted(close[name] - claimed, key=lambda t: ratio[name][t])
+        if options:  # within tolerance of several taps, or of one that another tensor equals too
+            rivals = sorted(n for n in rest if n != name and close[n] & set(options))
+            lines[name] = _line(name, None, "ambiguous", None, [{"tap": t, "ratio": ratio[name][t]} for t in options],
+                                note="equals several taps within tolerance" if len(options) > 1 else
+                                f"{', '.join(rivals)} equal(s) {options[0]} too")
+    while True:  # the clearest "likely" first, so that two tensors never take one tap
+        best = None
+        for name in (n for n in rest if n not in lines):
+            near = sorted((e, t) for t, e in errors[name].items() if t not in claimed)
+            if near and near[0][0] < LIKELY_NMSE and (len(near) == 1 or near[1][0] >= LIKELY_MARGIN * near[0][0]):
+                if best is None or near[0][0] < best[0]:
+                    best = (near[0][0], name, near[0][1])
+        if best is None:
+            break
+        _, name, tap = best
+        claimed.add(tap)
+        lines[name] = _line(name, tap, "likely", ratio[name][tap], _others(ratio[name], tap),
+                            note=f"closest free tap of its size but {ratio[name][tap]:.3g}x its tolerance: "
+                                 "this stage (or one before it) is off; check the line")
+    for name in (n for n in rest if n not in lines):
+        near = sorted((e, t) for t, e in errors[name].items() if t not in claimed)
+        if near:
+            lines[name] = _line(name, None, "ambiguous", None, [{"tap": t, "ratio": ratio[name][t]}
+                                                                for _, t in near[:4]],
+                                note="within tolerance of no tap and not clearly closest to one")
+        else:
+            lines[name] = _line(name, None, "none", note="no free tap has its size in any known layout")
+    pos = {t: k for k, t in enumerate(order)}
+    return sorted(lines.values(), key=lambda ln: (pos.get(ln["tap"], len(pos)), ln["name"]))
+
+
+def _settle(close: dict[str, set[str]]) -> dict[str, str]:
+    """Tensors whose one remaining candidate tap no other tensor claims; each assignment takes
+    that tap from the others, which may leave them one (elimination), until nothing changes."""
+    left = {n: set(ts) for n, ts in close.items() if ts}
+    taken: dict[str, str] = {}
+    while True:
+        claims: dict[str, list[str]] = {}
+        for n, ts in left.items():
+            for t in ts:
+                claims.setdefault(t, []).append(n)
+        sure = {n: next(iter(ts)) for n, ts in left.items() if len(ts) == 1 and claims[next(iter(ts))] == [n]}
+        if not sure:
+            return taken
+        taken.update(sure)
+        done = set(sure.values())
+        left = {n: ts - done for n, ts in left.items() if n not in sure}
+
+
+def _sample(size: int) -> np.ndarray | None:
+    if size <= SAMPLE:
+        return None
+    return np.sort(np.random.default_rng(0).choice(size, SAMPLE, replace=False))
+
+
+def _canonical(tap: str, x: np.ndarray, cfg: dict, n_tokens: int, layout: str):
+    try:
+        y, _, rows, _ = to_canonical(tap, np.asarray(x, np.float32), None, cfg, n_tokens, layout)
+    except (ValueError, IndexError):
+        return None
+    return y if rows is None and tuple(y.shape) == tuple(expected_shape(tap, cfg, n_tokens)) else None
+
+
+def _others(ratios: dict[str, float], tap: str) -> list[dict]:
+    rest = sorted((r, t) for t, r in ratios.items() if t != tap)
+    return [{"tap": t, "ratio": r} for r, t in rest[:1]]
+
+
+def _line(name, tap, confidence, ratio=None, candidates=(), note="") -> dict:
+    return {"name": name, "tap": tap, "confidence": confidence, "ratio": ratio, "candidates": list(candidates),
+            "note": note}
+
+
+def describe(line: dict) -> str:
+    """One line of the printed suggestion: their name, the tap (or ?), the confidence and why."""
+    from ..formatting import fmt
+
+    if line["confidence"] == "given":
+        return f"{line['name']} -> {line['tap']}  given ({line['note']})"
+    if line["tap"]:
+        nxt = line["candidates"][0] if line["candidates"] else None
+        return (f"{line['name']} -> {line['tap']}  {line['confidence']} ({fmt(line['ratio'])}x tolerance"
+                + (f"; next closest {nxt['tap']} at {fmt(nxt['ratio'])}x" if nxt else "; no other tap of its size")
+                + (f"; {line['note']}" if line["confidence"] == "likely" else "") + ")")
+    cands = ", ".join(f"{c['tap']} ({fmt(c['ratio'])}x)" for c in line["candidates"])
+    return f"{line['name']} -> ?  {line['confidence']}: {line['note']}" + (f": {cands}" if cands else "")
