@@ -174,10 +174,12 @@ class Replay:
         return next((t for t, s in self.stages.items() if s.get("local_ratio", 0.0) > 1.0), None)
 
 
-def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float) -> tuple[float, float]:
-    """(ratio, nmse) of their output against ours-from-their-input; a mask mismatch or a new NaN is inf."""
-    m = metrics(theirs, ours, masked=tap.endswith("attn.scores_masked"))
-    if m["mask_mismatch"] or m["nonfinite"]:
+def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float, mask_dtype=None,
+                mask_allowed: float = 0.0) -> tuple[float, float]:
+    """(ratio, nmse) of their output against ours-from-their-input; a mask mismatch (judged by effect in
+    their dtype, beyond what --tol allows, as the verdict judges it) or a new NaN is inf."""
+    m = metrics(theirs, ours, masked=tap.endswith("attn.scores_masked"), mask_dtype=mask_dtype)
+    if m["mask_mismatch"] > mask_allowed or m["nonfinite"]:
         return math.inf, math.inf
     nmse = m["nmse"] if not math.isnan(m["nmse"]) else 0.0  # nothing comparable: inherited non-finite values
     return (nmse / tolerance if tolerance > 0 else (0.0 if nmse == 0 else math.inf)), nmse
@@ -231,7 +233,9 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
                                                       f"{list(ours.shape)}"}
             continue
         tolerance = tol.get(tap, "nmse", their_dtype or "float32", "float32", n_layers)
-        ratio, nmse = local_ratio(tap, theirs[tap], ours, tolerance)
+        allowed = tol.get(tap, "mask_mismatch", their_dtype or "float32", "float32", n_layers) \
+            if tap.endswith("attn.scores_masked") else 0.0
+        ratio, nmse = local_ratio(tap, theirs[tap], ours, tolerance, their_dtype, allowed)
         out.stages[tap] = {"tap": tap, "local_ratio": ratio, "local_nmse": nmse, "tolerance": tolerance,
                            "inputs": [i for i in ins if i in theirs] or (["token ids"] if tap == "embed" else []),
                            "recomputed": [i for i in ins if i not in theirs]}
