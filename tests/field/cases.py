@@ -164,5 +164,58 @@ def onnx_cases() -> list[Case]:
     return cases
 
 
+# ---------------------------------------------------------------- the C engine, one token at a time
+
+C_IDS = IDS[:6]  # six decode steps: positions 0..5
+
+
+@lru_cache(maxsize=None)
+def c_weights(work: Path) -> Path:
+    import c_engine as CE
+    from mlx_tinyllama.synthetic import materialize
+
+    work.mkdir(parents=True, exist_ok=True)
+    return CE.write_weights(materialize("tiny", 0), work / "tiny-f32.bin")
+
+
+def _c_case(fault: str | None, extra: tuple[str, ...]) -> Callable[[Path], list[str]]:
+    def build(work: Path) -> list[str]:
+        import c_engine as CE
+
+        cc = CE.compiler()
+        if cc is None:
+            raise FileNotFoundError("no C compiler (cc)")
+        exe = work / "c" / f"decode_engine-{fault or 'clean'}"
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        if not exe.exists():
+            CE.build(cc, exe, fault)
+        out = CE.run(exe, c_weights(work / "c"), C_IDS, work / "c" / f"steps-{fault or 'clean'}")
+        return ["--against-steps", str(out), "--model", MODEL, *extra]
+    return build
+
+
+# fault -> (position, the stage where it first shows)
+C_FAULTS = {
+    "KV_LATE": (0, "layers.1.attn.scores"),
+    "ROPE_NEXT": (0, "layers.0.attn.q_rope"),
+    "EXTRA_KEY": (0, "layers.0.attn.scores"),
+    "KV_HEAD": (0, "layers.1.attn.scores"),
+    "PARTIAL_ROWS": (0, "layers.0.mlp.gate"),
+    "RING4": (4, "layers.0.attn.scores"),
+}
+
+
+def c_cases() -> list[Case]:
+    eng, base = "C decode (tap_dump.h)", "float32, 1 token a step, 6 steps, --against-steps DIR --model M"
+    cases = [
+        Case(eng, "clean", base, 0, None, _c_case(None, ()), xfail=BUG_STEPS_DTYPE),
+        Case(eng, "clean", base + " --dtype float32", 0, None, _c_case(None, ("--dtype", "float32"))),
+    ]
+    for fault, (pos, tap) in C_FAULTS.items():
+        cases.append(Case(eng, f"-DFAULT_{fault}", base + " --dtype float32", 1, f"position {pos}, {tap}",
+                          _c_case(fault, ("--dtype", "float32"))))
+    return cases
+
+
 def all_cases() -> list[Case]:
-    return onnx_cases()
+    return onnx_cases() + c_cases()
