@@ -87,18 +87,18 @@ def outcome(case: Case, work: Path) -> Outcome:
 # ---------------------------------------------------------------- ONNX Runtime
 
 @lru_cache(maxsize=None)
-def onnx_graphs(work: Path) -> dict:
+def onnx_graphs(work: Path, preset: str) -> dict:
     """The exported graphs, built once per work dir: {variant: (model with the taps exposed, tap map)}."""
     import onnx
 
     import onnx_engine as E
     from mlx_tinyllama.synthetic import materialize
 
-    model_dir = materialize("tiny", 0)
+    model_dir = materialize(preset, 0)
     work.mkdir(parents=True, exist_ok=True)
     out = {}
-    for dtype in ("float32", "float16"):
-        path = E.export(model_dir, len(IDS), dtype, work / f"tiny-{dtype}.onnx")
+    for dtype in ("float32", "float16") if preset == "tiny" else ("float32",):
+        path = E.export(model_dir, len(IDS), dtype, work / f"{preset}-{dtype}.onnx")
         m = onnx.load(str(path))
         names = E.tap_map(m)
         out[f"export-{dtype}"] = (E.expose(m, list(names)), names)
@@ -107,17 +107,18 @@ def onnx_graphs(work: Path) -> dict:
     return out
 
 
-def _onnx_case(variant: str, fault: str | None, fmt: str, extra: tuple[str, ...] = ()) -> Callable[[Path], list[str]]:
+def _onnx_case(variant: str, fault: str | None, fmt: str, extra: tuple[str, ...] = (),
+               preset: str = "tiny") -> Callable[[Path], list[str]]:
     def build(work: Path) -> list[str]:
         import numpy as np
 
         import onnx_engine as E
 
-        model, names = onnx_graphs(work / "onnx")[variant]
+        model, names = onnx_graphs(work / "onnx", preset)[variant]
         if fault:
             model = E.faulted(model, names, fault)
         values = E.run(model, IDS)
-        stem = work / f"ort-{variant}-{fault or 'clean'}"
+        stem = work / f"ort-{preset}-{variant}-{fault or 'clean'}"
         dump = stem.with_suffix("." + fmt)
         if fmt == "npz":
             np.savez(dump, **{v: values[v][0] for v in names})
@@ -125,7 +126,7 @@ def _onnx_case(variant: str, fault: str | None, fmt: str, extra: tuple[str, ...]
             map_path.write_text(json.dumps(names))
         else:
             dump, map_path = E.write_dump(values, names, dump)
-        return ["--against", str(dump), "--map", str(map_path), "--model", MODEL,
+        return ["--against", str(dump), "--map", str(map_path), "--model", f"synthetic:{preset}",
                 "--token-ids", ",".join(map(str, IDS)), *extra]
     return build
 
@@ -151,6 +152,14 @@ def onnx_cases() -> list[Case]:
     for fault, (_, _, tap) in E.FAULTS.items():
         cases.append(Case("onnxruntime", fault, f"fp32 export, {ort}, safetensors, no --dtype", 1, tap,
                           _onnx_case("export-float32", fault, "safetensors")))
+    # Another shape (4 layers, 8 query heads sharing 2 KV heads: a GQA repeat of 4, not 2): the map
+    # and the faults are read off the graph, not written for synthetic:tiny.
+    cases.append(Case("onnxruntime", "clean", f"synthetic:small, fp32 export, {ort}, safetensors, --dtype float32",
+                      0, None, _onnx_case("export-float32", None, "safetensors", ("--dtype", "float32"), "small")))
+    for fault in ("kv_heads_tiled", "rope_sin_sign"):
+        layer, tap = E.FAULTS[fault][1], E.FAULTS[fault][2]
+        cases.append(Case("onnxruntime", fault, f"synthetic:small, fp32 export, {ort}, safetensors, --dtype float32",
+                          1, tap, _onnx_case("export-float32", fault, "safetensors", ("--dtype", "float32"), "small")))
     # Faults in the half-precision graphs: a -1e4 mask must not hide a missing one, nor fp16's
     # wider tolerance a wrong KV head.
     for variant, what in (("export-float16", "fp16 export"), ("converter-float16", "fp16 by onnxconverter-common")):
