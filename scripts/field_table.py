@@ -1,4 +1,4 @@
-"""Run every case of the field suite (tests/field/cases.py: ONNX Runtime, the C decode engine)
+"""Run every case of the field suite (tests/field/field_cases.py: ONNX Runtime, the C decode engine)
 and print the table of docs/field.md: engine, case, settings, the verdict expected, the exit
 code, the first divergence, the coverage and, for clean runs, the worst ratio to tolerance.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "field"))
 
-import cases as C  # noqa: E402
+import field_cases as C  # noqa: E402
 
 
 def _ratio(r: float | None) -> str:

@@ -13,7 +13,7 @@
  * wk, wv [kv*hd, dim], wo [dim, heads*hd], mlp_norm [dim], gate, up [hidden, dim],
  * down [dim, hidden]; final_norm [dim]; lm_head [vocab, dim].
  *
- * Faults (one -D flag each; the field suite's expected first divergence is in cases.py):
+ * Faults (one -D flag each; the field suite's expected first divergence is in field_cases.py):
  *   FAULT_KV_LATE       layer 1 writes K/V to the cache slot one position late
  *   FAULT_ROPE_NEXT     RoPE at position + 1
  *   FAULT_EXTRA_KEY     attention reads one key past the last position

@@ -421,6 +421,22 @@ def _fault_softmax_axis(model, names, layer):
     sm.attribute.append(onnx.helper.make_attribute("axis", -2))
 
 
+def _fault_norm_rounded_to_fp16(model, names, layer):
+    """A float32 engine whose attention RMSNorm output goes through a float16 buffer (rounded to
+    fp16 and read back): wrong at fp32's precision, invisible at fp16's."""
+    import onnx
+
+    g = Graph(model)
+    value = _tap(names, f"layers.{layer}.attn_norm")
+    node = g.producer[value]
+    at = list(model.graph.node).index(node)
+    node.output[0] = value + "_fault_f32"
+    model.graph.node.insert(at + 1, onnx.helper.make_node("Cast", [value + "_fault_f32"], [value + "_fault_f16"],
+                                                          to=onnx.TensorProto.FLOAT16))
+    model.graph.node.insert(at + 2, onnx.helper.make_node("Cast", [value + "_fault_f16"], [value],
+                                                          to=onnx.TensorProto.FLOAT))
+
+
 # name -> (edit, layer, the tap where it first shows)
 FAULTS: dict[str, tuple] = {
     "rmsnorm_eps_after_sqrt": (_fault_eps_after_sqrt, 0, "layers.0.attn_norm"),
@@ -434,6 +450,7 @@ FAULTS: dict[str, tuple] = {
     "silu_to_gelu": (_fault_silu_to_gelu, 1, "layers.1.mlp.act"),
     "kv_heads_tiled": (_fault_kv_heads_tiled, 1, "layers.1.attn.scores"),
     "softmax_over_queries": (_fault_softmax_axis, 1, "layers.1.attn.probs"),
+    "attn_norm_through_fp16": (_fault_norm_rounded_to_fp16, 1, "layers.1.attn_norm"),
 }
 
 

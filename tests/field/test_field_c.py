@@ -1,14 +1,14 @@
 """Field suite, a C engine that decodes one token at a time (tests/field/decode_engine.c, like
 llama2.c's run.c) and dumps every step with kit/tap_dump.h, compared through `trace compare
 --against-steps DIR --model M` (docs/localize.md): clean exit 0; each compile-time fault exit 1
-at the (position, stage) where it first shows (cases.C_FAULTS)."""
+at the (position, stage) where it first shows (field_cases.C_FAULTS)."""
 
 from __future__ import annotations
 
 import pytest
 
 import c_engine as CE
-import cases as C
+import field_cases as C
 from conftest import require_tool
 
 CASES = C.c_cases()

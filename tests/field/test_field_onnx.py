@@ -2,7 +2,7 @@
 onnxruntime at its default optimisation level in fp32 and in fp16 by both converters in common
 use (onnxconverter-common's float16 conversion, and an fp16 export), compared as a user would
 with `trace compare --against DUMP --map MAP --model M`: clean runs exit 0, graph faults exit 1
-at the stage where each first shows (cases.py lists them with their expected stage)."""
+at the stage where each first shows (field_cases.py lists them with their expected stage)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxconverter_common")
 
-import cases as C  # noqa: E402
+import field_cases as C  # noqa: E402
 from conftest import needs_torch  # noqa: E402
 
 CASES = C.onnx_cases()
