@@ -1,6 +1,7 @@
 """Run every case of the field suite (tests/field/field_cases.py: ONNX Runtime, the C decode engine)
 and print the table of docs/field.md: engine, case, settings, the verdict expected, the exit
-code, the first divergence, the coverage and, for clean runs, the worst ratio to tolerance.
+code, the first divergence, the coverage, for clean runs the worst ratio to tolerance, and for
+faults what `localize` made of them (the stage replay blames, the transform that explains it).
 
     PYTHONPATH=. python scripts/field_table.py                # every case
     PYTHONPATH=. python scripts/field_table.py --engine C     # engines whose name contains "C"
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 got = C.outcome(case, work)
             except FileNotFoundError as e:  # no C compiler: say so, do not pass
-                rows.append(f"| {case.engine} | {case.name} | {case.settings} | not run: {e} | | | | |")
+                rows.append(f"| {case.engine} | {case.name} | {case.settings} | not run: {e} | | | | | | |")
                 unexpected += 1
                 continue
             want = f"exit {case.want_exit}" + (f" at {case.want_tap}" if case.want_tap else "")
@@ -50,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
                 status = "as expected (**xfail no longer fails**: remove its mark)"
             unexpected += not ok and not case.xfail
             rows.append(f"| {case.engine} | {case.name} | {case.settings} | {want} | {got.exit} | "
-                        f"{got.tap or '—'} | {got.coverage} | {_ratio(got.worst_ratio)} | {status} |")
+                        f"{got.tap or '—'} | {got.coverage} | {_ratio(got.worst_ratio)} | {got.localized or '—'} | "
+                        f"{got.diagnosis or '—'} | {status} |")
             print(rows[-1], file=sys.stderr, flush=True)
-    print("| engine | case | settings | expected | exit | first divergence | coverage | worst ratio (clean) | outcome |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| engine | case | settings | expected | exit | first divergence | coverage | worst ratio (clean) "
+          "| localized | diagnosis | outcome |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     return 1 if unexpected else 0
 

@@ -34,6 +34,8 @@ class Outcome:
     tap: str | None  # the first divergence ("position N, tap" for decode steps)
     coverage: str
     worst_ratio: float | None  # clean runs: the worst stage's error / tolerance
+    localized: str | None = None  # the first stage whose own error (replayed on their inputs) is over tolerance
+    diagnosis: str | None = None  # the best transform that explains the first divergence
     output: str = ""
 
 
@@ -82,7 +84,12 @@ def outcome(case: Case, work: Path) -> Outcome:
     ratios = [s["ratio"] for s in data.get("stages", [])] or \
         [st["ratio"] for s in data.get("steps", []) for st in s["stages"]]
     worst = max(ratios) if ratios and rc == 0 else None
-    return Outcome(rc, tap, coverage, worst, text)
+    loc = data.get("localized") or None
+    if loc:
+        loc = f"position {loc['position']}, {loc['stage']}" if "position" in loc else loc["stage"]
+    diag = (fd or {}).get("diagnosis") if "steps" in data else data.get("diagnosis")
+    diag = ", ".join(d["transform"] for d in diag) if diag else None
+    return Outcome(rc, tap, coverage, worst, loc, diag, text)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
