@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                 unexpected += 1
                 continue
             want = f"exit {case.want_exit}" + (f" at {case.want_tap}" if case.want_tap else "")
-            ok = (got.exit, got.tap) == (case.want_exit, case.want_tap)
-            status = "as expected" if ok else ("**xfail**: " + case.xfail if case.xfail else "**UNEXPECTED**")
+            misses = case.misses(got)
+            ok = not misses
+            status = "as expected" if ok else (f"**xfail** ({'; '.join(misses)}): {case.xfail}" if case.xfail
+                                               else f"**UNEXPECTED**: {'; '.join(misses)}")
             if case.xfail and ok:
                 status = "as expected (**xfail no longer fails**: remove its mark)"
             unexpected += not ok and not case.xfail
