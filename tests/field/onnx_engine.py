@@ -226,6 +226,7 @@ def run(model, ids: list[int]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     names = [o.name for o in sess.get_outputs()]
     feed = {sess.get_inputs()[0].name: np.asarray([ids], dtype=np.int64)}
     return dict(zip(names, sess.run(names, feed)))
@@ -284,28 +285,19 @@ def _fault_eps_after_sqrt(model, names, layer):
     """The attention RMSNorm: rsqrt(mean + eps) written as 1 / (sqrt(mean) + eps). In layer 0,
     whose input (the embeddings, ~0.02) is small enough for eps to matter; deeper, the residual
     stream is large and the same fault stays under the fp32 tolerance at its own stage."""
+    import onnx
+
     g = Graph(model)
     nodes = _scope_nodes(g, f"layers.{layer}.input_layernorm")
     add = next(n for n in nodes if n.op_type == "Add")
     sqrt = next(n for n in nodes if n.op_type == "Sqrt" and n.input[0] == add.output[0])
     recip = g.consumers[sqrt.output[0]][0]
     mean, eps = add.input
-    sqrt.input[0] = mean
-    add.input[0] = sqrt.output[0]
-    recip.input[0] = add.output[0]
-    nodes_list = model.graph.node
-    i, j = list(nodes_list).index(add), list(nodes_list).index(sqrt)
-    a, s = onnx_copy(add), onnx_copy(sqrt)
-    nodes_list[i].CopyFrom(s)
-    nodes_list[j].CopyFrom(a)
-
-
-def onnx_copy(node):
-    import onnx
-
-    c = onnx.NodeProto()
-    c.CopyFrom(node)
-    return c
+    root, shifted = f"fault_sqrt_{layer}", f"fault_sqrt_plus_eps_{layer}"
+    recip.input[0] = shifted  # the original Add and Sqrt are left unused
+    at = list(model.graph.node).index(recip)
+    model.graph.node.insert(at, onnx.helper.make_node("Add", [root, eps], [shifted]))
+    model.graph.node.insert(at, onnx.helper.make_node("Sqrt", [mean], [root]))
 
 
 def _linear(g: Graph, scope_suffix: str):
