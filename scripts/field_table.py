@@ -8,7 +8,7 @@ faults what `localize` made of them (the stage replay blames, the transform that
 
 A case whose outcome differs from the expected one is marked; one marked `xfail` in the suite
 (a verdict bug of issue 21 being fixed elsewhere) says which bug. Exit 1 when an outcome
-differs and the case is not xfail, else 0.
+differs and the case is not xfail (or a case could not run), 2 when --engine selects nothing, else 0.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="", help="only engines whose name contains this")
     args = ap.parse_args(argv)
     chosen = [c for c in C.all_cases() if args.engine in c.engine]
+    if not chosen:  # an empty table would read as "nothing went wrong"
+        engines = sorted({c.engine for c in C.all_cases()})
+        print(f"error: no engine's name contains {args.engine!r}; engines: {', '.join(engines)}", file=sys.stderr)
+        return 2
     rows, unexpected = [], 0
     with tempfile.TemporaryDirectory(prefix="field_table_") as tmp:
         work = Path(tmp)

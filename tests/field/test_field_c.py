@@ -51,3 +51,18 @@ def test_extra_key_note_names_the_extra_key(work):
     say so, not blame a cache that is missing positions."""
     note = _first_note(work, "EXTRA_KEY")
     assert "key" in note and "does not hold every past position" not in note, note
+
+
+def test_field_table_refuses_an_empty_selection(capsys):
+    """scripts/field_table.py with an --engine that matches nothing: exit 2 and the engines' names,
+    not an empty table that reads as a pass."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "field_table.py"
+    spec = importlib.util.spec_from_file_location("field_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main(["--engine", "no such engine"]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime" in err and "C decode" in err
