@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,10 @@ MODEL = "synthetic:tiny"
 BUG_MASK_1E4 = "issue 21: a -1e4 causal mask (fp16 converter) is mask_mismatch, not equal by effect"
 BUG_NPZ_F16 = "issue 21: an npz of float16 arrays is not recognised as float16 (header '(?)')"
 BUG_F32_AT_F16 = "issue 21: a float32 dump compared without --dtype is judged at the float16 tolerance"
+BUG_LAST_ROW = ("issue 21: last-row-only logits in an npz are a shape mismatch (exit 1 at logits, hint: lm_head), "
+                "not compared on the last row")
+BUG_UNMAPPED = "issue 21: a dump whose names were not mapped compares 1 stage and ends in match"
+BUG_TOKENS = "issue 21: an npz made for other token ids (--token-ids forgotten) is exit 1 with shape mismatches, not exit 2"
 BUG_STEPS_DTYPE = "issue 21: --against-steps DIR --model M fails with 'unknown dtype None'"
 
 
@@ -88,7 +93,8 @@ def outcome(case: Case, work: Path) -> Outcome:
     from mlx_tinyllama import taps as T
 
     work.mkdir(parents=True, exist_ok=True)
-    rc, data, text = run_compare(case.build(work), work / f"{case.engine}-{case.name}.result.json")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{case.engine}-{case.name}-{case.settings}").strip("-")
+    rc, data, text = run_compare(case.build(work), work / f"{slug}.result.json")
     fd = data.get("first_divergence") or None
     if fd and "position" in fd:
         tap = f"position {fd['position']}, {fd['tap']}"
@@ -138,7 +144,9 @@ def onnx_graphs(work: Path, preset: str) -> dict:
 
 
 def _onnx_case(variant: str, fault: str | None, fmt: str, extra: tuple[str, ...] = (),
-               preset: str = "tiny") -> Callable[[Path], list[str]]:
+               preset: str = "tiny", user: str = "") -> Callable[[Path], list[str]]:
+    """`user`: what the user does differently: `last-row-logits` (keeps the logits of the last
+    position only, as most exporters do), `no-map` (forgets --map), `no-ids` (forgets --token-ids)."""
     def build(work: Path) -> list[str]:
         import numpy as np
 
@@ -148,7 +156,13 @@ def _onnx_case(variant: str, fault: str | None, fmt: str, extra: tuple[str, ...]
         if fault:
             model = E.faulted(model, names, fault)
         values = E.run(model, IDS)
-        stem = work / f"ort-{preset}-{variant}-{fault or 'clean'}"
+        logits = next(v for v, t in names.items() if t == "logits")
+        if user == "last-row-logits":
+            values = {**values, logits: values[logits][:, -1:]}
+        if user == "no-map":  # the graph's output named `logits` (export's output_names), the rest as exported
+            values = {**values, "logits": values[logits]}
+            names = {**{v: t for v, t in names.items() if v != logits}, "logits": "logits"}
+        stem = work / f"ort-{preset}-{variant}-{fault or 'clean'}-{user or 'as-documented'}"
         dump = stem.with_suffix("." + fmt)
         if fmt == "npz":
             np.savez(dump, **{v: values[v][0] for v in names})
@@ -156,8 +170,12 @@ def _onnx_case(variant: str, fault: str | None, fmt: str, extra: tuple[str, ...]
             map_path.write_text(json.dumps(names))
         else:
             dump, map_path = E.write_dump(values, names, dump)
-        return ["--against", str(dump), "--map", str(map_path), "--model", f"synthetic:{preset}",
-                "--token-ids", ",".join(map(str, IDS)), *extra]
+        args = ["--against", str(dump), "--model", f"synthetic:{preset}", *extra]
+        if user != "no-map":
+            args += ["--map", str(map_path)]
+        if user != "no-ids":
+            args += ["--token-ids", ",".join(map(str, IDS))]
+        return args
     return build
 
 
@@ -177,13 +195,14 @@ def onnx_cases() -> list[Case]:
     ort = "ORT default opt (ORT_ENABLE_ALL)"
     full = "43/43 stages"
 
-    def case(name, settings, variant, fmt, extra=(), preset="tiny", xfail=None):
+    def case(name, settings, variant, fmt, extra=(), preset="tiny", xfail=None, user="", want_exit=None):
         fault = None if name == "clean" else name
         tap = E.FAULTS[fault][2] if fault else None
-        return Case("onnxruntime", name, settings, 1 if fault else 0, tap,
-                    _onnx_case(variant, fault, fmt, extra, preset), xfail=xfail,
+        want = want_exit if want_exit is not None else 1 if fault else 0
+        return Case("onnxruntime", name, settings, want, tap,
+                    _onnx_case(variant, fault, fmt, extra, preset, user), xfail=xfail,
                     want_diagnosis=ONNX_DIAGNOSIS.get(fault),
-                    want_coverage=None if fault else ("83/83 stages" if preset == "small" else full))
+                    want_coverage=None if want else ("83/83 stages" if preset == "small" else full))
 
     f32, conv = "export-float32", "converter-float16"
     cases = [
@@ -197,6 +216,19 @@ def onnx_cases() -> list[Case]:
              "safetensors", ("--dtype", "float16"), xfail=BUG_MASK_1E4),
         case("clean", f"fp16 by onnxconverter-common (mask -1e4), {ort}, npz, no --dtype", conv, "npz",
              xfail=f"{BUG_MASK_1E4}; {BUG_NPZ_F16}"),
+    ]
+    # What users do: keep only the last row of logits (compared on that row, the verdict saying
+    # so); forget --map when the output is named `logits` (the other names are unknown: exit 2,
+    # not a match over the one stage whose name is a tap); forget
+    # --token-ids (the default prompt has other ids: exit 2).
+    cases += [
+        case("clean", f"fp32 export, {ort}, npz, logits of the last position only, --dtype float32", f32, "npz",
+             ("--dtype", "float32"), user="last-row-logits", xfail=BUG_LAST_ROW),
+        case("clean", f"fp32 export (output named logits), {ort}, safetensors, --map forgotten", f32, "safetensors",
+             user="no-map",
+             want_exit=2, xfail=BUG_UNMAPPED),
+        case("clean", f"fp32 export, {ort}, npz, --token-ids forgotten", f32, "npz", user="no-ids", want_exit=2,
+             xfail=BUG_TOKENS),
     ]
     for fault in E.FAULTS:
         # A fault of fp16's size shows only at the float32 tolerance that a float32 dump calls for.
