@@ -20,8 +20,8 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(cc: str, out: Path, fault: str | None = None) -> Path:
-    flags = [f"-DFAULT_{fault}"] if fault else []
+def build(cc: str, out: Path, fault: str | None = None, store_f16: bool = False) -> Path:
+    flags = ([f"-DFAULT_{fault}"] if fault else []) + (["-DSTORE_F16"] if store_f16 else [])
     subprocess.run([cc, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", *flags, "-o", str(out), str(SOURCE), "-lm"],
                    check=True, timeout=120)
     return out

@@ -13,6 +13,8 @@
  * wk, wv [kv*hd, dim], wo [dim, heads*hd], mlp_norm [dim], gate, up [hidden, dim],
  * down [dim, hidden]; final_norm [dim]; lm_head [vocab, dim].
  *
+ * -DSTORE_F16 stores the taps as float16 (dtype "float16" in the metadata); the arithmetic stays float32.
+ *
  * Faults (one -D flag each; the field suite's expected first divergence is in field_cases.py):
  *   FAULT_KV_LATE       layer 1 writes K/V to the cache slot one position late
  *   FAULT_ROPE_NEXT     RoPE at position + 1
@@ -88,7 +90,11 @@ static int add(tap_dump *d, int layer, const char *stage, const float *x, int nd
     char name[96];
     int64_t shape[3] = {a, b, c};
     if (tap_dump_name(name, sizeof name, layer, stage) != 0) return -1;
+#ifdef STORE_F16
+    return tap_dump_add_f32(d, name, x, ndim, shape, TAP_DUMP_F16);
+#else
     return tap_dump_add_f32(d, name, x, ndim, shape, TAP_DUMP_F32);
+#endif
 }
 
 int main(int argc, char **argv) {
@@ -173,7 +179,11 @@ int main(int argc, char **argv) {
 #endif
             tap_dump_set_tokens(d, ids, (size_t)pos + 1);
             tap_dump_set_position(d, pos);
+#ifdef STORE_F16
+            tap_dump_set_dtype(d, "float16");
+#else
             tap_dump_set_dtype(d, "float32");
+#endif
             tap_dump_set_meta(d, "engine", "tests/field/decode_engine.c");
             memcpy(x, embed + (size_t)ids[pos] * p.dim, sizeof(float) * p.dim);
             add(d, -1, "embed", x, 2, 1, p.dim, 0);

@@ -267,18 +267,19 @@ def c_weights(work: Path) -> Path:
     return CE.write_weights(materialize("tiny", 0), work / "tiny-f32.bin")
 
 
-def _c_case(fault: str | None, extra: tuple[str, ...]) -> Callable[[Path], list[str]]:
+def _c_case(fault: str | None, extra: tuple[str, ...], store_f16: bool = False) -> Callable[[Path], list[str]]:
     def build(work: Path) -> list[str]:
         import c_engine as CE
 
         cc = CE.compiler()
         if cc is None:
             raise FileNotFoundError("no C compiler (cc)")
-        exe = work / "c" / f"decode_engine-{fault or 'clean'}"
+        name = f"{fault or 'clean'}{'-f16' if store_f16 else ''}"
+        exe = work / "c" / f"decode_engine-{name}"
         exe.parent.mkdir(parents=True, exist_ok=True)
         if not exe.exists():
-            CE.build(cc, exe, fault)
-        out = CE.run(exe, c_weights(work / "c"), C_IDS, work / "c" / f"steps-{fault or 'clean'}")
+            CE.build(cc, exe, fault, store_f16)
+        out = CE.run(exe, c_weights(work / "c"), C_IDS, work / "c" / f"steps-{name}")
         return ["--against-steps", str(out), "--model", MODEL, *extra]
     return build
 
@@ -309,6 +310,13 @@ def c_cases() -> list[Case]:
         cases.append(Case(eng, f"-DFAULT_{fault}", base + " --dtype float32", 1, f"position {pos}, {tap}",
                           _c_case(fault, ("--dtype", "float32")), want_diagnosis=diagnosis,
                           want_localized=None if fault in C_NOT_LOCALIZED else SAME))
+    # Taps stored as float16 (the metadata says so), judged at float16's tolerance: still clean,
+    # and a wrong KV head is still found where it is.
+    f16 = base.replace("float32,", "float32 stored as float16 (-DSTORE_F16),") + " --dtype float16"
+    cases.append(Case(eng, "clean", f16, 0, None, _c_case(None, ("--dtype", "float16"), True), want_coverage=full))
+    pos, tap, diagnosis = C_FAULTS["KV_HEAD"]
+    cases.append(Case(eng, "-DFAULT_KV_HEAD", f16, 1, f"position {pos}, {tap}",
+                      _c_case("KV_HEAD", ("--dtype", "float16"), True), want_diagnosis=diagnosis))
     return cases
 
 
