@@ -130,6 +130,11 @@ class Graph:
             value = p.input[0]
         return value
 
+    def repeated(self, value: str) -> str:
+        """`value` after transformers' GQA repeat (`repeat_kv`: Unsqueeze, Expand, Reshape to
+        [1, H, T, D]); `value` itself where the graph has no repeat."""
+        return self.after(value, ("Unsqueeze", "Expand", "Reshape"))
+
     def descendants(self, value: str) -> set[str]:
         seen, todo = set(), [value]
         while todo:
@@ -161,7 +166,10 @@ def _prefixes(path: str) -> list[str]:
 
 def tap_map(model) -> dict[str, str]:
     """{ONNX value name: canonical tap} for every stage, read off the exported graph."""
+    from mlx_tinyllama.taps import tap_names
+
     g = Graph(model)
+    known = set(tap_names(len(g.layer_scopes())))
     names: dict[str, str] = {}
     names["embed"] = g.module_output(g.scopes("embed_tokens")[0])
     casts = ("Cast",)
@@ -181,6 +189,9 @@ def tap_map(model) -> dict[str, str]:
 
         q_rope, k_rope = rope(dq), rope(dk)
         names[p + "attn.q_rope"], names[p + "attn.k_rope"] = q_rope, k_rope
+        for tap, value in ((p + "attn.k_rep", k_rope), (p + "attn.v_rep", v)):
+            if tap in known and g.repeated(value) != value:  # taps after the GQA repeat, where the table has them
+                names[tap] = g.repeated(value)
         scores = g.first_node("MatMul", lambda n: g.before(n.input[0], casts) == q_rope).output[0]
         scaled = next(u for u in g.consumers[scores] if u.op_type in ("Mul", "Div")).output[0]
         masked = next(u for u in g.consumers[scaled] if u.op_type == "Add").output[0]

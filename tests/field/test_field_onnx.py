@@ -82,3 +82,27 @@ def test_map_names_every_stage_once_and_matches_transformers(work):
         if tap.endswith("scores_masked"):  # -inf/finfo.min above the diagonal on both sides
             ours, theirs = np.maximum(ours, -1e30), np.maximum(theirs, -1e30)
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5, err_msg=tap)
+
+
+@needs_torch
+def test_gqa_repeat_is_found_from_the_structure(work):
+    """K and V after the GQA repeat ([H, T, D]): query head h reads KV head h // n_rep, found by
+    following k_rope / v through the repeat's ops (mapped to attn.k_rep/v_rep where the tap table
+    has those taps; left unmapped where it does not, as now)."""
+    import numpy as np
+    import onnx
+
+    import onnx_engine as E
+
+    model, names = C.onnx_graphs(work / "onnx", "tiny")["export-float32"]
+    g = E.Graph(model)
+    tap = {t: v for v, t in names.items()}
+    reps = [g.repeated(tap[f"layers.{i}.attn.{w}"]) for i in (0, 1) for w in ("k_rope", "v")]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the shared graph stays as it is
+    values = E.run(E.expose(copy, reps), C.IDS)
+    for i in (0, 1):
+        for w, rep in zip(("k_rope", "v"), reps[2 * i:2 * i + 2]):
+            before = values[tap[f"layers.{i}.attn.{w}"]]
+            assert values[rep].shape == (1, 4, len(C.IDS), 16)
+            np.testing.assert_array_equal(values[rep], np.repeat(before, 2, axis=1))
