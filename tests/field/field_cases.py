@@ -21,16 +21,9 @@ from typing import Callable
 IDS = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451]
 MODEL = "synthetic:tiny"
 
-# Verdict bugs of issue 21 that other branches are fixing; a case they break is xfail(strict)
-# with one of these reasons, so it flips to a failure (and must be un-marked) when the fix lands.
-BUG_MASK_1E4 = "issue 21: a -1e4 causal mask (fp16 converter) is mask_mismatch, not equal by effect"
-BUG_NPZ_F16 = "issue 21: an npz of float16 arrays is not recognised as float16 (header '(?)')"
-BUG_F32_AT_F16 = "issue 21: a float32 dump compared without --dtype is judged at the float16 tolerance"
-BUG_LAST_ROW = ("issue 21: last-row-only logits in an npz are a shape mismatch (exit 1 at logits, hint: lm_head), "
-                "not compared on the last row")
-BUG_UNMAPPED = "issue 21: a dump whose names were not mapped compares 1 stage and ends in match"
-BUG_TOKENS = "issue 21: an npz made for other token ids (--token-ids forgotten) is exit 1 with shape mismatches, not exit 2"
-BUG_STEPS_DTYPE = "issue 21: --against-steps DIR --model M fails with 'unknown dtype None'"
+# Each case was first written against the verdict bugs of issue 21 (a float32 dump judged at the float16
+# tolerance, -1e4 masks, float16 npz, last-row-only logits, unmapped names, forgotten token ids, the
+# step dumps' dtype) as strict xfails; all of them are fixed, so every case here must come out as expected.
 
 
 @dataclass
@@ -214,11 +207,11 @@ def onnx_cases() -> list[Case]:
         case("clean", f"fp16 export, {ort}, safetensors, no --dtype", "export-float16", "safetensors"),
         # Exit 0 today, but `localized: layers.0.attn_norm` is printed beside `match`: the npz's
         # float16 is not read, so replay judges it at float32's tolerance.
-        case("clean", f"fp16 export, {ort}, npz, no --dtype", "export-float16", "npz", xfail=BUG_NPZ_F16),
+        case("clean", f"fp16 export, {ort}, npz, no --dtype", "export-float16", "npz"),
         case("clean", f"fp16 by onnxconverter-common (mask -1e4), {ort}, safetensors, --dtype float16", conv,
-             "safetensors", ("--dtype", "float16"), xfail=BUG_MASK_1E4),
+             "safetensors", ("--dtype", "float16")),
         case("clean", f"fp16 by onnxconverter-common (mask -1e4), {ort}, npz, no --dtype", conv, "npz",
-             xfail=f"{BUG_MASK_1E4}; {BUG_NPZ_F16}"),
+             ),
     ]
     # What users do: keep only the last row of logits (compared on that row, the verdict saying
     # so); forget --map when the output is named `logits` (the other names are unknown: exit 2,
@@ -226,18 +219,15 @@ def onnx_cases() -> list[Case]:
     # --token-ids (the default prompt has other ids: exit 2).
     cases += [
         case("clean", f"fp32 export, {ort}, npz, logits of the last position only, --dtype float32", f32, "npz",
-             ("--dtype", "float32"), user="last-row-logits", xfail=BUG_LAST_ROW),
+             ("--dtype", "float32"), user="last-row-logits"),
         case("clean", f"fp32 export (output named logits), {ort}, safetensors, --map forgotten", f32, "safetensors",
              user="no-map",
-             want_exit=2, xfail=BUG_UNMAPPED),
-        case("clean", f"fp32 export, {ort}, npz, --token-ids forgotten", f32, "npz", user="no-ids", want_exit=2,
-             xfail=BUG_TOKENS),
+             want_exit=2),
+        case("clean", f"fp32 export, {ort}, npz, --token-ids forgotten", f32, "npz", user="no-ids", want_exit=2),
     ]
     for fault in E.FAULTS:
-        # A fault of fp16's size shows only at the float32 tolerance that a float32 dump calls for.
-        subtle = fault == "attn_norm_through_fp16"
-        cases.append(case(fault, f"fp32 export, {ort}, safetensors, no --dtype", f32, "safetensors",
-                          xfail=BUG_F32_AT_F16 if subtle else None))
+        # (attn_norm_through_fp16: a fault of fp16's size, seen only at the float32 tolerance a float32 dump calls for)
+        cases.append(case(fault, f"fp32 export, {ort}, safetensors, no --dtype", f32, "safetensors"))
     cases.append(case("attn_norm_through_fp16", f"fp32 export, {ort}, safetensors, --dtype float32", f32,
                       "safetensors", ("--dtype", "float32")))
     # Another shape (4 layers, 8 query heads sharing 2 KV heads: a GQA repeat of 4, not 2): the map
@@ -252,7 +242,7 @@ def onnx_cases() -> list[Case]:
             # The converter's -1e4 mask fails layer 0's scores_masked before a later fault shows.
             late = variant == conv and fault == "kv_heads_tiled"
             cases.append(case(fault, f"{what}, {ort}, safetensors, --dtype float16", variant, "safetensors",
-                              ("--dtype", "float16"), xfail=BUG_MASK_1E4 if late else None))
+                              ("--dtype", "float16")))
     return cases
 
 
@@ -305,7 +295,7 @@ def c_cases() -> list[Case]:
     eng, base = "C decode (tap_dump.h)", "float32, 1 token a step, 6 steps, --against-steps DIR --model M"
     full = f"{len(C_IDS)} steps x 43/43 stages"
     cases = [
-        Case(eng, "clean", base, 0, None, _c_case(None, ()), xfail=BUG_STEPS_DTYPE, want_coverage=full),
+        Case(eng, "clean", base, 0, None, _c_case(None, ()), want_coverage=full),
         Case(eng, "clean", base + " --dtype float32", 0, None, _c_case(None, ("--dtype", "float32")),
              want_coverage=full),
     ]

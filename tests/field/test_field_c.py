@@ -44,8 +44,6 @@ def test_ring_cache_note_names_the_missing_positions(work):
     assert "4 key positions, 5 expected" in note and "does not hold every past position" in note, note
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: a step that reads one key too many is told the KV cache "
-                                       "does not hold every past position")
 def test_extra_key_note_names_the_extra_key(work):
     """An engine that reads one key past the last position has one key too many: the note must
     say so, not blame a cache that is missing positions."""
