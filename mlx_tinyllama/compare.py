@@ -388,7 +388,7 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
-    text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    text = qk_hint(first, perm) if perm else hint(first, before, n_layers, {s["tap"] for s in stages[:k]})
     fused = fused_hint(first, engine) if engine else None
     if fused:
         text += "; " + fused

@@ -1,6 +1,5 @@
-"""The canonical tap names: one table that every feature (run, compare, paths,
-stability, report, the transformers reference) uses, and the recorder that the
-forward pass calls at each stage.
+"""The recorder that the forward pass calls at each stage. The stage table is stages.py
+(its names are importable from here too).
 
 A tap is an identity on the data path: `x = tap("layers.0.attn.q", x)`. With no
 tap selected the recorder is `NO_TAPS`, whose call returns its argument and does
@@ -9,98 +8,14 @@ nothing else, so instrumentation costs nothing when it is off.
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
 from typing import Iterable
 
 import mlx.core as mx
 import numpy as np
 
 from . import cuda_stats
-from .errors import UserError
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str  # within a layer: "attn.q"; global: "embed"
-    shape: str  # symbolic shape, batch dimension dropped
-    kind: str  # stage kind for grouping: embed, norm, attention, mlp, residual, head
-    what: str  # one line a user reads in tables and hints
-    token_axis: int  # which axis of the tap indexes token positions (query positions)
-
-
-# Forward order. Shapes: T query tokens, S key positions (cache + T), H query heads,
-# KV key/value heads, D head_dim, I intermediate, V vocab.
-GLOBAL_HEAD = (Stage("embed", "[T, hidden]", "embed", "token embedding lookup", 0),)
-LAYER_STAGES = (
-    Stage("attn_norm", "[T, hidden]", "norm", "RMSNorm before attention (input_layernorm)", 0),
-    Stage("attn.q", "[H, T, D]", "attention", "query projection, split into heads", 1),
-    Stage("attn.k", "[KV, T, D]", "attention", "key projection, split into KV heads", 1),
-    Stage("attn.v", "[KV, T, D]", "attention", "value projection, split into KV heads", 1),
-    Stage("attn.q_rope", "[H, T, D]", "attention", "query after rotary position embedding", 1),
-    Stage("attn.k_rope", "[KV, T, D]", "attention", "key after rotary position embedding", 1),
-    Stage("attn.scores", "[H, T, S]", "attention", "Q·Kᵀ before scaling (GQA: query head h uses KV head h // n_rep)", 1),
-    Stage("attn.scores_scaled", "[H, T, S]", "attention", "scores × 1/sqrt(head_dim)", 1),
-    Stage("attn.scores_masked", "[H, T, S]", "attention", "scaled scores + causal mask (dtype minimum above the diagonal)", 1),
-    Stage("attn.probs", "[H, T, S]", "attention", "softmax over key positions", 1),
-    Stage("attn.context", "[T, H*D]", "attention", "probs·V with heads merged, before o_proj", 0),
-    Stage("attn.out", "[T, hidden]", "attention", "o_proj output, before the residual add", 0),
-    Stage("resid_mid", "[T, hidden]", "residual", "residual stream after the attention add", 0),
-    Stage("mlp_norm", "[T, hidden]", "norm", "RMSNorm before the MLP (post_attention_layernorm)", 0),
-    Stage("mlp.gate", "[T, I]", "mlp", "gate_proj output", 0),
-    Stage("mlp.up", "[T, I]", "mlp", "up_proj output", 0),
-    Stage("mlp.act", "[T, I]", "mlp", "SiLU(gate)", 0),
-    Stage("mlp.prod", "[T, I]", "mlp", "SiLU(gate) × up", 0),
-    Stage("mlp.down", "[T, hidden]", "mlp", "down_proj output, before the residual add", 0),
-    Stage("out", "[T, hidden]", "residual", "decoder layer output (after both residual adds)", 0),
-)
-GLOBAL_TAIL = (
-    Stage("final_norm", "[T, hidden]", "norm", "final RMSNorm (model.norm)", 0),
-    Stage("logits", "[T, V]", "head", "lm_head output", 0),
-)
-
-# The attention internals that a fused attention kernel does not expose: on the
-# fused path they are recomputed from the same q_rope/k_rope for observation.
-ATTENTION_INTERNALS = ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs")# Likewise mlp.act: the fused path computes SiLU(gate) × up in one kernel.
-
-_BY_SUFFIX = {s.name: s for s in GLOBAL_HEAD + LAYER_STAGES + GLOBAL_TAIL}
-
-
-def tap_names(num_layers: int) -> list[str]:
-    """Every canonical tap name of a model with `num_layers` layers, in forward order."""
-    names = [s.name for s in GLOBAL_HEAD]
-    for i in range(num_layers):
-        names += [f"layers.{i}.{s.name}" for s in LAYER_STAGES]
-    names += [s.name for s in GLOBAL_TAIL]
-    return names
-
-
-def split_name(name: str) -> tuple[int | None, str]:
-    """`layers.3.attn.q` -> (3, "attn.q"); `logits` -> (None, "logits")."""
-    if name.startswith("layers."):
-        _, idx, rest = name.split(".", 2)
-        return int(idx), rest
-    return None, name
-
-
-def stage_of(name: str) -> Stage:
-    return _BY_SUFFIX[split_name(name)[1]]
-
-
-def select(patterns: Iterable[str], num_layers: int) -> list[str]:
-    """Expand glob patterns (`layers.0.*`, `*.attn.probs`, `logits`) to tap names in forward order."""
-    names = tap_names(num_layers)
-    chosen: set[str] = set()
-    for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            raise UserError(
-                f"tap pattern {pat!r} matches no stage. Valid names (layer i in 0..{num_layers - 1}): "
-                + ", ".join([s.name for s in GLOBAL_HEAD] + [f"layers.i.{s.name}" for s in LAYER_STAGES]
-                            + [s.name for s in GLOBAL_TAIL])
-            )
-        chosen.update(hits)
-    return [n for n in names if n in chosen]
+from .stages import (ATTENTION_INTERNALS, GLOBAL_HEAD, GLOBAL_TAIL, LAYER_STAGES, Stage,  # noqa: F401
+                     select, split_name, stage_of, tap_names)
 
 
 # ---------------------------------------------------------------------------

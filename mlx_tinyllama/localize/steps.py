@@ -22,13 +22,14 @@ import numpy as np
 
 from .. import refs as R
 from ..errors import UserError
-from ..taps import Taps, stage_of, tap_names
+from ..stages import LAYER_STAGES, stage_of, tap_names
+from ..taps import Taps
 from ..tolerances import Tolerances, metrics
 from .diagnose import diagnose
 from .replay import StageOps, recipe_inputs, replay
 from .transforms import Case
 
-KEY_AXIS_STAGES = ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs")
+KEY_AXIS_STAGES = tuple(s.name for s in LAYER_STAGES if s.key_axis is not None)  # [.., S]: S grows per step
 
 
 @dataclass
@@ -94,7 +95,7 @@ def load_steps(paths: list[str], name_map: dict | None = None) -> StepDumps:
             if tap in step.tensors:
                 raise UserError(f"{path}: {tap} at position {pos_text} is given twice")
             x = np.asarray(x, np.float32)
-            while x.ndim > len(stage_of(tap).shape.split(",")) and x.shape[0] == 1:  # a batch dimension
+            while x.ndim > len(stage_of(tap).dims) and x.shape[0] == 1:  # a batch dimension
                 x = x[0]
             step.tensors[tap] = x
             step.sources.add(path.name)
@@ -179,7 +180,7 @@ def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tu
             out.append({"tap": tap, "ok": False, "ratio": math.inf, "metric": "shape", "value": math.inf,
                         "tolerance": 0.0, "note": _shape_note(tap, a.shape, b.shape, pos)})
             continue
-        m = metrics(a, b, masked=tap.endswith("attn.scores_masked"))
+        m = metrics(a, b, masked=stage_of(tap).masked)
         tolerance = tol.get(tap, "nmse", dtypes[0], dtypes[1], n_layers)
         value = math.inf if m["mask_mismatch"] or m["nonfinite"] else m["nmse"]
         ratio = _ratio(value, tolerance)

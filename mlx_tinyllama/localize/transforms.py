@@ -15,9 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..taps import split_name
+from ..stages import Stage, split_name, stage_of
 
-HEAD_MAJOR = ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope")
 OFFSETS = [k for k in range(-8, 9) if k]
 
 
@@ -47,13 +46,21 @@ class Case:
 class Transform:
     id: str
     group: str  # layout | rope | attention | tokens and precision
-    stages: tuple[str, ...]  # stage names it applies to; () = every stage
+    where: Callable[[Stage], bool]  # the stages it applies to, by their registry facts
     words: str  # what a match means, said to the user ({k}: the parameter)
     pairs: Callable[[Case], list[tuple[str, np.ndarray, np.ndarray]]]
     dtype: str | None = None  # judge the match with this dtype's tolerance (fp16_rounding)
 
-    def applies(self, stage: str) -> bool:
-        return not self.stages or stage in self.stages
+    def applies(self, tap: str) -> bool:
+        return self.where(stage_of(tap))
+
+
+def _any(s: Stage) -> bool:
+    return True
+
+
+def _op_is(*ops: str) -> Callable[[Stage], bool]:
+    return lambda s: s.op in ops
 
 
 def _op(tid: str, **kw):
@@ -108,8 +115,7 @@ def _kv_head_mapping(c: Case):
 
 def _bos_shift(c: Case):
     x, ref = c.theirs, c.ours
-    if split_name(c.tap)[1] in ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.scores",
-                                "attn.scores_scaled", "attn.scores_masked", "attn.probs") or x.shape[0] < 2:
+    if stage_of(c.tap).token_axis != 0 or x.shape[0] < 2:
         return []
     return [("bos_shift", x[1:], ref[:-1])]  # their row t holds our row t-1: one token late
 
@@ -137,39 +143,39 @@ def _positions_restart(c: Case):
 
 
 TRANSFORMS: tuple[Transform, ...] = (
-    Transform("transpose", "layout", (),
+    Transform("transpose", "layout", _any,
               "the values are right but written transposed: a column-major buffer under the row-major shape",
               _transpose),
-    Transform("ggml_dim_order", "layout", HEAD_MAJOR,
+    Transform("ggml_dim_order", "layout", lambda s: s.dims[1:] == ("token", "dim"),
               "the values are right but the buffer is in ggml's [tokens, heads, head_dim] order under the "
               "shape [heads, tokens, head_dim]", _ggml_dim_order),
-    Transform("heads_order", "layout", ("attn.context",),
+    Transform("heads_order", "layout", lambda s: "head*dim" in s.dims,
               "the heads are merged in another order (head_dim-major, or heads reversed) before o_proj",
               _heads_order),
-    Transform("rope_interleaved", "rope", ("attn.q_rope", "attn.k_rope"),
+    Transform("rope_interleaved", "rope", _op_is("rope"),
               "RoPE rotates interleaved pairs (x[2i], x[2i+1]) (GPT-J/ggml style) where the weights expect "
               "rotate-half pairs (x[i], x[i+D/2])", _op("rope_interleaved", interleaved=True)),
-    Transform("rope_offset", "rope", ("attn.q_rope", "attn.k_rope"),
+    Transform("rope_offset", "rope", _op_is("rope"),
               "RoPE uses positions shifted by {k} (positions start at the wrong value, or are not advanced "
               "in decode)", _op_offsets("rope_offset", "rope_offset", _positions_restart)),
-    Transform("missing_scale", "attention", ("attn.scores_scaled",),
+    Transform("missing_scale", "attention", _op_is("scale"),
               "the scores are not multiplied by 1/sqrt(head_dim)", _op("missing_scale", scale=1.0)),
-    Transform("double_scale", "attention", ("attn.scores_scaled",),
+    Transform("double_scale", "attention", _op_is("scale"),
               "the scores are multiplied by 1/sqrt(head_dim) twice (1/head_dim)", _double_scale),
-    Transform("softmax_axis", "attention", ("attn.probs",),
+    Transform("softmax_axis", "attention", _op_is("softmax"),
               "the softmax runs over the query axis instead of the key axis", _op("softmax_axis", softmax_axis=-2)),
-    Transform("mask_off", "attention", ("attn.scores_masked",),
+    Transform("mask_off", "attention", _op_is("mask"),
               "no causal mask: every query sees every key", _op("mask_off", mask_off=True)),
-    Transform("mask_offset", "attention", ("attn.scores_masked",),
+    Transform("mask_offset", "attention", _op_is("mask"),
               "the causal mask is shifted by {k}: query t sees keys up to t{k:+d}",
               _op_offsets("mask_offset", "mask_shift")),
-    Transform("kv_head_mapping", "attention", ("attn.scores", "attn.context"),
+    Transform("kv_head_mapping", "attention", _op_is("qk", "pv"),
               "query head h reads KV head h % n_kv_heads; grouped-query attention needs h // (n_heads / n_kv_heads)",
               _kv_head_mapping),
-    Transform("bos_shift", "tokens and precision", (),
+    Transform("bos_shift", "tokens and precision", _any,
               "every token row is one position late: an extra BOS (or a shifted id buffer) went in first",
               _bos_shift),
-    Transform("fp16_rounding", "tokens and precision", (),
+    Transform("fp16_rounding", "tokens and precision", _any,
               "the values are right to float16 precision: this stage is computed or stored in float16 while the "
               "dump says {dtype} (give --against-dtype float16 if that is intended)", _fp16_rounding,
               dtype="float16"),

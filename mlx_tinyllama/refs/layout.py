@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..taps import split_name, stage_of
+from ..stages import LAYER_STAGES, stage_of
 from .side import SHORTCUT_NORM, SHORTCUT_TAPS, token_axis_of
 
 
@@ -17,11 +17,7 @@ def expected_shape(tap: str, cfg: dict, n_tokens: int) -> tuple[int, ...]:
     """The canonical shape of a tap for a prefill of n_tokens (S = T)."""
     if tap in SHORTCUT_TAPS:
         return (n_tokens, cfg["hidden_size"] if tap == SHORTCUT_NORM else cfg["vocab_size"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    dims = {"T": n_tokens, "S": n_tokens, "hidden": cfg["hidden_size"], "H": cfg["num_attention_heads"],
-            "KV": cfg["num_key_value_heads"], "D": head_dim, "I": cfg["intermediate_size"], "V": cfg["vocab_size"]}
-    spec = stage_of(tap).shape.strip("[]").replace(" ", "").split(",")
-    return tuple(dims["H"] * dims["D"] if s == "H*D" else dims[s] for s in spec)
+    return stage_of(tap).sizes(cfg, n_tokens)
 
 
 def unpermute_gguf(x: np.ndarray) -> np.ndarray:
@@ -32,7 +28,7 @@ def unpermute_gguf(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(unpermute_qk(np.moveaxis(x, -1, 0), 1), 0, -1)
 
 
-QK_TAPS = ("attn.q", "attn.k", "attn.q_rope", "attn.k_rope")
+QK_TAPS = tuple(s.name for s in LAYER_STAGES if s.gguf_permuted)  # a GGUF permutes their rows per head
 
 
 def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n_tokens: int,
@@ -58,9 +54,9 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
     if (len(want) == 2 and one == want[1:]) or (len(want) == 3 and one in ((want[0], want[2]), (want[0] * want[2],))):
         arrays = apply(lambda a: a[None])
     shape = arrays[0].shape
-    stage = split_name(tap)[1] if tap.startswith("layers.") else tap
+    st = stage_of(tap) if tap not in SHORTCUT_TAPS else None
     tok_axis = token_axis_of(tap)
-    if len(want) == 3 and stage != "attn.context":
+    if len(want) == 3:
         H, T, D = want
         if shape == (shape[0], H * D) and len(shape) == 2:
             arrays = apply(lambda a: a.reshape(a.shape[0], H, D).transpose(1, 0, 2))
@@ -68,7 +64,7 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
         elif len(shape) == 3 and shape[1:] == (H, D) and shape != want:
             arrays = apply(lambda a: a.transpose(1, 0, 2))
             notes.append("[T, heads, D] (ggml order) -> [heads, T, D]")
-    if stage == "attn.context" and len(shape) == 3:
+    if st is not None and "head*dim" in st.dims and len(shape) == 3:
         arrays = apply(lambda a: a.transpose(1, 0, 2).reshape(a.shape[1], -1))
         notes.append("merged heads [heads, T, D] -> [T, heads*D]")
     shape = arrays[0].shape
@@ -76,8 +72,7 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
         arrays = apply(lambda a: a.T)
         notes.append("transposed")
         shape = arrays[0].shape
-    if len(want) == 3 and stage in ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs") \
-            and len(shape) == 3 and shape[:2] == want[:2] and shape[2] > want[2]:
+    if st is not None and st.key_axis == 2 and len(shape) == 3 and shape[:2] == want[:2] and shape[2] > want[2]:
         arrays = apply(lambda a: a[..., : want[2]])
         notes.append(f"KV length padded to {shape[2]}: first {want[2]} key positions kept")
         shape = arrays[0].shape
@@ -92,7 +87,7 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
             raise ValueError(f"shape {list(x.shape)} does not fit {tap} {list(want)} in any known layout")
     elif shape != want:
         raise ValueError(f"shape {list(x.shape)} does not fit {tap} {list(want)} in any known layout")
-    if layout == "gguf" and stage in QK_TAPS:
+    if layout == "gguf" and st is not None and st.gguf_permuted:
         arrays = apply(unpermute_gguf)
         notes.append("GGUF per-head Q/K row permutation undone")
     return arrays[0], (arrays[1] if known is not None else None), token_rows, notes
