@@ -25,7 +25,7 @@
  *
  * Tensors are copied when added (the engine may reuse its buffers at once) and written in
  * one go by tap_dump_write: first to "PATH.tmp.PID", then renamed onto PATH, so a reader
- * never sees half a file. The canonical names and shapes are mlx_tinyllama/taps.py's table
+ * never sees half a file. The canonical names and shapes are mlx_tinyllama/stages.py's table
  * (TAP_DUMP_LAYER_STAGES below; tested against it). Shapes drop the batch dimension:
  * [T, hidden] for norms and residuals, [heads, T, head_dim] for q/k/v, [heads, T, S] for
  * scores and probabilities, [T, heads*head_dim] for attn.context.
@@ -44,7 +44,7 @@ typedef enum { TAP_DUMP_F32 = 0, TAP_DUMP_F16 = 1, TAP_DUMP_BF16 = 2 } tap_dump_
 
 typedef struct tap_dump tap_dump;
 
-/* Canonical stage names (mlx_tinyllama/taps.py), in forward order. */
+/* Canonical stage names (mlx_tinyllama/stages.py), in forward order. */
 #define TAP_DUMP_N_LAYER_STAGES 20
 extern const char *const TAP_DUMP_LAYER_STAGES[TAP_DUMP_N_LAYER_STAGES];
 #define TAP_DUMP_N_GLOBAL_STAGES 3

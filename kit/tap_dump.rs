@@ -25,7 +25,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Canonical stage names within a layer (mlx_tinyllama/taps.py), in forward order.
+/// Canonical stage names within a layer (mlx_tinyllama/stages.py), in forward order.
 pub const LAYER_STAGES: [&str; 20] = [
     "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.scores",
     "attn.scores_scaled", "attn.scores_masked", "attn.probs", "attn.context", "attn.out", "resid_mid",
