@@ -169,7 +169,7 @@ TRANSFORMS: tuple[Transform, ...] = (
     Transform("mask_offset", "attention", _op_is("mask"),
               "the causal mask is shifted by {k}: query t sees keys up to t{k:+d}",
               _op_offsets("mask_offset", "mask_shift")),
-    Transform("kv_head_mapping", "attention", _op_is("qk", "pv"),
+    Transform("kv_head_mapping", "attention", _op_is("qk", "pv", "repeat_kv"),
               "query head h reads KV head h % n_kv_heads; grouped-query attention needs h // (n_heads / n_kv_heads)",
               _kv_head_mapping),
     Transform("bos_shift", "tokens and precision", _any,
