@@ -105,6 +105,12 @@ LAYER_STAGES = (
     Stage("attn.k_rope", _KV, "attention", "key after rotary position embedding", "rope", ("attn.k",), "",
           "the rotary embedding of the keys: rotate-half vs interleaved pairs, positions, theta", _PROJ,
           gguf_permuted=True),
+    Stage("attn.k_rep", _HEADS, "attention", "keys after the GQA repeat: query head h's keys (KV head h // n_rep)",
+          "repeat_kv", ("attn.k_rope",), "", "the GQA repeat of the keys: query head h reads KV head h // n_rep "
+          "(repeat_interleave, not tile), over this step's rotated keys", _PROJ),
+    Stage("attn.v_rep", _HEADS, "attention", "values after the GQA repeat: query head h's values (KV head h // n_rep)",
+          "repeat_kv", ("attn.v",), "", "the GQA repeat of the values: query head h reads KV head h // n_rep "
+          "(repeat_interleave, not tile)", _PROJ),
     Stage("attn.scores", _SCORES, "attention", "Q·Kᵀ before scaling (GQA: query head h uses KV head h // n_rep)",
           "qk", ("attn.q_rope", "attn.k_rope"), "",
           "Q·Kᵀ: the query-head -> KV-head mapping (head h uses KV head h // n_rep) and K's transpose", _ATT),

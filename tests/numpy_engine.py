@@ -41,7 +41,7 @@ FAULTS = {
     "softmax_axis": ("compute", "attn.probs", "softmax over the query axis instead of the key axis"),
     "mask_off": ("compute", "attn.scores_masked", "no causal mask"),
     "mask_offset": ("compute", "attn.scores_masked", "query t sees keys up to t+ARG (default 1)"),
-    "kv_head_mapping": ("compute", "attn.scores", "query head h reads KV head h % KV instead of h // (H/KV)"),
+    "kv_head_mapping": ("compute", "attn.k_rep", "query head h reads KV head h % KV instead of h // (H/KV)"),
     "bos_shift": ("compute", "embed", "embeds [BOS] + ids[:-1]: every token one position late"),
     "cache_stops_growing": ("decode", "attn.scores", "the KV cache keeps at most ARG entries (default: prefill + 1)"),
     "positions_stuck": ("decode", "attn.q_rope", "decode steps all use the first decode position"),
@@ -183,6 +183,7 @@ class Engine:
             kv_of = np.arange(self.H) % self.KV
         else:
             kv_of = np.arange(self.H) // (self.H // self.KV)
+        taps[t + "attn.k_rep"], taps[t + "attn.v_rep"] = k[kv_of], v[kv_of]  # this step's rows, expanded
         s = taps[t + "attn.scores"] = np.einsum("htd,hsd->hts", q, k_all[kv_of])
         scale = 1.0 / np.sqrt(self.D)
         if self.fault("missing_scale", i):

@@ -190,3 +190,50 @@ def test_inputs_refer_to_stages():
     for s in stages.GLOBAL_HEAD + stages.GLOBAL_TAIL:
         assert all(i in glob or i == stages.LAST_OUTPUT for i in s.inputs), s.name
     assert all(s.panel is None or s.panel in stages.PANELS for s in stages.all_stages())
+
+
+# ---------------------------------------------------------------------------
+# attn.k_rep / attn.v_rep: the keys and values after the GQA repeat
+
+
+@pytest.mark.parametrize("kernels", ["fused", "explicit"])
+def test_k_rep_and_v_rep_are_the_repeated_k_rope_and_v(kernels):
+    import mlx.core as mx
+
+    from mlx_tinyllama.ops import Ops
+    from mlx_tinyllama.taps import Taps
+
+    lm = sources.load("synthetic:tiny", "float32")
+    cfg = lm.config
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    assert n_rep > 1  # a real repeat, not the identity
+    taps = Taps(tap_names(cfg.num_hidden_layers), "full")
+    lm.model(mx.array(SEED_IDS), tap=taps, ops=Ops("hf", kernels))
+    t = {n: np.array(v) for n, v in taps.tensors.items()}
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}.attn."
+        assert t[p + "k_rep"].shape == (cfg.num_attention_heads, len(SEED_IDS), cfg.head_dim)
+        assert np.array_equal(t[p + "k_rep"], np.repeat(t[p + "k_rope"], n_rep, axis=0))
+        assert np.array_equal(t[p + "v_rep"], np.repeat(t[p + "v"], n_rep, axis=0))
+        assert not np.array_equal(t[p + "k_rep"], np.tile(t[p + "k_rope"], (n_rep, 1, 1)))  # h // n_rep, not h % KV
+
+
+def test_k_rep_and_v_rep_against_transformers(tiny_dir):
+    """transformers' own repeat_kv (reference/hf.py) gives the same tensors, within the fp32 tolerance."""
+    pytest.importorskip("torch")
+    from mlx_tinyllama.compare import compare, run_side
+    from mlx_tinyllama.reference.hf import capture, load_hf_model
+    from mlx_tinyllama.refs.side import Side
+    from mlx_tinyllama.tolerances import Tolerances
+
+    lm = sources.load("synthetic:tiny", "float32")
+    captured, _ = capture(load_hf_model(tiny_dir), SEED_IDS)
+    hf = {n: captured[n].float().numpy() for n in captured if ".attn." in n}
+    for i in range(lm.config.num_hidden_layers):
+        p = f"layers.{i}.attn."
+        assert np.array_equal(hf[p + "k_rep"], np.repeat(hf[p + "k_rope"], 2, axis=0))
+        assert np.array_equal(hf[p + "v_rep"], np.repeat(hf[p + "v"], 2, axis=0))
+    ref = Side("transformers", "full-tensors", dtype="float32", tensors=hf)
+    result = compare(run_side(lm, SEED_IDS), [ref], Tolerances(), lm.config.as_dict(), len(SEED_IDS))
+    rep = [s for s in result["stages"] if s["tap"].endswith(("k_rep", "v_rep"))]
+    assert len(rep) == 2 * lm.config.num_hidden_layers and all(s["ok"] for s in rep)

@@ -143,6 +143,8 @@ def capture(model, ids: list[int]) -> tuple[dict, "object"]:
             )
         taps[p + "attn.q_rope"] = q_rope[0]
         taps[p + "attn.k_rope"] = k_rope[0]
+        taps[p + "attn.k_rep"] = k_rep[0]
+        taps[p + "attn.v_rep"] = ml.repeat_kv(taps[p + "attn.v"][None], n_heads // n_kv)[0]
         taps[p + "attn.scores"] = scores[0]
         taps[p + "attn.scores_scaled"] = scaled[0]
         taps[p + "attn.scores_masked"] = masked[0]
