@@ -85,6 +85,7 @@ class _Ctx:
         self.c, self.r, self.tol, self.cfg, self.T = candidate, reference, tol, cfg, n_tokens
         self.L = int(cfg["num_hidden_layers"])
         self._canon: dict = {}
+        self.layout: dict = {}  # (side id, tap) -> the notes of the layout brought to canonical
 
     def tolerance(self, tap, metric):
         return self.tol.get(tap, metric, self.c.dtype or "float32", self.r.dtype or "float32", self.L)
@@ -99,6 +100,7 @@ class _Ctx:
             if rows is not None:
                 raise ValueError(f"{side.name}: {tap} holds only {len(rows)} of {self.T} token rows")
             self._canon[k] = np.asarray(x, np.float64)
+            self.layout[k] = notes
         return self._canon[k]
 
 
@@ -119,6 +121,10 @@ def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, 
         got = []
         if rf is not None and cf is not None:
             got += _full_vs_full(ctx, tap, cf, rf)
+            for e in got:  # the layout their tensor came in, named (e.g. heads flattened, K after the GQA repeat)
+                if ctx.layout.get((id(candidate), tap)):
+                    e["details"]["layout"] = ctx.layout[(id(candidate), tap)]
+                    e["note"] = "; ".join(ctx.layout[(id(candidate), tap)])
         for item in ref_items:
             match = next((c for c in cand_items if c.selector == item.selector), None)
             if cf is not None:

@@ -71,7 +71,7 @@ def _diagnosis(result, rep, theirs, references, lm, ids, position, tol, dtype, n
     loc = result["localized"]
     if loc:
         tap = loc["stage"]
-        case = Case(tap, theirs[tap], rep.outputs[tap], rep.inputs[tap], StageOps(lm, ids, position), cfg)
+        case = Case(tap, theirs[tap], rep.outputs[tap], rep.inputs[tap], StageOps(lm, ids, position), cfg, theirs)
     else:
         tap = result["first_divergence"]["tap"]
         ref = next((r for r in references if r.kind == "run" and tap in r.tensors), None)
@@ -80,7 +80,7 @@ def _diagnosis(result, rep, theirs, references, lm, ids, position, tol, dtype, n
         ours = canonical_tensors(ref, cfg.as_dict(), n_tokens)
         ins = recipe_inputs(tap, L)
         inputs = [ours[i] for i in ins] if all(i in ours for i in ins) else None
-        case = Case(tap, theirs[tap], ours[tap], inputs, StageOps(lm, ids, position), cfg)
+        case = Case(tap, theirs[tap], ours[tap], inputs, StageOps(lm, ids, position), cfg, theirs)
     return diagnose(case, lambda d: tol.get(tap, "nmse", d, "float32", L), dtype)
 
 

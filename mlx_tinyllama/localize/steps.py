@@ -249,11 +249,11 @@ def _diagnose_step(step: Step, tap: str, rep, ours: dict, lm, ids, pos, tol, dty
     L = lm.config.num_hidden_layers
     ops = StageOps(lm, ids[pos:pos + step.n_tokens], pos)
     if tap in rep.outputs:
-        case = Case(tap, step.tensors[tap], rep.outputs[tap], rep.inputs[tap], ops, lm.config)
+        case = Case(tap, step.tensors[tap], rep.outputs[tap], rep.inputs[tap], ops, lm.config, step.tensors)
     else:
         if step.tensors[tap].shape != ours[tap].shape:
             return []
         ins = recipe_inputs(tap, L)
         inputs = [ours[i] for i in ins] if all(i in ours for i in ins) else None
-        case = Case(tap, step.tensors[tap], ours[tap], inputs, ops, lm.config)
+        case = Case(tap, step.tensors[tap], ours[tap], inputs, ops, lm.config, step.tensors)
     return diagnose(case, lambda d: tol.get(tap, "nmse", d, "float32", L), dtype)
