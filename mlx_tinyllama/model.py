@@ -164,7 +164,7 @@ class TinyLlama(nn.Module):
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._rope = Rope.make(cfg.head_dim, cfg.rope_theta, 1.0 / cfg.rope_factor)  # constants, not parameters
+        self._rope = Rope.from_config(cfg)  # constants, not parameters
 
     @property
     def layers(self):

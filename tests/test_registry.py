@@ -237,3 +237,16 @@ def test_k_rep_and_v_rep_against_transformers(tiny_dir):
     result = compare(run_side(lm, SEED_IDS), [ref], Tolerances(), lm.config.as_dict(), len(SEED_IDS))
     rep = [s for s in result["stages"] if s["tap"].endswith(("k_rep", "v_rep"))]
     assert len(rep) == 2 * lm.config.num_hidden_layers and all(s["ok"] for s in rep)
+
+
+def test_llamacpp_name_map_names_registry_stages():
+    """refs/llamacpp.py keeps llama.cpp's graph names (a per-engine name map, beside the table):
+    every stage it maps to is one of the registry's, layer stages to layer stages."""
+    from mlx_tinyllama.refs import llamacpp as L
+
+    layer = {s.name for s in stages.LAYER_STAGES}
+    glob = {s.name for s in stages.GLOBAL_HEAD + stages.GLOBAL_TAIL}
+    by_op = {st for ops in L.LLAMACPP_BY_OP.values() for st in ops.values()}
+    twice = {st for pair in L.LLAMACPP_TWICE.values() for st in pair}
+    assert set(L.LLAMACPP_STAGES.values()) | by_op | twice <= layer
+    assert set(L.LLAMACPP_GLOBAL.values()) <= glob

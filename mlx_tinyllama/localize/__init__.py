@@ -51,7 +51,7 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
     ratios = {s["tap"]: s["ratio"] for s in result["stages"]}
     for s in result["stages"]:
         s["local_ratio"] = rep.stages.get(s["tap"], {}).get("local_ratio")
-    result["localized"] = localized(rep, ratios, L)
+    result["localized"] = localized(rep, ratios)
     result["replay"] = {"replayed": len(rep.outputs),
                         "skipped": {t: s["skipped"] for t, s in rep.stages.items() if "skipped" in s}}
     result["diagnosis"] = _diagnosis(result, rep, theirs, references, lm, ids, position, tol, candidate.dtype, n_tokens)

@@ -43,7 +43,7 @@ class StageOps:
     def __init__(self, lm, ids: list[int] | None, position: int = 0):
         self.lm, self.cfg, self.ids, self.position = lm, lm.config, ids, position
         self.model = lm.model
-        self._rope = Rope.make(self.cfg.head_dim, self.cfg.rope_theta, 1.0 / self.cfg.rope_factor)
+        self._rope = Rope.from_config(self.cfg)
 
     def weight(self, w: mx.array) -> mx.array:
         """A float32 copy for one op, not kept: each weight is read about once per replay, and all of
@@ -167,7 +167,7 @@ def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float
 
 
 def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolerances, their_dtype: str | None,
-           position: int = 0, n_keys: dict[str, int] | None = None) -> Replay:
+           position: int = 0) -> Replay:
     """Replay every dumped stage whose inputs can be had from the dump (`theirs`: canonical tap ->
     tensor in the canonical layout). `position`: the first token row's position (decode steps)."""
     n_layers = lm.config.num_hidden_layers
@@ -226,7 +226,7 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
     return out
 
 
-def localized(rep: Replay, stage_ratios: dict[str, float], n_layers: int) -> dict | None:
+def localized(rep: Replay, stage_ratios: dict[str, float]) -> dict | None:
     """The first stage whose local error exceeds tolerance, with the error it inherited (the worst
     ratio of its dumped inputs against the reference)."""
     tap = rep.first_local()

@@ -192,6 +192,7 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
     from ..config import load_config
 
     out = Path(out)
+    config = load_config(model_dir)
     model = load_hf_model(model_dir, dtype)
     captured, logits = capture(model, ids)
     if taps is not None:
@@ -219,10 +220,10 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
         },
         "model": {
             "spec": model_spec or str(model_dir),
-            "config": load_config(model_dir).as_dict(),
+            "config": config.as_dict(),
             "weights_sha256": weights_digest(model_dir),
         },
-        "prompt": {"text": prompt_text, "ids": list(ids), "bos": bool(ids and ids[0] == 1)},
+        "prompt": {"text": prompt_text, "ids": list(ids), "bos": bool(ids and ids[0] == config.bos_token_id)},
         "taps": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in captured.items()},
         "top_k": [{"token_id": int(i), "logit": float(v)} for v, i in zip(vals.tolist(), idx.tolist())],
     }

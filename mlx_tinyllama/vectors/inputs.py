@@ -92,7 +92,7 @@ def activations(w: ModelWeights, n: int, mlp_rows: int) -> Activations:
     def proj(name: str, x: np.ndarray) -> np.ndarray:
         return x @ t[LAYER + name + ".weight"].T
 
-    rope = Rope.make(cfg.head_dim, cfg.rope_theta, 1.0 / cfg.rope_factor)
+    rope = Rope.from_config(cfg)
     q_raw = heads(proj("self_attn.q_proj", normed), cfg.num_attention_heads)
     k = heads(proj("self_attn.k_proj", normed), cfg.num_key_value_heads)
     v = heads(proj("self_attn.v_proj", normed), cfg.num_key_value_heads)
