@@ -25,10 +25,10 @@
  *
  * Tensors are copied when added (the engine may reuse its buffers at once) and written in
  * one go by tap_dump_write: first to "PATH.tmp.PID", then renamed onto PATH, so a reader
- * never sees half a file. The canonical names and shapes are mlx_tinyllama/taps.py's table
+ * never sees half a file. The canonical names and shapes are mlx_tinyllama/stages.py's table
  * (TAP_DUMP_LAYER_STAGES below; tested against it). Shapes drop the batch dimension:
- * [T, hidden] for norms and residuals, [heads, T, head_dim] for q/k/v, [heads, T, S] for
- * scores and probabilities, [T, heads*head_dim] for attn.context.
+ * [T, hidden] for norms and residuals, [heads, T, head_dim] for q/k/v (K/V after the GQA repeat:
+ * attn.k_rep/v_rep), [heads, T, S] for scores and probabilities, [T, heads*head_dim] for attn.context.
  */
 #ifndef TAP_DUMP_H
 #define TAP_DUMP_H
@@ -44,8 +44,8 @@ typedef enum { TAP_DUMP_F32 = 0, TAP_DUMP_F16 = 1, TAP_DUMP_BF16 = 2 } tap_dump_
 
 typedef struct tap_dump tap_dump;
 
-/* Canonical stage names (mlx_tinyllama/taps.py), in forward order. */
-#define TAP_DUMP_N_LAYER_STAGES 20
+/* Canonical stage names (mlx_tinyllama/stages.py), in forward order. */
+#define TAP_DUMP_N_LAYER_STAGES 22
 extern const char *const TAP_DUMP_LAYER_STAGES[TAP_DUMP_N_LAYER_STAGES];
 #define TAP_DUMP_N_GLOBAL_STAGES 3
 extern const char *const TAP_DUMP_GLOBAL_STAGES[TAP_DUMP_N_GLOBAL_STAGES]; /* embed, final_norm, logits */
@@ -103,9 +103,9 @@ extern "C" {
 #endif
 
 const char *const TAP_DUMP_LAYER_STAGES[TAP_DUMP_N_LAYER_STAGES] = {
-    "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.scores",
-    "attn.scores_scaled", "attn.scores_masked", "attn.probs", "attn.context", "attn.out", "resid_mid",
-    "mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down", "out"};
+    "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.k_rep",
+    "attn.v_rep", "attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs",
+    "attn.context", "attn.out", "resid_mid", "mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down", "out"};
 const char *const TAP_DUMP_GLOBAL_STAGES[TAP_DUMP_N_GLOBAL_STAGES] = {"embed", "final_norm", "logits"};
 
 typedef struct {

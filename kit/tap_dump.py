@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-# Canonical stage names (mlx_tinyllama/taps.py), in forward order.
-LAYER_STAGES = ("attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.scores",
-                "attn.scores_scaled", "attn.scores_masked", "attn.probs", "attn.context", "attn.out", "resid_mid",
-                "mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down", "out")
+# Canonical stage names (mlx_tinyllama/stages.py), in forward order.
+LAYER_STAGES = ("attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.k_rep",
+                "attn.v_rep", "attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs",
+                "attn.context", "attn.out", "resid_mid", "mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down", "out")
 GLOBAL_STAGES = ("embed", "final_norm", "logits")
 
 _TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

@@ -25,11 +25,11 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Canonical stage names within a layer (mlx_tinyllama/taps.py), in forward order.
-pub const LAYER_STAGES: [&str; 20] = [
-    "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.scores",
-    "attn.scores_scaled", "attn.scores_masked", "attn.probs", "attn.context", "attn.out", "resid_mid",
-    "mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down", "out",
+/// Canonical stage names within a layer (mlx_tinyllama/stages.py), in forward order.
+pub const LAYER_STAGES: [&str; 22] = [
+    "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.k_rep",
+    "attn.v_rep", "attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs",
+    "attn.context", "attn.out", "resid_mid", "mlp_norm", "mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down", "out",
 ];
 /// Stages outside the layers.
 pub const GLOBAL_STAGES: [&str; 3] = ["embed", "final_norm", "logits"];

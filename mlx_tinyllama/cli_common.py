@@ -11,6 +11,7 @@ from . import outputs, runtime, sources
 from .outputs import write_json  # noqa: F401  (re-exported)
 from .errors import UserError
 from .ops import KERNELS, POLICIES
+from .stages import GLOBAL_HEAD, GLOBAL_TAIL, split_name
 from .tokenizer import KINDS as TOKENIZER_KINDS
 from .formatting import fmt  # noqa: F401  (re-exported: commands print with it)
 from .runtime import device_description, forward, model_header, top_k, versions  # noqa: F401  (re-exported)
@@ -19,7 +20,8 @@ from .runtime import device_description, forward, model_header, top_k, versions 
 # The seed's bisection plan: embedding, every sub-stage of layer 0, each layer's
 # output, the final norm and the logits. A glob's `*` also matches dots, so
 # `layers.*.out` would add every layer's attn.out too; `*[0-9].out` is the layer output only.
-DEFAULT_TAPS = ("embed", "layers.0.*", "layers.*[0-9].out", "final_norm", "logits")
+DEFAULT_TAPS = (tuple(s.name for s in GLOBAL_HEAD) + ("layers.0.*", "layers.*[0-9].out")
+                + tuple(s.name for s in GLOBAL_TAIL))
 
 
 def add_model_arguments(parser, default_dtype: str = "float16") -> None:
@@ -320,7 +322,7 @@ def print_localization(result: dict) -> None:
     con = console()
     cov = result.get("coverage")
     if cov:
-        n_layers = sum(1 for t in cov["cells"] if t.endswith(".attn_norm"))
+        n_layers = len({split_name(t)[0] for t in cov["cells"]} - {None})
         ok = {s["tap"]: s["ok"] for s in result["stages"]}
         con.print("coverage (✓ matches, ✗ diverges, · missing from their dump, ? not comparable, S shape mismatch):",
                   markup=False)

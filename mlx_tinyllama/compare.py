@@ -89,6 +89,7 @@ class _Ctx:
         self.tol = tol.pinned(self.basis)  # the same tolerance whoever asks (verdict, replay)
         self.L = int(cfg["num_hidden_layers"])
         self._canon: dict = {}
+        self.layout: dict = {}  # (side id, tap) -> the notes of the layout brought to canonical
 
     def tolerance(self, tap, metric):
         return self.tol.get(tap, metric, n_layers=self.L)
@@ -106,6 +107,7 @@ class _Ctx:
         if k not in self._canon:
             x, _, rows, notes = to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
             self._canon[k] = np.asarray(x, np.float64), rows
+            self.layout[k] = notes
         return self._canon[k]
 
 
@@ -132,6 +134,10 @@ def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, 
             cf = None  # their items, if any, are compared against our full tensor below
         elif rf is not None and cf is not None:
             got += _full_vs_full(ctx, tap, cf, rf)
+            for e in got:  # the layout their tensor came in, named (e.g. heads flattened, K after the GQA repeat)
+                if ctx.layout.get((id(candidate), tap)):
+                    e["details"]["layout"] = ctx.layout[(id(candidate), tap)]
+                    e["note"] = "; ".join(ctx.layout[(id(candidate), tap)])
         elif c_rows is not None:
             cf = None
         for item in ref_items:
@@ -471,7 +477,7 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
-    text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
+    text = qk_hint(first, perm) if perm else hint(first, before, n_layers, {s["tap"] for s in stages[:k]})
     shape = next((e["details"]["pattern"] for e in bad if e["details"].get("pattern")), None)
     if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
         text = Pattern(**shape).sentence() + "; " + text

@@ -154,7 +154,7 @@ def _kernel(k: int):
 
 def row_offsets(shape: tuple, token_axis: int) -> tuple[int, int, int]:
     """Flat offsets of the first and last token rows, and how many of their values are kept (<= 3),
-    in a row-major tensor of `shape`: what `taps._row` reads (head-major taps: head 0)."""
+    in a row-major tensor of `shape`: what `tap_stats._row` reads (head-major taps: head 0)."""
     if len(shape) == 1:
         return 0, 0, min(3, shape[0])
     row = int(np.prod(shape[token_axis + 1:], dtype=np.int64))

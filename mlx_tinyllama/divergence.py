@@ -6,40 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .refs.side import SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, tap_order
-from .taps import split_name, stage_of
+from .refs.side import SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS
+from .stages import LAYER_STAGES, inputs_of, split_name, stage_of
 from .tolerances import metrics
 
 
-# What to look at when a stage is the first to diverge (by stage name within a layer).
-HINTS = {
-    "embed": "the embedding lookup: check the token ids (an extra BOS makes 39 ids instead of 38), the row index "
-             "into embed_tokens, and that the table is not transposed",
-    "attn_norm": "the RMSNorm before attention: mean of squares over the hidden axis in fp32, eps inside the sqrt, "
-                 "then the cast and the multiply by the weight",
-    "attn.q": "the query projection: q_proj weight orientation, and the split into heads ([T, H*D] -> [H, T, D])",
-    "attn.k": "the key projection: k_proj weight orientation, KV head count, and the split into KV heads",
-    "attn.v": "the value projection: v_proj weight orientation and the split into KV heads",
-    "attn.q_rope": "the rotary embedding of the queries: rotate-half (HF) vs interleaved pairs (GGUF weights), "
-                   "positions starting at 0, theta, and cos/sin over head_dim/2 frequencies",
-    "attn.k_rope": "the rotary embedding of the keys: rotate-half vs interleaved pairs, positions, theta",
-    "attn.scores": "Q·Kᵀ: the query-head -> KV-head mapping (head h uses KV head h // n_rep) and K's transpose",
-    "attn.scores_scaled": "the score scale: it must be 1/sqrt(head_dim)",
-    "attn.scores_masked": "the causal mask: query t sees keys 0..t only; masked entries get the dtype's minimum",
-    "attn.probs": "the attention softmax: over the key axis (the last one), in fp32, after subtracting the row max",
-    "attn.context": "probs·V: the KV-head mapping for V, and merging heads back to [T, H*D] in head order",
-    "attn.out": "the output projection o_proj",
-    "resid_mid": "the residual add after attention: it adds the o_proj output to the layer's input (not to the "
-                 "normed input)",
-    "mlp_norm": "the RMSNorm before the MLP (post_attention_layernorm): fp32 statistics, eps, weight",
-    "mlp.gate": "the gate projection gate_proj: the right weight (gate and up are easily swapped)",
-    "mlp.up": "the up projection up_proj: the right weight (gate and up are easily swapped)",
-    "mlp.act": "the activation: SiLU = x·sigmoid(x) (not GELU), applied to the gate",
-    "mlp.prod": "SiLU(gate) × up: the activation (SiLU, not GELU or ReLU) and which of the two gets it",
-    "mlp.down": "the down projection down_proj",
-    "out": "the residual add after the MLP",
-    "final_norm": "the final RMSNorm (model.norm)",
-    "logits": "the lm_head projection (tied or not tied to the embedding)",
+# What to look at when a shortcut tap is the first to diverge; a stage's own is in the registry.
+SHORTCUT_HINTS = {
     SHORTCUT_NORM: "the final RMSNorm applied to layer 0's output",
     SHORTCUT_LOGITS: "the lm_head applied to norm(layer 0's output)",
 }
@@ -51,11 +24,19 @@ def stage_key(tap: str) -> str:
 
 def describe(tap: str) -> str:
     if tap in SHORTCUT_TAPS:
-        return HINTS[tap]
+        return SHORTCUT_HINTS[tap]
     return stage_of(tap).what
 
 
-QK_STAGES = ("attn.q", "attn.k")
+def hint_of(tap: str) -> str:
+    """Where to look when `tap` is the first stage to diverge."""
+    if tap in SHORTCUT_TAPS:
+        return SHORTCUT_HINTS[tap]
+    return stage_of(tap).hint or stage_of(tap).what
+
+
+# The Q/K projections: a GGUF permutes their rows, so their values can come in another order.
+QK_STAGES = tuple(s.name for s in LAYER_STAGES if s.gguf_permuted and s.op == "heads")
 
 
 def qk_permutation(candidate: np.ndarray, reference: np.ndarray, tol: float) -> dict | None:
@@ -84,7 +65,7 @@ def qk_permutation(candidate: np.ndarray, reference: np.ndarray, tol: float) -> 
 
 
 def qk_hint(tap: str, perm: dict) -> str:
-    which = "Q" if tap.endswith("attn.q") else "K"
+    which = "Q" if stage_of(tap).dims[0] == "head" else "K"
     text = (f"the {which} rows are permuted within heads: every (head, token) row holds the reference's values "
             "in another order along head_dim (sorted, they agree), so the weights are right but their row layout "
             "is not: a GGUF's llama.cpp interleaved-pair Q/K layout was not undone (or undone twice). RoPE, the "
@@ -98,21 +79,21 @@ def qk_hint(tap: str, perm: dict) -> str:
     return text
 
 
-def predecessor(tap: str, n_layers: int) -> str | None:
-    """The canonical tap just before `tap` in forward order (its input, for most stages)."""
+def inputs(tap: str, n_layers: int) -> list[str]:
+    """The canonical taps `tap`'s op reads (the registry's data flow, not forward order: q_rope reads q)."""
     if tap in SHORTCUT_TAPS:
-        return "layers.0.out" if tap == SHORTCUT_NORM else SHORTCUT_NORM
-    names = tap_order(n_layers)
-    i = names.index(tap)
-    return names[i - 1] if i > 0 else None
+        return ["layers.0.out"] if tap == SHORTCUT_NORM else [SHORTCUT_NORM]
+    return inputs_of(tap, n_layers)
 
 
-def hint(tap: str, before: dict | None, n_layers: int) -> str:
-    inside = HINTS.get(stage_key(tap), describe(tap))
-    pred = predecessor(tap, n_layers)
+def hint(tap: str, before: dict | None, n_layers: int, matched: set[str] | None = None) -> str:
+    """`before`: the last matching stage; `matched`: every compared stage before `tap` (all matched).
+    Its inputs match when each was compared (without `matched`: when `before` is one of them)."""
+    inside = hint_of(tap)
     if before is None:
         return f"the first compared stage already differs: look at {inside}"
-    if before["tap"] == pred:
+    ins = inputs(tap, n_layers)
+    if (all(i in matched for i in ins) if matched is not None else before["tap"] in ins):
         return f"inputs to this stage match, its output does not: the fault is inside {inside}"
     return (f"the last matching stage is {before['tap']}; the fault is between it and {tap} "
             f"(stages in between were not compared): start with {inside}")
@@ -121,16 +102,16 @@ def hint(tap: str, before: dict | None, n_layers: int) -> str:
 def fused_hint(tap: str, engine: dict) -> str | None:
     """The candidates a fused op of the other engine hides when `tap` is the first to diverge.
     `engine`: refs.llamacpp.LogInfo.as_dict() of a llama.cpp log."""
-    stage = stage_key(tap)
+    op = stage_of(tap).op if tap not in SHORTCUT_TAPS else ""
     parts = []
-    if stage == "attn.context" and engine.get("flash_attn"):
+    if op == "pv" and engine.get("flash_attn"):
         parts.append("llama.cpp ran attention as one fused op (flash attention: Q·Kᵀ, scale, mask, softmax, ·V), so "
                      "every one of them is a candidate: the score scale (1/sqrt(head_dim)), the causal mask, the "
                      "softmax, the KV-head mapping of K and V, and V itself")
-    elif stage == "attn.probs" and engine.get("fused_softmax"):
+    elif op == "softmax" and engine.get("fused_softmax"):
         parts.append("llama.cpp's softmax is fused with the scale and the mask (soft_max_ext), so the candidates are "
                      "the score scale (1/sqrt(head_dim)), the causal mask and the softmax")
-    if stage in ("attn.scores", "attn.probs", "attn.context") and not engine.get("k_rope_visible", True):
+    if op in ("qk", "softmax", "pv") and not engine.get("k_rope_visible", True):
         parts.append("and RoPE on K: the log has no rotated K (no Kcur ROPE), so a fault in K's rotation first "
                      "shows here")
     return "; ".join(parts) or None

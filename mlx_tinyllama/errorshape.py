@@ -371,12 +371,12 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
     """`explain` with the stage's own facts from the tap table: its token axis, its head axis
     (head-major taps, and the merged heads of `attn.context`), the KV head count where query heads
     read shared KV heads, what computes it and its `vectors` case family."""
-    from .taps import stage_of
+    from .stages import stage_of
 
     stage = stage_of(tap)
     a = np.asarray(candidate, np.float64)
     b = np.asarray(reference, np.float64)
-    if tap.endswith("attn.scores_masked") and a.shape == b.shape:
+    if stage.masked and a.shape == b.shape:
         # A mask value's size means nothing (-inf, the dtype minimum, -1e4 all mask): compare what
         # each side leaves visible, and a key masked on one side only as a wrong value.
         hidden_a, hidden_b = _masked(a), _masked(b)
@@ -393,16 +393,15 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
                                f"{ahead}" if ahead < len(extra) - 1 else
                                "every query sees every key: the causal mask is missing")
         return shape
-    head_axis = None
-    dims = stage.shape.strip("[]").replace(" ", "").split(",")
-    if dims[0] in ("H", "KV"):
-        head_axis = 0
-    elif "H*D" in dims and a.shape == b.shape and a.ndim == 2:
+    head_axis = 0 if stage.head_major else None
+    merged = "head*dim" in stage.dims
+    if merged and a.shape == b.shape and a.ndim == 2:
         heads = int(cfg["num_attention_heads"])
         a, b = a.reshape(a.shape[0], heads, -1), b.reshape(b.shape[0], heads, -1)
         head_axis = 1
-    # Query heads that read shared KV heads: a wrong head -> KV-head index shows per KV group.
-    gqa = dims[0] == "H" and stage.kind == "attention" and stage.token_axis == 1 and "S" in dims or "H*D" in dims
+    # Query heads that read shared KV heads (after the GQA repeat): a wrong head -> KV-head index
+    # shows per KV group.
+    gqa = stage.dims[0] == "head" and (stage.key_axis is not None or stage.op == "repeat_kv") or merged
     return explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what,
                    head_axis=head_axis, n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
                    case=stage.vectors if stage.vectors.startswith("matmul.") else None)
@@ -413,7 +412,7 @@ def printed_pattern(tap: str, candidate, reference, known, tolerance: float, res
     axis): a row is right when its printed values are within the entry's own bound (`tolerance`
     times the reference row's rms, plus the print `resolution`). Only the printed rows are
     seen, so a boundary is placed between the last right and the first wrong printed row."""
-    from .taps import stage_of
+    from .stages import stage_of
 
     stage = stage_of(tap)
     a = np.moveaxis(np.asarray(candidate, np.float64), stage.token_axis, 0)
@@ -433,7 +432,7 @@ def printed_pattern(tap: str, candidate, reference, known, tolerance: float, res
     if pattern is not None:
         pattern.evidence["printed_rows"] = rows
         return pattern
-    if stage.shape.startswith(("[H,", "[KV,")):  # head-major: which printed heads are right
+    if stage.head_major:  # which printed heads are right
         ha, hb, hk = (np.asarray(x) for x in (candidate, reference, known))
         heads = [h for h in range(ha.shape[0]) if hk[h].any()]
         hscale = np.sqrt(np.mean(np.asarray(hb, np.float64) ** 2))

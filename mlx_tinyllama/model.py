@@ -68,6 +68,10 @@ class Attention(nn.Module):
         v = tap(p + "attn.v", self.heads(v, self.n_kv))
         q = tap(p + "attn.q_rope", ops.rope(q, offset, rope))
         k = tap(p + "attn.k_rope", ops.rope(k, offset, rope))
+        if tap.enabled:  # observed only: the attention ops read KV heads (GQA) without the copy
+            for name, x in (("attn.k_rep", k), ("attn.v_rep", v)):
+                if tap.wants(p + name):
+                    tap(p + name, mx.repeat(x, self.n_heads // self.n_kv, axis=1))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # all S = offset + T keys/values so far
         visible = getattr(cache, "mask", None)  # a fixed-capacity cache (decode.py) hides unwritten slots

@@ -39,6 +39,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cuda_attention
+from .errors import UserError
 
 POLICIES = ("hf", "mixed", "fp16-pure")
 KERNELS = ("fused", "explicit")
@@ -238,15 +239,16 @@ class Ops:
     # weights (decode.concatenate_projections): fewer kernel launches for a GPU decode step.
     projections: str = "separate"
 
-    def __post_init__(self):
+    def __post_init__(self):  # the one check of these names, for the CLI (sources.make_ops) and callers alike
         if self.projections not in PROJECTIONS:
-            raise ValueError(f"projections {self.projections!r} not in {PROJECTIONS}")
+            raise UserError(f"unknown projections {self.projections!r}; choose one of {', '.join(PROJECTIONS)}")
         if self.policy not in POLICIES:
-            raise ValueError(f"policy {self.policy!r} not in {POLICIES}")
+            raise UserError(f"unknown precision policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.kernels not in KERNELS:
-            raise ValueError(f"kernels {self.kernels!r} not in {KERNELS}")
+            raise UserError(f"unknown kernels {self.kernels!r}; choose one of {', '.join(KERNELS)}")
         if self.policy != "hf" and self.kernels == "fused":
-            raise ValueError(f"policy {self.policy!r} needs kernels='explicit'")
+            raise UserError(f"policy {self.policy!r} runs on explicit kernels only (fused kernels follow the 'hf' "
+                            "policy)")
 
     @property
     def fused(self) -> bool:

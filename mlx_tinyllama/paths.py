@@ -125,7 +125,7 @@ def run_compiled(model, ids: list[int], names=None) -> PathRun:
     steps = []
     for start, token in enumerate(ids):
         logits = decoder(mx.array([[token]]), cache)[0]
-        taps = {n: (x[:, :, :start + 1] if stage_of(n).shape.endswith("S]") else x) for n, x in decoder.last_taps.items()}
+        taps = {n: (x[:, :, :start + 1] if stage_of(n).key_axis is not None else x) for n, x in decoder.last_taps.items()}
         mx.eval(logits, list(taps.values()))
         steps.append(Step(start, 1, taps, logits))
     return PathRun(COMPILED, 1, steps)
@@ -179,7 +179,7 @@ def step_rows(x: np.ndarray, ref: np.ndarray, name: str, start: int) -> tuple[np
     only the keys each query may see. A string says why they cannot be compared."""
     n = x.shape[stage_of(name).token_axis]
     ref = ref.take(np.arange(start, start + n), axis=stage_of(name).token_axis)
-    if stage_of(name).shape.endswith("S]"):  # [H, T, S]: keys 0..S-1 of this step
+    if stage_of(name).key_axis is not None:  # [H, T, S]: keys 0..S-1 of this step
         S = start + n
         if x.shape[2] != S:
             return f"the step attends over {x.shape[2]} keys, expected {S} (positions 0..{S - 1})"

@@ -38,7 +38,8 @@ from . import sources
 from .dtypes import FP16_MAX
 from .errors import UserError
 from .results import PromptRecord, ResultHeader
-from .taps import Taps, split_name, stage_of, tap_names
+from .stages import inputs_of, split_name, stage_of, tap_names
+from .taps import Taps
 from .tolerances import metrics
 
 LOW_DTYPES = ("float16", "bfloat16")
@@ -124,7 +125,7 @@ def capture(lm, ids: list[int]) -> dict[str, np.ndarray]:
 
 def causal_positions(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
     """For masked scores [H, T, S]: True where query t may see key s (prefill: s <= S - T + t)."""
-    if not name.endswith("attn.scores_masked"):
+    if not stage_of(name).masked:
         return None
     T, S = shape[-2], shape[-1]
     return np.broadcast_to(np.tri(T, S, S - T, dtype=bool), shape)
@@ -194,28 +195,6 @@ def layer_view(taps: dict[str, dict], n_layers: int) -> dict:
 # Where a failure comes from
 
 
-def inputs_of(name: str, n_layers: int) -> list[str]:
-    """The canonical taps whose values feed `name` (the forward pass's data flow)."""
-    layer, stage = split_name(name)
-    if layer is None:
-        last = f"layers.{n_layers - 1}.out" if n_layers else "embed"
-        return {"embed": [], "final_norm": [last], "logits": ["final_norm"]}[stage]
-    p = f"layers.{layer}."
-    prev = "embed" if layer == 0 else f"layers.{layer - 1}.out"
-    flow = {
-        "attn_norm": [prev], "attn.q": [p + "attn_norm"], "attn.k": [p + "attn_norm"], "attn.v": [p + "attn_norm"],
-        "attn.q_rope": [p + "attn.q"], "attn.k_rope": [p + "attn.k"],
-        "attn.scores": [p + "attn.q_rope", p + "attn.k_rope"], "attn.scores_scaled": [p + "attn.scores"],
-        "attn.scores_masked": [p + "attn.scores_scaled"], "attn.probs": [p + "attn.scores_masked"],
-        "attn.context": [p + "attn.probs", p + "attn.v"], "attn.out": [p + "attn.context"],
-        "resid_mid": [prev, p + "attn.out"], "mlp_norm": [p + "resid_mid"],
-        "mlp.gate": [p + "mlp_norm"], "mlp.up": [p + "mlp_norm"], "mlp.act": [p + "mlp.gate"],
-        "mlp.prod": [p + "mlp.act", p + "mlp.up"], "mlp.down": [p + "mlp.prod"],
-        "out": [p + "resid_mid", p + "mlp.down"],
-    }
-    return flow[stage]
-
-
 def _g(x: float) -> str:
     return f"{x:.4g}"
 
@@ -257,7 +236,7 @@ def _softmax_explanation(scores: np.ndarray, dtype: str) -> str:
 def explain(name: str, kind: str, low: dict, ref: dict, run: dict, dtype: str, policy: str,
             n_layers: int, head_dim: int) -> dict:
     """The origin of a failure at `name`: the fed values and a plain explanation."""
-    stage = split_name(name)[1]
+    stage, op = split_name(name)[1], stage_of(name).op
     feeds = inputs_of(name, n_layers)
     fed = {f: {"absmax": _finite_absmax(low[f]), "nan": int(np.isnan(low[f]).sum()),
                "inf": int(np.isinf(low[f]).sum())} for f in feeds}
@@ -265,24 +244,24 @@ def explain(name: str, kind: str, low: dict, ref: dict, run: dict, dtype: str, p
     t = run["taps"][name]
     should_be = f"the float32 run reaches {_g(ref_absmax)} here"
     over = f"{_g(ref_absmax)} > 65504" if ref_absmax > FP16_MAX else f"{_g(ref_absmax)}"
-    if stage.endswith("norm"):
+    if op == "rms_norm":
         text = _norm_explanation(low[feeds[0]], dtype, policy, t["collapsed_rows"], t["rows"])
-    elif stage == "attn.scores":
+    elif op == "qk":
         q, k = feeds
         text = (f"Q·Kᵀ overflowed in {dtype}: the float32 scores reach {over} before the 1/sqrt({head_dim}) "
                 f"scale (q_rope |q| up to {_g(fed[q]['absmax'])}, k_rope |k| up to {_g(fed[k]['absmax'])}); "
                 "scores in fp32 (policy mixed) keep them finite")
-    elif stage == "attn.probs":
+    elif op == "softmax":
         text = _softmax_explanation(low[feeds[0]], dtype)
-    elif stage == "mlp.prod":
+    elif op == "mul":
         act, up = feeds
         text = (f"MLP product overflowed: SiLU(gate)×up = {over} in float32, while |SiLU(gate)| ≤ "
                 f"{_g(fed[act]['absmax'])} and |up| ≤ {_g(fed[up]['absmax'])} are finite in {dtype}")
-    elif stage in ("resid_mid", "out"):
+    elif op == "add":
         a, b = feeds
         text = (f"residual add overflowed: x (|x| up to {_g(fed[a]['absmax'])}) + branch "
                 f"(up to {_g(fed[b]['absmax'])}) = {over}")
-    elif stage == "embed":
+    elif op == "embed":
         text = "the embedding table itself holds NaN/Inf: the checkpoint or its conversion is broken"
     elif kind == "collapse":
         text = f"{stage_of(name).what}: rows became all zeros while {should_be}"

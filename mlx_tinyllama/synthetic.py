@@ -106,7 +106,7 @@ def parse_spec(spec: str) -> tuple[str, int]:
     return preset, seed
 
 
-def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
+def _std(name: str, shape: tuple[int, ...]) -> float:
     fan_in = shape[-1]
     if name.endswith(".bias"):
         return 0.5  # Qwen2's q/k/v biases are of the order of the projections' outputs
@@ -121,13 +121,13 @@ def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
     return 1.0 / np.sqrt(fan_in)
 
 
-def generate_weight(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> np.ndarray:
+def generate_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     if name.endswith("layernorm.weight") or name == "model.norm.weight":
         w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)  # norms near 1, not all equal
     else:
-        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(_std(name, shape, cfg))
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(_std(name, shape))
     return w.astype(np.float16)
 
 
@@ -155,7 +155,7 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         shapes = cfg.weight_shapes()
         tensors = {}
         for k, (name, shape) in enumerate(shapes.items()):
-            w = generate_weight(name, shape, cfg, seed)
+            w = generate_weight(name, shape, seed)
             tensors[name] = tweak(name, w) if tweak else w
             if progress:
                 progress(k + 1, len(shapes), "generating synthetic weights")

@@ -33,6 +33,9 @@ FAULTS = {
     "fp16_rounding": ("compute", "attn_norm", "the RMSNorm output rounded to float16 (dump says float32)"),
     "transpose": ("dump", "attn.out", "attn.out written column-major under its row-major shape"),
     "ggml_dim_order": ("dump", "attn.q", "attn.q's buffer in ggml's [T, heads, D] order under shape [heads, T, D]"),
+    "axis_order": ("dump", "attn.k", "attn.k's buffer in [D, T, KV] order (ggml's ne order) under shape [KV, T, D]"),
+    "heads_group_major": ("dump", "attn.q", "attn.q's heads written group-major (head g*n_rep + r at r*KV + g)"),
+    "scores_already_scaled": ("dump", "attn.scores", "attn.scores holds the scaled scores (an exporter's scaled MatMul)"),
     "heads_order": ("compute", "attn.context", "heads merged D-major ([T, D, H]) instead of head-major"),
     "rope_interleaved": ("compute", "attn.q_rope", "RoPE rotating interleaved pairs (GPT-J/ggml style)"),
     "rope_offset": ("compute", "attn.q_rope", "RoPE positions start at ARG (default 1) instead of 0"),
@@ -41,7 +44,7 @@ FAULTS = {
     "softmax_axis": ("compute", "attn.probs", "softmax over the query axis instead of the key axis"),
     "mask_off": ("compute", "attn.scores_masked", "no causal mask"),
     "mask_offset": ("compute", "attn.scores_masked", "query t sees keys up to t+ARG (default 1)"),
-    "kv_head_mapping": ("compute", "attn.scores", "query head h reads KV head h % KV instead of h // (H/KV)"),
+    "kv_head_mapping": ("compute", "attn.k_rep", "query head h reads KV head h % KV instead of h // (H/KV)"),
     "bos_shift": ("compute", "embed", "embeds [BOS] + ids[:-1]: every token one position late"),
     # Kernel faults (issue 22): the tiling and indexing mistakes of hand-written kernels.
     "tile_rows_zero": ("compute", "attn.q", "the q_proj matmul computes token rows 0..ARG-1 only (default 32): "
@@ -205,6 +208,7 @@ class Engine:
             kv_of = np.arange(self.H) % self.KV
         else:
             kv_of = np.arange(self.H) // (self.H // self.KV)
+        taps[t + "attn.k_rep"], taps[t + "attn.v_rep"] = k[kv_of], v[kv_of]  # this step's rows, expanded
         s = taps[t + "attn.scores"] = np.einsum("htd,hsd->hts", q, k_all[kv_of])
         scale = 1.0 / np.sqrt(self.D)
         if self.fault("missing_scale", i):
@@ -273,6 +277,17 @@ class Engine:
             name = f"layers.{f.layer}.attn.q"
             x = out[name]
             out[name] = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(x.shape)  # [T, H, D] bytes
+        if (f := self.fault("axis_order")):
+            name = f"layers.{f.layer}.attn.k"
+            x = out[name]
+            out[name] = np.ascontiguousarray(x.transpose(2, 1, 0)).reshape(x.shape)  # [D, T, KV] bytes
+        if (f := self.fault("heads_group_major")):
+            name = f"layers.{f.layer}.attn.q"
+            n_rep = self.H // self.KV
+            out[name] = out[name][[g * n_rep + r for r in range(n_rep) for g in range(self.KV)]]
+        if (f := self.fault("scores_already_scaled")):
+            name = f"layers.{f.layer}.attn.scores"
+            out[name] = out[name] / np.sqrt(self.D)
         return out
 
 

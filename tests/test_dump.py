@@ -161,13 +161,13 @@ def test_a_long_half_dump_on_the_cpu_keeps_no_fp32_weight_copies(tmp_path, monke
 
 def test_statistics_of_a_tap_with_inf_or_nan_hold_no_full_size_copy():
     """A 2,048-token dump's [32, 2048, 2048] attention taps can hold Inf (fp16 scores of the
-    synthetic model): their host statistics (taps._stats_of_finite) go through the finite values
+    synthetic model): their host statistics (tap_stats._stats_of_finite) go through the finite values
     in blocks, equal to numpy's two-pass float64 values, with no masked or float64 copy of the
     tensor (which put 3.7 GB on a 2,048-token dump's peak). numpy's buffers are traced by
     tracemalloc."""
     import tracemalloc
 
-    from mlx_tinyllama.taps import _BLOCK, tensor_stats
+    from mlx_tinyllama.tap_stats import _BLOCK, tensor_stats
 
     rng = np.random.default_rng(0)
     a = (rng.standard_normal((4, 600, 1011)) * 3 + 1).astype(np.float16)  # [heads, T, S], 37 blocks

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import SEED_IDS
+from mlx_tinyllama.stages import tap_names
 from mlx_tinyllama.tolerances import tolerance_for
 from mlx_tinyllama.trace import main as cli
 from numpy_engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "synthetic:tiny", "--dtype", "float32"]
+N_TAPS = len(tap_names(2))  # every canonical tap of synthetic:tiny (2 layers)
 
 
 def _dump(tiny_dir, path, faults=(), drop=()) -> Path:
@@ -40,7 +42,7 @@ def test_drift_and_real_fault_on_the_command_line(tiny_dir, tmp_path, capsys):
     assert result["coverage"]["compared"] == [s["tap"] for s in result["stages"]] and not result["coverage"]["missing"]
     assert all(isinstance(s["local_ratio"], float) for s in result["stages"][1:])
     assert "localized: layers.1.attn.scores_scaled" in out and "amplifies what it inherited" in out
-    assert "coverage: 43/43 stages compared" in out
+    assert f"coverage: {N_TAPS}/{N_TAPS} stages compared" in out
     html = (tmp_path / "r.html").read_text()
     assert 'id="localization"' in html and "layers.1.attn.scores_scaled" in html
 
@@ -78,7 +80,7 @@ def test_replay_against_a_stored_reference_needs_the_model(tiny_dir, tmp_path):
     assert cli(["compare", "--against", str(dump), "--ref", ref, "--json", str(tmp_path / "a.json")]) == 1
     without = json.loads((tmp_path / "a.json").read_text())
     assert without["localized"] is None and "weights" in without["replay"]["note"]
-    assert len(without["coverage"]["compared"]) == 43
+    assert len(without["coverage"]["compared"]) == N_TAPS
     assert cli(["compare", "--against", str(dump), "--ref", ref, *TINY, "--json", str(tmp_path / "b.json")]) == 1
     with_model = json.loads((tmp_path / "b.json").read_text())
     assert with_model["localized"]["stage"] == "layers.1.attn.scores_masked"
@@ -122,7 +124,7 @@ def test_fused_engine_coverage_in_the_output(tiny_dir, tmp_path, capsys, missing
     assert cli(["compare", "--against", str(dump), *TINY]) == 0
     out = capsys.readouterr().out
     n = 2 * len(drop)
-    assert f"coverage: {43 - n}/43 stages compared; {n} missing from their dump" in out
+    assert f"coverage: {N_TAPS - n}/{N_TAPS} stages compared; {n} missing from their dump" in out
     grid_row = next(line for line in out.splitlines() if line.strip().startswith(drop[0] + " "))
     assert grid_row.split()[1:] == ["·", "·"]
 
@@ -132,5 +134,5 @@ def test_run_compare_reports_coverage_too(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli(["run", *TINY, "--compare", str(REPO / "refs" / "synthetic-tiny-fp32.json"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert len(result["coverage"]["compared"]) == 43 and result["coverage"]["missing"] == []
-    assert "coverage: 43/43 stages compared" in capsys.readouterr().out
+    assert len(result["coverage"]["compared"]) == N_TAPS and result["coverage"]["missing"] == []
+    assert f"coverage: {N_TAPS}/{N_TAPS} stages compared" in capsys.readouterr().out

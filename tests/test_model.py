@@ -188,7 +188,7 @@ def test_batched_stats_do_not_depend_on_flushing(tiny_dir):
 def test_gpu_stats_path_agrees_with_the_host_path():
     """On a GPU, tap statistics are reduced on the device; here both paths run on the
     same tensors (finite, NaN-holding, masked-score-like) and must agree."""
-    from mlx_tinyllama.taps import _device_batch_stats, batch_stats
+    from mlx_tinyllama.tap_stats import _device_batch_stats, batch_stats
 
     base = [mx.random.normal((4, 7, 16), key=mx.random.key(i)) * 3 for i in range(3)]
     nan = mx.where(mx.random.uniform(shape=(4, 7, 16), key=mx.random.key(9)) > 0.9, float("nan"), base[0])
@@ -283,10 +283,10 @@ def test_fp32_models_keep_plain_linear_layers(tiny_dir):
 
 
 def test_host_stats_equal_the_two_pass_float64_values():
-    """taps._moments reads each tensor once in float64 blocks and takes std from shifted
+    """tap_stats._moments reads each tensor once in float64 blocks and takes std from shifted
     moments; against numpy's two-pass float64 statistics it agrees to 1e-12 relative on
     offset, wide-range, constant and many-block tensors (the bound documented there)."""
-    from mlx_tinyllama.taps import _BLOCK, _moments
+    from mlx_tinyllama.tap_stats import _BLOCK, _moments
 
     rng = np.random.default_rng(0)
     rows = [rng.standard_normal(3 * _BLOCK + 17) * 2 + 5, rng.standard_normal(3 * _BLOCK + 17) * 1e-3 + 40,
@@ -305,8 +305,8 @@ def test_small_tensors_reduced_together_equal_the_two_pass_float64_values(monkey
     statistics equal numpy's two-pass float64 ones and do not depend on the group.
     The host path on any device (a GPU reduces on the device, in float32, and is checked
     against this path elsewhere)."""
-    from mlx_tinyllama import taps as taps_module
-    from mlx_tinyllama.taps import batch_stats
+    from mlx_tinyllama import tap_stats as taps_module
+    from mlx_tinyllama.tap_stats import batch_stats
 
     monkeypatch.setattr(taps_module, "_stats_on_device", lambda: False)
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import SEED_IDS, SHARED
 from mlx_tinyllama import refs as R
 from mlx_tinyllama.errors import UserError
+from mlx_tinyllama.stages import tap_names
 from mlx_tinyllama.tolerances import Tolerances, metrics, tolerance_for
 from mlx_tinyllama.trace import main as cli
 
@@ -103,7 +104,7 @@ def test_run_dump_and_stats_json_compare_against_the_reference(tmp_path):
     for against in (dump, stats):
         assert cli(["compare", "--against", str(against), "--ref", str(FP32), "--json", str(out)]) == 0
         result = json.loads(out.read_text())
-        assert result["status"] == "match" and len(result["stages"]) == 43
+        assert result["status"] == "match" and len(result["stages"]) == len(tap_names(2))
     # their dump against this package's own run of --model (the dump's ids are used)
     assert cli(["compare", "--against", str(dump), "--model", "synthetic:tiny", "--json", str(out)]) == 0
     # a user name map: their names -> canonical taps
@@ -166,3 +167,23 @@ def test_stats_json_ids_come_from_prompt_ids_or_the_older_tokens_key(tmp_path):
         path.write_text(json.dumps(data))
         (side,) = R.load(path)
         assert side.ids == ids and side.n_tokens == (len(ids) if ids else None)
+
+
+def test_reference_manifest_reads_bos_from_the_models_config(tiny_dir, tmp_path):
+    """The manifest's prompt.bos compares the first id with the model's own BOS id (config.json),
+    not with 1: a model whose BOS is 529 marks the seed ids (which start with 529) as having one."""
+    import json
+    import shutil
+
+    pytest.importorskip("torch")
+    from mlx_tinyllama.reference.hf import write_reference
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["bos_token_id"] = SEED_IDS[0]
+    (model / "config.json").write_text(json.dumps(cfg))
+    m = json.loads(write_reference(tmp_path / "ref", model, SEED_IDS, taps=["embed"]).read_text())
+    assert m["prompt"]["bos"] is True
+    m = json.loads(write_reference(tmp_path / "ref2", tiny_dir, SEED_IDS, taps=["embed"]).read_text())
+    assert m["prompt"]["bos"] is False  # BOS 1, ids start with 529

@@ -397,3 +397,19 @@ def test_policy_and_kernels_are_checked():
         sources.load("synthetic:tiny", policy="fp16-pure", kernels="fused")
     lm = sources.load("synthetic:tiny", policy="fp16-pure")
     assert (lm.ops.policy, lm.ops.kernels) == ("fp16-pure", "explicit")
+
+
+def test_ops_checks_its_names_with_the_same_user_errors():
+    """One check of policy/kernels/projections (in Ops), the same UserError from the CLI's path and
+    from a caller building Ops itself (was ValueError there)."""
+    from mlx_tinyllama.ops import Ops
+
+    with pytest.raises(UserError, match="runs on explicit kernels only"):
+        Ops("fp16-pure", "fused")
+    with pytest.raises(UserError, match="unknown kernels"):
+        Ops("hf", "fast")
+    with pytest.raises(UserError, match="unknown projections"):
+        Ops("hf", "fused", "joined")
+    with pytest.raises(UserError, match="unknown kernels"):
+        sources.make_ops("hf", "fast")
+    assert Ops("mixed", "explicit").kernels == "explicit"

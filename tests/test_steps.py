@@ -12,6 +12,7 @@ from conftest import SEED_IDS
 from mlx_tinyllama import sources
 from mlx_tinyllama.errors import UserError
 from mlx_tinyllama.localize.steps import compare_steps, load_steps
+from mlx_tinyllama.stages import tap_names
 from mlx_tinyllama.tolerances import Tolerances
 from numpy_engine import Engine
 
@@ -47,7 +48,7 @@ def test_clean_steps_match_decode_and_prefill_rows(tiny_dir, tmp_path, tiny_lm):
     assert [s["n_tokens"] for s in result["steps"]] == [P0, 1, 1, 1]
     assert result["tokens"] == ids
     step = result["steps"][-1]
-    assert step["missing"] == [] and len(step["stages"]) == 43 and all(s["ok"] for s in step["stages"])
+    assert step["missing"] == [] and len(step["stages"]) == len(tap_names(2)) and all(s["ok"] for s in step["stages"])
     # the stages whose inputs a decode step holds were replayed: everything but scores and context
     replayed = [s["tap"] for s in step["stages"] if s["local_ratio"] is not None]
     assert "layers.1.attn.q_rope" in replayed and "layers.1.attn.scores" not in replayed

@@ -56,7 +56,7 @@ def localize(result: dict, candidate: R.Side, references: list[R.Side], lm, tol,
         s["local_ratio"] = rep.stages.get(s["tap"], {}).get("local_ratio")
     # A stage whose own arithmetic is over its tolerance is a fault even where the compared tensors stay
     # within theirs (upstream errors can cancel it): verdict.py makes that `diverged`, never `match`.
-    result["localized"] = localized(rep, ratios, L)
+    result["localized"] = localized(rep, ratios)
     result["replay"] = {"replayed": len(rep.outputs),
                         "skipped": {t: s["skipped"] for t, s in rep.stages.items() if "skipped" in s}}
     result["diagnosis"] = _diagnosis(result, rep, theirs, references, lm, ids, position, getattr(tol, "base", None) or tol,
@@ -79,7 +79,7 @@ def _diagnosis(result, rep, theirs, references, lm, ids, position, tol, dtype, n
     loc = result["localized"]
     if loc:
         tap = loc["stage"]
-        case = Case(tap, theirs[tap], rep.outputs[tap], rep.inputs[tap], StageOps(lm, ids, position), cfg)
+        case = Case(tap, theirs[tap], rep.outputs[tap], rep.inputs[tap], StageOps(lm, ids, position), cfg, theirs)
     else:
         tap = result["first_divergence"]["tap"]
         ref = next((r for r in references if r.kind == "run" and tap in r.tensors), None)
@@ -88,7 +88,7 @@ def _diagnosis(result, rep, theirs, references, lm, ids, position, tol, dtype, n
         ours = canonical_tensors(ref, cfg.as_dict(), n_tokens)
         ins = recipe_inputs(tap, L)
         inputs = [ours[i] for i in ins] if all(i in ours for i in ins) else None
-        case = Case(tap, theirs[tap], ours[tap], inputs, StageOps(lm, ids, position), cfg)
+        case = Case(tap, theirs[tap], ours[tap], inputs, StageOps(lm, ids, position), cfg, theirs)
     return diagnose(case, lambda d: tol.get(tap, "nmse", d, "float32", L), dtype)
 
 

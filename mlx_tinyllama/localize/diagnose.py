@@ -15,7 +15,7 @@ def diagnose(case: Case, tolerance: Callable[[str], float], their_dtype: str | N
     `tolerance(dtype)`: the stage's NMSE tolerance when their side has that dtype."""
     found: dict[str, dict] = {}
     for t in TRANSFORMS:
-        if not t.applies(case.stage):
+        if not t.applies(case.tap):
             continue
         tol = tolerance(t.dtype or their_dtype or "float32")
         for tid, a, b in t.pairs(case):

@@ -19,42 +19,20 @@ import mlx.core as mx
 import numpy as np
 
 from ..ops import Ops, Rope
-from ..taps import split_name, tap_names
+from ..stages import inputs_of, split_name, stage_of, tap_names
 from ..tolerances import Tolerances, metrics
 
 F32 = mx.float32
 EXPLICIT = Ops("hf", "explicit")
 
 
-def layer_input(layer: int) -> str:
-    return "embed" if layer == 0 else f"layers.{layer - 1}.out"
+class NotReplayable(ValueError):
+    """A stage whose op this module does not compute (a stage the registry gained later)."""
 
 
 def recipe_inputs(tap: str, n_layers: int) -> list[str]:
-    """The canonical taps that `tap`'s op reads, in the reference's forward pass."""
-    layer, stage = split_name(tap)
-    if layer is None:
-        return {"embed": [], "final_norm": [f"layers.{n_layers - 1}.out"], "logits": ["final_norm"]}[stage]
-    p = f"layers.{layer}."
-    local = {
-        "attn_norm": [layer_input(layer)],
-        "attn.q": [p + "attn_norm"], "attn.k": [p + "attn_norm"], "attn.v": [p + "attn_norm"],
-        "attn.q_rope": [p + "attn.q"], "attn.k_rope": [p + "attn.k"],
-        "attn.scores": [p + "attn.q_rope", p + "attn.k_rope"],
-        "attn.scores_scaled": [p + "attn.scores"],
-        "attn.scores_masked": [p + "attn.scores_scaled"],
-        "attn.probs": [p + "attn.scores_masked"],
-        "attn.context": [p + "attn.probs", p + "attn.v"],
-        "attn.out": [p + "attn.context"],
-        "resid_mid": [layer_input(layer), p + "attn.out"],
-        "mlp_norm": [p + "resid_mid"],
-        "mlp.gate": [p + "mlp_norm"], "mlp.up": [p + "mlp_norm"],
-        "mlp.act": [p + "mlp.gate"],
-        "mlp.prod": [p + "mlp.act", p + "mlp.up"],
-        "mlp.down": [p + "mlp.prod"],
-        "out": [p + "resid_mid", p + "mlp.down"],
-    }
-    return local[stage]
+    """The canonical taps that `tap`'s op reads, in the reference's forward pass (the registry's graph)."""
+    return inputs_of(tap, n_layers)
 
 
 class StageOps:
@@ -78,6 +56,15 @@ class StageOps:
 
     def norm(self, x: np.ndarray, w: mx.array) -> np.ndarray:
         return np.array(EXPLICIT.rms_norm(mx.array(x, F32), self.weight(w), self.cfg.rms_norm_eps))
+
+    def n_heads(self, axis: str) -> int:
+        return self.cfg.num_attention_heads if axis == "head" else self.cfg.num_key_value_heads
+
+    def repeat_kv(self, x: np.ndarray, kv_map=None) -> np.ndarray:
+        """[KV, T, D] -> [H, T, D]: query head h reads KV head kv_map[h] (h // n_rep by default)."""
+        H, KV = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        kv_map = np.arange(H) // (H // KV) if kv_map is None else kv_map
+        return np.asarray(x, np.float32)[kv_map]
 
     def heads(self, x: np.ndarray, n: int) -> np.ndarray:
         return x.reshape(x.shape[0], n, -1).transpose(1, 0, 2)
@@ -122,44 +109,46 @@ class StageOps:
     def silu(self, x: np.ndarray) -> np.ndarray:
         return np.array(EXPLICIT.silu(mx.array(x, F32)))
 
+    def module(self, layer: int | None, path: str):
+        """The module at `path` from layer `layer` (or the model for the global stages)."""
+        m = self.model.model
+        if path == "lm_head" and self.cfg.tie_word_embeddings:
+            path = "model.embed_tokens"
+        obj = m.layers[layer] if layer is not None else self.model
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
     def run(self, tap: str, inputs: list[np.ndarray], **variant) -> np.ndarray:
-        """Our `tap` computed from `inputs` (recipe_inputs order); `variant` picks a deliberate variant."""
-        layer, stage = split_name(tap)
-        cfg, m = self.cfg, self.model.model
-        if layer is None:
-            if stage == "embed":
-                return np.array(m.embed_tokens.weight[mx.array(self.ids)].astype(F32))
-            if stage == "final_norm":
-                return self.norm(inputs[0], m.norm.weight)
-            head = m.embed_tokens.weight if cfg.tie_word_embeddings else self.model.lm_head.weight
-            return self.linear(inputs[0], head)
-        L = m.layers[layer]
-        a, mlp = L.self_attn, L.mlp
-        x = inputs[0]
-        if stage in ("attn.q", "attn.k", "attn.v"):
-            proj = {"attn.q": a.q_proj, "attn.k": a.k_proj, "attn.v": a.v_proj}[stage]
-            n = cfg.num_attention_heads if stage == "attn.q" else cfg.num_key_value_heads
-            return self.heads(self.linear(x, proj.weight, proj.bias if "bias" in proj else None), n)
-        simple = {
-            "attn_norm": lambda: self.norm(x, L.input_layernorm.weight),
-            "attn.q_rope": lambda: self.rope(x, variant.get("rope_offset", 0), variant.get("interleaved", False)),
-            "attn.k_rope": lambda: self.rope(x, variant.get("rope_offset", 0), variant.get("interleaved", False)),
-            "attn.scores": lambda: self.qk(x, inputs[1], variant.get("kv_map")),
-            "attn.scores_scaled": lambda: (x * np.float32(variant.get("scale", cfg.attn_scale))).astype(np.float32),
-            "attn.scores_masked": lambda: self.mask(x, variant.get("mask_shift", 0), variant.get("mask_off", False)),
-            "attn.probs": lambda: self.softmax(x, variant.get("softmax_axis", -1)),
-            "attn.context": lambda: self.pv(x, inputs[1], variant.get("kv_map")),
-            "attn.out": lambda: self.linear(x, a.o_proj.weight, a.o_proj.bias if "bias" in a.o_proj else None),
-            "resid_mid": lambda: (x.astype(np.float32) + inputs[1].astype(np.float32)),
-            "mlp_norm": lambda: self.norm(x, L.post_attention_layernorm.weight),
-            "mlp.gate": lambda: self.linear(x, mlp.gate_proj.weight),
-            "mlp.up": lambda: self.linear(x, mlp.up_proj.weight),
-            "mlp.act": lambda: self.silu(x),
-            "mlp.prod": lambda: (x.astype(np.float32) * inputs[1].astype(np.float32)),
-            "mlp.down": lambda: self.linear(x, mlp.down_proj.weight),
-            "out": lambda: (x.astype(np.float32) + inputs[1].astype(np.float32)),
+        """Our `tap` computed from `inputs` (recipe_inputs order), by the op the registry names;
+        `variant` picks a deliberate variant. NotReplayable for an op not written here."""
+        layer, _ = split_name(tap)
+        st = stage_of(tap)
+        mod = self.module(layer, st.weight) if st.weight else None
+        w = mod.weight if mod is not None else None
+        bias = mod.bias if mod is not None and "bias" in mod else None  # Qwen2's q/k/v, Llama's attention_bias
+        x = inputs[0] if inputs else None
+        f32 = np.float32
+        if st.op == "embed":
+            return np.array(w[mx.array(self.ids)].astype(F32))
+        ops = {
+            "rms_norm": lambda: self.norm(x, w),
+            "linear": lambda: self.linear(x, w, bias),
+            "heads": lambda: self.heads(self.linear(x, w, bias), self.n_heads(st.dims[0])),
+            "rope": lambda: self.rope(x, variant.get("rope_offset", 0), variant.get("interleaved", False)),
+            "repeat_kv": lambda: self.repeat_kv(x, variant.get("kv_map")),
+            "qk": lambda: self.qk(x, inputs[1], variant.get("kv_map")),
+            "scale": lambda: (x * f32(variant.get("scale", self.cfg.attn_scale))).astype(f32),
+            "mask": lambda: self.mask(x, variant.get("mask_shift", 0), variant.get("mask_off", False)),
+            "softmax": lambda: self.softmax(x, variant.get("softmax_axis", -1)),
+            "pv": lambda: self.pv(x, inputs[1], variant.get("kv_map")),
+            "add": lambda: x.astype(f32) + inputs[1].astype(f32),
+            "mul": lambda: x.astype(f32) * inputs[1].astype(f32),
+            "silu": lambda: self.silu(x),
         }
-        return simple[stage]()
+        if st.op not in ops:
+            raise NotReplayable(f"{tap}: no replay op {st.op!r} for this stage")
+        return ops[st.op]()
 
 
 @dataclass
@@ -178,7 +167,7 @@ def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float
                 mask_allowed: float = 0.0) -> tuple[float, float]:
     """(ratio, nmse) of their output against ours-from-their-input; a mask mismatch (judged by effect in
     their dtype, beyond what --tol allows, as the verdict judges it) or a new NaN is inf."""
-    m = metrics(theirs, ours, masked=tap.endswith("attn.scores_masked"), mask_dtype=mask_dtype)
+    m = metrics(theirs, ours, masked=stage_of(tap).masked, mask_dtype=mask_dtype)
     if m["mask_mismatch"] > mask_allowed or m["nonfinite"]:
         return math.inf, math.inf
     nmse = m["nmse"] if not math.isnan(m["nmse"]) else 0.0  # nothing comparable: inherited non-finite values
@@ -186,7 +175,7 @@ def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float
 
 
 def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolerances, their_dtype: str | None,
-           position: int = 0, n_keys: dict[str, int] | None = None) -> Replay:
+           position: int = 0) -> Replay:
     """Replay every dumped stage whose inputs can be had from the dump (`theirs`: canonical tap ->
     tensor in the canonical layout). `position`: the first token row's position (decode steps)."""
     n_layers = lm.config.num_hidden_layers
@@ -206,7 +195,7 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
                 if all(v is not None for v in vals):
                     try:
                         recomputed[tap] = ops.run(tap, vals)
-                    except (ValueError, IndexError) as e:  # their ancestors' shapes do not fit
+                    except (ValueError, IndexError) as e:  # their ancestors' shapes do not fit, or no op
                         recomputed[tap] = None
                         out.stages.setdefault(tap, {"tap": tap, "skipped": f"cannot recompute: {e}"})
         return recomputed[tap]
@@ -225,6 +214,9 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
             continue
         try:
             ours = ops.run(tap, vals)
+        except NotReplayable as e:
+            out.stages[tap] = {"tap": tap, "skipped": f"not replayable: {e}"}
+            continue
         except (ValueError, IndexError) as e:
             out.stages[tap] = {"tap": tap, "skipped": f"their inputs do not fit the op: {e}"}
             continue
@@ -234,7 +226,7 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
             continue
         tolerance = tol.get(tap, "nmse", their_dtype or "float32", "float32", n_layers)
         allowed = tol.get(tap, "mask_mismatch", their_dtype or "float32", "float32", n_layers) \
-            if tap.endswith("attn.scores_masked") else 0.0
+            if stage_of(tap).masked else 0.0
         ratio, nmse = local_ratio(tap, theirs[tap], ours, tolerance, their_dtype, allowed)
         out.stages[tap] = {"tap": tap, "local_ratio": ratio, "local_nmse": nmse, "tolerance": tolerance,
                            "inputs": [i for i in ins if i in theirs] or (["token ids"] if tap == "embed" else []),
@@ -244,7 +236,7 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
     return out
 
 
-def localized(rep: Replay, stage_ratios: dict[str, float], n_layers: int) -> dict | None:
+def localized(rep: Replay, stage_ratios: dict[str, float]) -> dict | None:
     """The first stage whose local error exceeds tolerance, with the error it inherited (the worst
     ratio of its dumped inputs against the reference)."""
     tap = rep.first_local()

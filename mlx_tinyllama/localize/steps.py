@@ -23,13 +23,14 @@ import numpy as np
 from .. import refs as R
 from ..errors import UserError
 from ..refs.loaders import declared_dtype
-from ..taps import Taps, stage_of, tap_names
+from ..stages import LAYER_STAGES, stage_of, tap_names
+from ..taps import Taps
 from ..tolerances import Basis, Tolerances, candidate_basis, coarsest, metrics
 from .diagnose import diagnose
 from .replay import StageOps, recipe_inputs, replay
 from .transforms import Case
 
-KEY_AXIS_STAGES = ("attn.scores", "attn.scores_scaled", "attn.scores_masked", "attn.probs")
+KEY_AXIS_STAGES = tuple(s.name for s in LAYER_STAGES if s.key_axis is not None)  # [.., S]: S grows per step
 
 
 @dataclass
@@ -102,7 +103,7 @@ def load_steps(paths: list[str], name_map: dict | None = None) -> StepDumps:
             if tap in step.tensors:
                 raise UserError(f"{path}: {tap} at position {pos_text} is given twice")
             x = np.asarray(x, np.float32)
-            while x.ndim > len(stage_of(tap).shape.split(",")) and x.shape[0] == 1:  # a batch dimension
+            while x.ndim > len(stage_of(tap).dims) and x.shape[0] == 1:  # a batch dimension
                 x = x[0]
             step.tensors[tap] = x
             step.sources.add(path.name)
@@ -199,7 +200,7 @@ def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tu
                         "tolerance": 0.0, "note": _shape_note(tap, a.shape, b.shape, pos)})
             continue
         their_dtype = tol.basis.dtype_of(tap) if getattr(tol, "basis", None) else dtypes[0]
-        m = metrics(a, b, masked=tap.endswith("attn.scores_masked"), mask_dtype=their_dtype)
+        m = metrics(a, b, masked=stage_of(tap).masked, mask_dtype=their_dtype)
         tolerance = tol.get(tap, "nmse", dtypes[0], dtypes[1], n_layers)
         counts_over = m["mask_mismatch"] > tol.get(tap, "mask_mismatch", dtypes[0], dtypes[1], n_layers) or \
             m["nonfinite"] > tol.get(tap, "nonfinite", dtypes[0], dtypes[1], n_layers)
@@ -280,11 +281,11 @@ def _diagnose_step(step: Step, tap: str, rep, ours: dict, lm, ids, pos, tol, dty
     L = lm.config.num_hidden_layers
     ops = StageOps(lm, ids[pos:pos + step.n_tokens], pos)
     if tap in rep.outputs:
-        case = Case(tap, step.tensors[tap], rep.outputs[tap], rep.inputs[tap], ops, lm.config)
+        case = Case(tap, step.tensors[tap], rep.outputs[tap], rep.inputs[tap], ops, lm.config, step.tensors)
     else:
         if step.tensors[tap].shape != ours[tap].shape:
             return []
         ins = recipe_inputs(tap, L)
         inputs = [ours[i] for i in ins] if all(i in ours for i in ins) else None
-        case = Case(tap, step.tensors[tap], ours[tap], inputs, ops, lm.config)
+        case = Case(tap, step.tensors[tap], ours[tap], inputs, ops, lm.config, step.tensors)
     return diagnose(case, lambda d: tol.get(tap, "nmse", d, "float32", L), dtype)

@@ -147,6 +147,8 @@ def capture(model, ids: list[int]) -> tuple[dict, "object"]:
             )
         taps[p + "attn.q_rope"] = q_rope[0]
         taps[p + "attn.k_rope"] = k_rope[0]
+        taps[p + "attn.k_rep"] = k_rep[0]
+        taps[p + "attn.v_rep"] = ml.repeat_kv(taps[p + "attn.v"][None], n_heads // n_kv)[0]
         taps[p + "attn.scores"] = scores[0]
         taps[p + "attn.scores_scaled"] = scaled[0]
         taps[p + "attn.scores_masked"] = masked[0]
@@ -194,6 +196,7 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
     from ..config import load_config
 
     out = Path(out)
+    config = load_config(model_dir)
     model = load_hf_model(model_dir, dtype)
     captured, logits = capture(model, ids)
     if taps is not None:
@@ -222,10 +225,10 @@ def write_reference(out: Path, model_dir: Path, ids: list[int], dtype: str = "fl
         },
         "model": {
             "spec": model_spec or str(model_dir),
-            "config": load_config(model_dir).as_dict(),
+            "config": config.as_dict(),
             "weights_sha256": weights_digest(model_dir),
         },
-        "prompt": {"text": prompt_text, "ids": list(ids), "bos": bool(ids and ids[0] == 1)},
+        "prompt": {"text": prompt_text, "ids": list(ids), "bos": bool(ids and ids[0] == config.bos_token_id)},
         "taps": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in captured.items()},
         "top_k": [{"token_id": int(i), "logit": float(v)} for v, i in zip(vals.tolist(), idx.tolist())],
     }

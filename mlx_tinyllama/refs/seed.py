@@ -7,8 +7,11 @@ import re
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..errors import UserError
 from .side import Item, SHORTCUT_LOGITS, SHORTCUT_NORM, Selector, Side
+
+SEED_BOS = ModelConfig().bos_token_id  # the seed's values are TinyLlama-1.1B-Chat's: its config's BOS id
 
 
 SEED_FORMAT = "mlx_tinyllama.seed-refs/1"
@@ -89,7 +92,7 @@ def _map_transformers(data: dict) -> dict:
     ids = [int(i) for i in data["tokens"]]
     hidden = data["intermediate_values"].get("embedding", {}).get("shape", [None, None])[-1]
     return {"entries": entries, "not_comparable": skipped,
-            "prompt": {"text": data.get("prompt"), "ids": ids, "n_tokens": len(ids), "bos": bool(ids and ids[0] == 1)},
+            "prompt": {"text": data.get("prompt"), "ids": ids, "n_tokens": len(ids), "bos": bool(ids and ids[0] == SEED_BOS)},
             "config": {"hidden_size": hidden} if hidden else {}, "dtype": "float16",
             "provenance": {"computed_by": "Hugging Face transformers (the seed author's script)",
                            "how": "forward hooks on model.embed_tokens, layers[0].self_attn, layers[0].mlp, "
@@ -140,7 +143,7 @@ def _map_candle1(data: dict) -> dict:
                for k in data["layer_0"] if k != "output_shape"]
     ids = [int(i) for i in data["token_ids"]]
     return {"entries": entries, "not_comparable": skipped,
-            "prompt": {"text": data.get("prompt"), "ids": ids, "n_tokens": len(ids), "bos": bool(ids and ids[0] == 1)},
+            "prompt": {"text": data.get("prompt"), "ids": ids, "n_tokens": len(ids), "bos": bool(ids and ids[0] == SEED_BOS)},
             "config": {"hidden_size": int(emb["shape"][-1]), "vocab_size": int(lg["shape"][-1])}, "dtype": "float16",
             "provenance": {"computed_by": "Hugging Face transformers (despite the file name)",
                            "how": "full model run; hidden_states[1] (layer 0 output) -> model.norm -> lm_head, "

@@ -13,20 +13,27 @@ from ..errors import UserError
 from ..formatting import fmt
 from ..outputs import number
 from ..results import PromptRecord, ResultHeader
-from ..taps import split_name
+from .. import stages
+from ..stages import split_name
 from .blocks import GLOBAL_NAMES, Section, plot
 
 
-# Magnitude panels: which layer stages go together in one plot.
-MAGNITUDE_PANELS = (
-    ("norms (RMSNorm outputs)", ("attn_norm", "mlp_norm")),
-    ("attention projections", ("attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.context", "attn.out")),
-    ("attention scores", ("attn.scores", "attn.scores_scaled", "attn.probs")),
-    ("MLP", ("mlp.gate", "mlp.up", "mlp.act", "mlp.prod", "mlp.down")),
-    ("residual stream", ("resid_mid", "out")),
-)
-# Masked scores hold the dtype minimum above the diagonal: their absmax is the mask, not data.
-NOT_PLOTTED = ("attn.scores_masked",)
+def magnitude_panels() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Which layer stages go together in one plot: the registry's panels, read at each call."""
+    return tuple((title, tuple(s.name for s in stages.LAYER_STAGES if s.panel == title)) for title in stages.PANELS)
+
+
+def not_plotted() -> tuple[str, ...]:
+    """Layer stages in no panel (the report names them)."""
+    return tuple(s.name for s in stages.LAYER_STAGES if s.panel is None)
+
+
+def mask_holders() -> tuple[str, ...]:
+    """Masked scores hold the dtype minimum above the diagonal: their absmax is the mask, not data."""
+    return tuple(s.name for s in stages.LAYER_STAGES if s.masked)
+
+
+MAGNITUDE_PANELS, NOT_PLOTTED = magnitude_panels(), not_plotted()
 
 
 # ---------------------------------------------------------------------------
@@ -91,9 +98,9 @@ def rms_of(stats: dict) -> float:
 def magnitude_data(stats: dict[str, dict], n_layers: int) -> tuple[list[dict], dict[str, dict]]:
     """Per-layer absmax/RMS series per panel (only stages that were recorded), and the global stages."""
     panels = []
-    for title, stages in MAGNITUDE_PANELS:
+    for title, members in magnitude_panels():
         series = {}
-        for stage in stages:
+        for stage in members:
             names = [f"layers.{i}.{stage}" for i in range(n_layers)]
             if not any(n in stats for n in names):
                 continue
@@ -118,10 +125,14 @@ def magnitude_section(stats: dict[str, dict], n_layers: int, source: str) -> Sec
     sec.intro = (f"Largest absolute value (solid) and root mean square (dashed) of each stage, per layer, "
                  f"on a log scale; the dotted red line is the fp16 limit {FP16_MAX:g}. Source: {source}. "
                  f"Masked scores are left out: above the diagonal they hold the dtype minimum.")
+    unplotted = sorted({split_name(n)[1] for n in stats if split_name(n)[0] is not None}
+                       & (set(not_plotted()) - set(mask_holders())))
+    if unplotted:
+        sec.intro += " Recorded but in no panel: " + ", ".join(unplotted) + "."
     fig = magnitude_figure(panels, list(range(n_layers)), globals_)
     sec.plots.append(plot("magnitudes", "absmax and RMS per layer", "", fig))
     over = [(n, s) for n, s in stats.items() if s.get("nan") or s.get("inf")
-            or (number(s.get("absmax")) > FP16_MAX and split_name(n)[1] not in NOT_PLOTTED)]
+            or (number(s.get("absmax")) > FP16_MAX and split_name(n)[1] not in mask_holders())]
     rows = [[n, fmt(number(s.get("absmax"))), fmt(rms_of(s)), str(s.get("nan", 0)), str(s.get("inf", 0))]
             for n, s in over]
     if rows:
