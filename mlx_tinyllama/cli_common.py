@@ -183,7 +183,7 @@ def emulate_engine(args, candidate, lm):
             raise UserError("--emulate applies to llama.cpp logs only")
         return None
     if args.emulate == "auto":
-        engine, notes = engine_from_log(info, lm.source.details.get("tensor_types"))
+        engine, notes = engine_from_log(info, lm.source.details.get("tensor_types"), lm.config)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     else:

@@ -8,8 +8,17 @@ stays tight. What llama.cpp's CPU backend does (ggml-cpu, the sdist in
 tests/fixtures/llamacpp/PROVENANCE.md):
 
 - matmul with f16 weights: the f32 activation is converted to f16 first (f16's
-  vec_dot_type), products accumulate in f32. With q8_0 weights: the activation is
-  quantized to q8_0 blocks of 32 (scale amax/127 stored as f16, round to nearest even).
+  vec_dot_type; llamafile's tinyBLAS on x86 takes f16 x f16 only), products accumulate in
+  f32. With q8_0 weights: the activation is quantized to q8_0 blocks of 32 (scale amax/127
+  stored as f16, round to nearest even).
+- extra buffer types: on a CPU with AMX (ggml-cpu built with __AMX_INT8__), the loader
+  puts each weight whose MUL_MAT the AMX buffer supports (amx.cpp supports_op: f16 with
+  out_features % 32 == 0 and in_features % 16 == 0, or a quantized type) in the "AMX"
+  buffer, and every matmul on it runs ggml_backend_amx_mul_mat. Its f16 kernel
+  (tinygemm_kernel_avx) reads the activation as f32 and widens the weight: no rounding
+  of the input. Its quantized kernels quantize the input to the same vec_dot_type as the
+  plain path. `-nr` (--no-repack) turns the extra buffers off. CPU_REPACK (x86: q4_0,
+  q4_K, iq4_nl, ...; none of f16 or q8_0) keeps the vec_dot_type rounding.
 - KV cache of type f16: K (after RoPE) and V are stored as f16.
 - flash attention (flash_attn_ext, f16 K/V): with fewer than 64 query rows, Q is
   converted to f16, scores are f32 dots, and the output accumulates in an *f16* vector
@@ -30,6 +39,8 @@ from .errors import UserError
 from .ops import Ops
 
 MATMUL_INPUTS = ("f32", "f16", "q8_0")
+EXTRA_BUFFERS = ("none", "amx", "unknown")  # unknown: the log cannot tell AMX from -nr (or the plain path)
+AMX_N_ALIGN, AMX_K_ALIGN_F16 = 32, 16  # amx.cpp supports_op: op->ne[0] % (TILE_N * 2), src0->ne[0] % 16
 KV_TYPES = ("f32", "f16")
 FA_TILE_Q = 64  # ggml-cpu's GGML_FA_TILE_Q: from this many query rows on, flash attention is tiled (f32)
 Q8_0_BLOCK = 32
@@ -42,8 +53,11 @@ class EnginePrecision:
     matmul_input: str = "f32"  # f32 | f16 | q8_0: what matmul activations are rounded to
     kv_cache: str = "f32"  # f32 | f16
     flash_attn: bool = False
+    extra_buffer: str = "none"  # none | amx | unknown: which f16 matmuls keep f32 inputs (amx_path)
 
     def __post_init__(self):
+        if self.extra_buffer not in EXTRA_BUFFERS:
+            raise UserError(f"extra buffer {self.extra_buffer!r}: use one of {', '.join(EXTRA_BUFFERS)}")
         if self.matmul_input not in MATMUL_INPUTS:
             raise UserError(f"matmul input precision {self.matmul_input!r}: use one of {', '.join(MATMUL_INPUTS)}")
         if self.kv_cache not in KV_TYPES:
@@ -57,12 +71,33 @@ class EnginePrecision:
     def tolerance_class(self) -> str:
         """The tolerances.py class of a reference computed with this precision."""
         if self.matmul_input == "q8_0":
+            # Its budget (0.5 * 2^-16) already exceeds an f16 rounding left unemulated (20 * 2^-22):
+            # it covers the f16 matmuls (rows no multiple of 32) whose path is unknown, too.
             return "q8_0-emulated"
+        if self.path_unknown:
+            # The f16 matmuls' inputs are rounded on one path and not on the other: the reference
+            # takes the AMX path, the tolerance is fp16's (it covers an input rounding not made).
+            return "float16"
         return "float32" if self.is_fp32 else "float16-emulated"
 
+    @property
+    def path_unknown(self) -> bool:
+        return self.extra_buffer == "unknown" and self.matmul_input in ("f16", "q8_0")
+
+    def amx_path(self, out_features: int, in_features: int, weight_type: str) -> bool:
+        """Whether this matmul runs on the AMX buffer's f16 kernel (f32 input, no rounding)."""
+        return (self.extra_buffer in ("amx", "unknown") and weight_type == "f16"
+                and out_features % AMX_N_ALIGN == 0 and in_features % AMX_K_ALIGN_F16 == 0)
+
     def describe(self) -> str:
-        return (f"matmul inputs {self.matmul_input}, KV cache {self.kv_cache}, "
+        text = (f"matmul inputs {self.matmul_input}, KV cache {self.kv_cache}, "
                 f"flash attention {'on' if self.flash_attn else 'off'}")
+        if self.matmul_input != "f32" and self.extra_buffer == "amx":
+            text += ", AMX buffer (its f16 matmuls take f32 inputs)"
+        elif self.path_unknown:
+            text += (", AMX buffer or not: unknown (AMX path emulated; the tolerance class "
+                     f"{self.tolerance_class} covers both)")
+        return text
 
     @classmethod
     def parse(cls, text: str) -> "EnginePrecision":
@@ -79,8 +114,11 @@ class EnginePrecision:
                 fields["kv_cache"] = value
             elif key == "fa" and value in ("on", "off"):
                 fields["flash_attn"] = value == "on"
+            elif key == "amx" and value in ("on", "off", "unknown"):
+                fields["extra_buffer"] = {"on": "amx", "off": "none"}.get(value, value)
             else:
-                raise UserError(f"--emulate {text!r}: expected fp32 or matmul=f32|f16|q8_0,kv=f32|f16,fa=on|off")
+                raise UserError(f"--emulate {text!r}: expected fp32 or "
+                                "matmul=f32|f16|q8_0,kv=f32|f16,fa=on|off,amx=on|off|unknown")
         return cls(**fields)
 
 
@@ -112,12 +150,19 @@ def round_to(x: mx.array, kind: str) -> mx.array:
 class EmulatedLinear(nn.Module):
     """A bias-free Linear whose input is rounded as the engine's matmul rounds it."""
 
-    def __init__(self, linear: nn.Linear, kind: str):
+    def __init__(self, linear: nn.Linear, engine: "EnginePrecision | str"):
         super().__init__()
+        if isinstance(engine, str):  # a matmul input type alone: the plain CPU path
+            engine = EnginePrecision(matmul_input=engine)
         self.weight = linear.weight
+        out_features, in_features = linear.weight.shape
+        kind = engine.matmul_input
         # A row length that is no multiple of q8_0's block stays f16 in the file (llama.cpp's
         # converter and gguf_write fall back alike): its input is rounded to f16, not quantized.
-        self.kind = "f16" if kind == "q8_0" and linear.weight.shape[-1] % Q8_0_BLOCK else kind
+        weight_type = "f16" if kind == "f16" or (kind == "q8_0" and in_features % Q8_0_BLOCK) else kind
+        if weight_type == "f16":
+            kind = "f32" if engine.amx_path(out_features, in_features, weight_type) else "f16"
+        self.kind = kind
 
     def __call__(self, x: mx.array) -> mx.array:
         return round_to(x, self.kind) @ self.weight.T
@@ -203,9 +248,9 @@ def emulate(model, engine: EnginePrecision):
             for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for n in names:
-                    setattr(owner, n, EmulatedLinear(getattr(owner, n), engine.matmul_input))
+                    setattr(owner, n, EmulatedLinear(getattr(owner, n), engine))
         if not model.config.tie_word_embeddings:
-            model.lm_head = EmulatedLinear(model.lm_head, engine.matmul_input)
+            model.lm_head = EmulatedLinear(model.lm_head, engine)
     return model
 
 
@@ -223,10 +268,62 @@ def _matmul_input(types: list[str]) -> str | None:
     return None
 
 
-def engine_from_log(info: dict, gguf_types: dict | None = None) -> tuple[EnginePrecision, list[str]]:
+def _extra_buffer(info: dict) -> tuple[str, list[str]]:
+    """Which extra buffer type held the f16 weights, from the log: the loader's "AMX model buffer
+    size" line (printed only with -v, like the weight types), else the CPU features of the
+    system_info line (AMX_INT8 = 1: the AMX buffer exists, but whether -nr turned it off is not
+    printed: a default log and a -nr log differ only in their numbers)."""
+    buffers = info.get("model_buffers")
+    if buffers:  # a -v log: the loader named every buffer the weights went to
+        notes = [f"weights in a {b} buffer: its matmul rounding is not emulated (taken as the plain CPU path)"
+                 for b in buffers if b not in ("AMX", "CPU", "CPU_Mapped", "CPU_REPACK")]
+        return ("amx" if "AMX" in buffers else "none"), notes
+    system_info = info.get("system_info")
+    if system_info is None:
+        return "unknown", ["the log has no system_info line: whether llama.cpp's AMX buffer ran the f16 matmuls "
+                           "(f32 inputs) is unknown: the AMX path is emulated under a tolerance that covers both "
+                           "(run llama-eval-callback with -v, or give --emulate ...,amx=on|off)"]
+    if "AMX_INT8 = 1" in system_info:
+        return "unknown", ["this CPU has AMX (system_info: AMX_INT8 = 1) and the log does not say whether llama.cpp "
+                           "used its AMX buffer (default: f16 matmuls take f32 inputs) or ran with -nr (inputs "
+                           "rounded to f16): the AMX path is emulated under a tolerance that covers both (run "
+                           "llama-eval-callback with -v to have it read, or give --emulate ...,amx=on|off)"]
+    return "none", []
+
+
+def amx_weight_count(config, matmul_input: str) -> int:
+    """How many weights the rule of amx.cpp's supports_op puts in the AMX buffer (every matmul
+    weight but the embedding, which the loader places for GET_ROWS). f16 needs out % 32 and
+    in % 16; q8_0 out % 32 and in % 32 (rows no multiple of 32 are f16 in the file)."""
+    n = 0
+    for name, shape in config.weight_shapes().items():
+        if len(shape) != 2 or name == "model.embed_tokens.weight":
+            continue
+        out_features, in_features = shape
+        quantized = matmul_input == "q8_0" and in_features % Q8_0_BLOCK == 0
+        n += out_features % AMX_N_ALIGN == 0 and in_features % (Q8_0_BLOCK if quantized else AMX_K_ALIGN_F16) == 0
+    return n
+
+
+def _check_amx_placement(info: dict, config, engine: EnginePrecision) -> list[str]:
+    """The loader prints how many weights it kept off the AMX buffer: it must be what the rule
+    predicts, or the emulated path is wrong for some matmuls."""
+    moved = (info.get("moved_off") or {}).get("AMX")
+    if engine.extra_buffer != "amx" or config is None or moved is None:
+        return []
+    expected = len(config.weight_shapes()) - amx_weight_count(config, engine.matmul_input)
+    if moved == expected:
+        return []
+    return [f"the loader kept {moved} weights off the AMX buffer where the emulated rule (amx.cpp's supports_op) "
+            f"predicts {expected}: some matmuls may take another path than emulated"]
+
+
+def engine_from_log(info: dict, gguf_types: dict | None = None, config=None) -> tuple[EnginePrecision, list[str]]:
     """The precision a llama.cpp log shows (refs.llamacpp.LogInfo.as_dict()), and notes on what it
     could not tell. Weight types come from the log's loader lines (-v) or else from the GGUF the
-    reference was loaded from."""
+    reference was loaded from; the matmul path (AMX extra buffer or not) from the loader's buffer
+    lines (-v) or the system_info line, checked against the loader's count of weights it kept off
+    the AMX buffer when `config` (the model's ModelConfig) is given."""
     notes = []
     types = info.get("weight_types") or list((gguf_types or {}).keys())
     matmul = _matmul_input(types)
@@ -240,4 +337,10 @@ def engine_from_log(info: dict, gguf_types: dict | None = None) -> tuple[EngineP
     if kv not in KV_TYPES:
         notes.append(f"a KV cache of type {kv} is not emulated: taken as f32")
         kv = "f32"
-    return EnginePrecision(matmul_input=matmul, kv_cache=kv, flash_attn=bool(info.get("flash_attn"))), notes
+    extra = "none"
+    if matmul in ("f16", "q8_0"):  # f16 weights (q8_0 files keep some) are the ones AMX changes
+        extra, buffer_notes = _extra_buffer(info)
+        notes += buffer_notes
+    engine = EnginePrecision(matmul_input=matmul, kv_cache=kv, flash_attn=bool(info.get("flash_attn")),
+                             extra_buffer=extra)
+    return engine, notes + _check_amx_placement(info, config, engine)

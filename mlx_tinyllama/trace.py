@@ -20,7 +20,7 @@ from .errors import OutputError, UserError
 # Errors of the machine rather than of the input or the code: exit 1 like a failed write.
 _MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
-# name -> one-line help; the module is mlx_tinyllama.commands.<name>
+# name -> one-line help; the module is mlx_tinyllama.commands.<name> ("-" written "_")
 COMMANDS = {
     "run": "run the forward pass and record its stages (default)",
     "tokens": "tokenize a prompt, show ids and pieces, diff against another engine's ids",
@@ -31,6 +31,7 @@ COMMANDS = {
     "stability": "fp16/bf16 vs fp32 side by side: headroom, non-finite origin, precision policies",
     "bench": "prefill/decode throughput, tap overhead, per-stage cost, side by side with mlx-lm",
     "vectors": "kernel conformance vectors: golden inputs/outputs per op, check another engine's kernels",
+    "gguf-check": "check a GGUF against the Hugging Face checkpoint it came from: tensors, Q/K permutation, metadata",
 }
 
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"mlx_tinyllama.commands.{name}")
+        module = importlib.import_module(f"mlx_tinyllama.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")

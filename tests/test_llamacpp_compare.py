@@ -38,6 +38,8 @@ FAULTS = {
     "gate_up_swapped": ("layers.0.mlp.gate", "swapped"),
     "gelu": ("layers.0.mlp.prod", "GELU"),
     "v_from_k": ("layers.0.attn.v", "value projection"),
+    # in ggml-cpu's flash attention kernel, made on the AMX CPU without -v (the wider tolerance)
+    "gqa_broadcast": ("layers.0.attn.context", "KV-head mapping"),
 }
 
 
@@ -180,3 +182,74 @@ def test_llamacpp_command_without_the_binary_says_how_to_build_it(ggufs, tmp_pat
     rc = trace.main(["llamacpp", "--gguf", str(ggufs["f16"]), "--llama-cpp", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "scripts/llamacpp/build.sh" in err
+
+
+# --- llama.cpp's matmul path on a CPU with AMX (extra buffer types), read from the log ------------
+
+
+def emulated(result: dict) -> str:
+    return result["references"][0]["provenance"]["emulated_engine_precision"]
+
+
+@pytest.mark.parametrize("case", ["amx_default_short_verbose", "amx_nr_short_verbose", "amx_q8_0_nr_short_verbose"])
+def test_verbose_log_names_the_matmul_path_and_it_matches_tightly(case, ggufs, logs, tmp_path):
+    # the true defaults put f16 weights in the AMX buffer (f32 matmul inputs); -nr does not
+    rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
+    assert rc == 0, result["first_divergence"]
+    assert worst_ratio(result) < 0.75
+    assert ("AMX buffer (its f16 matmuls take f32 inputs)" in emulated(result)) == ("_nr_" not in case)
+    assert result["references"][0]["dtype"].endswith("-emulated")  # the tight class, not fp16's
+
+
+def test_the_other_path_is_not_what_the_amx_log_computed(ggufs, logs, tmp_path):
+    # the AMX log under the plain path's rounding (what compare assumed before the path was read):
+    # a false alarm in layer 1's MLP; so the AMX emulation is what makes it match
+    rc, result = run_compare(tmp_path, "--against", logs("amx_default_short_verbose"), "--model", ggufs["f16"],
+                             "--emulate", "matmul=f16,kv=f16,fa=on,amx=off")
+    assert rc == 1 and result["first_divergence"]["tap"].startswith("layers.1.mlp")
+
+
+@pytest.mark.parametrize("case", ["amx_default_short", "amx_nr_short", "amx_q8_0_nr_short"])
+def test_a_log_that_cannot_tell_the_path_matches_under_a_tolerance_for_both(case, ggufs, logs, tmp_path, capsys):
+    # without -v, a default log and a -nr log differ only in their numbers: both match, and it says so
+    rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
+    err = capsys.readouterr().err
+    assert rc == 0, result["first_divergence"]
+    assert "does not say whether llama.cpp used its AMX buffer" in err and "-v" in err
+    if CASES[case]["gguf_outtype"] == "f16":
+        assert "AMX buffer or not: unknown" in emulated(result) and result["references"][0]["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("case, tap, word", [("amx_fault_norm_eps", "layers.0.attn_norm", "eps"),
+                                             ("amx_fault_rope_theta_verbose", "layers.0.attn.q_rope", "theta")])
+def test_faults_at_the_true_defaults_are_still_found(case, tap, word, ggufs, logs, tmp_path):
+    # neither the AMX emulation (-v log) nor the wider tolerance of an unreadable path hides a fault
+    rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs["f16"])
+    div = result["first_divergence"]
+    assert rc == 1 and div["tap"] == tap and word in div["hint"]
+    assert div["error"]["ratio"] >= (100 if case.endswith("verbose") else 3), div["error"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
+def test_llamacpp_command_asks_for_the_verbose_log_that_names_the_path(ggufs, tmp_path):
+    script = fake_binary(tmp_path, "amx_default_short_verbose")
+    script.write_text(script.read_text().replace('if prompt != expected', 'if "-v" not in args or prompt != expected'))
+    out = tmp_path / "r.json"
+    rc = trace.main(["llamacpp", "--gguf", str(ggufs["f16"]), "--llama-cpp", str(script),
+                     "--prompt-file", str(FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
+    assert rc == 0 and "AMX buffer (its" in emulated(json.loads(out.read_text()))
+
+
+def test_the_fused_flash_attention_node_is_compared_and_shows_what_kqv_out_hides(ggufs, logs, tmp_path):
+    # head h -> KV head h % n_kv: right for heads 0 and 7, the only ones kqv_out's printed corners
+    # show; the FLASH_ATTN_EXT node prints 6 heads. Without it, the fault was blamed on o_proj.
+    rc, result = run_compare(tmp_path, "--against", logs("fault_gqa_broadcast"), "--model", ggufs["f16"])
+    context = {e["key"]: e for e in result["entries"] if e["tap"] == "layers.0.attn.context"}
+    assert context["kqv_out-0 (RESHAPE)"]["ok"]  # its 36 printed values are right
+    assert not context["node_21 (FLASH_ATTN_EXT)"]["ok"] and context["node_21 (FLASH_ATTN_EXT)"]["details"]["compared"] == 216
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.context"
+    # a clean log: every layer's fused node is compared (as the context of the layer before it) and matches
+    rc, result = run_compare(tmp_path, "--against", logs("amx_default_short_verbose"), "--model", ggufs["f16"])
+    fused = [e for e in result["entries"] if "FLASH_ATTN_EXT" in e["key"] and e["metric"] != "sum_rel"]
+    assert rc == 0 and [e["tap"] for e in fused] == [f"layers.{i}.attn.context" for i in range(4)]
+    assert not any("FLASH_ATTN_EXT" in n["key"] for n in result["not_compared"])

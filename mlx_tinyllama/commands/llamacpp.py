@@ -103,7 +103,12 @@ def main(args) -> int:
     if args.bos is False and lm.source.details.get("add_bos_token") is not False:
         args.bos = True  # llama.cpp adds BOS when the GGUF says so (tokenizer.ggml.add_bos_token)
     prompt = cli_common.prompt_for(args, lm)
-    log = run_eval_callback(binary, gguf, prompt.text, args.threads, args.llama_args.split())
+    extra = args.llama_args.split()
+    if not {"-v", "--verbose", "-lv", "--log-verbosity"} & set(extra):
+        # Only a verbose log names the buffers the weights went to (AMX or not: f32 or f16 matmul
+        # inputs; docs/llamacpp.md); without them the emulation falls back to a wider tolerance.
+        extra.append("-v")
+    log = run_eval_callback(binary, gguf, prompt.text, args.threads, extra)
     if args.log:
         Path(args.log).write_text(log, encoding="utf-8")
     candidate = parse_llamacpp_log(log, f"llama.cpp ({binary.name}, {gguf.name})")

@@ -206,14 +206,22 @@ class LogInfo:
     weight_types: list[str] = field(default_factory=list)  # the loader's "- type f16: N tensors" (verbose logs)
     activations: list[str] = field(default_factory=list)  # types of the printed activations
     system_info: str | None = None
+    model_buffers: list[str] = field(default_factory=list)  # the loader's "X model buffer size" lines (-v)
+    # the loader's "tensor 'T' (t) (and N others) cannot be used with preferred buffer type X": {X: N + 1}
+    moved_off: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"ids": self.ids, "kv_cache": self.kv_cache, "flash_attn": self.flash_attn,
                 "fused_softmax": self.fused_softmax, "k_rope_visible": self.k_rope_visible,
-                "weight_types": self.weight_types, "activations": self.activations, "system_info": self.system_info}
+                "weight_types": self.weight_types, "activations": self.activations, "system_info": self.system_info,
+                "model_buffers": self.model_buffers, "moved_off": self.moved_off}
 
 
 _TYPE_LINE = re.compile(r"llama_model_loader: - type\s+(\w+):\s+\d+ tensors")
+# "load_tensors:          AMX model buffer size =    18.22 MiB" (printed with -v; CPU_Mapped, CPU_REPACK, ...)
+_BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size =")
+_MOVED_LINE = re.compile(r"done_getting_tensors: tensor '.*' \(\w+\) \(and (\d+) others\) cannot be used with "
+                         r"preferred buffer type (\S+),")
 
 
 def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
@@ -232,6 +240,12 @@ def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
             m = _TYPE_LINE.search(line)
             if m:
                 info.weight_types.append(m.group(1))
+            m = _BUFFER_LINE.search(line)
+            if m and m.group(1) not in info.model_buffers:
+                info.model_buffers.append(m.group(1))
+            m = _MOVED_LINE.search(line)
+            if m:
+                info.moved_off[m.group(2)] = int(m.group(1)) + 1
     for t in tensors:
         if t.name.startswith("cache_k_l") and info.kv_cache is None:
             info.kv_cache = t.type
@@ -257,10 +271,22 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
     side = Side(name=name, kind="llama.cpp-log", layout=layout, ids=info.ids,
                 n_tokens=len(info.ids) if info.ids else None,
                 provenance={"computed_by": "llama.cpp (llama-eval-callback log)", "llama.cpp": info.as_dict()})
+    layer_now = None  # the layer of the last "NAME-N" tensor: flash attention's node_K carries none
     for t in tensors:
         k = seen.get(t.name, 0)
         seen[t.name] = k + 1
         tap = llamacpp_tap(t.name, t.op, k, counts[t.name], name_map)
+        values, known = t.values, t.known
+        suffix = re.search(r"-(\d+)(?: \(|$)", t.name)
+        if suffix:
+            layer_now = int(suffix.group(1))
+        if tap is None and t.op == "FLASH_ATTN_EXT" and layer_now is not None and t.values.ndim == 3:
+            # The fused output [T, heads, head_dim] is kqv_out's values, but printed per dimension:
+            # its corners show 6 heads (kqv_out's, only the first and the last), and a fault that
+            # spares those two (a GQA broadcast that maps head h to h % n_kv) shows only here.
+            tap = f"layers.{layer_now}.attn.context"
+            values = t.values.reshape(t.values.shape[0], -1)
+            known = t.known.reshape(t.known.shape[0], -1)
         base, _, layer = t.name.partition("-")
         if tap is None and t.op == "RESHAPE" and base in ("Qcur", "Kcur", "Vcur") and layer.isdigit() \
                 and (t.name, "MUL_MAT") not in printed:
@@ -275,13 +301,13 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
         base = re.sub(r"-\d+$", "", t.name)
         if base in GATED_ACTIVATIONS and base != "ffn_swiglu":
             note += f"; llama.cpp gated the MLP with {GATED_ACTIVATIONS[base]} ({t.op}), the model with SiLU (SWIGLU)"
-        if t.known.any():
-            side.items.append(Item(tap, Selector("full"), t.values, key=where, known=t.known,
+        if known.any():
+            side.items.append(Item(tap, Selector("full"), values, key=where, known=known,
                                    resolution=LLAMACPP_PRINT_RESOLUTION, note=note))
         if t.sum is not None:
             # ggml's printed sum: a plain float32 running sum over the tensor in its memory order
             side.items.append(Item(tap, Selector("sum"), np.float64(t.sum), key=f"{where} sum",
-                                   source_shape=t.values.shape, accumulation="float32-sequential", note=note))
+                                   source_shape=values.shape, accumulation="float32-sequential", note=note))
     # The printed activations are f32 even when the engine rounds inside its ops; the precision it
     # computed with is emulated on the reference side (emulation.py), so tolerances stay fp32's.
     side.dtype = "float32" if set(info.activations) <= {"f32"} else {"f16": "float16", "bf16": "bfloat16"}.get(

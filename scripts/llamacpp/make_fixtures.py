@@ -57,6 +57,25 @@ CASES: dict[str, tuple] = {
                                     "tensor types, the KV cache types and the flash attention setting"),
     "newline_stripped": ("f16", "short", [], None, "prompt file without the extra trailing newline: -f strips the last one"),
 }
+# The same engine at its TRUE defaults on a CPU with AMX (system_info: AMX_INT8 = 1): the f16 weights
+# go to the AMX extra buffer, whose f16 matmul keeps the activations in f32; -nr (--no-repack) turns the
+# extra buffers off. Only a -v log names the buffers; without -v the two logs differ only in their numbers.
+# Made on such a CPU (the older cases above were made on an AVX2 one: their system_info has no AMX).
+AMX_CASES: dict[str, tuple] = {
+    "amx_default_short": ("f16", "short", [], None, "correct engine at the true defaults on an AMX CPU (f16 weights in the AMX buffer)"),
+    "amx_default_short_verbose": ("f16", "short", ["-v"], None, "as amx_default_short, with -v: the loader names the AMX buffer"),
+    "amx_nr_short": ("f16", "short", ["-nr"], None, "correct engine on an AMX CPU with -nr: no extra buffer types, f16 matmul inputs"),
+    "amx_nr_short_verbose": ("f16", "short", ["-nr", "-v"], None, "as amx_nr_short, with -v: no AMX buffer in the loader's lines"),
+    "amx_q8_0_nr_short": ("q8_0", "short", ["-nr"], None, "correct engine, q8_0 GGUF on an AMX CPU with -nr (at the defaults it crashes: see crashes)"),
+    "amx_q8_0_nr_short_verbose": ("q8_0", "short", ["-nr", "-v"], None, "as amx_q8_0_nr_short, with -v"),
+    "amx_fault_norm_eps": ("f16", "short", [], "norm_eps", "the norm_eps fault at the true defaults on an AMX CPU"),
+    "amx_fault_rope_theta_verbose": ("f16", "short", ["-v"], "rope_theta", "the rope_theta fault at the true defaults on an AMX CPU, -v"),
+}
+# Runs that crash are recorded (exit status, the last tensor printed), never committed as a log.
+CRASH_CASES: dict[str, tuple] = {
+    "amx_q8_0_default_short": ("q8_0", "short", [], None, "q8_0 GGUF at the true defaults on an AMX CPU: "
+                               "the AMX int8 matmul crashes (SIGSEGV) after the first tensor"),
+}
 FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
 for _f in FAULT_PATCHES:
     CASES[f"fault_{_f}"] = ("f16", "short", [], _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
@@ -82,18 +101,34 @@ def convert(hf_dir: Path, outtype: str, preset: str) -> Path:
     return out
 
 
-def eval_callback(gguf: Path, prompt: str, extra: list[str], name: str, strip_newline_pitfall: bool) -> tuple[list, bytes]:
+def eval_callback(gguf: Path, prompt: str, extra: list[str], name: str, strip_newline_pitfall: bool,
+                  crash_expected: bool = False) -> tuple[list, bytes, int]:
     pfile = LLAMACPP_DIR / "prompts" / f"{name}.txt"
     pfile.parent.mkdir(parents=True, exist_ok=True)
     # -f strips one trailing newline, so the file gets one extra (unless this case shows the pitfall).
     pfile.write_text(prompt if strip_newline_pitfall else prompt + "\n", encoding="utf-8")
     cmd = [BIN, "-m", gguf, "-f", pfile, "-t", THREADS, "--seed", "0", *extra]
     print("+", " ".join(map(str, cmd)), flush=True)
-    r = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"{name}: llama-eval-callback exited {r.returncode}:\n{r.stdout[-3000:].decode(errors='replace')}")
+    r = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False,
+                       timeout=600)
+    if (r.returncode != 0) != crash_expected:
+        raise SystemExit(f"{name}: llama-eval-callback exited {r.returncode}"
+                         f"{' (a crash was expected)' if crash_expected else ''}:\n{r.stdout[-3000:].decode(errors='replace')}")
     shown = ["llama-eval-callback", "-m", gguf.name, "-f", f"{name}.txt", "-t", THREADS, "--seed", "0", *extra]
-    return shown, r.stdout
+    return shown, r.stdout, r.returncode
+
+
+def cpu_features(log: bytes) -> str:
+    """The CPU features ggml used (the log's system_info line, after "CPU :")."""
+    for line in log.decode(errors="replace").splitlines():
+        if "system_info:" in line and "CPU :" in line:
+            return line.split("CPU :", 1)[1].strip(" |")
+    return "?"
+
+
+def last_tensor(log: bytes) -> str:
+    lines = [x for x in log.decode(errors="replace").splitlines() if "common_debug_cb_eval:" in x or " = (" in x]
+    return lines[-1].split(":", 1)[-1].strip() if lines else "none"
 
 
 def patch(name: str, reverse: bool = False):
@@ -125,9 +160,11 @@ def main(argv=None) -> int:
         (OUT / "prompts" / f"{pname}.txt").write_text(text, encoding="utf-8")
     manifest_path = OUT / "cases.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"cases": {}}
-    cases = dict(CASES)
+    cases = dict(CASES, **AMX_CASES, **CRASH_CASES)
     if args.tinyllama:
         cases["clean_default_short_tinyllama"] = ("f16", "short", [], None, "correct engine, the 1.1B TinyLlama shape, defaults")
+        cases["amx_default_short_verbose_tinyllama"] = ("f16", "short", ["-v"], None, "correct engine, the 1.1B TinyLlama "
+                                                        "shape, true defaults on an AMX CPU (every matmul on the AMX buffer), -v")
     wanted = args.only or list(cases)
     unknown = [c for c in wanted if c not in cases]
     if unknown:
@@ -145,14 +182,21 @@ def main(argv=None) -> int:
                 build()
                 dirty = fault is not None
             try:
-                cmd, log = eval_callback(gguf, texts[pname], extra, name, name == "newline_stripped")
+                cmd, log, rc = eval_callback(gguf, texts[pname], extra, name, name == "newline_stripped",
+                                             crash_expected=name in CRASH_CASES)
             finally:
                 if fault:
                     patch(fault, reverse=True)
             record = {"what": what, "preset": preset, "seed": 0, "gguf_outtype": outtype,
                       "prompt": f"prompts/{pname}.txt", "fault": fault,
-                      "settings": "fp32 (-fa off -ctk f32 -ctv f32)" if extra == FP32 else "defaults" + (" (-v)" if extra else ""),
-                      "command": " ".join(cmd)}
+                      "settings": "fp32 (-fa off -ctk f32 -ctv f32)" if extra == FP32
+                      else "defaults" + (f" ({' '.join(extra)})" if extra else ""),
+                      "command": " ".join(cmd), "cpu": cpu_features(log)}
+            if name in CRASH_CASES:
+                record.update(exit_status=rc, last_tensor=last_tensor(log))
+                manifest.setdefault("crashes", {})[name] = record
+                print(f"  {name}: crashed as recorded (exit {rc})", flush=True)
+                continue
             write_case(name, log, record)
             manifest["cases"][name] = record
     finally:
@@ -164,6 +208,9 @@ def main(argv=None) -> int:
 
 def write_manifest(manifest: dict) -> int:
     manifest["llama_cpp"] = source_version()
+    for c in manifest["cases"].values():  # cases made before "cpu" was recorded: read it off their log
+        if "cpu" not in c:
+            c["cpu"] = cpu_features(lzma.decompress((OUT / c["log"]).read_bytes()))
     (OUT / "cases.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     (OUT / "PROVENANCE.md").write_text(provenance(manifest), encoding="utf-8")
     return 0
@@ -192,15 +239,24 @@ def provenance(manifest: dict) -> str:
         "  adds BOS (id 1) and parses special tokens (`</s>` is id 2), so each log holds BOS + the prompt.",
         "- Settings: `defaults` = no precision flags (flash attention auto -> on for CPU, f16 KV cache);",
         "  `fp32` = `-fa off -ctk f32 -ctv f32` with an f32 GGUF.",
-        "- Faults: `fault_X` ran with `scripts/llamacpp/patches/X.patch` applied to the llama.cpp source, then",
-        "  reverted.",
+        "- Faults: `fault_X` (and `amx_fault_X`) ran with `scripts/llamacpp/patches/X.patch` applied to the",
+        "  llama.cpp source, then reverted.",
+        "- CPU: the features ggml reports in the log's system_info line. `AMX_INT8` marks the cases made on a CPU",
+        "  with AMX (the `amx_*` cases), where the defaults put f16 weights in the AMX extra buffer (f32 matmul",
+        "  inputs) and `-nr` turns that off; the other cases were made on an AVX2 CPU (no extra buffer for f16).",
         "",
-        "| case | preset, seed | GGUF | prompt | settings | fault | log bytes | xz bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | preset, seed | GGUF | prompt | settings | fault | AMX | log bytes | xz bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in sorted(manifest["cases"].items()):
+        amx = "yes" if "AMX_INT8 = 1" in c.get("cpu", "") else "no"
         lines.append(f"| `{name}` | {c['preset']}, {c['seed']} | {c['gguf_outtype']} | {c['prompt']} | {c['settings']} | "
-                     f"{c['fault'] or '-'} | {c['log_bytes']} | {c['xz_bytes']} |")
+                     f"{c['fault'] or '-'} | {amx} | {c['log_bytes']} | {c['xz_bytes']} |")
+    if manifest.get("crashes"):
+        lines += ["", "Runs that crash (recorded here, no log committed):", ""]
+        for name, c in sorted(manifest["crashes"].items()):
+            lines.append(f"- `{name}`: {c['what']}. Exit status {c['exit_status']} (negative: killed by that signal); "
+                         f"the last tensor printed: `{c['last_tensor']}`  \n  `{c['command']}`")
     lines += ["", "Exact commands (the model and prompt file names as on the generating machine):", ""]
     for name, c in sorted(manifest["cases"].items()):
         lines.append(f"- `{name}`: {c['what']}  \n  `{c['command']}`")

@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python scripts/llamacpp/table.py [--out table.md]
 
-For each case: llama.cpp's settings, compare's exit code, the first divergence, and the worst
+For each case: llama.cpp's settings, whether the CPU had AMX, the matmul path compare read from the
+log (docs/llamacpp.md), compare's exit code, the first divergence, and the worst
 ratio value/tolerance (a fault: how far over; a clean run: how far under). The reference runs on
 GGUFs that gguf_write writes from the same synthetic seed (byte for byte the tensors of
 llama.cpp's converter), with llama.cpp's precision read from the log and the GGUF (--emulate auto).
@@ -33,10 +34,15 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--only", metavar="GLOB", help="only the cases whose name matches, e.g. 'amx_*'")
     args = ap.parse_args(argv)
     cases = json.loads((FIXTURES / "cases.json").read_text())["cases"]
-    rows = ["| case | llama.cpp settings | GGUF | exit | first divergence | worst value/tolerance |",
-            "|---|---|---|---|---|---|"]
+    if args.only:
+        import fnmatch
+
+        cases = {k: v for k, v in cases.items() if fnmatch.fnmatch(k, args.only)}
+    rows = ["| case | llama.cpp settings | GGUF | AMX CPU | matmul path | exit | first divergence | worst value/tolerance |",
+            "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ggufs = {}
@@ -53,8 +59,12 @@ def main(argv=None) -> int:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
                 rc = trace.main(["compare", "--against", str(log), "--model", str(ggufs[c["gguf_outtype"]]),
                                  "--json", str(out), *extra])
+            path = "-"
             if out.exists():
                 result = json.loads(out.read_text())
+                emulated = result["references"][0]["provenance"].get("emulated_engine_precision", "")
+                path = ("unknown: a tolerance for both" if "unknown" in emulated else "AMX (read)" if "AMX buffer" in emulated
+                        else "plain" if "matmul inputs f16" in emulated or "matmul inputs q8_0" in emulated else "-")
                 ratio = max(e["value"] / e["tolerance"] for e in result["entries"] if e["tolerance"] > 0)
                 div = result["first_divergence"]
                 first = f"`{div['tap']}`" if div else "none (match)"
@@ -63,7 +73,8 @@ def main(argv=None) -> int:
                 said = re.search(r"\((\d+ ids vs \d+ expected).*?\): (.*?)\. Nothing", err.getvalue())
                 first = f"none: token mismatch ({said.group(1)}: {said.group(2)})" if said else err.getvalue().strip()
                 worst = "-"
-            rows.append(f"| `{name}` | {c['settings']} | {c['gguf_outtype']} | {rc} | {first} | {worst} |")
+            amx = "yes" if "AMX_INT8 = 1" in c.get("cpu", "") else "no"
+            rows.append(f"| `{name}` | {c['settings']} | {c['gguf_outtype']} | {amx} | {path} | {rc} | {first} | {worst} |")
     table = "\n".join(rows)
     print(table)
     if args.out:
