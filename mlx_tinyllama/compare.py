@@ -127,8 +127,9 @@ def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, 
             elif match is not None:
                 got += _item_entries(ctx, tap, item.selector, None, match.value, None, item.value, item)
         if rf is not None and cf is None:
+            whole = next((i for i in cand_items if i.selector.kind == "sum" and i.source_shape is not None), None)
             for item in cand_items:
-                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item)
+                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item, whole)
         if not got:
             missing.append(tap)
         for e in got:
@@ -160,8 +161,10 @@ def _full_vs_full(ctx: _Ctx, tap, a, b) -> list[dict]:
     return out
 
 
-def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full, ref_value, item: Item) -> list[dict]:
-    """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set."""
+def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full, ref_value, item: Item,
+                  cand_sum: Item | None = None) -> list[dict]:
+    """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set.
+    `cand_sum`: the candidate's printed sum of the same tensor, which can place a boundary its printed rows miss."""
     axis = token_axis_of(tap)
     full = cand_full if cand_full is not None else ref_full
     index, key = sel.key, item.key
@@ -186,7 +189,11 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
         out = [_entry(tap, "rel_rms", value if m["compared"] else (math.inf if m["nonfinite"] else 0.0), tol, index,
                       key, details=details, note="; ".join(notes))]
         if not out[0]["ok"] and cand_value is not None and rows is None and tap not in SHORTCUT_TAPS:
-            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution)
+            whole = None
+            if cand_sum is not None and np.shape(cand_sum.value) == () and cand_sum.source_shape is not None \
+                    and int(np.prod(cand_sum.source_shape)) == np.size(b):  # a sum of every value compared here
+                whole = (float(cand_sum.value), cand_sum.resolution)
+            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, whole)
             if shape is not None:  # what the printed rows say of the error's shape
                 details["pattern"] = shape.as_dict()
         if m["nonfinite"]:

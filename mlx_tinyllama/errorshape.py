@@ -167,6 +167,9 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
                            f"M (row) loop of the {kernel}{repro}", evidence)
         cause = ("every row from there on is wrong: a position-dependent fault from that position (the KV cache, "
                  "RoPE positions, a batch split) or a row loop bound")
+        if kind == "zero" and full:  # never written: a block of rows the loop skips, whatever its size
+            cause = (f"the {kernel} never writes rows {R}-{n_rows - 1} (the last {n_rows - R}): a last partial "
+                     f"tile or remainder block that is skipped, or a row loop bound at {R}")
         return Pattern(f"rows_{kind}_from", where, cause,
                        f"check what changes at token position {R} in the {kernel}{repro}", evidence)
     # Right before a block boundary, mostly wrong after it (not every row: a row whose result does
@@ -361,6 +364,21 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
     return None
 
 
+def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
+    """Row 0 right and every later row wrong, where attention combines keys (probs, context): query
+    0 sees one key only, so whatever goes wrong in combining several keys cannot show there. With
+    its inputs (Q, K after RoPE) compared and matching before, that points inside the softmax."""
+    if pattern is None or pattern.name != "all_rows_but_first" or not tap.endswith(("attn.probs", "attn.context")):
+        return pattern
+    pattern.cause = ("query row 0 sees one key only (itself), so a fault in combining several keys cannot show there: "
+                     "the softmax over keys and its accumulation, e.g. an online softmax that does not rescale its "
+                     "running output and sum when a later key raises the running maximum; a RoPE fault inside a "
+                     "fused kernel is the other candidate")
+    pattern.next_step = ("check how the attention kernel combines keys: the running maximum, and the rescale of the "
+                         "output and the sum by exp(old max - new max) whenever it rises")
+    return pattern
+
+
 def _masked(x: np.ndarray) -> np.ndarray:
     """Entries that a softmax gives no weight in any float type: -inf, or below -1e4 (fp16 converters'
     mask value; exp(-1e4 - max) is 0 even in float64 next to any visible score)."""
@@ -403,16 +421,69 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
         head_axis = 1
     # Query heads that read shared KV heads: a wrong head -> KV-head index shows per KV group.
     gqa = dims[0] == "H" and stage.kind == "attention" and stage.token_axis == 1 and "S" in dims or "H*D" in dims
-    return explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what,
-                   head_axis=head_axis, n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
-                   case=stage.vectors if stage.vectors.startswith("matmul.") else None)
+    return _over_keys(tap, explain(a, b, token_axis=stage.token_axis, budget=budget,
+                                   kernel=stage.kernel or stage.what, head_axis=head_axis,
+                                   n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
+                                   case=stage.vectors if stage.vectors.startswith("matmul.") else None))
 
 
-def printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float) -> Pattern | None:
+def printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float,
+                    printed_sum: tuple[float, float] | None = None) -> Pattern | None:
     """The token-row shapes on what an engine printed (llama.cpp's first and last rows along each
     axis): a row is right when its printed values are within the entry's own bound (`tolerance`
     times the reference row's rms, plus the print `resolution`). Only the printed rows are
-    seen, so a boundary is placed between the last right and the first wrong printed row."""
+    seen, so a boundary is placed between the last right and the first wrong printed row, unless
+    `printed_sum` (the engine's printed sum of the whole tensor, its print resolution) places it:
+    see `place_by_sum`."""
+    pattern = _over_keys(tap, _printed_pattern(tap, candidate, reference, known, tolerance, resolution))
+    if pattern is not None and printed_sum is not None:
+        return place_by_sum(tap, pattern, reference, printed_sum[0], tolerance, printed_sum[1])
+    return pattern
+
+
+def place_by_sum(tap: str, pattern: Pattern, reference, candidate_sum: float, tolerance: float,
+                 resolution: float) -> Pattern:
+    """Rows zero from an unseen boundary add nothing to the sum: when the printed sum equals the
+    reference's sum over rows 0..R-1 for exactly one R in the unseen gap (within that partial sum's
+    own rounding and the print resolution), the boundary is R, not just somewhere in the gap.
+    Only for zero rows: stale or wrong rows add unknown amounts, so their sum places nothing."""
+    from .taps import stage_of
+
+    ev = pattern.evidence
+    if pattern.name != "rows_zero_from" or "likely_tile" not in ev or not math.isfinite(candidate_sum):
+        return pattern
+    stage = stage_of(tap)
+    b = np.moveaxis(np.asarray(reference, np.float64), stage.token_axis, 0)
+    if not np.isfinite(b).all():
+        return pattern
+    b2 = b.reshape(b.shape[0], -1)
+    printed = ev["rows_compared"]
+    last_ok, first_bad = max(r for r in printed if r < ev["first_wrong_row"]), ev["first_wrong_row"]
+    prefix = np.concatenate([[0.0], np.cumsum(b2.sum(axis=1))])
+    fits = []
+    for R in range(last_ok + 1, first_bad + 1):
+        part = b2[:R]
+        ok, _ = sum_check(candidate_sum, float(prefix[R]), part.size, float(np.abs(part).max()), tolerance)
+        if ok or abs(candidate_sum - prefix[R]) <= 2 * resolution:
+            fits.append(R)
+    if len(fits) != 1:  # none, or neighbours whose rows sum to about nothing: the sum cannot tell
+        ev["sum_places"] = fits
+        return pattern
+    R, n_rows = fits[0], b2.shape[0]
+    # What a full dump of that tensor would show (rows 0..R-1 right, the rest zero), said the same way.
+    ok = np.arange(n_rows) < R
+    full = explain_rows(np.where(ok[:, None], b2, 0.0), b2, list(range(n_rows)), n_rows, 0.0,
+                        stage.kernel or stage.what, stage.vectors if stage.vectors.startswith("matmul.") else None,
+                        ok=ok)
+    if full is None:
+        return pattern
+    full.words += (f" (by the printed sum: the printed rows up to {last_ok} match, those from {first_bad} on are "
+                   f"zero, and the printed sum is the reference's sum over rows 0-{R - 1} alone)")
+    full.evidence.update(boundary_from_sum=R, printed_rows=printed)
+    return full
+
+
+def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float) -> Pattern | None:
     from .taps import stage_of
 
     stage = stage_of(tap)

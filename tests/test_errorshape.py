@@ -191,9 +191,13 @@ def test_mask_values_of_any_size_mask_alike():
 
 
 PRINTED = {  # fault -> (stage, pattern, words the hint leads with)
-    "tile_rows_zero": ("attn.q", "rows_zero_from", "the printed token rows up to 2 match, the printed rows from 35 "
-                                                   "on are zero"),
-    "down_rows_zero:16": ("mlp.down", "rows_zero_from", "the printed token rows up to 2 match"),
+    # zero rows add nothing to the printed sum: it places the boundary the printed rows miss
+    "tile_rows_zero": ("attn.q", "last_partial_tile", "token rows 0-31 match, rows 32-37 are zero (by the printed sum"),
+    "down_rows_zero:16": ("mlp.down", "rows_zero_from", "token rows 0-15 match, rows 16-37 are zero (by the printed sum"),
+    # stale rows add unknown amounts: the boundary stays between the printed rows
+    "tail_tile_stale": ("mlp.gate", "rows_wrong_from", "the printed token rows up to 2 match, the printed rows from 35 "
+                                                       "on are wrong (non-zero) values (the boundary lies between rows 3 "
+                                                       "and 35)"),
     "rope_sin_sign": ("attn.q_rope", "all_rows_but_first", "printed token row 0 matches"),
     "kv_head_mapping": ("attn.scores", "heads", "printed heads 1-2 differ, printed heads 0, 3 match"),
     "mask_offset": ("attn.probs", "all_rows_but_last", "every printed token row but the last (37) differs"),
@@ -236,3 +240,31 @@ def test_a_clean_log_has_no_pattern(tiny_dir, tiny_run, tmp_path):
     result = _log_compare(tiny_dir, tiny_run, tmp_path, [])
     assert result["status"] == "match"
     assert not [e for e in result["entries"] if e["details"].get("pattern")]
+
+
+def _printed(a, rows=(0, 1, 2, 37, 38, 39)):
+    known = np.zeros(a.shape, bool)
+    known[list(rows)] = True
+    return np.where(known, a, 0.0), known
+
+
+def test_the_printed_sum_places_a_zero_boundary_only_when_one_row_count_fits():
+    from mlx_tinyllama.errorshape import printed_pattern
+
+    b = RNG.standard_normal((40, 16)) + 0.5  # rows whose sums are far apart from one another
+    a = b.copy()
+    a[32:] = 0.0
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(a.sum()), 0.0))
+    assert p.name == "last_partial_tile" and p.words.startswith("token rows 0-31 match, rows 32-39 are zero")
+    assert p.evidence["boundary_from_sum"] == 32 and "down_proj" in p.cause
+    # a sum that no row count gives: the boundary stays somewhere between the printed rows
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(a.sum()) + 3.0, 0.0))
+    assert p.name == "rows_zero_from" and p.words.startswith("the printed token rows up to 2 match")
+    assert "boundary_from_sum" not in p.evidence and p.evidence["sum_places"] == []
+    # wrong (non-zero) rows add unknown amounts: even a sum that happens to fit places nothing
+    a[32:] = RNG.standard_normal((8, 16))
+    a[32:] -= a[32:].sum() / a[32:].size  # they sum to zero, as zero rows would
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(b[:32].sum()), 0.0))
+    assert p.name == "rows_wrong_from" and "boundary_from_sum" not in p.evidence
