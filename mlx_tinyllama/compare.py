@@ -193,7 +193,9 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             if cand_sum is not None and np.shape(cand_sum.value) == () and cand_sum.source_shape is not None \
                     and int(np.prod(cand_sum.source_shape)) == np.size(b):  # a sum of every value compared here
                 whole = (float(cand_sum.value), cand_sum.resolution)
-            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, whole)
+            heads = (int(ctx.cfg["num_attention_heads"]), int(ctx.cfg["num_key_value_heads"])) \
+                if "num_attention_heads" in ctx.cfg and "num_key_value_heads" in ctx.cfg else None
+            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, whole, heads)
             if shape is not None:  # what the printed rows say of the error's shape
                 details["pattern"] = shape.as_dict()
         if m["nonfinite"]:

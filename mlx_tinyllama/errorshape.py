@@ -428,14 +428,15 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
 
 
 def printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float,
-                    printed_sum: tuple[float, float] | None = None) -> Pattern | None:
+                    printed_sum: tuple[float, float] | None = None,
+                    heads: tuple[int, int] | None = None) -> Pattern | None:
     """The token-row shapes on what an engine printed (llama.cpp's first and last rows along each
     axis): a row is right when its printed values are within the entry's own bound (`tolerance`
     times the reference row's rms, plus the print `resolution`). Only the printed rows are
     seen, so a boundary is placed between the last right and the first wrong printed row, unless
     `printed_sum` (the engine's printed sum of the whole tensor, its print resolution) places it:
-    see `place_by_sum`."""
-    pattern = _over_keys(tap, _printed_pattern(tap, candidate, reference, known, tolerance, resolution))
+    see `place_by_sum`. `heads`: (query heads, KV heads), to read merged heads ([T, H*D]) per head."""
+    pattern = _over_keys(tap, _printed_pattern(tap, candidate, reference, known, tolerance, resolution, heads))
     if pattern is not None and printed_sum is not None:
         return place_by_sum(tap, pattern, reference, printed_sum[0], tolerance, printed_sum[1])
     return pattern
@@ -483,13 +484,24 @@ def place_by_sum(tap: str, pattern: Pattern, reference, candidate_sum: float, to
     return full
 
 
-def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float) -> Pattern | None:
+def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float,
+                     heads: tuple[int, int] | None = None) -> Pattern | None:
     from .taps import stage_of
 
     stage = stage_of(tap)
-    a = np.moveaxis(np.asarray(candidate, np.float64), stage.token_axis, 0)
-    b = np.moveaxis(np.asarray(reference, np.float64), stage.token_axis, 0)
-    k = np.moveaxis(np.asarray(known, bool), stage.token_axis, 0)
+    n_kv = None
+    if "H*D" in stage.shape and heads and np.ndim(candidate) == 2 and np.shape(candidate)[1] % heads[0] == 0:
+        # merged heads [T, H*D]: read per head ([H, T, D]), as a head-major stage, with the KV group size
+        n_kv = heads[1]
+        split = [np.moveaxis(np.asarray(x).reshape(np.shape(x)[0], heads[0], -1), 1, 0)
+                 for x in (candidate, reference, known)]
+        candidate, reference, known = split
+        stage_shape, token_axis = "[H, T, D]", 1
+    else:
+        stage_shape, token_axis = stage.shape, stage.token_axis
+    a = np.moveaxis(np.asarray(candidate, np.float64), token_axis, 0)
+    b = np.moveaxis(np.asarray(reference, np.float64), token_axis, 0)
+    k = np.moveaxis(np.asarray(known, bool), token_axis, 0)
     if a.shape != b.shape or a.shape != k.shape:
         return None
     rows = [t for t in range(a.shape[0]) if k[t].any()]
@@ -504,7 +516,7 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
     if pattern is not None:
         pattern.evidence["printed_rows"] = rows
         return pattern
-    if stage.shape.startswith(("[H,", "[KV,")):  # head-major: which printed heads are right
+    if stage_shape.startswith(("[H,", "[KV,")):  # head-major: which printed heads are right
         ha, hb, hk = (np.asarray(x) for x in (candidate, reference, known))
         heads = [h for h in range(ha.shape[0]) if hk[h].any()]
         hscale = np.sqrt(np.mean(np.asarray(hb, np.float64) ** 2))
@@ -512,11 +524,27 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
                       <= tolerance * hscale + 4 * resolution) for h in heads]
         if any(right) and not all(right):
             wrong = [h for h, r in zip(heads, right) if not r]
+            cause = (f"a head index fault in the {stage.kernel or stage.what} (for query heads after the "
+                     "projection: the head -> KV-head mapping of the GQA broadcast)")
+            ev = {"wrong_heads": wrong, "printed_heads": heads}
+            H = ha.shape[0]
+            if n_kv and H % n_kv == 0 and H != n_kv:  # which KV group each printed head reads
+                rep = H // n_kv
+                ev["kv_groups"] = sorted({h // rep for h in wrong})
+                cause = (f"the GQA broadcast: query head h must read KV head h // {rep} ({rep} query heads per KV "
+                         f"head); printed heads {_span(wrong)} (KV group(s) {_span(ev['kv_groups'])}) read another "
+                         f"KV head")
+                modulo = [h for h in heads if h % n_kv != h // rep]  # where the common slip h % n_kv shows
+                if modulo == wrong:
+                    ev["reads"] = f"h % {n_kv}"
+                    cause += (f": exactly the printed heads where h % {n_kv} differs from h // {rep}, so the kernel "
+                              f"reads KV head h % {n_kv}")
+                else:
+                    cause += f" (e.g. h % {n_kv} instead of h // {rep}, or a wrong KV head stride)"
             return Pattern("heads", f"printed heads {_span(wrong)} differ, printed heads "
                                     f"{_span([h for h, r in zip(heads, right) if r])} match",
-                           f"a head index fault in the {stage.kernel or stage.what} (for query heads after the "
-                           "projection: the head -> KV-head mapping of the GQA broadcast)",
-                           "dump the full tensor to see every head", {"wrong_heads": wrong, "printed_heads": heads})
+                           cause, f"check the head -> KV-head index in the {stage.kernel or stage.what}; dump the "
+                                  f"full tensor to see every head", ev)
     return None
 
 

@@ -268,3 +268,29 @@ def test_the_printed_sum_places_a_zero_boundary_only_when_one_row_count_fits():
     cand, known = _printed(a)
     p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(b[:32].sum()), 0.0))
     assert p.name == "rows_wrong_from" and "boundary_from_sum" not in p.evidence
+
+
+def test_printed_merged_heads_name_the_kv_head_the_wrong_heads_read():
+    from mlx_tinyllama.errorshape import printed_pattern
+
+    cfg = (8, 2)  # 8 query heads, 2 KV heads: head h reads KV head h // 4
+    b = RNG.standard_normal((40, 8 * 4))
+    a = b.reshape(40, 8, 4).copy()
+    printed_heads = [0, 1, 2, 5, 6, 7]
+    known = np.zeros((40, 8, 4), bool)
+    known[np.ix_([0, 1, 2, 37, 38, 39], printed_heads, [0, 1, 2, 3])] = True
+    a[:, [1, 6]] += 1.0  # where h % 2 differs from h // 4 among the printed heads
+    p = printed_pattern("layers.0.attn.context", a.reshape(40, 32), b, known.reshape(40, 32), 1e-4, 0.5e-4,
+                        heads=cfg)
+    assert p.name == "heads" and p.words == "printed heads 1, 6 differ, printed heads 0, 2, 5, 7 match"
+    assert p.evidence["reads"] == "h % 2" and p.evidence["kv_groups"] == [0, 1]
+    # another head fault (head 5 only): named, but not as h % 2
+    a = b.reshape(40, 8, 4).copy()
+    a[:, 5] *= -1.0
+    p = printed_pattern("layers.0.attn.context", a.reshape(40, 32), b, known.reshape(40, 32), 1e-4, 0.5e-4,
+                        heads=cfg)
+    assert p.name == "heads" and p.evidence["wrong_heads"] == [5] and "reads" not in p.evidence
+    assert "a wrong KV head stride" in p.cause
+    # every printed head right: nothing to name
+    p = printed_pattern("layers.0.attn.context", b, b, known.reshape(40, 32), 1e-4, 0.5e-4, heads=cfg)
+    assert p is None

@@ -61,6 +61,10 @@ KERNEL_FAULTS = {
                                                                     "token row differs: position 0 is where RoPE"),
     "mask_off_by_one": ("layers.0.attn.context", "all_rows_but_last", "every printed token row but the last (38) "
                                                                       "differs: queries see keys after their own"),
+    # flash attention's GQA broadcast h % n_kv (8 heads, 2 KV heads): the fused node's printed heads, read
+    # per head from the merged [T, H*D], are wrong exactly where h % 2 and h // 4 differ
+    "gqa_broadcast": ("layers.0.attn.context", "heads", "printed heads 1, 6 differ, printed heads 0, 2, 5, 7 match: "
+                                                        "the GQA broadcast: query head h must read KV head h // 4"),
 }
 
 
@@ -288,6 +292,8 @@ def test_each_kernel_fault_is_named_by_its_pattern_on_the_printed_corners(fault,
     assert rc == 1 and div["tap"] == tap, div
     assert div["error"]["ratio"] >= 10, div["error"]
     assert div["pattern"]["name"] == name and div["hint"].startswith(words), div["hint"]
+    if name == "heads":
+        assert div["pattern"]["evidence"]["reads"] == "h % 2", div["pattern"]
 
 
 def test_no_clean_log_of_either_kernel_path_has_a_pattern(ggufs, logs, tmp_path):
