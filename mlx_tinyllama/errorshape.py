@@ -167,11 +167,12 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
                            f"M (row) loop of the {kernel}{repro}", evidence)
         cause = ("every row from there on is wrong: a position-dependent fault from that position (the KV cache, "
                  "RoPE positions, a batch split) or a row loop bound")
+        step = f"check what changes at token position {R} in the {kernel}{repro}"
         if kind == "zero" and full:  # never written: a block of rows the loop skips, whatever its size
             cause = (f"the {kernel} never writes rows {R}-{n_rows - 1} (the last {n_rows - R}): a last partial "
                      f"tile or remainder block that is skipped, or a row loop bound at {R}")
-        return Pattern(f"rows_{kind}_from", where, cause,
-                       f"check what changes at token position {R} in the {kernel}{repro}", evidence)
+            step = f"check the M (row) loop and its remainder blocks of the {kernel} at M = {R + 1}{repro}"
+        return Pattern(f"rows_{kind}_from", where, cause, step, evidence)
     # Right before a block boundary, mostly wrong after it (not every row: a row whose result does
     # not depend on the second block, e.g. its maximum in the first key block, still comes out right).
     B = 1 << (first_bad.bit_length() - 1) if first_bad else 0
