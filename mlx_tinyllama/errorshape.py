@@ -516,7 +516,7 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
     pattern = explain_rows(a2, b2, rows, a.shape[0], 0.0, stage.kernel or stage.what, ok=ok)
     if pattern is not None:
         pattern.evidence["printed_rows"] = rows
-        return pattern
+        return _stale_in_full(pattern, a, b, k, rows, ok, tolerance, resolution, stage.kernel or stage.what)
     if stage_shape.startswith(("[H,", "[KV,")):  # head-major: which printed heads are right
         ha, hb, hk = (np.asarray(x) for x in (candidate, reference, known))
         heads = [h for h in range(ha.shape[0]) if hk[h].any()]
@@ -547,6 +547,43 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
                            cause, f"check the head -> KV-head index in the {stage.kernel or stage.what}; dump the "
                                   f"full tensor to see every head", ev)
     return None
+
+
+def _stale_in_full(pattern: Pattern, a, b, k, rows: list[int], ok, tolerance: float, resolution: float,
+                   kernel: str) -> Pattern:
+    """Printed rows after a boundary that are wrong may still be right values of other rows: the
+    reference is whole, so each wrong printed row is looked up among every reference row (at the
+    printed positions). All found: stale rows (a tile buffer not reloaded), with the offset when
+    one offset fits all."""
+    if pattern.name != "rows_wrong_from":
+        return pattern
+    ok = np.asarray(ok, bool)
+    first = int(np.argmax(~ok))
+    held = {}
+    for j in range(first, len(rows)):
+        r = rows[j]
+        got = a[r][k[r]]
+        hit = None
+        for src in range(b.shape[0]):
+            want = b[src][k[r]]
+            bound = tolerance * float(np.sqrt(np.mean(b[src] * b[src]))) + 4 * resolution
+            if src != r and np.abs(got - want).max() <= bound and not np.abs(b[r][k[r]] - want).max() <= bound:
+                hit = src
+                break
+        if hit is None:
+            return pattern
+        held[r] = hit
+    offsets = {r - s for r, s in held.items()}
+    pattern.name = "rows_stale_from"
+    pattern.evidence.update(held="stale", holds_rows=held)
+    pattern.words = pattern.words.replace("wrong (non-zero) values", "copies of rows " + _span(held.values()))
+    pattern.cause += "; the wrong rows hold other rows' right values: a tile buffer that is not reloaded"
+    if len(offsets) == 1:
+        d = offsets.pop()
+        pattern.evidence["offset"] = d
+        pattern.cause += f" (each holds the row {d} before it: a tile of {d} rows" + \
+            (f", so the boundary is likely {d * (rows[first] // d)})" if d > 0 and rows[first] >= d else ")")
+    return pattern
 
 
 def sum_check(candidate_sum: float, reference_sum: float, n: int, absmax: float, unit: float) -> tuple[bool, float]:

@@ -194,9 +194,10 @@ PRINTED = {  # fault -> (stage, pattern, words the hint leads with)
     # zero rows add nothing to the printed sum: it places the boundary the printed rows miss
     "tile_rows_zero": ("attn.q", "last_partial_tile", "token rows 0-31 match, rows 32-37 are zero (by the printed sum"),
     "down_rows_zero:16": ("mlp.down", "rows_zero_from", "token rows 0-15 match, rows 16-37 are zero (by the printed sum"),
-    # stale rows add unknown amounts: the boundary stays between the printed rows
-    "tail_tile_stale": ("mlp.gate", "rows_wrong_from", "the printed token rows up to 2 match, the printed rows from 35 "
-                                                       "on are wrong (non-zero) values (the boundary lies between rows 3 "
+    # stale rows add unknown amounts, so the sum places nothing; but the reference is whole, so the
+    # wrong printed rows are found to hold rows 3-5's right values (32 rows before them)
+    "tail_tile_stale": ("mlp.gate", "rows_stale_from", "the printed token rows up to 2 match, the printed rows from 35 "
+                                                       "on are copies of rows 3-5 (the boundary lies between rows 3 "
                                                        "and 35)"),
     "rope_sin_sign": ("attn.q_rope", "all_rows_but_first", "printed token row 0 matches"),
     "kv_head_mapping": ("attn.scores", "heads", "printed heads 1-2 differ, printed heads 0, 3 match"),
@@ -294,3 +295,20 @@ def test_printed_merged_heads_name_the_kv_head_the_wrong_heads_read():
     # every printed head right: nothing to name
     p = printed_pattern("layers.0.attn.context", b, b, known.reshape(40, 32), 1e-4, 0.5e-4, heads=cfg)
     assert p is None
+
+
+def test_printed_rows_that_hold_other_rows_are_stale_with_their_offset():
+    from mlx_tinyllama.errorshape import printed_pattern
+
+    b = RNG.standard_normal((40, 16))
+    a = b.copy()
+    a[32:] = b[16:24]  # a 16-row tile buffer not reloaded: rows 32-39 keep rows 16-23
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4)
+    assert p.name == "rows_stale_from" and "are copies of rows 21-23" in p.words
+    assert p.evidence["offset"] == 16 and "the boundary is likely 32" in p.cause
+    # wrong rows that are no row of the reference stay "wrong"
+    a[32:] = RNG.standard_normal((8, 16))
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4)
+    assert p.name == "rows_wrong_from" and "offset" not in p.evidence
