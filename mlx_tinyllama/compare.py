@@ -18,7 +18,7 @@ import numpy as np
 
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
-from .errorshape import Pattern, printed_pattern, stage_pattern
+from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -409,6 +409,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
     text = qk_hint(first, perm) if perm else hint(first, before, n_layers)
     shape = next((e["details"]["pattern"] for e in bad if e["details"].get("pattern")), None)
+    printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
+    if shape is None and printed_ok and all(e["metric"] == "sum_rel" for e in bad):
+        shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
     if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
         text = Pattern(**shape).sentence() + "; " + text
     fused = fused_hint(first, engine) if engine else None

@@ -586,6 +586,23 @@ def _stale_in_full(pattern: Pattern, a, b, k, rows: list[int], ok, tolerance: fl
     return pattern
 
 
+def unprinted(tap: str) -> Pattern:
+    """The printed values of a tensor match and its printed sum does not: the error lies where the
+    log prints nothing (llama.cpp prints the first and last 3 rows along each axis). A row-wise
+    fault can hide there when the printed rows happen to be right anyway: rows that repeat other
+    rows of the same token ids (a chat template repeats its markers) before any position enters."""
+    from .taps import stage_of
+
+    stage = stage_of(tap)
+    kernel = stage.kernel or stage.what
+    return Pattern("unprinted", "the printed values match, the printed sum does not: the error lies in the values "
+                                "the log does not print (the rows or columns between its first and last 3)",
+                   f"a fault confined to middle rows or columns of the {kernel}, or rows computed from the wrong "
+                   "input rows that hold the same values at the printed positions (the same token ids before "
+                   "positions enter: e.g. a row index that wraps)",
+                   "dump the full tensor to see which rows differ", {})
+
+
 def sum_check(candidate_sum: float, reference_sum: float, n: int, absmax: float, unit: float) -> tuple[bool, float]:
     """Is a printed sum consistent with the reference's? The tolerance is the sum's own rounding:
     n values, each off by at most `unit` relative to the largest magnitude, summed with

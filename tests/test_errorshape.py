@@ -312,3 +312,21 @@ def test_printed_rows_that_hold_other_rows_are_stale_with_their_offset():
     cand, known = _printed(a)
     p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4)
     assert p.name == "rows_wrong_from" and "offset" not in p.evidence
+
+
+def test_an_error_only_in_unprinted_rows_is_said_to_lie_there(tiny_dir, tiny_run, tmp_path):
+    from test_llamacpp_log import llamacpp_log
+
+    from mlx_tinyllama import refs as R
+    from mlx_tinyllama.compare import compare
+    from mlx_tinyllama.tolerances import Tolerances
+
+    taps = Engine(tiny_dir, faults=[]).prefill(SEED_IDS)
+    taps["layers.0.mlp.down"] = taps["layers.0.mlp.down"].copy()
+    taps["layers.0.mlp.down"][10] += 0.5  # a middle row: never printed, but in the sum
+    path = tmp_path / "eval.log"
+    path.write_text(llamacpp_log(taps, 2))
+    side, cfg = tiny_run
+    first = compare(R.load(path)[0], [side], Tolerances(), cfg, len(SEED_IDS))["first_divergence"]
+    assert first["tap"] == "layers.0.mlp.down" and first["pattern"]["name"] == "unprinted", first["hint"]
+    assert first["hint"].startswith("the printed values match, the printed sum does not") and "down_proj" in first["hint"]

@@ -53,6 +53,11 @@ KERNEL_FAULTS = {
     # tinyBLAS's last (RN-1 = 5 row) block skipped: never written, its rows stay zero from 34 on
     "sgemm_last_tile_skipped": ("layers.0.attn.q", "rows_zero_from", "token rows 0-33 match, rows 34-38 are zero (by "
                                                                      "the printed sum"),
+    # tinyBLAS reads activation row j % 32 for row j: rows 32-38 repeat rows 0-6, and at layer 0's q_proj
+    # the printed rows 36-38 hold the same token ids as rows 4-6 (the chat template's "|>\n"): right by
+    # coincidence. Only the printed sum (0.2 % off) sees it; the hint says where the error must lie.
+    "sgemm_rows_wrap": ("layers.0.attn.q", "unprinted", "the printed values match, the printed sum does not: the "
+                                                        "error lies in the values the log does not print"),
     # flash attention's one-chunk kernel (39 query rows < its 64-row tile), f16 GGUF at the defaults
     "fa_no_rescale": ("layers.0.attn.context", "all_rows_but_first", "printed token row 0 matches, every later "
                                                                      "printed token row differs: query row 0 sees one "

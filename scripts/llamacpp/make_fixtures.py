@@ -83,6 +83,7 @@ CRASH_CASES: dict[str, tuple] = {
 FAULT_SETTINGS: dict[str, tuple[str, list[str]]] = {
     "sgemm_rows_zero": ("f32", FP32),
     "sgemm_last_tile_skipped": ("f32", FP32),
+    "sgemm_rows_wrap": ("f32", FP32),
 }
 AMX_CASES["amx_fp32_short"] = ("f32", "short", FP32, None, "correct engine, fp32, on an AMX CPU: the f32 matmuls run "
                                "in tinyBLAS (llamafile sgemm) with AVX512, where the sgemm faults are patched")
@@ -255,7 +256,7 @@ def provenance(manifest: dict) -> str:
         "- CPU: the features ggml reports in the log's system_info line. `AMX_INT8` marks the cases made on a CPU",
         "  with AMX (the `amx_*` cases), where the defaults put f16 weights in the AMX extra buffer (f32 matmul",
         "  inputs) and `-nr` turns that off; the other cases were made on an AVX2 CPU (no extra buffer for f16).",
-        "- Kernel faults (`sgemm_rows_zero`, `sgemm_last_tile_skipped`, `fa_no_rescale`, `rope_sin_sign`,",
+        "- Kernel faults (`sgemm_rows_zero`, `sgemm_last_tile_skipped`, `sgemm_rows_wrap`, `fa_no_rescale`, `rope_sin_sign`,",
         "  `mask_off_by_one`; made on the AMX CPU) are patched where the computing kernel runs, read from the",
         "  source and confirmed by the fault showing in the log (`amx_fp32_short` is the same path, clean):",
         "  - the f32 matmuls (f32 GGUF, `-fa off -ctk f32 -ctv f32`) run in tinyBLAS, `ggml-cpu/llamafile/sgemm.cpp`",
@@ -264,7 +265,8 @@ def provenance(manifest: dict) -> str:
         "    registers) it tiles the 39 token rows (its N) in blocks of RN = 6, then RN-1 = 5 (rows 0-23 by 6,",
         "    24-38 by 5): `sgemm_rows_zero` loads zeros for activation rows >= 32 inside the 29-33 block;",
         "    `sgemm_last_tile_skipped` skips the block that ends at row 38, so rows 34-38 are never written (they",
-        "    print as zero: the buffer was fresh);",
+        "    print as zero: the buffer was fresh); `sgemm_rows_wrap` reads activation row j mod 32 for row j, so",
+        "    rows 32-38 repeat rows 0-6 (stale);",
         "  - flash attention at the defaults runs `ggml_compute_forward_flash_attn_ext_f16_one_chunk` in",
         "    `ggml-cpu/ops.cpp` (39 query rows < GGML_FA_TILE_Q = 64, the tiled kernel's minimum), one key at a",
         "    time: `fa_no_rescale` drops its rescale of the running output and sum when the maximum rises;",
