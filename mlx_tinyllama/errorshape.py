@@ -462,10 +462,10 @@ def place_by_sum(tap: str, pattern: Pattern, reference, candidate_sum: float, to
     printed = ev["rows_compared"]
     last_ok, first_bad = max(r for r in printed if r < ev["first_wrong_row"]), ev["first_wrong_row"]
     prefix = np.concatenate([[0.0], np.cumsum(b2.sum(axis=1))])
+    absmax = np.maximum.accumulate(np.abs(b2).max(axis=1))  # the largest |x| of rows 0..R-1, for every R
     fits = []
     for R in range(last_ok + 1, first_bad + 1):
-        part = b2[:R]
-        ok, _ = sum_check(candidate_sum, float(prefix[R]), part.size, float(np.abs(part).max()), tolerance)
+        ok, _ = sum_check(candidate_sum, float(prefix[R]), R * b2.shape[1], float(absmax[R - 1]), tolerance)
         if ok or abs(candidate_sum - prefix[R]) <= 2 * resolution:
             fits.append(R)
     if len(fits) != 1:  # none, or neighbours whose rows sum to about nothing: the sum cannot tell
@@ -559,20 +559,19 @@ def _stale_in_full(pattern: Pattern, a, b, k, rows: list[int], ok, tolerance: fl
         return pattern
     ok = np.asarray(ok, bool)
     first = int(np.argmax(~ok))
+    flat = b.reshape(b.shape[0], -1)
+    bound = tolerance * np.sqrt(np.mean(flat * flat, axis=1)) + 4 * resolution  # per reference row
     held = {}
     for j in range(first, len(rows)):
         r = rows[j]
-        got = a[r][k[r]]
-        hit = None
-        for src in range(b.shape[0]):
-            want = b[src][k[r]]
-            bound = tolerance * float(np.sqrt(np.mean(b[src] * b[src]))) + 4 * resolution
-            if src != r and np.abs(got - want).max() <= bound and not np.abs(b[r][k[r]] - want).max() <= bound:
-                hit = src
-                break
-        if hit is None:
+        at = k[r].ravel()
+        want = flat[:, at]  # every reference row at the printed positions, at once
+        holds = np.abs(want - a[r].ravel()[at]).max(axis=1) <= bound
+        itself = np.abs(want - flat[r, at]).max(axis=1) <= bound  # rows equal to row r itself prove nothing
+        hits = np.flatnonzero(holds & ~itself)
+        if not hits.size:
             return pattern
-        held[r] = hit
+        held[r] = int(hits[0])
     offsets = {r - s for r, s in held.items()}
     pattern.name = "rows_stale_from"
     pattern.evidence.update(held="stale", holds_rows=held)
