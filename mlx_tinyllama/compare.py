@@ -18,7 +18,7 @@ import numpy as np
 
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
-from .errorshape import Pattern, printed_pattern, stage_pattern
+from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -147,8 +147,9 @@ def compare_sides(candidate: Side, reference: Side, tol: Tolerances, cfg: dict, 
             elif match is not None:
                 got += _item_entries(ctx, tap, item.selector, None, match.value, None, item.value, item)
         if rf is not None and cf is None:
+            whole = next((i for i in cand_items if i.selector.kind == "sum" and i.source_shape is not None), None)
             for item in cand_items:
-                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item)
+                got += _item_entries(ctx, tap, item.selector, None, item.value, rf, None, item, whole)
         if not got:
             missing.append(tap)
         for e in got:
@@ -187,8 +188,10 @@ def _full_vs_full(ctx: _Ctx, tap, a, b, index: str = "full") -> list[dict]:
     return out
 
 
-def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full, ref_value, item: Item) -> list[dict]:
-    """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set."""
+def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full, ref_value, item: Item,
+                  cand_sum: Item | None = None) -> list[dict]:
+    """Compare one selected part. Exactly one of (cand_full, cand_value) and one of (ref_full, ref_value) is set.
+    `cand_sum`: the candidate's printed sum of the same tensor, which can place a boundary its printed rows miss."""
     axis = token_axis_of(tap)
     full = cand_full if cand_full is not None else ref_full
     index, key = sel.key, item.key
@@ -213,7 +216,13 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
         out = [_entry(tap, "rel_rms", value if m["compared"] else (math.inf if m["nonfinite"] else 0.0), tol, index,
                       key, details=details, note="; ".join(notes))]
         if not out[0]["ok"] and cand_value is not None and rows is None and tap not in SHORTCUT_TAPS:
-            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution)
+            whole = None
+            if cand_sum is not None and np.shape(cand_sum.value) == () and cand_sum.source_shape is not None \
+                    and int(np.prod(cand_sum.source_shape)) == np.size(b):  # a sum of every value compared here
+                whole = (float(cand_sum.value), cand_sum.resolution)
+            heads = (int(ctx.cfg["num_attention_heads"]), int(ctx.cfg["num_key_value_heads"])) \
+                if "num_attention_heads" in ctx.cfg and "num_key_value_heads" in ctx.cfg else None
+            shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, whole, heads)
             if shape is not None:  # what the printed rows say of the error's shape
                 details["pattern"] = shape.as_dict()
         if m["nonfinite"]:
@@ -479,6 +488,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
     text = qk_hint(first, perm) if perm else hint(first, before, n_layers, {s["tap"] for s in stages[:k]})
     shape = next((e["details"]["pattern"] for e in bad if e["details"].get("pattern")), None)
+    printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
+    if shape is None and printed_ok and all(e["metric"] == "sum_rel" for e in bad):
+        shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
     if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
         text = Pattern(**shape).sentence() + "; " + text
     fused = fused_hint(first, engine) if engine else None

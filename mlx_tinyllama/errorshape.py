@@ -167,8 +167,12 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
                            f"M (row) loop of the {kernel}{repro}", evidence)
         cause = ("every row from there on is wrong: a position-dependent fault from that position (the KV cache, "
                  "RoPE positions, a batch split) or a row loop bound")
-        return Pattern(f"rows_{kind}_from", where, cause,
-                       f"check what changes at token position {R} in the {kernel}{repro}", evidence)
+        step = f"check what changes at token position {R} in the {kernel}{repro}"
+        if kind == "zero" and full:  # never written: a block of rows the loop skips, whatever its size
+            cause = (f"the {kernel} never writes rows {R}-{n_rows - 1} (the last {n_rows - R}): a last partial "
+                     f"tile or remainder block that is skipped, or a row loop bound at {R}")
+            step = f"check the M (row) loop and its remainder blocks of the {kernel} at M = {R + 1}{repro}"
+        return Pattern(f"rows_{kind}_from", where, cause, step, evidence)
     # Right before a block boundary, mostly wrong after it (not every row: a row whose result does
     # not depend on the second block, e.g. its maximum in the first key block, still comes out right).
     B = 1 << (first_bad.bit_length() - 1) if first_bad else 0
@@ -361,6 +365,21 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
     return None
 
 
+def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
+    """Row 0 right and every later row wrong, where attention combines keys (probs, context): query
+    0 sees one key only, so whatever goes wrong in combining several keys cannot show there. With
+    its inputs (Q, K after RoPE) compared and matching before, that points inside the softmax."""
+    if pattern is None or pattern.name != "all_rows_but_first" or not tap.endswith(("attn.probs", "attn.context")):
+        return pattern
+    pattern.cause = ("query row 0 sees one key only (itself), so a fault in combining several keys cannot show there: "
+                     "the softmax over keys and its accumulation, e.g. an online softmax that does not rescale its "
+                     "running output and sum when a later key raises the running maximum; a RoPE fault inside a "
+                     "fused kernel is the other candidate")
+    pattern.next_step = ("check how the attention kernel combines keys: the running maximum, and the rescale of the "
+                         "output and the sum by exp(old max - new max) whenever it rises")
+    return pattern
+
+
 def _masked(x: np.ndarray) -> np.ndarray:
     """Entries that a softmax gives no weight in any float type: -inf, or below -1e4 (fp16 converters'
     mask value; exp(-1e4 - max) is 0 even in float64 next to any visible score)."""
@@ -402,22 +421,87 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
     # Query heads that read shared KV heads (after the GQA repeat): a wrong head -> KV-head index
     # shows per KV group.
     gqa = stage.dims[0] == "head" and (stage.key_axis is not None or stage.op == "repeat_kv") or merged
-    return explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what,
-                   head_axis=head_axis, n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
-                   case=stage.vectors if stage.vectors.startswith("matmul.") else None)
+    return _over_keys(tap, explain(a, b, token_axis=stage.token_axis, budget=budget,
+                                   kernel=stage.kernel or stage.what, head_axis=head_axis,
+                                   n_kv_heads=int(cfg["num_key_value_heads"]) if gqa else None,
+                                   case=stage.vectors if stage.vectors.startswith("matmul.") else None))
 
 
-def printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float) -> Pattern | None:
+def printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float,
+                    printed_sum: tuple[float, float] | None = None,
+                    heads: tuple[int, int] | None = None) -> Pattern | None:
     """The token-row shapes on what an engine printed (llama.cpp's first and last rows along each
     axis): a row is right when its printed values are within the entry's own bound (`tolerance`
     times the reference row's rms, plus the print `resolution`). Only the printed rows are
-    seen, so a boundary is placed between the last right and the first wrong printed row."""
+    seen, so a boundary is placed between the last right and the first wrong printed row, unless
+    `printed_sum` (the engine's printed sum of the whole tensor, its print resolution) places it:
+    see `place_by_sum`. `heads`: (query heads, KV heads), to read merged heads ([T, H*D]) per head."""
+    pattern = _over_keys(tap, _printed_pattern(tap, candidate, reference, known, tolerance, resolution, heads))
+    if pattern is not None and printed_sum is not None:
+        return place_by_sum(tap, pattern, reference, printed_sum[0], tolerance, printed_sum[1])
+    return pattern
+
+
+def place_by_sum(tap: str, pattern: Pattern, reference, candidate_sum: float, tolerance: float,
+                 resolution: float) -> Pattern:
+    """Rows zero from an unseen boundary add nothing to the sum: when the printed sum equals the
+    reference's sum over rows 0..R-1 for exactly one R in the unseen gap (within that partial sum's
+    own rounding and the print resolution), the boundary is R, not just somewhere in the gap.
+    Only for zero rows: stale or wrong rows add unknown amounts, so their sum places nothing."""
+    from .stages import stage_of
+
+    ev = pattern.evidence
+    if pattern.name != "rows_zero_from" or "likely_tile" not in ev or not math.isfinite(candidate_sum):
+        return pattern
+    stage = stage_of(tap)
+    b = np.moveaxis(np.asarray(reference, np.float64), stage.token_axis, 0)
+    if not np.isfinite(b).all():
+        return pattern
+    b2 = b.reshape(b.shape[0], -1)
+    printed = ev["rows_compared"]
+    last_ok, first_bad = max(r for r in printed if r < ev["first_wrong_row"]), ev["first_wrong_row"]
+    prefix = np.concatenate([[0.0], np.cumsum(b2.sum(axis=1))])
+    absmax = np.maximum.accumulate(np.abs(b2).max(axis=1))  # the largest |x| of rows 0..R-1, for every R
+    fits = []
+    for R in range(last_ok + 1, first_bad + 1):
+        ok, _ = sum_check(candidate_sum, float(prefix[R]), R * b2.shape[1], float(absmax[R - 1]), tolerance)
+        if ok or abs(candidate_sum - prefix[R]) <= 2 * resolution:
+            fits.append(R)
+    if len(fits) != 1:  # none, or neighbours whose rows sum to about nothing: the sum cannot tell
+        ev["sum_places"] = fits
+        return pattern
+    R, n_rows = fits[0], b2.shape[0]
+    # What a full dump of that tensor would show (rows 0..R-1 right, the rest zero), said the same way.
+    ok = np.arange(n_rows) < R
+    full = explain_rows(np.where(ok[:, None], b2, 0.0), b2, list(range(n_rows)), n_rows, 0.0,
+                        stage.kernel or stage.what, stage.vectors if stage.vectors.startswith("matmul.") else None,
+                        ok=ok)
+    if full is None:
+        return pattern
+    full.words += (f" (by the printed sum: the printed rows up to {last_ok} match, those from {first_bad} on are "
+                   f"zero, and the printed sum is the reference's sum over rows 0-{R - 1} alone)")
+    full.evidence.update(boundary_from_sum=R, printed_rows=printed)
+    return full
+
+
+def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, resolution: float,
+                     heads: tuple[int, int] | None = None) -> Pattern | None:
     from .stages import stage_of
 
     stage = stage_of(tap)
-    a = np.moveaxis(np.asarray(candidate, np.float64), stage.token_axis, 0)
-    b = np.moveaxis(np.asarray(reference, np.float64), stage.token_axis, 0)
-    k = np.moveaxis(np.asarray(known, bool), stage.token_axis, 0)
+    n_kv = None
+    if "H*D" in stage.shape and heads and np.ndim(candidate) == 2 and np.shape(candidate)[1] % heads[0] == 0:
+        # merged heads [T, H*D]: read per head ([H, T, D]), as a head-major stage, with the KV group size
+        n_kv = heads[1]
+        split = [np.moveaxis(np.asarray(x).reshape(np.shape(x)[0], heads[0], -1), 1, 0)
+                 for x in (candidate, reference, known)]
+        candidate, reference, known = split
+        stage_shape, token_axis = "[H, T, D]", 1
+    else:
+        stage_shape, token_axis = stage.shape, stage.token_axis
+    a = np.moveaxis(np.asarray(candidate, np.float64), token_axis, 0)
+    b = np.moveaxis(np.asarray(reference, np.float64), token_axis, 0)
+    k = np.moveaxis(np.asarray(known, bool), token_axis, 0)
     if a.shape != b.shape or a.shape != k.shape:
         return None
     rows = [t for t in range(a.shape[0]) if k[t].any()]
@@ -431,8 +515,8 @@ def printed_pattern(tap: str, candidate, reference, known, tolerance: float, res
     pattern = explain_rows(a2, b2, rows, a.shape[0], 0.0, stage.kernel or stage.what, ok=ok)
     if pattern is not None:
         pattern.evidence["printed_rows"] = rows
-        return pattern
-    if stage.head_major:  # which printed heads are right
+        return _stale_in_full(pattern, a, b, k, rows, ok, tolerance, resolution, stage.kernel or stage.what)
+    if stage_shape.startswith(("[H,", "[KV,")):  # head-major: which printed heads are right
         ha, hb, hk = (np.asarray(x) for x in (candidate, reference, known))
         heads = [h for h in range(ha.shape[0]) if hk[h].any()]
         hscale = np.sqrt(np.mean(np.asarray(hb, np.float64) ** 2))
@@ -440,12 +524,81 @@ def printed_pattern(tap: str, candidate, reference, known, tolerance: float, res
                       <= tolerance * hscale + 4 * resolution) for h in heads]
         if any(right) and not all(right):
             wrong = [h for h, r in zip(heads, right) if not r]
+            cause = (f"a head index fault in the {stage.kernel or stage.what} (for query heads after the "
+                     "projection: the head -> KV-head mapping of the GQA broadcast)")
+            ev = {"wrong_heads": wrong, "printed_heads": heads}
+            H = ha.shape[0]
+            if n_kv and H % n_kv == 0 and H != n_kv:  # which KV group each printed head reads
+                rep = H // n_kv
+                ev["kv_groups"] = sorted({h // rep for h in wrong})
+                cause = (f"the GQA broadcast: query head h must read KV head h // {rep} ({rep} query heads per KV "
+                         f"head); printed heads {_span(wrong)} (KV group(s) {_span(ev['kv_groups'])}) read another "
+                         f"KV head")
+                modulo = [h for h in heads if h % n_kv != h // rep]  # where the common slip h % n_kv shows
+                if modulo == wrong:
+                    ev["reads"] = f"h % {n_kv}"
+                    cause += (f": exactly the printed heads where h % {n_kv} differs from h // {rep}, so the kernel "
+                              f"reads KV head h % {n_kv}")
+                else:
+                    cause += f" (e.g. h % {n_kv} instead of h // {rep}, or a wrong KV head stride)"
             return Pattern("heads", f"printed heads {_span(wrong)} differ, printed heads "
                                     f"{_span([h for h, r in zip(heads, right) if r])} match",
-                           f"a head index fault in the {stage.kernel or stage.what} (for query heads after the "
-                           "projection: the head -> KV-head mapping of the GQA broadcast)",
-                           "dump the full tensor to see every head", {"wrong_heads": wrong, "printed_heads": heads})
+                           cause, f"check the head -> KV-head index in the {stage.kernel or stage.what}; dump the "
+                                  f"full tensor to see every head", ev)
     return None
+
+
+def _stale_in_full(pattern: Pattern, a, b, k, rows: list[int], ok, tolerance: float, resolution: float,
+                   kernel: str) -> Pattern:
+    """Printed rows after a boundary that are wrong may still be right values of other rows: the
+    reference is whole, so each wrong printed row is looked up among every reference row (at the
+    printed positions). All found: stale rows (a tile buffer not reloaded), with the offset when
+    one offset fits all."""
+    if pattern.name != "rows_wrong_from":
+        return pattern
+    ok = np.asarray(ok, bool)
+    first = int(np.argmax(~ok))
+    flat = b.reshape(b.shape[0], -1)
+    bound = tolerance * np.sqrt(np.mean(flat * flat, axis=1)) + 4 * resolution  # per reference row
+    held = {}
+    for j in range(first, len(rows)):
+        r = rows[j]
+        at = k[r].ravel()
+        want = flat[:, at]  # every reference row at the printed positions, at once
+        holds = np.abs(want - a[r].ravel()[at]).max(axis=1) <= bound
+        itself = np.abs(want - flat[r, at]).max(axis=1) <= bound  # rows equal to row r itself prove nothing
+        hits = np.flatnonzero(holds & ~itself)
+        if not hits.size:
+            return pattern
+        held[r] = int(hits[0])
+    offsets = {r - s for r, s in held.items()}
+    pattern.name = "rows_stale_from"
+    pattern.evidence.update(held="stale", holds_rows=held)
+    pattern.words = pattern.words.replace("wrong (non-zero) values", "copies of rows " + _span(held.values()))
+    pattern.cause += "; the wrong rows hold other rows' right values: a tile buffer that is not reloaded"
+    if len(offsets) == 1:
+        d = offsets.pop()
+        pattern.evidence["offset"] = d
+        pattern.cause += f" (each holds the row {d} before it: a tile of {d} rows" + \
+            (f", so the boundary is likely {d * (rows[first] // d)})" if d > 0 and rows[first] >= d else ")")
+    return pattern
+
+
+def unprinted(tap: str) -> Pattern:
+    """The printed values of a tensor match and its printed sum does not: the error lies where the
+    log prints nothing (llama.cpp prints the first and last 3 rows along each axis). A row-wise
+    fault can hide there when the printed rows happen to be right anyway: rows that repeat other
+    rows of the same token ids (a chat template repeats its markers) before any position enters."""
+    from .stages import stage_of
+
+    stage = stage_of(tap)
+    kernel = stage.kernel or stage.what
+    return Pattern("unprinted", "the printed values match, the printed sum does not: the error lies in the values "
+                                "the log does not print (the rows or columns between its first and last 3)",
+                   f"a fault confined to middle rows or columns of the {kernel}, or rows computed from the wrong "
+                   "input rows that hold the same values at the printed positions (the same token ids before "
+                   "positions enter: e.g. a row index that wraps)",
+                   "dump the full tensor to see which rows differ", {})
 
 
 def sum_check(candidate_sum: float, reference_sum: float, n: int, absmax: float, unit: float) -> tuple[bool, float]:

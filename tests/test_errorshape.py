@@ -191,9 +191,14 @@ def test_mask_values_of_any_size_mask_alike():
 
 
 PRINTED = {  # fault -> (stage, pattern, words the hint leads with)
-    "tile_rows_zero": ("attn.q", "rows_zero_from", "the printed token rows up to 2 match, the printed rows from 35 "
-                                                   "on are zero"),
-    "down_rows_zero:16": ("mlp.down", "rows_zero_from", "the printed token rows up to 2 match"),
+    # zero rows add nothing to the printed sum: it places the boundary the printed rows miss
+    "tile_rows_zero": ("attn.q", "last_partial_tile", "token rows 0-31 match, rows 32-37 are zero (by the printed sum"),
+    "down_rows_zero:16": ("mlp.down", "rows_zero_from", "token rows 0-15 match, rows 16-37 are zero (by the printed sum"),
+    # stale rows add unknown amounts, so the sum places nothing; but the reference is whole, so the
+    # wrong printed rows are found to hold rows 3-5's right values (32 rows before them)
+    "tail_tile_stale": ("mlp.gate", "rows_stale_from", "the printed token rows up to 2 match, the printed rows from 35 "
+                                                       "on are copies of rows 3-5 (the boundary lies between rows 3 "
+                                                       "and 35)"),
     "rope_sin_sign": ("attn.q_rope", "all_rows_but_first", "printed token row 0 matches"),
     "kv_head_mapping": ("attn.scores", "heads", "printed heads 1-2 differ, printed heads 0, 3 match"),
     "mask_offset": ("attn.probs", "all_rows_but_last", "every printed token row but the last (37) differs"),
@@ -236,3 +241,92 @@ def test_a_clean_log_has_no_pattern(tiny_dir, tiny_run, tmp_path):
     result = _log_compare(tiny_dir, tiny_run, tmp_path, [])
     assert result["status"] == "match"
     assert not [e for e in result["entries"] if e["details"].get("pattern")]
+
+
+def _printed(a, rows=(0, 1, 2, 37, 38, 39)):
+    known = np.zeros(a.shape, bool)
+    known[list(rows)] = True
+    return np.where(known, a, 0.0), known
+
+
+def test_the_printed_sum_places_a_zero_boundary_only_when_one_row_count_fits():
+    from mlx_tinyllama.errorshape import printed_pattern
+
+    b = RNG.standard_normal((40, 16)) + 0.5  # rows whose sums are far apart from one another
+    a = b.copy()
+    a[32:] = 0.0
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(a.sum()), 0.0))
+    assert p.name == "last_partial_tile" and p.words.startswith("token rows 0-31 match, rows 32-39 are zero")
+    assert p.evidence["boundary_from_sum"] == 32 and "down_proj" in p.cause
+    # a sum that no row count gives: the boundary stays somewhere between the printed rows
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(a.sum()) + 3.0, 0.0))
+    assert p.name == "rows_zero_from" and p.words.startswith("the printed token rows up to 2 match")
+    assert "boundary_from_sum" not in p.evidence and p.evidence["sum_places"] == []
+    # wrong (non-zero) rows add unknown amounts: even a sum that happens to fit places nothing
+    a[32:] = RNG.standard_normal((8, 16))
+    a[32:] -= a[32:].sum() / a[32:].size  # they sum to zero, as zero rows would
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4, (float(b[:32].sum()), 0.0))
+    assert p.name == "rows_wrong_from" and "boundary_from_sum" not in p.evidence
+
+
+def test_printed_merged_heads_name_the_kv_head_the_wrong_heads_read():
+    from mlx_tinyllama.errorshape import printed_pattern
+
+    cfg = (8, 2)  # 8 query heads, 2 KV heads: head h reads KV head h // 4
+    b = RNG.standard_normal((40, 8 * 4))
+    a = b.reshape(40, 8, 4).copy()
+    printed_heads = [0, 1, 2, 5, 6, 7]
+    known = np.zeros((40, 8, 4), bool)
+    known[np.ix_([0, 1, 2, 37, 38, 39], printed_heads, [0, 1, 2, 3])] = True
+    a[:, [1, 6]] += 1.0  # where h % 2 differs from h // 4 among the printed heads
+    p = printed_pattern("layers.0.attn.context", a.reshape(40, 32), b, known.reshape(40, 32), 1e-4, 0.5e-4,
+                        heads=cfg)
+    assert p.name == "heads" and p.words == "printed heads 1, 6 differ, printed heads 0, 2, 5, 7 match"
+    assert p.evidence["reads"] == "h % 2" and p.evidence["kv_groups"] == [0, 1]
+    # another head fault (head 5 only): named, but not as h % 2
+    a = b.reshape(40, 8, 4).copy()
+    a[:, 5] *= -1.0
+    p = printed_pattern("layers.0.attn.context", a.reshape(40, 32), b, known.reshape(40, 32), 1e-4, 0.5e-4,
+                        heads=cfg)
+    assert p.name == "heads" and p.evidence["wrong_heads"] == [5] and "reads" not in p.evidence
+    assert "a wrong KV head stride" in p.cause
+    # every printed head right: nothing to name
+    p = printed_pattern("layers.0.attn.context", b, b, known.reshape(40, 32), 1e-4, 0.5e-4, heads=cfg)
+    assert p is None
+
+
+def test_printed_rows_that_hold_other_rows_are_stale_with_their_offset():
+    from mlx_tinyllama.errorshape import printed_pattern
+
+    b = RNG.standard_normal((40, 16))
+    a = b.copy()
+    a[32:] = b[16:24]  # a 16-row tile buffer not reloaded: rows 32-39 keep rows 16-23
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4)
+    assert p.name == "rows_stale_from" and "are copies of rows 21-23" in p.words
+    assert p.evidence["offset"] == 16 and "the boundary is likely 32" in p.cause
+    # wrong rows that are no row of the reference stay "wrong"
+    a[32:] = RNG.standard_normal((8, 16))
+    cand, known = _printed(a)
+    p = printed_pattern("layers.0.mlp.down", cand, b, known, 1e-4, 0.5e-4)
+    assert p.name == "rows_wrong_from" and "offset" not in p.evidence
+
+
+def test_an_error_only_in_unprinted_rows_is_said_to_lie_there(tiny_dir, tiny_run, tmp_path):
+    from test_llamacpp_log import llamacpp_log
+
+    from mlx_tinyllama import refs as R
+    from mlx_tinyllama.compare import compare
+    from mlx_tinyllama.tolerances import Tolerances
+
+    taps = Engine(tiny_dir, faults=[]).prefill(SEED_IDS)
+    taps["layers.0.mlp.down"] = taps["layers.0.mlp.down"].copy()
+    taps["layers.0.mlp.down"][10] += 0.5  # a middle row: never printed, but in the sum
+    path = tmp_path / "eval.log"
+    path.write_text(llamacpp_log(taps, 2))
+    side, cfg = tiny_run
+    first = compare(R.load(path)[0], [side], Tolerances(), cfg, len(SEED_IDS))["first_divergence"]
+    assert first["tap"] == "layers.0.mlp.down" and first["pattern"]["name"] == "unprinted", first["hint"]
+    assert first["hint"].startswith("the printed values match, the printed sum does not") and "down_proj" in first["hint"]

@@ -43,6 +43,36 @@ FAULTS = {
 }
 
 
+# Kernel faults patched into ggml's CPU kernels (PROVENANCE.md: which kernel runs each): fault ->
+# (stage, the pattern errorshape names on the printed corners and sums, the words the hint leads with).
+KERNEL_FAULTS = {
+    # tinyBLAS (llamafile sgemm), f32 GGUF: rows past 32 loaded as zeros; the printed rows show 0-2 right
+    # and 36-38 zero, the printed sum places the boundary at 32 (the rows in between are never printed)
+    "sgemm_rows_zero": ("layers.0.attn.q", "last_partial_tile", "token rows 0-31 match, rows 32-38 are zero (by the "
+                                                                "printed sum"),
+    # tinyBLAS's last (RN-1 = 5 row) block skipped: never written, its rows stay zero from 34 on
+    "sgemm_last_tile_skipped": ("layers.0.attn.q", "rows_zero_from", "token rows 0-33 match, rows 34-38 are zero (by "
+                                                                     "the printed sum"),
+    # tinyBLAS reads activation row j % 32 for row j: rows 32-38 repeat rows 0-6, and at layer 0's q_proj
+    # the printed rows 36-38 hold the same token ids as rows 4-6 (the chat template's "|>\n"): right by
+    # coincidence. Only the printed sum (0.2 % off) sees it; the hint says where the error must lie.
+    "sgemm_rows_wrap": ("layers.0.attn.q", "unprinted", "the printed values match, the printed sum does not: the "
+                                                        "error lies in the values the log does not print"),
+    # flash attention's one-chunk kernel (39 query rows < its 64-row tile), f16 GGUF at the defaults
+    "fa_no_rescale": ("layers.0.attn.context", "all_rows_but_first", "printed token row 0 matches, every later "
+                                                                     "printed token row differs: query row 0 sees one "
+                                                                     "key only"),
+    "rope_sin_sign": ("layers.0.attn.q_rope", "all_rows_but_first", "printed token row 0 matches, every later printed "
+                                                                    "token row differs: position 0 is where RoPE"),
+    "mask_off_by_one": ("layers.0.attn.context", "all_rows_but_last", "every printed token row but the last (38) "
+                                                                      "differs: queries see keys after their own"),
+    # flash attention's GQA broadcast h % n_kv (8 heads, 2 KV heads): the fused node's printed heads, read
+    # per head from the merged [T, H*D], are wrong exactly where h % 2 and h // 4 differ
+    "gqa_broadcast": ("layers.0.attn.context", "heads", "printed heads 1, 6 differ, printed heads 0, 2, 5, 7 match: "
+                                                        "the GQA broadcast: query head h must read KV head h // 4"),
+}
+
+
 @pytest.fixture(scope="module")
 def ggufs(small_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("llamacpp_gguf")
@@ -76,7 +106,7 @@ def worst_ratio(result: dict) -> float:
 
 
 @pytest.mark.parametrize("case", ["clean_fp32_short", "clean_fp32_long", "clean_default_short",
-                                  "clean_default_long", "clean_q8_0_short"])
+                                  "clean_default_long", "clean_q8_0_short", "amx_fp32_short"])
 def test_correct_engine_matches_with_its_precision_emulated(case, ggufs, logs, tmp_path, capsys):
     rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
     assert rc == 0, result["first_divergence"]
@@ -85,7 +115,7 @@ def test_correct_engine_matches_with_its_precision_emulated(case, ggufs, logs, t
     compared = {e["tap"] for e in result["entries"]}
     assert {"embed", "layers.0.attn.q_rope", "layers.0.attn.k_rope", "layers.0.attn.context", "layers.3.out",
             "final_norm", "logits"} <= compared
-    fp32 = case.startswith("clean_fp32")
+    fp32 = CASES[case]["settings"].startswith("fp32")
     assert ("layers.0.attn.probs" in compared) == fp32  # flash attention prints no softmax
     reasons = {n["key"]: n["reason"] for n in result["not_compared"]}
     assert "RMSNorm before its weight" in reasons["norm-0 (RMS_NORM)"]
@@ -253,3 +283,27 @@ def test_the_fused_flash_attention_node_is_compared_and_shows_what_kqv_out_hides
     fused = [e for e in result["entries"] if "FLASH_ATTN_EXT" in e["key"] and e["metric"] != "sum_rel"]
     assert rc == 0 and [e["tap"] for e in fused] == [f"layers.{i}.attn.context" for i in range(4)]
     assert not any("FLASH_ATTN_EXT" in n["key"] for n in result["not_compared"])
+
+
+# --- faults patched into ggml's CPU kernels: the hint leads with the shape of the error ---------------
+
+
+@pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
+def test_each_kernel_fault_is_named_by_its_pattern_on_the_printed_corners(fault, ggufs, logs, tmp_path):
+    tap, name, words = KERNEL_FAULTS[fault]
+    case = f"fault_{fault}"
+    rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
+    div = result["first_divergence"]
+    assert rc == 1 and div["tap"] == tap, div
+    assert div["error"]["ratio"] >= 10, div["error"]
+    assert div["pattern"]["name"] == name and div["hint"].startswith(words), div["hint"]
+    if name == "heads":
+        assert div["pattern"]["evidence"]["reads"] == "h % 2", div["pattern"]
+
+
+def test_no_clean_log_of_either_kernel_path_has_a_pattern(ggufs, logs, tmp_path):
+    # the other way: the clean runs of the sgemm (f32) and flash attention (f16 defaults) paths on the
+    # same AMX CPU match, and no entry of theirs carries a pattern
+    for case in ("amx_fp32_short", "amx_default_short"):
+        rc, result = run_compare(tmp_path, "--against", logs(case), "--model", ggufs[CASES[case]["gguf_outtype"]])
+        assert rc == 0 and not [e for e in result["entries"] if e["details"].get("pattern")], case

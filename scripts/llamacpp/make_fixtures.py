@@ -76,9 +76,21 @@ CRASH_CASES: dict[str, tuple] = {
     "amx_q8_0_default_short": ("q8_0", "short", [], None, "q8_0 GGUF at the true defaults on an AMX CPU: "
                                "the AMX int8 matmul crashes (SIGSEGV) after the first tensor"),
 }
+# Kernel faults run where their kernel is the one that computes: tinyBLAS (llamafile sgemm) takes the
+# matmul only when weights and activations are both f32 (f16 weights go to the AMX buffer on an AMX
+# CPU, or to ggml's own vec_dot path with -nr), so the sgemm faults use the f32 GGUF and fp32 settings
+# (and -fa off, so attention's K*Q and V*softmax are f32 tinyBLAS matmuls too).
+FAULT_SETTINGS: dict[str, tuple[str, list[str]]] = {
+    "sgemm_rows_zero": ("f32", FP32),
+    "sgemm_last_tile_skipped": ("f32", FP32),
+    "sgemm_rows_wrap": ("f32", FP32),
+}
+AMX_CASES["amx_fp32_short"] = ("f32", "short", FP32, None, "correct engine, fp32, on an AMX CPU: the f32 matmuls run "
+                               "in tinyBLAS (llamafile sgemm) with AVX512, where the sgemm faults are patched")
 FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
 for _f in FAULT_PATCHES:
-    CASES[f"fault_{_f}"] = ("f16", "short", [], _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
+    _outtype, _extra = FAULT_SETTINGS.get(_f, ("f16", []))
+    CASES[f"fault_{_f}"] = (_outtype, "short", _extra, _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
 
 
 def run(cmd, **kw):
@@ -244,6 +256,23 @@ def provenance(manifest: dict) -> str:
         "- CPU: the features ggml reports in the log's system_info line. `AMX_INT8` marks the cases made on a CPU",
         "  with AMX (the `amx_*` cases), where the defaults put f16 weights in the AMX extra buffer (f32 matmul",
         "  inputs) and `-nr` turns that off; the other cases were made on an AVX2 CPU (no extra buffer for f16).",
+        "- Kernel faults (`sgemm_rows_zero`, `sgemm_last_tile_skipped`, `sgemm_rows_wrap`, `fa_no_rescale`, `rope_sin_sign`,",
+        "  `mask_off_by_one`; made on the AMX CPU) are patched where the computing kernel runs, read from the",
+        "  source and confirmed by the fault showing in the log (`amx_fp32_short` is the same path, clean):",
+        "  - the f32 matmuls (f32 GGUF, `-fa off -ctk f32 -ctv f32`) run in tinyBLAS, `ggml-cpu/llamafile/sgemm.cpp`",
+        "    (`ggml_compute_forward_mul_mat` tries `llamafile_sgemm` first when both operands are f32; the AMX",
+        "    buffer holds only f16 and quantized weights and CPU_REPACK repacks no f32). With AVX512 (32 vector",
+        "    registers) it tiles the 39 token rows (its N) in blocks of RN = 6, then RN-1 = 5 (rows 0-23 by 6,",
+        "    24-38 by 5): `sgemm_rows_zero` loads zeros for activation rows >= 32 inside the 29-33 block;",
+        "    `sgemm_last_tile_skipped` skips the block that ends at row 38, so rows 34-38 are never written (they",
+        "    print as zero: the buffer was fresh); `sgemm_rows_wrap` reads activation row j mod 32 for row j, so",
+        "    rows 32-38 repeat rows 0-6 (stale);",
+        "  - flash attention at the defaults runs `ggml_compute_forward_flash_attn_ext_f16_one_chunk` in",
+        "    `ggml-cpu/ops.cpp` (39 query rows < GGML_FA_TILE_Q = 64, the tiled kernel's minimum), one key at a",
+        "    time: `fa_no_rescale` drops its rescale of the running output and sum when the maximum rises;",
+        "  - `rope_sin_sign` negates sin in both rope caches of `ggml-cpu/ops.cpp` (the backward rotation);",
+        "  - `mask_off_by_one` is in llama.cpp's mask builder (`src/llama-kv-cache.cpp`, `p0 > p1 + 1`): the CPU",
+        "    flash attention kernel reads whatever mask the graph gives it.",
         "",
         "| case | preset, seed | GGUF | prompt | settings | fault | AMX | log bytes | xz bytes |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -34,15 +34,19 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the table here")
-    ap.add_argument("--only", metavar="GLOB", help="only the cases whose name matches, e.g. 'amx_*'")
+    ap.add_argument("--only", metavar="GLOB", nargs="+", help="only the cases whose name matches one, e.g. 'amx_*'")
+    ap.add_argument("--patterns", action="store_true",
+                    help="also the table of each fault's first divergence: its pattern and the hint's first words")
     args = ap.parse_args(argv)
     cases = json.loads((FIXTURES / "cases.json").read_text())["cases"]
     if args.only:
         import fnmatch
 
-        cases = {k: v for k, v in cases.items() if fnmatch.fnmatch(k, args.only)}
+        cases = {k: v for k, v in cases.items() if any(fnmatch.fnmatch(k, g) for g in args.only)}
     rows = ["| case | llama.cpp settings | GGUF | AMX CPU | matmul path | exit | first divergence | worst value/tolerance |",
             "|---|---|---|---|---|---|---|---|"]
+    shapes = ["| case | first divergence | pattern | the hint's first words (the pattern's, up to its first colon) |",
+              "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ggufs = {}
@@ -69,13 +73,17 @@ def main(argv=None) -> int:
                 div = result["first_divergence"]
                 first = f"`{div['tap']}`" if div else "none (match)"
                 worst = f"{div['error']['ratio']:.0f}x over" if div else f"{ratio:.2f} (under 1)"
+                if div:
+                    shape = div["pattern"]["name"] if div["pattern"] else "none"
+                    lead = div["pattern"]["words"] if div["pattern"] else div["hint"].split(": ")[0]
+                    shapes.append(f"| `{name}` | `{div['tap']}` | {shape} | {lead} |")
             else:
                 said = re.search(r"\((\d+ ids vs \d+ expected).*?\): (.*?)\. Nothing", err.getvalue())
                 first = f"none: token mismatch ({said.group(1)}: {said.group(2)})" if said else err.getvalue().strip()
                 worst = "-"
             amx = "yes" if "AMX_INT8 = 1" in c.get("cpu", "") else "no"
             rows.append(f"| `{name}` | {c['settings']} | {c['gguf_outtype']} | {amx} | {path} | {rc} | {first} | {worst} |")
-    table = "\n".join(rows)
+    table = "\n".join(rows + (["", *shapes] if args.patterns else []))
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
