@@ -11,9 +11,11 @@ is visible in its output; see the module's tables for what each class covers.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -691,9 +693,10 @@ def test_generate_options(name, extra, words, tiny_dir, capfd):
 
 
 @pytest.mark.parametrize("extra", [["--top-k", "31999", "--seed", "0"], ["--seed", str(2**64 - 1)],
-                                   ["--temperature", "0", "--top-k", "50000"]])
+                                   ["--top-p", "0.5", "--seed", "3"]])
 def test_generate_options_accepted(extra, tiny_dir, capfd):
-    """The limits are the real ones: just inside them generation runs (greedy ignores top-k)."""
+    """The limits are the real ones: just inside them generation runs (greedy with --top-k is refused:
+    test_contracts_unused_option)."""
     rc, out, err = invoke(["generate", "--model", tiny_dir, "--dtype", "float32", "--max-tokens", "2",
                            "--temperature", "0.7", *extra], capfd)
     assert rc == 0, err
@@ -1293,6 +1296,406 @@ def test_sigterm_exits_130_and_keeps_the_earlier_output(lab):
 
 
 # ---------------------------------------------------------------------------------------------
+# Contracts (class "contracts", issue 24): every command's declared paths (contracts.Spec), probed
+# from the specs: each output onto each input (declared, or implied: a manifest's tensors, a sharded
+# dump's index and shards, a step directory's files, the llama.cpp binary, a vectors directory's
+# files), onto another output, into the synthetic cache and a model directory; each repeated
+# single-valued option, each empty value and each option a mode does not use. All refused with one
+# line, exit 2, every input byte-identical, before anything loads.
+
+PATH_METAVAR = re.compile(r"PATH|FILE|DIR|REF|BIN|MODULE|\.(json|safetensors|html|gputrace|gguf)$")
+
+
+def _commands():
+    """(name, parser, spec) of every command and vectors subcommand, from the CLI's own parser."""
+    parser = trace.build_parser()
+    out = []
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        subs = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            for sname, ssub in subs[0].choices.items():
+                out.append((f"{name} {sname}", ssub, ssub.get_default("_spec")))
+        else:
+            out.append((name, sub, sub.get_default("_spec")))
+    return out
+
+
+def path_options(parser) -> set[str]:
+    """The options of `parser` that name a path, by their metavar or dest (a new --out PATH too)."""
+    found = set()
+    for a in parser._actions:
+        metavar = a.metavar if isinstance(a.metavar, str) else ""
+        if isinstance(a, argparse._HelpAction) or not (PATH_METAVAR.search(metavar) or a.dest in ("model", "dir")):
+            continue
+        found.add(a.option_strings[0] if a.option_strings else a.dest.upper())
+    return found
+
+
+def test_contracts_every_path_option_is_declared():
+    """A command cannot forget: an option naming a path that its spec does not declare fails here,
+    and so does a declared option the parser lacks."""
+    commands = _commands()
+    assert len(commands) >= 11  # every command, vectors' three subcommands
+    for name, parser, spec in commands:
+        assert spec is not None, f"{name} has no contracts.Spec"
+        declared = {p.option for p in spec.paths}
+        options = {o for a in parser._actions for o in a.option_strings} | {a.dest.upper() for a in parser._actions
+                                                                            if not a.option_strings}
+        assert path_options(parser) <= declared, f"{name}: undeclared path options {path_options(parser) - declared}"
+        assert declared <= options, f"{name}: declared options it does not have: {declared - options}"
+        for rule in spec.unused:
+            assert rule.option in options, f"{name}: rule for an option it does not have: {rule.option}"
+
+
+def test_contracts_walker_sees_a_new_path_option():
+    """The walk above can fail: a parser given a new path option has it in path_options."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trace-out", metavar="PATH.json")
+    parser.add_argument("--count", type=int)
+    assert path_options(parser) == {"--trace-out"}
+
+
+def _contract_lab(root: Path, tiny_dir: Path, cfg: dict) -> dict:
+    """Every kind of input a command reads, made once (contents need not be valid: the check comes first)."""
+    if (root / "made").exists():
+        return json.loads((root / "made").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    model = model_dir(root, "model", tiny_dir, cfg)
+    f = {"model": model, "model/config.json": model / "config.json", "model/model.safetensors": model /
+         "model.safetensors", "model/tokenizer.model": model / "tokenizer.model"}
+    f["prompt"] = _write(root / "prompt.txt", b"Hello")
+    f["ref"] = _write(root / "ref.json", b'{"format": "mlx_tinyllama.reference/1"}')
+    f["ref/tensors"] = _write(root / "ref.safetensors", b"x")
+    f["against"] = root / "against.safetensors"  # sharded: only its index and shards exist
+    f["against/index"] = _write(root / "against.safetensors.index.json", json.dumps({"weight_map": {
+        "embed": "against-00001.safetensors", "logits": "against-00002.safetensors"}}).encode())
+    f["against/shard1"] = _write(root / "against-00001.safetensors", b"1")
+    f["against/shard2"] = _write(root / "against-00002.safetensors", b"2")
+    f["map"] = _write(root / "map.json", b'{"tok": "embed"}')
+    (root / "steps").mkdir()
+    f["steps"] = root / "steps"
+    f["steps/s0"] = _write(root / "steps" / "s0.safetensors", b"0")
+    f["steps/s1"] = _write(root / "steps" / "s1.safetensors", b"1")
+    (root / "bin").mkdir()
+    f["bin"] = root / "bin"
+    f["bin/binary"] = _write(root / "bin" / "llama-eval-callback", b"#!/bin/sh\nexit 9\n")
+    f["bin/binary"].chmod(0o755)
+    f["gguf"] = _write(root / "m.gguf", b"GGUF")
+    (root / "vec").mkdir()
+    f["vec"] = root / "vec"
+    f["vec/manifest"] = _write(root / "vec" / "manifest.json", b"{}")
+    f["vec/matmul"] = _write(root / "vec" / "matmul.safetensors", b"m")
+    f["results"] = _write(root / "results.safetensors", b"r")
+    f["engine"] = _write(root / "engine.py", b"def f(op, inputs, params):\n    return None\n")
+    (root / "made").write_text(json.dumps({k: str(v) for k, v in f.items()}))
+    return {k: str(v) for k, v in f.items()}
+
+
+# Every command and mode, with each of its path options: {NAME} is an input of the lab, <--opt> a
+# fresh output path. Together they must name every option of every spec (checked below).
+CONTRACT_EXAMPLES = {
+    "run": ["run", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>", "--dump", "<--dump>",
+            "--report", "<--report>", "--plots", "<--plots>"],
+    "run-plain": ["run", "--model", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
+    "run-compare": ["run", "--model", "{model}", "--token-ids", "1,2", "--compare", "{ref}", "--json", "<--json>",
+                    "--report", "<--report>", "--plots", "<--plots>"],
+    "compare-ref": ["compare", "--ref", "{ref}", "--model", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
+    "compare-ref-against": ["compare", "--ref", "{ref}", "--against", "{against}", "--map", "{map}", "--model",
+                            "{model}", "--json", "<--json>", "--report", "<--report>", "--plots", "<--plots>"],
+    "compare-against": ["compare", "--against", "{against}", "--model", "{model}", "--prompt-file", "{prompt}",
+                        "--json", "<--json>", "--report", "<--report>", "--plots", "<--plots>"],
+    "compare-steps": ["compare", "--against-steps", "{steps}", "{results}", "--map", "{map}", "--model", "{model}",
+                      "--prompt-file", "{prompt}", "--json", "<--json>"],
+    "llamacpp": ["llamacpp", "--gguf", "{gguf}", "--llama-cpp", "{bin}", "--prompt-file", "{prompt}", "--log",
+                 "<--log>", "--json", "<--json>", "--report", "<--report>", "--plots", "<--plots>"],
+    "tokens": ["tokens", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>"],
+    "generate": ["generate", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>"],
+    "generate-sampling": ["generate", "--model", "{model}", "--temperature", "0.7", "--json", "<--json>"],
+    "paths": ["paths", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>", "--report",
+              "<--report>", "--plots", "<--plots>"],
+    "paths-plain": ["paths", "--model", "{model}", "--json", "<--json>"],
+    "stability-plain": ["stability", "--model", "{model}", "--json", "<--json>"],
+    "llamacpp-plain": ["llamacpp", "--gguf", "{gguf}", "--llama-cpp", "{bin}", "--prompt", "hi", "--json", "<--json>"],
+    "stability": ["stability", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>", "--report",
+                  "<--report>", "--plots", "<--plots>"],
+    "bench": ["bench", "--model", "{model}", "--json", "<--json>", "--metal-capture", "<--metal-capture>"],
+    "bench-no-taps": ["bench", "--model", "{model}", "--no-tap-overhead", "--no-stages", "--json", "<--json>"],
+    "vectors-write": ["vectors", "write", "<DIR>", "--model", "{model}"],
+    "vectors-run": ["vectors", "run", "{vec}", "--engine", "{engine}:f", "--out", "<--out>"],
+    "vectors-check": ["vectors", "check", "{vec}", "--results", "{results}", "--json", "<--json>", "--report",
+                      "<--report>"],
+}
+FRESH = {"--json": "out.json", "--dump": "out.safetensors", "--report": "out.html", "--plots": "plots",
+         "--log": "llama.log", "--metal-capture": "cap.gputrace", "--out": "res.safetensors", "DIR": "vectors-out"}
+# The implied inputs each example's spec must find: the probes below land outputs on them.
+IMPLIED = {"{ref}": ["ref/tensors"], "{against}": ["against/index", "against/shard1", "against/shard2"],
+           "{steps}": ["steps/s0", "steps/s1"], "{bin}": ["bin/binary"], "{vec}": ["vec/manifest", "vec/matmul"],
+           "{model}": ["model/config.json", "model/model.safetensors", "model/tokenizer.model"],
+           "{engine}:f": ["engine"]}
+
+
+def _argv(example: str, lab_files: dict, out_root: Path, change: dict | None = None) -> list[str]:
+    argv = []
+    for a in CONTRACT_EXAMPLES[example]:
+        if a.startswith("<"):
+            a = (change or {}).get(a[1:-1], str(out_root / FRESH[a[1:-1]]))
+        else:
+            a = re.sub(r"\{(\w+)\}", lambda m: lab_files[m.group(1)], a)
+        argv.append(a)
+    return argv
+
+
+def _inputs_of(example: str) -> list[str]:
+    """The lab inputs an example reads: named ones and what they imply."""
+    found = []
+    for a in CONTRACT_EXAMPLES[example]:
+        for m in re.finditer(r"\{(\w+)\}", a):
+            found.append(m.group(1))
+        found += IMPLIED.get(a, [])
+    return list(dict.fromkeys(found))
+
+
+def _write_options(example: str) -> list[str]:
+    return [a[1:-1] for a in CONTRACT_EXAMPLES[example] if a.startswith("<")]
+
+
+def _contract_probes():
+    """(example, output option, target): every output onto every input, another output, the cache and the model."""
+    probes = []
+    for ex in CONTRACT_EXAMPLES:
+        writes, reads = _write_options(ex), _inputs_of(ex)
+        for w in writes:
+            probes += [(ex, w, f"input:{r}") for r in reads if r not in ("model", "bin", "steps", "vec")
+                       or w in ("--plots", "--metal-capture", "DIR")]
+            probes += [(ex, w, f"output:{o}") for o in writes if o != w]
+            probes += [(ex, w, "cache")]
+            if "model" in reads:
+                probes += [(ex, w, "in-model-dir")]
+        if "--dump" in writes:
+            probes += [(ex, w, "dump-part") for w in writes if w != "--dump"]
+    return probes
+
+
+CONTRACT_PROBES = _contract_probes()
+
+
+@pytest.fixture(scope="session")
+def contract_lab(lab, tiny_dir, tiny_config):
+    return _contract_lab(lab / "contracts", tiny_dir, tiny_config)
+
+
+def _parse(argv):
+    parser = trace.build_parser()
+    args = parser.parse_args(argv)
+    return args, trace.check_given(args)
+
+
+def test_contracts_examples_cover_every_spec(contract_lab, lab):
+    """Every declared path option of every command appears in an example (so the probes reach it), each
+    example passes the check as given (the clean side: no false refusal), and each spec finds the implied
+    inputs the probes land on."""
+    covered: dict = {}
+    out_root = lab / "contracts-clean"
+    out_root.mkdir(exist_ok=True)
+    for ex in CONTRACT_EXAMPLES:
+        args, given = _parse(_argv(ex, contract_lab, out_root))
+        args._spec.check(args, given)  # no error: fresh outputs, nothing unused
+        covered.setdefault(id(args._spec), set()).update(a for a in CONTRACT_EXAMPLES[ex] if a.startswith("-"))
+        covered[id(args._spec)].update(["DIR"] if args.command == "vectors" else [])
+        found = {str(p) for p in args._spec.inputs(args).values()}
+        for key in _inputs_of(ex):
+            if key not in ("model", "bin", "steps", "vec") and not key.startswith("model/"):
+                assert contract_lab[key] in found, f"{ex}: the spec does not find {key}"
+    for name, parser, spec in _commands():
+        missing = {p.option for p in spec.paths} - covered.get(id(spec), set())
+        assert not missing, f"{name}: no example names {missing}"
+
+
+@pytest.mark.parametrize("example,option,target", CONTRACT_PROBES,
+                         ids=[f"{e}:{o}={t}" for e, o, t in CONTRACT_PROBES])
+def test_contracts_output_refused(example, option, target, contract_lab, lab, capfd):
+    out_root = lab / "contracts-out"
+    out_root.mkdir(exist_ok=True)
+    kind, _, key = target.partition(":")
+    if kind == "input":
+        path = contract_lab[key]
+    elif kind == "output":  # the same fresh path as the other output
+        path = str(out_root / FRESH[key])
+    elif kind == "cache":
+        path = str(Path(os.environ["MLX_TINYLLAMA_CACHE"]) / FRESH[option])
+    elif kind == "in-model-dir":
+        path = str(Path(contract_lab["model"]) / FRESH[option])
+    else:  # dump-part: onto the index or a shard that --dump may write
+        path = str(out_root / "out.safetensors.index.json")
+    argv = _argv(example, contract_lab, out_root, {option: path})
+    if kind == "output":
+        argv = _argv(example, contract_lab, out_root, {option: path, key: path})
+    cache = Path(os.environ["MLX_TINYLLAMA_CACHE"])
+    before = snapshot(Path(contract_lab["model"]).parent), sorted(cache.rglob("*"))  # (the cache's names only)
+    rc, _, err = invoke(argv, capfd)
+    assert_one_error(rc, err, 2, r"input|inside|same path|would also write|not a directory|is a directory")
+    assert (snapshot(Path(contract_lab["model"]).parent), sorted(cache.rglob("*"))) == before
+
+
+def _rules():
+    out = []
+    for ex in CONTRACT_EXAMPLES:
+        args, _ = _parse(_argv(ex, {k: "x" for k in IMPLIED_KEYS}, Path("/nonexistent")))
+        out += [(ex, r.option) for r in args._spec.unused]
+    return out
+
+
+IMPLIED_KEYS = ["model", "prompt", "ref", "against", "map", "steps", "bin", "gguf", "vec", "engine", "results"]
+UNUSED_VALUES = {"--dump-shard-mb": "8", "--top-k": "3", "--top-p": "0.9", "--seed": "1", "--attention-layers": "0",
+                 "--attention-heads": "0", "--layout": "hf", "--map": "{map}", "--against-dtype": "float32",
+                 "--emulate": "fp32", "--require": "logits", "--all": None, "--prompt": "hi", "--prompt-file":
+                 "{prompt}", "--token-ids": "1,2", "--chat": "hi", "--system": "be brief", "--bos": None,
+                 "--tokenizer": "hf", "--tap-layer": "1", "--tap-decode-tokens": "2", "--tap-prompt-length": "8"}
+UNUSED_PROBES = _rules()
+
+
+@pytest.mark.parametrize("example,option", UNUSED_PROBES, ids=[f"{e}:{o}" for e, o in UNUSED_PROBES])
+def test_contracts_unused_option(example, option, contract_lab, lab, capfd):
+    """Each rule of each spec, in each example: refused where the mode would ignore the option, accepted
+    (by the check) where it is used; every rule is refused in at least one example (test below)."""
+    out_root = lab / "contracts-unused"
+    out_root.mkdir(exist_ok=True)
+    value = UNUSED_VALUES[option]
+    extra = [option] + ([re.sub(r"\{(\w+)\}", lambda m: contract_lab[m.group(1)], value)] if value else [])
+    argv = _without_prompt(_argv(example, contract_lab, out_root), option)
+    if option in argv:
+        pytest.skip("the example gives it already")
+    if option == "--system":  # (it needs --chat)
+        extra = ["--chat", "hi", *extra]
+    args, given = _parse(argv + extra)
+    rule = next(r for r in args._spec.unused if r.option == option)
+    rc, _, err = invoke(argv + extra, capfd)
+    if rule.applies(args):
+        assert "is not used" not in err, err
+    else:
+        assert_one_error(rc, err, 2, ("(--chat|--system)" if option == "--system" else re.escape(option))
+                         + " is not used")
+
+
+PROMPT_GROUP = ("--prompt", "--prompt-file", "--token-ids", "--chat", "--system")
+
+
+def _without_prompt(argv: list[str], option: str) -> list[str]:
+    """`argv` less its prompt option when `option` is another one of the group (argparse allows one)."""
+    if option not in PROMPT_GROUP:
+        return argv
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in PROMPT_GROUP:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def test_contracts_every_rule_refused_somewhere(contract_lab):
+    """Each unused-option rule is refused by at least one example, so each has a failing probe."""
+    refused = set()
+    for ex, option in UNUSED_PROBES:
+        value = UNUSED_VALUES[option]
+        extra = [option] + ([re.sub(r"\{(\w+)\}", lambda m: contract_lab[m.group(1)], value)] if value else [])
+        argv = _argv(ex, contract_lab, Path("/nonexistent"))
+        argv = _without_prompt(argv, option)
+        if option in argv:
+            continue
+        args, _ = _parse(argv + extra + (["--chat", "hi"] if option == "--system" else []))
+        if not next(r for r in args._spec.unused if r.option == option).applies(args):
+            refused.add((args.command, option))
+    rules = {(n.split()[0], r.option) for n, _, spec in _commands() for r in spec.unused}
+    assert rules <= refused, rules - refused
+
+
+def _single_valued():
+    """(example, option, value) for each single-valued option of each command, to give twice."""
+    out, seen = [], set()
+    for ex in CONTRACT_EXAMPLES:
+        parser = trace.build_parser()
+        args = parser.parse_args(_argv(ex, {k: "x" for k in IMPLIED_KEYS}, Path("/nonexistent")))
+        command = " ".join([args.command] + ([args.vectors_command] if args.command == "vectors" else []))
+        sub = next(p for n, p, _ in _commands() if n == command)
+        for a in sub._actions:
+            if not a.option_strings or isinstance(a, (argparse._HelpAction, *trace._REPEATABLE)) or \
+                    (command, a.dest) in seen:
+                continue
+            seen.add((command, a.dest))
+            if isinstance(a, argparse.BooleanOptionalAction):
+                value = None
+            elif a.choices:
+                value = str(list(a.choices)[0])
+            elif a.type in (int, float):
+                value = "1"
+            else:
+                value = "x"
+            out.append((ex, a.option_strings[0], value))
+    return out
+
+
+REPEAT_PROBES = _single_valued()
+
+
+@pytest.mark.parametrize("example,option,value", REPEAT_PROBES, ids=[f"{e}:{o}" for e, o, _ in REPEAT_PROBES])
+def test_contracts_repeated_option_refused(example, option, value, contract_lab, lab, capfd):
+    """Twice (argparse keeps the last, the first lost): refused, whatever the option."""
+    argv = _without_prompt(_argv(example, contract_lab, lab), option)
+    argv = [a for i, a in enumerate(argv) if a != option and (i == 0 or argv[i - 1] != option)]
+    if value is None:  # --bos then --no-bos: a contradiction
+        twice = [option, "--no-" + option[2:]]
+        words = "contradict"
+    else:
+        twice = [option, value, option, value]
+        words = re.escape(option) + " given twice"
+    with pytest.raises(trace.UserError, match=words):
+        _parse(argv + twice)
+    rc, _, err = invoke(argv + twice, capfd)
+    assert_one_error(rc, err, 2, words)
+
+
+@pytest.mark.parametrize("option,value", [("--tol", "nmse=1e-3"), ("--taps", "logits"), ("--require", "logits")])
+def test_contracts_repeatable_options_merge(option, value, contract_lab, lab):
+    """The clean side: an option documented as repeatable keeps every value."""
+    argv = _argv("compare-against", contract_lab, lab) if option != "--taps" else \
+        _argv("run", contract_lab, lab)
+    args, _ = _parse(argv + [option, value, option, value + "*"])
+    assert getattr(args, option[2:]) == [value, value + "*"]
+
+
+def _string_options():
+    out = []
+    for ex, option, value in REPEAT_PROBES:
+        if value == "x":
+            spec = _parse(_argv(ex, {k: "x" for k in IMPLIED_KEYS}, Path("/nonexistent")))[0]._spec
+            if option not in spec.empty_ok:
+                out.append((ex, option))
+    return out
+
+
+EMPTY_PROBES = _string_options()
+
+
+@pytest.mark.parametrize("example,option", EMPTY_PROBES, ids=[f"{e}:{o}" for e, o in EMPTY_PROBES])
+def test_contracts_empty_value_refused(example, option, contract_lab, lab, capfd):
+    argv = _without_prompt(_argv(example, contract_lab, lab), option)
+    if option in argv:
+        i = argv.index(option)
+        argv = argv[:i] + argv[i + 2:]
+    rc, _, err = invoke(argv + [option, ""], capfd)
+    assert_one_error(rc, err, 2, re.escape(option) + ": an empty value")
+
+
+def test_contracts_llama_args_may_be_empty(contract_lab, lab):
+    """--llama-args '' is its default (no extra arguments): declared empty_ok, not refused."""
+    args, given = _parse(_argv("llamacpp", contract_lab, lab / "contracts-clean") + ["--llama-args", ""])
+    args._spec.check(args, given)
+
+
+# ---------------------------------------------------------------------------------------------
 # The census: how many probes each class holds, counted from what pytest collected (print with -s)
 
 CLASS_OF = {
@@ -1303,7 +1706,7 @@ CLASS_OF = {
     "prompt": ("test_prompt_", "test_compare_ids", "test_long_prompt", "test_tokens_table"),
     "outputs": ("test_outputs_", "test_failed_write", "test_successful_write"),
     "references": ("test_references", "test_llamacpp", "test_reference_manifest", "test_name_map"),
-    "cache": ("test_synthetic_cache",), "process": ("test_unexpected", "test_debug", "test_process", "test_sigterm"),
+    "cache": ("test_synthetic_cache",), "contracts": ("test_contracts_",), "process": ("test_unexpected", "test_debug", "test_process", "test_sigterm"),
 }
 
 

@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import cli_common, outputs
+from .. import cli_common, contracts, outputs
+from ..contracts import READ_ANY, READ_FILE, WRITE_FILE, PathOption
 from ..compare import compare, run_side
 from ..errors import UserError
 from ..refs.llamacpp import parse_llamacpp_log
@@ -29,6 +30,22 @@ from ..tolerances import Tolerances
 
 BINARY = "llama-eval-callback"
 BUILD_HINT = "build it with `bash scripts/llamacpp/build.sh` (llama.cpp from the llama-cpp-python sdist, ~17 min on 2 cores)"
+
+
+def _binary(value, args) -> dict:
+    """The binary this run would start (given, on $PATH or built here): an input like the GGUF."""
+    try:
+        return {f"the {BINARY} binary": find_binary(value)}
+    except UserError:
+        return {}  # main() says how to build it
+
+
+SPEC = contracts.Spec(
+    paths=(PathOption("--gguf", READ_FILE), PathOption("--llama-cpp", READ_ANY, implies=_binary, always=True),
+           PathOption("--log", WRITE_FILE), cli_common.JSON_PATH, *cli_common.REPORT_PATHS, cli_common.PROMPT_PATH),
+    unused=cli_common.REPORT_UNUSED,
+    empty_ok=("--llama-args",),  # '' is its default: no extra arguments
+)
 
 
 def add_arguments(p) -> None:
@@ -93,19 +110,17 @@ def main(args) -> int:
     if args.token_ids is not None:
         raise UserError("--token-ids cannot be given to llama-eval-callback (it takes text): use --prompt, "
                         "--prompt-file or --chat")
-    cli_common.check_outputs(args)
-    if args.log:
-        outputs.check_file(args.log, "--log")
     binary = find_binary(args.llama_cpp)
     tol = Tolerances.from_overrides(args.tol)
     args.model, args.dtype, args.policy, args.kernels, args.download = str(gguf), "float32", "hf", None, False
     lm = cli_common.load_model(args)
+    tol.check_patterns(lm.config.num_hidden_layers)  # a glob for a layer this model lacks
     if args.bos is False and lm.source.details.get("add_bos_token") is not False:
         args.bos = True  # llama.cpp adds BOS when the GGUF says so (tokenizer.ggml.add_bos_token)
     prompt = cli_common.prompt_for(args, lm)
     log = run_eval_callback(binary, gguf, prompt.text, args.threads, args.llama_args.split())
     if args.log:
-        Path(args.log).write_text(log, encoding="utf-8")
+        outputs.write_text(args.log, log)  # atomic: a full disk leaves the earlier log
     candidate = parse_llamacpp_log(log, f"llama.cpp ({binary.name}, {gguf.name})")
     cli_common.check_tokens(candidate, prompt.ids, lm)
     engine = cli_common.emulate_engine(args, candidate, lm)
