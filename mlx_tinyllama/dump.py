@@ -92,7 +92,8 @@ class StreamingDump(Taps):
             if reason is None:
                 raise
             self.abort()
-            raise OutputError(f"cannot write {path}: {reason}; the earlier dump (if any) is unchanged") from None
+            raise OutputError(f"cannot write {self.path} (its shard {path.name}): {reason}; the earlier dump (if any) "
+                              "is unchanged") from None
         self.shards.append((path, list(self.tensors)))
         for n, x in self.tensors.items():
             self._done[n] = tensor_stats(x, stage_of(n).token_axis)

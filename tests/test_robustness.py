@@ -839,7 +839,7 @@ PROMPT_CASES = [  # (name, argv builder given a scratch dir, words)
     ("prompt-2MB", lambda d: ["--prompt", "x" * (2 << 20)], "bytes"),
     ("chat-2MB", lambda d: ["--chat", "x" * (2 << 20)], "bytes"),
     ("system-without-chat", lambda d: ["--system", "be brief"], "--system needs --chat"),
-    ("ids-empty", lambda d: ["--token-ids", ""], "no token ids"),
+    ("ids-empty", lambda d: ["--token-ids", ""], "--token-ids: an empty value"),  # (the CLI refuses any empty value)
     ("ids-brackets-empty", lambda d: ["--token-ids", "[]"], "no token ids"),
     ("ids-double-comma", lambda d: ["--token-ids", "1,,2"], "not an integer"),
     ("ids-word", lambda d: ["--token-ids", "1,abc"], "not an integer"),
@@ -881,7 +881,7 @@ def test_prompt_inputs(command, name, build, words, lab, tiny_dir, capfd):
 
 @pytest.mark.parametrize("name,ids,words", [
     ("compare-ids-word", "1,x", "not an integer"), ("compare-ids-outside", "1,40000", "outside the vocabulary"),
-    ("compare-ids-empty", "", "no token ids")])
+    ("compare-ids-empty", "", "--compare-ids: an empty value")])
 def test_compare_ids(name, ids, words, capfd):
     rc, _, err = invoke(["tokens", "--prompt", "hello", "--compare-ids", ids], capfd)
     assert_one_error(rc, err, 2, words)
@@ -1073,6 +1073,108 @@ def test_failed_write_keeps_the_earlier_file(name, fail, code, words, lab, tiny_
     assert_one_error(rc, err, code, words)
     assert target.read_bytes() == OLD
     assert snapshot(out_dir, tiny_dir) == before  # no temporary file left beside it
+
+
+# A failed write is exit 1 naming the path whichever library raised it (issue 24 item 5): MLX raises
+# RuntimeError, not OSError, for a full disk; safetensors' Rust writer SafetensorError.
+MLX_FULL_DISK = RuntimeError("[write] Unable to write 1048576 bytes to file.")
+
+
+@pytest.mark.parametrize("exc,is_write", [
+    (OSError(28, "No space left on device"), True),
+    (MLX_FULL_DISK, True),
+    (RuntimeError("[save_safetensors] Failed to open file /x/y.safetensors"), True),
+    (type("SafetensorError", (Exception,), {})("Error while serializing: IoError(Os { code: 28, kind: "
+                                               "StorageFull, message: \"No space left on device\" })"), True),
+    (RuntimeError("[eval] Attempting to eval an array without a primitive"), False),
+    (ValueError("could not broadcast"), False),
+    (TypeError("unhashable type"), False),
+    (KeyboardInterrupt(), False),
+])
+def test_failed_write_classified(exc, is_write):
+    from mlx_tinyllama.outputs import write_failure
+
+    assert (write_failure(exc) is not None) == is_write
+
+
+def test_failed_write_a_bug_stays_a_bug(lab):
+    """The other side: an error inside a write that is not a failed write is not called one (exit 3, not 1)."""
+    from mlx_tinyllama import outputs
+
+    target = _existing(lab / "bug.json")
+    with pytest.raises(TypeError):
+        with outputs.atomic_path(target):
+            raise TypeError("a bug")
+    assert target.read_bytes() == OLD and [p.name for p in lab.glob(".bug.json*")] == []
+
+
+@pytest.fixture(scope="session")
+def quick_vectors(lab):
+    d = lab / "vectors-quick"
+    rc = trace.main(["vectors", "write", str(d), "--model", "synthetic:tiny", "--dtype", "float32", "--quick"])
+    assert rc == 0
+    return d
+
+
+LIBRARY_WRITES = ["run-dump", "vectors-write", "vectors-run", "run-json-mlx-style"]
+
+
+@pytest.mark.parametrize("case", LIBRARY_WRITES)
+def test_failed_write_from_any_library(case, lab, tiny_dir, quick_vectors, monkeypatch, capfd):
+    import mlx.core as mx
+
+    from mlx_tinyllama import outputs
+
+    out = lab / "library-writes" / case
+    out.mkdir(parents=True)
+    real = mx.save_safetensors
+
+    def full_disk(path, *a, **k):  # half a file, then MLX's error
+        real(path, *a, **k)
+        Path(path).write_bytes(Path(path).read_bytes()[:64])
+        raise MLX_FULL_DISK
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    if case == "run-dump":
+        target = _existing(out / "d.safetensors")
+        argv = ["run", "--model", tiny_dir, "--dtype", "float32", "--token-ids", "1,2,3", "--dump", target]
+    elif case == "vectors-write":
+        target = out / "vec"
+        argv = ["vectors", "write", target, "--model", "synthetic:tiny", "--dtype", "float32", "--quick"]
+    elif case == "vectors-run":
+        target = _existing(out / "results.safetensors")
+        argv = ["vectors", "run", quick_vectors, "--engine", "mlx_tinyllama.vectors.engine:fused", "--out", target,
+                "--ops", "rms_norm"]
+    else:  # a JSON write that fails with a non-OSError (as a library wrapping the file would raise)
+        target = _existing(out / "r.json")
+        monkeypatch.setattr(outputs.os, "fsync", lambda fd: (_ for _ in ()).throw(MLX_FULL_DISK))
+        argv = ["run", "--model", tiny_dir, "--dtype", "float32", "--token-ids", "1,2,3", "--json", target]
+    before = snapshot(out, quick_vectors)
+    rc, _, err = invoke(argv, capfd)
+    assert_one_error(rc, err, 1, "cannot write .*" + re.escape(target.name) + ".*Unable to write")
+    if target.is_file():
+        assert target.read_bytes() == OLD
+    after = snapshot(out, quick_vectors)
+    if case == "vectors-write":  # what a failed set-write leaves is the bounds work's (issue 24 item 2)
+        return
+    assert after == before
+
+
+def test_unreadable_model_directory_is_bad_input(lab, tiny_dir, tiny_config, monkeypatch, capfd):
+    """A model directory the user cannot list: exit 2 naming it (was exit 3 from the output check)."""
+    import pathlib
+
+    d = model_dir(lab / "unlistable", "m", tiny_dir, tiny_config)
+    real = pathlib.Path.iterdir
+
+    def deny(self):
+        if self == d:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", deny)
+    rc, _, err = invoke(["run", "--model", d, "--token-ids", "1,2", "--json", lab / "unlistable" / "o.json"], capfd)
+    assert_one_error(rc, err, 2, re.escape(str(d)) + ".*Permission denied")
 
 
 def test_successful_write_replaces_atomically(lab, tiny_dir, capfd):
