@@ -81,6 +81,8 @@ def _reports(args) -> bool:
     return bool(getattr(args, "report", None) or getattr(args, "plots", None))
 
 
+PROMPT_UNUSED = (Unused("--bos", lambda a: getattr(a, "token_ids", None) is None,
+                        "with --token-ids (the ids are taken as given, with or without BOS)"),)
 REPORT_UNUSED = tuple(Unused(o, _reports, "without --report or --plots (it chooses what they show)")
                       for o in ("--attention-layers", "--attention-heads"))
 
@@ -112,7 +114,7 @@ def add_prompt_arguments(parser) -> None:
     which = group.add_mutually_exclusive_group()
     which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
     which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
-    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (--bos ignored)")
+    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (give BOS, id 1, in them)")
     which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
     group.add_argument("--system", metavar="TEXT", help="system message for --chat")
     group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,

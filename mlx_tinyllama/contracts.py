@@ -89,7 +89,10 @@ class Spec:
             values = _values(getattr(args, p.dest, None))
             for v in values:
                 if p.role != MODEL and p.value_is_path:
-                    found[f"{p.option} {v}" if len(values) > 1 else p.option] = Path(v).expanduser()
+                    path = Path(v).expanduser()
+                    if not path.exists() and "#" in v:  # --ref BUNDLE#SOURCE
+                        path = Path(v.partition("#")[0]).expanduser()
+                    found[f"{p.option} {v}" if len(values) > 1 else p.option] = path
             if p.implies and (values or p.always):
                 for v in values or [None]:
                     found.update(_safe(p.implies, v, args))

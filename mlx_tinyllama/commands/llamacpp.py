@@ -43,7 +43,7 @@ def _binary(value, args) -> dict:
 SPEC = contracts.Spec(
     paths=(PathOption("--gguf", READ_FILE), PathOption("--llama-cpp", READ_ANY, implies=_binary, always=True),
            PathOption("--log", WRITE_FILE), cli_common.JSON_PATH, *cli_common.REPORT_PATHS, cli_common.PROMPT_PATH),
-    unused=cli_common.REPORT_UNUSED,
+    unused=cli_common.REPORT_UNUSED,  # (--token-ids is refused outright: llama.cpp takes text)
     empty_ok=("--llama-args",),  # '' is its default: no extra arguments
 )
 

@@ -13,7 +13,8 @@ from ..taps import tap_names
 from ..cli_common import fmt
 
 SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH,
-                             *cli_common.REPORT_PATHS), unused=cli_common.REPORT_UNUSED)
+                             *cli_common.REPORT_PATHS),
+                      unused=(*cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED))
 
 
 def add_arguments(p) -> None:

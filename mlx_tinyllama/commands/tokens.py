@@ -27,7 +27,8 @@ def add_arguments(p) -> None:
                    help="write the prompt {ids, pieces, text, source} (and the alignment) as JSON")
 
 
-SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH))
+SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH),
+                      unused=cli_common.PROMPT_UNUSED)
 
 
 def _tokenizer_location(spec: str) -> Path:
