@@ -1160,7 +1160,34 @@ def test_failed_write_from_any_library(case, lab, tiny_dir, quick_vectors, monke
     assert after == before
 
 
-def test_unreadable_model_directory_is_bad_input(lab, tiny_dir, tiny_config, monkeypatch, capfd):
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for llama-eval-callback")
+@pytest.mark.parametrize("fail", [False, True])
+def test_failed_write_llamacpp_log(fail, lab, tiny_dir, monkeypatch, capfd):
+    """`llamacpp --log` (was written in place, unchecked): the binary's output replaces the earlier log in
+    one rename; a failed write is exit 1 naming it, the earlier log intact, no temporary file left."""
+    from mlx_tinyllama import outputs
+    from mlx_tinyllama.gguf_write import convert
+
+    root = lab / "llamacpp-log" / str(fail)
+    root.mkdir(parents=True)
+    gguf = root / "m.gguf"
+    convert(tiny_dir, gguf, "f32")
+    binary = _write(root / "llama-eval-callback", b"#!/bin/sh\necho 'not a log line'\n")
+    binary.chmod(0o755)
+    log = _existing(root / "llama.log")
+    if fail:
+        monkeypatch.setattr(outputs.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on "
+                                                                                          "device")))
+    rc, _, err = invoke(["llamacpp", "--gguf", gguf, "--llama-cpp", binary, "--prompt", "hi", "--log", log], capfd)
+    if fail:
+        assert_one_error(rc, err, 1, "cannot write .*llama.log.*No space left")
+        assert log.read_bytes() == OLD
+    else:  # written, then refused as a log that is not llama.cpp's (exit 2)
+        assert rc == 2 and log.read_text() == "not a log line\n", err
+    assert sorted(p.name for p in root.iterdir()) == ["llama-eval-callback", "llama.log", "m.gguf"]
+
+
+def test_model_paths_unlistable_dir(lab, tiny_dir, tiny_config, monkeypatch, capfd):
     """A model directory the user cannot list: exit 2 naming it (was exit 3 from the output check)."""
     import pathlib
 
