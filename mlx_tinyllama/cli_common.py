@@ -114,7 +114,8 @@ def add_prompt_arguments(parser) -> None:
     which = group.add_mutually_exclusive_group()
     which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
     which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
-    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (give BOS, id 1, in them)")
+    which.add_argument("--token-ids", metavar="1,2,3",
+                       help="token ids given directly, not tokenized (BOS, id 1, is in them or not: --bos is refused)")
     which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
     group.add_argument("--system", metavar="TEXT", help="system message for --chat")
     group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,

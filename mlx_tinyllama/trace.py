@@ -1,10 +1,11 @@
 """`python -m mlx_tinyllama.trace [COMMAND] ...`: the command-line tool.
 
-Each command lives in `mlx_tinyllama/commands/<name>.py` with `add_arguments(parser)`
-and `main(args) -> int`. `run` is the default command. A `UserError` anywhere
-becomes one `error: ...` line on stderr and exit code 2; a failed write (disk full,
-read-only) exit 1; Ctrl-C or SIGTERM exit 130; any other exception is a bug: one
-line and exit 3, with the traceback under `--debug`.
+Each command lives in `mlx_tinyllama/commands/<name>.py` with `add_arguments(parser)`,
+`main(args) -> int` and `SPEC` (contracts.py: its paths and the options a mode does not
+use), checked here before `main` runs, with repeated and empty options. `run` is the
+default command. A `UserError` anywhere becomes one `error: ...` line on stderr and exit
+code 2; a failed write (disk full, read-only) exit 1; Ctrl-C or SIGTERM exit 130; any
+other exception is a bug: one line and exit 3, with the traceback under `--debug`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _track(parser) -> None:
-    """Every option of `parser` (and of its subcommands) records, when given, (dest, flag, value)
+    """Every option of `parser` (and of its subcommands) records, when given, (action, flag, value)
     in the namespace's `_given`: argparse itself keeps only the last value of a repeated option."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -108,7 +109,8 @@ def check_given(args) -> set[str]:
 
 
 def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."  # a 2 MB --prompt stays one short line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1311,12 +1311,53 @@ def test_reference_manifest(name, change, words, lab, capfd):
     ("map-list", lambda d: _write(d / "m.json", b"[]"), "JSON object"),
     ("map-bad-tap", lambda d: _write(d / "m.json", b'{"a": "layers.0.nope"}'), "canonical tap"),
     ("map-value-int", lambda d: _write(d / "m.json", b'{"a": 1}'), "JSON object"),
+    ("map-two-names-one-tap", lambda d: _write(d / "m.json", b'{"a": "embed", "b": "embed"}'),
+     "'a' and 'b' both map to embed"),
 ])
 def test_name_map(name, setup, words, lab, stats_ref, capfd):
     d = lab / "maps" / name
     d.mkdir(parents=True)
     rc, _, err = invoke(["compare", "--ref", stats_ref, "--against", stats_ref, "--map", setup(d)], capfd)
     assert_one_error(rc, err, 2, words)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_name_map_onto_a_canonical_name(mapped, lab, tiny_dir, capfd):
+    """A dump holding `embed` and `tok`, with --map {tok: embed}: two tensors for one tap (one was silently
+    dropped); refused naming both. Without the map `tok` is only not comparable (the clean side)."""
+    from safetensors.numpy import save_file
+
+    d = lab / "maps" / f"collide-{mapped}"
+    d.mkdir(parents=True)
+    x = np.zeros((2, 64), np.float32)
+    save_file({"embed": x, "tok": x + 1}, str(d / "dump.safetensors"), metadata={"tokens": "[1, 2]"})
+    argv = ["compare", "--against", d / "dump.safetensors", "--model", tiny_dir, "--dtype", "float32"]
+    if mapped:
+        argv += ["--map", _write(d / "m.json", b'{"tok": "embed"}')]
+    rc, out, err = invoke(argv, capfd)
+    if mapped:
+        assert_one_error(rc, err, 2, "'(tok|embed)' and '(tok|embed)' are both embed")
+    else:
+        assert rc in (0, 1) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("glob,refused", [("layers.5.attn.q", True), ("layers.1.attn.q", False)])
+def test_name_map_tol_glob_of_the_model(glob, refused, lab, tiny_dir, tiny_config, capfd):
+    """`compare --tol` globs are checked against the loaded model (a 2-layer model has no layers.5), not
+    against any model (which let a typo keep the derived tolerance without a word)."""
+    assert tiny_config["num_hidden_layers"] == 2
+    d = lab / "maps" / f"tol-{refused}"
+    d.mkdir(parents=True)
+    x = np.zeros((2, 64), np.float32)
+    from safetensors.numpy import save_file
+
+    save_file({"embed": x}, str(d / "dump.safetensors"), metadata={"tokens": "[1, 2]"})
+    rc, _, err = invoke(["compare", "--against", d / "dump.safetensors", "--model", tiny_dir, "--dtype", "float32",
+                         "--tol", f"{glob}:nmse=1e-3"], capfd)
+    if refused:
+        assert_one_error(rc, err, 2, "layers.5.attn.q.*matches no stage of a 2-layer model")
+    else:
+        assert rc in (0, 1) and "matches no stage" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1836,7 +1877,8 @@ CLASS_OF = {
     "prompt": ("test_prompt_", "test_compare_ids", "test_long_prompt", "test_tokens_table"),
     "outputs": ("test_outputs_", "test_failed_write", "test_successful_write"),
     "references": ("test_references", "test_llamacpp", "test_reference_manifest", "test_name_map"),
-    "cache": ("test_synthetic_cache",), "contracts": ("test_contracts_",), "process": ("test_unexpected", "test_debug", "test_process", "test_sigterm"),
+    "cache": ("test_synthetic_cache",), "contracts": ("test_contracts_",),
+    "process": ("test_unexpected", "test_debug", "test_process", "test_sigterm"),
 }
 
 
