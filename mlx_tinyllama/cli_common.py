@@ -81,6 +81,14 @@ def _reports(args) -> bool:
     return bool(getattr(args, "report", None) or getattr(args, "plots", None))
 
 
+def _may_download(args) -> bool:
+    """Whether --model could be a Hugging Face repo id (not synthetic, no such local path)."""
+    spec = getattr(args, "model", None)
+    return spec is None or not (str(spec).startswith("synthetic") or Path(spec).expanduser().exists())
+
+
+MODEL_UNUSED = (Unused("--download", _may_download,
+                       "with a synthetic or local --model (it fetches a Hugging Face repo id)"),)
 PROMPT_UNUSED = (Unused("--bos", lambda a: getattr(a, "token_ids", None) is None,
                         "with --token-ids (the ids are taken as given, with or without BOS)"),)
 REPORT_UNUSED = tuple(Unused(o, _reports, "without --report or --plots (it chooses what they show)")

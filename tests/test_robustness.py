@@ -1722,7 +1722,8 @@ UNUSED_VALUES = {"--dump-shard-mb": "8", "--top-k": "3", "--top-p": "0.9", "--se
                  "--attention-heads": "0", "--layout": "hf", "--map": "{map}", "--against-dtype": "float32",
                  "--emulate": "fp32", "--require": "logits", "--all": None, "--prompt": "hi", "--prompt-file":
                  "{prompt}", "--token-ids": "1,2", "--chat": "hi", "--system": "be brief", "--bos": None,
-                 "--tokenizer": "hf", "--tap-layer": "1", "--tap-decode-tokens": "2", "--tap-prompt-length": "8"}
+                 "--tokenizer": "hf", "--download": None,
+                 "--tap-layer": "1", "--tap-decode-tokens": "2", "--tap-prompt-length": "8"}
 UNUSED_PROBES = _rules()
 
 
@@ -1858,6 +1859,19 @@ def test_contracts_empty_value_refused(example, option, contract_lab, lab, capfd
         argv = argv[:i] + argv[i + 2:]
     rc, _, err = invoke(argv + [option, ""], capfd)
     assert_one_error(rc, err, 2, re.escape(option) + ": an empty value")
+
+
+@pytest.mark.parametrize("model,refused", [("synthetic:tiny", True), ("{model}", True),
+                                          ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", False)])
+def test_contracts_download_only_for_a_repo_id(model, refused, contract_lab):
+    """--download is used only when --model could be a Hugging Face repo id (the clean side: the check
+    passes for one; nothing is fetched here)."""
+    args, given = _parse(["run", "--model", model.format(**contract_lab), "--download"])
+    if refused:
+        with pytest.raises(trace.UserError, match="--download is not used"):
+            args._spec.check(args, given)
+    else:
+        args._spec.check(args, given)
 
 
 def test_contracts_llama_args_may_be_empty(contract_lab, lab):

@@ -13,6 +13,7 @@ from ..errors import UserError
 SPEC = contracts.Spec(
     paths=(cli_common.MODEL_PATH, cli_common.JSON_PATH, PathOption("--metal-capture", WRITE_DIR)),
     unused=(Unused("--tap-layer", lambda a: a.tap_overhead, "with --no-tap-overhead (it picks the dumped layer)"),
+            *cli_common.MODEL_UNUSED,
             Unused("--tap-decode-tokens", lambda a: a.tap_overhead, "with --no-tap-overhead"),
             Unused("--tap-prompt-length", lambda a: a.tap_overhead or a.stages,
                    "with --no-tap-overhead and --no-stages")),

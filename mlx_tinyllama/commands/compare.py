@@ -55,7 +55,7 @@ SPEC = contracts.Spec(
             Unused("--all", lambda a: not a.against_steps, "with --against-steps (every step is listed)"),
             *(Unused(o, _runs_ours, "with both --ref and --against (nothing is run: their dump is compared with "
                                     "the stored reference)") for o in _PROMPT_OPTIONS),
-            *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED),
+            *cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED),
 )
 
 

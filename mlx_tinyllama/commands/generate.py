@@ -18,7 +18,7 @@ from ..cli_common import fmt
 SPEC = contracts.Spec(
     paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH),
     unused=tuple(Unused(o, lambda a: a.temperature > 0, "with greedy decoding (--temperature 0; it shapes sampling)")
-                 for o in ("--top-p", "--top-k", "--seed")) + cli_common.PROMPT_UNUSED,
+                 for o in ("--top-p", "--top-k", "--seed")) + cli_common.MODEL_UNUSED + cli_common.PROMPT_UNUSED,
 )
 
 

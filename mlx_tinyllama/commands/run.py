@@ -17,7 +17,7 @@ SPEC = contracts.Spec(
            PathOption("--compare", READ_FILE, implies=contracts.dump_files), *cli_common.REPORT_PATHS),
     unused=(Unused("--dump-shard-mb", lambda a: bool(a.dump), "without --dump"),
             Unused("--top-k", lambda a: not a.compare, "with --compare (a comparison shows no next tokens)"),
-            *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED),
+            *cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED),
 )
 
 def add_arguments(p) -> None:

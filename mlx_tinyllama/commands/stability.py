@@ -14,7 +14,7 @@ from ..cli_common import fmt
 
 SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH,
                              *cli_common.REPORT_PATHS),
-                      unused=(*cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED))
+                      unused=(*cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED))
 
 
 def add_arguments(p) -> None:

@@ -21,7 +21,8 @@ from ..results import ResultHeader
 
 _VECTORS = PathOption("DIR", READ_DIR, implies=contracts.directory_files)
 SPECS = {  # one per subcommand
-    "write": contracts.Spec(paths=(PathOption("DIR", WRITE_DIR), cli_common.MODEL_PATH)),
+    "write": contracts.Spec(paths=(PathOption("DIR", WRITE_DIR), cli_common.MODEL_PATH),
+                            unused=cli_common.MODEL_UNUSED),
     "run": contracts.Spec(paths=(_VECTORS, PathOption("--engine", READ_FILE, implies=contracts.engine_file,
                                                       value_is_path=False),
                                  PathOption("--out", WRITE_FILE))),
