@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             given = check_given(args)
             # The command's declared contract, before anything loads: options it would not use,
             # outputs that would land on an input, a model or the cache (contracts.py)
-            args._spec.check(args, given)
+            spec = getattr(args, "_spec", None)
+            if spec is None:  # a bug of a new command, caught by tests/test_robustness.py too
+                raise RuntimeError(f"command {args.command!r} declares no SPEC (contracts.py)")
+            spec.check(args, given)
             return int(args._main(args) or 0)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
