@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import outputs, runtime, sources
+from . import contracts, outputs, runtime, sources
+from .contracts import MODEL, READ_FILE, WRITE_DIR, WRITE_FILE, PathOption, Unused
 from .outputs import write_json  # noqa: F401  (re-exported)
 from .errors import UserError
 from .ops import KERNELS, POLICIES
@@ -71,40 +72,40 @@ def load_model(args) -> sources.LoadedModel:
             prog.stop()
 
 
-# Every output option a command may have: file outputs, then directory outputs; and every input.
-FILE_OUTPUTS = ("json", "report", "dump", "suggest_map")
-DIR_OUTPUTS = ("plots",)
-INPUTS = ("ref", "against", "map", "compare", "prompt_file")
+# Pieces of the commands' specs (contracts.py) that several commands share.
+MODEL_PATH = PathOption("--model", MODEL)
+PROMPT_PATH = PathOption("--prompt-file", READ_FILE)
+JSON_PATH = PathOption("--json", WRITE_FILE)
+REPORT_PATHS = (PathOption("--report", WRITE_FILE), PathOption("--plots", WRITE_DIR))
+
+
+def _reports(args) -> bool:
+    return bool(getattr(args, "report", None) or getattr(args, "plots", None))
+
+
+def _may_download(args) -> bool:
+    """Whether --model could be a Hugging Face repo id (not synthetic, no such local path)."""
+    spec = getattr(args, "model", None)
+    return spec is None or not (str(spec).startswith("synthetic") or Path(spec).expanduser().exists())
+
+
+MODEL_UNUSED = (Unused("--download", _may_download,
+                       "with a synthetic or local --model (it fetches a Hugging Face repo id)"),)
+PROMPT_UNUSED = (Unused("--bos", lambda a: getattr(a, "token_ids", None) is None,
+                        "with --token-ids (the ids are taken as given, with or without BOS)"),)
+REPORT_UNUSED = tuple(Unused(o, _reports, "without --report or --plots (it chooses what they show)")
+                      for o in ("--attention-layers", "--attention-heads"))
 
 
 def check_outputs(args) -> None:
-    """Every output option the command has, checked before the model loads, so a bad output path
-    costs nothing and leaves no partial outputs: writable, not an input of this run, not inside the
-    model directory or the synthetic cache, no two the same (outputs.check_run)."""
-    files = {"--" + n.replace("_", "-"): getattr(args, n, None) for n in FILE_OUTPUTS}
-    dirs = {"--" + n: getattr(args, n, None) for n in DIR_OUTPUTS}
-    inputs = {}
-    for name in INPUTS:
-        value = getattr(args, name, None)
-        if value:
-            inputs["--" + name.replace("_", "-")] = value
-            sibling = Path(value).with_suffix(".safetensors")  # a manifest's tensors live beside it
-            if Path(value).suffix == ".json" and sibling.exists():
-                inputs[f"--{name}'s tensors"] = sibling
-    from . import synthetic
-
-    protected = {"the synthetic model cache": synthetic.cache_root()}
-    spec = getattr(args, "model", None)
-    if spec and not spec.startswith("synthetic"):
-        model = Path(spec).expanduser()
-        if model.is_dir():
-            protected["the model directory"] = model
-            for f in model.iterdir():  # a hard link elsewhere to one of its files is that file
-                if f.is_file():
-                    inputs[f"--model's {f.name}"] = f
-        elif model.exists():
-            inputs["--model"] = model
-    outputs.check_run(files, dirs, inputs, protected)
+    """The paths of this run against its command's declared spec (contracts.py): every output
+    writable, none an input (declared or implied: a manifest's tensors, a dump's shards, a step
+    directory's files, the llama.cpp binary), none inside the model directory or the synthetic
+    cache, no two the same. The CLI runs it before each command; a bad output path costs nothing."""
+    spec = getattr(args, "_spec", None)
+    if spec is None:
+        raise AssertionError("a command without a contracts.Spec: declare its paths (SPEC in its module)")
+    contracts.check_paths(spec, args)
 
 
 check_writable = outputs.check_file  # the older name, for callers on other branches
@@ -123,7 +124,8 @@ def add_prompt_arguments(parser) -> None:
     which = group.add_mutually_exclusive_group()
     which.add_argument("--prompt", metavar="TEXT", help="raw prompt text (no chat template)")
     which.add_argument("--prompt-file", metavar="PATH", help="raw prompt text from a UTF-8 file, taken byte for byte")
-    which.add_argument("--token-ids", metavar="1,2,3", help="token ids given directly, not tokenized (--bos ignored)")
+    which.add_argument("--token-ids", metavar="1,2,3",
+                       help="token ids given directly, not tokenized (BOS, id 1, is in them or not: --bos is refused)")
     which.add_argument("--chat", metavar="USER", help="user message, rendered with the model's chat template")
     group.add_argument("--system", metavar="TEXT", help="system message for --chat")
     group.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,

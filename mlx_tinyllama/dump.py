@@ -41,7 +41,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import OutputError, UserError
-from .outputs import atomic_path
+from .outputs import atomic_path, write_failure
 from .taps import Taps, split_name, stage_of, tensor_stats
 
 INDEX_SUFFIX = ".index.json"
@@ -99,9 +99,13 @@ class StreamingDump(Taps):
             os.close(fd)
             self._pending.append(Path(tmp))
             mx.save_safetensors(tmp, self.tensors, metadata=self.metadata)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001: MLX raises RuntimeError for a failed write, not OSError
+            reason = write_failure(e)
+            if reason is None:
+                raise
             self.abort()
-            raise OutputError(f"cannot write {path}: {e.strerror or e}; the earlier dump (if any) is unchanged") from None
+            raise OutputError(f"cannot write {self.path} (its shard {path.name}): {reason}; the earlier dump (if any) "
+                              "is unchanged") from None
         self.shards.append((path, list(self.tensors)))
         for n, x in self.tensors.items():
             self._done[n] = tensor_stats(x, stage_of(n).token_axis)

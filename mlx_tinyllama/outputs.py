@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,11 +32,44 @@ def atomic_path(path, suffix: str = ""):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}; the earlier file (if any) is unchanged") from None
+    except Exception as e:  # noqa: BLE001: a failed write from any library is exit 1; anything else re-raised
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {path}: {reason}; the earlier file (if any) is unchanged") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+# What the libraries we write with raise for a failed write, other than OSError: MLX's RuntimeError
+# ("[write] Unable to write ...", "[save_safetensors] Failed to open file ..."), safetensors' Rust
+# SafetensorError ("Error while serializing: IoError(...)"), a matplotlib/PIL error that wraps one.
+_WRITE_FAILURE = re.compile(r"^\[(write|save\w*)\]|unable to write|failed to open file|ioerror|no space left|"
+                            r"disk quota|read-only file system|input/output error", re.IGNORECASE)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why writing failed, when `e` is a failed write raised by any library (OSError: numpy, json,
+    Python's own files; MLX; safetensors); None when it is something else (a bug, an interrupt)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    if isinstance(e, Exception) and _WRITE_FAILURE.search(str(e)):
+        return " ".join(str(e).split())
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, what: str = ""):
+    """Any write to `path` inside: a failed write, whichever library raised it, becomes OutputError
+    (exit 1) naming the path."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001: see write_failure
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {what + ' ' if what else ''}{path}: {reason}") from None
 
 
 def _mode(path: Path) -> int:
@@ -86,16 +120,16 @@ def check_run(files: dict, dirs: dict, inputs: dict, protected: dict) -> None:
         check_file(path, option)
     for option, path in dirs.items():
         check_dir(path, option)
-    real_inputs = {what: _real(p) for what, p in inputs.items() if p}
+    real_inputs = {what: real_path(p) for what, p in inputs.items() if p}
     seen: dict = {}
     for option, path in [*files.items(), *dirs.items()]:
-        real = _real(path)
+        real = real_path(path)
         for what, inp in real_inputs.items():
             if real == inp or _same_file(path, inp) or (option in dirs and _inside(inp, real)):
                 raise UserError(f"{option} {path} is an input of this run ({what}); outputs never overwrite inputs: "
                                 "give another path")
         for what, d in protected.items():
-            if d and _inside(real, _real(d)):
+            if d and _inside(real, real_path(d)):
                 raise UserError(f"{option} {path} is inside {what} {d}; outputs never go there (they would "
                                 "change the model): give a path outside it")
         for other, other_real in seen.items():
@@ -107,7 +141,8 @@ def check_run(files: dict, dirs: dict, inputs: dict, protected: dict) -> None:
             raise UserError(f"cannot write {option} {path}: its directory {parent} is not writable")
 
 
-def _real(path) -> Path:
+def real_path(path) -> Path:
+    """The path with symlinks resolved (a symlink to an input is that input)."""
     return Path(os.path.realpath(Path(path).expanduser()))
 
 

@@ -1,10 +1,11 @@
 """`python -m mlx_tinyllama.trace [COMMAND] ...`: the command-line tool.
 
-Each command lives in `mlx_tinyllama/commands/<name>.py` with `add_arguments(parser)`
-and `main(args) -> int`. `run` is the default command. A `UserError` anywhere
-becomes one `error: ...` line on stderr and exit code 2; a failed write (disk full,
-read-only) exit 1; Ctrl-C or SIGTERM exit 130; any other exception is a bug: one
-line and exit 3, with the traceback under `--debug`.
+Each command lives in `mlx_tinyllama/commands/<name>.py` with `add_arguments(parser)`,
+`main(args) -> int` and `SPEC` (contracts.py: its paths and the options a mode does not
+use), checked here before `main` runs, with repeated and empty options. `run` is the
+default command. A `UserError` anywhere becomes one `error: ...` line on stderr and exit
+code 2; a failed write (disk full, read-only) exit 1; Ctrl-C or SIGTERM exit 130; any
+other exception is a bug: one line and exit 3, with the traceback under `--debug`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,69 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
         p.set_defaults(_main=module.main)
+        if getattr(module, "SPEC", None) is not None:  # (vectors: each subcommand sets its own)
+            p.set_defaults(_spec=module.SPEC)
+        _track(p)
     return parser
+
+
+# --- options mean one thing -----------------------------------------------------------------
+
+
+def _track(parser) -> None:
+    """Every option of `parser` (and of its subcommands) records, when given, (action, flag, value)
+    in the namespace's `_given`: argparse itself keeps only the last value of a repeated option."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _track(sub)
+        elif action.option_strings and not isinstance(action, (argparse._HelpAction, _Tracked)):
+            action.__class__ = type(f"Tracked{type(action).__name__}", (_Tracked, type(action)), {})
+
+
+class _Tracked(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_given", None)
+        if given is None:
+            given = []
+            setattr(namespace, "_given", given)
+        given.append((self, option_string, values))
+        super().__call__(parser, namespace, values, option_string)
+
+
+# Options whose repetition is their meaning (each adds a value) or harmless (a flag set twice).
+_REPEATABLE = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._ExtendAction,
+               argparse._StoreTrueAction, argparse._StoreFalseAction)
+
+
+def check_given(args) -> set[str]:
+    """A single-valued option given twice, or an option given an empty value, is refused (argparse
+    would keep the last value without a word). Returns the dests given explicitly."""
+    given = getattr(args, "_given", [])
+    seen: dict = {}
+    for action, flag, value in given:
+        dest = action.dest
+        if dest in seen and not isinstance(action, _REPEATABLE):
+            first_flag, first = seen[dest]
+            if isinstance(action, argparse.BooleanOptionalAction):
+                if first_flag != flag:
+                    raise UserError(f"{first_flag} and {flag} both given: they contradict each other; give one")
+            else:
+                raise UserError(f"{flag} given twice ({first_flag} {_shown(first)}, then {flag} {_shown(value)}): "
+                                "it takes one value; give it once")
+        seen.setdefault(dest, (flag, value))
+    spec = getattr(args, "_spec", None)
+    empty_ok = spec.empty_ok if spec is not None else ()
+    for action, flag, value in given:
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values) and flag not in empty_ok:
+            raise UserError(f"{flag}: an empty value; give one, or leave {flag} out for its default")
+    return set(seen)
+
+
+def _shown(value) -> str:
+    text = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."  # a 2 MB --prompt stays one short line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug
     try:
         with _sigterm_as_interrupt():
+            given = check_given(args)
+            # The command's declared contract, before anything loads: options it would not use,
+            # outputs that would land on an input, a model or the cache (contracts.py)
+            spec = getattr(args, "_spec", None)
+            if spec is None:  # a bug of a new command, caught by tests/test_robustness.py too
+                raise RuntimeError(f"command {args.command!r} declares no SPEC (contracts.py)")
+            spec.check(args, given)
             return int(args._main(args) or 0)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

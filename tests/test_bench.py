@@ -22,8 +22,9 @@ REPEATS, DECODE, TAP_DECODE, LENGTHS = 2, 4, 3, (8, 20)
 
 def run_bench(tmp_path, *extra) -> dict:
     out = tmp_path / "bench.json"
+    taps = [] if "--no-tap-overhead" in extra else ["--tap-decode-tokens", str(TAP_DECODE)]  # (refused unused)
     argv = ["bench", "--model", "synthetic:tiny", "--dtype", "float32", "--prompt-lengths",
-            ",".join(map(str, LENGTHS)), "--decode-tokens", str(DECODE), "--decode-context", "6", "--tap-decode-tokens", str(TAP_DECODE),
+            ",".join(map(str, LENGTHS)), "--decode-tokens", str(DECODE), "--decode-context", "6", *taps,
             "--repeats", str(REPEATS), "--warmup", "1", "--json", str(out), *extra]
     assert main(argv) == 0
     return json.loads(out.read_text())

@@ -163,8 +163,10 @@ def test_command_streams_text_and_writes_json(tiny_dir, tmp_path, capfd):
 
 
 def test_temperature_zero_is_greedy(tiny_dir, tmp_path):
+    """Greedy by default and at --temperature 0; sampling options are refused there, not ignored."""
+    assert trace(["generate", "--model", str(tiny_dir), "--temperature", "0", "--top-p", "0.5", "--seed", "1"]) == 2
     outs = []
-    for extra in ([], ["--temperature", "0", "--top-p", "0.5", "--seed", "1"]):
+    for extra in ([], ["--temperature", "0"]):
         out = tmp_path / f"g{len(extra)}.json"
         trace(["generate", "--model", str(tiny_dir), "--dtype", "float32", "--max-tokens", "6", "--json", str(out),
                *extra])
@@ -174,7 +176,8 @@ def test_temperature_zero_is_greedy(tiny_dir, tmp_path):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("argv", [["--temperature", "-0.5"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"],
+@pytest.mark.parametrize("argv", [["--temperature", "-0.5"], ["--temperature", "0.7", "--top-p", "0"],
+                                  ["--temperature", "0.7", "--top-p", "1.5"], ["--temperature", "0.7", "--top-k", "-1"],
                                   ["--max-tokens", "0"], ["--taps", "logits"], ["--tap-step", "64"],
                                   ["--tap-step", "0", "--taps", "nope"], ["--json", "/nonexistent/g.json"]])
 def test_bad_input_exits_2(tiny_dir, argv, capsys):

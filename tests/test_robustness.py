@@ -11,9 +11,11 @@ is visible in its output; see the module's tables for what each class covers.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -691,9 +693,10 @@ def test_generate_options(name, extra, words, tiny_dir, capfd):
 
 
 @pytest.mark.parametrize("extra", [["--top-k", "31999", "--seed", "0"], ["--seed", str(2**64 - 1)],
-                                   ["--temperature", "0", "--top-k", "50000"]])
+                                   ["--top-p", "0.5", "--seed", "3"]])
 def test_generate_options_accepted(extra, tiny_dir, capfd):
-    """The limits are the real ones: just inside them generation runs (greedy ignores top-k)."""
+    """The limits are the real ones: just inside them generation runs (greedy with --top-k is refused:
+    test_contracts_unused_option)."""
     rc, out, err = invoke(["generate", "--model", tiny_dir, "--dtype", "float32", "--max-tokens", "2",
                            "--temperature", "0.7", *extra], capfd)
     assert rc == 0, err
@@ -836,7 +839,7 @@ PROMPT_CASES = [  # (name, argv builder given a scratch dir, words)
     ("prompt-2MB", lambda d: ["--prompt", "x" * (2 << 20)], "bytes"),
     ("chat-2MB", lambda d: ["--chat", "x" * (2 << 20)], "bytes"),
     ("system-without-chat", lambda d: ["--system", "be brief"], "--system needs --chat"),
-    ("ids-empty", lambda d: ["--token-ids", ""], "no token ids"),
+    ("ids-empty", lambda d: ["--token-ids", ""], "--token-ids: an empty value"),  # (the CLI refuses any empty value)
     ("ids-brackets-empty", lambda d: ["--token-ids", "[]"], "no token ids"),
     ("ids-double-comma", lambda d: ["--token-ids", "1,,2"], "not an integer"),
     ("ids-word", lambda d: ["--token-ids", "1,abc"], "not an integer"),
@@ -878,7 +881,7 @@ def test_prompt_inputs(command, name, build, words, lab, tiny_dir, capfd):
 
 @pytest.mark.parametrize("name,ids,words", [
     ("compare-ids-word", "1,x", "not an integer"), ("compare-ids-outside", "1,40000", "outside the vocabulary"),
-    ("compare-ids-empty", "", "no token ids")])
+    ("compare-ids-empty", "", "--compare-ids: an empty value")])
 def test_compare_ids(name, ids, words, capfd):
     rc, _, err = invoke(["tokens", "--prompt", "hello", "--compare-ids", ids], capfd)
     assert_one_error(rc, err, 2, words)
@@ -1072,6 +1075,135 @@ def test_failed_write_keeps_the_earlier_file(name, fail, code, words, lab, tiny_
     assert snapshot(out_dir, tiny_dir) == before  # no temporary file left beside it
 
 
+# A failed write is exit 1 naming the path whichever library raised it (issue 24 item 5): MLX raises
+# RuntimeError, not OSError, for a full disk; safetensors' Rust writer SafetensorError.
+MLX_FULL_DISK = RuntimeError("[write] Unable to write 1048576 bytes to file.")
+
+
+@pytest.mark.parametrize("exc,is_write", [
+    (OSError(28, "No space left on device"), True),
+    (MLX_FULL_DISK, True),
+    (RuntimeError("[save_safetensors] Failed to open file /x/y.safetensors"), True),
+    (type("SafetensorError", (Exception,), {})("Error while serializing: IoError(Os { code: 28, kind: "
+                                               "StorageFull, message: \"No space left on device\" })"), True),
+    (RuntimeError("[eval] Attempting to eval an array without a primitive"), False),
+    (ValueError("could not broadcast"), False),
+    (TypeError("unhashable type"), False),
+    (KeyboardInterrupt(), False),
+])
+def test_failed_write_classified(exc, is_write):
+    from mlx_tinyllama.outputs import write_failure
+
+    assert (write_failure(exc) is not None) == is_write
+
+
+def test_failed_write_a_bug_stays_a_bug(lab):
+    """The other side: an error inside a write that is not a failed write is not called one (exit 3, not 1)."""
+    from mlx_tinyllama import outputs
+
+    target = _existing(lab / "bug.json")
+    with pytest.raises(TypeError):
+        with outputs.atomic_path(target):
+            raise TypeError("a bug")
+    assert target.read_bytes() == OLD and [p.name for p in lab.glob(".bug.json*")] == []
+
+
+@pytest.fixture(scope="session")
+def quick_vectors(lab):
+    d = lab / "vectors-quick"
+    rc = trace.main(["vectors", "write", str(d), "--model", "synthetic:tiny", "--dtype", "float32", "--quick"])
+    assert rc == 0
+    return d
+
+
+LIBRARY_WRITES = ["run-dump", "vectors-write", "vectors-run", "run-json-mlx-style"]
+
+
+@pytest.mark.parametrize("case", LIBRARY_WRITES)
+def test_failed_write_from_any_library(case, lab, tiny_dir, quick_vectors, monkeypatch, capfd):
+    import mlx.core as mx
+
+    from mlx_tinyllama import outputs
+
+    out = lab / "library-writes" / case
+    out.mkdir(parents=True)
+    real = mx.save_safetensors
+
+    def full_disk(path, *a, **k):  # half a file, then MLX's error
+        real(path, *a, **k)
+        Path(path).write_bytes(Path(path).read_bytes()[:64])
+        raise MLX_FULL_DISK
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    if case == "run-dump":
+        target = _existing(out / "d.safetensors")
+        argv = ["run", "--model", tiny_dir, "--dtype", "float32", "--token-ids", "1,2,3", "--dump", target]
+    elif case == "vectors-write":
+        target = out / "vec"
+        argv = ["vectors", "write", target, "--model", "synthetic:tiny", "--dtype", "float32", "--quick"]
+    elif case == "vectors-run":
+        target = _existing(out / "results.safetensors")
+        argv = ["vectors", "run", quick_vectors, "--engine", "mlx_tinyllama.vectors.engine:fused", "--out", target,
+                "--ops", "rms_norm"]
+    else:  # a JSON write that fails with a non-OSError (as a library wrapping the file would raise)
+        target = _existing(out / "r.json")
+        monkeypatch.setattr(outputs.os, "fsync", lambda fd: (_ for _ in ()).throw(MLX_FULL_DISK))
+        argv = ["run", "--model", tiny_dir, "--dtype", "float32", "--token-ids", "1,2,3", "--json", target]
+    before = snapshot(out, quick_vectors)
+    rc, _, err = invoke(argv, capfd)
+    assert_one_error(rc, err, 1, "cannot write .*" + re.escape(target.name) + ".*Unable to write")
+    if target.is_file():
+        assert target.read_bytes() == OLD
+    after = snapshot(out, quick_vectors)
+    if case == "vectors-write":  # what a failed set-write leaves is the bounds work's (issue 24 item 2)
+        return
+    assert after == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for llama-eval-callback")
+@pytest.mark.parametrize("fail", [False, True])
+def test_failed_write_llamacpp_log(fail, lab, tiny_dir, monkeypatch, capfd):
+    """`llamacpp --log` (was written in place, unchecked): the binary's output replaces the earlier log in
+    one rename; a failed write is exit 1 naming it, the earlier log intact, no temporary file left."""
+    from mlx_tinyllama import outputs
+    from mlx_tinyllama.gguf_write import convert
+
+    root = lab / "llamacpp-log" / str(fail)
+    root.mkdir(parents=True)
+    gguf = root / "m.gguf"
+    convert(tiny_dir, gguf, "f32")
+    binary = _write(root / "llama-eval-callback", b"#!/bin/sh\necho 'not a log line'\n")
+    binary.chmod(0o755)
+    log = _existing(root / "llama.log")
+    if fail:
+        monkeypatch.setattr(outputs.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on "
+                                                                                          "device")))
+    rc, _, err = invoke(["llamacpp", "--gguf", gguf, "--llama-cpp", binary, "--prompt", "hi", "--log", log], capfd)
+    if fail:
+        assert_one_error(rc, err, 1, "cannot write .*llama.log.*No space left")
+        assert log.read_bytes() == OLD
+    else:  # written, then refused as a log that is not llama.cpp's (exit 2)
+        assert rc == 2 and log.read_text() == "not a log line\n", err
+    assert sorted(p.name for p in root.iterdir()) == ["llama-eval-callback", "llama.log", "m.gguf"]
+
+
+def test_model_paths_unlistable_dir(lab, tiny_dir, tiny_config, monkeypatch, capfd):
+    """A model directory the user cannot list: exit 2 naming it (was exit 3 from the output check)."""
+    import pathlib
+
+    d = model_dir(lab / "unlistable", "m", tiny_dir, tiny_config)
+    real = pathlib.Path.iterdir
+
+    def deny(self):
+        if self == d:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", deny)
+    rc, _, err = invoke(["run", "--model", d, "--token-ids", "1,2", "--json", lab / "unlistable" / "o.json"], capfd)
+    assert_one_error(rc, err, 2, re.escape(str(d)) + ".*Permission denied")
+
+
 def test_successful_write_replaces_atomically(lab, tiny_dir, capfd):
     """The clean side: the earlier file is replaced, no temporary file stays, the mode is a normal file's."""
     out_dir = lab / "ok-write"
@@ -1179,12 +1311,53 @@ def test_reference_manifest(name, change, words, lab, capfd):
     ("map-list", lambda d: _write(d / "m.json", b"[]"), "JSON object"),
     ("map-bad-tap", lambda d: _write(d / "m.json", b'{"a": "layers.0.nope"}'), "canonical tap"),
     ("map-value-int", lambda d: _write(d / "m.json", b'{"a": 1}'), "JSON object"),
+    ("map-two-names-one-tap", lambda d: _write(d / "m.json", b'{"a": "embed", "b": "embed"}'),
+     "'a' and 'b' both map to embed"),
 ])
 def test_name_map(name, setup, words, lab, stats_ref, capfd):
     d = lab / "maps" / name
     d.mkdir(parents=True)
     rc, _, err = invoke(["compare", "--ref", stats_ref, "--against", stats_ref, "--map", setup(d)], capfd)
     assert_one_error(rc, err, 2, words)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_name_map_onto_a_canonical_name(mapped, lab, tiny_dir, capfd):
+    """A dump holding `embed` and `tok`, with --map {tok: embed}: two tensors for one tap (one was silently
+    dropped); refused naming both. Without the map `tok` is only not comparable (the clean side)."""
+    from safetensors.numpy import save_file
+
+    d = lab / "maps" / f"collide-{mapped}"
+    d.mkdir(parents=True)
+    x = np.zeros((2, 64), np.float32)
+    save_file({"embed": x, "tok": x + 1}, str(d / "dump.safetensors"), metadata={"tokens": "[1, 2]"})
+    argv = ["compare", "--against", d / "dump.safetensors", "--model", tiny_dir, "--dtype", "float32"]
+    if mapped:
+        argv += ["--map", _write(d / "m.json", b'{"tok": "embed"}')]
+    rc, out, err = invoke(argv, capfd)
+    if mapped:
+        assert_one_error(rc, err, 2, "'(tok|embed)' and '(tok|embed)' are both embed")
+    else:
+        assert rc in (0, 1) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("glob,refused", [("layers.5.attn.q", True), ("layers.1.attn.q", False)])
+def test_name_map_tol_glob_of_the_model(glob, refused, lab, tiny_dir, tiny_config, capfd):
+    """`compare --tol` globs are checked against the loaded model (a 2-layer model has no layers.5), not
+    against any model (which let a typo keep the derived tolerance without a word)."""
+    assert tiny_config["num_hidden_layers"] == 2
+    d = lab / "maps" / f"tol-{refused}"
+    d.mkdir(parents=True)
+    x = np.zeros((2, 64), np.float32)
+    from safetensors.numpy import save_file
+
+    save_file({"embed": x}, str(d / "dump.safetensors"), metadata={"tokens": "[1, 2]"})
+    rc, _, err = invoke(["compare", "--against", d / "dump.safetensors", "--model", tiny_dir, "--dtype", "float32",
+                         "--tol", f"{glob}:nmse=1e-3"], capfd)
+    if refused:
+        assert_one_error(rc, err, 2, "layers.5.attn.q.*matches no stage of a 2-layer model")
+    else:
+        assert rc in (0, 1) and "matches no stage" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1293,6 +1466,421 @@ def test_sigterm_exits_130_and_keeps_the_earlier_output(lab):
 
 
 # ---------------------------------------------------------------------------------------------
+# Contracts (class "contracts", issue 24): every command's declared paths (contracts.Spec), probed
+# from the specs: each output onto each input (declared, or implied: a manifest's tensors, a sharded
+# dump's index and shards, a step directory's files, the llama.cpp binary, a vectors directory's
+# files), onto another output, into the synthetic cache and a model directory; each repeated
+# single-valued option, each empty value and each option a mode does not use. All refused with one
+# line, exit 2, every input byte-identical, before anything loads.
+
+PATH_METAVAR = re.compile(r"PATH|FILE|DIR|REF|BIN|MODULE|\.(json|safetensors|html|gputrace|gguf)$")
+
+
+def _commands():
+    """(name, parser, spec) of every command and vectors subcommand, from the CLI's own parser."""
+    parser = trace.build_parser()
+    out = []
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        subs = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            for sname, ssub in subs[0].choices.items():
+                out.append((f"{name} {sname}", ssub, ssub.get_default("_spec")))
+        else:
+            out.append((name, sub, sub.get_default("_spec")))
+    return out
+
+
+def path_options(parser) -> set[str]:
+    """The options of `parser` that name a path, by their metavar or dest (a new --out PATH too)."""
+    found = set()
+    for a in parser._actions:
+        metavar = a.metavar if isinstance(a.metavar, str) else ""
+        if isinstance(a, argparse._HelpAction) or not (PATH_METAVAR.search(metavar) or a.dest in ("model", "dir")):
+            continue
+        found.add(a.option_strings[0] if a.option_strings else a.dest.upper())
+    return found
+
+
+def test_contracts_every_path_option_is_declared():
+    """A command cannot forget: an option naming a path that its spec does not declare fails here,
+    and so does a declared option the parser lacks."""
+    commands = _commands()
+    assert len(commands) >= 11  # every command, vectors' three subcommands
+    for name, parser, spec in commands:
+        assert spec is not None, f"{name} has no contracts.Spec"
+        declared = {p.option for p in spec.paths}
+        options = {o for a in parser._actions for o in a.option_strings} | {a.dest.upper() for a in parser._actions
+                                                                            if not a.option_strings}
+        assert path_options(parser) <= declared, f"{name}: undeclared path options {path_options(parser) - declared}"
+        assert declared <= options, f"{name}: declared options it does not have: {declared - options}"
+        for rule in spec.unused:
+            assert rule.option in options, f"{name}: rule for an option it does not have: {rule.option}"
+
+
+def test_contracts_walker_sees_a_new_path_option():
+    """The walk above can fail: a parser given a new path option has it in path_options."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trace-out", metavar="PATH.json")
+    parser.add_argument("--count", type=int)
+    assert path_options(parser) == {"--trace-out"}
+
+
+def _contract_lab(root: Path, tiny_dir: Path, cfg: dict) -> dict:
+    """Every kind of input a command reads, made once (contents need not be valid: the check comes first)."""
+    if (root / "made").exists():
+        return json.loads((root / "made").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    model = model_dir(root, "model", tiny_dir, cfg)
+    f = {"model": model, "model/config.json": model / "config.json", "model/model.safetensors": model /
+         "model.safetensors", "model/tokenizer.model": model / "tokenizer.model"}
+    f["prompt"] = _write(root / "prompt.txt", b"Hello")
+    f["ref"] = _write(root / "ref.json", b'{"format": "mlx_tinyllama.reference/1"}')
+    f["ref/tensors"] = _write(root / "ref.safetensors", b"x")
+    f["against"] = root / "against.safetensors"  # sharded: only its index and shards exist
+    f["against/index"] = _write(root / "against.safetensors.index.json", json.dumps({"weight_map": {
+        "embed": "against-00001.safetensors", "logits": "against-00002.safetensors"}}).encode())
+    f["against/shard1"] = _write(root / "against-00001.safetensors", b"1")
+    f["against/shard2"] = _write(root / "against-00002.safetensors", b"2")
+    f["map"] = _write(root / "map.json", b'{"tok": "embed"}')
+    (root / "steps").mkdir()
+    f["steps"] = root / "steps"
+    f["steps/s0"] = _write(root / "steps" / "s0.safetensors", b"0")
+    f["steps/s1"] = _write(root / "steps" / "s1.safetensors", b"1")
+    (root / "bin").mkdir()
+    f["bin"] = root / "bin"
+    f["bin/binary"] = _write(root / "bin" / "llama-eval-callback", b"#!/bin/sh\nexit 9\n")
+    f["bin/binary"].chmod(0o755)
+    f["gguf"] = _write(root / "m.gguf", b"GGUF")
+    (root / "vec").mkdir()
+    f["vec"] = root / "vec"
+    f["vec/manifest"] = _write(root / "vec" / "manifest.json", b"{}")
+    f["vec/matmul"] = _write(root / "vec" / "matmul.safetensors", b"m")
+    f["results"] = _write(root / "results.safetensors", b"r")
+    f["engine"] = _write(root / "engine.py", b"def f(op, inputs, params):\n    return None\n")
+    (root / "made").write_text(json.dumps({k: str(v) for k, v in f.items()}))
+    return {k: str(v) for k, v in f.items()}
+
+
+# Every command and mode, with each of its path options: {NAME} is an input of the lab, <--opt> a
+# fresh output path. Together they must name every option of every spec (checked below).
+CONTRACT_EXAMPLES = {
+    "run": ["run", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>", "--dump", "<--dump>",
+            "--report", "<--report>", "--plots", "<--plots>"],
+    "run-plain": ["run", "--model", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
+    "run-compare": ["run", "--model", "{model}", "--token-ids", "1,2", "--compare", "{ref}", "--json", "<--json>",
+                    "--report", "<--report>", "--plots", "<--plots>"],
+    "compare-ref": ["compare", "--ref", "{ref}", "--model", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
+    "compare-ref-against": ["compare", "--ref", "{ref}", "--against", "{against}", "--map", "{map}", "--model",
+                            "{model}", "--json", "<--json>", "--report", "<--report>", "--plots", "<--plots>"],
+    "compare-against": ["compare", "--against", "{against}", "--model", "{model}", "--prompt-file", "{prompt}",
+                        "--json", "<--json>", "--report", "<--report>", "--plots", "<--plots>"],
+    "compare-steps": ["compare", "--against-steps", "{steps}", "{results}", "--map", "{map}", "--model", "{model}",
+                      "--prompt-file", "{prompt}", "--json", "<--json>"],
+    "llamacpp": ["llamacpp", "--gguf", "{gguf}", "--llama-cpp", "{bin}", "--prompt-file", "{prompt}", "--log",
+                 "<--log>", "--json", "<--json>", "--report", "<--report>", "--plots", "<--plots>"],
+    "tokens": ["tokens", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>"],
+    "generate": ["generate", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>"],
+    "generate-sampling": ["generate", "--model", "{model}", "--temperature", "0.7", "--token-ids", "1,2", "--json",
+                          "<--json>"],
+    "paths": ["paths", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>", "--report",
+              "<--report>", "--plots", "<--plots>"],
+    "paths-plain": ["paths", "--model", "{model}", "--token-ids", "1,2,3", "--json", "<--json>"],
+    "stability-plain": ["stability", "--model", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
+    "tokens-ids": ["tokens", "--model", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
+    "llamacpp-plain": ["llamacpp", "--gguf", "{gguf}", "--llama-cpp", "{bin}", "--prompt", "hi", "--json", "<--json>"],
+    "stability": ["stability", "--model", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>", "--report",
+                  "<--report>", "--plots", "<--plots>"],
+    "bench": ["bench", "--model", "{model}", "--json", "<--json>", "--metal-capture", "<--metal-capture>"],
+    "bench-no-taps": ["bench", "--model", "{model}", "--no-tap-overhead", "--no-stages", "--json", "<--json>"],
+    "vectors-write": ["vectors", "write", "<DIR>", "--model", "{model}"],
+    "vectors-run": ["vectors", "run", "{vec}", "--engine", "{engine}:f", "--out", "<--out>"],
+    "vectors-check": ["vectors", "check", "{vec}", "--results", "{results}", "--json", "<--json>", "--report",
+                      "<--report>"],
+}
+FRESH = {"--json": "out.json", "--dump": "out.safetensors", "--report": "out.html", "--plots": "plots",
+         "--log": "llama.log", "--metal-capture": "cap.gputrace", "--out": "res.safetensors", "DIR": "vectors-out"}
+# The implied inputs each example's spec must find: the probes below land outputs on them.
+IMPLIED = {"{ref}": ["ref/tensors"], "{against}": ["against/index", "against/shard1", "against/shard2"],
+           "{steps}": ["steps/s0", "steps/s1"], "{bin}": ["bin/binary"], "{vec}": ["vec/manifest", "vec/matmul"],
+           "{model}": ["model/config.json", "model/model.safetensors", "model/tokenizer.model"],
+           "{engine}:f": ["engine"]}
+
+
+def _argv(example: str, lab_files: dict, out_root: Path, change: dict | None = None) -> list[str]:
+    argv = []
+    for a in CONTRACT_EXAMPLES[example]:
+        if a.startswith("<"):
+            a = (change or {}).get(a[1:-1], str(out_root / FRESH[a[1:-1]]))
+        else:
+            a = re.sub(r"\{(\w+)\}", lambda m: lab_files[m.group(1)], a)
+        argv.append(a)
+    return argv
+
+
+def _inputs_of(example: str) -> list[str]:
+    """The lab inputs an example reads: named ones and what they imply."""
+    found = []
+    for a in CONTRACT_EXAMPLES[example]:
+        for m in re.finditer(r"\{(\w+)\}", a):
+            found.append(m.group(1))
+        found += IMPLIED.get(a, [])
+    return list(dict.fromkeys(found))
+
+
+def _write_options(example: str) -> list[str]:
+    return [a[1:-1] for a in CONTRACT_EXAMPLES[example] if a.startswith("<")]
+
+
+def _contract_probes():
+    """(example, output option, target): every output onto every input, another output, the cache and the model."""
+    probes = []
+    for ex in CONTRACT_EXAMPLES:
+        writes, reads = _write_options(ex), _inputs_of(ex)
+        for w in writes:
+            probes += [(ex, w, f"input:{r}") for r in reads if r not in ("model", "bin", "steps", "vec")
+                       or w in ("--plots", "--metal-capture", "DIR")]
+            probes += [(ex, w, f"output:{o}") for o in writes if o != w]
+            probes += [(ex, w, "cache")]
+            if "model" in reads:
+                probes += [(ex, w, "in-model-dir")]
+        if "--dump" in writes:
+            probes += [(ex, w, "dump-part") for w in writes if w != "--dump"]
+    return probes
+
+
+CONTRACT_PROBES = _contract_probes()
+
+
+@pytest.fixture(scope="session")
+def contract_lab(lab, tiny_dir, tiny_config):
+    return _contract_lab(lab / "contracts", tiny_dir, tiny_config)
+
+
+def _parse(argv):
+    parser = trace.build_parser()
+    args = parser.parse_args(argv)
+    return args, trace.check_given(args)
+
+
+def test_contracts_examples_cover_every_spec(contract_lab, lab):
+    """Every declared path option of every command appears in an example (so the probes reach it), each
+    example passes the check as given (the clean side: no false refusal), and each spec finds the implied
+    inputs the probes land on."""
+    covered: dict = {}
+    out_root = lab / "contracts-clean"
+    out_root.mkdir(exist_ok=True)
+    for ex in CONTRACT_EXAMPLES:
+        args, given = _parse(_argv(ex, contract_lab, out_root))
+        args._spec.check(args, given)  # no error: fresh outputs, nothing unused
+        covered.setdefault(id(args._spec), set()).update(a for a in CONTRACT_EXAMPLES[ex] if a.startswith("-"))
+        covered[id(args._spec)].update(["DIR"] if args.command == "vectors" else [])
+        found = {str(p) for p in args._spec.inputs(args).values()}
+        for key in _inputs_of(ex):
+            if key not in ("model", "bin", "steps", "vec") and not key.startswith("model/"):
+                assert contract_lab[key] in found, f"{ex}: the spec does not find {key}"
+    for name, parser, spec in _commands():
+        missing = {p.option for p in spec.paths} - covered.get(id(spec), set())
+        assert not missing, f"{name}: no example names {missing}"
+
+
+@pytest.mark.parametrize("example,option,target", CONTRACT_PROBES,
+                         ids=[f"{e}:{o}={t}" for e, o, t in CONTRACT_PROBES])
+def test_contracts_output_refused(example, option, target, contract_lab, lab, capfd):
+    out_root = lab / "contracts-out"
+    out_root.mkdir(exist_ok=True)
+    kind, _, key = target.partition(":")
+    if kind == "input":
+        path = contract_lab[key]
+    elif kind == "output":  # the same fresh path as the other output
+        path = str(out_root / FRESH[key])
+    elif kind == "cache":
+        path = str(Path(os.environ["MLX_TINYLLAMA_CACHE"]) / FRESH[option])
+    elif kind == "in-model-dir":
+        path = str(Path(contract_lab["model"]) / FRESH[option])
+    else:  # dump-part: onto the index or a shard that --dump may write
+        path = str(out_root / "out.safetensors.index.json")
+    argv = _argv(example, contract_lab, out_root, {option: path})
+    if kind == "output":
+        argv = _argv(example, contract_lab, out_root, {option: path, key: path})
+    cache = Path(os.environ["MLX_TINYLLAMA_CACHE"])
+    before = snapshot(Path(contract_lab["model"]).parent), sorted(cache.rglob("*"))  # (the cache's names only)
+    rc, _, err = invoke(argv, capfd)
+    assert_one_error(rc, err, 2, r"input|inside|same path|would also write|not a directory|is a directory")
+    assert (snapshot(Path(contract_lab["model"]).parent), sorted(cache.rglob("*"))) == before
+
+
+def _rules():
+    out = []
+    for ex in CONTRACT_EXAMPLES:
+        args, _ = _parse(_argv(ex, {k: "x" for k in IMPLIED_KEYS}, Path("/nonexistent")))
+        out += list(dict.fromkeys((ex, r.option) for r in args._spec.unused))
+    return out
+
+
+IMPLIED_KEYS = ["model", "prompt", "ref", "against", "map", "steps", "bin", "gguf", "vec", "engine", "results"]
+UNUSED_VALUES = {"--dump-shard-mb": "8", "--top-k": "3", "--top-p": "0.9", "--seed": "1", "--attention-layers": "0",
+                 "--attention-heads": "0", "--layout": "hf", "--map": "{map}", "--against-dtype": "float32",
+                 "--emulate": "fp32", "--require": "logits", "--all": None, "--prompt": "hi", "--prompt-file":
+                 "{prompt}", "--token-ids": "1,2", "--chat": "hi", "--system": "be brief", "--bos": None,
+                 "--tokenizer": "hf", "--download": None,
+                 "--tap-layer": "1", "--tap-decode-tokens": "2", "--tap-prompt-length": "8"}
+UNUSED_PROBES = _rules()
+
+
+@pytest.mark.parametrize("example,option", UNUSED_PROBES, ids=[f"{e}:{o}" for e, o in UNUSED_PROBES])
+def test_contracts_unused_option(example, option, contract_lab, lab, capfd):
+    """Each rule of each spec, in each example: refused where the mode would ignore the option, accepted
+    (by the check) where it is used; every rule is refused in at least one example (test below)."""
+    out_root = lab / "contracts-unused"
+    out_root.mkdir(exist_ok=True)
+    value = UNUSED_VALUES[option]
+    extra = [option] + ([re.sub(r"\{(\w+)\}", lambda m: contract_lab[m.group(1)], value)] if value else [])
+    argv = _without_prompt(_argv(example, contract_lab, out_root), option)
+    if option in argv:
+        pytest.skip("the example gives it already")
+    if option == "--system":  # (it needs --chat)
+        extra = ["--chat", "hi", *extra]
+    args, given = _parse(argv + extra)
+    if all(r.applies(args) for r in args._spec.unused if r.option == option):  # the clean side: the whole
+        args._spec.check(args, given)  # contract check passes (nothing runs)
+    else:
+        rc, _, err = invoke(argv + extra, capfd)
+        assert_one_error(rc, err, 2, ("(--chat|--system)" if option == "--system" else re.escape(option))
+                         + " is not used")
+
+
+PROMPT_GROUP = ("--prompt", "--prompt-file", "--token-ids", "--chat", "--system")
+
+
+def _without_prompt(argv: list[str], option: str) -> list[str]:
+    """`argv` less its prompt option when `option` is another one of the group (argparse allows one)."""
+    if option not in PROMPT_GROUP:
+        return argv
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in PROMPT_GROUP:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def test_contracts_every_rule_refused_somewhere(contract_lab):
+    """Each unused-option rule is refused by at least one example, so each has a failing probe."""
+    refused = set()
+    for ex, option in UNUSED_PROBES:
+        value = UNUSED_VALUES[option]
+        extra = [option] + ([re.sub(r"\{(\w+)\}", lambda m: contract_lab[m.group(1)], value)] if value else [])
+        argv = _argv(ex, contract_lab, Path("/nonexistent"))
+        argv = _without_prompt(argv, option)
+        if option in argv:
+            continue
+        args, _ = _parse(argv + extra + (["--chat", "hi"] if option == "--system" else []))
+        refused |= {(args.command, r.option, k) for k, r in enumerate(args._spec.unused)
+                    if r.option == option and not r.applies(args)}
+    rules = {(n.split()[0], r.option, k) for n, _, spec in _commands() for k, r in enumerate(spec.unused)}
+    assert rules <= refused, rules - refused
+
+
+def _single_valued():
+    """(example, option, value) for each single-valued option of each command, to give twice."""
+    out, seen = [], set()
+    for ex in CONTRACT_EXAMPLES:
+        parser = trace.build_parser()
+        args = parser.parse_args(_argv(ex, {k: "x" for k in IMPLIED_KEYS}, Path("/nonexistent")))
+        command = " ".join([args.command] + ([args.vectors_command] if args.command == "vectors" else []))
+        sub = next(p for n, p, _ in _commands() if n == command)
+        for a in sub._actions:
+            if not a.option_strings or isinstance(a, (argparse._HelpAction, *trace._REPEATABLE)) or \
+                    (command, a.dest) in seen:
+                continue
+            seen.add((command, a.dest))
+            if isinstance(a, argparse.BooleanOptionalAction):
+                value = None
+            elif a.choices:
+                value = str(list(a.choices)[0])
+            elif a.type in (int, float):
+                value = "1"
+            else:
+                value = "x"
+            out.append((ex, a.option_strings[0], value))
+    return out
+
+
+REPEAT_PROBES = _single_valued()
+
+
+@pytest.mark.parametrize("example,option,value", REPEAT_PROBES, ids=[f"{e}:{o}" for e, o, _ in REPEAT_PROBES])
+def test_contracts_repeated_option_refused(example, option, value, contract_lab, lab, capfd):
+    """Twice (argparse keeps the last, the first lost): refused, whatever the option."""
+    argv = _without_prompt(_argv(example, contract_lab, lab), option)
+    argv = [a for i, a in enumerate(argv) if a != option and (i == 0 or argv[i - 1] != option)]
+    if value is None:  # --bos then --no-bos: a contradiction
+        twice = [option, "--no-" + option[2:]]
+        words = "contradict"
+    else:
+        twice = [option, value, option, value]
+        words = re.escape(option) + " given twice"
+    with pytest.raises(trace.UserError, match=words):
+        _parse(argv + twice)
+    rc, _, err = invoke(argv + twice, capfd)
+    assert_one_error(rc, err, 2, words)
+
+
+@pytest.mark.parametrize("option,value", [("--tol", "nmse=1e-3"), ("--taps", "logits"), ("--require", "logits")])
+def test_contracts_repeatable_options_merge(option, value, contract_lab, lab):
+    """The clean side: an option documented as repeatable keeps every value."""
+    argv = _argv("compare-against", contract_lab, lab) if option != "--taps" else \
+        _argv("run", contract_lab, lab)
+    args, _ = _parse(argv + [option, value, option, value + "*"])
+    assert getattr(args, option[2:]) == [value, value + "*"]
+
+
+def _string_options():
+    out = []
+    for ex, option, value in REPEAT_PROBES:
+        if value == "x":
+            spec = _parse(_argv(ex, {k: "x" for k in IMPLIED_KEYS}, Path("/nonexistent")))[0]._spec
+            if option not in spec.empty_ok:
+                out.append((ex, option))
+    return out
+
+
+EMPTY_PROBES = _string_options()
+
+
+@pytest.mark.parametrize("example,option", EMPTY_PROBES, ids=[f"{e}:{o}" for e, o in EMPTY_PROBES])
+def test_contracts_empty_value_refused(example, option, contract_lab, lab, capfd):
+    argv = _without_prompt(_argv(example, contract_lab, lab), option)
+    if option in argv:
+        i = argv.index(option)
+        argv = argv[:i] + argv[i + 2:]
+    rc, _, err = invoke(argv + [option, ""], capfd)
+    assert_one_error(rc, err, 2, re.escape(option) + ": an empty value")
+
+
+@pytest.mark.parametrize("model,refused", [("synthetic:tiny", True), ("{model}", True),
+                                          ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", False)])
+def test_contracts_download_only_for_a_repo_id(model, refused, contract_lab):
+    """--download is used only when --model could be a Hugging Face repo id (the clean side: the check
+    passes for one; nothing is fetched here)."""
+    args, given = _parse(["run", "--model", model.format(**contract_lab), "--download"])
+    if refused:
+        with pytest.raises(trace.UserError, match="--download is not used"):
+            args._spec.check(args, given)
+    else:
+        args._spec.check(args, given)
+
+
+def test_contracts_llama_args_may_be_empty(contract_lab, lab):
+    """--llama-args '' is its default (no extra arguments): declared empty_ok, not refused."""
+    args, given = _parse(_argv("llamacpp", contract_lab, lab / "contracts-clean") + ["--llama-args", ""])
+    args._spec.check(args, given)
+
+
+# ---------------------------------------------------------------------------------------------
 # The census: how many probes each class holds, counted from what pytest collected (print with -s)
 
 CLASS_OF = {
@@ -1303,7 +1891,8 @@ CLASS_OF = {
     "prompt": ("test_prompt_", "test_compare_ids", "test_long_prompt", "test_tokens_table"),
     "outputs": ("test_outputs_", "test_failed_write", "test_successful_write"),
     "references": ("test_references", "test_llamacpp", "test_reference_manifest", "test_name_map"),
-    "cache": ("test_synthetic_cache",), "process": ("test_unexpected", "test_debug", "test_process", "test_sigterm"),
+    "cache": ("test_synthetic_cache",), "contracts": ("test_contracts_",),
+    "process": ("test_unexpected", "test_debug", "test_process", "test_sigterm"),
 }
 
 

@@ -243,7 +243,8 @@ def test_cli_one_policy_and_bf16(tmp_path):
 ])
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     before = set(tmp_path.iterdir())
-    assert trace_main(["stability", "--model", "synthetic:tiny", *argv]) == 2
+    model = [] if "--model" in argv else ["--model", "synthetic:tiny"]  # (a second --model is refused)
+    assert trace_main(["stability", *model, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert set(tmp_path.iterdir()) == before

@@ -6,8 +6,18 @@ from __future__ import annotations
 
 import sys
 
-from .. import bench, cli_common
+from .. import bench, cli_common, contracts
+from ..contracts import WRITE_DIR, PathOption, Unused
 from ..errors import UserError
+
+SPEC = contracts.Spec(
+    paths=(cli_common.MODEL_PATH, cli_common.JSON_PATH, PathOption("--metal-capture", WRITE_DIR)),
+    unused=(Unused("--tap-layer", lambda a: a.tap_overhead, "with --no-tap-overhead (it picks the dumped layer)"),
+            *cli_common.MODEL_UNUSED,
+            Unused("--tap-decode-tokens", lambda a: a.tap_overhead, "with --no-tap-overhead"),
+            Unused("--tap-prompt-length", lambda a: a.tap_overhead or a.stages,
+                   "with --no-tap-overhead and --no-stages")),
+)
 
 
 def add_arguments(p) -> None:
@@ -59,7 +69,6 @@ def settings(args) -> bench.Settings:
 def main(args) -> int:
     s = settings(args)
     bench.check_metal_capture(args.metal_capture)  # before minutes of loading
-    cli_common.check_outputs(args)
     bench.validate(s)  # counts and lengths that need no model
     lm = cli_common.load_model(args)
     if s.with_transformers and lm.source.format == "hf":

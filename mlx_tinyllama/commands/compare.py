@@ -17,7 +17,8 @@ that are not taps (--ignore-unmapped, --suggest-map) and a dump or log that stop
 from __future__ import annotations
 
 
-from .. import cli_common
+from .. import cli_common, contracts
+from ..contracts import READ_ANY, READ_FILE, WRITE_FILE, PathOption, Unused
 from ..compare import compare, compared_ids, judging_basis, needs_shortcut, run_side
 from ..errors import UserError
 from ..formatting import fmt
@@ -29,6 +30,37 @@ from ..taps import split_name
 from ..results import PromptRecord, ResultHeader
 from ..tolerances import Tolerances
 from ..verdict import steps_verdict
+
+
+def _theirs(args) -> bool:
+    return bool(args.against or args.against_steps)
+
+
+def _runs_ours(args) -> bool:
+    """Whether this package runs the prompt: not for a stored reference against their dump."""
+    return not (args.ref and args.against)
+
+
+_PROMPT_OPTIONS = ("--prompt", "--prompt-file", "--token-ids", "--chat", "--system", "--bos", "--tokenizer")
+
+SPEC = contracts.Spec(
+    paths=(PathOption("--ref", READ_FILE, implies=contracts.dump_files),
+           PathOption("--against", READ_FILE, implies=contracts.dump_files),
+           PathOption("--against-steps", READ_ANY, implies=contracts.directory_files),
+           PathOption("--map", READ_FILE), cli_common.JSON_PATH, *cli_common.REPORT_PATHS, cli_common.MODEL_PATH,
+           cli_common.PROMPT_PATH),
+    unused=(Unused("--layout", lambda a: bool(a.against), "without --against (the Q/K layout of their dump)"),
+            Unused("--map", _theirs, "without --against or --against-steps (it names their tensors)"),
+            Unused("--against-dtype", _theirs, "without --against or --against-steps"),
+            Unused("--emulate", lambda a: bool(a.against) and not a.ref,
+                   "without --against or with --ref (it emulates a llama.cpp log's engine in this package's run; "
+                   "not implemented for --against-steps)"),
+            Unused("--require", lambda a: not a.against_steps, "with --against-steps (not implemented for steps)"),
+            Unused("--all", lambda a: not a.against_steps, "with --against-steps (every step is listed)"),
+            *(Unused(o, _runs_ours, "with both --ref and --against (nothing is run: their dump is compared with "
+                                    "the stored reference)") for o in _PROMPT_OPTIONS),
+            *cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED),
+)
 
 
 def add_arguments(p) -> None:
@@ -88,7 +120,6 @@ def main(args) -> int:
     if args.suggest_map and any((args.json, args.report, args.plots, args.require, args.partial, args.ignore_unmapped)):
         raise UserError("--suggest-map writes the map and compares nothing: give --json/--report/--plots/--require/"
                         "--partial/--ignore-unmapped to the compare that uses it (--map)")
-    cli_common.check_outputs(args)
     cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tol = Tolerances.from_overrides(args.tol)
     name_map = read_name_map(args.map)
@@ -114,6 +145,7 @@ def main(args) -> int:
         lm, prompt = _load_run(args, references)
         candidate = run_side(lm, prompt.ids, shortcut=needs_shortcut(references))
         cfg = lm.config.as_dict()
+        tol.check_patterns(lm.config.num_hidden_layers)  # a glob for a layer this model lacks
         result = compare(candidate, references, tol, cfg, len(prompt.ids))
         _localize(args, result, candidate, references, None, tol, len(prompt.ids), cfg)  # coverage: no replay of ours
         return _finish(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
@@ -128,10 +160,12 @@ def main(args) -> int:
         if engine is not None:
             cli_common.mark_emulated(references[0], engine)
         cfg = lm.config.as_dict()
+        tol.check_patterns(lm.config.num_hidden_layers)  # a glob for a layer this model lacks
         result = compare(candidate, references, tol, cfg, len(prompt.ids), basis)
         _localize(args, result, candidate, references, lm, tol, len(prompt.ids), cfg)
         return _finish(args, ResultHeader.of_run("compare", lm, prompt), result, lm)
     cfg = _config(args, references)  # their dump against a stored reference
+    tol.check_patterns(int(cfg["num_hidden_layers"]))
     n_tokens = next((r.n_tokens for r in references if r.n_tokens), None) or candidate.n_tokens
     if not n_tokens:
         raise UserError("cannot tell the number of tokens: neither the reference nor the dump records it")
@@ -206,7 +240,6 @@ def _steps(args) -> int:
 
     if not args.model:
         raise UserError("--against-steps needs --model: the model whose decode is the reference")
-    cli_common.check_outputs(args)
     if args.report or args.plots:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
@@ -217,6 +250,7 @@ def _steps(args) -> int:
     if args.dtype is None:  # the reference decodes at their precision (the rule of --against)
         args.dtype = dumps.basis(args.against_dtype).reference_dtype
     lm = cli_common.load_model(args)
+    tol.check_patterns(lm.config.num_hidden_layers)
     ids = cli_common.prompt_for(args, lm).ids if _prompt_given(args) else None
     result = compare_steps(dumps, lm, ids, tol, args.against_dtype)
     all_ids = result.pop("tokens")  # schema 1: the ids are prompt.ids

@@ -9,10 +9,17 @@ from __future__ import annotations
 import sys
 import time
 
-from .. import cli_common
+from .. import cli_common, contracts
+from ..contracts import Unused
 from ..errors import UserError
 from ..results import ResultHeader
 from ..cli_common import fmt
+
+SPEC = contracts.Spec(
+    paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH),
+    unused=tuple(Unused(o, lambda a: a.temperature > 0, "with greedy decoding (--temperature 0; it shapes sampling)")
+                 for o in ("--top-p", "--top-k", "--seed")) + cli_common.MODEL_UNUSED + cli_common.PROMPT_UNUSED,
+)
 
 
 def add_arguments(p) -> None:
@@ -52,7 +59,6 @@ def main(args) -> int:
         raise UserError("--taps needs --tap-step N (which step to record)")
     if args.tap_step is not None and not 0 <= args.tap_step < args.max_tokens:
         raise UserError(f"--tap-step must be in 0..{args.max_tokens - 1} (--max-tokens {args.max_tokens})")
-    cli_common.check_outputs(args)
     lm = cli_common.load_model(args)
     prompt = cli_common.prompt_for(args, lm)
     lm.config.check_ids(prompt.ids)

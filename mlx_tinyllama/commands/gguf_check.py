@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import cli_common
+from .. import cli_common, contracts
+from ..contracts import MODEL, READ_FILE, PathOption
 from ..errors import UserError
+
+# --hf is read as a model directory: no output may land in it or on one of its files.
+SPEC = contracts.Spec(paths=(PathOption("--gguf", READ_FILE), PathOption("--hf", MODEL), cli_common.JSON_PATH))
 
 SHOWN = 8  # mismatches printed before "... and N more" (--all: every one)
 
@@ -29,8 +33,8 @@ def add_arguments(p) -> None:
 
 
 def _check_paths(args) -> None:
-    """--json must not overwrite an input: neither the GGUF nor a file of the HF directory."""
-    cli_common.check_outputs(args)
+    """--json must not overwrite an input: neither the GGUF nor a file of the HF directory (the CLI
+    checks the SPEC before this; these two stay as the command's own words)."""
     if args.json:
         out = Path(args.json).resolve()
         if out == Path(args.gguf).resolve():

@@ -19,8 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import cli_common, outputs
+from .. import cli_common, contracts, outputs
 from ..child import run_bounded
+from ..contracts import READ_ANY, READ_FILE, WRITE_FILE, PathOption
 from ..compare import compare, run_side
 from ..errors import UserError
 from ..localize.coverage import coverage
@@ -32,6 +33,22 @@ BINARY = "llama-eval-callback"
 DEFAULT_TIMEOUT_S = 600  # TinyLlama's 39-token prompt takes seconds on 2 cores; a 2,048-token one minutes
 DEFAULT_MAX_LOG_MB = 128  # TinyLlama's log of a 39-token prompt is 1.3 MB; `compare` reads logs up to this too
 BUILD_HINT = "build it with `bash scripts/llamacpp/build.sh` (llama.cpp from the llama-cpp-python sdist, ~17 min on 2 cores)"
+
+
+def _binary(value, args) -> dict:
+    """The binary this run would start (given, on $PATH or built here): an input like the GGUF."""
+    try:
+        return {f"the {BINARY} binary": find_binary(value)}
+    except UserError:
+        return {}  # main() says how to build it
+
+
+SPEC = contracts.Spec(
+    paths=(PathOption("--gguf", READ_FILE), PathOption("--llama-cpp", READ_ANY, implies=_binary, always=True),
+           PathOption("--log", WRITE_FILE), cli_common.JSON_PATH, *cli_common.REPORT_PATHS, cli_common.PROMPT_PATH),
+    unused=cli_common.REPORT_UNUSED,  # (--token-ids is refused outright: llama.cpp takes text)
+    empty_ok=("--llama-args",),  # '' is its default: no extra arguments
+)
 
 
 def add_arguments(p) -> None:
@@ -100,15 +117,13 @@ def main(args) -> int:
     if args.token_ids is not None:
         raise UserError("--token-ids cannot be given to llama-eval-callback (it takes text): use --prompt, "
                         "--prompt-file or --chat")
-    cli_common.check_outputs(args)
-    if args.log:
-        outputs.check_file(args.log, "--log")
     if not (args.timeout > 0 and args.max_log_mb > 0):  # NaN fails both
         raise UserError("--timeout and --max-log-mb must be positive")
     binary = find_binary(args.llama_cpp)
     tol = Tolerances.from_overrides(args.tol)
     args.model, args.dtype, args.policy, args.kernels, args.download = str(gguf), "float32", "hf", None, False
     lm = cli_common.load_model(args)
+    tol.check_patterns(lm.config.num_hidden_layers)  # a glob for a layer this model lacks
     if args.bos is False and lm.source.details.get("add_bos_token") is not False:
         args.bos = True  # llama.cpp adds BOS when the GGUF says so (tokenizer.ggml.add_bos_token)
     prompt = cli_common.prompt_for(args, lm)

@@ -4,9 +4,13 @@ Exit code 0 when every path agrees with the prefill, 1 when one does not."""
 
 from __future__ import annotations
 
-from .. import cli_common
+from .. import cli_common, contracts
 from ..errors import UserError
 from ..results import ResultHeader
+
+SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH,
+                             *cli_common.REPORT_PATHS),
+                      unused=(*cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED))
 
 
 def add_arguments(p) -> None:
@@ -40,7 +44,6 @@ def main(args) -> int:
 
     if args.continue_n < 0:
         raise UserError(f"--continue must be >= 0, got {args.continue_n}")
-    cli_common.check_outputs(args)
     options = cli_common.report_options(args)  # a malformed --attention-layers fails before the model loads
     tolerances = Tolerances.from_overrides(args.tol)
     lm = cli_common.load_model(args)

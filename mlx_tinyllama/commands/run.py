@@ -5,10 +5,20 @@ forward order, and the top-k next tokens. `--json`, `--dump`, `--compare`,
 from __future__ import annotations
 
 
-from .. import cli_common
+from .. import cli_common, contracts
+from ..contracts import READ_FILE, WRITE_FILE, PathOption, Unused
 from ..errors import UserError
 from ..results import ResultHeader
 from ..cli_common import fmt
+
+SPEC = contracts.Spec(
+    paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH,
+           PathOption("--dump", WRITE_FILE, parts=contracts.dump_parts),
+           PathOption("--compare", READ_FILE, implies=contracts.dump_files), *cli_common.REPORT_PATHS),
+    unused=(Unused("--dump-shard-mb", lambda a: bool(a.dump), "without --dump"),
+            Unused("--top-k", lambda a: not a.compare, "with --compare (a comparison shows no next tokens)"),
+            *cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED),
+)
 
 def add_arguments(p) -> None:
     cli_common.add_model_arguments(p)
@@ -35,7 +45,6 @@ def main(args) -> int:
     if args.dump and not args.dump.endswith(".safetensors"):
         raise UserError("--dump writes safetensors: give a path ending in .safetensors")
     _check_option_combinations(args)
-    cli_common.check_outputs(args)
     if args.dump and not args.dump_shard_mb > 0:
         raise UserError("--dump-shard-mb must be a positive number of MB")
     from ..tolerances import Tolerances

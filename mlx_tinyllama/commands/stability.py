@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import fnmatch
 
-from .. import cli_common, stability
+from .. import cli_common, contracts, stability
 from ..errors import UserError
 from ..taps import tap_names
 from ..cli_common import fmt
+
+SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH,
+                             *cli_common.REPORT_PATHS),
+                      unused=(*cli_common.MODEL_UNUSED, *cli_common.PROMPT_UNUSED, *cli_common.REPORT_UNUSED))
 
 
 def add_arguments(p) -> None:
@@ -45,7 +49,6 @@ def selected_policies(args) -> list[str]:
 
 def main(args) -> int:
     dtypes, policies = selected_dtypes(args), selected_policies(args)
-    cli_common.check_outputs(args)
     options = cli_common.report_options(args)  # a malformed --attention-layers fails before the models load
 
     result, prompt, lm = stability.run_stability(

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .. import cli_common
+from .. import cli_common, contracts
 from ..prompt import check_ids, parse_ids, resolve_prompt
 from ..tokendiff import compare_ids
 from ..tokenizer import load_tokenizer
@@ -27,6 +27,10 @@ def add_arguments(p) -> None:
                    help="write the prompt {ids, pieces, text, source} (and the alignment) as JSON")
 
 
+SPEC = contracts.Spec(paths=(cli_common.MODEL_PATH, cli_common.PROMPT_PATH, cli_common.JSON_PATH),
+                      unused=cli_common.PROMPT_UNUSED)
+
+
 def _tokenizer_location(spec: str) -> Path:
     from ..sources import tokenizer_location  # lazy: sources imports MLX and the model
 
@@ -34,7 +38,6 @@ def _tokenizer_location(spec: str) -> Path:
 
 
 def main(args) -> int:
-    cli_common.check_outputs(args)
     location = _tokenizer_location(args.model)
     template_dir = location if location.is_dir() else None
     prompt = resolve_prompt(args, location, template_dir)

@@ -12,10 +12,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import cli_common, outputs
+from .. import cli_common, contracts, outputs
 from ..cli_common import fmt
+from ..contracts import READ_DIR, READ_FILE, WRITE_DIR, WRITE_FILE, PathOption
 from ..errors import UserError
 from ..results import ResultHeader
+
+
+_VECTORS = PathOption("DIR", READ_DIR, implies=contracts.directory_files)
+SPECS = {  # one per subcommand
+    "write": contracts.Spec(paths=(PathOption("DIR", WRITE_DIR), cli_common.MODEL_PATH),
+                            unused=cli_common.MODEL_UNUSED),
+    "run": contracts.Spec(paths=(_VECTORS, PathOption("--engine", READ_FILE, implies=contracts.engine_file,
+                                                      value_is_path=False),
+                                 PathOption("--out", WRITE_FILE))),
+    "check": contracts.Spec(paths=(_VECTORS, PathOption("--results", READ_FILE), cli_common.JSON_PATH,
+                                   PathOption("--report", WRITE_FILE))),
+}
 
 
 def add_arguments(p) -> None:
@@ -29,7 +42,7 @@ def add_arguments(p) -> None:
                         "synthetic[:preset][:seed=N] (default: synthetic = TinyLlama-1.1B shape)")
     w.add_argument("--download", action="store_true", help="allow downloading a Hugging Face repo id")
     w.add_argument("--quick", action="store_true", help="a subset that runs in seconds on 2 CPU cores")
-    w.set_defaults(_vectors=_write)
+    w.set_defaults(_vectors=_write, _spec=SPECS["write"])
 
     r = sub.add_parser("run", help="run a Python engine on every case and write its results file",
                        description="Call ENGINE(op, inputs, params) once per case; write the outputs keyed by "
@@ -39,7 +52,7 @@ def add_arguments(p) -> None:
                    help="module:function or path/to/file.py:function (e.g. mlx_tinyllama.vectors.engine:fused)")
     r.add_argument("--out", required=True, metavar="RESULTS.safetensors", help="where to write the outputs")
     _add_filters(r)
-    r.set_defaults(_vectors=_run)
+    r.set_defaults(_vectors=_run, _spec=SPECS["run"])
 
     c = sub.add_parser("check", help="compare an engine's results with the golden outputs; name the failures",
                        description="Per op: pass/fail, the first failing shape and its failure pattern. "
@@ -51,7 +64,7 @@ def add_arguments(p) -> None:
     c.add_argument("--json", metavar="OUT.json", help="write the full result (every case) as JSON")
     c.add_argument("--report", metavar="PATH.html", help="write a self-contained HTML page of the result")
     c.add_argument("--all", action="store_true", help="list every case, not only the failing ones")
-    c.set_defaults(_vectors=_check)
+    c.set_defaults(_vectors=_check, _spec=SPECS["check"])
 
 
 def main(args) -> int:
@@ -87,7 +100,6 @@ def _run(args) -> int:
     from ..vectors.store import Vectors
 
     vectors = Vectors(args.dir)
-    outputs.check_run({"--out": args.out}, {}, _inputs(vectors), {})
     engine = load_engine(args.engine)
     results, skipped = run_engine(vectors, engine, _list(args.ops, "--ops"), _list(args.cases, "--cases"))
     write_results(args.out, results, vectors)
@@ -104,8 +116,6 @@ def _check(args) -> int:
     from ..vectors.store import Vectors
 
     vectors = Vectors(args.dir)
-    outputs.check_run({"--json": args.json, "--report": args.report}, {},
-                      {**_inputs(vectors), "--results": args.results}, {})
     result = check(vectors, load_results(args.results), _list(args.ops, "--ops"), _list(args.cases, "--cases"))
     result["results"] = str(args.results)
     if args.json:
@@ -154,8 +164,3 @@ def _add_filters(p) -> None:
     p.add_argument("--ops", metavar="LIST", help="only these ops, comma-separated (e.g. matmul,rope)")
     p.add_argument("--cases", metavar="GLOBS", help="only cases whose names match, comma-separated "
                                                    "(e.g. 'matmul.*.M33,rope.*')")
-
-
-def _inputs(vectors) -> dict:
-    """The vectors directory's files, which no output of this command may replace."""
-    return {f"vectors file {p.name}": p for p in vectors.paths()}

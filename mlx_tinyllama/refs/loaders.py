@@ -311,11 +311,16 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
             ids = None
     side = Side(name=path.name, kind="dump", dtype=declared_dtype(meta, path), ids=ids,
                 n_tokens=len(ids) if ids else None, layout=layout, provenance={"metadata": meta})
+    source: dict = {}
     for their, x in tensors.items():
         tap = map_name(their, name_map)
         if tap is None:
             side.not_comparable.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
+        elif tap in source:  # e.g. a canonical name and a --map entry onto it: which one is theirs?
+            raise UserError(f"{path}: tensors {source[tap]!r} and {their!r} are both {tap} (by their names or "
+                            "--map); keep one, or map the other elsewhere")
         else:
+            source[tap] = their
             side.tensors[tap] = np.asarray(x, np.float32)
             if their in storage:
                 side.tensor_dtypes[tap] = storage[their]
@@ -360,4 +365,9 @@ def read_name_map(path: str | Path | None) -> dict | None:
     bad = [v for v in data.values() if not is_known_tap(v)]
     if bad:
         raise UserError(f"--map: {bad[0]!r} is not a canonical tap name (e.g. layers.0.attn.q, logits)")
+    first: dict = {}
+    for their, tap in data.items():  # one tap holds one tensor: a second would silently replace the first
+        if tap in first:
+            raise UserError(f"--map: {first[tap]!r} and {their!r} both map to {tap}; map one name to each tap")
+        first[tap] = their
     return data
