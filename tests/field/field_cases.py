@@ -295,7 +295,9 @@ def c_cases() -> list[Case]:
     eng, base = "C decode (tap_dump.h)", "float32, 1 token a step, 6 steps, --against-steps DIR --model M"
     # The C engine, like llama2.c, never forms K/V after the GQA repeat (each query head indexes its KV
     # head): those two stages per layer are not compared, and the verdict line says so.
-    every = T.tap_names(2)
+    from mlx_tinyllama.stages import tap_names
+
+    every = tap_names(2)
     held = [t for t in every if not t.endswith(("attn.k_rep", "attn.v_rep"))]
     full = f"{len(C_IDS)} steps x {len(held)}/{len(every)} stages"
     cases = [
