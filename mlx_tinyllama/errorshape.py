@@ -340,6 +340,15 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
     T = a.shape[token_axis]
     a2 = np.moveaxis(a, token_axis, 0).reshape(T, -1)
     b2 = np.moveaxis(b, token_axis, 0).reshape(T, -1)
+    if head_axis is not None and np.isfinite(a).all():
+        # Some heads right and others wrong says more than the values' order: which heads, and which
+        # head each wrong one holds (a GQA broadcast reading another KV head is also a reordering).
+        ok = _unit_ok(np.moveaxis(a, head_axis, 0).reshape(a.shape[head_axis], -1),
+                      np.moveaxis(b, head_axis, 0).reshape(b.shape[head_axis], -1), budget)
+        if ok.any() and not ok.all():
+            heads = explain_heads(a, b, head_axis, budget, n_kv_heads, kernel)
+            if heads is not None:
+                return heads
     if np.isfinite(a).all():
         values = explain_values(a, b, budget, token_axis, kernel)
         if values is not None:

@@ -257,9 +257,10 @@ def test_suggest_map_says_ambiguous_where_taps_are_equal(tiny_dir, tmp_path, cap
     assert rc == 0 and all(truth[k] == v for k, v in mapping.items())
     ambiguous = {ln.split(" -> ")[0]: ln for ln in printed if " -> ?  ambiguous" in ln}
     stages = {split_name(truth[n])[1] for n in ambiguous}
+    # (and with one key the context is V after the GQA repeat, heads merged: v_rep and context are equal)
     assert stages == {"attn.q", "attn.q_rope", "attn.k", "attn.k_rope", "attn.scores_scaled",
-                      "attn.scores_masked", "attn.probs"}
-    assert len(ambiguous) == 14 and set(mapping) == set(truth) - set(ambiguous)
+                      "attn.scores_masked", "attn.probs", "attn.v_rep", "attn.context"}
+    assert len(ambiguous) == 18 and set(mapping) == set(truth) - set(ambiguous)
     assert all(truth[n] + " (" in ln for n, ln in ambiguous.items())  # the true tap is among the candidates
 
 

@@ -77,6 +77,8 @@ SUBSTITUTIONS = [
 # usage synopses ([optional], a|b, UPPERCASE values): the concrete command run for each (then
 # substituted as above)
 SYNOPSES = {
+    "python -m mlx_tinyllama.trace gguf-check --gguf FILE --hf HF_DIR":
+        f"{TRACE} gguf-check --gguf {{@small_gguf}} --hf {{@small_hf}}",
     "python -m mlx_tinyllama.trace gguf-check --gguf model.gguf --hf HF_DIR [--json check.json] [--all]":
         f"{TRACE} gguf-check --gguf {{@small_gguf}} --hf {{@small_hf}} --json check.json --all",
     "python -m mlx_tinyllama.trace llamacpp --gguf model.gguf [--llama-cpp BIN_OR_DIR] [--prompt TEXT | --prompt-file F "

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_tinyllama"
 CLI = {"trace"}
 COMMANDS = {"commands", "cli_common"}
-CORE = {"model", "ops", "cuda_attention", "cuda_stats", "taps", "stages", "tap_stats", "config", "sources", "tokenizer", "gguf", "gguf_header", "synthetic",
+CORE = {"model", "ops", "cuda_attention", "cuda_stats", "taps", "stages", "tap_stats", "config", "architectures", "sources", "tokenizer", "gguf", "gguf_header", "synthetic",
         "stress", "chat_template", "dtypes", "errors"}
 RANK = {"cli": 3, "commands": 2, "library": 1, "core": 0}
 

@@ -451,7 +451,7 @@ FAULTS: dict[str, tuple] = {
     "o_proj_transposed": (_fault_o_proj_transposed, 1, "layers.1.attn.out"),
     "causal_mask_removed": (_fault_mask_removed, 0, "layers.0.attn.scores_masked"),
     "silu_to_gelu": (_fault_silu_to_gelu, 1, "layers.1.mlp.act"),
-    "kv_heads_tiled": (_fault_kv_heads_tiled, 1, "layers.1.attn.scores"),
+    "kv_heads_tiled": (_fault_kv_heads_tiled, 1, "layers.1.attn.k_rep"),
     "softmax_over_queries": (_fault_softmax_axis, 1, "layers.1.attn.probs"),
     "attn_norm_through_fp16": (_fault_norm_rounded_to_fp16, 1, "layers.1.attn_norm"),
 }
