@@ -60,19 +60,9 @@ def _why(first: dict, cov: dict | None) -> str:
 
 
 def _not_compared(cov: dict) -> str:
-    parts = []
-    if cov["missing"]:
-        parts.append(f"{len(cov['missing'])} missing from their dump")
-    canon = [k for k in cov["not_comparable"] if k in cov["cells"]]
-    if canon:
-        parts.append(f"{len(canon)} not comparable")
-    if cov["shape_mismatch"]:
-        parts.append(f"{len(cov['shape_mismatch'])} shape mismatch")
-    other = len(cov["not_comparable"]) - len(canon)
-    if other:
-        parts.append(f"{other} of their tensor(s) with no canonical name"
-                     + (" (ignored by --ignore-unmapped)" if cov.get("ignored_unmapped") else ""))
-    return ", ".join(parts)
+    from .localize.coverage import gaps
+
+    return ", ".join(gaps(cov))
 
 
 def shared_input(source, candidate_kind: str) -> dict | None:

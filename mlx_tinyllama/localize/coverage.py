@@ -70,20 +70,29 @@ def grid_lines(cov: dict, stages_ok: dict[str, bool], n_layers: int) -> list[str
     return lines
 
 
-def summary(cov: dict) -> str:
-    n = len(cov["cells"])
-    parts = [f"coverage: {len(cov['compared'])}/{n} stages compared"]
+def gaps(cov: dict, examples: bool = False) -> list[str]:
+    """What was not compared, in words (missing, not comparable, shape mismatches, names that are no
+    tap), with an example of each where `examples`: the coverage line and the verdict line share it."""
+    parts = []
     if cov["missing"]:
-        parts.append(f"{len(cov['missing'])} missing from their dump (e.g. {_few(cov['missing'])})")
+        parts.append(f"{len(cov['missing'])} missing from their dump"
+                     + (f" (e.g. {_few(cov['missing'])})" if examples else ""))
     canon = [k for k in cov["not_comparable"] if k in cov["cells"]]
     if canon:
-        parts.append(f"{len(canon)} not comparable (e.g. {canon[0]}: {cov['not_comparable'][canon[0]]})")
+        parts.append(f"{len(canon)} not comparable"
+                     + (f" (e.g. {canon[0]}: {cov['not_comparable'][canon[0]]})" if examples else ""))
     if cov["shape_mismatch"]:
-        parts.append(f"{len(cov['shape_mismatch'])} shape mismatch (e.g. {next(iter(cov['shape_mismatch']))})")
+        parts.append(f"{len(cov['shape_mismatch'])} shape mismatch"
+                     + (f" (e.g. {next(iter(cov['shape_mismatch']))})" if examples else ""))
     other = len(cov["not_comparable"]) - len(canon)
     if other:
-        parts.append(f"{other} of their tensor(s) with no canonical name")
-    return "; ".join(parts)
+        parts.append(f"{other} of their tensor(s) with no canonical name"
+                     + (" (ignored by --ignore-unmapped)" if cov.get("ignored_unmapped") and not examples else ""))
+    return parts
+
+
+def summary(cov: dict) -> str:
+    return "; ".join([f"coverage: {len(cov['compared'])}/{len(cov['cells'])} stages compared", *gaps(cov, True)])
 
 
 def _few(taps: list[str]) -> str:
