@@ -13,6 +13,11 @@ only (not safetensors, torch or mlx_tinyllama). Public domain / CC0.
 
 Shapes drop the batch dimension: [T, hidden] for norms and residuals, [heads, T, head_dim]
 for q/k/v, [heads, T, S] for scores and probabilities, [T, heads*head_dim] for attn.context.
+
+Q/K row order: an engine that keeps Meta's original weights (llama2.c) or a GGUF's rotates
+interleaved pairs (x[2i], x[2i+1]); Hugging Face checkpoints rotate halves (x[i], x[i+D/2]).
+Declare which one your q/k/q_rope/k_rope hold with `TapDump(..., qk_layout="meta")` (or "gguf",
+or "hf", the default), or convert them before `add` with `interleaved_to_rotate_half`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,22 @@ _ALIASES = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "floa
 def name(layer: int | None, stage: str) -> str:
     """'layers.<layer>.<stage>', or '<stage>' for the global stages (layer None)."""
     return stage if layer is None else f"layers.{layer}.{stage}"
+
+
+def interleaved_to_rotate_half(x) -> np.ndarray:
+    """Q/K values in interleaved pairs along the last axis (head_dim: x[2i], x[2i+1] rotate
+    together: Meta, llama2.c, GGUF) -> Hugging Face's rotate-half order (x[i], x[i+D/2])."""
+    x = np.asarray(x)
+    return np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def rotate_half_to_interleaved(x) -> np.ndarray:
+    """The inverse of `interleaved_to_rotate_half`."""
+    x = np.asarray(x)
+    half = x.shape[-1] // 2
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x[..., :half], x[..., half:]
+    return out
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -85,8 +85,10 @@ def add_arguments(p) -> None:
     p.add_argument("--partial", action="store_true",
                    help="accept a dump or log that holds only part of the forward pass (only layer 0, or it "
                         "stops early): the verdict says so (default: one that stops early is exit 2)")
-    p.add_argument("--layout", choices=("hf", "gguf"), help="Q/K layout of --against (default: gguf for llama.cpp "
-                                                           "logs, hf otherwise)")
+    p.add_argument("--layout", choices=("hf", "gguf", "meta"),
+                   help="Q/K row order of --against: hf (rotate-half), gguf (llama.cpp's interleaved pairs) or meta "
+                        "(Meta's checkpoints and llama2.c: the same pairs); default: gguf for llama.cpp logs, else "
+                        "the dump's qk_layout metadata (kit), else hf")
     p.add_argument("--against-dtype", metavar="DTYPE", help="precision of --against for tolerances (default: "
                                                             "its tensors' dtype)")
     p.add_argument("--emulate", metavar="auto|fp32|matmul=f16,kv=f16,fa=on", default="auto",

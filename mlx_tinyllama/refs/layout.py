@@ -79,6 +79,14 @@ def _gqa_reduce(x: np.ndarray, kv: int, n_rep: int, want: tuple):
                      f"heads of a group differ: not a GQA-expanded K/V (repeat) of {kv} KV heads")
 
 
+# The Q/K row orders a dump may declare (--layout, or kit's `qk_layout` metadata). Meta's original
+# checkpoints (and llama2.c, which exports them) hold Q/K in interleaved pairs per head, the order
+# llama.cpp's converter restores in a GGUF; Hugging Face's conversion reordered them to rotate-half.
+QK_LAYOUTS = ("hf", "gguf", "meta")
+INTERLEAVED_QK = {"gguf": "GGUF per-head Q/K row permutation",
+                  "meta": "Meta's interleaved-pair Q/K order (llama2.c, original checkpoints)"}
+
+
 def unpermute_gguf(x: np.ndarray) -> np.ndarray:
     """GGUF stores Q/K rows of each head as interleaved pairs (gguf[2i+h] = hf[h*D/2+i]); undo it
     on the last axis (one head's D values): gguf.unpermute_qk, the weights' own, with one head."""
@@ -155,7 +163,7 @@ def to_canonical(tap: str, x: np.ndarray, known: np.ndarray | None, cfg: dict, n
             raise ValueError(f"shape {list(x.shape)} does not fit {tap} {list(want)} in any known layout")
     elif shape != want:
         raise ValueError(f"shape {list(x.shape)} does not fit {tap} {list(want)} in any known layout")
-    if layout == "gguf" and st is not None and st.gguf_permuted:
+    if layout in INTERLEAVED_QK and st is not None and st.gguf_permuted:
         arrays = apply(unpermute_gguf)
-        notes.append("GGUF per-head Q/K row permutation undone")
+        notes.append(f"{INTERLEAVED_QK[layout]} undone")
     return arrays[0], (arrays[1] if known is not None else None), token_rows, notes

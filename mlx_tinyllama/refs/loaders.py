@@ -36,7 +36,7 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if path.name.endswith(INDEX_SUFFIX):
-        return [_load_sharded(path, name_map, layout or "hf")]
+        return [_load_sharded(path, name_map, layout)]
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a reference .json, a .safetensors/.npz dump or a log file")
     if not path.is_file():  # /dev/zero, a FIFO, a socket: endless or blocking reads
@@ -47,7 +47,7 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
-        return [_load_tensors(path, name_map, layout or "hf")]
+        return [_load_tensors(path, name_map, layout)]
     if path.stat().st_size > MAX_LOG_BYTES:
         raise UserError(f"{path} is {path.stat().st_size} bytes; a log is read up to {MAX_LOG_BYTES} "
                         "(TinyLlama's llama-eval-callback log of a 39-token prompt is 1.3 MB)")
@@ -299,10 +299,11 @@ def safetensors_metadata(path: Path) -> dict:
         return {}
 
 
-def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
+def _load_tensors(path: Path, name_map: dict | None, layout: str | None) -> Side:
     storage: dict[str, str] = {}
     tensors = read_tensor_file(path, storage)
     meta = safetensors_metadata(path)
+    layout = layout or declared_layout(meta, path)
     ids = None
     if "tokens" in meta:
         try:
@@ -327,7 +328,18 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str) -> Side:
     return side
 
 
-def _load_sharded(path: Path, name_map: dict | None, layout: str) -> Side:
+def declared_layout(meta: dict, path: Path) -> str:
+    """The Q/K row order a dump's metadata declares (kit's `qk_layout`), checked; "hf" when none."""
+    from .layout import QK_LAYOUTS
+
+    value = str(meta.get("qk_layout") or "hf").strip().lower()
+    if value not in QK_LAYOUTS:
+        raise UserError(f"{path}: its metadata declares qk_layout {value[:40]!r}, not one of {', '.join(QK_LAYOUTS)} "
+                        "(or give --layout)")
+    return value
+
+
+def _load_sharded(path: Path, name_map: dict | None, layout: str | None) -> Side:
     """A dump streamed in shards (dump.py): its index names the shards, read as one dump."""
     from ..dump import check_generation, read_index
 
