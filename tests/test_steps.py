@@ -106,3 +106,28 @@ def test_bad_step_dumps_are_user_errors(tiny_dir, tmp_path, tiny_lm):
         compare_steps(load_steps([str(tmp_path / "noids.safetensors")]), tiny_lm, None, Tolerances())
     with pytest.raises(UserError, match="only 3 token ids"):
         compare_steps(load_steps([str(tmp_path / "noids.safetensors")]), tiny_lm, [1, 2, 3], Tolerances())
+
+
+def test_a_step_divergence_is_explained_as_a_prefill_is(tiny_dir, tmp_path, tiny_lm):
+    """The shape of the error and the Q/K check on decode steps (issue 22 item 3): a wrong GQA head
+    mapping leads with the heads it breaks; Q rows written in interleaved pairs are named a Q/K
+    permutation, not a wrong value; a clean step has neither (test_clean_steps_... above)."""
+    from numpy_engine import _kit_module
+
+    write_steps(Engine(tiny_dir, ["kv_head_mapping"]), tmp_path / "gqa")
+    first = compare_steps(load_steps([str(tmp_path / "gqa")]), tiny_lm, None, Tolerances())["first_divergence"]
+    assert first["tap"] == "layers.0.attn.k_rep" and first["pattern"]["name"] == "heads"
+    assert first["hint"].startswith("heads 1-2 of 4 differ") and "GQA broadcast" in first["hint"]
+
+    kit = _kit_module()
+
+    class Interleaved(Engine):  # dumps its Q rows in Meta's/GGUF's pair order, computes right
+        def dumped(self):
+            out = super().dumped()
+            out["layers.1.attn.q"] = kit.rotate_half_to_interleaved(out["layers.1.attn.q"])
+            return out
+
+    write_steps(Interleaved(tiny_dir), tmp_path / "qk")
+    first = compare_steps(load_steps([str(tmp_path / "qk")]), tiny_lm, None, Tolerances())["first_divergence"]
+    assert first["tap"] == "layers.1.attn.q" and first["qk_permutation"] and first["pattern"] is None
+    assert "permuted within heads" in first["hint"]

@@ -350,6 +350,8 @@ def print_steps(result: dict) -> None:
     if f is not None:
         con.print(f"[bold red]first divergence: position {f['position']}, {f['tap']}[/] ({f['metric']}, "
                   f"{fmt(f['ratio'])}x tolerance)" + (f": {escape(f['note'])}" if f["note"] else ""))
+        if f.get("hint"):
+            con.print(f"[bold]hint[/]: {escape(f['hint'])}")
         for d in f["diagnosis"]:
             con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
     cli_common.print_verdict(result)  # the outcome, with the steps and stages it covers: the last line

@@ -267,6 +267,7 @@ def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, 
             first = {"position": pos, "tap": bad["tap"], "metric": bad["metric"], "ratio": bad["ratio"],
                      "note": bad["note"]}
             first["diagnosis"] = _diagnose_step(s, bad["tap"], rep, decode[pos], lm, ids, pos, free, dtype)
+            first.update(_explain_step(bad, stages, s.tensors, decode[pos], lm.config.as_dict(), L))
         if bad_row and first_row is None:
             first_row = {"position": pos, "tap": bad_row["tap"], "note": bad_row["note"]}
         out_steps.append(step)
@@ -274,6 +275,29 @@ def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, 
             "first_prefill_row_divergence": first_row, "localized": localized, "steps": out_steps,
             "dtype": dtype, "tolerance_basis": basis.as_dict(), "reference": {"model": lm.source.spec, "dtype": lm.dtype},
             "not_compared": dumps.not_comparable, "tolerances": tol.describe()}
+
+
+def _explain_step(bad: dict, stages: list[dict], theirs: dict, ours: dict, cfg: dict, n_layers: int) -> dict:
+    """The first divergence of a step told as a prefill's is: the Q/K row permutation, the shape of
+    the error (heads, columns, a reordering, a factor: a step has one token row) and where to look."""
+    from ..divergence import QK_STAGES, hint, qk_hint, qk_permutation
+    from ..errorshape import Pattern, stage_pattern
+
+    tap = bad["tap"]
+    a, b = theirs.get(tap), ours.get(tap)
+    perm = shape = None
+    if a is not None and b is not None and np.shape(a) == np.shape(b) and math.isfinite(bad["tolerance"]):
+        if tap.split(".", 2)[-1] in QK_STAGES:
+            perm = qk_permutation(a, b, bad["tolerance"])
+        if perm is None:
+            found = stage_pattern(tap, a, b, bad["tolerance"], cfg)
+            shape = found.as_dict() if found is not None else None
+    k = next(i for i, e in enumerate(stages) if e["tap"] == tap)
+    before = stages[k - 1] if k > 0 else None
+    text = qk_hint(tap, perm) if perm else hint(tap, before, n_layers, {e["tap"] for e in stages[:k]})
+    if shape is not None:  # the error's shape leads, as in a prefill's hint
+        text = Pattern(**shape).sentence() + "; " + text
+    return {"hint": text, "qk_permutation": perm, "pattern": shape}
 
 
 def _diagnose_step(step: Step, tap: str, rep, ours: dict, lm, ids, pos, tol, dtype) -> list[dict]:
