@@ -119,6 +119,10 @@ EXCLUDED = {
     "pip install -e .": "installs into the environment (and reaches PyPI)",
     f"{TRACE} --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --download": "downloads the real checkpoint (2.2 GB)",
     "bash scripts/test.sh": "the whole test suite (this test is part of it)",
+    "python -m pytest -q -s tests/test_robustness.py": "a test file the suite runs itself (3-4 min a second time)",
+    "python -m pytest tests/field": "a test directory the suite runs itself",
+    "PYTHONPATH=. python scripts/field_table.py": "runs every field case again (5 min); the cases themselves "
+        "run in tests/field",
     "LLAMACPP_DIR=.llamacpp python scripts/llamacpp/check_family_gguf.py": "needs llama.cpp's source and converter "
         "(scripts/llamacpp/build.sh), never in CI; its output is quoted in docs/family.md",
     f"{TRACE} compare --ref refs/tinyllama-1.1b-chat-v1.0.seed.json --model TinyLlama/TinyLlama-1.1B-Chat-v1.0":
