@@ -384,3 +384,21 @@ def test_gguf_check_says_a_mistral_gguf_lost_its_window(tmp_path):
     convert(d, tmp_path / "m.gguf", "f32")
     rc, result = _gguf_check(tmp_path / "m.gguf", d, tmp_path)
     assert rc == 1 and any(m.startswith("sliding window") for m in result["mismatches"])
+
+
+def test_fp16_error_against_fp32_is_no_worse_than_transformers_own_fp16(family):
+    """In float16 each architecture's taps stay within the fp16 tolerance of transformers' own fp16
+    forward, and our error against the fp32 truth is no worse than transformers' fp16 error
+    (within 2x: the two round in different orders, so neither is exact)."""
+    from mlx_tinyllama.reference import hf
+
+    kind, d, _, ref32 = family
+    ref16 = {k: v.double().numpy() for k, v in hf.capture(hf.load_hf_model(d, "float16"), SEED_IDS)[0].items()}
+    ours16 = {k: np.asarray(v, np.float64) for k, v in run_side(sources.load(str(d), "float16"), SEED_IDS).tensors.items()}
+    for tap in ref32:
+        masked = tap.endswith("scores_masked")
+        vs_theirs = metrics(ours16[tap], ref16[tap], masked=masked, mask_dtype="float16")["nmse"]
+        assert vs_theirs <= tolerance_for(tap, "nmse", "float16", "float16", 2), (kind, tap, vs_theirs)
+    for tap in ("final_norm", "logits"):
+        ours, theirs = (metrics(x[tap], ref32[tap])["nmse"] for x in (ours16, ref16))
+        assert ours <= 2 * theirs + 1e-12, (kind, tap, ours, theirs)
