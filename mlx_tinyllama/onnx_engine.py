@@ -187,7 +187,8 @@ def structure_map(model) -> tuple[dict[str, str], dict[str, str]]:
         try:
             names[tap] = find()
         except (LookupError, StopIteration, ValueError) as e:  # KeyError: a tap it needs is unsettled
-            why[tap] = f"needs {e.args[0]}" if isinstance(e, KeyError) else (str(e) or type(e).__name__)
+            why[tap] = (f"needs {e.args[0]}" if isinstance(e, KeyError) else
+                        "no op of the expected type in its data flow" if isinstance(e, StopIteration) else str(e))
 
     put("embed", lambda: g.module_output(g.scopes("embed_tokens")[0]))
     casts = ("Cast",)
