@@ -49,6 +49,13 @@ def graphs(tmp_path_factory, tiny_dir):
             del n.metadata_props[:]
     paths["act_unscoped"] = out / "act_unscoped.onnx"
     onnx.save(blind, str(paths["act_unscoped"]))
+    # No node keeps its module path (another exporter): everything is left to the value matching.
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for n in bare.graph.node:
+        del n.metadata_props[:]
+    paths["no_scopes"] = out / "no_scopes.onnx"
+    onnx.save(bare, str(paths["no_scopes"]))
     return out, paths
 
 
@@ -92,6 +99,23 @@ def test_stage_the_structure_misses_is_matched_by_value_and_said(graphs, capfd, 
     assert [(ln["tap"], ln["confidence"]) for ln in m["value"]] == [("layers.1.mlp.act", "match")]
     assert f"{N_STAGES - 1} taps by structure, 1 by value" in err and "by value:" in err
     assert f"match: {N_STAGES}/{N_STAGES} stages" in out
+
+
+@needs_torch
+def test_graph_without_module_paths_is_matched_by_value_and_never_a_false_alarm(graphs, capfd, tiny_dir):
+    """A correct graph mapped by value only: the "match" lines are compared, a "likely" (closest but
+    over tolerance, maybe another stage's value) is listed and not compared, and the verdict line
+    says how many stages were not compared. (Before: a likely line at layers.0.attn.q, compared,
+    made a correct graph "diverged".)"""
+    rc, out, err, result = _run(graphs, "no_scopes", capfd, tiny_dir)
+    m = result["onnx_map"]
+    assert m["structure"] == {}
+    assert rc == 0 and result["status"] == "match", out[-3000:]
+    matched = [ln["tap"] for ln in m["value"] if ln["confidence"] == "match"]
+    assert len(matched) >= 30 and "logits" in matched
+    compared = result["verdict"]["compared"]
+    assert compared == len(matched) < N_STAGES
+    assert f"match: {compared}/{N_STAGES} stages; not compared" in out
 
 
 @needs_torch

@@ -21,11 +21,11 @@ import numpy as np
 from .. import cli_common, contracts
 from ..compare import compare, judging_basis, run_side
 from ..contracts import READ_FILE, PathOption
-from ..errors import UserError
 from ..localize import localize
 from ..refs.layout import expected_shape
 from ..refs.side import Side
 from ..results import ResultHeader
+from ..taps import tap_names
 from ..tolerances import Tolerances
 
 # Values shape inference offers to the value matching, at most: a graph has a few per node, and
@@ -78,14 +78,16 @@ def main(args) -> int:
     graph = load_graph(path)
     tol = Tolerances.from_overrides(args.tol)
     names, unsettled = structure_map(graph)
-    if not names and not unsettled:
-        raise UserError(f"--model {path}: no decoder layers found in the graph (no module paths of a Llama)")
     args.model, args.dtype, args.policy, args.kernels, args.download = args.hf, "float32", "hf", None, False
     lm = cli_common.load_model(args)
     tol.check_patterns(lm.config.num_hidden_layers)
     cfg = lm.config.as_dict()
     prompt = cli_common.prompt_for(args, lm)
     n = len(prompt.ids)
+    mapped = set(names.values())  # a graph without module paths finds no layers: its taps are all left to values
+    for tap in tap_names(lm.config.num_hidden_layers):
+        if tap not in mapped and tap not in unsettled:
+            unsettled[tap] = "not found by structure (no module path of this stage in the graph)"
     reference = run_side(lm, prompt.ids)
     candidates = []
     if unsettled:
@@ -99,20 +101,25 @@ def main(args) -> int:
         ours = {t: x for t, x in reference.tensors.items() if t in unsettled}
         value_lines = [ln for ln in suggest_map(theirs, ours, cfg, n, dtype, lm.dtype, tol) if ln["tap"]]
         for ln in value_lines:
-            tensors[ln["tap"]] = theirs[ln["name"]]
+            # Only a value within tolerance of that one tap is compared: a "likely" (closest, but over
+            # its tolerance) may be another stage's value, and judging it would be a false alarm on a
+            # correct graph. It is listed, and the tap counts as not compared.
+            if ln["confidence"] == "match":
+                tensors[ln["tap"]] = theirs[ln["name"]]
     candidate = Side(name=f"ONNX Runtime ({path.name})", kind="dump", dtype=dtype, ids=list(prompt.ids),
                      n_tokens=n, config=cfg, provenance={"onnx": str(path)})
     for tap, x in tensors.items():
         candidate.tensors[tap] = np.asarray(x, np.float32)
         candidate.tensor_dtypes[tap] = str(x.dtype)
-    by_value = {ln["tap"] for ln in value_lines}
+    by_value = {ln["tap"] for ln in value_lines if ln["confidence"] == "match"}
     onnx_map = {"structure": {t: v for v, t in names.items()},
                 "value": [{k: ln[k] for k in ("name", "tap", "confidence", "ratio", "note")} for ln in value_lines],
                 "unmapped": {t: r for t, r in sorted(unsettled.items()) if t not in by_value}}
-    print(f"map: {len(names)} taps by structure, {len(value_lines)} by value, "
+    print(f"map: {len(names)} taps by structure, {len(by_value)} by value, "
           f"{len(onnx_map['unmapped'])} not found", file=sys.stderr)
     for ln in value_lines:
-        print("  by value: " + describe(ln), file=sys.stderr)
+        print(("  by value: " if ln["confidence"] == "match" else "  not compared (value over tolerance): ")
+              + describe(ln), file=sys.stderr)
     for tap, why in list(onnx_map["unmapped"].items())[:8]:
         print(f"  not mapped: {tap} ({why})", file=sys.stderr)
     basis = judging_basis(candidate)
