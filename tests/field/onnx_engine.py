@@ -4,12 +4,9 @@ graph, run by onnxruntime at its default optimisation level and dumped to safete
 by the ONNX value names, with a `--map` JSON that names their taps.
 
 The map is read off the exported graph's structure, never a hand-written list of value
-names: the dynamo exporter records for each node the torch module path it came from
-(`pkg.torch.onnx.name_scopes`), so "the output of `layers.1.mlp.gate_proj`" or "the input
-of `o_proj`" are found by module; the stages inside the attention module (RoPE, scores,
-scale, mask, softmax) by op type and data flow from the projections. A user mapping their
-own ONNX graph would do the same. Value names (`linear_4`, `val_217`) change with the
-exporter's version; module paths and data flow do not.
+names, by the package's own `mlx_tinyllama/onnx_engine.py` (the mapping, exposing and ORT
+run of `trace onnx`, imported here: one implementation); this file keeps the export, the dump
+and the graph faults.
 
 Needs torch, transformers, onnx, onnxscript and onnxruntime (the dev extra)."""
 
