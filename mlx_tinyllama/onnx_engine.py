@@ -52,9 +52,12 @@ def load_graph(path: str | Path):
     if head.lstrip()[:1] in (b"{", b"[", b"<", b"#") or head.startswith((b"GGUF", b"PK", b"\x93NUMPY")):
         raise UserError(f"--model {p}: not an ONNX model (a text, GGUF, zip or NumPy file)")
     try:
-        model = onnx.load(str(p))
+        # The weights stay where they are: TinyLlama's are over protobuf's 2 GB, so an export keeps
+        # them in external data, which ORT reads from the graph's folder (run(..., folder)).
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # DecodeError, a missing external-data file, ...
         raise UserError(f"--model {p}: not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})") from None
+    _load_small_external(model, p.resolve().parent)
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise UserError(f"--model {p}: not an ONNX model (no IR version, nodes or outputs)")
     return model
@@ -269,14 +272,37 @@ def expose(model, values: list[str]):
     return model
 
 
-def run(model, ids: list[int]) -> dict[str, np.ndarray]:
-    """Every graph output of one ORT run at its default settings (ORT_ENABLE_ALL)."""
+def run(model, ids: list[int], folder: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Every graph output of one ORT run at its default settings (ORT_ENABLE_ALL); `folder`: where
+    the external data of a graph loaded without it lies (the graph's own folder)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if folder is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    try:  # a graph ORT cannot load (an op it lacks, external data missing) is the input's fault
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise UserError(f"ONNX Runtime cannot load the graph: {' '.join(str(e).split())[:200]}") from None
     assert sess.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds(model, ids))))
+
+
+def _load_small_external(model, folder: Path, max_values: int = 4096) -> None:
+    """Small external tensors (axes, shapes, scales) read into the graph: ORT's shape inference
+    needs their values, and an exporter saving with size_threshold=0 puts even those outside."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for t in model.graph.initializer:
+        if uses_external_data(t) and int(np.prod(t.dims)) <= max_values:
+            try:
+                load_external_data_for_tensor(t, str(folder))
+            except Exception as e:  # a missing or short data file
+                raise UserError(f"the ONNX graph's external data for {t.name} cannot be read from {folder}: "
+                                f"{str(e)[:120]}") from None
+            t.data_location = 0  # DEFAULT: the value is in raw_data now
+            del t.external_data[:]
 
 
 def graph_inputs(model) -> list:

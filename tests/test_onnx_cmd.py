@@ -133,6 +133,24 @@ def test_structure_map_of_faulty_graph_leaves_unsettled_taps_unsettled(graphs):
     assert len(names) == N_STAGES - 2
 
 
+@needs_torch
+def test_external_data_is_read_from_the_graphs_folder(graphs, capfd, tiny_dir, tmp_path):
+    """Weights in external data (TinyLlama's are over protobuf's 2 GB), every tensor outside the
+    graph (size_threshold=0: the axes and shapes too): run from the graph's folder, match; the data
+    file gone: one line, exit 2."""
+    import onnx
+
+    d = tmp_path / "ext"
+    d.mkdir()
+    onnx.save_model(onnx.load(str(graphs[1]["clean"])), str(d / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    rc, out, err = invoke(["onnx", "--model", d / "m.onnx", "--hf", tiny_dir, "--token-ids", IDS], capfd)
+    assert rc == 0 and f"match: {N_STAGES}/{N_STAGES} stages" in out, out[-2000:] + err[-2000:]
+    (d / "m.onnx.data").unlink()
+    rc, out, err = invoke(["onnx", "--model", d / "m.onnx", "--hf", tiny_dir, "--token-ids", IDS], capfd)
+    assert_one_error(rc, err, 2, "external data|cannot load")
+
+
 @pytest.mark.parametrize("content", [b"hello, not a graph\n", b'{"a": 1}', bytes(range(256)) * 4, b""])
 def test_not_onnx_is_one_line_exit_2(content, tmp_path, capfd, tiny_dir):
     bad = tmp_path / "bad.onnx"

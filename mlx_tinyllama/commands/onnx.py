@@ -92,7 +92,7 @@ def main(args) -> int:
     candidates = []
     if unsettled:
         candidates = _candidates(graph, names, unsettled, reference, cfg, n)
-    values = run(expose(graph, list(names) + candidates), prompt.ids)
+    values = run(expose(graph, list(names) + candidates), prompt.ids, path.resolve().parent)
     tensors = {tap: _batchless(values[v]) for v, tap in names.items()}
     dtype = str(values[next(iter(names))].dtype) if names else "float32"
     value_lines = []
