@@ -54,14 +54,12 @@ def _batchless(x: np.ndarray) -> np.ndarray:
     return x[0] if x.ndim >= 2 and x.shape[0] == 1 else x  # ORT's leading batch axis of one
 
 
-def _candidates(model, names, unsettled, reference, cfg, n_tokens) -> list[str]:
-    """The graph's float values not mapped by structure whose size is that of an unsettled tap:
-    what the value matching looks at."""
-    from ..onnx_engine import float_values
-
+def _candidates(typed, names, unsettled, reference, cfg, n_tokens) -> list[str]:
+    """The graph's float values (`typed`: onnx_engine.float_values) not mapped by structure whose
+    size is that of an unsettled tap: what the value matching looks at."""
     sizes = {int(np.prod(expected_shape(t, cfg, n_tokens))) for t in unsettled if t in reference.tensors}
     out = []
-    for v, shape in float_values(model).items():
+    for v, shape in typed.items():
         if v not in names and shape is not None and int(np.prod(shape)) in sizes:
             out.append(v)
     return out[:MAX_VALUE_CANDIDATES]
@@ -71,7 +69,7 @@ def main(args) -> int:
     from ..onnx_engine import require_onnx
 
     require_onnx()  # before the model loads: one line naming the extra
-    from ..onnx_engine import expose, load_graph, run, structure_map
+    from ..onnx_engine import expose, float_values, load_graph, run, structure_map
     from ..refs.suggest import describe, suggest_map
 
     path = Path(args.model)
@@ -84,6 +82,9 @@ def main(args) -> int:
     cfg = lm.config.as_dict()
     prompt = cli_common.prompt_for(args, lm)
     n = len(prompt.ids)
+    typed = float_values(graph)  # a value shape inference cannot type cannot be made an output
+    for v in [v for v in names if v not in typed]:
+        unsettled[names.pop(v)] = f"its value {v} is not a float tensor ONNX shape inference can type"
     mapped = set(names.values())  # a graph without module paths finds no layers: its taps are all left to values
     for tap in tap_names(lm.config.num_hidden_layers):
         if tap not in mapped and tap not in unsettled:
@@ -91,7 +92,7 @@ def main(args) -> int:
     reference = run_side(lm, prompt.ids)
     candidates = []
     if unsettled:
-        candidates = _candidates(graph, names, unsettled, reference, cfg, n)
+        candidates = _candidates(typed, names, unsettled, reference, cfg, n)
     values = run(expose(graph, list(names) + candidates), prompt.ids, path.resolve().parent)
     tensors = {tap: _batchless(values[v]) for v, tap in names.items()}
     dtype = str(values[next(iter(names))].dtype) if names else "float32"
