@@ -27,6 +27,7 @@ COMMANDS = {
     "tokens": "tokenize a prompt, show ids and pieces, diff against another engine's ids",
     "compare": "compare a run or another engine's dump against a reference; find the first divergence",
     "llamacpp": "run llama.cpp's llama-eval-callback on a GGUF and find its first divergence from this reference",
+    "onnx": "run an ONNX Llama with ONNX Runtime, every stage exposed, and find its first divergence from this reference",
     "paths": "check prefill, token-by-token decode and chunked prefill agree, stage by stage",
     "generate": "generate tokens through the KV cache (greedy or sampled), optionally tapped",
     "stability": "fp16/bf16 vs fp32 side by side: headroom, non-finite origin, precision policies",

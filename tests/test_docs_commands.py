@@ -117,6 +117,10 @@ EXIT = {
 # commands that cannot run in the test suite, and why
 EXCLUDED = {
     "pip install -e .": "installs into the environment (and reaches PyPI)",
+    "pip install mlx-tinyllama[onnx]": "installs into the environment (and reaches PyPI)",
+    f"{TRACE} onnx --model model.onnx --hf HF_DIR [--prompt TEXT | --prompt-file F | --token-ids 1,2,3 | --chat USER] "
+    "[--json x.json] [--report x.html]": "needs an ONNX export (torch's dynamo exporter); tests/test_onnx_cmd.py "
+        "exports synthetic:tiny and runs this command on it, clean and with graph faults",
     f"{TRACE} --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --download": "downloads the real checkpoint (2.2 GB)",
     "bash scripts/test.sh": "the whole test suite (this test is part of it)",
     "python -m pytest -q -s tests/test_robustness.py": "a test file the suite runs itself (3-4 min a second time)",

@@ -1554,6 +1554,7 @@ def _contract_lab(root: Path, tiny_dir: Path, cfg: dict) -> dict:
     f["bin/binary"] = _write(root / "bin" / "llama-eval-callback", b"#!/bin/sh\nexit 9\n")
     f["bin/binary"].chmod(0o755)
     f["gguf"] = _write(root / "m.gguf", b"GGUF")
+    f["onnx"] = _write(root / "m.onnx", b"\x08\x08")  # (the spec checks paths; the graph is never read)
     (root / "vec").mkdir()
     f["vec"] = root / "vec"
     f["vec/manifest"] = _write(root / "vec" / "manifest.json", b"{}")
@@ -1597,6 +1598,9 @@ CONTRACT_EXAMPLES = {
     "bench-no-taps": ["bench", "--model", "{model}", "--no-tap-overhead", "--no-stages", "--json", "<--json>"],
     "compare-suggest": ["compare", "--against", "{against}", "--model", "{model}", "--suggest-map",
                         "<--suggest-map>"],
+    "onnx": ["onnx", "--model", "{onnx}", "--hf", "{model}", "--prompt-file", "{prompt}", "--json", "<--json>",
+             "--report", "<--report>", "--plots", "<--plots>"],
+    "onnx-plain": ["onnx", "--model", "{onnx}", "--hf", "{model}", "--token-ids", "1,2", "--json", "<--json>"],
     "gguf-check": ["gguf-check", "--gguf", "{gguf}", "--hf", "{model}", "--json", "<--json>"],
     "vectors-write": ["vectors", "write", "<DIR>", "--model", "{model}"],
     "vectors-run": ["vectors", "run", "{vec}", "--engine", "{engine}:f", "--out", "<--out>"],
@@ -1723,7 +1727,7 @@ def _rules():
     return out
 
 
-IMPLIED_KEYS = ["model", "prompt", "ref", "against", "map", "steps", "bin", "gguf", "vec", "engine", "results"]
+IMPLIED_KEYS = ["model", "prompt", "ref", "against", "map", "steps", "bin", "gguf", "onnx", "vec", "engine", "results"]
 UNUSED_VALUES = {"--dump-shard-mb": "8", "--top-k": "3", "--top-p": "0.9", "--seed": "1", "--attention-layers": "0",
                  "--attention-heads": "0", "--layout": "hf", "--map": "{map}", "--against-dtype": "float32",
                  "--emulate": "fp32", "--require": "logits", "--all": None, "--prompt": "hi", "--prompt-file":

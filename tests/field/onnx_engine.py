@@ -4,27 +4,20 @@ graph, run by onnxruntime at its default optimisation level and dumped to safete
 by the ONNX value names, with a `--map` JSON that names their taps.
 
 The map is read off the exported graph's structure, never a hand-written list of value
-names: the dynamo exporter records for each node the torch module path it came from
-(`pkg.torch.onnx.name_scopes`), so "the output of `layers.1.mlp.gate_proj`" or "the input
-of `o_proj`" are found by module; the stages inside the attention module (RoPE, scores,
-scale, mask, softmax) by op type and data flow from the projections. A user mapping their
-own ONNX graph would do the same. Value names (`linear_4`, `val_217`) change with the
-exporter's version; module paths and data flow do not.
+names, by the package's own `mlx_tinyllama/onnx_engine.py` (the mapping, exposing and ORT
+run of `trace onnx`, imported here: one implementation); this file keeps the export, the dump
+and the graph faults.
 
 Needs torch, transformers, onnx, onnxscript and onnxruntime (the dev extra)."""
 
 from __future__ import annotations
 
-import ast
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-SCOPES = "pkg.torch.onnx.name_scopes"
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+from mlx_tinyllama.onnx_engine import SCOPES, Graph, expose, run, tap_map  # noqa: F401  (the package's, one implementation)
 
 
 def export(model_dir: Path, n_tokens: int, dtype: str, out: Path) -> Path:
@@ -49,198 +42,6 @@ def export(model_dir: Path, n_tokens: int, dtype: str, out: Path) -> Path:
     program = torch.onnx.export(wrapped, (ids,), dynamo=True, verbose=False)
     program.save(str(out))
     return out
-
-
-# ---------------------------------------------------------------- mapping from the structure
-
-@dataclass
-class Graph:
-    """The node list with who produces and who consumes each value, and each node's module path."""
-
-    model: object
-
-    def __post_init__(self):
-        g = self.model.graph
-        self.nodes = list(g.node)
-        self.producer = {o: n for n in self.nodes for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.nodes:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.order = {id(n): k for k, n in enumerate(self.nodes)}
-        self.module = {id(n): _module_path(n) for n in self.nodes}
-        self.outputs = {o.name for o in g.output}
-
-    def in_scope(self, node, scope: str) -> bool:
-        m = self.module[id(node)]
-        return m == scope or m.startswith(scope + ".")
-
-    def scopes(self, suffix: str) -> list[str]:
-        """Module paths ending in `suffix` (e.g. `layers.0.self_attn.q_proj`), in graph order."""
-        seen = []
-        for n in self.nodes:
-            for s in _prefixes(self.module[id(n)]):
-                if (s == suffix or s.endswith("." + suffix)) and s not in seen:
-                    seen.append(s)
-        return seen
-
-    def layer_scopes(self) -> list[str]:
-        """The decoder layers' module paths (`...layers.N`), in graph order."""
-        out = []
-        for n in self.nodes:
-            for s in _prefixes(self.module[id(n)]):
-                if re.search(r"(?:^|\.)layers\.\d+$", s) and s not in out:
-                    out.append(s)
-        return out
-
-    def module_output(self, scope: str) -> str:
-        """The last value made inside `scope` and used outside it: what the module returns."""
-        found = None
-        for n in self.nodes:
-            if not self.in_scope(n, scope):
-                continue
-            for o in n.output:
-                users = self.consumers.get(o, [])
-                if o in self.outputs or any(not self.in_scope(u, scope) for u in users):
-                    found = o
-        if found is None:
-            raise LookupError(f"no output of module {scope}")
-        return found
-
-    def module_input(self, scope: str) -> str:
-        """The first activation (made by a node, not a weight) that `scope` reads from outside it."""
-        for n in self.nodes:
-            if self.in_scope(n, scope):
-                for i in n.input:
-                    p = self.producer.get(i)
-                    if p is not None and not self.in_scope(p, scope) and p.op_type != "Constant":
-                        return i
-        raise LookupError(f"no input of module {scope}")
-
-    def after(self, value: str, ops: tuple[str, ...]) -> str:
-        """Follow single-consumer ops in `ops` from `value` (Reshape/Transpose/Cast chains)."""
-        while True:
-            users = self.consumers.get(value, [])
-            if len(users) != 1 or users[0].op_type not in ops:
-                return value
-            value = users[0].output[0]
-
-    def before(self, value: str, ops: tuple[str, ...]) -> str:
-        while (p := self.producer.get(value)) is not None and p.op_type in ops:
-            value = p.input[0]
-        return value
-
-    def repeated(self, value: str) -> str:
-        """`value` after transformers' GQA repeat (`repeat_kv`: Unsqueeze, Expand, Reshape to
-        [1, H, T, D]); `value` itself where the graph has no repeat."""
-        return self.after(value, ("Unsqueeze", "Expand", "Reshape"))
-
-    def descendants(self, value: str) -> set[str]:
-        seen, todo = set(), [value]
-        while todo:
-            v = todo.pop()
-            for u in self.consumers.get(v, []):
-                for o in u.output:
-                    if o not in seen:
-                        seen.add(o)
-                        todo.append(o)
-        return seen
-
-    def first_node(self, op: str, where) -> object:
-        for n in self.nodes:
-            if n.op_type == op and where(n):
-                return n
-        raise LookupError(f"no {op} node found")
-
-
-def _module_path(node) -> str:
-    md = {p.key: p.value for p in node.metadata_props}
-    scopes = ast.literal_eval(md.get(SCOPES, "[]"))
-    return scopes[-2] if len(scopes) >= 2 else ""  # the last scope is the op itself
-
-
-def _prefixes(path: str) -> list[str]:
-    parts = path.split(".")
-    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
-
-
-def tap_map(model) -> dict[str, str]:
-    """{ONNX value name: canonical tap} for every stage, read off the exported graph."""
-    from mlx_tinyllama.taps import tap_names
-
-    g = Graph(model)
-    known = set(tap_names(len(g.layer_scopes())))
-    names: dict[str, str] = {}
-    names["embed"] = g.module_output(g.scopes("embed_tokens")[0])
-    casts = ("Cast",)
-    view = ("Reshape", "Transpose", "Cast")
-    for layer_scope in g.layer_scopes():
-        i = int(_LAYER.search(layer_scope).group(1))
-        p = f"layers.{i}."
-        attn = layer_scope + ".self_attn"
-        mlp = layer_scope + ".mlp"
-        names[p + "attn_norm"] = g.module_output(layer_scope + ".input_layernorm")
-        q, k, v = (g.after(g.module_output(f"{attn}.{w}_proj"), view) for w in "qkv")
-        names[p + "attn.q"], names[p + "attn.k"], names[p + "attn.v"] = q, k, v
-        dq, dk, dv = g.descendants(q), g.descendants(k), g.descendants(v)
-
-        def rope(d):  # the first Add both of whose inputs come from the projection
-            return g.first_node("Add", lambda n: g.in_scope(n, attn) and all(x in d for x in n.input)).output[0]
-
-        q_rope, k_rope = rope(dq), rope(dk)
-        names[p + "attn.q_rope"], names[p + "attn.k_rope"] = q_rope, k_rope
-        for tap, value in ((p + "attn.k_rep", k_rope), (p + "attn.v_rep", v)):
-            if tap in known and g.repeated(value) != value:  # taps after the GQA repeat, where the table has them
-                names[tap] = g.repeated(value)
-        scores = g.first_node("MatMul", lambda n: g.before(n.input[0], casts) == q_rope).output[0]
-        scaled = next(u for u in g.consumers[scores] if u.op_type in ("Mul", "Div")).output[0]
-        masked = next(u for u in g.consumers[scaled] if u.op_type == "Add").output[0]
-        pv = g.first_node("MatMul", lambda n: n.input[1] in dv and n.input[0] in g.descendants(masked))
-        names[p + "attn.scores"], names[p + "attn.scores_scaled"] = scores, scaled
-        names[p + "attn.scores_masked"], names[p + "attn.probs"] = masked, pv.input[0]
-        names[p + "attn.context"] = g.module_input(f"{attn}.o_proj")
-        names[p + "attn.out"] = g.module_output(attn)
-        names[p + "resid_mid"] = g.first_node(
-            "Add", lambda n: g.module[id(n)] == layer_scope and names[p + "attn.out"] in n.input).output[0]
-        names[p + "mlp_norm"] = g.module_output(layer_scope + ".post_attention_layernorm")
-        names[p + "mlp.gate"] = g.module_output(mlp + ".gate_proj")
-        names[p + "mlp.up"] = g.module_output(mlp + ".up_proj")
-        names[p + "mlp.act"] = g.module_output(mlp + ".act_fn")
-        names[p + "mlp.prod"] = g.module_input(mlp + ".down_proj")
-        names[p + "mlp.down"] = g.module_output(mlp)
-        names[p + "out"] = g.module_output(layer_scope)
-    names["final_norm"] = g.module_output(g.scopes("model.norm")[0])
-    names["logits"] = g.module_output(g.scopes("lm_head")[0])
-    inverse = {}
-    for tap, value in names.items():
-        if value in inverse:
-            raise LookupError(f"{tap} and {inverse[value]} map to the same value {value}")
-        inverse[value] = tap
-    return inverse
-
-
-def expose(model, values: list[str]):
-    """The model with `values` added as graph outputs (types from shape inference)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    have = {o.name for o in model.graph.output}
-    for v in values:
-        if v not in have:
-            model.graph.output.append(types[v])
-    return model
-
-
-def run(model, ids: list[int]) -> dict[str, np.ndarray]:
-    """Every graph output of one ORT run at its default settings (ORT_ENABLE_ALL)."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert sess.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    names = [o.name for o in sess.get_outputs()]
-    feed = {sess.get_inputs()[0].name: np.asarray([ids], dtype=np.int64)}
-    return dict(zip(names, sess.run(names, feed)))
 
 
 def write_dump(values: dict[str, np.ndarray], names: dict[str, str], out: Path) -> tuple[Path, Path]:
