@@ -107,6 +107,7 @@ def llamacpp_tap(name: str, op: str, occurrence: int, occurrences: int, name_map
 # ---------------------------------------------------------------------------
 # llama.cpp eval-callback logs
 
+_O_PROJ = re.compile(r"blk\.(\d+)\.attn_output\.weight\{")
 _HEADER = re.compile(r"^\s*(?:[\w:]+:\s+)?(?P<name>\S.*?) = \((?P<type>\w+)\)\s+(?P<op>\S+)\((?P<args>.*)\) = "
                      r"\{(?P<shape>[\d,\s]+)\}\s*$")
 _SUM = re.compile(r"^\s*sum\s*=\s*(?P<v>\S+)\s*$")
@@ -158,6 +159,7 @@ class LogTensor:
     ne: list[int]
     rows: list  # the printed rows, float32 arrays of the printed ne[0] indices
     sum: float | None
+    args: str = ""  # the op's operands as printed, e.g. "blk.0.attn_output.weight{64, 64, 1, 1}, kqv_out-0{...}"
 
     @property
     def shape(self) -> tuple:
@@ -232,7 +234,7 @@ def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
         if rows and (len(rows) != expected or any(len(r) != width for r in rows)):
             raise UserError(f"llama.cpp log: tensor {name} with shape {{{', '.join(map(str, ne))}}} should print "
                             f"{expected} rows of {width} values, found {len(rows)} rows: truncated or edited log?")
-        out.append(LogTensor(name, m.group("type"), m.group("op"), ne, rows, total))
+        out.append(LogTensor(name, m.group("type"), m.group("op"), ne, rows, total, m.group("args")))
     return out
 
 
@@ -349,6 +351,10 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
             # spares those two (a GQA broadcast that maps head h to h % n_kv) shows only here.
             tap = f"layers.{layer_now}.attn.context"
             merge_heads = True
+        wo = _O_PROJ.match(t.args) if tap is None and t.op == "MUL_MAT" else None
+        if wo:
+            # Qwen2's graph leaves the output projection unnamed (node_N): its weight operand says what it is
+            tap = f"layers.{wo.group(1)}.attn.out"
         base, _, layer = t.name.partition("-")
         if tap is None and t.op == "RESHAPE" and base in ("Qcur", "Kcur", "Vcur") and layer.isdigit() \
                 and (t.name, "MUL_MAT") not in printed:
