@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -131,3 +132,18 @@ def test_emulated_linear_keeps_the_bias(matmul_input):
     y, y0 = em(x), EmulatedLinear(nn.Linear(32, 64, bias=False), matmul_input)
     assert np.allclose(np.array(y - x @ lin.weight.T - lin.bias), 0, atol=0.05)  # f16/q8_0 input rounding only
     assert "bias" not in y0  # a bias-free Linear stays bias-free
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
+@pytest.mark.parametrize("case,rc_expected", [("family_qwen2_tiny_default_short_verbose", 0),
+                                              ("family_qwen2_tiny_fault_norm_eps", 1)])
+def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
+    # the one-shot command reads the log the same way: Qwen2's Q/K order and its biases, by the log itself
+    from test_llamacpp_compare import fake_binary
+
+    out = tmp_path / "r.json"
+    rc = trace.main(["llamacpp", "--gguf", str(ggufs["qwen2-tiny"]), "--llama-cpp", str(fake_binary(tmp_path, case)),
+                     "--prompt-file", str(FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == rc_expected, result["first_divergence"]
+    assert (result["first_divergence"] or {}).get("tap") == (None if rc_expected == 0 else "layers.0.attn_norm")
