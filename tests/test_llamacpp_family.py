@@ -147,3 +147,19 @@ def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
     result = json.loads(out.read_text())
     assert rc == rc_expected, result["first_divergence"]
     assert (result["first_divergence"] or {}).get("tap") == (None if rc_expected == 0 else "layers.0.attn_norm")
+
+
+def test_llama3_log_used_the_llama3_frequencies(tmp_path):
+    # The ROPE nodes print two operands (rope_freqs, the third, is not shown), so the match at q_rope is
+    # the evidence: the same log against the checkpoint with its rope_scaling removed diverges there.
+    import shutil
+
+    d = tmp_path / "llama3-plain-rope"
+    shutil.copytree(materialize("llama3-tiny", 0), d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("rope_scaling")["rope_type"] == "llama3"
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_llama3_tiny_default_short_verbose"),
+                             "--model", d)
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.q_rope"
+    assert result["first_divergence"]["error"]["ratio"] >= 10
