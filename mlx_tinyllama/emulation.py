@@ -148,13 +148,16 @@ def round_to(x: mx.array, kind: str) -> mx.array:
 
 
 class EmulatedLinear(nn.Module):
-    """A bias-free Linear whose input is rounded as the engine's matmul rounds it."""
+    """A Linear whose input is rounded as the engine's matmul rounds it. A bias (Qwen2's q/k/v) is
+    added after the matmul in f32, as llama.cpp's separate ADD node does."""
 
     def __init__(self, linear: nn.Linear, engine: "EnginePrecision | str"):
         super().__init__()
         if isinstance(engine, str):  # a matmul input type alone: the plain CPU path
             engine = EnginePrecision(matmul_input=engine)
         self.weight = linear.weight
+        if "bias" in linear:
+            self.bias = linear.bias
         out_features, in_features = linear.weight.shape
         kind = engine.matmul_input
         # A row length that is no multiple of q8_0's block stays f16 in the file (llama.cpp's
@@ -165,7 +168,8 @@ class EmulatedLinear(nn.Module):
         self.kind = kind
 
     def __call__(self, x: mx.array) -> mx.array:
-        return round_to(x, self.kind) @ self.weight.T
+        y = round_to(x, self.kind) @ self.weight.T
+        return y + self.bias if "bias" in self else y
 
 
 def flash_attention_f16_acc(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, SEED_IDS
 
 from mlx_tinyllama.refs import parse_llamacpp_tensors
+from mlx_tinyllama.synthetic import PRESETS
 
 FIXTURES = REPO / "tests" / "fixtures" / "llamacpp"
 PATCHES = REPO / "scripts" / "llamacpp" / "patches"
@@ -66,7 +67,7 @@ def test_log_is_one_whole_run_with_bos_and_the_recorded_settings(case):
     tensors = parse_llamacpp_tensors(text)  # every block parses (not truncated)
     names = {t.name for t in tensors}
     assert {"result_norm", "result_output"} <= names
-    n_layers = {"small": 4, "tinyllama": 22}[info["preset"]]
+    n_layers = PRESETS[info["preset"]].num_hidden_layers  # small 4, tinyllama 22, the family's tiny ones 2
     assert all(f"l_out-{i}" in names for i in range(n_layers))
     fp32 = info["settings"].startswith("fp32")
     assert ("-fa off -ctk f32 -ctv f32" in info["command"]) == fp32

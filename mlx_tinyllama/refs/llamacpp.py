@@ -9,6 +9,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ..architectures import ARCHITECTURES
 from ..errors import UserError
 from .side import Item, Selector, Side, is_known_tap
 
@@ -37,14 +38,17 @@ GATED_ACTIVATIONS = {"ffn_swiglu": "SiLU", "ffn_geglu": "GELU", "ffn_geglu_erf":
 LLAMACPP_STAGES.update({name: "mlp.prod" for name in GATED_ACTIVATIONS})
 LLAMACPP_GLOBAL = {"embd": "embed", "inp_embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
 # name -> {op: stage}; an op not listed is a reshape/view of a listed one (the same values)
-LLAMACPP_BY_OP = {"Qcur": {"MUL_MAT": "attn.q", "ROPE": "attn.q_rope"},
-                  "Kcur": {"MUL_MAT": "attn.k", "ROPE": "attn.k_rope"},
-                  "Vcur": {"MUL_MAT": "attn.v"},
+# Qwen2's build_qkv adds each bias under the same name (Qcur MUL_MAT, then Qcur ADD): the ADD is the
+# canonical projection (the model's q/k/v include their bias) and the MUL_MAT before it is not compared.
+LLAMACPP_BY_OP = {"Qcur": {"MUL_MAT": "attn.q", "ADD": "attn.q", "ROPE": "attn.q_rope"},
+                  "Kcur": {"MUL_MAT": "attn.k", "ADD": "attn.k", "ROPE": "attn.k_rope"},
+                  "Vcur": {"MUL_MAT": "attn.v", "ADD": "attn.v"},
                   "ffn_out": {"MUL_MAT": "mlp.down", "ADD": "out"}}
 LLAMACPP_TWICE = {"Qcur": ("attn.q", "attn.q_rope"), "Kcur": ("attn.k", "attn.k_rope"),
                   "ffn_out": ("mlp.down", "out")}  # first and last meaning, when the op is unknown
 
 # Printed tensors that are not a canonical stage, and why (the `not compared` list).
+_BIASED = ("Qcur", "Kcur", "Vcur")  # names whose MUL_MAT is followed by a bias ADD in a biased model
 _VIEW_OPS = ("VIEW", "PERMUTE", "RESHAPE", "TRANSPOSE", "CONT", "CPY")
 
 
@@ -57,6 +61,8 @@ def not_comparable_reason(name: str, op: str) -> str:
     if base.startswith("cache_k") or base.startswith("cache_v"):
         return ("the KV cache: K/V stored for attention" + (" (SET_ROWS writes the whole cache, mostly empty)"
                 if op == "SET_ROWS" else ", read back as a view") + "; its type sets the KV-cache emulation")
+    if op == "MUL_MAT" and base in _BIASED:
+        return f"the projection before its bias: the {base} ADD printed next is compared as the projection"
     if op == "FLASH_ATTN_EXT":
         return "flash attention, one fused op (Q·Kᵀ, scale, mask, softmax, ·V): its output is kqv_out, compared as attn.context"
     if op == "GET_ROWS":
@@ -101,6 +107,7 @@ def llamacpp_tap(name: str, op: str, occurrence: int, occurrences: int, name_map
 # ---------------------------------------------------------------------------
 # llama.cpp eval-callback logs
 
+_O_PROJ = re.compile(r"blk\.(\d+)\.attn_output\.weight\{")
 _HEADER = re.compile(r"^\s*(?:[\w:]+:\s+)?(?P<name>\S.*?) = \((?P<type>\w+)\)\s+(?P<op>\S+)\((?P<args>.*)\) = "
                      r"\{(?P<shape>[\d,\s]+)\}\s*$")
 _SUM = re.compile(r"^\s*sum\s*=\s*(?P<v>\S+)\s*$")
@@ -152,6 +159,7 @@ class LogTensor:
     ne: list[int]
     rows: list  # the printed rows, float32 arrays of the printed ne[0] indices
     sum: float | None
+    args: str = ""  # the op's operands as printed, e.g. "blk.0.attn_output.weight{64, 64, 1, 1}, kqv_out-0{...}"
 
     @property
     def shape(self) -> tuple:
@@ -226,7 +234,7 @@ def parse_llamacpp_tensors(text: str) -> list[LogTensor]:
         if rows and (len(rows) != expected or any(len(r) != width for r in rows)):
             raise UserError(f"llama.cpp log: tensor {name} with shape {{{', '.join(map(str, ne))}}} should print "
                             f"{expected} rows of {width} values, found {len(rows)} rows: truncated or edited log?")
-        out.append(LogTensor(name, m.group("type"), m.group("op"), ne, rows, total))
+        out.append(LogTensor(name, m.group("type"), m.group("op"), ne, rows, total, m.group("args")))
     return out
 
 
@@ -245,14 +253,16 @@ class LogInfo:
     model_buffers: list[str] = field(default_factory=list)  # the loader's "X model buffer size" lines (-v)
     # the loader's "tensor 'T' (t) (and N others) cannot be used with preferred buffer type X": {X: N + 1}
     moved_off: dict = field(default_factory=dict)
+    gguf_arch: str | None = None  # the loader's "general.architecture str = X": the GGUF the engine ran
 
     def as_dict(self) -> dict:
-        return {"ids": self.ids, "kv_cache": self.kv_cache, "flash_attn": self.flash_attn,
+        return {"gguf_arch": self.gguf_arch, "ids": self.ids, "kv_cache": self.kv_cache, "flash_attn": self.flash_attn,
                 "fused_softmax": self.fused_softmax, "k_rope_visible": self.k_rope_visible,
                 "weight_types": self.weight_types, "activations": self.activations, "system_info": self.system_info,
                 "model_buffers": self.model_buffers, "moved_off": self.moved_off}
 
 
+_ARCH_LINE = re.compile(r"llama_model_loader: - kv\s+\d+:\s+general\.architecture\s+str\s+=\s+(\S+)")
 _TYPE_LINE = re.compile(r"llama_model_loader: - type\s+(\w+):\s+\d+ tensors")
 # "load_tensors:          AMX model buffer size =    18.22 MiB" (printed with -v; CPU_Mapped, CPU_REPACK, ...)
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size =")
@@ -273,6 +283,9 @@ def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
         elif "system_info:" in line and info.system_info is None:
             info.system_info = line.split("system_info:", 1)[1].strip()
         else:
+            m = _ARCH_LINE.search(line)
+            if m and info.gguf_arch is None:
+                info.gguf_arch = m.group(1)
             m = _TYPE_LINE.search(line)
             if m:
                 info.weight_types.append(m.group(1))
@@ -293,17 +306,29 @@ def parse_log_info(text: str, tensors: list[LogTensor]) -> LogInfo:
     return info
 
 
+# GGUF general.architecture -> does llama.cpp's converter permute Q/K rows (llama: yes, qwen2: no)
+GGUF_PERMUTES_QK = {a.gguf_arch: a.gguf_permutes_qk for a in ARCHITECTURES.values()}
+
+
+def log_layout(info: LogInfo) -> str:
+    """The Q/K row order of the engine's Q/K tensors: its GGUF's (the loader names the architecture;
+    a log without that line is taken as llama's, the permuted order)."""
+    return "gguf" if GGUF_PERMUTES_QK.get(info.gguf_arch, True) else "hf"
+
+
 def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | None = None,
-                       layout: str = "gguf") -> Side:
+                       layout: str | None = None) -> Side:
     tensors = parse_llamacpp_tensors(text)
     if not tensors:
         raise UserError(f"{name}: no 'NAME = (type) OP(...) = {{shape}}' tensor blocks found (a llama-eval-callback log?)")
     info = parse_log_info(text, tensors)
+    layout = layout or log_layout(info)
     counts: dict[str, int] = {}
     for t in tensors:
         counts[t.name] = counts.get(t.name, 0) + 1
     seen: dict[str, int] = {}
     printed: set[tuple[str, str]] = set()
+    biased = {t.name for t in tensors if t.op == "ADD" and re.sub(r"-\d+$", "", t.name) in _BIASED}
     allocated = 0  # declared values of the compared tensors, made dense below
     planned = []
     side = Side(name=name, kind="llama.cpp-log", layout=layout, ids=info.ids,
@@ -314,6 +339,8 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
         k = seen.get(t.name, 0)
         seen[t.name] = k + 1
         tap = llamacpp_tap(t.name, t.op, k, counts[t.name], name_map)
+        if t.op == "MUL_MAT" and t.name in biased and not (name_map and t.name in name_map):
+            tap = None  # before its bias (not_comparable_reason says so); the ADD is the projection
         merge_heads = False  # FLASH_ATTN_EXT's [T, heads, head_dim], compared as [T, heads*head_dim]
         suffix = re.search(r"-(\d+)(?: \(|$)", t.name)
         if suffix:
@@ -324,6 +351,10 @@ def parse_llamacpp_log(text: str, name: str = "llama.cpp log", name_map: dict | 
             # spares those two (a GQA broadcast that maps head h to h % n_kv) shows only here.
             tap = f"layers.{layer_now}.attn.context"
             merge_heads = True
+        wo = _O_PROJ.match(t.args) if tap is None and t.op == "MUL_MAT" else None
+        if wo:
+            # Qwen2's graph leaves the output projection unnamed (node_N): its weight operand says what it is
+            tap = f"layers.{wo.group(1)}.attn.out"
         base, _, layer = t.name.partition("-")
         if tap is None and t.op == "RESHAPE" and base in ("Qcur", "Kcur", "Vcur") and layer.isdigit() \
                 and (t.name, "MUL_MAT") not in printed:

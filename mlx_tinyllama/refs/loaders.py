@@ -53,7 +53,7 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
                         "(TinyLlama's llama-eval-callback log of a 39-token prompt is 1.3 MB)")
     text = _read_text(path)
     if "ggml_debug" in text or "common_debug_cb_eval" in text or re.search(r"= \(\w+\)\s+\S+\(", text):
-        return [parse_llamacpp_log(text, path.name, name_map, layout or "gguf")]
+        return [parse_llamacpp_log(text, path.name, name_map, layout)]
     raise UserError(f"{path}: not a recognised reference or dump (expected .json, .safetensors, .npz, "
                     "or a llama.cpp eval-callback log with 'ggml_debug: NAME = (type) OP(...) = {shape}' lines)")
 

@@ -87,6 +87,18 @@ FAULT_SETTINGS: dict[str, tuple[str, list[str]]] = {
 }
 AMX_CASES["amx_fp32_short"] = ("f32", "short", FP32, None, "correct engine, fp32, on an AMX CPU: the f32 matmuls run "
                                "in tinyBLAS (llamafile sgemm) with AVX512, where the sgemm faults are patched")
+# The Llama family beside TinyLlama (docs/family.md): each architecture's tiny preset, clean at the true
+# defaults with -v, and the norm_eps fault (llama-graph.cpp's build_norm: every architecture's RMSNorm).
+# mistral-tiny's GGUF is `llama` without the window (llama.cpp's converter drops sliding_window), so its
+# log is the GGUF's semantics, not the checkpoint's beyond 8 tokens.
+FAMILY_PRESETS = ("llama3-tiny", "qwen2-tiny", "mistral-tiny")
+FAMILY_CASES: dict[str, tuple] = {}
+CASE_PRESET: dict[str, str] = {}
+for _p in FAMILY_PRESETS:
+    _k = _p.replace("-", "_")
+    FAMILY_CASES[f"family_{_k}_default_short_verbose"] = ("f16", "short", ["-v"], None, f"correct engine, {_p}, true defaults, -v")
+    FAMILY_CASES[f"family_{_k}_fault_norm_eps"] = ("f16", "short", ["-v"], "norm_eps", f"the norm_eps fault, {_p}, true defaults, -v")
+    CASE_PRESET.update({n: _p for n in FAMILY_CASES if _k in n})
 FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
 for _f in FAULT_PATCHES:
     _outtype, _extra = FAULT_SETTINGS.get(_f, ("f16", []))
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
         (OUT / "prompts" / f"{pname}.txt").write_text(text, encoding="utf-8")
     manifest_path = OUT / "cases.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"cases": {}}
-    cases = dict(CASES, **AMX_CASES, **CRASH_CASES)
+    cases = dict(CASES, **AMX_CASES, **CRASH_CASES, **FAMILY_CASES)
     if args.tinyllama:
         cases["clean_default_short_tinyllama"] = ("f16", "short", [], None, "correct engine, the 1.1B TinyLlama shape, defaults")
         cases["amx_default_short_verbose_tinyllama"] = ("f16", "short", ["-v"], None, "correct engine, the 1.1B TinyLlama "
@@ -186,7 +198,7 @@ def main(argv=None) -> int:
     try:
         for name in wanted:  # clean cases come first in CASES, so they run on the pristine build
             outtype, pname, extra, fault, what = cases[name]
-            preset = "tinyllama" if name.endswith("_tinyllama") else "small"
+            preset = CASE_PRESET.get(name) or ("tinyllama" if name.endswith("_tinyllama") else "small")
             gguf = convert(materialize(preset, 0, root=LLAMACPP_DIR / "models"), outtype, preset)
             if fault:
                 patch(fault)

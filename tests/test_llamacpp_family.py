@@ -1,0 +1,165 @@
+"""llama.cpp's own logs of the Llama family beside TinyLlama (tests/fixtures/llamacpp, the `family_*`
+cases of PROVENANCE.md): Llama 3 RoPE + tied embeddings (llama3-tiny), Qwen2's q/k/v biases
+(qwen2-tiny) and Mistral (mistral-tiny, whose GGUF llama.cpp's converter writes as `llama` without
+the sliding window). Each clean log matches at llama.cpp's true defaults with the emulation read off
+the log; each norm_eps fault is found at layers.0.attn_norm.
+
+The GGUFs are written by gguf_write from the same synthetic seed: tensor for tensor those of llama.cpp's
+converter (scripts/llamacpp/check_family_gguf.py)."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import REPO
+
+from mlx_tinyllama import trace
+from mlx_tinyllama.emulation import EmulatedLinear, EnginePrecision
+from mlx_tinyllama.gguf_write import convert
+from mlx_tinyllama.refs.llamacpp import parse_llamacpp_log
+from mlx_tinyllama.synthetic import materialize
+
+FIXTURES = REPO / "tests" / "fixtures" / "llamacpp"
+CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
+PRESETS = ("llama3-tiny", "qwen2-tiny", "mistral-tiny")
+
+
+def key(preset: str) -> str:
+    return preset.replace("-", "_")
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("family_gguf")
+    files = {}
+    for p in PRESETS:
+        files[p] = out / f"{p}-f16.gguf"
+        convert(materialize(p, 0), files[p], out_type="f16")
+    return files
+
+
+def log(tmp_path, case: str):
+    path = tmp_path / f"{case}.log"
+    path.write_bytes(lzma.decompress((FIXTURES / CASES[case]["log"]).read_bytes()))
+    return path
+
+
+def run_compare(tmp_path, *args) -> tuple[int, dict | None]:
+    out = tmp_path / "result.json"
+    rc = trace.main(["compare", *map(str, args), "--json", str(out)])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def worst_ratio(result: dict) -> float:
+    return max(e["value"] / e["tolerance"] for e in result["entries"] if e["tolerance"] > 0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_clean_family_log_matches_its_gguf(preset, ggufs, tmp_path, capsys):
+    case = f"family_{key(preset)}_default_short_verbose"
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, case), "--model", ggufs[preset])
+    assert rc == 0, result["first_divergence"]
+    assert result["status"] == "match" and worst_ratio(result) < 0.75
+    compared = {e["tap"] for e in result["entries"]}
+    assert {"embed", "layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v", "layers.0.attn.q_rope",
+            "layers.0.attn.k_rope", "layers.0.attn.context", "layers.0.attn.out", "layers.1.out", "final_norm",
+            "logits"} <= compared  # qwen2: attn.out is an unnamed node_N, known by its weight operand
+    reasons = {n["key"]: n["reason"] for n in result["not_compared"]}
+    assert all(r != "no canonical tap for this name" for r in reasons.values()), reasons
+    # Qwen2's projections are printed twice (MUL_MAT, then the bias ADD): only the ADD is compared
+    assert ("before its bias" in reasons.get("Qcur-0 (MUL_MAT)", "")) == (preset == "qwen2-tiny")
+    err = capsys.readouterr().err
+    assert "matmul inputs f16" in err and "flash attention on" in err  # the emulation, read off the -v log
+
+
+@pytest.mark.parametrize("preset", ["llama3-tiny", "qwen2-tiny"])
+def test_clean_family_log_matches_the_checkpoint(preset, tmp_path):
+    case = f"family_{key(preset)}_default_short_verbose"
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, case), "--model", materialize(preset, 0))
+    assert rc == 0, result["first_divergence"]
+
+
+def test_mistral_log_is_its_gguf_without_the_window(tmp_path):
+    # llama.cpp's converter writes Mistral as `llama` without sliding_window: the engine attends to all
+    # 39 tokens, the checkpoint (window 8) does not. Against the checkpoint that is a real difference,
+    # first seen where attention mixes the tokens.
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_mistral_tiny_default_short_verbose"),
+                             "--model", materialize("mistral-tiny", 0))
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.context"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_family_norm_eps_fault_found_at_its_stage(preset, ggufs, tmp_path):
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, f"family_{key(preset)}_fault_norm_eps"),
+                             "--model", ggufs[preset])
+    assert rc == 1
+    div = result["first_divergence"]
+    assert div["tap"] == "layers.0.attn_norm" and div["error"]["ratio"] >= 10, div
+    assert "eps" in div["hint"], div["hint"]
+
+
+def test_log_qk_order_follows_its_gguf_architecture(tmp_path):
+    # qwen2's GGUF keeps Q/K in Hugging Face order; llama's (TinyLlama's, Llama 3's, Mistral's) permutes
+    layouts = {case: parse_llamacpp_log(log(tmp_path, case).read_text()).layout
+               for case in ("family_qwen2_tiny_default_short_verbose", "family_llama3_tiny_default_short_verbose",
+                            "clean_default_short")}
+    assert layouts == {"family_qwen2_tiny_default_short_verbose": "hf",
+                       "family_llama3_tiny_default_short_verbose": "gguf", "clean_default_short": "gguf"}
+    text = log(tmp_path, "family_qwen2_tiny_default_short_verbose").read_text()
+    no_arch = "\n".join(x for x in text.splitlines() if "general.architecture" not in x)
+    assert parse_llamacpp_log(no_arch).layout == "gguf"  # unknown: llama's order, as before
+
+
+def test_qwen2_log_read_in_llama_order_diverges_at_q(ggufs, tmp_path):
+    # the other way: forcing the permuted order on Qwen2's log is found at the projection
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_qwen2_tiny_default_short_verbose"),
+                             "--model", ggufs["qwen2-tiny"], "--layout", "gguf")
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.q"
+
+
+@pytest.mark.parametrize("matmul_input", ["f16", "q8_0"])
+def test_emulated_linear_keeps_the_bias(matmul_input):
+    lin = nn.Linear(32, 64, bias=True)
+    lin.bias = mx.arange(64, dtype=mx.float32)
+    x = mx.random.normal((3, 32), key=mx.random.key(0))
+    em = EmulatedLinear(lin, EnginePrecision(matmul_input=matmul_input))
+    y, y0 = em(x), EmulatedLinear(nn.Linear(32, 64, bias=False), matmul_input)
+    assert np.allclose(np.array(y - x @ lin.weight.T - lin.bias), 0, atol=0.05)  # f16/q8_0 input rounding only
+    assert "bias" not in y0  # a bias-free Linear stays bias-free
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
+@pytest.mark.parametrize("case,rc_expected", [("family_qwen2_tiny_default_short_verbose", 0),
+                                              ("family_qwen2_tiny_fault_norm_eps", 1)])
+def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
+    # the one-shot command reads the log the same way: Qwen2's Q/K order and its biases, by the log itself
+    from test_llamacpp_compare import fake_binary
+
+    out = tmp_path / "r.json"
+    rc = trace.main(["llamacpp", "--gguf", str(ggufs["qwen2-tiny"]), "--llama-cpp", str(fake_binary(tmp_path, case)),
+                     "--prompt-file", str(FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == rc_expected, result["first_divergence"]
+    assert (result["first_divergence"] or {}).get("tap") == (None if rc_expected == 0 else "layers.0.attn_norm")
+
+
+def test_llama3_log_used_the_llama3_frequencies(tmp_path):
+    # The ROPE nodes print two operands (rope_freqs, the third, is not shown), so the match at q_rope is
+    # the evidence: the same log against the checkpoint with its rope_scaling removed diverges there.
+    import shutil
+
+    d = tmp_path / "llama3-plain-rope"
+    shutil.copytree(materialize("llama3-tiny", 0), d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("rope_scaling")["rope_type"] == "llama3"
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_llama3_tiny_default_short_verbose"),
+                             "--model", d)
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.q_rope"
+    assert result["first_divergence"]["error"]["ratio"] >= 10
