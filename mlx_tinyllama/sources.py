@@ -242,12 +242,14 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
 _SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
-def _check_safetensors_header(f: Path) -> None:
-    """Read the header ourselves first: a directory, an unreadable file, a header that claims more bytes
-    than the file holds, or a non-float tensor gets a precise line instead of MLX's generic error (an
-    integer weight would otherwise be converted and run as garbage)."""
+def safetensors_header(f: Path) -> dict:
+    """The JSON header of a safetensors file, read ourselves and bounded by the bytes the file holds
+    (the one reader of it: weights, dumps, their metadata and stored dtypes). UserError, with a
+    precise line, for a directory, an unreadable or truncated file, a Git LFS pointer, a header
+    that claims more bytes than the file holds or is not a JSON object."""
     import struct
 
+    f = Path(f)
     if f.is_dir():
         raise UserError(f"{f} is a directory, not a safetensors file")
     try:
@@ -271,6 +273,14 @@ def _check_safetensors_header(f: Path) -> None:
         raise UserError(f"cannot read {f}: its header is not JSON (not a safetensors file?)") from None
     if not isinstance(header, dict):
         raise UserError(f"cannot read {f}: its header is not a JSON object (not a safetensors file?)")
+    return header
+
+
+def _check_safetensors_header(f: Path) -> None:
+    """Read the header ourselves first: a directory, an unreadable file, a header that claims more bytes
+    than the file holds, or a non-float tensor gets a precise line instead of MLX's generic error (an
+    integer weight would otherwise be converted and run as garbage)."""
+    header = safetensors_header(f)
     for name, entry in header.items():
         if name == "__metadata__":
             continue

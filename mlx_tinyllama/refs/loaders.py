@@ -248,14 +248,20 @@ def _check_tensor_file(path: Path) -> None:
         check_npz(Path(path))
 
 
+def _header(path: Path) -> dict:
+    """A safetensors file's header, or {} when it is broken: the tensor reader reports that with a
+    clear message of its own (sources.safetensors_header is the one reader)."""
+    from ..sources import safetensors_header  # lazy: sources imports MLX and the model
+
+    try:
+        return safetensors_header(path)
+    except UserError:
+        return {}
+
+
 def _safetensors_dtypes(path: Path) -> dict[str, str]:
     """{tensor name: stored dtype} from a safetensors header (floating tensors only)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except Exception:  # the tensor reader reports a broken file with a clear message
-        return {}
+    header = _header(path)
     return {k: STORAGE_DTYPES[v["dtype"]] for k, v in header.items()
             if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in STORAGE_DTYPES}
 
@@ -291,12 +297,8 @@ def safetensors_metadata(path: Path) -> dict:
     """The `__metadata__` of a safetensors file ({} for other files or a broken header)."""
     if path.suffix.lower() != ".safetensors":
         return {}
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            return json.loads(f.read(n)).get("__metadata__", {}) or {}
-    except Exception:
-        return {}
+    meta = _header(path).get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
 
 
 def _load_tensors(path: Path, name_map: dict | None, layout: str | None) -> Side:
