@@ -24,7 +24,8 @@ from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
 from .taps import tap_names
-from .tolerances import PRINT_SAFETY, Basis, Tolerances, candidate_basis, metrics
+from .tolerances import PRINT_SAFETY, Basis, Tolerances, candidate_basis
+from .metrics import metrics
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "vocab_size", "head_dim")
@@ -95,7 +96,7 @@ class _Ctx:
         return self.tol.get(tap, metric, n_layers=self.L)
 
     def mask_dtype(self, tap):
-        """The dtype whose softmax decides what "masked" means (tolerances.masked_positions)."""
+        """The dtype whose softmax decides what "masked" means (metrics.masked_positions)."""
         return self.basis.dtype_of(tap)
 
     def full(self, side: Side, tap: str):
@@ -267,7 +268,7 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
 
 def _masked_row_entries(ctx, tap, sel, a, b, full, axis, item) -> list[dict]:
     """Row samples of masked scores: the mask positions must agree; the rest is compared like any row."""
-    from .tolerances import masked_positions
+    from .metrics import masked_positions
 
     m = metrics(a, b, masked=True, mask_dtype=ctx.mask_dtype(tap))
     row = sel.row_of(full, axis) if full is not None else np.asarray(b, np.float64)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .refs.side import SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS
 from .stages import LAYER_STAGES, inputs_of, split_name, stage_of
-from .tolerances import metrics
+from .metrics import metrics
 
 
 # What to look at when a shortcut tap is the first to diverge; a stage's own is in the registry.

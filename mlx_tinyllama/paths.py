@@ -47,7 +47,7 @@ def path_name(chunk: int) -> str:
 
 
 def row_errors(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """NMSE of each row (axis 0) of x against ref, as tolerances.metrics defines it
+    """NMSE of each row (axis 0) of x against ref, as metrics.metrics defines it
     (sum((x-ref)²) / sum(ref²)), vectorized over rows: a decode path has thousands.
     inf where the non-finite pattern differs (a NaN where the prefill has a number)."""
     x = x.reshape(x.shape[0], -1).astype(np.float64)

@@ -9,7 +9,7 @@ For every canonical tap (taps.py) and every low-precision run:
   counted apart, as `masked_inf`);
 - collapsed rows: token rows that are non-zero in fp32 but all exactly zero in
   the run (an fp16 RMSNorm whose x² overflowed gives 0, not NaN);
-- drift from fp32: NMSE and max abs error (`tolerances.metrics`).
+- drift from fp32: NMSE and max abs error (`metrics.metrics`).
 Per run: the first stage in forward order with NaN/Inf (`first_nonfinite`), the
 first collapsed stage, and `origin`: the first broken stage with the values that
 fed it and a plain explanation. Per layer: absmax per stage kind (norm,
@@ -40,7 +40,7 @@ from .errors import UserError
 from .results import PromptRecord, ResultHeader
 from .stages import inputs_of, split_name, stage_of, tap_names
 from .taps import Taps
-from .tolerances import metrics
+from .metrics import metrics
 
 LOW_DTYPES = ("float16", "bfloat16")
 # Cheapest first: the policy a user's engine needs is the first one that stays sound.

@@ -44,8 +44,8 @@ not emulated, "q8_0"). C_EMULATED is measured on the llama.cpp fixtures
 (tests/fixtures/llamacpp, docs/llamacpp.md).
 
 Overrides: `Tolerances.from_overrides(["nmse=1e-6", "layers.0.attn.probs:nmse=1e-4",
-"*.mlp.*:rel_rms=0.01", "scale=10"])`. Run `python -m mlx_tinyllama.tolerances`
-to re-measure the constants (needs torch + transformers).
+"*.mlp.*:rel_rms=0.01", "scale=10"])`. The metrics the tolerances bound are metrics.py's;
+`python scripts/measure_tolerances.py` re-measures the constants (needs torch + transformers).
 """
 
 from __future__ import annotations
@@ -53,8 +53,6 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from .dtypes import ALIASES, FP16_MAX, STORAGE_DTYPES, canonical
 from .errors import UserError
@@ -64,7 +62,7 @@ UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 *
                  "q8_0": 2.0 ** -8}  # q8_0: round(x*127/amax) per block of 32: <= amax/254 ~ 2^-8 amax
 EMULATED = {"float16-emulated": "float16", "q8_0-emulated": "q8_0"}  # emulated class -> the rounding it emulates
 
-# Measured constants (`python -m mlx_tinyllama.tolerances small medium`; table in docs/compare.md).
+# Measured constants (`python scripts/measure_tolerances.py small medium`; table in docs/compare.md).
 C_ROUND = 20.0
 C_ACC = 620.0
 C_EMULATED = 0.5  # what an emulated rounding leaves, in its u**2 (measured: 0.046 small, ~0.38 on the 22-layer shape)
@@ -368,191 +366,3 @@ def describe_kernel_rule() -> dict:
                  "(largest position + 1)^2; 1 for elementwise ops",
             "kappa": "SDPA: largest |scaled score| of the case; 0 otherwise",
             "counts": "no non-finite value where the golden output is finite; no masked/unmasked mismatch"}
-
-
-# ---------------------------------------------------------------------------
-# Metrics
-
-
-def _as_f64(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def first_nonfinite(x) -> tuple[int, ...] | None:
-    """Index of the first NaN/Inf of x in C order, or None."""
-    bad = ~np.isfinite(_as_f64(x))
-    if not bad.any():
-        return None
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-
-
-def zero_weight_threshold(dtype) -> float:
-    """ln of the weight below which a softmax output in `dtype` is exactly zero (ZERO_WEIGHT_BELOW);
-    an emulated or quantized class rounds its softmax like the dtype it emulates (q8_0: float32)."""
-    key = dtype_key(dtype) if dtype is not None else "float32"
-    key = EMULATED.get(key, key)
-    return ZERO_WEIGHT_BELOW.get(key, ZERO_WEIGHT_BELOW["float32"])
-
-
-def _below_top(x) -> np.ndarray:
-    """Each masked score minus the largest finite score of its row (keys on the last axis)."""
-    x = _as_f64(x)
-    finite = np.where(np.isfinite(x), x, -np.inf)
-    top = finite.max(axis=-1, keepdims=True) if x.ndim else finite
-    with np.errstate(invalid="ignore"):
-        return np.where(np.isfinite(top), x - top, np.nan)
-
-
-def weighted_positions(x, dtype=None) -> np.ndarray:
-    """Where a masked score keeps a weight of at least one unit roundoff of `dtype` after the softmax
-    (exp(s - max) >= u): it visibly changes the row. A position masked on one side and weighted on
-    the other is a mask mismatch; one masked on one side and between the two thresholds on the other
-    (a real score far below its row's maximum, a correct engine) weighs nothing either way."""
-    key = EMULATED.get(dtype_key(dtype), dtype_key(dtype)) if dtype is not None else "float32"
-    with np.errstate(invalid="ignore"):
-        return _below_top(x) >= math.log(UNIT_ROUNDOFF.get(key, UNIT_ROUNDOFF["float32"]))
-
-
-def masked_positions(x, dtype=None) -> np.ndarray:
-    """Where masked attention scores (keys on the last axis) give zero weight after the softmax in
-    `dtype` (float32 when None): -inf, the dtype's minimum, or any value so far below its row's
-    largest score that exp() of the difference rounds to zero (-1e4 in float16 or float32)."""
-    x = _as_f64(x)
-    with np.errstate(invalid="ignore"):
-        by_effect = _below_top(x) < zero_weight_threshold(dtype)
-    return (x <= MASKED_BELOW) | np.isneginf(x) | by_effect
-
-
-def metrics(a, b, known=None, masked: bool = False, mask_dtype=None) -> dict:
-    """Differences of a (the side under test) from b (the reference), same shape.
-
-    Returns nmse = sum((a-b)^2)/sum(b^2), max_abs, max_rel (|a-b|/|b| where |b| is
-    not tiny), cosine, rel_rms = max|a-b| / rms(b), the first non-finite index of
-    each side, nonfinite = how many positions are non-finite in a but finite in b.
-    `known`: a boolean mask of the positions to compare (sparse dumps).
-    `masked`: attention scores after the causal mask: positions masked on both sides are equal by
-    definition; masked on one side and weighted on the other (weighted_positions) are counted in
-    mask_mismatch; masked on either side, they are excluded from the other metrics. "Masked" is by effect (masked_positions): zero weight after a softmax in
-    `mask_dtype`, the candidate's dtype (float32 when None), so -1e4, -65504 and -inf all mask.
-    """
-    a, b = _as_f64(a), _as_f64(b)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
-    sel = np.ones(a.shape, bool) if known is None else np.asarray(known, bool)
-    out = {"mask_mismatch": 0}
-    fa, fb = np.isfinite(a), np.isfinite(b)
-    ma = mb = np.zeros(a.shape, bool)
-    if masked:  # -inf is a mask value too (engines use it; float32's minimum becomes -inf in fp16)
-        ma, mb = masked_positions(a, mask_dtype), masked_positions(b, mask_dtype)
-        flips = (ma & ~mb & weighted_positions(b, mask_dtype)) | (mb & ~ma & weighted_positions(a, mask_dtype))
-        out["mask_mismatch"] = int((sel & flips).sum())
-    out["first_nonfinite_a"] = first_nonfinite(np.where(sel & ~ma, a, 0.0))
-    out["first_nonfinite_b"] = first_nonfinite(np.where(sel & ~mb, b, 0.0))
-    if masked:
-        sel = sel & ~ma & ~mb
-        fa, fb = fa | ma, fb | mb
-    out["nonfinite"] = int((sel & ~fa & fb).sum())
-    both = sel & fa & fb
-    n = int(both.sum())
-    out["compared"] = n
-    if n == 0:
-        nan = float("nan")
-        out.update(nmse=nan if out["nonfinite"] == 0 else math.inf, max_abs=nan, max_rel=nan, cosine=nan, rel_rms=nan)
-        if out["nonfinite"]:
-            out.update(max_abs=math.inf, rel_rms=math.inf)
-        return out
-    av, bv = a[both], b[both]
-    d = av - bv
-    power = float(np.sum(bv * bv))
-    err = float(np.sum(d * d))
-    rms_b = math.sqrt(power / n)
-    out["nmse"] = err / power if power > 0 else (0.0 if err == 0 else math.inf)
-    out["max_abs"] = float(np.max(np.abs(d)))
-    big = np.abs(bv) > max(rms_b * 1e-3, 1e-30)  # relative error is meaningless near zero
-    out["max_rel"] = float(np.max(np.abs(d[big]) / np.abs(bv[big]))) if big.any() else 0.0
-    na, nb = float(np.linalg.norm(av)), math.sqrt(power)
-    out["cosine"] = float(np.dot(av, bv) / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    out["rel_rms"] = out["max_abs"] / rms_b if rms_b > 0 else (0.0 if out["max_abs"] == 0 else math.inf)
-    if out["nonfinite"]:  # NaN where the reference is finite: nothing else matters
-        out["nmse"] = out["rel_rms"] = math.inf
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Measurement (python -m mlx_tinyllama.tolerances): the numbers behind the constants.
-
-
-def measure(presets=("small", "medium"), kernels=("fused", "explicit")) -> list[dict]:
-    """NMSE per tap of several (side a, side b) pairs on synthetic models, with NMSE/u_eff^2."""
-    import mlx.core as mx
-
-    from . import sources
-    from .reference import hf
-    from .synthetic import materialize
-    from .taps import Taps, tap_names
-
-    ids = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451, 29889, 2, 29871, 13,
-           29966, 29989, 1792, 29989, 29958, 13, 10994, 29991, 1128, 526, 366, 29973, 2, 29871, 13,
-           29966, 29989, 465, 22137, 29989, 29958, 13]
-    rows = []
-    for preset in presets:
-        model_dir = materialize(preset, 0)
-        n_layers = sources.load(f"synthetic:{preset}", "float32").config.num_hidden_layers
-        ref = {dt: {k: v.float().numpy() for k, v in hf.capture(hf.load_hf_model(model_dir, dt), ids)[0].items()}
-               for dt in ("float32", "float16", "bfloat16")}
-        ours = {}
-        for dt in ("float32", "float16", "bfloat16"):
-            for kern in kernels:
-                lm = sources.load(str(model_dir), dt, "hf", kern)
-                taps = Taps(tap_names(n_layers), "full")
-                lm.model(mx.array(ids), tap=taps)
-                ours[(dt, kern)] = {k: np.array(v.astype(mx.float32)) for k, v in taps.tensors.items()}
-        pairs = [(f"ours {dt} {k} vs transformers {dt}", ours[(dt, k)], ref[dt], dt, dt)
-                 for dt in ("float32", "float16", "bfloat16") for k in kernels]
-        pairs += [("transformers float16 vs transformers float32", ref["float16"], ref["float32"], "float16", "float32"),
-                  ("transformers bfloat16 vs transformers float32", ref["bfloat16"], ref["float32"], "bfloat16", "float32"),
-                  ("ours float32 fused vs transformers float16", ours[("float32", kernels[0])], ref["float16"],
-                   "float32", "float16")]
-        for label, a, b, da, db in pairs:
-            for tap in tap_names(n_layers):
-                m = metrics(a[tap], b[tap], masked=tap.endswith("scores_masked"))
-                u_eff = max(unit_roundoff(da), unit_roundoff(db))
-                rows.append({"preset": preset, "pair": label, "tap": tap, "depth": depth_of(tap, n_layers),
-                             "nmse": m["nmse"], "nmse_per_u2": m["nmse"] / u_eff ** 2,
-                             "nmse_per_u32_2": m["nmse"] / UNIT_ROUNDOFF["float32"] ** 2,
-                             "tolerance": tolerance_for(tap, "nmse", da, db, n_layers), "mask_mismatch": m["mask_mismatch"]})
-    return rows
-
-
-def _summarize(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="NMSE per pair: max over taps, and headroom against the derived tolerance")
-    for col in ("preset", "pair", "max nmse", "at tap", "max nmse/u_eff²", "layer-0 max", "last-layer max",
-                "min tolerance/nmse"):
-        table.add_column(col)
-    keys = sorted({(r["preset"], r["pair"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    for preset, pair in keys:
-        sel = [r for r in rows if r["preset"] == preset and r["pair"] == pair]
-        worst = max(sel, key=lambda r: r["nmse"])
-        last_depth = max(r["depth"] for r in sel if r["tap"].startswith("layers."))
-        l0 = max(r["nmse"] for r in sel if r["depth"] == 1)
-        ll = max(r["nmse"] for r in sel if r["depth"] == last_depth)
-        headroom = min(r["tolerance"] / r["nmse"] if r["nmse"] > 0 else math.inf for r in sel)
-        table.add_row(preset, pair, f"{worst['nmse']:.2e}", worst["tap"], f"{max(r['nmse_per_u2'] for r in sel):.3g}",
-                      f"{l0:.2e}", f"{ll:.2e}", f"{headroom:.3g}")
-    Console().print(table)
-
-
-if __name__ == "__main__":  # pragma: no cover - a measurement tool, its output is in docs/compare.md
-    import json
-    import sys
-
-    args = [a for a in sys.argv[1:] if not a.startswith("--json=")]
-    rows = measure(tuple(args) or ("small", "medium"))
-    for a in sys.argv[1:]:
-        if a.startswith("--json="):
-            with open(a[7:], "w") as f:
-                json.dump(rows, f)
-    _summarize(rows)

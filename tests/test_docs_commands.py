@@ -197,7 +197,7 @@ SLOW = {
     f"{TRACE} paths --model synthetic:tiny --fault drop-kv:9 --report paths.html": "the paths report: 35 s",
     f"{TRACE} stability --model synthetic:stress-scores --report stability.html": "the stability report: 25 s",
     "PYTHONPATH=$PWD python scripts/llamacpp/table.py": "19 compares on synthetic:small: 62 s",
-    "python -m mlx_tinyllama.tolerances small medium": "transformers beside MLX on two models: 82 s",
+    "python scripts/measure_tolerances.py small medium": "transformers beside MLX on two models: 82 s",
     "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and "
         "localize: 55 s",
     "python -m pytest tests/test_layers.py": "a pytest run of its own: 24 s",

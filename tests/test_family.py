@@ -18,7 +18,8 @@ from mlx_tinyllama import paths, sources
 from mlx_tinyllama.compare import run_side
 from mlx_tinyllama.config import ModelConfig, config_from_hf_dict
 from mlx_tinyllama.errors import UserError
-from mlx_tinyllama.tolerances import metrics, tolerance_for
+from mlx_tinyllama.tolerances import tolerance_for
+from mlx_tinyllama.metrics import metrics
 
 pytestmark = pytest.mark.skipif(not has_torch(), reason="needs torch + transformers")
 

@@ -249,7 +249,7 @@ def test_kit_stage_tables_are_the_tap_table():
 def test_minus_inf_is_a_mask_value_in_masked_scores():
     """float32's minimum becomes -inf in an fp16 dump, and engines mask with -inf: in masked scores
     it is masked, not a non-finite value; -inf where the reference is not masked, or NaN, still counts."""
-    from mlx_tinyllama.tolerances import metrics
+    from mlx_tinyllama.metrics import metrics
 
     lo = float(np.finfo(np.float32).min)
     ref = np.array([[1.0, lo], [0.5, 2.0]])

@@ -16,7 +16,8 @@ from mlx_tinyllama import refs as R
 from mlx_tinyllama import sources
 from mlx_tinyllama.compare import compare, run_side
 from mlx_tinyllama.taps import Taps, tap_names
-from mlx_tinyllama.tolerances import Tolerances, metrics, tolerance_for
+from mlx_tinyllama.tolerances import Tolerances, tolerance_for
+from mlx_tinyllama.metrics import metrics
 from mlx_tinyllama.trace import main as cli
 from numpy_engine import FAULTS, Engine, Fault
 

@@ -13,7 +13,7 @@ from conftest import SEED_IDS
 
 from mlx_tinyllama import paths, sources
 from mlx_tinyllama.taps import tap_names
-from mlx_tinyllama.tolerances import metrics
+from mlx_tinyllama.metrics import metrics
 from mlx_tinyllama.trace import main as trace
 
 T = 38  # the seed prompt's length: chunks of 2 divide it, 5 and 7 do not

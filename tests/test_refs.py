@@ -14,7 +14,8 @@ from conftest import SEED_IDS, SHARED
 from mlx_tinyllama import refs as R
 from mlx_tinyllama.errors import UserError
 from mlx_tinyllama.stages import tap_names
-from mlx_tinyllama.tolerances import Tolerances, metrics, tolerance_for
+from mlx_tinyllama.tolerances import Tolerances, tolerance_for
+from mlx_tinyllama.metrics import metrics
 from mlx_tinyllama.trace import main as cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..ops import Ops, Rope
 from ..stages import inputs_of, split_name, stage_of, tap_names
-from ..tolerances import Tolerances, metrics
+from ..tolerances import Tolerances
+from ..metrics import metrics
 
 F32 = mx.float32
 EXPLICIT = Ops("hf", "explicit")

@@ -25,7 +25,8 @@ from ..errors import UserError
 from ..refs.loaders import declared_dtype
 from ..stages import LAYER_STAGES, stage_of, tap_names
 from ..taps import Taps
-from ..tolerances import Basis, Tolerances, candidate_basis, coarsest, metrics
+from ..tolerances import Basis, Tolerances, candidate_basis, coarsest
+from ..metrics import metrics
 from .diagnose import diagnose
 from .replay import StageOps, recipe_inputs, replay
 from .transforms import Case

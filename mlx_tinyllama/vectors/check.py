@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
-from ..tolerances import MASKED_BELOW, metrics, unit_roundoff
+from ..tolerances import MASKED_BELOW, unit_roundoff
+from ..metrics import metrics
 from . import patterns
 from ..ops import Ops
 from .engine import golden, run_op

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from ..tolerances import metrics
+from ..metrics import metrics
 
 PATTERNS = ("overflow_nonfinite", "wrong_offset", "mask_missing", "transposed", "zero_rows_from:R",
             "zero_cols_from:C", "rows_repeated", "underflow_zero", "garbage_tail", "accumulation_precision",

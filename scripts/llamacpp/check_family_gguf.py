@@ -27,7 +27,8 @@ def main() -> int:
     from mlx_tinyllama import sources, synthetic
     from mlx_tinyllama.compare import run_side
     from mlx_tinyllama.gguf_write import convert
-    from mlx_tinyllama.tolerances import metrics, tolerance_for
+    from mlx_tinyllama.tolerances import tolerance_for
+    from mlx_tinyllama.metrics import metrics
 
     src = Path(os.environ.get("LLAMACPP_DIR", REPO / ".llamacpp")) / "src"
     ok = True
