@@ -182,7 +182,7 @@ def _full_vs_full(ctx: _Ctx, tap, a, b, index: str = "full") -> list[dict]:
         out.append(_entry(tap, "nonfinite", m["nonfinite"], ctx.tolerance(tap, "nonfinite"), index, details=details))
     if index == "full" and not all(e["ok"] for e in out) and "qk_permutation" not in details \
             and tap not in SHORTCUT_TAPS:
-        shape = stage_pattern(tap, a, b, tol, ctx.cfg)  # what the error looks like: rows, heads, order
+        shape = stage_pattern(tap, a, b, tol, ctx.cfg, ctx.mask_dtype(tap))  # the error's shape: rows, heads, order
         if shape is not None:
             for e in out:
                 e["details"]["pattern"] = shape.as_dict()

@@ -389,16 +389,11 @@ def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
     return pattern
 
 
-def _masked(x: np.ndarray) -> np.ndarray:
-    """Entries that a softmax gives no weight in any float type: -inf, or below -1e4 (fp16 converters'
-    mask value; exp(-1e4 - max) is 0 even in float64 next to any visible score)."""
-    return np.isneginf(x) | (x <= -1e4)
-
-
-def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> Pattern | None:
+def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict, mask_dtype=None) -> Pattern | None:
     """`explain` with the stage's own facts from the tap table: its token axis, its head axis
     (head-major taps, and the merged heads of `attn.context`), the KV head count where query heads
     read shared KV heads, what computes it and its `vectors` case family."""
+    from .metrics import masked_positions
     from .stages import stage_of
 
     stage = stage_of(tap)
@@ -407,7 +402,8 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict) -> P
     if stage.masked and a.shape == b.shape:
         # A mask value's size means nothing (-inf, the dtype minimum, -1e4 all mask): compare what
         # each side leaves visible, and a key masked on one side only as a wrong value.
-        hidden_a, hidden_b = _masked(a), _masked(b)
+        # masked = no weight after the softmax in the candidate's dtype: the verdict's own rule
+        hidden_a, hidden_b = masked_positions(a, mask_dtype), masked_positions(b, mask_dtype)
         a = np.where(hidden_a, 0.0, a)
         b = np.where(hidden_b, 0.0, b)
         a = np.where(hidden_a != hidden_b, a + np.where(hidden_b, 1.0, -1.0) * (np.abs(b).max() + 1.0), a)

@@ -330,3 +330,13 @@ def test_an_error_only_in_unprinted_rows_is_said_to_lie_there(tiny_dir, tiny_run
     first = compare(R.load(path)[0], [side], Tolerances(), cfg, len(SEED_IDS))["first_divergence"]
     assert first["tap"] == "layers.0.mlp.down" and first["pattern"]["name"] == "unprinted", first["hint"]
     assert first["hint"].startswith("the printed values match, the printed sum does not") and "down_proj" in first["hint"]
+
+
+def test_masked_is_judged_by_effect_in_the_candidates_dtype():
+    """The error-shape reader uses the verdict's mask rule (metrics.masked_positions): a score 40
+    below its row's maximum gets no weight in float16, so written there instead of -inf it is no
+    error shape in float16; in float32 (where exp(-40) is not zero) it is a key left visible."""
+    b = np.triu(np.full((2, 6, 6), -np.inf), 1) + np.tril(RNG.standard_normal((2, 6, 6)))
+    a = np.where(np.isneginf(b), b.max() - 40.0, b)
+    assert stage_pattern("layers.0.attn.scores_masked", a, b, _budget(), TINY, "float16") is None
+    assert stage_pattern("layers.0.attn.scores_masked", a, b, _budget(), TINY, "float32") is not None
