@@ -136,6 +136,16 @@ def add_prompt_arguments(parser) -> None:
                             "hf: the model's tokenizer.json through `tokenizers`, as transformers does")
 
 
+def add_engine_comparison_arguments(parser, json_help: str = "write the comparison as JSON") -> None:
+    """What a command that runs another engine and compares it (llamacpp, onnx) shares with compare:
+    tolerance overrides, the JSON and the table's length, the report and the prompt."""
+    parser.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V", help="override a tolerance (repeatable)")
+    parser.add_argument("--json", metavar="PATH", help=json_help)
+    parser.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
+    add_report_arguments(parser, "the comparison (divergence map, table)")
+    add_prompt_arguments(parser)
+
+
 def add_report_arguments(parser, what: str = "this run") -> None:
     """`--report`, `--plots` and the attention-map options, for every command that reports."""
     g = parser.add_argument_group("report")

@@ -65,11 +65,7 @@ def add_arguments(p) -> None:
                    help=f"stop llama.cpp once its output exceeds this (default {DEFAULT_MAX_LOG_MB})")
     p.add_argument("--emulate", default="auto", metavar="auto|fp32|matmul=f16,kv=f16,fa=on",
                    help="the reference's precision: auto (default) reads llama.cpp's from its log and the GGUF")
-    p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V", help="override a tolerance (repeatable)")
-    p.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
-    p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
-    cli_common.add_report_arguments(p, "the comparison (divergence map, table)")
-    cli_common.add_prompt_arguments(p)
+    cli_common.add_engine_comparison_arguments(p, "write the comparison as JSON")
 
 
 def find_binary(given: str | None, repo_root: Path | None = None) -> Path:

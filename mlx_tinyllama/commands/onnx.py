@@ -43,11 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="FILE.onnx", help="the ONNX graph ONNX Runtime runs")
     p.add_argument("--hf", required=True, metavar="HF_DIR",
                    help="the reference weights (a Hugging Face checkpoint, or synthetic:NAME)")
-    p.add_argument("--tol", action="append", metavar="[TAP:]METRIC=V", help="override a tolerance (repeatable)")
-    p.add_argument("--json", metavar="PATH", help="write the comparison as JSON (with the map: onnx_map)")
-    p.add_argument("--all", action="store_true", help="list every entry, not only the stages around a divergence")
-    cli_common.add_report_arguments(p, "the comparison (divergence map, table)")
-    cli_common.add_prompt_arguments(p)
+    cli_common.add_engine_comparison_arguments(p, "write the comparison as JSON (with the map: onnx_map)")
 
 
 def _batchless(x: np.ndarray) -> np.ndarray:
