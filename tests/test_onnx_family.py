@@ -33,14 +33,18 @@ def _onnx(args, tmp_path, capfd):
 
 
 @needs_torch
-@pytest.mark.parametrize("preset", ["llama3-tiny", "qwen2-tiny", "mistral-tiny"])
-def test_family_exports_map_by_structure_and_match(preset, tmp_path, capfd):
+@pytest.mark.parametrize("preset, dtype", [("llama3-tiny", "float32"), ("qwen2-tiny", "float32"),
+                                           ("mistral-tiny", "float32"), ("qwen2-tiny", "float16")])
+def test_family_exports_map_by_structure_and_match(preset, dtype, tmp_path, capfd):
+    """Also a float16 export (ORT runs it in float16): judged at the float16 tolerance, read from
+    the graph's own output types, with no --dtype given."""
     from mlx_tinyllama import synthetic
 
     d = synthetic.materialize(preset, 0)
-    graph = E.export(Path(d), 12, "float32", tmp_path / f"{preset}.onnx")
+    graph = E.export(Path(d), 12, dtype, tmp_path / f"{preset}.onnx")
     rc, out, err, result = _onnx(["--model", graph, "--hf", d], tmp_path, capfd)
     assert rc == 0, out[-2000:] + err[-2000:]
+    assert result["tolerance_basis"]["dtype"] == dtype, result["tolerance_basis"]
     assert result["status"] == "match" and "match: 47/47 stages" in out
     assert len(result["onnx_map"]["structure"]) == 47 and result["onnx_map"]["value"] == []
 
