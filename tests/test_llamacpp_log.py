@@ -41,7 +41,8 @@ def ggml_block(name: str, op: str, x: np.ndarray, type_: str = "f32") -> str:
                              .replace("..., ,", "...,") + "  ],")
             lines.append("        ],")
         lines.append("    ]")
-        lines.append(f"    sum = {float(np.sum(x, dtype=np.float32)):f}")
+        # ggml's debug callback: a float32 running sum in memory order (common/debug.cpp)
+        lines.append(f"    sum = {float(np.cumsum(x4[i3].ravel(), dtype=np.float32)[-1]):f}")
     return "\n".join(lines)
 
 
@@ -51,8 +52,11 @@ def to_gguf(q: np.ndarray) -> np.ndarray:
     return q.reshape(H, T, 2, D // 2).swapaxes(-1, -2).reshape(H, T, D)
 
 
-def llamacpp_log(t: dict, n_layers: int, permute: bool = True, perturb: str | None = None) -> str:
-    """The eval-callback log of a llama.cpp run whose tensors equal `t` (canonical taps)."""
+def llamacpp_log(t: dict, n_layers: int, permute: bool = True, perturb: str | None = None,
+                 middle_row: str | None = None) -> str:
+    """The eval-callback log of a llama.cpp run whose tensors equal `t` (canonical taps).
+    `perturb` "NAME-i/OP": one printed value wrong; `middle_row` "NAME-i/OP": token row 20 (never
+    printed) computed in bfloat16, as a remainder path of another precision would."""
     perm = to_gguf if permute else (lambda a: a)
     heads_t = lambda a: a.transpose(1, 0, 2)  # noqa: E731  [H, T, D] -> ggml {D, H, T} printed as [T, H, D]
     out = [ggml_block("inp_embd", "GET_ROWS", t["embed"])]
@@ -78,6 +82,9 @@ def llamacpp_log(t: dict, n_layers: int, permute: bool = True, perturb: str | No
             x = np.array(x, np.float32)
             if perturb == f"{name}-{i}/{op}":
                 x.flat[1] += 1.0 + 2 * np.abs(x).max()
+            if middle_row == f"{name}-{i}/{op}":
+                bits = x[20].view(np.uint32)
+                x[20] = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)  # to bf16, nearest even
             out.append(ggml_block(f"{name}-{i}", op, x))
     out.append(ggml_block("result_norm", "MUL", t["final_norm"][-1:]))
     out.append(ggml_block("result_output", "MUL_MAT", t["logits"][-1:]))
@@ -150,3 +157,27 @@ def test_fused_softmax_hint_names_scale_mask_and_softmax(run, tmp_path):
     hint = result["first_divergence"]["hint"]
     assert result["first_divergence"]["tap"] == "layers.0.attn.probs"
     assert all(w in hint for w in ("scale", "mask", "softmax")) and "RoPE on K" not in hint
+
+
+@pytest.mark.parametrize("which,tap", [("attn_norm-0/MUL", "layers.0.attn_norm"), ("ffn_inp-0/ADD", "layers.0.resid_mid")])
+def test_a_middle_row_off_by_a_rounding_is_caught_by_the_printed_sum_alone(run, tmp_path, which, tap):
+    # Token row 20 is never printed (first and last 3 rows): only the sum sees it. Its bfloat16
+    # rounding moves the sum by about sqrt(64) * rms * 2^-9, above the sum's own rounding
+    # (sum_err) but far below what sum|x| allowed: the old rule passed it.
+    result = _compare(llamacpp_log(run[0].tensors, 2, middle_row=which), tmp_path, run)
+    div = result["first_divergence"]
+    assert result["status"] == "diverged" and div["tap"] == tap, div
+    entries = {e["metric"]: e for e in result["entries"] if e["tap"] == tap}
+    assert entries["rel_rms"]["ok"] and not entries["sum_err"]["ok"]
+    d = entries["sum_err"]["details"]
+    assert entries["sum_err"]["value"] / entries["sum_err"]["tolerance"] >= 2  # measured 2.4 and 2.3
+    assert d["max_abs"] < d["tolerance_abs_by_sum_abs"]  # under sum|x| this passed
+    assert div["pattern"]["name"] == "unprinted" and div["hint"].startswith("the printed values match, the printed sum")
+
+
+def test_clean_synthetic_log_sums_are_within_their_own_rounding(run, tmp_path):
+    # the other way: the same writer without the fault, every printed sum (ggml's running sum) passes
+    result = _compare(llamacpp_log(run[0].tensors, 2), tmp_path, run)
+    sums = [e for e in result["entries"] if e["metric"] == "sum_err"]
+    assert result["status"] == "match" and len(sums) >= 30
+    assert max(e["value"] / e["tolerance"] for e in sums) < 0.5

@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", metavar="GLOB", nargs="+", help="only the cases whose name matches one, e.g. 'amx_*'")
     ap.add_argument("--patterns", action="store_true",
                     help="also the table of each fault's first divergence: its pattern and the hint's first words")
+    ap.add_argument("--sums", action="store_true",
+                    help="also the table of the printed sums: each case's worst sum against its own tolerance "
+                         "(the sum's rounding) and against the older sum|x| one")
     args = ap.parse_args(argv)
     cases = json.loads((FIXTURES / "cases.json").read_text())["cases"]
     if args.only:
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
         cases = {k: v for k, v in cases.items() if any(fnmatch.fnmatch(k, g) for g in args.only)}
     rows = ["| case | llama.cpp settings | GGUF | AMX CPU | matmul path | exit | first divergence | worst value/tolerance |",
             "|---|---|---|---|---|---|---|---|"]
+    sums = ["| case | sums | worst sum: stage | its error | tolerance (own rounding) | tolerance by sum\\|x\\| | "
+            "error / tolerance: own | by sum\\|x\\| |", "|---|---|---|---|---|---|---|---|"]
     shapes = ["| case | first divergence | pattern | the hint's first words (the pattern's, up to its first colon) |",
               "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +77,13 @@ def main(argv=None) -> int:
                         else "plain" if "matmul inputs f16" in emulated or "matmul inputs q8_0" in emulated else "-")
                 ratio = max(e["value"] / e["tolerance"] for e in result["entries"] if e["tolerance"] > 0)
                 div = result["first_divergence"]
+                sum_rows = [e for e in result["entries"] if e["metric"] == "sum_err"]
+                if sum_rows:
+                    w = max(sum_rows, key=lambda e: e["value"] / e["tolerance"])
+                    d = w["details"]
+                    sums.append(f"| `{name}` | {len(sum_rows)} | `{w['tap']}` ({w['key'].split(' sum')[0]}) "
+                                f"| {d['max_abs']:.3g} | {d['tolerance_abs']:.3g} | {d['tolerance_abs_by_sum_abs']:.3g} "
+                                f"| {d['max_abs'] / d['tolerance_abs']:.2f} | {d['max_abs'] / d['tolerance_abs_by_sum_abs']:.2f} |")
                 first = f"`{div['tap']}`" if div else "none (match)"
                 worst = f"{div['error']['ratio']:.0f}x over" if div else f"{ratio:.2f} (under 1)"
                 if div:
@@ -84,7 +96,7 @@ def main(argv=None) -> int:
                 worst = "-"
             amx = "yes" if "AMX_INT8 = 1" in c.get("cpu", "") else "no"
             rows.append(f"| `{name}` | {c['settings']} | {c['gguf_outtype']} | {amx} | {path} | {rc} | {first} | {worst} |")
-    table = "\n".join(rows + (["", *shapes] if args.patterns else []))
+    table = "\n".join(rows + (["", *shapes] if args.patterns else []) + (["", *sums] if args.sums else []))
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
