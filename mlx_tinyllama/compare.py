@@ -18,7 +18,7 @@ import numpy as np
 
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
-from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
+from .errorshape import Pattern, printed_pattern, printed_reordering, reordering_words, stage_pattern, unprinted
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -226,6 +226,9 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, whole, heads)
             if shape is not None:  # what the printed rows say of the error's shape
                 details["pattern"] = shape.as_dict()
+            reordered = printed_reordering(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, heads)
+            if reordered is not None:  # the reference's values at other positions? (the sum decides: _divergence)
+                details["printed_reordering"] = reordered
         if m["nonfinite"]:
             out.append(_entry(tap, "nonfinite", m["nonfinite"], ctx.tolerance(tap, "nonfinite"), index, key,
                               details=details))
@@ -504,23 +507,48 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
+    printed, reorder_words, reordered = _printed_reordering(first, bad, entries)
+    if printed and reordered and printed["kind"] == "qk_permutation":
+        perm = {"from_printed_values": True, "fixed_by": printed["fits"][0], "evidence": printed}
     text = qk_hint(first, perm) if perm else hint(first, before, n_layers, {s["tap"] for s in stages[:k]})
     shape = next((e["details"]["pattern"] for e in bad if e["details"].get("pattern")), None)
     printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
     if shape is None and printed_ok and all(e["metric"] in ("sum_rel", "sum_err") for e in bad):
         shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
-    if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
+    if reordered:  # the right values in another order: that, not the shape of the rows, names the bug
+        text = reorder_words + ": " + text
+    elif shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
         text = Pattern(**shape).sentence() + "; " + text
+    if reorder_words and not reordered:
+        text += "; " + reorder_words
     fused = fused_hint(first, engine) if engine else None
     if fused:
         text += "; " + fused
     notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
     if notes:
         text += "; " + "; ".join(notes)
+    if printed:
+        printed = dict(printed, words=reorder_words, reordered=reordered)
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm, "pattern": shape,
+            "printed_reordering": printed,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}
+
+
+def _printed_reordering(tap: str, bad: list[dict], entries: list[dict]) -> tuple[dict | None, str, bool]:
+    """The Q/K-permutation or head-order reading of a log's printed values at the first divergence
+    (errorshape.printed_reordering), judged with the printed sum of the same tensor: a reordering keeps
+    the sum, so it is said only when that sum's entry passes. (finding, its words, whether it is one)."""
+    found = next(((e, e["details"]["printed_reordering"]) for e in bad if e["details"].get("printed_reordering")),
+                 None)
+    if found is None:
+        return None, "", False
+    e, printed = found
+    sums = [s for s in entries if s["tap"] == tap and s["metric"] in ("sum_err", "sum_rel")
+            and s.get("key") == f"{e.get('key')} sum"]
+    words, reordered = reordering_words(printed, all(s["ok"] for s in sums) if sums else None)
+    return printed, words, reordered
 
 
 def _first_nonfinite(candidate: Side, order: dict) -> dict | None:

@@ -301,6 +301,25 @@ def test_gqa_broadcast_is_caught_by_the_sum_of_kqv_out_whose_corners_miss_it(ggu
     assert d["scale_is"] == "sqrt(n)*rms(x)" and d["n"] == 39 * 256
     assert d["max_abs"] < d["tolerance_abs_by_sum_abs"]  # the old rule's tolerance let it through
     assert d["max_abs"] > 10 * d["tolerance_abs"]
+    # its wrong printed heads (1, 6) hold no other reference head: no head-order reading is offered
+    reading = result["first_divergence"]["printed_reordering"]
+    assert reading["kind"] == "head_order" and reading["no_reference_head"] == [1, 6] and not reading["reordered"]
+    assert "another order" not in result["first_divergence"]["hint"]
+
+
+def test_a_real_log_read_in_the_wrong_qk_order_is_named_from_its_printed_corners(ggufs, logs, tmp_path):
+    # llama.cpp's Q rows are in the GGUF's permuted order; read as Hugging Face's (--layout hf), the printed
+    # values are ours at the positions unpermute_qk moves them to, and the printed sum (order-free) matches
+    rc, result = run_compare(tmp_path, "--against", logs("clean_default_short"), "--model", ggufs["f16"],
+                             "--layout", "hf")
+    div = result["first_divergence"]
+    assert rc == 1 and div["tap"] == "layers.0.attn.q"
+    assert div["printed_reordering"]["fits"] == ["gguf.unpermute_qk"] and div["printed_reordering"]["reordered"]
+    assert div["qk_permutation"]["fixed_by"] == "gguf.unpermute_qk"
+    assert div["hint"].startswith("the printed values are the reference's at permuted positions and the printed "
+                                  "sum matches: the Q rows are permuted within heads")
+    sums = [e for e in result["entries"] if e["tap"] == "layers.0.attn.q" and e["metric"] == "sum_err"]
+    assert sums and all(e["ok"] for e in sums)
 
 
 # --- faults patched into ggml's CPU kernels: the hint leads with the shape of the error ---------------
