@@ -345,7 +345,7 @@ def test_masked_is_judged_by_effect_in_the_candidates_dtype():
 # --- reorderings read from printed corners (llama.cpp logs: first and last 3 along each axis) ---------
 
 
-def _printed(shape) -> np.ndarray:
+def _printed_mask(shape) -> np.ndarray:
     """The positions llama-eval-callback prints: the first and last 3 along each axis."""
     out = np.ones(shape, bool)
     for axis, n in enumerate(shape):
@@ -361,12 +361,12 @@ def test_printed_reordering_names_a_permuted_k_and_swapped_heads_at_a_head_major
     rng = np.random.default_rng(0)
     k = rng.normal(size=(2, 10, 16))  # attn.k [KV, T, D]: K rows written with the permutation once too often
     rows = permute_qk(k.transpose(0, 2, 1).reshape(32, 10), 2).reshape(2, 16, 10).transpose(0, 2, 1)
-    known = _printed(k.shape)
+    known = _printed_mask(k.shape)
     found = printed_reordering("layers.1.attn.k", np.where(known, rows, 0), k, known, 1e-3, 0.0)
     assert found["kind"] == "qk_permutation" and found["fits"] == ["gguf.unpermute_qk"] and found["decided"]
     q = rng.normal(size=(8, 10, 16))  # attn.q_rope [H, T, D]: heads 1 and 6 swapped
     swapped = q[[0, 6, 2, 3, 4, 5, 1, 7]]
-    known = _printed(q.shape)
+    known = _printed_mask(q.shape)
     found = printed_reordering("layers.0.attn.q_rope", np.where(known, swapped, 0), q, known, 1e-3, 0.0)
     assert found["kind"] == "head_order" and found["holds"] == {1: 6, 6: 1} and found["decided"]
     # the other way: the right values say nothing, and a head that equals two reference heads at the

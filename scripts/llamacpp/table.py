@@ -7,7 +7,8 @@ log (docs/llamacpp.md), compare's exit code, the first divergence, and the worst
 ratio value/tolerance (a fault: how far over; a clean run: how far under). The reference runs on
 GGUFs that gguf_write writes from the same synthetic seed (byte for byte the tensors of
 llama.cpp's converter), with llama.cpp's precision read from the log and the GGUF (--emulate auto).
-Needs no llama.cpp.
+Needs no llama.cpp. `--sums`: instead, each clean case's worst printed sum against its own
+tolerance (`sum_err`: the sum's rounding, docs/llamacpp.md) and against the older sum|x| one.
 """
 
 from __future__ import annotations
