@@ -393,7 +393,7 @@ def test_cli_run_and_check_exit_codes_json_and_report(vector_dirs, tmp_path, cap
     assert matmul["explanation"]["name"] == "last_partial_tile" and matmul["explanation"]["evidence"]["tile"] == 32
     html = (tmp_path / "r.html").read_text()
     assert "last_partial_tile:32" in html and "some ops fail" in html
-    assert "check the M (row) loop and its remainder of the matmul kernel at M = 33" in html
+    assert "check the M (row) loop and its remainder of the q_proj matmul at M = 33" in html
     rc, out, _ = _run_cli(capsys, "check", d, "--results", faulty, "--ops", "rope,sdpa")
     assert rc == 0 and "matmul" not in out.split("per op")[1].split("all ops pass")[0]
 
@@ -481,3 +481,81 @@ def test_rms_norm_squaring_in_fp16_is_named_an_overflow(vector_dirs):
     s = _op(result, "rms_norm")
     assert (s["first_failing"], s["pattern"], s["failed"]) == ("rms_norm.large", "overflow_nonfinite", 1)
     assert "overflows to inf" in s["detail"]
+
+
+# --- one pattern library: a kernel vector's failure is named as compare names the stage ---------
+
+# fault of the NumPy engine, its first failing case, the compare stage that case reproduces, how the
+# vector's [rows, ...] layout maps onto the stage's, the shared name and the words both must say.
+SAME_AS_COMPARE = [
+    ("zero_rows_from_32", "matmul.q_proj.M39", "layers.0.attn.q", "heads", "last_partial_tile",
+     "token rows 0-31 match, rows 32-38 are zero"),
+    ("rope_sin_sign", "rope.q.offset0.T38", "layers.0.attn.q_rope", None, "all_rows_but_first",
+     "token row 0 matches, every later token row differs"),
+    ("rope_pairs_interleaved", "rope.q.offset0.T38", "layers.0.attn.q_rope", None, "reordered",
+     "the sum matches, the values do not"),
+    ("softmax_stale_tile", "softmax.T38.S38", "layers.0.attn.probs", None, "last_partial_tile",
+     "token rows 0-31 match, rows 32-37 are copies of rows 0-5"),
+    ("sdpa_kv_head_modulo", "sdpa.T38.S38", "layers.0.attn.context", "merge", "heads",
+     "heads 1, 3-4, 6 of 8 differ, heads 0, 2, 5, 7 match"),
+    ("rms_norm_tail_columns", "rms_norm.T38", "layers.0.attn_norm", None, "columns_from",
+     "columns 0-191 match, columns 192-255 are zero"),
+    ("scores_scale_by_d", "scores.T38.S38", "layers.0.attn.scores_masked", None, "scaled",
+     "the values are the reference's times 0.17677"),
+]
+
+
+def _as_stage(x: np.ndarray, layout: str | None, heads: int) -> np.ndarray:
+    if layout == "heads":  # a projection's [T, H*D] as the head-major stage [H, T, D]
+        return x.reshape(x.shape[0], heads, -1).transpose(1, 0, 2)
+    if layout == "merge":  # SDPA's [H, T, D] as attn.context [T, H*D]
+        return x.transpose(1, 0, 2).reshape(x.shape[1], -1)
+    return x
+
+
+@pytest.mark.parametrize("fault,name,tap,layout,pattern,words", SAME_AS_COMPARE, ids=[r[0] for r in SAME_AS_COMPARE])
+def test_a_kernel_fault_is_named_as_compare_names_its_stage(vector_dirs, fault, name, tap, layout, pattern, words):
+    """The fault injected into one kernel's output: `vectors check` names it with the same pattern
+    and words as `compare` gives the stage that kernel computes, on the same numbers (matmul, RoPE,
+    softmax, SDPA, RMSNorm, scores); the clean engine's output of the same case has no pattern on
+    either side."""
+    from mlx_tinyllama.errorshape import stage_pattern
+
+    vectors = vector_dirs["float16"]
+    case = next(c for c in vectors.cases if c["name"] == name)
+    op = case["op"]
+    sdpa = next(c for c in vectors.cases if c["op"] == "sdpa")["shapes"]
+    cfg = {"num_attention_heads": sdpa["q"][0], "num_key_value_heads": sdpa["k"][0]}
+    faulty, _ = run_engine(vectors, getattr(nk, fault), [op], [name])
+    clean, _ = run_engine(vectors, nk.clean, [op], [name])
+    a, g = to_numpy(faulty[case["output"]]).astype(np.float64), vectors.golden(case).astype(np.float64)
+    row = check_case(vectors, case, a)
+    ours = stage_pattern(tap, _as_stage(a, layout, cfg["num_attention_heads"]),
+                         _as_stage(g, layout, cfg["num_attention_heads"]), case["tolerance"]["nmse"], cfg)
+    assert not row["pass"] and row["explanation"]["name"] == ours.name == pattern, (row["detail"], ours.words)
+    assert row["detail"] == ours.words and ours.words.startswith(words), (row["detail"], ours.words)
+    if op != "scores":  # compare's masked-scores stage is the causal mask's: another kernel named
+        assert row["explanation"]["cause"] == ours.cause
+    clean_out = to_numpy(clean[case["output"]]).astype(np.float64)
+    assert check_case(vectors, case, clean_out)["pattern"] is None
+    assert stage_pattern(tap, _as_stage(clean_out, layout, cfg["num_attention_heads"]),
+                         _as_stage(g, layout, cfg["num_attention_heads"]), case["tolerance"]["nmse"], cfg) is None
+
+
+@pytest.mark.parametrize("fault,op,first,label", [
+    ("rope_sin_sign", "rope", "rope.q.offset0.T38", "all_rows_but_first"),
+    ("softmax_stale_tile", "softmax", "softmax.T38.S38", "last_partial_tile:32"),
+    ("sdpa_kv_head_modulo", "sdpa", "sdpa.T38.S38", "heads"),
+    ("rms_norm_tail_columns", "rms_norm", "rms_norm.T1", "columns_from:192"),
+])
+def test_the_new_kernel_faults_fail_only_their_op(vector_dirs, fault, op, first, label):
+    """Through `check` as a user runs it: only the faulty op fails, at its first failing case, with
+    the shared name; the GQA slip names the KV groups it reads wrong."""
+    result = _check(vector_dirs["float16"], getattr(nk, fault))
+    assert _failing_ops(result) == {op}
+    s = _op(result, op)
+    assert (s["first_failing"], s["pattern"]) == (first, label)
+    if op == "sdpa":
+        assert s["explanation"]["evidence"]["kv_groups"] == [0, 1] and "GQA broadcast" in s["explanation"]["cause"]
+    if op == "softmax":  # only the cases with a partial 32-row tile (T = 38); decode rows pass
+        assert all(_case(result, n)["pass"] for n in ("softmax.T1.S39", "softmax.T1.S2048"))

@@ -74,7 +74,7 @@ def check_case(vectors: Vectors, case: dict, result: np.ndarray) -> dict:
         perm = patterns.transposition(a, b, budget)
         if perm is None:
             raise UserError(f"results: {case['output']} has shape {list(a.shape)}, the manifest says {list(b.shape)}")
-        found = errorshape.transposed(perm, patterns.kernel(case["op"]))
+        found = errorshape.transposed(perm, patterns.kernel(case["op"], case["name"]))
         found.words = f"shape {list(a.shape)}: {found.words}"
         return row | {"pass": False, "nmse": None, "pattern": patterns.label(found), "detail": found.words,
                       "explanation": found.as_dict()}
@@ -88,7 +88,7 @@ def check_case(vectors: Vectors, case: dict, result: np.ndarray) -> dict:
         op = case["op"]
         b0 = _unmasked(b, op)
         alts = [(p, _unmasked(x, op)) for p, x in hypotheses(case, vectors.inputs(case))]
-        found = patterns.classify(_unmasked(a, op), b0, budget, alts, op, _kv_heads(case))
+        found = patterns.classify(_unmasked(a, op), b0, budget, alts, op, _kv_heads(case), case["name"])
         if m["mask_mismatch"] and found.name in ("dense_small", "unclassified"):
             found = patterns.named("mask_missing", f"{m['mask_mismatch']} positions masked on one side only")
         _set_pattern(row, found)
@@ -127,7 +127,7 @@ def check(vectors: Vectors, results: dict[str, np.ndarray], ops: list[str] | Non
         points = [(r["n"], r["nmse"]) for r in op_rows if r.get("nmse") is not None]
         for r in failed:  # every failing case gets the op-level reading of a small dense error
             if r["explanation"]["name"] == "dense_small":
-                _set_pattern(r, patterns.resolve(patterns.Pattern(**r["explanation"]), points, op))
+                _set_pattern(r, patterns.resolve(patterns.Pattern(**r["explanation"]), points, op, r["name"]))
         first = failed[0] if failed else None
         summary.append({"op": op, "cases": len(op_rows), "failed": len(failed), "pass": not failed,
                         "first_failing": first["name"] if first else None,

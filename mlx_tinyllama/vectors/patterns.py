@@ -21,6 +21,7 @@ import numpy as np
 from .. import errorshape
 from ..errorshape import Pattern
 from ..metrics import metrics
+from ..stages import all_stages
 
 # (token axis, head axis) of each op's output. Activations are [T, features]; attention tensors
 # are [heads, T, head_dim or keys] (docs/vectors.md, "Running your kernels on them").
@@ -48,8 +49,12 @@ CAUSES = {
 }
 
 
-def kernel(op: str) -> str:
-    return f"{op} kernel"
+def kernel(op: str, case_name: str = "") -> str:
+    """What computes the case, as compare's hint names the stage it reproduces ("q_proj matmul",
+    "softmax kernel"): the first stage whose `vectors` family is the case's, so a pattern reads
+    the same sentence in both commands."""
+    family = ".".join(case_name.split(".")[:2]) if op == "matmul" and case_name else op
+    return next((s.kernel for s in all_stages() if s.vectors == family), f"{op} kernel")
 
 
 def named(name: str, words: str) -> Pattern:
@@ -63,33 +68,34 @@ def alternative(name: str, words: str, output) -> tuple[Pattern, np.ndarray]:
     return named(name, words), np.asarray(output, np.float64)
 
 
-def unclassified(a: np.ndarray, b: np.ndarray, op: str) -> Pattern:
+def unclassified(a: np.ndarray, b: np.ndarray, kernel_name: str) -> Pattern:
     m = metrics(a, b)
     nmse = m["nmse"] if np.isfinite(a).all() else math.inf
     return Pattern("unclassified", f"NMSE {nmse:.3g}, cosine {m['cosine']:.4f}: no shape holds",
                    "none of the shapes (rows, heads, columns, order, factor, precision)",
-                   f"compare the {kernel(op)} with the case's semantics line", {"nmse": nmse})
+                   f"compare the {kernel_name} with the case's semantics line", {"nmse": nmse})
 
 
 def classify(a: np.ndarray, b: np.ndarray, budget: float, alternatives=(), op: str = "matmul",
-             n_kv_heads: int | None = None) -> Pattern:
+             n_kv_heads: int | None = None, case_name: str = "") -> Pattern:
     """The pattern of a failing output `a` against the golden `b` (same shape): a recomputed
     mistake it equals, else the shape of its error (errorshape.explain with the op's axes), else
     `unclassified`. A small dense error comes back as `dense_small`: `resolve` reads it over the
     op's cases."""
+    name = kernel(op, case_name)
     found = errorshape.explain_alternative(a, b, budget, alternatives)
     if found is None:
         token_axis, head_axis = AXES[op] if a.ndim >= 2 else (0, None)
         found = errorshape.explain(a if a.ndim else a.reshape(1), b if b.ndim else b.reshape(1),
-                                   token_axis=token_axis, budget=budget, kernel=kernel(op),
+                                   token_axis=token_axis, budget=budget, kernel=name,
                                    head_axis=head_axis if a.ndim == 3 else None, n_kv_heads=n_kv_heads)
-    return found if found is not None else unclassified(a, b, op)
+    return found if found is not None else unclassified(a, b, name)
 
 
-def resolve(pattern: Pattern, points: list[tuple[int, float]], op: str) -> Pattern:
+def resolve(pattern: Pattern, points: list[tuple[int, float]], op: str, case_name: str = "") -> Pattern:
     """`dense_small` over the op's (reduction length, NMSE) points: accumulation precision when
     it grows with the length (errorshape.accumulation)."""
-    return errorshape.accumulation(pattern, points, kernel(op))
+    return errorshape.accumulation(pattern, points, kernel(op, case_name))
 
 
 def label(pattern: Pattern) -> str:
