@@ -138,7 +138,8 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
         R = int(positions[first_bad])
         last_ok = int(positions[first_bad - 1])
         kind, held = _rows_kind(a2, b2, np.arange(first_bad, len(ok)), positions, budget)
-        where = (f"token rows 0-{R - 1} match, rows {_span(range(R, n_rows))} are {held}" if full else
+        tail = f"row {R} is" if R == n_rows - 1 else f"rows {R}-{n_rows - 1} are"
+        where = (f"token rows 0-{R - 1} match, {tail} {held}" if full else
                  f"the printed token rows up to {last_ok} match, the printed rows from {R} on are {held}"
                  f" (the boundary lies between rows {last_ok + 1} and {R})")
         tile = tile_of(R) if full else 0
@@ -428,6 +429,13 @@ def explain_flushed(a: np.ndarray, b: np.ndarray, kernel: str) -> Pattern | None
                    "small values flushed to zero: a flush-to-zero mode, or an intermediate dtype too narrow for them",
                    f"check the intermediate dtypes and the denormal mode of the {kernel}",
                    {"flushed": int(flushed.sum())})
+
+
+def read_at(tap: str, pattern: Pattern | None) -> Pattern | None:
+    """A pattern found on a tensor that is not a tap (a kernel vector) read as at the stage `tap`
+    whose kernel computed it: what the stage is changes what a shape points to (row 0 right where
+    attention combines keys)."""
+    return _over_keys(tap, pattern)
 
 
 def growth_exponent(points: list[tuple[int, float]]) -> float | None:

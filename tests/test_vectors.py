@@ -85,6 +85,7 @@ def test_matmul_dropping_the_last_partial_tile(vector_dirs):
     # The names are compare's (errorshape): the rows past the last whole tile are the last partial tile.
     assert (s["first_failing"], s["pattern"]) == ("matmul.q_proj.M1", "rows_zero_from:0")
     assert "M=1 " in s["first_failing_shape"] and s["detail"] == "every token row (1 of 1) is zero"
+    assert _case(result, "matmul.q_proj.M33")["detail"] == "token rows 0-31 match, row 32 is zero"
     for proj in ("q_proj", "k_proj", "gate_proj", "down_proj"):
         assert _case(result, f"matmul.{proj}.M17")["pattern"] == "last_partial_tile:16"
         assert _case(result, f"matmul.{proj}.M33")["pattern"] == "last_partial_tile:32"
@@ -502,6 +503,10 @@ SAME_AS_COMPARE = [
      "columns 0-191 match, columns 192-255 are zero"),
     ("scores_scale_by_d", "scores.T38.S38", "layers.0.attn.scores_masked", None, "scaled",
      "the values are the reference's times 0.17677"),
+    # the same fault seen after the softmax: row 0 has one key, so it alone is right; both read
+    # it as a fault in combining keys, not RoPE's (compare's attn.context reading)
+    ("scores_scale_by_d", "sdpa.T38.S38", "layers.0.attn.context", "merge", "all_rows_but_first",
+     "token row 0 matches, every later token row differs"),
 ]
 
 
@@ -513,7 +518,8 @@ def _as_stage(x: np.ndarray, layout: str | None, heads: int) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("fault,name,tap,layout,pattern,words", SAME_AS_COMPARE, ids=[r[0] for r in SAME_AS_COMPARE])
+@pytest.mark.parametrize("fault,name,tap,layout,pattern,words", SAME_AS_COMPARE,
+                         ids=[f"{r[0]}-{r[1]}" for r in SAME_AS_COMPARE])
 def test_a_kernel_fault_is_named_as_compare_names_its_stage(vector_dirs, fault, name, tap, layout, pattern, words):
     """The fault injected into one kernel's output: `vectors check` names it with the same pattern
     and words as `compare` gives the stage that kernel computes, on the same numbers (matmul, RoPE,
@@ -536,6 +542,8 @@ def test_a_kernel_fault_is_named_as_compare_names_its_stage(vector_dirs, fault, 
     assert row["detail"] == ours.words and ours.words.startswith(words), (row["detail"], ours.words)
     if op != "scores":  # compare's masked-scores stage is the causal mask's: another kernel named
         assert row["explanation"]["cause"] == ours.cause
+    if op == "sdpa" and pattern == "all_rows_but_first":
+        assert "one key only" in ours.cause and "RoPE's angle" not in row["explanation"]["next_step"]
     clean_out = to_numpy(clean[case["output"]]).astype(np.float64)
     assert check_case(vectors, case, clean_out)["pattern"] is None
     assert stage_pattern(tap, _as_stage(clean_out, layout, cfg["num_attention_heads"]),

@@ -21,7 +21,7 @@ import numpy as np
 from .. import errorshape
 from ..errorshape import Pattern
 from ..metrics import metrics
-from ..stages import all_stages
+from ..stages import Stage, all_stages
 
 # (token axis, head axis) of each op's output. Activations are [T, features]; attention tensors
 # are [heads, T, head_dim or keys] (docs/vectors.md, "Running your kernels on them").
@@ -49,12 +49,17 @@ CAUSES = {
 }
 
 
+def stage(op: str, case_name: str = "") -> Stage | None:
+    """The stage the case reproduces: the first whose `vectors` family is the case's."""
+    family = ".".join(case_name.split(".")[:2]) if op == "matmul" and case_name else op
+    return next((s for s in all_stages() if s.vectors == family), None)
+
+
 def kernel(op: str, case_name: str = "") -> str:
     """What computes the case, as compare's hint names the stage it reproduces ("q_proj matmul",
-    "softmax kernel"): the first stage whose `vectors` family is the case's, so a pattern reads
-    the same sentence in both commands."""
-    family = ".".join(case_name.split(".")[:2]) if op == "matmul" and case_name else op
-    return next((s.kernel for s in all_stages() if s.vectors == family), f"{op} kernel")
+    "softmax kernel"), so a pattern reads the same sentence in both commands."""
+    found = stage(op, case_name)
+    return found.kernel if found else f"{op} kernel"
 
 
 def named(name: str, words: str) -> Pattern:
@@ -89,7 +94,10 @@ def classify(a: np.ndarray, b: np.ndarray, budget: float, alternatives=(), op: s
         found = errorshape.explain(a if a.ndim else a.reshape(1), b if b.ndim else b.reshape(1),
                                    token_axis=token_axis, budget=budget, kernel=name,
                                    head_axis=head_axis if a.ndim == 3 else None, n_kv_heads=n_kv_heads)
-    return found if found is not None else unclassified(a, b, name)
+    if found is None:
+        return unclassified(a, b, name)
+    at = stage(op, case_name)
+    return errorshape.read_at(at.name, found) if at else found
 
 
 def resolve(pattern: Pattern, points: list[tuple[int, float]], op: str, case_name: str = "") -> Pattern:
