@@ -90,10 +90,11 @@ def classify(a: np.ndarray, b: np.ndarray, budget: float, alternatives=(), op: s
     name = kernel(op, case_name)
     found = errorshape.explain_alternative(a, b, budget, alternatives)
     if found is None:
-        token_axis, head_axis = AXES[op] if a.ndim >= 2 else (0, None)
-        found = errorshape.explain(a if a.ndim else a.reshape(1), b if b.ndim else b.reshape(1),
-                                   token_axis=token_axis, budget=budget, kernel=name,
-                                   head_axis=head_axis if a.ndim == 3 else None, n_kv_heads=n_kv_heads)
+        if a.ndim < 2:  # a bare vector is one row
+            a, b = a.reshape(1, -1), b.reshape(1, -1)
+        token_axis, head_axis = AXES[op] if a.ndim == 3 else (0, None)
+        found = errorshape.explain(a, b, token_axis=token_axis, budget=budget, kernel=name, head_axis=head_axis,
+                                   n_kv_heads=n_kv_heads)
     if found is None:
         return unclassified(a, b, name)
     at = stage(op, case_name)
