@@ -11,7 +11,10 @@ evidence behind it. It never decides the verdict: the tolerance does that. It on
 error looks like and where to look next.
 
 The same shapes work on llama.cpp's printed corners (first and last rows of each axis, and the
-sum) through `explain_rows`, which takes the row positions the corners hold.
+sum) through `explain_rows`, which takes the row positions the corners hold, and on one kernel's
+output in `vectors check` (vectors/patterns.py maps a kernel vector's axes to token rows, heads and
+columns, and adds what only a kernel vector can show: the output of a known mistake recomputed,
+`explain_alternative`, and the error's growth with the reduction length, `accumulation`).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _unit_ok(a2: np.ndarray, b2: np.ndarray, budget: float) -> np.ndarray:
 
 def _span(idx) -> str:
     """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
-    idx = sorted(int(i) for i in idx)
+    idx = sorted({int(i) for i in idx})
     parts, start = [], None
     for k, i in enumerate(idx):
         if start is None:
@@ -135,7 +138,8 @@ def explain_rows(a2: np.ndarray, b2: np.ndarray, positions: list[int], n_rows: i
         R = int(positions[first_bad])
         last_ok = int(positions[first_bad - 1])
         kind, held = _rows_kind(a2, b2, np.arange(first_bad, len(ok)), positions, budget)
-        where = (f"token rows 0-{R - 1} match, rows {R}-{n_rows - 1} are {held}" if full else
+        tail = f"row {R} is" if R == n_rows - 1 else f"rows {R}-{n_rows - 1} are"
+        where = (f"token rows 0-{R - 1} match, {tail} {held}" if full else
                  f"the printed token rows up to {last_ok} match, the printed rows from {R} on are {held}"
                  f" (the boundary lies between rows {last_ok + 1} and {R})")
         tile = tile_of(R) if full else 0
@@ -249,17 +253,23 @@ def explain_heads(a: np.ndarray, b: np.ndarray, head_axis: int, budget: float, n
 
 
 def explain_columns(a2: np.ndarray, b2: np.ndarray, budget: float, kernel: str) -> Pattern | None:
-    """Columns (the last axis) right up to C and wrong after: an N edge or a K tail."""
+    """Columns (the last axis) right up to C and wrong after: an N edge or a K tail. Garbage after
+    C may equal the right value in a few columns by chance (a column of one row, a value that is
+    0 on both sides): 90 % of the columns from C on wrong, the last among them, is enough."""
     ok = _unit_ok(a2.T, b2.T, budget)
     if ok.all() or not ok.any():
         return None
     C = int(np.argmax(~ok))
-    if C == 0 or not (~ok[C:]).all():
+    after = ~ok[C:]
+    if C == 0 or not (after.all() or (after.mean() >= 0.9 and after[-1])):
         return None
     n = len(ok)
     zero = not np.abs(a2[:, C:]).max() > 0
     tile = tile_of(C)
-    return Pattern("columns_from", f"columns 0-{C - 1} match, columns {C}-{n - 1} are {'zero' if zero else 'wrong'}",
+    held = "zero" if zero else "wrong"
+    words = (f"columns 0-{C - 1} match, columns {C}-{n - 1} are {held}" if after.all() else
+             f"columns 0-{C - 1} match, {int(after.sum())} of the {n - C} columns from {C} on are {held}")
+    return Pattern("columns_from", words,
                    f"the {kernel} stops at column {C}" + (f" (a multiple of {tile}): an N tile or vector-width "
                                                           f"bound; a remainder block skipped" if tile >= MIN_TILE else ""),
                    f"check the N (column) loop and its remainder of the {kernel}", {"first_wrong_column": C,
@@ -282,13 +292,9 @@ def explain_values(a: np.ndarray, b: np.ndarray, budget: float, token_axis: int,
                        "(e.g. Q/K rows without the GGUF permutation), or an interleaved layout",
                        f"check the index order (strides, head split, pair layout) the {kernel} reads and writes",
                        {"sorted_rows_nmse": _nmse(np.sort(rows_a, axis=1), np.sort(rows_b, axis=1))})
-    if a.ndim >= 2:
-        for perm in itertools.permutations(range(a.ndim)):
-            if perm != tuple(range(a.ndim)) and b.transpose(perm).shape == a.shape \
-                    and _nmse(a, b.transpose(perm)) <= tol:
-                return Pattern("transposed", f"the values are the reference's with axes {list(perm)}",
-                               "a transposed read or write", f"check the layout the {kernel} assumes",
-                               {"axes": list(perm)})
+    perm = transposition(a, b, tol)
+    if perm is not None:
+        return transposed(perm, kernel)
     moved = _moved_rows(rows_a, rows_b, tol)
     if moved:
         pairs = ", ".join(f"{r}<-{s}" for r, s in list(moved.items())[:6])
@@ -326,6 +332,141 @@ def _scaled(a: np.ndarray, b: np.ndarray, tol: float, kernel: str) -> Pattern | 
     return None
 
 
+def transposition(a: np.ndarray, b: np.ndarray, tol: float) -> list[int] | None:
+    """The axis order of b (not the identity, up to 4 axes) whose transposition a matches within
+    `tol` (an NMSE), if any. The shapes may differ: a [T, H, D] result of an [H, T, D] reference."""
+    if a.size != b.size or not 2 <= b.ndim <= 4 or not np.isfinite(a).all():
+        return None
+    for perm in itertools.permutations(range(b.ndim)):
+        if perm != tuple(range(b.ndim)) and b.transpose(perm).shape == a.shape and _nmse(a, b.transpose(perm)) <= tol:
+            return list(perm)
+    return None
+
+
+def transposed(axes: list[int], kernel: str) -> Pattern:
+    return Pattern("transposed", f"the values are the reference's with axes {axes}", "a transposed read or write",
+                   f"check the layout the {kernel} assumes", {"axes": axes})
+
+
+def explain_alternative(candidate, reference, budget: float, alternatives) -> Pattern | None:
+    """The first of `alternatives` ((Pattern, output) pairs: what a known mistake computes, e.g.
+    RoPE one position late, scores without the mask) that the candidate equals, within the row
+    slack. An alternative equal to the reference itself proves nothing and is passed over."""
+    a = np.asarray(candidate, np.float64)
+    b = np.asarray(reference, np.float64)
+    if not np.isfinite(a).all():
+        return None
+    tol = ROW_SLACK * budget
+    for pattern, output in alternatives:
+        alt = np.asarray(output, np.float64)
+        if alt.shape == a.shape and np.isfinite(alt).all() and _nmse(a, alt) <= tol and not _nmse(alt, b) <= tol:
+            return pattern
+    return None
+
+
+def explain_all_zero(a: np.ndarray, b: np.ndarray, token_axis: int, kernel: str) -> Pattern | None:
+    """Every value zero where the reference is not: the output was never written (a loop that runs
+    zero times: M below one tile, rounded down to no tiles). The row boundary is 0."""
+    if np.abs(a).max(initial=0.0) > 0 or not np.isfinite(a).all() or not b.any():
+        return None
+    T = a.shape[token_axis] if a.ndim else 1
+    return Pattern("rows_zero_from", f"every token row ({T} of {T}) is zero",
+                   f"the {kernel} never writes its output: a row or tile loop that runs zero times (fewer rows than "
+                   f"one tile, rounded down to no tiles), or the output written elsewhere",
+                   f"check the M (row) loop bound and its remainder of the {kernel} at M = {T}",
+                   {"first_wrong_row": 0, "rows": T, "held": "zero"})
+
+
+def explain_nonfinite(a: np.ndarray, b: np.ndarray, token_axis: int, head_axis: int | None,
+                      kernel: str) -> Pattern | None:
+    """NaN/Inf where the reference is finite, and where they sit (token rows, heads)."""
+    bad = ~np.isfinite(a) & np.isfinite(b)
+    if not bad.any():
+        return None
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape)]
+    where = []
+    if head_axis is not None:
+        heads = np.flatnonzero(np.moveaxis(bad, head_axis, 0).reshape(a.shape[head_axis], -1).any(axis=1))
+        where.append(f"heads {_span(heads)} of {a.shape[head_axis]}")
+    rows = np.flatnonzero(np.moveaxis(bad, token_axis, 0).reshape(a.shape[token_axis], -1).any(axis=1))
+    where.append(f"token rows {_span(rows)} of {a.shape[token_axis]}")
+    return Pattern("overflow_nonfinite", f"{int(bad.sum())} NaN/Inf values where the reference is finite "
+                                         f"(in {', '.join(where)}; the first at {first})",
+                   "an overflow or an invalid operation: exp() without subtracting the row maximum, x² in fp16 "
+                   "(RMSNorm above |x| = 256), an fp16 accumulator past 65504, 0/0",
+                   f"check the ranges the {kernel} computes in (the largest input, the dtype of each intermediate)",
+                   {"nonfinite": int(bad.sum()), "first_at": first, "rows": [int(r) for r in rows]})
+
+
+def explain_stale_rows(a2: np.ndarray, b2: np.ndarray, budget: float, kernel: str) -> Pattern | None:
+    """Wrong rows anywhere (not a tail) that each hold another row's values: a row index that does
+    not advance, or a buffer read before it is rewritten."""
+    ok = _unit_ok(a2, b2, budget)
+    if ok.all() or not ok.any():
+        return None
+    bad = np.flatnonzero(~ok)
+    kind, held = _rows_kind(a2, b2, bad, np.arange(a2.shape[0]), budget)
+    if kind != "stale":
+        return None
+    return Pattern("rows_stale", f"token rows {_span(bad)} of {a2.shape[0]} differ and are {held}",
+                   "a row index that does not advance (a row computed once and written again) or a buffer read "
+                   "before it is rewritten",
+                   f"check how the {kernel} steps its row index and when it reloads its buffers",
+                   {"wrong_rows": [int(r) for r in bad], "rows": int(a2.shape[0]), "held": "stale"})
+
+
+def explain_flushed(a: np.ndarray, b: np.ndarray, kernel: str) -> Pattern | None:
+    """Most of the error where the output is 0 and the reference is small but not 0 (a zero block
+    of rows or columns is caught before this): small values flushed to zero."""
+    flushed = (a == 0) & (b != 0)
+    err = (a - b) ** 2
+    if not flushed.any() or not err[flushed].sum() >= 0.5 * err.sum():
+        return None
+    if not float(np.abs(b[flushed]).max()) < math.sqrt(float(np.mean(b * b))):  # large values zeroed: not underflow
+        return None
+    return Pattern("underflow_zero", f"{int(flushed.sum())} values are 0 where the reference is not "
+                                     f"(the largest {float(np.abs(b[flushed]).max()):.3g})",
+                   "small values flushed to zero: a flush-to-zero mode, or an intermediate dtype too narrow for them",
+                   f"check the intermediate dtypes and the denormal mode of the {kernel}",
+                   {"flushed": int(flushed.sum())})
+
+
+def read_at(tap: str, pattern: Pattern | None) -> Pattern | None:
+    """A pattern found on a tensor that is not a tap (a kernel vector) read as at the stage `tap`
+    whose kernel computed it: what the stage is changes what a shape points to (row 0 right where
+    attention combines keys)."""
+    return _over_keys(tap, pattern)
+
+
+def growth_exponent(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(nmse) against log(n) over (reduction length, NMSE) points
+    (None: one n only)."""
+    pts = [(math.log(n), math.log(e)) for n, e in points if n > 1 and e > 0 and math.isfinite(e)]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    return float(np.polyfit(xs, ys, 1)[0])
+
+
+def accumulation(pattern: Pattern | None, points: list[tuple[int, float]], kernel: str) -> Pattern | None:
+    """A small dense error (`dense_small`) read over several reduction lengths of one kernel (the
+    (n, NMSE) of each of its cases): growing at least like sqrt(n) in amplitude (NMSE ~ n^p,
+    p >= 0.5) is accumulation precision; otherwise it stays `dense_small`, saying why."""
+    if pattern is None or pattern.name != "dense_small":
+        return pattern
+    p = growth_exponent(points)
+    if p is not None and p >= 0.5:
+        return Pattern("accumulation_precision",
+                       f"{pattern.words}; the NMSE grows like n^{p:.2f} with the reduction length",
+                       "an accumulator narrower than float32 (fp16/bf16 partial sums): its rounding error adds up "
+                       "over the reduction", f"accumulate the {kernel}'s sums in float32",
+                       dict(pattern.evidence, growth_exponent=p))
+    pattern.words += (" (one reduction length only)" if p is None else
+                      f" (NMSE ~ n^{p:.2f}: not growing with the reduction length)")
+    pattern.evidence["growth_exponent"] = p
+    return pattern
+
+
 def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str = "kernel",
             head_axis: int | None = None, n_kv_heads: int | None = None, case: str | None = None) -> Pattern | None:
     """The shape of the error of `candidate` against `reference` (same shape), or None when no
@@ -337,6 +478,9 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
         return None
     if np.isfinite(a).all() and _nmse(a, b) <= budget:  # within the stage's tolerance: nothing to explain
         return None
+    zero = explain_all_zero(a, b, token_axis, kernel)
+    if zero is not None:
+        return zero
     T = a.shape[token_axis]
     a2 = np.moveaxis(a, token_axis, 0).reshape(T, -1)
     b2 = np.moveaxis(b, token_axis, 0).reshape(T, -1)
@@ -356,6 +500,9 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
     rows = explain_rows(a2, b2, list(range(T)), T, budget, kernel, case)
     if rows is not None:
         return rows
+    nonfinite = explain_nonfinite(a, b, token_axis, head_axis, kernel)  # not a tail of rows: say where they are
+    if nonfinite is not None:
+        return nonfinite
     if head_axis is not None:
         heads = explain_heads(a, b, head_axis, budget, n_kv_heads, kernel)
         if heads is not None:
@@ -364,6 +511,9 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
         cols = explain_columns(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), budget, kernel)
         if cols is not None:
             return cols
+    found = explain_stale_rows(a2, b2, budget, kernel) or explain_flushed(a, b, kernel)
+    if found is not None:
+        return found
     nmse = _nmse(a, b)
     if np.isfinite(a).all() and nmse < 1e-2:
         return Pattern("dense_small", f"a small error everywhere (NMSE {nmse:.3g}), no row, head or column stands out",

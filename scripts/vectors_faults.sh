@@ -19,7 +19,10 @@ for engine in mlx_tinyllama.vectors.engine:fused mlx_tinyllama.vectors.engine:ex
               tests/numpy_kernels.py:clean tests/numpy_kernels.py:drop_partial_tile \
               tests/numpy_kernels.py:zero_rows_from_32 tests/numpy_kernels.py:fp16_accumulation \
               tests/numpy_kernels.py:softmax_no_max tests/numpy_kernels.py:rope_offset_by_one \
-              tests/numpy_kernels.py:decode_mask_at_zero tests/numpy_kernels.py:no_mask; do
+              tests/numpy_kernels.py:decode_mask_at_zero tests/numpy_kernels.py:no_mask \
+              tests/numpy_kernels.py:rope_sin_sign tests/numpy_kernels.py:rope_pairs_interleaved \
+              tests/numpy_kernels.py:softmax_stale_tile tests/numpy_kernels.py:sdpa_kv_head_modulo \
+              tests/numpy_kernels.py:rms_norm_tail_columns tests/numpy_kernels.py:scores_scale_by_d; do
   name=${engine##*:}
   ops=()
   # NumPy's fp16 loop is slow: one row per projection (K = hidden and intermediate) is enough

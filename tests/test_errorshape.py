@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import SEED_IDS
-from mlx_tinyllama.errorshape import explain, stage_pattern
+from mlx_tinyllama.errorshape import (Pattern, accumulation, explain, explain_alternative, stage_pattern,
+                                      transposition)
 from mlx_tinyllama.trace import main as cli
 from numpy_engine import FAULTS, Engine
 
@@ -184,6 +185,73 @@ def test_mask_values_of_any_size_mask_alike():
     leak[:, idx, idx + 1] = 0.5  # each query sees the next key
     p = stage_pattern("layers.0.attn.scores_masked", leak, b, _budget(), TINY)
     assert p.name == "all_rows_but_last" and "off by 1" in p.cause
+
+
+
+# The primitives vectors/patterns.py shares (one pattern library), on compare's stages
+
+
+def test_an_output_never_written_is_zero_from_row_0():
+    b = RNG.standard_normal((5, 96))
+    p = stage_pattern("logits", np.zeros_like(b), b, _budget(), TINY)
+    assert p.name == "rows_zero_from" and p.words == "every token row (5 of 5) is zero"
+    assert "lm_head matmul never writes" in p.cause and p.evidence["first_wrong_row"] == 0
+    assert stage_pattern("logits", np.zeros_like(b), np.zeros_like(b), _budget(), TINY) is None  # nothing wrong
+
+
+def test_nan_in_some_heads_says_where_a_nan_tail_is_a_row_boundary():
+    b = RNG.random((4, 12, 12))
+    a = b.copy()
+    a[2:4, [1, 5, 7], 3] = np.nan  # scattered rows of heads 2-3
+    p = stage_pattern("layers.0.attn.probs", a, b, _budget(), TINY)
+    assert p.name == "overflow_nonfinite" and "in heads 2-3 of 4, token rows 1, 5, 7 of 12" in p.words, p.words
+    assert "exp() without subtracting the row maximum" in p.cause
+    a = b.copy()
+    a[:, 3:] = np.inf  # from token row 3 on, every head: the rows' shape says more
+    p = stage_pattern("layers.0.attn.probs", a, b, _budget(), TINY)
+    assert p.name == "rows_nonfinite_from" and p.evidence["first_wrong_row"] == 3 and "are NaN/Inf" in p.words
+
+
+def test_rows_that_copy_other_rows_in_the_middle_are_stale():
+    b = RNG.standard_normal((12, 64))
+    a = b.copy()
+    a[4], a[6] = a[3], a[5]  # not periodic (4, 9 would be every 5th row)
+    p = stage_pattern("layers.0.mlp.down", a, b, _budget(), TINY)
+    assert p.name == "rows_stale" and p.words == "token rows 4, 6 of 12 differ and are copies of rows 3, 5"
+    a[6] = RNG.standard_normal(64)  # one wrong row that copies nothing: no stale reading
+    p = stage_pattern("layers.0.mlp.down", a, b, _budget(), TINY)
+    assert p is None or p.name != "rows_stale", p
+
+
+def test_small_probabilities_flushed_to_zero_are_underflow_large_ones_are_not():
+    logits = RNG.standard_normal((4, 10, 10)) * 4
+    b = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    a = np.where(b < 1e-3, 0.0, b)
+    assert (a == 0).any()
+    p = stage_pattern("layers.0.attn.probs", a, b, 1e-9, TINY)
+    assert p.name == "underflow_zero" and "softmax kernel" in p.next_step
+    a = b.copy()
+    a[RNG.random(b.shape) < 0.05] = 0.0  # zeros at random, whatever the value: not an underflow
+    p = stage_pattern("layers.0.attn.probs", a, b, 1e-9, TINY)
+    assert p is None or p.name != "underflow_zero", p
+
+
+def test_a_transposed_result_of_another_shape_and_a_mistake_equal_to_the_reference():
+    b = RNG.standard_normal((4, 6, 8))
+    assert transposition(b.transpose(1, 0, 2), b, 1e-8) == [1, 0, 2]
+    assert transposition(RNG.standard_normal((6, 4, 8)), b, 1e-8) is None
+    wrong = Pattern("wrong_offset", "w", "c", "s")
+    assert explain_alternative(b * 2, b, 1e-8, [(wrong, b * 2)]) is wrong
+    assert explain_alternative(b, b, 1e-8, [(wrong, b)]) is None  # the mistake changes nothing here: no evidence
+
+
+def test_a_small_dense_error_grows_with_the_reduction_length_or_stays_dense_small():
+    b = RNG.standard_normal((40, 64))
+    p = explain(b + 1e-3 * RNG.standard_normal(b.shape), b, token_axis=0, budget=_budget(), kernel="k")
+    grows = accumulation(Pattern(**p.as_dict()), [(256, 1e-6), (2048, 9e-6)], "k")
+    assert grows.name == "accumulation_precision" and "n^1.06" in grows.words
+    flat = accumulation(Pattern(**p.as_dict()), [(256, 1e-6), (2048, 1.1e-6)], "k")
+    assert flat.name == "dense_small" and "not growing" in flat.words
 
 
 # ---------------------------------------------------------------------------

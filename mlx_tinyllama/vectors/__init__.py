@@ -7,6 +7,6 @@
     store    the on-disk format: atomic writes, validated reads
     runner   a Python engine (module:function) run over the cases
     check    results against golden outputs, per case and per op
-    patterns failure patterns that name what a failing kernel did
+    patterns failure patterns: compare's shapes (errorshape.py) on a kernel's output
     html     the HTML page of a check
 """

@@ -2,8 +2,9 @@
 
 A case passes when its NMSE is within the manifest's tolerance (tolerances.kernel_nmse_budget),
 nothing is NaN/Inf where the golden output is finite and, for the scores, the same positions
-are masked. A failing case gets a pattern (patterns.py); an op reports its first failing case
-(manifest order: shapes ascending) with that case's pattern.
+are masked. A failing case gets a pattern (patterns.py: the shapes `compare` names, read on the
+op's output); an op reports its first failing case (manifest order: shapes ascending) with that
+case's pattern.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from ..errors import UserError
 from ..tolerances import MASKED_BELOW, unit_roundoff
 from ..metrics import metrics
+from .. import errorshape
 from . import patterns
 from ..ops import Ops
 from .engine import golden, run_op
@@ -24,9 +26,9 @@ from .store import Vectors, read_safetensors, to_numpy
 MASKED_OPS = ("scores",)  # outputs that hold masked positions (any value <= -32752, or -inf)
 
 
-def hypotheses(case: dict, inputs: dict) -> list[tuple[str, str, np.ndarray]]:
+def hypotheses(case: dict, inputs: dict) -> list[tuple[patterns.Pattern, np.ndarray]]:
     """The outputs known mistakes give on this case, for the ops where a mistake has a
-    recomputable form: (pattern, detail, output)."""
+    recomputable form: (pattern, output)."""
     op, params = case["op"], case["params"]
     alts: list[tuple[str, str, dict]] = []
     if op in ("rope", "scores", "sdpa"):
@@ -45,7 +47,7 @@ def hypotheses(case: dict, inputs: dict) -> list[tuple[str, str, np.ndarray]]:
     if op == "matmul" and case["shapes"]["w"][0] == case["shapes"]["w"][1]:
         alt = np.asarray(inputs["x"], np.float64) @ np.asarray(inputs["w"], np.float64)
         out.append(("transposed", "matches x @ w: w read as [in, out], not [out, in]", alt))
-    return out
+    return [patterns.alternative(name, words, output) for name, words, output in out]
 
 
 def _as_output(a: np.ndarray, op: str) -> np.ndarray:
@@ -66,13 +68,16 @@ def check_case(vectors: Vectors, case: dict, result: np.ndarray) -> dict:
     a = _as_output(result, case["op"])
     budget = case["tolerance"]["nmse"]
     row = {"name": case["name"], "op": case["op"], "shape": case.get("shape", case["name"]),
-           "n": case["tolerance"]["n"], "tolerance": budget, "pattern": None, "detail": None}
+           "n": case["tolerance"]["n"], "tolerance": budget, "pattern": None, "detail": None,
+           "explanation": None}
     if a.shape != b.shape:
-        perm = patterns.permuted(a, b, budget)
+        perm = patterns.transposition(a, b, budget)
         if perm is None:
             raise UserError(f"results: {case['output']} has shape {list(a.shape)}, the manifest says {list(b.shape)}")
-        return row | {"pass": False, "nmse": None, "pattern": "transposed",
-                      "detail": f"shape {list(a.shape)}: the golden output with axes {list(perm)}"}
+        found = errorshape.transposed(perm, patterns.kernel(case["op"], case["name"]))
+        found.words = f"shape {list(a.shape)}: {found.words}"
+        return row | {"pass": False, "nmse": None, "pattern": patterns.label(found), "detail": found.words,
+                      "explanation": found.as_dict()}
     m = metrics(a, b, masked=case["op"] in MASKED_OPS)
     ok = m["nmse"] <= budget and m["nonfinite"] == 0 and m["mask_mismatch"] == 0
     u = unit_roundoff(case["dtype"])
@@ -82,12 +87,21 @@ def check_case(vectors: Vectors, case: dict, result: np.ndarray) -> dict:
     if not ok:
         op = case["op"]
         b0 = _unmasked(b, op)
-        alts = [(p, d, _unmasked(x, op)) for p, d, x in hypotheses(case, vectors.inputs(case))]
-        alts = [h for h in alts if not patterns.matches(h[2], b0, budget)]  # equal to the golden: no evidence
-        row["pattern"], row["detail"] = patterns.classify(_unmasked(a, op), b0, budget, alts)
-        if m["mask_mismatch"] and row["pattern"] in ("precision", "unclassified"):
-            row["pattern"], row["detail"] = "mask_missing", f"{m['mask_mismatch']} positions masked on one side only"
+        alts = [(p, _unmasked(x, op)) for p, x in hypotheses(case, vectors.inputs(case))]
+        found = patterns.classify(_unmasked(a, op), b0, budget, alts, op, _kv_heads(case), case["name"])
+        if m["mask_mismatch"] and found.name in ("dense_small", "unclassified"):
+            found = patterns.named("mask_missing", f"{m['mask_mismatch']} positions masked on one side only")
+        _set_pattern(row, found)
     return row
+
+
+def _kv_heads(case: dict) -> int | None:
+    """Where query heads read shared KV heads (scores, sdpa): the KV head count, for the GQA reading."""
+    return case["shapes"]["k"][0] if case["op"] in ("scores", "sdpa") else None
+
+
+def _set_pattern(row: dict, found: patterns.Pattern) -> None:
+    row.update(pattern=patterns.label(found), detail=found.words, explanation=found.as_dict())
 
 
 def load_results(path) -> dict[str, np.ndarray]:
@@ -112,12 +126,14 @@ def check(vectors: Vectors, results: dict[str, np.ndarray], ops: list[str] | Non
         failed = [r for r in op_rows if not r["pass"]]
         points = [(r["n"], r["nmse"]) for r in op_rows if r.get("nmse") is not None]
         for r in failed:  # every failing case gets the op-level reading of a small dense error
-            r["pattern"], r["detail"] = patterns.op_pattern(r["pattern"], r["detail"], points)
+            if r["explanation"]["name"] == "dense_small":
+                _set_pattern(r, patterns.resolve(patterns.Pattern(**r["explanation"]), points, op, r["name"]))
         first = failed[0] if failed else None
         summary.append({"op": op, "cases": len(op_rows), "failed": len(failed), "pass": not failed,
                         "first_failing": first["name"] if first else None,
                         "first_failing_shape": first["shape"] if first else None,
                         "pattern": first["pattern"] if first else None, "detail": first["detail"] if first else None,
+                        "explanation": first["explanation"] if first else None,
                         "patterns": sorted({r["pattern"] for r in failed}),
                         "worst_ratio": max((r.get("ratio") or 0.0 for r in op_rows), default=0.0),
                         # NMSE in squared units of the dtype's roundoff: the measure behind KERNEL_ROUND

@@ -5,7 +5,6 @@ from __future__ import annotations
 from jinja2 import Environment, StrictUndefined, select_autoescape
 
 from ..formatting import fmt
-from .patterns import PATTERNS
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -37,13 +36,16 @@ TEMPLATE = """<!DOCTYPE html>
 <td class="num">{{ fmt(c.nmse) }}</td><td class="num">{{ fmt(c.tolerance) }}</td><td class="num">{{ fmt(c.ratio) }}</td>
 <td>{{ 'pass' if c.pass else 'FAIL' }}</td><td><code>{{ c.pattern or '' }}</code></td><td>{{ c.detail or '' }}</td></tr>
 {% endfor %}</table></section>
-<section><h2>Patterns</h2><p>{% for p in patterns %}<code>{{ p }}</code>{{ ', ' if not loop.last }}{% endfor %}:
-see docs/vectors.md for what each one means and where to look.</p></section>
+<section><h2>What each failing op's first failure points to</h2>
+{% for s in result.ops if s.explanation %}<p><b>{{ s.op }}</b> (<code>{{ s.pattern }}</code>): {{ s.explanation.words }}:
+{{ s.explanation.cause }}; {{ s.explanation.next_step }}.</p>
+{% else %}<p>No failure.</p>{% endfor %}
+<p>The pattern names are the ones <code>compare</code> gives a diverging stage: see docs/vectors.md.</p></section>
 </main></body></html>
 """
 
 
 def render(result: dict, results_path: str | None = None) -> str:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True), undefined=StrictUndefined)
-    return env.from_string(TEMPLATE).render(result=result, results_path=results_path, patterns=PATTERNS,
+    return env.from_string(TEMPLATE).render(result=result, results_path=results_path,
                                             fmt=lambda v: "" if v is None else fmt(v))
