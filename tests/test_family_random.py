@@ -114,22 +114,59 @@ def _ratios(ours: dict, ref: dict, n_layers: int) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("seed, cls, j", DRAWN, ids=IDS)
-def test_a_drawn_model_matches_transformers_at_every_tap_and_on_every_path(seed, cls, j, tmp_path):
+def compare_drawn(seed: int, cls: str, j: int, out) -> tuple:
+    """(loaded model, ids, {tap: NMSE / fp32 tolerance}, {tap: NMSE}) of one drawn model vs transformers."""
     from mlx_tinyllama.reference import hf
 
     kw, _ = draw_config(seed, cls, j)
-    model, ids = make_model(seed, cls, j, tmp_path)
+    model, ids = make_model(seed, cls, j, out)
     ref, _ = hf.capture(model, ids)
     ref = {k: v.double().numpy() for k, v in ref.items()}
-    lm = sources.load(str(tmp_path), "float32")
+    lm = sources.load(str(out), "float32")
+    ours = run_side(lm, ids).tensors
+    nmse = {t: metrics(np.asarray(ours[t], np.float64), r, masked=t.endswith("scores_masked"))["nmse"]
+            for t, r in ref.items()}
+    return lm, ids, ref, _ratios(ours, ref, kw["num_hidden_layers"]), nmse
+
+
+@pytest.mark.parametrize("seed, cls, j", DRAWN, ids=IDS)
+def test_a_drawn_model_matches_transformers_at_every_tap_and_on_every_path(seed, cls, j, tmp_path):
+    kw, _ = draw_config(seed, cls, j)
+    lm, ids, _, ratios, _ = compare_drawn(seed, cls, j, tmp_path)
     assert lm.config.architecture == cls
-    n = kw["num_hidden_layers"]
-    ratios = _ratios(run_side(lm, ids).tensors, ref, n)
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] < 0.5, (kw, worst, ratios[worst])
     r = paths.check_paths(lm.model, ids, chunks=(2, len(ids) - 2), continue_n=0, dtype="float32")
     assert r["first_divergence"] is None and r["agree"], (kw, r["first_divergence"])
+
+
+# One fact of a drawn model's config read wrong on our side, and the stage it must show at first.
+MISREAD = [
+    ("LlamaForCausalLM", 1, dict(rope_factor=1.0, rope_type="default"), "layers.0.attn.q_rope"),  # linear factor
+    ("LlamaForCausalLM", 2, dict(rope_type="default", rope_factor=1.0), "layers.0.attn.q_rope"),  # llama3
+    ("LlamaForCausalLM", 1, dict(attention_bias=False), "layers.0.attn.q"),  # q/k/v/o biases dropped
+    ("Qwen2ForCausalLM", 0, dict(rope_theta=20000.0), "layers.0.attn.q_rope"),
+    ("MistralForCausalLM", 1, dict(sliding_window=0), "layers.0.attn.scores_masked"),  # the window (< T)
+    ("MistralForCausalLM", 0, dict(rms_norm_eps=0.5), "layers.0.attn_norm"),
+]
+
+
+@pytest.mark.parametrize("cls, j, change, where", MISREAD,
+                         ids=[f"{c[:-11].lower()}{j}-{'-'.join(ch)}" for c, j, ch, _ in MISREAD])
+def test_a_drawn_model_with_one_fact_misread_diverges_where_it_acts(cls, j, change, where, tmp_path):
+    """The agreement above is not vacuous on these shapes either: our model built from the same
+    weights with one config fact wrong leaves transformers' at the stage that fact acts on."""
+    from dataclasses import replace
+
+    seed = next(s for s, c, k in DRAWN if c == cls and k == j)
+    lm, ids, ref, ratios, _ = compare_drawn(seed, cls, j, tmp_path)
+    assert max(ratios.values()) < 0.5  # clean first
+    weights = dict(sources.read_safetensors(sources.weight_files(tmp_path)))
+    if change.get("attention_bias") is False:
+        weights = {k: v for k, v in weights.items() if not k.endswith(".bias")}
+    lm.model = sources.build_model(replace(lm.config, **change), weights, "float32", lm.model.ops)
+    bad = _ratios(run_side(lm, ids).tensors, ref, lm.config.num_hidden_layers)
+    assert next(t for t, v in bad.items() if not v <= 1.0) == where, bad
 
 
 def test_the_drawn_set_covers_every_variation_it_claims():
@@ -237,3 +274,22 @@ def test_a_drawn_config_with_a_variant_the_tool_does_not_run_is_refused_in_one_l
     assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
     with pytest.raises(UserError, match=words.replace("(", r"\(")):
         load_config(tmp_path)
+
+
+if __name__ == "__main__":  # the figures of docs/family.md: python tests/test_family_random.py
+    import sys
+    import tempfile
+
+    print("seed   class               T  layers heads/kv head_dim  worst tap                        NMSE      /tol")
+    worst_all = (0.0, "")
+    for seed, cls, j in DRAWN:
+        kw, T = draw_config(seed, cls, j)
+        with tempfile.TemporaryDirectory() as d:
+            _, _, _, ratios, nmse = compare_drawn(seed, cls, j, __import__("pathlib").Path(d))
+        tap = max(ratios, key=ratios.get)
+        worst_all = max(worst_all, (max(nmse.values()), f"{seed} {cls}"))
+        print(f"{seed} {cls:19s} {T:2d} {kw['num_hidden_layers']:6d} {kw['num_attention_heads']:5d}/{kw['num_key_value_heads']:<2d}"
+              f" {kw.get('head_dim', kw['hidden_size'] // kw['num_attention_heads']):8d}  {tap:32s} "
+              f"{nmse[tap]:.2e} {ratios[tap]:.2e}", flush=True)
+    print(f"worst NMSE over the {len(DRAWN)} models and all their taps: {worst_all[0]:.2e} ({worst_all[1]})")
+    sys.exit(0)
