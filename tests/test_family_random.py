@@ -169,6 +169,49 @@ def test_a_drawn_model_with_one_fact_misread_diverges_where_it_acts(cls, j, chan
     assert next(t for t, v in bad.items() if not v <= 1.0) == where, bad
 
 
+# GGUF-relevant shapes: Llama with biases (explicit head_dim; linear RoPE; llama3 and MQA), Qwen2's
+# biases with an explicit head_dim, Mistral with a window at least the prompt's length (a GGUF stores none).
+GGUF_DRAWS = [d for d in DRAWN if (d[1], d[2]) in {("LlamaForCausalLM", 0), ("LlamaForCausalLM", 1),
+                                                    ("LlamaForCausalLM", 2), ("Qwen2ForCausalLM", 0),
+                                                    ("MistralForCausalLM", 2)}]
+
+
+@pytest.mark.parametrize("seed, cls, j", GGUF_DRAWS, ids=[f"{s}-{c[:-11].lower()}" for s, c, _ in GGUF_DRAWS])
+def test_a_drawn_model_through_gguf_runs_like_its_checkpoint(seed, cls, j, tmp_path):
+    """gguf_write's file of a drawn model loads back to the same computation: explicit head_dim,
+    MQA, linear and llama3 RoPE, Qwen2's biases, and Llama's attention_bias (which no GGUF key
+    states: llama.cpp reads the bias tensors where they are; this loader refused them). A file
+    with the o_proj biases dropped is refused by name, not run without them."""
+    import gguf
+
+    from mlx_tinyllama.gguf_write import convert
+
+    kw, _ = draw_config(seed, cls, j)
+    _, ids = make_model(seed, cls, j, tmp_path)
+    convert(tmp_path, tmp_path / "m.gguf", "f32")
+    g = sources.load(str(tmp_path / "m.gguf"), "float32")
+    assert g.config.qkv_bias == (cls == "Qwen2ForCausalLM" or kw.get("attention_bias", False))
+    ref = {k: np.asarray(v, np.float64) for k, v in run_side(sources.load(str(tmp_path), "float32"), ids).tensors.items()}
+    ratios = _ratios(run_side(g, ids).tensors, ref, kw["num_hidden_layers"])
+    assert max(ratios.values()) < 0.5, max(ratios, key=ratios.get)
+    if kw.get("attention_bias"):
+        r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+        w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+        for key, field in r.fields.items():
+            if not key.startswith("GGUF.") and key != "general.architecture":
+                w.add_key_value(key, field.contents(), field.types[0],
+                                sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+        for t in r.tensors:
+            if not t.name.endswith("attn_output.bias"):
+                w.add_tensor(t.name, np.array(t.data))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(UserError, match="missing model.layers.0.self_attn.o_proj.bias"):
+            sources.load(str(tmp_path / "bad.gguf"), "float32")
+
+
 def test_the_drawn_set_covers_every_variation_it_claims():
     """The set above is not a lucky handful: each class's categorical choices all occur in it."""
     seen = set()
