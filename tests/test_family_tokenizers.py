@@ -110,6 +110,22 @@ def test_bos_is_added_as_autotokenizer_adds_it_or_refused_where_there_is_none(ki
                 ours.encode(text, bos=True)
 
 
+def test_bos_on_the_command_line_is_refused_in_one_line_for_any_tokenizer_without_one(tmp_path, capsys):
+    """The same refusal on another kind: a Llama-3-structured tokenizer.json whose
+    tokenizer_config.json names no bos_token, through `tokens --bos` (exit 2, one line); with
+    the bos_token named, the same command runs (exit 0)."""
+    from mlx_tinyllama.trace import main as cli
+
+    d = _model_dir("llama3", tmp_path)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    assert cli(["tokens", "--model", str(d), "--prompt", "Hello", "--bos"]) == 0
+    capsys.readouterr()
+    (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "bos_token"}))
+    assert cli(["tokens", "--model", str(d), "--prompt", "Hello", "--bos"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no BOS token" in err, err
+
+
 @pytest.mark.parametrize("system", [None, "Be brief. 简短。"])
 def test_chat_ids_equal_apply_chat_template(kind_dir, system, tmp_path):
     from mlx_tinyllama.trace import main as cli
