@@ -25,15 +25,23 @@ class Architecture:
     gguf_arch: str  # general.architecture in a GGUF
     gguf_permutes_qk: bool  # llama.cpp's converter reorders Q/K rows into interleaved pairs
     bos_default: bool  # does the tokenizer add BOS by default (the chat templates then write it themselves)
+    # What transformers' config class of this architecture assumes for a key config.json leaves out
+    # (not null: null means "none" or "as many as the heads"); a hand-written config.json must read
+    # here as it reads there (tests/test_family_random.py compares the two).
+    absent: tuple[tuple[str, int | None], ...] = ()
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", "llama", False, "attention_bias", False,
-                                     ("default", "linear", "llama3"), "llama", True, True),
+                                     ("default", "linear", "llama3"), "llama", True, True,
+                                     (("num_key_value_heads", None), ("max_position_embeddings", 2048))),
     "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "qwen2", True, None, False,
-                                     ("default", "linear"), "qwen2", False, False),
+                                     ("default", "linear"), "qwen2", False, False,
+                                     (("num_key_value_heads", 32), ("max_position_embeddings", 32768))),
     "MistralForCausalLM": Architecture("MistralForCausalLM", "mistral", False, None, True,
-                                       ("default",), "llama", True, True),
+                                       ("default",), "llama", True, True,
+                                       (("num_key_value_heads", 8), ("max_position_embeddings", 131072),
+                                        ("sliding_window", 4096))),
 }
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 DEFAULT = ARCHITECTURES["LlamaForCausalLM"]

@@ -304,7 +304,8 @@ def config_from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
     if arch.model_type == "qwen2" and d.get("use_sliding_window"):
         raise UserError(f"{where}: use_sliding_window is true; Qwen2's per-layer sliding window "
                         "(max_window_layers) is not run by this tool")
-    window = d.get("sliding_window") if arch.sliding_window else None
+    absent = dict(arch.absent)
+    window = d.get("sliding_window", absent.get("sliding_window")) if arch.sliding_window else None
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if k not in d]
     if missing:
@@ -321,13 +322,16 @@ def config_from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
     heads = _integer(d, "num_attention_heads", None, where)
     values = {k: _integer(d, k, None, where) for k in required}
     values.update(
-        num_key_value_heads=_integer(d, "num_key_value_heads", heads, where),  # absent: no GQA, as transformers
+        # null: as many as the heads (no GQA); absent: the architecture's class default (Mistral 8, Qwen2 32)
+        num_key_value_heads=_integer(d, "num_key_value_heads",
+                                     heads if "num_key_value_heads" in d else absent["num_key_value_heads"] or heads,
+                                     where),
         rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, where),
         **rope,
         architecture=arch.hf_class, model_type=arch.model_type,
         attention_bias=bool(d.get("attention_bias", False)) if arch.bias_key else False,
         sliding_window=_integer({"sliding_window": window}, "sliding_window", 0, where) if window is not None else 0,
-        max_position_embeddings=_integer(d, "max_position_embeddings", 2048, where),
+        max_position_embeddings=_integer(d, "max_position_embeddings", absent["max_position_embeddings"], where),
         tie_word_embeddings=tie,
         head_dim=_integer(d, "head_dim", 0, where),
         bos_token_id=_integer(d, "bos_token_id", 1, where),

@@ -168,6 +168,11 @@ def _config(header, path, tensors: dict, freq_factors: tuple = ()) -> ModelConfi
         raise UserError(f"{path}: unsupported RoPE scaling {scaling!r}; this tool runs default and linear RoPE")
     # The embedding's row count is the vocabulary the model computes logits over.
     vocab = int(tensors["token_embd.weight"].shape[0])
+    # No metadata says a Llama has attention biases (attention_bias): llama.cpp loads the bias
+    # tensors where the file has them, so their presence is the fact (a partial set is then a
+    # shape mismatch, named by load_gguf).
+    attention_bias = bool(arch.bias_key) and any(
+        n.startswith("blk.") and n.endswith((".attn_q.bias", ".attn_output.bias")) for n in tensors)
     try:
         return ModelConfig(
             architecture=arch.hf_class,
@@ -185,6 +190,7 @@ def _config(header, path, tensors: dict, freq_factors: tuple = ()) -> ModelConfi
             rope_factor=factor if rope_type == "linear" else 1.0,
             max_position_embeddings=get("context_length", 2048),
             tie_word_embeddings="output.weight" not in tensors,
+            attention_bias=attention_bias,
             head_dim=head_dim,
             bos_token_id=meta(header, path, "tokenizer.ggml.bos_token_id", int, 1),
             eos_token_id=meta(header, path, "tokenizer.ggml.eos_token_id", int, 2),

@@ -183,6 +183,9 @@ class HFTokenizer:
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         # the file's post-processor is not used: BOS is ours to add, as for `Tokenizer`
+        if bos and self.bos_id < 0:  # Qwen2: bos_token null; prepending "-1" would be a wrong id, not a BOS
+            raise UserError(f"--bos: this tokenizer ({self.source}) has no BOS token (its tokenizer_config.json "
+                            "names none, as Qwen2's); run without --bos")
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids
 

@@ -202,6 +202,7 @@ SLOW = {
     "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and "
         "localize: 55 s",
     "python -m pytest tests/test_layers.py": "a pytest run of its own: 24 s",
+    "PYTHONPATH=.:tests python tests/test_family_random.py": "21 transformers models built and compared: 40 s",
     "bash scripts/vectors_faults.sh /tmp/vf_float32 synthetic:small float32": "as the float16 one: 45 s",
 }
 
