@@ -68,6 +68,8 @@ AMX_CASES: dict[str, tuple] = {
     "amx_nr_short_verbose": ("f16", "short", ["-nr", "-v"], None, "as amx_nr_short, with -v: no AMX buffer in the loader's lines"),
     "amx_q8_0_nr_short": ("q8_0", "short", ["-nr"], None, "correct engine, q8_0 GGUF on an AMX CPU with -nr (at the defaults it crashes: see crashes)"),
     "amx_q8_0_nr_short_verbose": ("q8_0", "short", ["-nr", "-v"], None, "as amx_q8_0_nr_short, with -v"),
+    "amx_default_long_verbose": ("f16", "long", ["-v"], None, "correct engine at the true defaults on an AMX CPU, long "
+                                 "prompt (366 query rows: the tiled flash attention kernel), -v"),
     "amx_fault_norm_eps": ("f16", "short", [], "norm_eps", "the norm_eps fault at the true defaults on an AMX CPU"),
     "amx_fault_rope_theta_verbose": ("f16", "short", ["-v"], "rope_theta", "the rope_theta fault at the true defaults on an AMX CPU, -v"),
 }
@@ -84,7 +86,17 @@ FAULT_SETTINGS: dict[str, tuple[str, list[str]]] = {
     "sgemm_rows_zero": ("f32", FP32),
     "sgemm_last_tile_skipped": ("f32", FP32),
     "sgemm_rows_wrap": ("f32", FP32),
+    # The kernels an f16 GGUF runs at the defaults (made on the AMX CPU, -v so the log names the path):
+    # the AMX buffer's f16 matmul (amx/mmq.cpp) takes Q/K/V/O, ffn_down and the LM head;
+    "amx_f16_last_block_skipped": ("f16", ["-v"]),
+    # with -nr no extra buffer: the activations go to f16 and tinyBLAS's f16 tiles take the matmul
+    # (llamafile_sgemm's second call in ggml_compute_forward_mul_mat; ggml_vec_dot_f16 only when
+    # tinyBLAS declines: one token row, or K not a multiple of 16);
+    "mulmat_f16_row_stride": ("f16", ["-nr", "-v"]),
+    # flash attention from 64 query rows on: the tiled kernel, so the long prompt (366 rows).
+    "fa_tiled_no_rescale": ("f16", ["-v"]),
 }
+FAULT_PROMPTS = {"fa_tiled_no_rescale": "long"}  # the others: the short prompt
 AMX_CASES["amx_fp32_short"] = ("f32", "short", FP32, None, "correct engine, fp32, on an AMX CPU: the f32 matmuls run "
                                "in tinyBLAS (llamafile sgemm) with AVX512, where the sgemm faults are patched")
 # The Llama family beside TinyLlama (docs/family.md): each architecture's tiny preset, clean at the true
@@ -102,7 +114,8 @@ for _p in FAMILY_PRESETS:
 FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
 for _f in FAULT_PATCHES:
     _outtype, _extra = FAULT_SETTINGS.get(_f, ("f16", []))
-    CASES[f"fault_{_f}"] = (_outtype, "short", _extra, _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
+    CASES[f"fault_{_f}"] = (_outtype, FAULT_PROMPTS.get(_f, "short"), _extra, _f,
+                            (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
 
 
 def run(cmd, **kw):
