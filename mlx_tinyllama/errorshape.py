@@ -457,10 +457,12 @@ def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
         return pattern
     pattern.cause = ("query row 0 sees one key only (itself), so a fault in combining several keys cannot show there: "
                      "the softmax over keys and its accumulation, e.g. an online softmax that does not rescale its "
-                     "running output and sum when a later key raises the running maximum; a RoPE fault inside a "
-                     "fused kernel is the other candidate")
+                     "running output and sum when a later key raises the running maximum; or the scores themselves, "
+                     "e.g. a Q·K dot product that drops part of head_dim (a SIMD remainder loop): wrong scores still "
+                     "give row 0 its one key's V; a RoPE fault inside a fused kernel is the other candidate")
     pattern.next_step = ("check how the attention kernel combines keys: the running maximum, and the rescale of the "
-                         "output and the sum by exp(old max - new max) whenever it rises")
+                         "output and the sum by exp(old max - new max) whenever it rises; then its Q·K dot product "
+                         "over all of head_dim, remainder included")
     return pattern
 
 

@@ -14,7 +14,8 @@ llama-cpp-python 0.3.36 sdist's ggml-cpu, docs/llamacpp.md "Kernel faults"):
 - an f32 weight: tinyBLAS on the f32 activations themselves;
 - flash attention: `ggml_compute_forward_flash_attn_ext_tiled` (64-row query tiles, 64-key KV
   tiles, online softmax across KV tiles) from 64 query rows on with an f16/f32 KV cache, else
-  `ggml_compute_forward_flash_attn_ext_f16_one_chunk` (one key at a time) in `ops.cpp`.
+  `ggml_compute_forward_flash_attn_ext_f16_one_chunk` (one key at a time, Q·K by the cache type's
+  vec_dot: `ggml_vec_dot_f16` for an f16 cache) in `ops.cpp`.
 
 Only x86 logs are named (system_info lists AVX): ARM and other backends dispatch otherwise. A
 matmul is named only from a -v log (the loader's weight types and buffers) of f32/f16 weights;
@@ -40,7 +41,8 @@ TINYBLAS_F32 = "tinyBLAS's f32 tiles (ggml-cpu/llamafile/sgemm.cpp)"
 FA_TILED = ("the tiled flash attention kernel (ggml-cpu/ops.cpp, ggml_compute_forward_flash_attn_ext_tiled: 64-row "
             "query tiles, 64-key KV tiles, an online softmax carried across KV tiles)")
 FA_ONE_CHUNK = ("the one-chunk flash attention kernel (ggml-cpu/ops.cpp, ggml_compute_forward_flash_attn_ext_f16_one_chunk: "
-                "one key at a time, an online softmax with an f16 accumulator)")
+                "one key at a time, Q·K by the K cache type's vec_dot (ggml_vec_dot_f16 in ggml-cpu/vec.cpp for an "
+                "f16 cache), an online softmax with an f16 accumulator)")
 
 
 def _weight_shape(weight: str, cfg: dict) -> tuple[int, int] | None:

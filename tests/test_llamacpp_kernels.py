@@ -3,7 +3,9 @@ tests/fixtures/llamacpp/PROVENANCE.md says which kernel computes what on the AMX
 
 - the AMX buffer's f16 matmul (`amx/mmq.cpp`), at the true defaults;
 - tinyBLAS's f16 tiles fed by ggml_compute_forward_mul_mat's f16 copy of the activations, with -nr;
-- the tiled flash attention kernel (`ops.cpp`), from 64 query rows on (the long prompt).
+- the tiled flash attention kernel (`ops.cpp`), from 64 query rows on (the long prompt);
+- `ggml_vec_dot_f16` (`vec.cpp`), which no prefill matmul reaches here: the one-chunk flash
+  attention's Q·K (under 64 query rows) is where it runs.
 
 Both ways: each fault's log diverges at its stage with the pattern and the kernel in the hint's
 first sentence, and the clean logs of the same paths match with no pattern anywhere. The two
@@ -44,6 +46,12 @@ F16_KERNEL_FAULTS = {
     "fa_tiled_no_rescale": ("layers.0.attn.context", "rows_wrong_from",
                             "the printed token rows up to 2 match, the printed rows from 363 on are wrong",
                             "ggml_compute_forward_flash_attn_ext_tiled"),
+    # ggml_vec_dot_f16 without its leftover loop: head_dim 32 is all tail (the AVX512 step is 64), so every
+    # score of the one-chunk flash attention is 0: uniform weights, right for row 0 (one key) only
+    "vec_dot_f16_tail_dropped": ("layers.0.attn.context", "all_rows_but_first",
+                                 "printed token row 0 matches, every later printed token row differs: query row 0 "
+                                 "sees one key only",
+                                 "ggml_vec_dot_f16 in ggml-cpu/vec.cpp"),
 }
 
 
@@ -87,13 +95,16 @@ def test_the_stride_fault_says_what_each_row_read(f16_gguf, tmp_path):
     assert ev["stride_ratio"] == "1/2" and ev["row_holds"] == {"2": 1, "38": 19} and ev["straddling_rows"] == [1, 37]
 
 
-def test_the_amx_fault_names_the_last_partial_block_and_the_tiled_fault_the_kv_tile(f16_gguf, tmp_path):
+def test_the_amx_fault_names_its_last_block_the_tiled_fault_the_kv_tile_the_tail_the_dot(f16_gguf, tmp_path):
     _, result = compare_log("fault_amx_f16_last_block_skipped", f16_gguf, tmp_path)
     assert "the last partial block: token rows 36-38" in result["first_divergence"]["hint"]
     _, result = compare_log("fault_fa_tiled_no_rescale", f16_gguf, tmp_path)
     sentence = first_sentence(result["first_divergence"]["hint"], result["first_divergence"]["pattern"])
     assert "online softmax that does not rescale" in sentence and "rows 0-63 see one KV tile" in sentence
     assert "M (row) loop" not in sentence  # the matmul's advice, wrong for attention
+    _, result = compare_log("fault_vec_dot_f16_tail_dropped", f16_gguf, tmp_path)
+    sentence = first_sentence(result["first_divergence"]["hint"], result["first_divergence"]["pattern"])
+    assert "Q·K dot product that drops part of head_dim" in sentence  # not only the softmax
 
 
 @pytest.mark.parametrize("case", ["amx_default_long_verbose", "amx_default_short_verbose", "amx_nr_short_verbose"])

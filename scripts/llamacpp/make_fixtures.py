@@ -95,6 +95,8 @@ FAULT_SETTINGS: dict[str, tuple[str, list[str]]] = {
     "mulmat_f16_row_stride": ("f16", ["-nr", "-v"]),
     # flash attention from 64 query rows on: the tiled kernel, so the long prompt (366 rows).
     "fa_tiled_no_rescale": ("f16", ["-v"]),
+    # ggml_vec_dot_f16: below 64 query rows the one-chunk flash attention takes Q.K with it, one key at a time
+    "vec_dot_f16_tail_dropped": ("f16", ["-v"]),
 }
 FAULT_PROMPTS = {"fa_tiled_no_rescale": "long"}  # the others: the short prompt
 AMX_CASES["amx_fp32_short"] = ("f32", "short", FP32, None, "correct engine, fp32, on an AMX CPU: the f32 matmuls run "
@@ -314,7 +316,10 @@ def provenance(manifest: dict) -> str:
         "  - flash attention from 64 query rows on (GGML_FA_TILE_Q) runs `ggml_compute_forward_flash_attn_ext_tiled`",
         "    (`ops.cpp`: 64-row query tiles, 64-key KV tiles, f32 after the f16 K/V): the long prompt (366 rows)",
         "    reaches it. `fa_tiled_no_rescale` drops its rescale of a row's output and sum when a KV tile raises",
-        "    the row's maximum; `amx_default_long_verbose` is the same path, clean.",
+        "    the row's maximum; `amx_default_long_verbose` is the same path, clean;",
+        "  - `ggml_vec_dot_f16` (`vec.cpp`) is where the one-chunk flash attention (under 64 query rows) takes",
+        "    each Q.K of an f16 cache. `vec_dot_f16_tail_dropped` drops its leftover loop: head_dim 32 is",
+        "    shorter than the AVX512 step (64), so the whole dot is tail and every score is 0.",
         "",
         "| case | preset, seed | GGUF | prompt | settings | fault | AMX | log bytes | xz bytes |",
         "|---|---|---|---|---|---|---|---|---|",

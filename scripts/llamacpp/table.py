@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--only", metavar="GLOB", nargs="+", help="only the cases whose name matches one, e.g. 'amx_*'")
     ap.add_argument("--patterns", action="store_true",
-                    help="also the table of each fault's first divergence: its pattern and the hint's first words")
+                    help="also the table of each fault's first divergence: its pattern, the hint's first words and "
+                         "the ggml-cpu kernel it names")
     args = ap.parse_args(argv)
     cases = json.loads((FIXTURES / "cases.json").read_text())["cases"]
     if args.only:
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
         cases = {k: v for k, v in cases.items() if any(fnmatch.fnmatch(k, g) for g in args.only)}
     rows = ["| case | llama.cpp settings | GGUF | AMX CPU | matmul path | exit | first divergence | worst value/tolerance |",
             "|---|---|---|---|---|---|---|---|"]
-    shapes = ["| case | first divergence | pattern | the hint's first words (the pattern's, up to its first colon) |",
-              "|---|---|---|---|"]
+    shapes = ["| case | first divergence | pattern | the hint's first words (the pattern's, up to its first colon) | "
+              "the kernel it names |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ggufs = {}
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
                 if div:
                     shape = div["pattern"]["name"] if div["pattern"] else "none"
                     lead = div["pattern"]["words"] if div["pattern"] else div["hint"].split(": ")[0]
-                    shapes.append(f"| `{name}` | `{div['tap']}` | {shape} | {lead} |")
+                    ran = re.search(r"llama\.cpp ran it in (.+?)(?: \(|;|$)", div["hint"])  # a -v log's kernel
+                    shapes.append(f"| `{name}` | `{div['tap']}` | {shape} | {lead} | {ran.group(1) if ran else '-'} |")
             else:
                 said = re.search(r"\((\d+ ids vs \d+ expected).*?\): (.*?)\. Nothing", err.getvalue())
                 first = f"none: token mismatch ({said.group(1)}: {said.group(2)})" if said else err.getvalue().strip()
