@@ -19,6 +19,7 @@ import numpy as np
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
 from .errorshape import Pattern, printed_pattern, printed_reordering, reordering_words, stage_pattern, unprinted
+from .ggml_kernels import kernel_of
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -449,7 +450,7 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
     return {
         "status": "match" if first is None else "diverged",
         "first_divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"]),
-                                        _engine_info(candidate, used)) if first else None,
+                                        _engine_info(candidate, used), cfg) if first else None,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
@@ -500,7 +501,8 @@ def _engine_info(candidate: Side, references: list[Side]) -> dict | None:
     return next((s.provenance["llama.cpp"] for s in (candidate, *references) if "llama.cpp" in s.provenance), None)
 
 
-def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int, engine: dict | None = None) -> dict:
+def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int, engine: dict | None = None,
+                cfg: dict | None = None) -> dict:
     k = next(i for i, s in enumerate(stages) if s["tap"] == first)
     before = stages[k - 1] if k > 0 else None
     after = stages[k + 1] if k + 1 < len(stages) else None
@@ -515,6 +517,11 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
     if shape is None and printed_ok and all(e["metric"] in ("sum_rel", "sum_err") for e in bad):
         shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
+    kernel = kernel_of(first, engine, cfg) if engine and cfg else None  # which of llama.cpp's kernels ran it
+    if shape is not None and kernel:  # the pattern's next step names the code to read
+        shape = dict(shape, next_step=f"{shape['next_step']}; {kernel}")
+    elif kernel:
+        text = f"{text}; {kernel}"
     if reordered:  # the right values in another order: that, not the shape of the rows, names the bug
         text = reorder_words + ": " + text
     elif shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where

@@ -276,6 +276,53 @@ def explain_columns(a2: np.ndarray, b2: np.ndarray, budget: float, kernel: str) 
                                                                                      "columns": n})
 
 
+def explain_stride(holds: list, ok, positions, n_rows: int, kernel: str, full: bool) -> Pattern | None:
+    """Token rows read at a wrong row stride: row r holds the reference's row r*q (q != 1) wherever
+    r*q is a whole row, and no row where it is not (such a read straddles two rows). A stride in the
+    wrong element size is the common slip (an f16 copy read with the f32 row length: q = 1/2). Row 0
+    reads from the start whatever the stride, so it comes out right.
+    `holds[j]`: the reference rows (of all `n_rows`) that the row at `positions[j]` matches; `ok[j]`:
+    whether it matches its own."""
+    from fractions import Fraction
+
+    ok = np.asarray(ok, bool)
+    positions = [int(p) for p in positions]
+    if ok.all():
+        return None
+    ratios = {Fraction(int(s), r) for j, r in enumerate(positions) if not ok[j] and r > 0
+              for s in holds[j] if 0 < s != r}
+    for q in sorted(ratios, key=lambda f: (f.denominator, f.numerator)):  # the simplest ratio first
+        held, straddling, fits = {}, [], True
+        for j, r in enumerate(positions):
+            src = r * q
+            if src.denominator == 1 and src < n_rows:
+                if int(src) not in holds[j]:
+                    fits = False
+                    break
+                if not ok[j]:
+                    held[r] = int(src)
+            elif src.denominator != 1:
+                if ok[j]:  # a straddling read that comes out right: not this stride
+                    fits = False
+                    break
+                straddling.append(r)
+        if not fits or not held or not (straddling or len(held) >= 2):
+            continue
+        which = "token row" if full else "printed token row"
+        shown = list(held.items())[:6]
+        words = (f"{which} 0 matches, rows {', '.join(str(r) for r, _ in shown)} hold the reference's rows "
+                 f"{', '.join(str(s) for _, s in shown)} (row r holds row r*{q})"
+                 + (f", rows {_span(straddling)} hold no row (they straddle two)" if straddling else ""))
+        return Pattern("row_stride", words,
+                       f"a strided read: token row r is read at row r*{q}, so the row stride (leading dimension) the "
+                       f"{kernel} reads its input with is {q} of the true one (e.g. a row length counted in the wrong "
+                       f"element size: an f16 copy read with the f32 row length gives 1/2)",
+                       f"check the row stride (leading dimension) of the {kernel}'s input, and the element size of "
+                       f"the buffer it reads", {"stride_ratio": str(q), "row_holds": held, "straddling_rows": straddling,
+                                               "rows": n_rows})
+    return None
+
+
 def explain_values(a: np.ndarray, b: np.ndarray, budget: float, token_axis: int, kernel: str) -> Pattern | None:
     """Right values in the wrong place, or the right values times a constant."""
     tol = ROW_SLACK * budget
@@ -497,6 +544,15 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
         values = explain_values(a, b, budget, token_axis, kernel)
         if values is not None:
             return values
+    # A stride before the row shapes: its rows after row 0 are wrong too, but hold other rows' values.
+    if np.isfinite(a2).all() and T * T * a2.shape[1] <= 5e7:  # every row against every reference row
+        power = np.sum(b2 * b2, axis=1)
+        floor = max(float(np.mean(power)), 1e-300) * 1e-6
+        holds = [np.flatnonzero(np.sum((b2 - a2[j]) ** 2, axis=1) <= ROW_SLACK * budget * np.maximum(power, floor))
+                 for j in range(T)]
+        stride = explain_stride(holds, _unit_ok(a2, b2, budget), range(T), T, kernel, full=True)
+        if stride is not None:
+            return stride
     rows = explain_rows(a2, b2, list(range(T)), T, budget, kernel, case)
     if rows is not None:
         return rows
@@ -527,15 +583,36 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
 def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
     """Row 0 right and every later row wrong, where attention combines keys (probs, context): query
     0 sees one key only, so whatever goes wrong in combining several keys cannot show there. With
-    its inputs (Q, K after RoPE) compared and matching before, that points inside the softmax."""
-    if pattern is None or pattern.name != "all_rows_but_first" or not tap.endswith(("attn.probs", "attn.context")):
+    its inputs (Q, K after RoPE) compared and matching before, that points inside the softmax.
+    Likewise the first printed rows right and the last wrong, with the boundary unseen: causal query
+    row r sees keys 0..r, so the early rows are those that see fewer keys than one key block of a
+    tiled kernel; a row loop bound is the matmul reading, not the first one here."""
+    if pattern is None or not tap.endswith(("attn.probs", "attn.context")):
+        return pattern
+    if pattern.name in ("rows_wrong_from", "rows_stale_from") and "likely_tile" in pattern.evidence:
+        ev = pattern.evidence
+        last_ok = max(r for r in ev["rows_compared"] if r < ev["first_wrong_row"])
+        pattern.cause = (f"query row r sees keys 0-r, so the right rows (up to {last_ok}) are those that see the fewest "
+                         f"keys: a fault that shows once a query sees more keys than the kernel's first key block "
+                         f"(a tiled attention kernel's KV tile, e.g. 64 keys), such as an online softmax that does "
+                         f"not rescale its running output and sum when a later key block raises the row's maximum, "
+                         f"or a key-block loop bound; a query-tile boundary or a position-dependent fault from row "
+                         f"{last_ok + 1} on are the other candidates")
+        pattern.next_step = ("check how the attention kernel carries its running maximum, sum and output from one key "
+                             "block to the next (the rescale by exp(old max - new max) whenever the maximum rises) "
+                             "and its key-block loop; dump the full tensor to place the first wrong row (a multiple of "
+                             "the key block)")
+        return pattern
+    if pattern.name != "all_rows_but_first":
         return pattern
     pattern.cause = ("query row 0 sees one key only (itself), so a fault in combining several keys cannot show there: "
                      "the softmax over keys and its accumulation, e.g. an online softmax that does not rescale its "
-                     "running output and sum when a later key raises the running maximum; a RoPE fault inside a "
-                     "fused kernel is the other candidate")
+                     "running output and sum when a later key raises the running maximum; or the scores themselves, "
+                     "e.g. a Q·K dot product that drops part of head_dim (a SIMD remainder loop): wrong scores still "
+                     "give row 0 its one key's V; a RoPE fault inside a fused kernel is the other candidate")
     pattern.next_step = ("check how the attention kernel combines keys: the running maximum, and the rescale of the "
-                         "output and the sum by exp(old max - new max) whenever it rises")
+                         "output and the sum by exp(old max - new max) whenever it rises; then its Q·K dot product "
+                         "over all of head_dim, remainder included")
     return pattern
 
 
@@ -758,6 +835,15 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
     b2 = np.stack([b[t][k[t]] for t in rows])
     scale = np.sqrt(np.mean(b * b, axis=tuple(range(1, b.ndim))))[rows] if b.ndim > 1 else np.abs(b[rows])
     ok = np.isfinite(a2).all(axis=1) & (np.abs(a2 - b2).max(axis=1) <= tolerance * scale + 4 * resolution)
+    if np.isfinite(a2).all() and not ok.all():  # which reference rows each printed row holds, at its printed positions
+        flat = b.reshape(b.shape[0], -1)
+        bound = tolerance * np.sqrt(np.mean(flat * flat, axis=1)) + 4 * resolution  # per reference row
+        holds = [np.flatnonzero(np.abs(flat[:, k[r].ravel()] - a[r].ravel()[k[r].ravel()]).max(axis=1) <= bound)
+                 for r in rows]
+        stride = explain_stride(holds, ok, rows, a.shape[0], stage.kernel or stage.what, full=False)
+        if stride is not None:
+            stride.evidence["printed_rows"] = rows
+            return stride
     pattern = explain_rows(a2, b2, rows, a.shape[0], 0.0, stage.kernel or stage.what, ok=ok)
     if pattern is not None:
         pattern.evidence["printed_rows"] = rows

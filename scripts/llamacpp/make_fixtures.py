@@ -68,6 +68,8 @@ AMX_CASES: dict[str, tuple] = {
     "amx_nr_short_verbose": ("f16", "short", ["-nr", "-v"], None, "as amx_nr_short, with -v: no AMX buffer in the loader's lines"),
     "amx_q8_0_nr_short": ("q8_0", "short", ["-nr"], None, "correct engine, q8_0 GGUF on an AMX CPU with -nr (at the defaults it crashes: see crashes)"),
     "amx_q8_0_nr_short_verbose": ("q8_0", "short", ["-nr", "-v"], None, "as amx_q8_0_nr_short, with -v"),
+    "amx_default_long_verbose": ("f16", "long", ["-v"], None, "correct engine at the true defaults on an AMX CPU, long "
+                                 "prompt (366 query rows: the tiled flash attention kernel), -v"),
     "amx_fault_norm_eps": ("f16", "short", [], "norm_eps", "the norm_eps fault at the true defaults on an AMX CPU"),
     "amx_fault_rope_theta_verbose": ("f16", "short", ["-v"], "rope_theta", "the rope_theta fault at the true defaults on an AMX CPU, -v"),
 }
@@ -84,7 +86,19 @@ FAULT_SETTINGS: dict[str, tuple[str, list[str]]] = {
     "sgemm_rows_zero": ("f32", FP32),
     "sgemm_last_tile_skipped": ("f32", FP32),
     "sgemm_rows_wrap": ("f32", FP32),
+    # The kernels an f16 GGUF runs at the defaults (made on the AMX CPU, -v so the log names the path):
+    # the AMX buffer's f16 matmul (amx/mmq.cpp) takes Q/K/V/O, ffn_down and the LM head;
+    "amx_f16_last_block_skipped": ("f16", ["-v"]),
+    # with -nr no extra buffer: the activations go to f16 and tinyBLAS's f16 tiles take the matmul
+    # (llamafile_sgemm's second call in ggml_compute_forward_mul_mat; ggml_vec_dot_f16 only when
+    # tinyBLAS declines: one token row, or K not a multiple of 16);
+    "mulmat_f16_row_stride": ("f16", ["-nr", "-v"]),
+    # flash attention from 64 query rows on: the tiled kernel, so the long prompt (366 rows).
+    "fa_tiled_no_rescale": ("f16", ["-v"]),
+    # ggml_vec_dot_f16: below 64 query rows the one-chunk flash attention takes Q.K with it, one key at a time
+    "vec_dot_f16_tail_dropped": ("f16", ["-v"]),
 }
+FAULT_PROMPTS = {"fa_tiled_no_rescale": "long"}  # the others: the short prompt
 AMX_CASES["amx_fp32_short"] = ("f32", "short", FP32, None, "correct engine, fp32, on an AMX CPU: the f32 matmuls run "
                                "in tinyBLAS (llamafile sgemm) with AVX512, where the sgemm faults are patched")
 # The Llama family beside TinyLlama (docs/family.md): each architecture's tiny preset, clean at the true
@@ -102,7 +116,8 @@ for _p in FAMILY_PRESETS:
 FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
 for _f in FAULT_PATCHES:
     _outtype, _extra = FAULT_SETTINGS.get(_f, ("f16", []))
-    CASES[f"fault_{_f}"] = (_outtype, "short", _extra, _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
+    CASES[f"fault_{_f}"] = (_outtype, FAULT_PROMPTS.get(_f, "short"), _extra, _f,
+                            (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
 
 
 def run(cmd, **kw):
@@ -285,6 +300,26 @@ def provenance(manifest: dict) -> str:
         "  - `rope_sin_sign` negates sin in both rope caches of `ggml-cpu/ops.cpp` (the backward rotation);",
         "  - `mask_off_by_one` is in llama.cpp's mask builder (`src/llama-kv-cache.cpp`, `p0 > p1 + 1`): the CPU",
         "    flash attention kernel reads whatever mask the graph gives it.",
+        "- The kernels an f16 GGUF runs at the defaults (made on the AMX CPU, `-v`; read from the source, and each",
+        "  confirmed by its fault showing in the log at the stage that kernel computes):",
+        "  - at the true defaults the f16 weights whose shape amx.cpp's `supports_op` takes (out % 32, in % 16:",
+        "    Q/K/V/O, `ffn_down`, `output`) are in the AMX buffer, and `ggml_backend_amx_mul_mat` (`amx/mmq.cpp`)",
+        "    computes them: f32 activations, AVX512 `tinygemm_kernel_avx` over blocks of 4 token rows and 6",
+        "    outputs (the AMX tile instructions only for quantized types). `amx_f16_last_block_skipped` counts the",
+        "    blocks with M / 4 instead of div_up(M, 4): rows 36-38 are never computed (printed as zero);",
+        "  - with `-nr` (or a shape the AMX buffer refuses, e.g. synthetic:small's 688-row `ffn_gate`/`ffn_up`)",
+        "    `ggml_compute_forward_mul_mat` (`ggml-cpu.c`) copies the activations to f16 (`vec_dot_type`) and",
+        "    tinyBLAS's f16 instantiation (`llamafile/sgemm.cpp`, AVX512: 16 lanes, `_mm512_cvtph_ps`) takes the",
+        "    matmul (2+ token rows, K % 16 == 0, outputs % 4 == 0); `ggml_vec_dot_f16` (`vec.cpp`) only when",
+        "    tinyBLAS declines (one token row, as in decoding). `mulmat_f16_row_stride` hands tinyBLAS that copy",
+        "    with the f32 source's row stride: row 2j reads row j, odd rows straddle two rows;",
+        "  - flash attention from 64 query rows on (GGML_FA_TILE_Q) runs `ggml_compute_forward_flash_attn_ext_tiled`",
+        "    (`ops.cpp`: 64-row query tiles, 64-key KV tiles, f32 after the f16 K/V): the long prompt (366 rows)",
+        "    reaches it. `fa_tiled_no_rescale` drops its rescale of a row's output and sum when a KV tile raises",
+        "    the row's maximum; `amx_default_long_verbose` is the same path, clean;",
+        "  - `ggml_vec_dot_f16` (`vec.cpp`) is where the one-chunk flash attention (under 64 query rows) takes",
+        "    each Q.K of an f16 cache. `vec_dot_f16_tail_dropped` drops its leftover loop: head_dim 32 is",
+        "    shorter than the AVX512 step (64), so the whole dot is tail and every score is 0.",
         "",
         "| case | preset, seed | GGUF | prompt | settings | fault | AMX | log bytes | xz bytes |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--only", metavar="GLOB", nargs="+", help="only the cases whose name matches one, e.g. 'amx_*'")
     ap.add_argument("--patterns", action="store_true",
-                    help="also the table of each fault's first divergence: its pattern and the hint's first words")
+                    help="also the table of each fault's first divergence: its pattern, the hint's first words and "
+                         "the ggml-cpu kernel it names")
     ap.add_argument("--sums", action="store_true",
                     help="instead, the table of the printed sums of the clean cases: each one's worst sum against "
                          "its own tolerance (the sum's rounding) and against the older sum|x| one")
@@ -51,8 +52,8 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|---|---|"]
     sums = ["| case | sums | worst sum: stage | its error | tolerance (own rounding) | tolerance by sum\\|x\\| | "
             "error / tolerance: own | by sum\\|x\\| |", "|---|---|---|---|---|---|---|---|"]
-    shapes = ["| case | first divergence | pattern | the hint's first words (the pattern's, up to its first colon) |",
-              "|---|---|---|---|"]
+    shapes = ["| case | first divergence | pattern | the hint's first words (the pattern's, up to its first colon) | "
+              "the kernel it names |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ggufs = {}
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
                 if div:
                     shape = div["pattern"]["name"] if div["pattern"] else "none"
                     lead = div["pattern"]["words"] if div["pattern"] else div["hint"].split(": ")[0]
-                    shapes.append(f"| `{name}` | `{div['tap']}` | {shape} | {lead} |")
+                    ran = re.search(r"llama\.cpp ran it in (.+?)(?: \(|;|$)", div["hint"])  # a -v log's kernel
+                    shapes.append(f"| `{name}` | `{div['tap']}` | {shape} | {lead} | {ran.group(1) if ran else '-'} |")
             else:
                 said = re.search(r"\((\d+ ids vs \d+ expected).*?\): (.*?)\. Nothing", err.getvalue())
                 first = f"none: token mismatch ({said.group(1)}: {said.group(2)})" if said else err.getvalue().strip()
