@@ -99,7 +99,18 @@ for _p in FAMILY_PRESETS:
     FAMILY_CASES[f"family_{_k}_default_short_verbose"] = ("f16", "short", ["-v"], None, f"correct engine, {_p}, true defaults, -v")
     FAMILY_CASES[f"family_{_k}_fault_norm_eps"] = ("f16", "short", ["-v"], "norm_eps", f"the norm_eps fault, {_p}, true defaults, -v")
     CASE_PRESET.update({n: _p for n in FAMILY_CASES if _k in n})
-FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
+# Faults inside what an architecture adds to Llama, run on that architecture's preset only (on the
+# others the patched code never runs): Qwen2's q/k/v bias ADD (llama-graph.cpp's build_qkv) and
+# Llama 3's rope_freqs (the per-frequency divisors: ggml-cpu's rope cache, src/models/llama.cpp).
+# Mistral has none: llama.cpp's converter writes it as `llama`, whose graph never reads a window.
+FAMILY_FAULTS = {"qkv_bias_k_to_v": "qwen2-tiny", "qkv_bias_q_dropped": "qwen2-tiny",
+                 "rope_freqs_mul": "llama3-tiny", "rope_freqs_k_dropped": "llama3-tiny"}
+for _f, _p in FAMILY_FAULTS.items():
+    _name = f"family_{_p.replace('-', '_')}_fault_{_f}"
+    FAMILY_CASES[_name] = ("f16", "short", ["-v"], _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0]
+                           + f", {_p}, true defaults, -v")
+    CASE_PRESET[_name] = _p
+FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch") if p.stem not in FAMILY_FAULTS)
 for _f in FAULT_PATCHES:
     _outtype, _extra = FAULT_SETTINGS.get(_f, ("f16", []))
     CASES[f"fault_{_f}"] = (_outtype, "short", _extra, _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0])
