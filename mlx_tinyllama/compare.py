@@ -16,7 +16,8 @@ import math
 
 import numpy as np
 
-from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
+from .divergence import (QK_STAGES, describe, feature_hint, feature_leads, fused_hint, hint, qk_hint, qk_permutation,
+                         stage_key)
 from .errors import UserError
 from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
 from .refs.layout import to_canonical
@@ -429,7 +430,7 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
     return {
         "status": "match" if first is None else "diverged",
         "first_divergence": _divergence(first, stages, entries, int(cfg["num_hidden_layers"]),
-                                        _engine_info(candidate, used)) if first else None,
+                                        _engine_info(candidate, used), cfg) if first else None,
         "first_nonfinite": _first_nonfinite(candidate, order),
         "entries": entries,
         "stages": stages,
@@ -480,7 +481,8 @@ def _engine_info(candidate: Side, references: list[Side]) -> dict | None:
     return next((s.provenance["llama.cpp"] for s in (candidate, *references) if "llama.cpp" in s.provenance), None)
 
 
-def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int, engine: dict | None = None) -> dict:
+def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: int, engine: dict | None = None,
+                cfg: dict | None = None) -> dict:
     k = next(i for i, s in enumerate(stages) if s["tap"] == first)
     before = stages[k - 1] if k > 0 else None
     after = stages[k + 1] if k + 1 < len(stages) else None
@@ -492,6 +494,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
     if shape is None and printed_ok and all(e["metric"] == "sum_rel" for e in bad):
         shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
+    feature = None if perm else feature_hint(first, cfg)
+    if feature:  # what this model adds at the stage: first to check, unless the error's shape says otherwise
+        text = f"{feature}; {text}" if feature_leads(first, shape and shape["name"]) else f"{text}; {feature}"
     if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
         text = Pattern(**shape).sentence() + "; " + text
     fused = fused_hint(first, engine) if engine else None
