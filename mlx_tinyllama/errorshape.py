@@ -541,12 +541,6 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
     b2 = np.stack([b[t][k[t]] for t in rows])
     scale = np.sqrt(np.mean(b * b, axis=tuple(range(1, b.ndim))))[rows] if b.ndim > 1 else np.abs(b[rows])
     ok = np.isfinite(a2).all(axis=1) & (np.abs(a2 - b2).max(axis=1) <= tolerance * scale + 4 * resolution)
-    if not ok.all() and np.isfinite(a2).all():
-        # every printed row off by the same values at the same printed positions: an offset
-        offset = np.mean(a2 - b2, axis=0)
-        if (np.abs(a2 - offset - b2).max(axis=1) <= tolerance * scale + 4 * resolution).all():
-            return _offset(f"every printed token row ({_span(rows)}) is off by the same values", stage.kernel or
-                           stage.what, {"printed_rows": rows, "offset_max": float(np.abs(offset).max())})
     pattern = explain_rows(a2, b2, rows, a.shape[0], 0.0, stage.kernel or stage.what, ok=ok)
     if pattern is not None:
         pattern.evidence["printed_rows"] = rows
@@ -580,6 +574,13 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
                                     f"{_span([h for h, r in zip(heads, right) if r])} match",
                            cause, f"check the head -> KV-head index in the {stage.kernel or stage.what}; dump the "
                                   f"full tensor to see every head", ev)
+    if not ok.all() and np.isfinite(a2).all():
+        # every printed row off by the same values at the same printed positions: an offset (after the
+        # heads, as in `explain`: some heads right says more)
+        offset = np.mean(a2 - b2, axis=0)
+        if (np.abs(a2 - offset - b2).max(axis=1) <= tolerance * scale + 4 * resolution).all():
+            return _offset(f"every printed token row ({_span(rows)}) is off by the same values", stage.kernel or
+                           stage.what, {"printed_rows": rows, "offset_max": float(np.abs(offset).max())})
     return None
 
 

@@ -108,7 +108,10 @@ class Engine:
         self.L, self.H, self.KV = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.hidden = cfg["hidden_size"]
         self.D = cfg.get("head_dim") or self.hidden // self.H
-        self.eps, self.theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+        self.eps = cfg["rms_norm_eps"]
+        rope = cfg.get("rope_parameters") or {}  # transformers 5.x writes rope_theta there
+        assert (rope.get("rope_type") or "default") == "default", "this engine runs the default RoPE only"
+        self.theta = cfg["rope_theta"] if "rope_theta" in cfg else rope["rope_theta"]
         self.w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
         self.tied = cfg.get("tie_word_embeddings", False)
         self.faults = [f if isinstance(f, Fault) else Fault.parse(f) for f in faults]
