@@ -137,7 +137,8 @@ def test_emulated_linear_keeps_the_bias(matmul_input):
 
 @pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
 @pytest.mark.parametrize("case,rc_expected", [("family_qwen2_tiny_default_short_verbose", 0),
-                                              ("family_qwen2_tiny_fault_norm_eps", 1)])
+                                              ("family_qwen2_tiny_fault_norm_eps", 1),
+                                              ("family_qwen2_tiny_fault_qkv_bias_k_to_v", 1)])
 def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
     # the one-shot command reads the log the same way: Qwen2's Q/K order and its biases, by the log itself
     from test_llamacpp_compare import fake_binary
@@ -147,7 +148,10 @@ def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
                      "--prompt-file", str(FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
     result = json.loads(out.read_text())
     assert rc == rc_expected, result["first_divergence"]
-    assert (result["first_divergence"] or {}).get("tap") == (None if rc_expected == 0 else "layers.0.attn_norm")
+    expected = None if rc_expected == 0 else FEATURE_FAULTS[case][1] if case in FEATURE_FAULTS else "layers.0.attn_norm"
+    assert (result["first_divergence"] or {}).get("tap") == expected
+    if case in FEATURE_FAULTS:  # the one-shot command names the bias as compare does
+        assert FEATURE_FAULTS[case][2] in result["first_divergence"]["hint"]
 
 
 def test_llama3_log_used_the_llama3_frequencies(tmp_path):
