@@ -183,6 +183,9 @@ FEATURE_FAULTS = {
     "family_llama3_tiny_fault_rope_freqs_k_dropped": ("llama3-tiny", "layers.0.attn.k_rope", "this model's RoPE "
                                                       "divides each frequency by its own factor (the GGUF's "
                                                       "rope_freqs tensor; here pair 0: 1, pairs 1-7: 8)", None),
+    "family_llama3_tiny_fault_rope_freqs_ignored": ("llama3-tiny", "layers.0.attn.q_rope", "this model's RoPE "
+                                                    "divides each frequency by its own factor (the GGUF's "
+                                                    "rope_freqs tensor; here pair 0: 1, pairs 1-7: 8)", None),
 }
 
 

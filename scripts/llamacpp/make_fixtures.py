@@ -104,7 +104,8 @@ for _p in FAMILY_PRESETS:
 # Llama 3's rope_freqs (the per-frequency divisors: ggml-cpu's rope cache, src/models/llama.cpp).
 # Mistral has none: llama.cpp's converter writes it as `llama`, whose graph never reads a window.
 FAMILY_FAULTS = {"qkv_bias_k_to_v": "qwen2-tiny", "qkv_bias_q_dropped": "qwen2-tiny",
-                 "rope_freqs_mul": "llama3-tiny", "rope_freqs_k_dropped": "llama3-tiny"}
+                 "rope_freqs_mul": "llama3-tiny", "rope_freqs_k_dropped": "llama3-tiny",
+                 "rope_freqs_ignored": "llama3-tiny"}
 for _f, _p in FAMILY_FAULTS.items():
     _name = f"family_{_p.replace('-', '_')}_fault_{_f}"
     FAMILY_CASES[_name] = ("f16", "short", ["-v"], _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0]
@@ -280,7 +281,7 @@ def provenance(manifest: dict) -> str:
         "  bias ADD in `build_qkv` (`src/llama-graph.cpp`): `qkv_bias_k_to_v` adds `wk_b` to Vcur, `qkv_bias_q_dropped`",
         "  has no `wq_b` add; Llama 3's `rope_freqs`: `rope_freqs_mul` multiplies theta by the factor in the CPU rope",
         "  cache (`ggml-cpu/ops.cpp`, `ggml_rope_cache_init`), `rope_freqs_k_dropped` passes no factors to K's",
-        "  `ggml_rope_ext` (`src/models/llama.cpp`).",
+        "  `ggml_rope_ext` (`src/models/llama.cpp`), `rope_freqs_ignored` never fetches them (Q and K unscaled).",
         "- CPU: the features ggml reports in the log's system_info line. `AMX_INT8` marks the cases made on a CPU",
         "  with AMX (the `amx_*` cases), where the defaults put f16 weights in the AMX extra buffer (f32 matmul",
         "  inputs) and `-nr` turns that off; the other cases were made on an AVX2 CPU (no extra buffer for f16).",
