@@ -494,7 +494,7 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
     if shape is None and printed_ok and all(e["metric"] == "sum_rel" for e in bad):
         shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
-    feature = None if perm else feature_hint(first, cfg)
+    feature = None if perm else feature_hint(first, cfg, {s["tap"] for s in stages[:k]})
     if feature:  # what this model adds at the stage: first to check, unless the error's shape says otherwise
         text = f"{feature}; {text}" if feature_leads(first, shape and shape["name"]) else f"{text}; {feature}"
     if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where

@@ -123,10 +123,11 @@ def feature_leads(tap: str, shape: str | None) -> bool:
     return shape is None or shape in FEATURE_SHAPES.get(kind, ())
 
 
-def feature_hint(tap: str, cfg: dict | None) -> str | None:
+def feature_hint(tap: str, cfg: dict | None, matched: set[str] | None = None) -> str | None:
     """What this model adds to `tap`'s stage beyond Llama 2's math, from the stage table (which
     feature the stage applies) and the model's config and architecture (whether it has it): the
-    first thing to check when that stage diverges. None when the model has no such feature."""
+    first thing to check when that stage diverges. None when the model has no such feature.
+    `matched`: the stages compared before `tap` (all matched), the evidence of which side has it."""
     if not cfg or tap in SHORTCUT_TAPS:
         return None
     from .architectures import ARCHITECTURES, DEFAULT
@@ -151,10 +152,15 @@ def feature_hint(tap: str, cfg: dict | None) -> str | None:
                       f"rope_scaling llama3: factor {cfg['rope_factor']:g}, low_freq_factor "
                       f"{cfg['rope_low_freq_factor']:g}, high_freq_factor {cfg['rope_high_freq_factor']:g}, original "
                       f"context {cfg['rope_original_max_position']}; llama.cpp stores them as the GGUF's rope_freqs")
-            return (f"this model's RoPE divides each frequency by its own factor ({source}; here "
+            text = (f"this model's RoPE divides each frequency by its own factor ({source}; here "
                     f"{_runs(_rope_divisors(cfg))}): check that frequency pair i is theta^(-2i/head_dim) divided "
                     "(not multiplied) by factor i (not a neighbour's), and that both Q's and K's rotation get the "
                     "factors (the RoPE op's freq_factors operand in llama.cpp)")
+            q_rope = tap.rsplit(".", 1)[0] + ".q_rope"
+            if tap.endswith("k_rope") and matched and q_rope in matched:
+                text += (f"; {q_rope} matched, rotated with the same frequencies and factors, so they reach Q's "
+                         "rotation and not K's (or K's gets other ones)")
+            return text
         if rope_type == "linear":
             return (f"this model's RoPE is linear-scaled (rope_scaling factor {cfg['rope_factor']:g}): positions are "
                     f"divided by {cfg['rope_factor']:g} before the rotation, for Q and K alike")

@@ -98,6 +98,9 @@ def test_feature_facts_both_ways():
     assert feature_hint("layers.0.mlp.up", qwen2) is None and feature_hint("logits", qwen2) is None
     llama3 = feature_hint("layers.0.attn.k_rope", _cfg("llama3-tiny"))
     assert "rope_scaling llama3: factor 8" in llama3 and "pair 0: 1, pairs 1-7: 8" in llama3
+    assert "reach Q's rotation" not in llama3  # q_rope was not compared: no evidence for either side
+    for matched, said in (({"layers.1.attn.q_rope"}, True), ({"layers.0.attn.q_rope"}, False)):
+        assert ("reach Q's rotation" in feature_hint("layers.1.attn.k_rope", _cfg("llama3-tiny"), matched)) == said
     gguf = feature_hint("layers.0.attn.q_rope", _cfg("tiny", rope_freq_factors=(1.0, 1.0, 2.5, 4.0) + (4.0,) * 4))
     assert "the GGUF's rope_freqs tensor; here pairs 0-1: 1, pair 2: 2.5, pairs 3-7: 4" in gguf
     assert "divided by 4 before the rotation" in feature_hint(

@@ -213,6 +213,12 @@ def test_rope_freqs_on_k_only_leaves_q_rope_matching(ggufs, tmp_path):
                              "--model", ggufs["llama3-tiny"])
     stages = {s["tap"]: s for s in result["stages"]}
     assert rc == 1 and stages["layers.0.attn.q_rope"]["ok"] and not stages["layers.0.attn.k_rope"]["ok"]
+    assert ("layers.0.attn.q_rope matched, rotated with the same frequencies and factors, so they reach Q's "
+            "rotation and not K's") in result["first_divergence"]["hint"]
+    # the other way: where Q's rotation is the one that diverges, nothing is said of K
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_llama3_tiny_fault_rope_freqs_ignored"),
+                             "--model", ggufs["llama3-tiny"])
+    assert rc == 1 and "reach Q's rotation" not in result["first_divergence"]["hint"]
 
 
 def test_rope_freqs_fault_against_the_checkpoint_names_its_rope_scaling(tmp_path):
