@@ -110,10 +110,10 @@ def _rope_divisors(cfg: dict) -> list[float]:
 
 # Error shapes (errorshape.Pattern names) that a fault in each model feature makes: an offset the same
 # for every token (a bias), position 0 right and later ones wrong (RoPE's frequencies), rows wrong from
-# a position on (a window). With that shape, or none, the feature leads the hint; after another
+# a position on or a mask bound at a distance back (a window). With that shape, or none, the feature leads the hint; after another
 # shape (a reordering, some heads, zero rows) it comes after the stage's own hint.
 FEATURE_SHAPES = {"bias": ("offset",), "rope_scaling": ("all_rows_but_first",),
-                  "sliding_window": ("rows_wrong_from", "all_rows_but_first")}
+                  "sliding_window": ("rows_wrong_from", "all_rows_but_first", "mask_window_missing", "mask_window_off")}
 
 
 def feature_leads(tap: str, shape: str | None) -> bool:
