@@ -279,9 +279,12 @@ def print_comparison(result: dict, show_all: bool = False) -> None:
     from rich.table import Table
 
     con = console()
-    refs_ = ", ".join(f"{r['name']} ({r['dtype'] or '?'})" for r in result["references"])
-    cand = result["candidate"]
-    con.print(f"[bold]compare[/] {cand['name']} ({cand['dtype'] or '?'}) against {refs_}")
+    def named(side):  # a run's name already ends with its dtype ("this package (M, float32)")
+        dtype = side['dtype'] or '?'
+        return side['name'] if side['name'].endswith(f", {dtype})") else f"{side['name']} ({dtype})"
+
+    refs_ = ", ".join(named(r) for r in result["references"])
+    con.print(f"[bold]compare[/] {named(result['candidate'])} against {refs_}")
     basis = result.get("tolerance_basis")
     if basis:
         con.print(f"tolerance: {basis['dtype']} ({basis['reason']})", markup=False, highlight=False)

@@ -413,6 +413,94 @@ def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
     return pattern
 
 
+def _offsets(shape: tuple[int, ...]) -> np.ndarray:
+    """query position - key position for a [..., T, K] attention tensor whose T query rows are the
+    last T of its K key positions (a prefill: T = K; a decode step: T = 1; a chunk in between)."""
+    T, K = shape[-2], shape[-1]
+    return (K - T + np.arange(T))[:, None] - np.arange(K)[None, :]
+
+
+def _span_d(ds) -> str:
+    ds = sorted(set(int(d) for d in ds))
+    return f"{ds[0]}" if len(ds) == 1 else f"{ds[0]}-{ds[-1]}"
+
+
+def _window(hidden: np.ndarray, d: np.ndarray) -> int | None:
+    """The smallest W such that every key W or more positions back is hidden (a sliding window of
+    W), or None: a bound read from the whole band, so one low-weight key hidden by effect does not
+    move it."""
+    back = sorted(set(int(x) for x in d[d > 0].ravel()))
+    W = None
+    for w in reversed(back):
+        if not hidden[d == w].all():
+            break
+        W = w
+    return W
+
+
+def explain_mask(hidden_a: np.ndarray, hidden_b: np.ndarray, kernel: str) -> Pattern | None:
+    """Which keys the candidate's mask hides or shows where the reference's does not, said by the
+    distance back from the query (d = query position - key position): d < 0 are future keys (the
+    causal bound), d >= W the keys a sliding window of W hides. A mask bug is a wrong bound, so
+    the wrong pairs fill a band of d; the row shape alone ("rows 8-11 wrong") would read like a
+    tile bound. The causal-only case (future keys shown) is left to the row shapes, which name it.
+    None when the masks agree or the wrong pairs fill no band."""
+    if hidden_a.shape != hidden_b.shape or hidden_a.ndim < 2:
+        return None
+    # A mask bound is the same for every head. "Hidden" here is by effect (the verdict's rule), so a
+    # key whose score is merely very low is hidden in one head and not another: a pair counts as
+    # masked only where every head hides it, and a pair hidden in some heads only is no bound.
+    ha = hidden_a.reshape(-1, *hidden_a.shape[-2:]).all(axis=0)
+    hb = hidden_b.reshape(-1, *hidden_b.shape[-2:]).all(axis=0)
+    if np.array_equal(ha, hb):
+        return None
+    d = _offsets(ha.shape)
+    shown = hb & ~ha  # the candidate shows a key the reference hides
+    hid = ha & ~hb  # the candidate hides a key the reference shows
+    # ...and a bound shows or hides its pairs in (nearly) every head: pairs wrong in some heads
+    # only are a per-head fault, left to the head shapes.
+    heads_a = hidden_a.reshape(-1, *hidden_a.shape[-2:])
+    heads_b = hidden_b.reshape(-1, *hidden_b.shape[-2:])
+    if (hb & ~heads_a.any(axis=0)).sum() < 0.5 * shown.sum() or (ha & ~heads_b.any(axis=0)).sum() < 0.5 * hid.sum():
+        return None
+    window_ref, window_cand = _window(hb, d), _window(ha, d)
+    evidence = {"wrong_pairs": int((shown | hid).sum()), "shown": int(shown.sum()), "hidden": int(hid.sum()),
+                "reference_window": window_ref, "candidate_window": window_cand}
+    first_pos = ha.shape[1] - ha.shape[0]  # the position of query row 0
+    step_w = (f"check the window bound of the mask (key j is visible to query i only if i - W < j <= i) in the "
+              f"{kernel}, and the same bound where a decode step picks its cached keys (a ring buffer of W slots)")
+    if shown.any() and not hid.any() and (d[shown] >= 0).all() and window_ref is not None:
+        rows = first_pos + np.flatnonzero(shown.any(axis=1))
+        if window_cand is None:
+            return Pattern("mask_window_missing",
+                           f"queries at positions {_span(rows)} see keys {window_ref} or more positions back "
+                           f"({int(shown.sum())} query-key pairs) that the reference's sliding window of "
+                           f"{window_ref} hides; every other pair is masked alike",
+                           f"the sliding window is not applied: only the causal bound is (a window size lost "
+                           f"from the config or the GGUF, or a mask built without it)", step_w, evidence)
+        return Pattern("mask_window_off",
+                       f"queries at positions {_span(rows)} see keys {_span_d(d[shown])} positions back, which the "
+                       f"reference's sliding window of {window_ref} hides",
+                       f"the sliding window is {window_cand} instead of {window_ref}: its bound is off by "
+                       f"{window_cand - window_ref} (< vs <=, or W vs W-1)", step_w, evidence)
+    if hid.any() and not shown.any() and (d[hid] >= 0).all():
+        rows = first_pos + np.flatnonzero(hid.any(axis=1))
+        if (d[hid] == 0).all():
+            return Pattern("mask_hides_diagonal",
+                           f"queries at positions {_span(rows)} do not see their own key (distance 0)",
+                           "the causal bound is strict: key j visible only if j < i instead of j <= i",
+                           f"check the causal bound of the mask in the {kernel}", evidence)
+        if window_cand is not None and (window_ref is None or window_cand < window_ref):
+            what = (f"a sliding window of {window_cand} the model does not have (its config has no window)"
+                    if window_ref is None else
+                    f"a sliding window of {window_cand} instead of {window_ref}: its bound is off by "
+                    f"{window_ref - window_cand}")
+            return Pattern("mask_window_off" if window_ref is not None else "mask_window_extra",
+                           f"queries at positions {_span(rows)} do not see keys {_span_d(d[hid])} positions back, which the "
+                           f"reference shows", f"the mask applies {what}", step_w, evidence)
+    return None  # no single bound: the row shapes say what they can
+
+
 def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict, mask_dtype=None) -> Pattern | None:
     """`explain` with the stage's own facts from the tap table: its token axis, its head axis
     (head-major taps, and the merged heads of `attn.context`), the KV head count where query heads
@@ -428,6 +516,9 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict, mask
         # each side leaves visible, and a key masked on one side only as a wrong value.
         # masked = no weight after the softmax in the candidate's dtype: the verdict's own rule
         hidden_a, hidden_b = masked_positions(a, mask_dtype), masked_positions(b, mask_dtype)
+        mask_shape = explain_mask(hidden_a, hidden_b, stage.kernel or stage.what)
+        if mask_shape is not None:
+            return mask_shape
         a = np.where(hidden_a, 0.0, a)
         b = np.where(hidden_b, 0.0, b)
         a = np.where(hidden_a != hidden_b, a + np.where(hidden_b, 1.0, -1.0) * (np.abs(b).max() + 1.0), a)
