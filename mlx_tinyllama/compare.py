@@ -19,7 +19,7 @@ import numpy as np
 from .divergence import (QK_STAGES, describe, feature_hint, feature_leads, fused_hint, hint, qk_hint, qk_permutation,
                          stage_key)
 from .errors import UserError
-from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
+from .errorshape import Pattern, printed_pattern, printed_reordering, reordering_words, stage_pattern, unprinted
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -227,6 +227,9 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             shape = printed_pattern(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, whole, heads)
             if shape is not None:  # what the printed rows say of the error's shape
                 details["pattern"] = shape.as_dict()
+            reordered = printed_reordering(tap, a, b, known, ctx.tolerance(tap, "rel_rms"), item.resolution, heads)
+            if reordered is not None:  # the reference's values at other positions? (the sum decides: _divergence)
+                details["printed_reordering"] = reordered
         if m["nonfinite"]:
             out.append(_entry(tap, "nonfinite", m["nonfinite"], ctx.tolerance(tap, "nonfinite"), index, key,
                               details=details))
@@ -246,24 +249,38 @@ def _item_entries(ctx: _Ctx, tap, sel: Selector, cand_full, cand_value, ref_full
             ref_full = full if ref_full is not None else None
     a = sel.extract(cand_full, axis) if cand_full is not None else np.asarray(cand_value, np.float64)
     b = sel.extract(ref_full, axis) if ref_full is not None else np.asarray(ref_value, np.float64)
-    accumulation = 0.0
+    accumulation, ordered = 0.0, False
     if sel.kind == "sum" and item.accumulation == "float32-sequential" and item.source_shape is not None:
         # their sum is a float32 running sum in their memory order: add ours up the same way
         ours, accumulation = _running_sum_f32(ctx, tap, full, item.source_shape,
                                               (ctx.c if cand_value is not None else ctx.r).layout)
         a, b = (a, ours) if cand_full is None else (ours, b)
+        ordered = full is not None and np.size(full) > 0
     if np.shape(a) != np.shape(b):
         return [_entry(tap, "shape", math.inf, 0, index, key, note=f"{np.shape(a)} vs {np.shape(b)}")]
     if masked:
         return _masked_row_entries(ctx, tap, sel, a, b, full, axis, item)
-    scale = sel.scale(full, axis) if full is not None else float(np.max(np.abs(b))) if np.size(b) else 0.0
     err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
     nonfinite = int(np.sum(~np.isfinite(np.asarray(a, np.float64)) & np.isfinite(np.asarray(b, np.float64))))
-    metric = "sum_rel" if sel.kind in ("sum", "row_sum") else "rel_rms"
+    if ordered:
+        # A sum in a known order (tolerances.py, sum_err): the per-value errors the tolerance allows
+        # add up like a random walk, sqrt(n) of them, not like sum|x|; the two running sums' own
+        # roundings (`accumulation`) and the printed digits come on top, in absolute terms.
+        metric, scale_is = "sum_err", "sqrt(n)*rms(x)"
+        scale = math.sqrt(np.size(full)) * _rms(full)
+    else:
+        metric = "sum_rel" if sel.kind in ("sum", "row_sum") else "rel_rms"
+        scale_is = "sum|x|" if metric == "sum_rel" else "rms of the row"
+        scale = sel.scale(full, axis) if full is not None else float(np.max(np.abs(b))) if np.size(b) else 0.0
     value = math.inf if nonfinite or not math.isfinite(err) else (err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
     tol = ctx.tolerance(tap, metric) + ((PRINT_SAFETY * item.resolution + accumulation) / scale if scale > 0 else 0.0)
     details = {"candidate": np.asarray(a).tolist(), "reference": np.asarray(b).tolist(), "max_abs": err,
-               "scale": scale, "scale_is": "sum|x|" if metric == "sum_rel" else "rms of the row"}
+               "scale": scale, "scale_is": scale_is}
+    if ordered:  # the tolerance in the sum's units, and what sum|x| would have allowed (docs/llamacpp.md)
+        sum_abs = float(np.sum(np.abs(np.asarray(full, np.float64))))
+        details.update(n=int(np.size(full)), accumulation=accumulation, tolerance_abs=tol * scale,
+                       tolerance_abs_by_sum_abs=ctx.tolerance(tap, "sum_rel") * sum_abs
+                       + PRINT_SAFETY * item.resolution + accumulation)
     return [_entry(tap, metric, value, tol, index, key, details=details, note=item.note)]
 
 
@@ -287,8 +304,10 @@ def _running_sum_f32(ctx, tap, full, source_shape, layout) -> tuple[float, float
     """(float32 running sum of `full` in the memory order of their tensor of `source_shape`, the
     spread two such sums may have). The order: their flat indices, brought to the canonical layout
     by the same transform as their values, then sorted. Two running sums whose inputs differ in
-    the last bits round differently at each step: a random walk of sqrt(n) half-ulps of the
-    largest partial sum (4 sigma)."""
+    the last bits round differently at each step: each rounding is uniform within half an ulp of
+    that step's partial sum (variance ulp^2/12), two sides, n steps: a random walk of variance
+    sum_k ulp(p_k)^2/6, taken at 4 sigma. (The worst case, sum_k ulp(p_k), assumes every rounding
+    falls the same way; roundings of sums that differ in their last bits do not.)"""
     index = np.arange(int(np.prod(source_shape)), dtype=np.float64).reshape(source_shape)
     canon, _, rows, _ = to_canonical(tap, index, None, ctx.cfg, ctx.T, layout)
     values = full if rows is None or np.shape(full) == np.shape(canon) else _rows(full, rows, token_axis_of(tap))
@@ -296,7 +315,8 @@ def _running_sum_f32(ctx, tap, full, source_shape, layout) -> tuple[float, float
     partial = np.cumsum(np.asarray(values, np.float32).ravel()[order], dtype=np.float32)
     if partial.size == 0:
         return 0.0, 0.0
-    spread = 4.0 * math.sqrt(partial.size) * 0.5 * float(np.spacing(np.max(np.abs(partial))))
+    ulps = np.spacing(np.abs(partial)).astype(np.float64)
+    spread = 4.0 * math.sqrt(float(np.sum(ulps * ulps)) / 6.0)
     return float(partial[-1]), spread
 
 
@@ -489,26 +509,52 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     bad = [e for e in entries if e["tap"] == first and not e["ok"]]
     worst = max(bad, key=_ratio)
     perm = next((e["details"]["qk_permutation"] for e in bad if e["details"].get("qk_permutation")), None)
+    printed, reorder_words, reordered = _printed_reordering(first, bad, entries)
+    if printed and reordered and printed["kind"] == "qk_permutation":
+        perm = {"from_printed_values": True, "fixed_by": printed["fits"][0], "evidence": printed}
     text = qk_hint(first, perm) if perm else hint(first, before, n_layers, {s["tap"] for s in stages[:k]})
     shape = next((e["details"]["pattern"] for e in bad if e["details"].get("pattern")), None)
     printed_ok = [e for e in entries if e["tap"] == first and e["ok"] and e["details"].get("layout") is not None]
-    if shape is None and printed_ok and all(e["metric"] == "sum_rel" for e in bad):
+    if shape is None and printed_ok and all(e["metric"] in ("sum_rel", "sum_err") for e in bad):
         shape = unprinted(first).as_dict()  # a sum sees what the printed corners hide
     feature = None if perm else feature_hint(first, cfg, {s["tap"] for s in stages[:k]})
     if feature:  # what this model adds at the stage: first to check, unless the error's shape says otherwise
-        text = f"{feature}; {text}" if feature_leads(first, shape and shape["name"]) else f"{text}; {feature}"
-    if shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
+        leads = not reordered and feature_leads(first, shape and shape["name"])
+        text = f"{feature}; {text}" if leads else f"{text}; {feature}"
+    if reordered:  # the right values in another order: that, not the shape of the rows, names the bug
+        text = reorder_words + ": " + text
+    elif shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where
         text = Pattern(**shape).sentence() + "; " + text
+    if reorder_words and not reordered:
+        text += "; " + reorder_words
     fused = fused_hint(first, engine) if engine else None
     if fused:
         text += "; " + fused
     notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
     if notes:
         text += "; " + "; ".join(notes)
+    if printed:
+        printed = dict(printed, words=reorder_words, reordered=reordered)
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm, "pattern": shape,
+            "printed_reordering": printed,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "ratio": _ratio(worst), "index": worst["index"], "details": worst["details"]}}
+
+
+def _printed_reordering(tap: str, bad: list[dict], entries: list[dict]) -> tuple[dict | None, str, bool]:
+    """The Q/K-permutation or head-order reading of a log's printed values at the first divergence
+    (errorshape.printed_reordering), judged with the printed sum of the same tensor: a reordering keeps
+    the sum, so it is said only when that sum's entry passes. (finding, its words, whether it is one)."""
+    found = next(((e, e["details"]["printed_reordering"]) for e in bad if e["details"].get("printed_reordering")),
+                 None)
+    if found is None:
+        return None, "", False
+    e, printed = found
+    sums = [s for s in entries if s["tap"] == tap and s["metric"] in ("sum_err", "sum_rel")
+            and s.get("key") == f"{e.get('key')} sum"]
+    words, reordered = reordering_words(printed, all(s["ok"] for s in sums) if sums else None)
+    return printed, words, reordered
 
 
 def _first_nonfinite(candidate: Side, order: dict) -> dict | None:

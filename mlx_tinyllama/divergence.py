@@ -66,8 +66,10 @@ def qk_permutation(candidate: np.ndarray, reference: np.ndarray, tol: float) -> 
 
 def qk_hint(tap: str, perm: dict) -> str:
     which = "Q" if stage_of(tap).dims[0] == "head" else "K"
-    text = (f"the {which} rows are permuted within heads: every (head, token) row holds the reference's values "
-            "in another order along head_dim (sorted, they agree), so the weights are right but their row layout "
+    seen = ("each printed value is the reference's at the position the permutation below moves it to (a log "
+            "prints the first and last 3 rows and columns only)" if perm.get("from_printed_values") else
+            "every (head, token) row holds the reference's values in another order along head_dim (sorted, they agree)")
+    text = (f"the {which} rows are permuted within heads: {seen}, so the weights are right but their row layout "
             "is not: a GGUF's llama.cpp interleaved-pair Q/K layout was not undone (or undone twice). RoPE, the "
             "scores and everything after them diverge from here")
     if perm.get("fixed_by") == "gguf.unpermute_qk":

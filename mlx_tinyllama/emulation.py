@@ -147,6 +147,17 @@ def round_to(x: mx.array, kind: str) -> mx.array:
     return x
 
 
+def input_rounding(engine: "EnginePrecision", out_features: int, in_features: int) -> str:
+    """What a matmul on an [out_features, in_features] weight rounds its input to: f32 (none), f16, q8_0."""
+    kind = engine.matmul_input
+    # A row length that is no multiple of q8_0's block stays f16 in the file (llama.cpp's
+    # converter and gguf_write fall back alike): its input is rounded to f16, not quantized.
+    weight_type = "f16" if kind == "f16" or (kind == "q8_0" and in_features % Q8_0_BLOCK) else kind
+    if weight_type == "f16":
+        return "f32" if engine.amx_path(out_features, in_features, weight_type) else "f16"
+    return kind
+
+
 class EmulatedLinear(nn.Module):
     """A Linear whose input is rounded as the engine's matmul rounds it. A bias (Qwen2's q/k/v) is
     added after the matmul in f32, as llama.cpp's separate ADD node does."""
@@ -158,18 +169,28 @@ class EmulatedLinear(nn.Module):
         self.weight = linear.weight
         if "bias" in linear:
             self.bias = linear.bias
-        out_features, in_features = linear.weight.shape
-        kind = engine.matmul_input
-        # A row length that is no multiple of q8_0's block stays f16 in the file (llama.cpp's
-        # converter and gguf_write fall back alike): its input is rounded to f16, not quantized.
-        weight_type = "f16" if kind == "f16" or (kind == "q8_0" and in_features % Q8_0_BLOCK) else kind
-        if weight_type == "f16":
-            kind = "f32" if engine.amx_path(out_features, in_features, weight_type) else "f16"
-        self.kind = kind
+        self.kind = input_rounding(engine, *linear.weight.shape)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = round_to(x, self.kind) @ self.weight.T
         return y + self.bias if "bias" in self else y
+
+
+class EmulatedTiedEmbedding(nn.Embedding):
+    """The token embedding of a tied model, whose `as_linear` (the LM head) rounds its input as
+    llama.cpp's output matmul does. llama.cpp loads a missing output.weight as a duplicate of
+    token_embd (llama-model-loader.cpp, TENSOR_DUPLICATED), placed as the output layer's MUL_MAT
+    weight, not as the embedding's GET_ROWS one: in the AMX buffer when amx.cpp takes its shape
+    (f32 input), else the plain CPU buffer (f16 or q8_0 input). The loader's -v count of weights
+    kept off AMX confirms it (_check_amx_placement). The lookup itself (GET_ROWS) rounds nothing."""
+
+    def __init__(self, embedding: nn.Embedding, engine: "EnginePrecision"):
+        nn.Module.__init__(self)  # not nn.Embedding's: it would draw a random table of the full size
+        self.weight = embedding.weight
+        self.kind = input_rounding(engine, *embedding.weight.shape)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return round_to(x, self.kind) @ self.weight.T
 
 
 def flash_attention_f16_acc(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -255,7 +276,9 @@ def emulate(model, engine: EnginePrecision):
                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for n in names:
                     setattr(owner, n, EmulatedLinear(getattr(owner, n), engine))
-        if not model.config.tie_word_embeddings:
+        if model.config.tie_word_embeddings:
+            model.model.embed_tokens = EmulatedTiedEmbedding(model.model.embed_tokens, engine)
+        else:
             model.lm_head = EmulatedLinear(model.lm_head, engine)
     return model
 
@@ -297,12 +320,25 @@ def _extra_buffer(info: dict) -> tuple[str, list[str]]:
     return "none", []
 
 
+def _loader_weights(config) -> list[tuple[str, tuple]]:
+    """Every weight llama.cpp's loader places, once per create_tensor call: the file's tensors, plus a
+    tied model's output (token_embd again, TENSOR_DUPLICATED, placed for the output MUL_MAT) and
+    Llama 3's rope_freqs once per layer (layers after the first take it TENSOR_DUPLICATED)."""
+    shapes = list(config.weight_shapes().items())
+    if config.tie_word_embeddings:
+        shapes.append(("lm_head.weight (token_embd, duplicated)", (config.vocab_size, config.hidden_size)))
+    if config.rope_type == "llama3" or config.rope_freq_factors:
+        shapes += [(f"rope_freqs (layer {i})", (config.head_dim // 2,)) for i in range(config.num_hidden_layers)]
+    return shapes
+
+
 def amx_weight_count(config, matmul_input: str) -> int:
     """How many weights the rule of amx.cpp's supports_op puts in the AMX buffer (every matmul
-    weight but the embedding, which the loader places for GET_ROWS). f16 needs out % 32 and
-    in % 16; q8_0 out % 32 and in % 32 (rows no multiple of 32 are f16 in the file)."""
+    weight but the embedding, which the loader places for GET_ROWS; a tied model's duplicated
+    output is a matmul weight). f16 needs out % 32 and in % 16; q8_0 out % 32 and in % 32 (rows no
+    multiple of 32 are f16 in the file)."""
     n = 0
-    for name, shape in config.weight_shapes().items():
+    for name, shape in _loader_weights(config):
         if len(shape) != 2 or name == "model.embed_tokens.weight":
             continue
         out_features, in_features = shape
@@ -317,7 +353,7 @@ def _check_amx_placement(info: dict, config, engine: EnginePrecision) -> list[st
     moved = (info.get("moved_off") or {}).get("AMX")
     if engine.extra_buffer != "amx" or config is None or moved is None:
         return []
-    expected = len(config.weight_shapes()) - amx_weight_count(config, engine.matmul_input)
+    expected = len(_loader_weights(config)) - amx_weight_count(config, engine.matmul_input)
     if moved == expected:
         return []
     return [f"the loader kept {moved} weights off the AMX buffer where the emulated rule (amx.cpp's supports_op) "

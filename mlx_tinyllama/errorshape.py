@@ -711,6 +711,99 @@ def _stale_in_full(pattern: Pattern, a, b, k, rows: list[int], ok, tolerance: fl
     return pattern
 
 
+def printed_reordering(tap: str, candidate, reference, known, tolerance: float, resolution: float,
+                       heads: tuple[int, int] | None = None) -> dict | None:
+    """Are the printed values of a diverging stage the reference's values at other positions? On a full
+    dump, compare says so from every value (divergence.qk_permutation, the transforms' head orders);
+    a log prints only the first and last 3 along each axis, so this asks it of those alone:
+
+    - Q/K stages: each printed value equals the reference at the position llama.cpp's per-head row
+      permutation (or its inverse) sends it to (a converter that forgot the permutation, or did it twice);
+    - head-major stages (and merged heads [T, H*D], read per head): each wrong printed head equals, at
+      its printed positions, exactly one other reference head (heads written in another order).
+
+    Returns {"kind": "qk_permutation"|"head_order", "decided": bool, ...evidence}, or None when the
+    stage is none of these. `decided` is False when the printed values allow more than one reading (two
+    maps fit, a wrong head equals several reference heads) or none fits at all ("fits": []). Whether the
+    printed sum agrees (a reordering keeps the sum) is the caller's: it holds the sum's own entry."""
+    from .stages import stage_of
+
+    stage = stage_of(tap)
+    a, b, k = (np.asarray(x) for x in (candidate, reference, known))
+    if a.shape != b.shape or a.shape != k.shape or not k.any():
+        return None
+    a, b, k = a.astype(np.float64), b.astype(np.float64), k.astype(bool)
+    scale = float(np.sqrt(np.mean(b[np.isfinite(b)] ** 2))) if np.isfinite(b).any() else 0.0
+    bound = tolerance * scale + 4 * resolution
+
+    def fits(x, y) -> bool:
+        return bool(np.isfinite(x).all() and np.abs(x - y).max() <= bound)
+
+    if stage.name in ("attn.q", "attn.k") and a.ndim == 3 and a.shape[-1] % 2 == 0:
+        from .gguf import permute_qk, unpermute_qk
+
+        H, _, D = a.shape
+        rows = np.flatnonzero(k.transpose(0, 2, 1).reshape(H * D, -1).any(axis=1))  # printed (head, dim) rows
+        found = []
+        for name, fn in (("gguf.unpermute_qk", unpermute_qk), ("gguf.permute_qk", permute_qk)):
+            m = fn(np.arange(H * D), H)  # what fn puts at row i: row m[i]; the candidate's row m[i] is ours at i
+            src = np.argsort(m)[rows]
+            at = k.transpose(0, 2, 1).reshape(H * D, -1)
+            ca, rb = a.transpose(0, 2, 1).reshape(H * D, -1), b.transpose(0, 2, 1).reshape(H * D, -1)
+            if all(fits(ca[r][at[r]], rb[s][at[r]]) for r, s in zip(rows, src)):
+                found.append(name)
+        return {"kind": "qk_permutation", "decided": len(found) == 1, "fits": found,
+                "printed_rows": [int(r) for r in rows]}
+    if "H*D" in stage.shape and heads and a.ndim == 2 and a.shape[1] % heads[0] == 0:
+        a, b, k = (np.moveaxis(x.reshape(x.shape[0], heads[0], -1), 1, 0) for x in (a, b, k))
+    elif not stage.shape.startswith(("[H,", "[KV,")) or a.ndim != 3:
+        return None
+    printed = [h for h in range(a.shape[0]) if k[h].any()]
+    holds, ambiguous, none = {}, [], []
+    for h in printed:
+        if fits(a[h][k[h]], b[h][k[h]]):
+            continue
+        others = [g for g in range(b.shape[0]) if g != h and fits(a[h][k[h]], b[g][k[h]])]
+        if len(others) == 1:
+            holds[h] = others[0]
+        elif others:
+            ambiguous.append(h)
+        else:
+            none.append(h)
+    if not holds and not ambiguous and not none:
+        return None  # every printed head is right: the error is elsewhere
+    return {"kind": "head_order", "decided": not ambiguous, "holds": holds, "ambiguous": ambiguous,
+            "no_reference_head": none, "printed_heads": printed}
+
+
+def reordering_words(diagnosis: dict, sum_ok: bool | None) -> tuple[str, bool]:
+    """(the sentence, whether it names a reordering) for `printed_reordering`'s finding and whether
+    the printed sum agrees (None: no sum printed). A reordering keeps the sum: a moved sum rules it out."""
+    undecided = "not decidable from the printed values"
+    if diagnosis["kind"] == "qk_permutation":
+        fits = diagnosis["fits"]
+        if not fits:
+            return "", False  # the printed values are not a within-head permutation of ours: said by nothing
+        if len(fits) > 1 or sum_ok is None:
+            return (f"Q/K row permutation within heads: {undecided} (the printed rows fit "
+                    f"{' and '.join(fits)}{'' if sum_ok is not None else ', and no sum is printed'})"), False
+        if not sum_ok:
+            return (f"Q/K row permutation within heads: {undecided}: the printed values are the reference's at "
+                    f"the positions {fits[0]} moves them to, but the printed sum differs (a reordering keeps it)"), False
+        return "the printed values are the reference's at permuted positions and the printed sum matches", True
+    holds, ambiguous, none = diagnosis["holds"], diagnosis["ambiguous"], diagnosis["no_reference_head"]
+    if none and not holds:
+        return "", False  # wrong heads that hold no reference head: not a head order fault
+    said = ", ".join(f"printed head {h} holds the reference's head {g}" for h, g in sorted(holds.items()))
+    if ambiguous or none or sum_ok is None or not sum_ok:
+        why = [f"heads {_span(ambiguous)} equal several reference heads at the printed positions"] if ambiguous else []
+        why += [f"heads {_span(none)} hold no reference head"] if none else []
+        why += ["no sum is printed"] if sum_ok is None else ["the printed sum differs (a reordering keeps it)"] \
+            if not sum_ok else []
+        return f"head order: {undecided} ({'; '.join(([said] if said else []) + why)})", False
+    return f"the heads are in another order: {said}, and the printed sum matches", True
+
+
 def unprinted(tap: str) -> Pattern:
     """The printed values of a tensor match and its printed sum does not: the error lies where the
     log prints nothing (llama.cpp prints the first and last 3 rows along each axis). A row-wise

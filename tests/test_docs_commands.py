@@ -197,6 +197,7 @@ SLOW = {
     f"{TRACE} paths --model synthetic:tiny --fault drop-kv:9 --report paths.html": "the paths report: 35 s",
     f"{TRACE} stability --model synthetic:stress-scores --report stability.html": "the stability report: 25 s",
     "PYTHONPATH=$PWD python scripts/llamacpp/table.py": "19 compares on synthetic:small: 62 s",
+    "python scripts/llamacpp/table.py --sums": "the same compares as the table above, for their sums: 62 s",
     "python scripts/measure_tolerances.py small medium": "transformers beside MLX on two models: 82 s",
     "PYTHONPATH=. python scripts/localize_faults.py": "every fault of the NumPy engine through compare and "
         "localize: 55 s",
@@ -232,6 +233,8 @@ def table_as_printed(doc: str, heading: str):
 # extra checks of a command's output: what the doc says it prints
 CHECKS = {
     "PYTHONPATH=$PWD python scripts/llamacpp/table.py": table_as_printed("docs/llamacpp.md", "## Results"),
+    "python scripts/llamacpp/table.py --sums": table_as_printed("docs/llamacpp.md",
+                                                                "### The sum's own tolerance (`sum_err`)"),
     "PYTHONPATH=. python scripts/localize_faults.py": table_as_printed("docs/localize.md",
                                                                       "## Every fault of the test engine"),
 }

@@ -340,3 +340,55 @@ def test_masked_is_judged_by_effect_in_the_candidates_dtype():
     a = np.where(np.isneginf(b), b.max() - 40.0, b)
     assert stage_pattern("layers.0.attn.scores_masked", a, b, _budget(), TINY, "float16") is None
     assert stage_pattern("layers.0.attn.scores_masked", a, b, _budget(), TINY, "float32") is not None
+
+
+# --- reorderings read from printed corners (llama.cpp logs: first and last 3 along each axis) ---------
+
+
+def _printed_mask(shape) -> np.ndarray:
+    """The positions llama-eval-callback prints: the first and last 3 along each axis."""
+    out = np.ones(shape, bool)
+    for axis, n in enumerate(shape):
+        keep = np.isin(np.arange(n), [0, 1, 2, n - 3, n - 2, n - 1])
+        out &= keep.reshape([n if a == axis else 1 for a in range(len(shape))])
+    return out
+
+
+def test_printed_reordering_names_a_permuted_k_and_swapped_heads_at_a_head_major_stage():
+    from mlx_tinyllama.errorshape import printed_reordering
+    from mlx_tinyllama.gguf import permute_qk
+
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(2, 10, 16))  # attn.k [KV, T, D]: K rows written with the permutation once too often
+    rows = permute_qk(k.transpose(0, 2, 1).reshape(32, 10), 2).reshape(2, 16, 10).transpose(0, 2, 1)
+    known = _printed_mask(k.shape)
+    found = printed_reordering("layers.1.attn.k", np.where(known, rows, 0), k, known, 1e-3, 0.0)
+    assert found["kind"] == "qk_permutation" and found["fits"] == ["gguf.unpermute_qk"] and found["decided"]
+    q = rng.normal(size=(8, 10, 16))  # attn.q_rope [H, T, D]: heads 1 and 6 swapped
+    swapped = q[[0, 6, 2, 3, 4, 5, 1, 7]]
+    known = _printed_mask(q.shape)
+    found = printed_reordering("layers.0.attn.q_rope", np.where(known, swapped, 0), q, known, 1e-3, 0.0)
+    assert found["kind"] == "head_order" and found["holds"] == {1: 6, 6: 1} and found["decided"]
+    # the other way: the right values say nothing, and a head that equals two reference heads at the
+    # printed positions is not decided
+    assert printed_reordering("layers.0.attn.q_rope", np.where(known, q, 0), q, known, 1e-3, 0.0) is None
+    twin = q.copy()
+    twin[3] = twin[6]
+    found = printed_reordering("layers.0.attn.q_rope", np.where(known, swapped, 0), twin, known, 1e-3, 0.0)
+    assert found["ambiguous"] == [1] and not found["decided"]
+
+
+def test_reordering_words_need_the_printed_sum():
+    from mlx_tinyllama.errorshape import reordering_words
+
+    heads = {"kind": "head_order", "holds": {1: 6, 6: 1}, "ambiguous": [], "no_reference_head": []}
+    assert reordering_words(heads, True) == ("the heads are in another order: printed head 1 holds the reference's "
+                                             "head 6, printed head 6 holds the reference's head 1, and the printed "
+                                             "sum matches", True)
+    text, said = reordering_words(heads, False)
+    assert not said and text.startswith("head order: not decidable from the printed values") and "sum differs" in text
+    text, said = reordering_words(heads, None)
+    assert not said and "no sum is printed" in text
+    qk = {"kind": "qk_permutation", "fits": ["gguf.permute_qk", "gguf.unpermute_qk"]}
+    assert reordering_words(qk, True)[1] is False and "not decidable" in reordering_words(qk, True)[0]
+    assert reordering_words({"kind": "qk_permutation", "fits": []}, True) == ("", False)

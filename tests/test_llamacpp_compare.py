@@ -122,6 +122,9 @@ def test_correct_engine_matches_with_its_precision_emulated(case, ggufs, logs, t
     assert all(r != "no canonical tap for this name" for r in reasons.values()), reasons
     err = capsys.readouterr().err
     assert ("flash attention on" in err) == (not fp32)
+    # every printed sum is judged by its own rounding (sum_err), and a correct engine's are well within it
+    sums = [e for e in result["entries"] if e["metric"] == "sum_err"]
+    assert len(sums) >= 60 and max(e["value"] / e["tolerance"] for e in sums) < 0.5
 
 
 def test_defaults_without_emulation_are_a_false_alarm(ggufs, logs, tmp_path):
@@ -280,9 +283,43 @@ def test_the_fused_flash_attention_node_is_compared_and_shows_what_kqv_out_hides
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.context"
     # a clean log: every layer's fused node is compared (as the context of the layer before it) and matches
     rc, result = run_compare(tmp_path, "--against", logs("amx_default_short_verbose"), "--model", ggufs["f16"])
-    fused = [e for e in result["entries"] if "FLASH_ATTN_EXT" in e["key"] and e["metric"] != "sum_rel"]
+    fused = [e for e in result["entries"] if "FLASH_ATTN_EXT" in e["key"] and e["metric"] != "sum_err"]
     assert rc == 0 and [e["tap"] for e in fused] == [f"layers.{i}.attn.context" for i in range(4)]
     assert not any("FLASH_ATTN_EXT" in n["key"] for n in result["not_compared"])
+
+
+def test_gqa_broadcast_is_caught_by_the_sum_of_kqv_out_whose_corners_miss_it(ggufs, logs, tmp_path):
+    # kqv_out prints heads 0 and 7 only, which h % n_kv gets right; its sum moved from -116.6 to -49.2.
+    # Judged by sum|x| (2 sqrt(nmse) sum|x|, 70.4 here) that passed at 0.96; by the sum's own rounding
+    # (6 sqrt(nmse) sqrt(n) rms(x) + the running sums' rounding + the printed digits, 2.8) it is 24x over.
+    rc, result = run_compare(tmp_path, "--against", logs("fault_gqa_broadcast"), "--model", ggufs["f16"])
+    kqv = {e["metric"]: e for e in result["entries"] if e["key"].startswith("kqv_out-0 (RESHAPE)")}
+    assert kqv["rel_rms"]["ok"]  # its printed corners are right
+    s = kqv["sum_err"]
+    assert not s["ok"] and s["value"] / s["tolerance"] >= 10, s
+    d = s["details"]
+    assert d["scale_is"] == "sqrt(n)*rms(x)" and d["n"] == 39 * 256
+    assert d["max_abs"] < d["tolerance_abs_by_sum_abs"]  # the old rule's tolerance let it through
+    assert d["max_abs"] > 10 * d["tolerance_abs"]
+    # its wrong printed heads (1, 6) hold no other reference head: no head-order reading is offered
+    reading = result["first_divergence"]["printed_reordering"]
+    assert reading["kind"] == "head_order" and reading["no_reference_head"] == [1, 6] and not reading["reordered"]
+    assert "another order" not in result["first_divergence"]["hint"]
+
+
+def test_a_real_log_read_in_the_wrong_qk_order_is_named_from_its_printed_corners(ggufs, logs, tmp_path):
+    # llama.cpp's Q rows are in the GGUF's permuted order; read as Hugging Face's (--layout hf), the printed
+    # values are ours at the positions unpermute_qk moves them to, and the printed sum (order-free) matches
+    rc, result = run_compare(tmp_path, "--against", logs("clean_default_short"), "--model", ggufs["f16"],
+                             "--layout", "hf")
+    div = result["first_divergence"]
+    assert rc == 1 and div["tap"] == "layers.0.attn.q"
+    assert div["printed_reordering"]["fits"] == ["gguf.unpermute_qk"] and div["printed_reordering"]["reordered"]
+    assert div["qk_permutation"]["fixed_by"] == "gguf.unpermute_qk"
+    assert div["hint"].startswith("the printed values are the reference's at permuted positions and the printed "
+                                  "sum matches: the Q rows are permuted within heads")
+    sums = [e for e in result["entries"] if e["tap"] == "layers.0.attn.q" and e["metric"] == "sum_err"]
+    assert sums and all(e["ok"] for e in sums)
 
 
 # --- faults patched into ggml's CPU kernels: the hint leads with the shape of the error ---------------

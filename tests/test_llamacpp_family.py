@@ -239,3 +239,54 @@ def test_clean_family_logs_name_no_feature(preset, ggufs, tmp_path):
                              "--model", ggufs[preset])
     assert rc == 0 and result["first_divergence"] is None
     assert "adds a bias" not in json.dumps(result) and "its own factor" not in json.dumps(result)
+
+
+@pytest.mark.parametrize("preset,moved", [("llama3-tiny", 14), ("qwen2-tiny", 18)])
+def test_tied_lm_head_takes_the_output_matmuls_path(preset, moved, ggufs, tmp_path, capsys):
+    # llama.cpp loads a tied model's output as a duplicate of token_embd placed for the output MUL_MAT:
+    # [32000, 64] f16 fits amx.cpp's supports_op, so on these AMX logs it sits in the AMX buffer (f32
+    # input). The loader's count of weights kept off AMX says so: the file's weights, rope_freqs once
+    # per layer (Llama 3) and the duplicated output, less those on AMX (the Q/K/V/O and the output).
+    from mlx_tinyllama.config import load_config
+    from mlx_tinyllama.emulation import EmulatedTiedEmbedding, _check_amx_placement, emulate
+    from mlx_tinyllama.sources import load
+
+    case = f"family_{key(preset)}_default_short_verbose"
+    info = parse_llamacpp_log(log(tmp_path, case).read_text()).provenance["llama.cpp"]
+    assert info["moved_off"]["AMX"] == moved
+    cfg = load_config(materialize(preset, 0))
+    amx, plain = (EnginePrecision(matmul_input="f16", kv_cache="f16", flash_attn=True, extra_buffer=b)
+                  for b in ("amx", "none"))
+    assert _check_amx_placement(info, cfg, amx) == []  # was: "kept 14 weights off ... predicts 12"
+    lm = load(str(ggufs[preset]), "float32")
+    head = emulate(lm.model, amx).model.embed_tokens
+    assert isinstance(head, EmulatedTiedEmbedding) and head.kind == "f32"
+    assert EmulatedTiedEmbedding(head, plain).kind == "f16"  # -nr, or a CPU without AMX: f16 input
+    # the compare reads the AMX path off the log: no placement note, logits well within tolerance
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, case), "--model", ggufs[preset])
+    assert rc == 0 and "kept" not in capsys.readouterr().err
+    logits = max(e["value"] / e["tolerance"] for e in result["entries"] if e["tap"] == "logits")
+    assert logits < 0.2  # measured 0.083 (llama3-tiny), 0.019 (qwen2-tiny): unchanged, the head is unrounded there
+    # forcing the plain path rounds the tied head's input too; the AMX log still matches (0.17, 0.21)
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, case), "--model", ggufs[preset],
+                             "--emulate", "matmul=f16,kv=f16,fa=on,amx=off")
+    assert rc == 0
+
+
+def test_tied_lm_head_rounds_as_the_output_matmul_does():
+    # the head's input rounding follows the output matmul's path; the lookup rounds nothing
+    from mlx_tinyllama.emulation import EmulatedTiedEmbedding, round_f16
+
+    emb = nn.Embedding(96, 48)  # 96 % 32 == 0, 48 % 16 == 0: AMX takes it
+    x = mx.random.normal((3, 48), key=mx.random.key(1))
+    ids = mx.array([0, 5, 95])
+    for extra, rounded in (("amx", False), ("none", True)):
+        tied = EmulatedTiedEmbedding(emb, EnginePrecision(matmul_input="f16", extra_buffer=extra))
+        want = (round_f16(x) if rounded else x) @ emb.weight.T
+        assert np.array_equal(np.array(tied.as_linear(x)), np.array(want)), extra
+        assert np.array_equal(np.array(tied(ids)), np.array(emb(ids)))
+    odd = EmulatedTiedEmbedding(nn.Embedding(100, 48), EnginePrecision(matmul_input="f16", extra_buffer="amx"))
+    assert odd.kind == "f16"  # 100 outputs: no multiple of 32, the plain path even on AMX
+    q8 = EnginePrecision(matmul_input="q8_0", extra_buffer="none")
+    assert EmulatedTiedEmbedding(nn.Embedding(96, 64), q8).kind == "q8_0"  # a q8_0 file's token_embd
+    assert EmulatedTiedEmbedding(emb, q8).kind == "f16"  # rows of 48: no multiple of 32, f16 in the file
