@@ -16,7 +16,8 @@ import math
 
 import numpy as np
 
-from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
+from .divergence import (QK_STAGES, describe, feature_hint, feature_leads, fused_hint, hint, qk_hint, qk_permutation,
+                         stage_key)
 from .errors import UserError
 from .errorshape import Pattern, printed_pattern, printed_reordering, reordering_words, stage_pattern, unprinted
 from .ggml_kernels import kernel_of
@@ -522,6 +523,10 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
         shape = dict(shape, next_step=f"{shape['next_step']}; {kernel}")
     elif kernel:
         text = f"{text}; {kernel}"
+    feature = None if perm else feature_hint(first, cfg, {s["tap"] for s in stages[:k]})
+    if feature:  # what this model adds at the stage: first to check, unless the error's shape says otherwise
+        leads = not reordered and feature_leads(first, shape and shape["name"])
+        text = f"{feature}; {text}" if leads else f"{text}; {feature}"
     if reordered:  # the right values in another order: that, not the shape of the rows, names the bug
         text = reorder_words + ": " + text
     elif shape is not None:  # the error's shape leads: it names the kind of bug, the stage hint says where

@@ -81,6 +81,102 @@ def qk_hint(tap: str, perm: dict) -> str:
     return text
 
 
+def _runs(values) -> str:
+    """[1, 8, 8, 8] -> "pair 0: 1, pairs 1-3: 8" (equal neighbours merged)."""
+    groups: list[list] = []
+    for i, v in enumerate(values):
+        if groups and float(v) == groups[-1][2]:
+            groups[-1][1] = i
+        else:
+            groups.append([i, i, float(v)])
+    parts = [f"pair {a}: {v:.4g}" if a == b else f"pairs {a}-{b}: {v:.4g}" for a, b, v in groups[:6]]
+    return ", ".join(parts) + (", ..." if len(groups) > 6 else "")
+
+
+def _rope_divisors(cfg: dict) -> list[float]:
+    """The per-frequency divisors this model's RoPE applies: a GGUF's rope_freqs as read, or those
+    llama3 scaling computes from rope_scaling (as llama.cpp's converter writes them)."""
+    if cfg.get("rope_freq_factors"):
+        return [float(f) for f in cfg["rope_freq_factors"]]
+    from types import SimpleNamespace
+
+    from .gguf_write import llama3_rope_factors
+
+    heads = cfg["num_attention_heads"]
+    return [float(f) for f in llama3_rope_factors(SimpleNamespace(
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rope_theta=cfg["rope_theta"],
+        rope_factor=cfg["rope_factor"], rope_low_freq_factor=cfg["rope_low_freq_factor"],
+        rope_high_freq_factor=cfg["rope_high_freq_factor"],
+        rope_original_max_position=cfg["rope_original_max_position"]))]
+
+
+# Error shapes (errorshape.Pattern names) that a fault in each model feature makes: an offset the same
+# for every token (a bias), position 0 right and later ones wrong (RoPE's frequencies), rows wrong from
+# a position on or a mask bound at a distance back (a window). With that shape, or none, the feature leads the hint; after another
+# shape (a reordering, some heads, zero rows) it comes after the stage's own hint.
+FEATURE_SHAPES = {"bias": ("offset",), "rope_scaling": ("all_rows_but_first",),
+                  "sliding_window": ("rows_wrong_from", "all_rows_but_first", "mask_window_missing", "mask_window_off")}
+
+
+def feature_leads(tap: str, shape: str | None) -> bool:
+    """Does the error's shape (None: no shape found) fit a fault of the feature `tap`'s stage applies?"""
+    feature = stage_of(tap).feature if tap not in SHORTCUT_TAPS else ""
+    kind = "bias" if feature.endswith("_proj.bias") else feature
+    return shape is None or shape in FEATURE_SHAPES.get(kind, ())
+
+
+def feature_hint(tap: str, cfg: dict | None, matched: set[str] | None = None) -> str | None:
+    """What this model adds to `tap`'s stage beyond Llama 2's math, from the stage table (which
+    feature the stage applies) and the model's config and architecture (whether it has it): the
+    first thing to check when that stage diverges. None when the model has no such feature.
+    `matched`: the stages compared before `tap` (all matched), the evidence of which side has it."""
+    if not cfg or tap in SHORTCUT_TAPS:
+        return None
+    from .architectures import ARCHITECTURES, DEFAULT
+
+    feature = stage_of(tap).feature
+    arch = ARCHITECTURES.get(cfg.get("architecture") or "", DEFAULT)
+    if feature.endswith("_proj.bias"):
+        proj = feature.split(".")[0]
+        if proj != "o_proj" and arch.qkv_bias:
+            why = f"{arch.hf_class} projects q, k and v with biases"
+        elif cfg.get("attention_bias"):
+            why = "config.json's attention_bias is true"
+        else:
+            return None
+        return (f"this model's {proj} adds a bias ({why}): check that {proj}'s own bias is added once after the "
+                f"matmul, one value per output column and the same for every token (not dropped, not another "
+                f"projection's bias, not broadcast along the token axis)")
+    if feature == "rope_scaling":
+        rope_type = cfg.get("rope_type") or "default"
+        if cfg.get("rope_freq_factors") or rope_type == "llama3":
+            source = ("the GGUF's rope_freqs tensor" if cfg.get("rope_freq_factors") else
+                      f"rope_scaling llama3: factor {cfg['rope_factor']:g}, low_freq_factor "
+                      f"{cfg['rope_low_freq_factor']:g}, high_freq_factor {cfg['rope_high_freq_factor']:g}, original "
+                      f"context {cfg['rope_original_max_position']}; llama.cpp stores them as the GGUF's rope_freqs")
+            text = (f"this model's RoPE divides each frequency by its own factor ({source}; here "
+                    f"{_runs(_rope_divisors(cfg))}): check that frequency pair i is theta^(-2i/head_dim) divided "
+                    "(not multiplied) by factor i (not a neighbour's), and that both Q's and K's rotation get the "
+                    "factors (the RoPE op's freq_factors operand in llama.cpp)")
+            q_rope = tap.rsplit(".", 1)[0] + ".q_rope"
+            if tap.endswith("k_rope") and matched and q_rope in matched:
+                text += (f"; {q_rope} matched, rotated with the same frequencies and factors, so they reach Q's "
+                         "rotation and not K's (or K's gets other ones)")
+            return text
+        if rope_type == "linear":
+            return (f"this model's RoPE is linear-scaled (rope_scaling factor {cfg['rope_factor']:g}): positions are "
+                    f"divided by {cfg['rope_factor']:g} before the rotation, for Q and K alike")
+        return None
+    if feature == "sliding_window":
+        window = int(cfg.get("sliding_window") or 0) if arch.sliding_window else 0
+        if window <= 0:
+            return None
+        return (f"this model attends to its last {window} keys only (sliding_window {window}): query t sees keys "
+                f"t-{window - 1}..t, so an attention without the window matches for the first {window} tokens and "
+                "differs after them")
+    return None
+
+
 def inputs(tap: str, n_layers: int) -> list[str]:
     """The canonical taps `tap`'s op reads (the registry's data flow, not forward order: q_rope reads q)."""
     if tap in SHORTCUT_TAPS:

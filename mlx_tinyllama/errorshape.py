@@ -323,6 +323,27 @@ def explain_stride(holds: list, ok, positions, n_rows: int, kernel: str, full: b
     return None
 
 
+def _offset(words: str, kernel: str, evidence: dict) -> Pattern:
+    return Pattern("offset", words, "an additive term the same for every token: a bias dropped, added twice, another "
+                   "projection's bias added in its place, or one added where none belongs",
+                   f"check the bias add after the {kernel}: which bias vector it adds, and that it is broadcast "
+                   "over the tokens", evidence)
+
+
+def explain_offset(a2: np.ndarray, b2: np.ndarray, tol: float, kernel: str) -> Pattern | None:
+    """Every token row off by the same vector: removing the mean error over the token rows leaves
+    an error within `tol` (NMSE), where the error as it stands is not. a2, b2: [tokens, -1]."""
+    if a2.shape[0] < 3 or not _nmse(a2, b2) > tol:
+        return None
+    offset = np.mean(a2 - b2, axis=0)
+    rest = _nmse(a2 - offset, b2)
+    if not rest <= tol:
+        return None
+    return _offset(f"every token row is off by the same vector (removing it leaves NMSE {rest:.3g}, from "
+                   f"{_nmse(a2, b2):.3g})", kernel,
+                   {"offset_rms": float(np.sqrt(np.mean(offset * offset))), "nmse_after_offset": rest})
+
+
 def explain_values(a: np.ndarray, b: np.ndarray, budget: float, token_axis: int, kernel: str) -> Pattern | None:
     """Right values in the wrong place, or the right values times a constant."""
     tol = ROW_SLACK * budget
@@ -541,6 +562,9 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
             if heads is not None:
                 return heads
     if np.isfinite(a).all():
+        offset = explain_offset(a2, b2, ROW_SLACK * budget, kernel)
+        if offset is not None:
+            return offset
         values = explain_values(a, b, budget, token_axis, kernel)
         if values is not None:
             return values
@@ -877,6 +901,13 @@ def _printed_pattern(tap: str, candidate, reference, known, tolerance: float, re
                                     f"{_span([h for h, r in zip(heads, right) if r])} match",
                            cause, f"check the head -> KV-head index in the {stage.kernel or stage.what}; dump the "
                                   f"full tensor to see every head", ev)
+    if not ok.all() and np.isfinite(a2).all():
+        # every printed row off by the same values at the same printed positions: an offset (after the
+        # heads, as in `explain`: some heads right says more)
+        offset = np.mean(a2 - b2, axis=0)
+        if (np.abs(a2 - offset - b2).max(axis=1) <= tolerance * scale + 4 * resolution).all():
+            return _offset(f"every printed token row ({_span(rows)}) is off by the same values", stage.kernel or
+                           stage.what, {"printed_rows": rows, "offset_max": float(np.abs(offset).max())})
     return None
 
 

@@ -51,6 +51,9 @@ class Stage:
     panel: str | None = None  # report magnitude panel (PANELS); None: not plotted
     gguf_permuted: bool = False  # a GGUF holds its rows in llama.cpp's interleaved-pair order along head_dim
     masked: bool = False  # holds the causal mask's dtype minimum above the diagonal
+    # What a model may add to this stage beyond Llama 2's math (a projection's bias, RoPE scaling,
+    # a sliding window): divergence.feature_hint reads from the config whether this model has it.
+    feature: str = ""
 
     @property
     def shape(self) -> str:
@@ -119,18 +122,20 @@ LAYER_STAGES = (
           "inside the sqrt, then the cast and the multiply by the weight", _NORMS),
     Stage("attn.q", _HEADS, "attention", "query projection, split into heads", "heads", ("attn_norm",),
           "self_attn.q_proj", "the query projection: q_proj weight orientation, and the split into heads "
-          "([T, H*D] -> [H, T, D])", _PROJ, gguf_permuted=True),
+          "([T, H*D] -> [H, T, D])", _PROJ, gguf_permuted=True, feature="q_proj.bias"),
     Stage("attn.k", _KV, "attention", "key projection, split into KV heads", "heads", ("attn_norm",),
           "self_attn.k_proj", "the key projection: k_proj weight orientation, KV head count, and the split into "
-          "KV heads", _PROJ, gguf_permuted=True),
+          "KV heads", _PROJ, gguf_permuted=True, feature="k_proj.bias"),
     Stage("attn.v", _KV, "attention", "value projection, split into KV heads", "heads", ("attn_norm",),
-          "self_attn.v_proj", "the value projection: v_proj weight orientation and the split into KV heads", _PROJ),
+          "self_attn.v_proj", "the value projection: v_proj weight orientation and the split into KV heads", _PROJ,
+          feature="v_proj.bias"),
     Stage("attn.q_rope", _HEADS, "attention", "query after rotary position embedding", "rope", ("attn.q",), "",
           "the rotary embedding of the queries: rotate-half (HF) vs interleaved pairs (GGUF weights), positions "
-          "starting at 0, theta, and cos/sin over head_dim/2 frequencies", _PROJ, gguf_permuted=True),
+          "starting at 0, theta, and cos/sin over head_dim/2 frequencies", _PROJ, gguf_permuted=True,
+          feature="rope_scaling"),
     Stage("attn.k_rope", _KV, "attention", "key after rotary position embedding", "rope", ("attn.k",), "",
           "the rotary embedding of the keys: rotate-half vs interleaved pairs, positions, theta", _PROJ,
-          gguf_permuted=True),
+          gguf_permuted=True, feature="rope_scaling"),
     Stage("attn.k_rep", _HEADS, "attention", "keys after the GQA repeat: query head h's keys (KV head h // n_rep)",
           "repeat_kv", ("attn.k_rope",), "", "the GQA repeat of the keys: query head h reads KV head h // n_rep "
           "(repeat_interleave, not tile), over this step's rotated keys", _PROJ),
@@ -144,14 +149,17 @@ LAYER_STAGES = (
           "the score scale: it must be 1/sqrt(head_dim)", _ATT),
     Stage("attn.scores_masked", _SCORES, "attention", "scaled scores + causal mask (dtype minimum above the "
           "diagonal)", "mask", ("attn.scores_scaled",), "",
-          "the causal mask: query t sees keys 0..t only; masked entries get the dtype's minimum", None, masked=True),
+          "the causal mask: query t sees keys 0..t only; masked entries get the dtype's minimum", None, masked=True,
+          feature="sliding_window"),
     Stage("attn.probs", _SCORES, "attention", "softmax over key positions", "softmax", ("attn.scores_masked",), "",
-          "the attention softmax: over the key axis (the last one), in fp32, after subtracting the row max", _ATT),
+          "the attention softmax: over the key axis (the last one), in fp32, after subtracting the row max", _ATT,
+          feature="sliding_window"),
     Stage("attn.context", ("token", "head*dim"), "attention", "probs·V with heads merged, before o_proj", "pv",
           ("attn.probs", "attn.v"), "",
-          "probs·V: the KV-head mapping for V, and merging heads back to [T, H*D] in head order", _PROJ),
+          "probs·V: the KV-head mapping for V, and merging heads back to [T, H*D] in head order", _PROJ,
+          feature="sliding_window"),
     Stage("attn.out", _HID, "attention", "o_proj output, before the residual add", "linear", ("attn.context",),
-          "self_attn.o_proj", "the output projection o_proj", _PROJ),
+          "self_attn.o_proj", "the output projection o_proj", _PROJ, feature="o_proj.bias"),
     Stage("resid_mid", _HID, "residual", "residual stream after the attention add", "add",
           (LAYER_INPUT, "attn.out"), "", "the residual add after attention: it adds the o_proj output to the "
           "layer's input (not to the normed input)", PANELS[4]),

@@ -14,8 +14,9 @@ Arithmetic is float64; dumps are float32 (or half precision) through kit/tap_dum
 
 Faults (`Engine(model_dir, faults=["missing_scale@1", "rope_offset:2"])`: NAME[:ARG][@LAYER],
 layer 0 unless given). Each is one mistake that real engines make; FAULTS says which stage it
-breaks and whether it changes the arithmetic ("compute"), only how a tensor is written to
-the dump ("dump"), or only decode steps ("decode").
+breaks and whether it changes the arithmetic ("compute"; "bias": only on a model whose projections
+carry biases), only how a tensor is written to the dump ("dump"), or only decode steps ("decode").
+A projection's bias (Qwen2's q/k/v, Llama's attention_bias) is added when the checkpoint has one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ FAULTS = {
     "mask_offset": ("compute", "attn.scores_masked", "query t sees keys up to t+ARG (default 1)"),
     "kv_head_mapping": ("compute", "attn.k_rep", "query head h reads KV head h % KV instead of h // (H/KV)"),
     "bos_shift": ("compute", "embed", "embeds [BOS] + ids[:-1]: every token one position late"),
+    # Faults of a projection's bias: only a model whose projections carry biases shows them.
+    "v_bias_dropped": ("bias", "attn.v", "v_proj's bias never added (q, k and o keep theirs)"),
+    "k_bias_on_v": ("bias", "attn.v", "v_proj gets k_proj's bias instead of its own (needs KV widths equal)"),
     # Kernel faults (issue 22): the tiling and indexing mistakes of hand-written kernels.
     "tile_rows_zero": ("compute", "attn.q", "the q_proj matmul computes token rows 0..ARG-1 only (default 32): "
                                             "rows from ARG on are zero (an M loop bound)"),
@@ -104,7 +108,10 @@ class Engine:
         self.L, self.H, self.KV = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.hidden = cfg["hidden_size"]
         self.D = cfg.get("head_dim") or self.hidden // self.H
-        self.eps, self.theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+        self.eps = cfg["rms_norm_eps"]
+        rope = cfg.get("rope_parameters") or {}  # transformers 5.x writes rope_theta there
+        assert (rope.get("rope_type") or "default") == "default", "this engine runs the default RoPE only"
+        self.theta = cfg["rope_theta"] if "rope_theta" in cfg else rope["rope_theta"]
         self.w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
         self.tied = cfg.get("tie_word_embeddings", False)
         self.faults = [f if isinstance(f, Fault) else Fault.parse(f) for f in faults]
@@ -193,9 +200,14 @@ class Engine:
         qm = h @ w[p + "q_proj.weight"].T
         if (f := self.fault("tile_rows_zero", i)):
             qm[int(f.arg or 32):] = 0.0
-        q = taps[t + "attn.q"] = self._heads(qm, self.H)
-        k = taps[t + "attn.k"] = self._heads(h @ w[p + "k_proj.weight"].T, self.KV)
-        v = taps[t + "attn.v"] = self._heads(h @ w[p + "v_proj.weight"].T, self.KV)
+        bias = {n: w.get(p + f"{n}_proj.bias", 0.0) for n in "qkvo"}
+        if self.fault("v_bias_dropped", i):
+            bias["v"] = 0.0
+        if self.fault("k_bias_on_v", i):
+            bias["v"] = bias["k"]
+        q = taps[t + "attn.q"] = self._heads(qm + bias["q"], self.H)
+        k = taps[t + "attn.k"] = self._heads(h @ w[p + "k_proj.weight"].T + bias["k"], self.KV)
+        v = taps[t + "attn.v"] = self._heads(h @ w[p + "v_proj.weight"].T + bias["v"], self.KV)
         offset = self.fault("rope_offset", i)
         positions = np.arange(start, start + T, dtype=np.float64) + (offset.arg or 1 if offset else 0)
         interleaved = self.fault("rope_interleaved", i) is not None
@@ -238,7 +250,7 @@ class Engine:
         if self.fault("zeros_after_first_step", i) and self.steps >= 2:
             ctx = np.zeros_like(ctx)  # read before the GPU wrote it
         taps[t + "attn.context"] = ctx
-        out = ctx @ w[p + "o_proj.weight"].T
+        out = ctx @ w[p + "o_proj.weight"].T + bias["o"]
         if (f := self.fault("cols_zero", i)):
             out[:, int(f.arg or out.shape[1] - 8):] = 0.0
         taps[t + "attn.out"] = out

@@ -88,10 +88,11 @@ def test_clean_family_log_matches_the_checkpoint(preset, tmp_path):
 def test_mistral_log_is_its_gguf_without_the_window(tmp_path):
     # llama.cpp's converter writes Mistral as `llama` without sliding_window: the engine attends to all
     # 39 tokens, the checkpoint (window 8) does not. Against the checkpoint that is a real difference,
-    # first seen where attention mixes the tokens.
+    # first seen where attention mixes the tokens, and the hint names the window (from the config).
     rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_mistral_tiny_default_short_verbose"),
                              "--model", materialize("mistral-tiny", 0))
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.context"
+    assert "last 8 keys only (sliding_window 8)" in result["first_divergence"]["hint"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -136,7 +137,8 @@ def test_emulated_linear_keeps_the_bias(matmul_input):
 
 @pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")
 @pytest.mark.parametrize("case,rc_expected", [("family_qwen2_tiny_default_short_verbose", 0),
-                                              ("family_qwen2_tiny_fault_norm_eps", 1)])
+                                              ("family_qwen2_tiny_fault_norm_eps", 1),
+                                              ("family_qwen2_tiny_fault_qkv_bias_k_to_v", 1)])
 def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
     # the one-shot command reads the log the same way: Qwen2's Q/K order and its biases, by the log itself
     from test_llamacpp_compare import fake_binary
@@ -146,7 +148,10 @@ def test_llamacpp_command_on_a_qwen2_gguf(case, rc_expected, ggufs, tmp_path):
                      "--prompt-file", str(FIXTURES / "prompts" / "short.txt"), "--json", str(out)])
     result = json.loads(out.read_text())
     assert rc == rc_expected, result["first_divergence"]
-    assert (result["first_divergence"] or {}).get("tap") == (None if rc_expected == 0 else "layers.0.attn_norm")
+    expected = None if rc_expected == 0 else FEATURE_FAULTS[case][1] if case in FEATURE_FAULTS else "layers.0.attn_norm"
+    assert (result["first_divergence"] or {}).get("tap") == expected
+    if case in FEATURE_FAULTS:  # the one-shot command names the bias as compare does
+        assert FEATURE_FAULTS[case][2] in result["first_divergence"]["hint"]
 
 
 def test_llama3_log_used_the_llama3_frequencies(tmp_path):
@@ -163,6 +168,77 @@ def test_llama3_log_used_the_llama3_frequencies(tmp_path):
                              "--model", d)
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.q_rope"
     assert result["first_divergence"]["error"]["ratio"] >= 10
+
+
+# Faults inside what an architecture adds (scripts/llamacpp/patches, FAMILY_FAULTS of make_fixtures.py):
+# case -> (preset, the stage it breaks, what the hint must name, the error shape found on the printed rows)
+FEATURE_FAULTS = {
+    "family_qwen2_tiny_fault_qkv_bias_k_to_v": ("qwen2-tiny", "layers.0.attn.v", "this model's v_proj adds a bias "
+                                                "(Qwen2ForCausalLM projects q, k and v with biases)", "offset"),
+    "family_qwen2_tiny_fault_qkv_bias_q_dropped": ("qwen2-tiny", "layers.0.attn.q", "this model's q_proj adds a bias "
+                                                   "(Qwen2ForCausalLM projects q, k and v with biases)", "offset"),
+    "family_llama3_tiny_fault_rope_freqs_mul": ("llama3-tiny", "layers.0.attn.q_rope", "this model's RoPE divides "
+                                                "each frequency by its own factor (the GGUF's rope_freqs tensor; "
+                                                "here pair 0: 1, pairs 1-7: 8)", "all_rows_but_first"),
+    "family_llama3_tiny_fault_rope_freqs_k_dropped": ("llama3-tiny", "layers.0.attn.k_rope", "this model's RoPE "
+                                                      "divides each frequency by its own factor (the GGUF's "
+                                                      "rope_freqs tensor; here pair 0: 1, pairs 1-7: 8)", None),
+    "family_llama3_tiny_fault_rope_freqs_ignored": ("llama3-tiny", "layers.0.attn.q_rope", "this model's RoPE "
+                                                    "divides each frequency by its own factor (the GGUF's "
+                                                    "rope_freqs tensor; here pair 0: 1, pairs 1-7: 8)", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FEATURE_FAULTS))
+def test_family_feature_fault_found_at_its_stage_with_its_cause(case, ggufs, tmp_path):
+    preset, tap, feature, shape = FEATURE_FAULTS[case]
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, case), "--model", ggufs[preset])
+    assert rc == 1
+    div = result["first_divergence"]
+    assert div["tap"] == tap and div["error"]["ratio"] >= 10, div
+    assert div["before"]["ok"], div["before"]  # every stage before it matched
+    assert (div["pattern"] or {}).get("name") == shape, div["pattern"]
+    hint = div["hint"]
+    # the model's own feature is named, and ahead of the generic stage hint (a weight orientation, theta)
+    assert feature in hint, hint
+    generic = hint.index("inputs to this stage match")
+    assert hint.index(feature) < generic, hint
+    if shape == "offset":  # the printed rows say "the same error in every token row" before anything else
+        assert hint.startswith("every printed token row (0-2, 36-38) is off by the same values"), hint
+
+
+def test_rope_freqs_on_k_only_leaves_q_rope_matching(ggufs, tmp_path):
+    # the K-only fault: Q's rotation (with the factors) matches, K's (without) does not
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_llama3_tiny_fault_rope_freqs_k_dropped"),
+                             "--model", ggufs["llama3-tiny"])
+    stages = {s["tap"]: s for s in result["stages"]}
+    assert rc == 1 and stages["layers.0.attn.q_rope"]["ok"] and not stages["layers.0.attn.k_rope"]["ok"]
+    assert ("layers.0.attn.q_rope matched, rotated with the same frequencies and factors, so they reach Q's "
+            "rotation and not K's") in result["first_divergence"]["hint"]
+    # the other way: where Q's rotation is the one that diverges, nothing is said of K
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_llama3_tiny_fault_rope_freqs_ignored"),
+                             "--model", ggufs["llama3-tiny"])
+    assert rc == 1 and "reach Q's rotation" not in result["first_divergence"]["hint"]
+
+
+def test_rope_freqs_fault_against_the_checkpoint_names_its_rope_scaling(tmp_path):
+    # Against the Hugging Face checkpoint the divisors come from config.json's rope_scaling (no GGUF):
+    # the hint says which, with the same factors llama.cpp's converter writes.
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, "family_llama3_tiny_fault_rope_freqs_mul"),
+                             "--model", materialize("llama3-tiny", 0))
+    div = result["first_divergence"]
+    assert rc == 1 and div["tap"] == "layers.0.attn.q_rope"
+    assert ("rope_scaling llama3: factor 8, low_freq_factor 1, high_freq_factor 4, original context 32" in div["hint"]
+            and "here pair 0: 1, pairs 1-7: 8" in div["hint"]), div["hint"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_clean_family_logs_name_no_feature(preset, ggufs, tmp_path):
+    # the other way: the clean logs match, so no feature is blamed anywhere in the result
+    rc, result = run_compare(tmp_path, "--against", log(tmp_path, f"family_{key(preset)}_default_short_verbose"),
+                             "--model", ggufs[preset])
+    assert rc == 0 and result["first_divergence"] is None
+    assert "adds a bias" not in json.dumps(result) and "its own factor" not in json.dumps(result)
 
 
 @pytest.mark.parametrize("preset,moved", [("llama3-tiny", 14), ("qwen2-tiny", 18)])

@@ -21,7 +21,7 @@ from mlx_tinyllama.metrics import metrics
 from mlx_tinyllama.trace import main as cli
 from numpy_engine import FAULTS, Engine, Fault
 
-PREFILL_FAULTS = sorted(n for n, (kind, _, _) in FAULTS.items() if kind != "decode" and n != "drift")
+PREFILL_FAULTS = sorted(n for n, (kind, _, _) in FAULTS.items() if kind in ("compute", "dump") and n != "drift")
 DECODE_FAULTS = sorted(n for n, (kind, _, _) in FAULTS.items() if kind == "decode")
 
 

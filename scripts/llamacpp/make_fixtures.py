@@ -113,7 +113,19 @@ for _p in FAMILY_PRESETS:
     FAMILY_CASES[f"family_{_k}_default_short_verbose"] = ("f16", "short", ["-v"], None, f"correct engine, {_p}, true defaults, -v")
     FAMILY_CASES[f"family_{_k}_fault_norm_eps"] = ("f16", "short", ["-v"], "norm_eps", f"the norm_eps fault, {_p}, true defaults, -v")
     CASE_PRESET.update({n: _p for n in FAMILY_CASES if _k in n})
-FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch"))
+# Faults inside what an architecture adds to Llama, run on that architecture's preset only (on the
+# others the patched code never runs): Qwen2's q/k/v bias ADD (llama-graph.cpp's build_qkv) and
+# Llama 3's rope_freqs (the per-frequency divisors: ggml-cpu's rope cache, src/models/llama.cpp).
+# Mistral has none: llama.cpp's converter writes it as `llama`, whose graph never reads a window.
+FAMILY_FAULTS = {"qkv_bias_k_to_v": "qwen2-tiny", "qkv_bias_q_dropped": "qwen2-tiny",
+                 "rope_freqs_mul": "llama3-tiny", "rope_freqs_k_dropped": "llama3-tiny",
+                 "rope_freqs_ignored": "llama3-tiny"}
+for _f, _p in FAMILY_FAULTS.items():
+    _name = f"family_{_p.replace('-', '_')}_fault_{_f}"
+    FAMILY_CASES[_name] = ("f16", "short", ["-v"], _f, (HERE / "patches" / f"{_f}.patch").read_text().splitlines()[0]
+                           + f", {_p}, true defaults, -v")
+    CASE_PRESET[_name] = _p
+FAULT_PATCHES = sorted(p.stem for p in (HERE / "patches").glob("*.patch") if p.stem not in FAMILY_FAULTS)
 for _f in FAULT_PATCHES:
     _outtype, _extra = FAULT_SETTINGS.get(_f, ("f16", []))
     CASES[f"fault_{_f}"] = (_outtype, FAULT_PROMPTS.get(_f, "short"), _extra, _f,
@@ -278,8 +290,13 @@ def provenance(manifest: dict) -> str:
         "  adds BOS (id 1) and parses special tokens (`</s>` is id 2), so each log holds BOS + the prompt.",
         "- Settings: `defaults` = no precision flags (flash attention auto -> on for CPU, f16 KV cache);",
         "  `fp32` = `-fa off -ctk f32 -ctv f32` with an f32 GGUF.",
-        "- Faults: `fault_X` (and `amx_fault_X`) ran with `scripts/llamacpp/patches/X.patch` applied to the",
-        "  llama.cpp source, then reverted.",
+        "- Faults: `fault_X` (and `amx_fault_X`, `family_P_fault_X`) ran with `scripts/llamacpp/patches/X.patch`",
+        "  applied to the llama.cpp source, then reverted.",
+        "- Family faults (`FAMILY_FAULTS`: made on the AMX CPU, each on its architecture's preset only): Qwen2's",
+        "  bias ADD in `build_qkv` (`src/llama-graph.cpp`): `qkv_bias_k_to_v` adds `wk_b` to Vcur, `qkv_bias_q_dropped`",
+        "  has no `wq_b` add; Llama 3's `rope_freqs`: `rope_freqs_mul` multiplies theta by the factor in the CPU rope",
+        "  cache (`ggml-cpu/ops.cpp`, `ggml_rope_cache_init`), `rope_freqs_k_dropped` passes no factors to K's",
+        "  `ggml_rope_ext` (`src/models/llama.cpp`), `rope_freqs_ignored` never fetches them (Q and K unscaled).",
         "- CPU: the features ggml reports in the log's system_info line. `AMX_INT8` marks the cases made on a CPU",
         "  with AMX (the `amx_*` cases), where the defaults put f16 weights in the AMX extra buffer (f32 matmul",
         "  inputs) and `-nr` turns that off; the other cases were made on an AVX2 CPU (no extra buffer for f16).",
