@@ -1,0 +1,176 @@
+"""The engine's own KV cache, rebuilt from its step dumps, and which cached key each column of a
+step's scores holds.
+
+A decode step's attention reads the keys and values of earlier positions, which its own dump
+does not hold; the earlier steps' dumps do (each dumps its `attn.k_rope` and `attn.v` rows). So
+the cache a step should have read is the concatenation, in position order, of every step's rows
+up to and including its own (a prefill chunk is a step of T rows). Replaying a step's scores
+and context from that cache says whether the step's attention read what the engine itself had
+written (replay.py); `key_columns` then says which way a read went wrong: a key of another
+position, a slot never written (zeros), one past the current position, or the oldest dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CACHED = ("attn.k_rope", "attn.v")  # what the cache holds per layer: the rotated keys and the values
+
+
+@dataclass
+class StepCache:
+    """K/V of every position up to the end of one step: tap -> [KV, S, D], and tap -> why not."""
+
+    position: int  # the step's first token position
+    n_keys: int  # S = position + the step's tokens
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+class CacheBuilder:
+    """Feed the steps in position order (`add`); each call returns that step's StepCache."""
+
+    def __init__(self, n_layers: int):
+        self.names = [f"layers.{i}.{s}" for i in range(n_layers) for s in CACHED]
+        self.rows: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        self.broken: dict[str, str] = {}  # tap -> why the cache of that tap cannot be had any more
+        self.at = 0  # the next position a step must start at for the cache to stay whole
+
+    def add(self, position: int, n_tokens: int, tensors: dict[str, np.ndarray]) -> StepCache:
+        if position > self.at:
+            gap = f"{self.at}" if position - self.at == 1 else f"{self.at}-{position - 1}"
+            why = (f"no step dump holds position{'s' if position - self.at > 1 else ''} {gap}, whose cached "
+                   "keys and values later steps read")
+            for n in self.names:
+                self.broken.setdefault(n, why)
+        for n in self.names:
+            x = tensors.get(n)
+            if x is None:
+                self.broken.setdefault(n, f"{n} is not in the step dump of position {position}")
+            elif x.ndim != 3 or x.shape[1] != n_tokens:
+                self.broken.setdefault(n, f"{n} at position {position} has shape {list(x.shape)}, not "
+                                          f"[KV, {n_tokens}, D]")
+            elif n not in self.broken:
+                self.rows[n].append(x)
+        self.at = position + n_tokens
+        out = StepCache(position, position + n_tokens)
+        for n in self.names:
+            if n in self.broken:
+                out.missing[n] = self.broken[n]
+            else:
+                out.tensors[n] = np.concatenate(self.rows[n], axis=1)
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Which cached key each column of a step's scores holds
+
+
+ZEROS = "zeros"
+
+
+def key_columns(theirs: np.ndarray, q: np.ndarray, keys: np.ndarray, kv_map: np.ndarray,
+                tolerance: float) -> list[int | str | None]:
+    """Per column of their scores [H, T, S']: the cached position p whose Q·K_p it holds (within
+    `tolerance`, an NMSE scaled by the scores' own mean square), ZEROS for a column of zeros (a slot
+    never written), None for no cached key. `keys` [KV, S, D], query head h reads KV head kv_map[h]."""
+    ours = np.einsum("htd,hsd->hts", q.astype(np.float64), keys.astype(np.float64)[kv_map])
+    scale = float(np.mean(ours * ours)) or 1.0
+    out: list[int | str | None] = []
+    for j in range(theirs.shape[-1]):
+        col = theirs[..., j].astype(np.float64)
+        if not np.any(col):
+            out.append(ZEROS)
+            continue
+        err = np.mean((col[..., None] - ours) ** 2, axis=(0, 1)) / scale
+        best = int(np.argmin(err))
+        out.append(best if err[best] <= tolerance else None)
+    return out
+
+
+def _span(items: list[int]) -> str:
+    """[3, 4, 5, 7] -> "3-5, 7"."""
+    out, run = [], []
+    for i in items:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [i]
+    if run:
+        out.append(f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ", ".join(out)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{'one' if n == 1 else n} {word}{'' if n == 1 else 's'}"
+
+
+def visible_keys(position: int, n_tokens: int, window: int) -> list[int]:
+    """The positions the step's last query row may attend: every earlier one, or the last `window`."""
+    last = position + n_tokens - 1
+    return list(range(max(0, last - window + 1) if window else 0, last + 1))
+
+
+def explain(cols: list[int | str | None], position: int, n_tokens: int, window: int) -> tuple[bool, str]:
+    """(consistent, words): whether the columns are the keys the step should read in position order
+    (all of them, or a sliding window's last `window`), and what they hold when they are not."""
+    S, last = position + n_tokens, position + n_tokens - 1
+    if cols == list(range(S)):
+        return True, f"the {S} columns hold the keys of positions 0-{last}, as its own cache does"
+    shown = visible_keys(position, n_tokens, window)
+    if window and cols == shown:
+        return True, (f"the {len(cols)} columns hold the keys of positions {_span(shown)}: the sliding window "
+                      f"of {window} keys, as its own cache does")
+    at = f"step {position}'s scores" if n_tokens == 1 else f"the scores of the step at {position}-{last}"
+    pos = [c for c in cols if isinstance(c, int)]
+    zeros = [j for j, c in enumerate(cols) if c == ZEROS]
+    unknown = [j for j, c in enumerate(cols) if c is None]
+    shifts = {c - j for j, c in enumerate(cols) if isinstance(c, int)}
+    facts = []
+    if zeros:
+        facts.append(f"column{'s' if len(zeros) > 1 else ''} {_span(zeros)} {'are' if len(zeros) > 1 else 'is'} "
+                     "zeros (a slot never written)")
+    if unknown:
+        facts.append(f"column{'s' if len(unknown) > 1 else ''} {_span(unknown)} match{'' if len(unknown) > 1 else 'es'}"
+                     f" no cached key")
+    unread = [p for p in (shown if window else range(S)) if p not in pos]
+    if unread:
+        own = " (this step's own key)" if unread == [last] else ""
+        facts.append(f"position{'s' if len(unread) > 1 else ''} {_span(unread)}{own} "
+                     f"{'are' if len(unread) > 1 else 'is'} never read")
+    tail = ("; ".join(facts) + ": ") if facts else ""
+    if not pos and len(zeros) == len(cols):
+        return False, (f"{at} read only zeros where its own cache holds the keys of positions {_span(shown)}: "
+                       f"{tail}the slots it reads were never written (the keys went to another slot: a cache "
+                       "written late, or at another offset)")
+    if not pos:
+        return False, (f"{at}: no column is Q·K of a cached key through the GQA mapping (query head h reads KV "
+                       f"head h // n_rep): {tail}the keys are read from another place or another KV head")
+    if len(shifts) == 1 and (d := -shifts.pop()) > 0 and len(cols) == S:
+        j = next(j for j, c in enumerate(cols) if isinstance(c, int))
+        return False, (f"{at} used the key of position {cols[j]} in column {j} where its own cache holds "
+                       f"position {j} ({_span(pos)} in columns {_span([j for j, c in enumerate(cols) if isinstance(c, int)])}"
+                       f"): {tail}the KV cache is written {_plural(d, 'position')} late (or read {d} early)")
+    if len(cols) > len(shown) and cols[:len(shown)] == shown:
+        extra = len(cols) - len(shown)
+        return False, (f"{at} reads {_plural(extra, 'key')} past the current position {last}: {tail}"
+                       f"{len(cols)} columns where {len(shown)} keys exist (a cache length off by {extra}, or its "
+                       "capacity or padding read as keys)")
+    if pos == list(range(pos[0], last + 1)) and pos[0] > shown[0] and len(pos) == len(cols):
+        dropped = list(range(shown[0], pos[0]))
+        limit = f"the model's window is {window} keys" if window else "the model has no sliding window"
+        return False, (f"{at} holds only the last {len(pos)} keys (positions {_span(pos)}): "
+                       f"position{'s' if len(dropped) > 1 else ''} {_span(dropped)} "
+                       f"{'were' if len(dropped) > 1 else 'was'} dropped, a ring buffer or window of {len(pos)} "
+                       f"slots where {limit}")
+    if window and pos == list(range(pos[0], last + 1)) and pos[0] < shown[0] and len(pos) == len(cols):
+        early = list(range(pos[0], shown[0]))
+        return False, (f"{at} holds the keys of positions {_span(pos)}: {_plural(len(early), 'key')} more than the "
+                       f"sliding window of {window} (position{'s' if len(early) > 1 else ''} {_span(early)} "
+                       f"{'are' if len(early) > 1 else 'is'} outside it)")
+    where = ", ".join(f"column {j}: position {c}" for j, c in enumerate(cols) if isinstance(c, int))
+    return False, f"{at} hold keys out of place ({where}): {tail or ''}".rstrip(": ")
