@@ -354,4 +354,12 @@ def print_steps(result: dict) -> None:
             con.print(f"[bold]hint[/]: {escape(f['hint'])}")
         for d in f["diagnosis"]:
             con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
+    loc = result.get("localized")
+    if loc and loc.get("keys"):
+        con.print(f"[bold]keys read[/] (position {loc['position']}, {loc['stage']}): {escape(loc['keys'])}")
+    lines = [(s["position"], tap, why) for s in result.get("not_replayed") or [] for tap, why in s["stages"].items()]
+    for pos, tap, why in lines[:4]:  # the first few; --json's not_replayed has them all
+        con.print(f"[yellow]not replayed[/]: position {pos}, {tap}: {escape(why)}")
+    if len(lines) > 4:
+        con.print(f"[yellow]not replayed[/]: {len(lines) - 4} more stage(s) of later steps (--json: not_replayed)")
     cli_common.print_verdict(result)  # the outcome, with the steps and stages it covers: the last line

@@ -115,6 +115,12 @@ def visible_keys(position: int, n_tokens: int, window: int) -> list[int]:
     return list(range(max(0, last - window + 1) if window else 0, last + 1))
 
 
+def placed(cols: list[int | str | None]) -> bool:
+    """Whether the columns were told by where they sit in the cache (some hold a cached key or zeros),
+    rather than matching no cached key at all (a wrong KV head: the diagnosis tells that)."""
+    return any(c is not None for c in cols)
+
+
 def explain(cols: list[int | str | None], position: int, n_tokens: int, window: int) -> tuple[bool, str]:
     """(consistent, words): whether the columns are the keys the step should read in position order
     (all of them, or a sliding window's last `window`), and what they hold when they are not."""
@@ -125,52 +131,59 @@ def explain(cols: list[int | str | None], position: int, n_tokens: int, window: 
     if window and cols == shown:
         return True, (f"the {len(cols)} columns hold the keys of positions {_span(shown)}: the sliding window "
                       f"of {window} keys, as its own cache does")
+    if window and n_tokens == 1 and cols == list(range(cols[0] if cols and isinstance(cols[0], int) else -1,
+                                                       last + 1)) and cols[0] < shown[0]:
+        # a ring larger than the window: the older keys are the mask's to hide (scores_masked is replayed)
+        return True, (f"the {len(cols)} columns hold the keys of positions {_span(cols)}: the sliding window of "
+                      f"{window} and {_plural(shown[0] - cols[0], 'older key')} for the mask to hide")
     at = f"step {position}'s scores" if n_tokens == 1 else f"the scores of the step at {position}-{last}"
-    pos = [c for c in cols if isinstance(c, int)]
+    held = [j for j, c in enumerate(cols) if isinstance(c, int)]
+    pos = [cols[j] for j in held]
     zeros = [j for j, c in enumerate(cols) if c == ZEROS]
     unknown = [j for j, c in enumerate(cols) if c is None]
-    shifts = {c - j for j, c in enumerate(cols) if isinstance(c, int)}
     facts = []
     if zeros:
         facts.append(f"column{'s' if len(zeros) > 1 else ''} {_span(zeros)} {'are' if len(zeros) > 1 else 'is'} "
                      "zeros (a slot never written)")
     if unknown:
         facts.append(f"column{'s' if len(unknown) > 1 else ''} {_span(unknown)} match{'' if len(unknown) > 1 else 'es'}"
-                     f" no cached key")
+                     " no cached key")
     unread = [p for p in (shown if window else range(S)) if p not in pos]
     if unread:
         own = " (this step's own key)" if unread == [last] else ""
         facts.append(f"position{'s' if len(unread) > 1 else ''} {_span(unread)}{own} "
                      f"{'are' if len(unread) > 1 else 'is'} never read")
     tail = ("; ".join(facts) + ": ") if facts else ""
-    if not pos and len(zeros) == len(cols):
-        return False, (f"{at} read only zeros where its own cache holds the keys of positions {_span(shown)}: "
-                       f"{tail}the slots it reads were never written (the keys went to another slot: a cache "
-                       "written late, or at another offset)")
-    if not pos:
-        return False, (f"{at}: no column is Q·K of a cached key through the GQA mapping (query head h reads KV "
-                       f"head h // n_rep): {tail}the keys are read from another place or another KV head")
-    if len(shifts) == 1 and (d := -shifts.pop()) > 0 and len(cols) == S:
-        j = next(j for j, c in enumerate(cols) if isinstance(c, int))
-        return False, (f"{at} used the key of position {cols[j]} in column {j} where its own cache holds "
-                       f"position {j} ({_span(pos)} in columns {_span([j for j, c in enumerate(cols) if isinstance(c, int)])}"
-                       f"): {tail}the KV cache is written {_plural(d, 'position')} late (or read {d} early)")
+    if len(cols) == S:
+        bad = [j for j in range(S) if cols[j] != j]
+        moved = [j for j in bad if isinstance(cols[j], int)]
+        if bad == [S - 1] and not moved:
+            return False, (f"{at} do not hold this step's own key (position {last}) in the last column, which "
+                           f"{'is zeros' if cols[-1] == ZEROS else 'matches no cached key'}, although its own "
+                           "cache holds it: the new K/V row was written to another slot (one late, or at another "
+                           "offset) or after attending")
+        shifts = {j - cols[j] for j in moved}
+        if moved and len(shifts) == 1 and (d := shifts.pop()) > 0:
+            j = moved[0]
+            return False, (f"{at} used the key of position {cols[j]} in column {j} where its own cache holds "
+                           f"position {j} (columns {_span(moved)} hold positions {_span([cols[m] for m in moved])})"
+                           f"; {tail}the KV cache is written {_plural(d, 'position')} late (or read {d} early) "
+                           f"from position {bad[0]} on")
     if len(cols) > len(shown) and cols[:len(shown)] == shown:
         extra = len(cols) - len(shown)
-        return False, (f"{at} reads {_plural(extra, 'key')} past the current position {last}: {tail}"
-                       f"{len(cols)} columns where {len(shown)} keys exist (a cache length off by {extra}, or its "
-                       "capacity or padding read as keys)")
-    if pos == list(range(pos[0], last + 1)) and pos[0] > shown[0] and len(pos) == len(cols):
-        dropped = list(range(shown[0], pos[0]))
-        limit = f"the model's window is {window} keys" if window else "the model has no sliding window"
-        return False, (f"{at} holds only the last {len(pos)} keys (positions {_span(pos)}): "
-                       f"position{'s' if len(dropped) > 1 else ''} {_span(dropped)} "
-                       f"{'were' if len(dropped) > 1 else 'was'} dropped, a ring buffer or window of {len(pos)} "
-                       f"slots where {limit}")
-    if window and pos == list(range(pos[0], last + 1)) and pos[0] < shown[0] and len(pos) == len(cols):
-        early = list(range(pos[0], shown[0]))
-        return False, (f"{at} holds the keys of positions {_span(pos)}: {_plural(len(early), 'key')} more than the "
-                       f"sliding window of {window} (position{'s' if len(early) > 1 else ''} {_span(early)} "
-                       f"{'are' if len(early) > 1 else 'is'} outside it)")
-    where = ", ".join(f"column {j}: position {c}" for j, c in enumerate(cols) if isinstance(c, int))
-    return False, f"{at} hold keys out of place ({where}): {tail or ''}".rstrip(": ")
+        return False, (f"{at} read {_plural(extra, 'key')} past the current position "
+                       f"{last}: {tail}{len(cols)} columns where {_plural(len(shown), 'key')} exist{'s' if len(shown) == 1 else ''} (a cache length off by "
+                       f"{extra}, or its capacity or padding read as keys)")
+    if pos and pos == list(range(pos[0], last + 1)) and len(pos) == len(cols):
+        if pos[0] > shown[0]:
+            dropped = list(range(shown[0], pos[0]))
+            limit = f"the model's window is {window} keys" if window else "the model has no sliding window"
+            return False, (f"{at} hold only the last {len(pos)} keys (positions {_span(pos)}): "
+                           f"position{'s' if len(dropped) > 1 else ''} {_span(dropped)} "
+                           f"{'were' if len(dropped) > 1 else 'was'} dropped: a ring buffer or window of "
+                           f"{len(pos)} slots where {limit}")
+    if not pos:
+        return False, (f"{at}: no column is Q·K of a cached key through the GQA mapping (query head h reads KV "
+                       f"head h // n_rep): {tail}the keys are read from another place or through another KV head")
+    where = ", ".join(f"column {j}: position {cols[j]}" for j in held)
+    return False, f"{at} hold keys out of place ({where}); {tail}".rstrip(": ;")
