@@ -15,7 +15,7 @@ Arithmetic is float64; dumps are float32 (or half precision) through kit/tap_dum
 Faults (`Engine(model_dir, faults=["missing_scale@1", "rope_offset:2"])`: NAME[:ARG][@LAYER],
 layer 0 unless given). Each is one mistake that real engines make; FAULTS says which stage it
 breaks and whether it changes the arithmetic ("compute"), only how a tensor is written to
-the dump ("dump"), or only decode steps ("decode").
+the dump ("dump"), only decode steps ("decode"), or only a model with a sliding window ("window").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ FAULTS = {
                                          "a step reads a zero slot where its own key belongs"),
     "ring": ("decode", "attn.scores", "decode steps read a ring of the last ARG cache slots (default 4)"),
     "extra_key": ("decode", "attn.scores", "decode steps read ARG zero slots past the current position (default 1)"),
-    "window_off_by_one": ("compute", "attn.scores_masked", "a sliding window of ARG more keys than the config's "
+    "window_off_by_one": ("window", "attn.scores_masked", "a sliding window of ARG more keys than the config's "
                                                            "(default 1; a model with sliding_window)"),
 }
 MASK_VALUE = float(np.finfo(np.float32).min)  # what a float32 engine adds above the diagonal

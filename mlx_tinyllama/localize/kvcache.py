@@ -174,6 +174,10 @@ def explain(cols: list[int | str | None], position: int, n_tokens: int, window: 
         return False, (f"{at} read {_plural(extra, 'key')} past the current position "
                        f"{last}: {tail}{len(cols)} columns where {_plural(len(shown), 'key')} exist{'s' if len(shown) == 1 else ''} (a cache length off by "
                        f"{extra}, or its capacity or padding read as keys)")
+    if pos and len(pos) == len(cols) < len(shown) and pos == shown[:len(pos)]:
+        return False, (f"{at} hold only the first {len(pos)} keys (positions {_span(pos)}): {tail}the cache "
+                       f"stopped growing at {_plural(len(pos), 'slot')} (a fixed capacity), or the new keys were not "
+                       "appended before attending")
     if pos and pos == list(range(pos[0], last + 1)) and len(pos) == len(cols):
         if pos[0] > shown[0]:
             dropped = list(range(shown[0], pos[0]))
