@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..ops import Ops, Rope
-from ..stages import inputs_of, split_name, stage_of, tap_names
+from ..stages import LAYER_STAGES, inputs_of, split_name, stage_of, tap_names
 from ..tolerances import Tolerances
 from ..metrics import metrics
 from .kvcache import StepCache, explain, key_columns
@@ -196,7 +196,9 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
             return None, f"the engine's cache is not in the step dumps: {kv.missing[ins[1]]}"
         full = kv.tensors[ins[1]]
         if op == "pv" and vals[0].shape[-1] != full.shape[1]:  # their probs weigh other keys than 0..S-1
-            scores = out.stages.get(tap.replace("attn.context", "attn.scores"), {})
+            layer, _ = split_name(tap)
+            qk = next(f"layers.{layer}.{st.name}" for st in LAYER_STAGES if st.op == "qk")  # the keys it weighs
+            scores = out.stages.get(qk, {})
             cols = scores.get("key_columns")
             if cols is None or not all(isinstance(c, int) for c in cols) or len(cols) != vals[0].shape[-1]:
                 return None, (f"their probs weigh {vals[0].shape[-1]} keys and the cache holds {full.shape[1]}; "
