@@ -278,3 +278,33 @@ def test_sliding_window_steps_past_the_window(faults, want, mistral, tmp_path):
     if want.endswith("scores"):
         assert "hold only the last 7 keys (positions 32-38): position 31 was dropped" in _keys(result, P0)
         assert "a ring buffer or window of 7 slots where the model's window is 8 keys" in _keys(result, P0)
+
+
+def test_key_columns_and_their_words_on_made_up_caches():
+    """kvcache on its own: each column of a made-up step's scores matched to the cached key it holds
+    (a permutation, a zero slot, a key from nowhere), and the words of each way a read goes wrong;
+    the right reads (every key, a window's keys, a larger masked ring) are consistent."""
+    from mlx_tinyllama.localize.kvcache import ZEROS, explain, key_columns
+
+    rng = np.random.default_rng(0)
+    q, keys = rng.standard_normal((4, 1, 8)), rng.standard_normal((2, 6, 8))
+    kv_map = np.arange(4) // 2
+    full = np.einsum("htd,hsd->hts", q, keys[kv_map])
+    theirs = np.concatenate([full[..., [5, 0]], np.zeros((4, 1, 1)), rng.standard_normal((4, 1, 1))], axis=-1)
+    assert key_columns(theirs, q, keys, kv_map, 1e-6) == [5, 0, ZEROS, None]
+    assert key_columns(full, q, keys, np.arange(4) % 2, 1e-6) == [None] * 6  # another KV head: no key
+
+    assert explain(list(range(6)), 5, 1, 0)[0]
+    assert explain([2, 3, 4, 5], 5, 1, 4)[0] and explain([1, 2, 3, 4, 5], 5, 1, 4)[0]  # a window, a larger ring
+    ok, words = explain([0, 1, 2, 3, 4], 5, 1, 0)
+    assert not ok and "hold only the first 5 keys (positions 0-4)" in words and "the cache stopped growing" in words
+    ok, words = explain([ZEROS, 0, 1, 2, 3, 4], 5, 1, 0)
+    assert not ok and "used the key of position 0 in column 1 where its own cache holds position 1" in words
+    ok, words = explain([0, 1, 2, 3, 4, ZEROS], 5, 1, 0)
+    assert not ok and "do not hold this step's own key (position 5)" in words
+    ok, words = explain([0, 1, 2, 3, 4, 5, None], 5, 1, 0)
+    assert not ok and "read one key past the current position 5: column 6 matches no cached key" in words
+    ok, words = explain([3, 4, 5], 5, 1, 4)
+    assert not ok and "hold only the last 3 keys (positions 3-5): position 2 was dropped" in words
+    ok, words = explain([1, 0, 2, 3, 4, 5], 5, 1, 0)
+    assert not ok and "hold keys out of place (column 0: position 1, column 1: position 0" in words
