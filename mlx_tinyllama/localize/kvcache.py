@@ -165,8 +165,10 @@ def explain(cols: list[int | str | None], position: int, n_tokens: int, window: 
         shifts = {j - cols[j] for j in moved}
         if moved and len(shifts) == 1 and (d := shifts.pop()) > 0:
             j = moved[0]
+            many = len(moved) > 1
             return False, (f"{at} used the key of position {cols[j]} in column {j} where its own cache holds "
-                           f"position {j} (columns {_span(moved)} hold positions {_span([cols[m] for m in moved])})"
+                           f"position {j} (column{'s' if many else ''} {_span(moved)} hold{'' if many else 's'} "
+                           f"position{'s' if many else ''} {_span([cols[m] for m in moved])})"
                            f"; {tail}the KV cache is written {_plural(d, 'position')} late (or read {d} early) "
                            f"from position {bad[0]} on")
     if len(cols) > len(shown) and cols[:len(shown)] == shown:
