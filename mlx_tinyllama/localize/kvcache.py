@@ -77,16 +77,18 @@ def key_columns(theirs: np.ndarray, q: np.ndarray, keys: np.ndarray, kv_map: np.
     `tolerance`, an NMSE scaled by the scores' own mean square), ZEROS for a column of zeros (a slot
     never written), None for no cached key. `keys` [KV, S, D], query head h reads KV head kv_map[h]."""
     ours = np.einsum("htd,hsd->hts", q.astype(np.float64), keys.astype(np.float64)[kv_map])
-    scale = float(np.mean(ours * ours)) or 1.0
+    a = theirs.astype(np.float64).reshape(-1, theirs.shape[-1])  # [H*T, S']
+    b = ours.reshape(-1, ours.shape[-1])  # [H*T, S]
+    scale = float(np.mean(b * b)) or 1.0
+    # mean over (head, row) of (their column j - our column s)², for every pair at once (one matmul)
+    err = ((a * a).mean(0)[:, None] + (b * b).mean(0)[None, :] - 2.0 * (a.T @ b) / a.shape[0]) / scale
     out: list[int | str | None] = []
-    for j in range(theirs.shape[-1]):
-        col = theirs[..., j].astype(np.float64)
-        if not np.any(col):
+    for j in range(a.shape[1]):
+        if not np.any(a[:, j]):
             out.append(ZEROS)
             continue
-        err = np.mean((col[..., None] - ours) ** 2, axis=(0, 1)) / scale
-        best = int(np.argmin(err))
-        out.append(best if err[best] <= tolerance else None)
+        best = int(np.argmin(err[j]))
+        out.append(best if err[j, best] <= tolerance else None)
     return out
 
 
