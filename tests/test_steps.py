@@ -304,6 +304,8 @@ def test_key_columns_and_their_words_on_made_up_caches():
     assert not ok and "do not hold this step's own key (position 5)" in words
     ok, words = explain([0, 1, 2, 3, 4, 5, None], 5, 1, 0)
     assert not ok and "read one key past the current position 5: column 6 matches no cached key" in words
+    ok, words = explain([0, 1, 2, 3, 4, 5, ZEROS], 5, 1, 4)  # a window's model whose cache keeps every key
+    assert not ok and "read one key past the current position 5: column 6 is zeros" in words
     ok, words = explain([3, 4, 5], 5, 1, 4)
     assert not ok and "hold only the last 3 keys (positions 3-5): position 2 was dropped" in words
     ok, words = explain([1, 0, 2, 3, 4, 5], 5, 1, 0)

@@ -173,11 +173,14 @@ def explain(cols: list[int | str | None], position: int, n_tokens: int, window: 
                            f"position{'s' if many else ''} {_span([cols[m] for m in moved])})"
                            f"; {tail}the KV cache is written {_plural(d, 'position')} late (or read {d} early) "
                            f"from position {bad[0]} on")
-    if len(cols) > len(shown) and cols[:len(shown)] == shown:
-        extra = len(cols) - len(shown)
-        return False, (f"{at} read {_plural(extra, 'key')} past the current position "
-                       f"{last}: {tail}{len(cols)} columns where {_plural(len(shown), 'key')} exist{'s' if len(shown) == 1 else ''} (a cache length off by "
-                       f"{extra}, or its capacity or padding read as keys)")
+    # every key (or, with a window, the window's), then more: keys read past the current position
+    expect = next((e for e in (list(range(S)), shown) if len(cols) > len(e) and cols[:len(e)] == e), None)
+    if expect is not None:
+        extra, n = len(cols) - len(expect), len(expect)
+        return False, (f"{at} read {_plural(extra, 'key')} past the current position {last}: {tail}{len(cols)} "
+                       f"columns where {_plural(n, 'key')} exist{'s' if n == 1 else ''} (a cache length off by "
+                       f"{extra}, or its capacity or padding read as keys; if the mask hides them, dump only the "
+                       f"first {n})")
     if pos and len(pos) == len(cols) < len(shown) and pos == shown[:len(pos)]:
         return False, (f"{at} hold only the first {len(pos)} keys (positions {_span(pos)}): {tail}the cache "
                        f"stopped growing at {_plural(len(pos), 'slot')} (a fixed capacity), or the new keys were not "
