@@ -135,6 +135,12 @@ class Engine:
             ids = [1] + ids[:-1]
         return self._forward(np.array(ids), 0)
 
+    def chunk(self, ids) -> dict[str, np.ndarray]:
+        """A further prefill chunk (chunked prefill): its T tokens at the positions after the cache's."""
+        start = self.cache[0][0].shape[1]
+        self._prefill_len = start + len(ids)
+        return self._forward(np.array(list(ids)), start)
+
     def step(self, token: int) -> dict[str, np.ndarray]:
         """One decode step: the token at position len(cache); returns that row's taps."""
         position = self._prefill_len + self.steps

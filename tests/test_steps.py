@@ -310,3 +310,42 @@ def test_key_columns_and_their_words_on_made_up_caches():
     assert not ok and "hold only the last 3 keys (positions 3-5): position 2 was dropped" in words
     ok, words = explain([1, 0, 2, 3, 4, 5], 5, 1, 0)
     assert not ok and "hold keys out of place (column 0: position 1, column 1: position 0" in words
+
+
+def test_prefill_chunks_are_steps_whose_attention_reads_the_earlier_chunks(tiny_dir, tmp_path, tiny_lm):
+    """Chunked prefill (positions 0-19, then 20-37, then decode steps): the second chunk's 18 query
+    rows are replayed against the 38 cached keys of both chunks (causal mask included), not
+    localized; with the first chunk's layer-1 V left out of its dump, the layers' attention that
+    reads it is said not replayed, from the second chunk on."""
+    def write(out, drop_first=()):
+        out.mkdir()
+        engine = Engine(tiny_dir)
+        taps = engine.prefill(SEED_IDS[:20])
+        engine.dump(out / "chunk0.safetensors", SEED_IDS[:20], position=0)
+        if drop_first:
+            from safetensors.numpy import load_file, save_file
+            from mlx_tinyllama import refs as R
+
+            path = out / "chunk0.safetensors"
+            tensors, meta = load_file(str(path)), R.safetensors_metadata(path)
+            save_file({n: x for n, x in tensors.items() if n not in drop_first}, str(path), metadata=meta)
+        taps = engine.chunk(SEED_IDS[20:])
+        engine.dump(out / "chunk1.safetensors", SEED_IDS, position=20)
+        ids = list(SEED_IDS)
+        for k in range(2):
+            ids.append(int(np.argmax(taps["logits"][-1])))
+            taps = engine.step(ids[-1])
+            engine.dump(out / f"step{k}.safetensors", ids, position=len(ids) - 1)
+        return compare_steps(load_steps([str(out)]), tiny_lm, None, Tolerances())
+
+    result = write(tmp_path / "chunks")
+    assert result["status"] == "match" and result["localized"] is None and result["not_replayed"] == []
+    assert [(s["position"], s["n_tokens"]) for s in result["steps"]] == [(0, 20), (20, 18), (P0, 1), (P0 + 1, 1)]
+    second = {e["tap"]: e["local_ratio"] for e in result["steps"][1]["stages"]}
+    assert second["layers.1.attn.scores"] <= 1 and second["layers.1.attn.context"] <= 1
+
+    result = write(tmp_path / "no-v", drop_first=("layers.1.attn.v",))
+    assert [s["position"] for s in result["not_replayed"]] == [0, 20, P0, P0 + 1]
+    assert result["not_replayed"][1]["stages"] == {
+        "layers.1.attn.context": "the engine's cache is not in the step dumps: layers.1.attn.v is not in the step "
+                                 "dump of position 0"}
