@@ -179,7 +179,8 @@ def test_kv_cache_faults_are_localized_with_the_keys_they_read(fault, words, tin
         assert ctx["local_ratio"] is not None and ctx["local_ratio"] <= 1
     if fault == "extra_key":  # the value of the extra key is in no dump: context said not replayed
         assert "layers.0.attn.context" in result["not_replayed"][0]["stages"]
-        assert "no cached value is known for column(s) 39" in result["not_replayed"][0]["stages"]["layers.0.attn.context"]
+        why = result["not_replayed"][0]["stages"]["layers.0.attn.context"]
+        assert "no cached value is known for column(s) 39" in why
 
 
 def test_wrong_kv_head_is_localized_at_every_decode_step(tiny_dir, tmp_path, tiny_lm):

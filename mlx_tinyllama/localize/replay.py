@@ -201,10 +201,10 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
             scores = out.stages.get(qk, {})
             cols = scores.get("key_columns")
             if cols is None or not all(isinstance(c, int) for c in cols) or len(cols) != vals[0].shape[-1]:
+                unknown = "every column (the scores were not matched to cached keys)" if cols is None else \
+                    "column(s) " + ", ".join(str(j) for j, c in enumerate(cols) if not isinstance(c, int))
                 return None, (f"their probs weigh {vals[0].shape[-1]} keys and the cache holds {full.shape[1]}; "
-                              "no cached value is known for "
-                              + ("every column (the scores were not matched to cached keys)" if cols is None else
-                                 "column(s) " + ", ".join(str(j) for j, c in enumerate(cols) if not isinstance(c, int))))
+                              f"no cached value is known for {unknown}")
             full = full[:, cols]
         return [vals[0], full, *vals[2:]], ""
 
