@@ -354,3 +354,15 @@ def test_prefill_chunks_are_steps_whose_attention_reads_the_earlier_chunks(tiny_
     assert result["not_replayed"][1]["stages"] == {
         "layers.1.attn.context": "the engine's cache is not in the step dumps: layers.1.attn.v is not in the step "
                                  "dump of position 0"}
+
+
+def test_a_window_ring_stored_as_float16_is_not_localized(mistral, tmp_path):
+    """The ring of the window's 8 slots, its taps stored as float16: each column still matched to its
+    cached key (their rounding, not a wrong key) and judged at float16's tolerance: clean."""
+    model_dir, _ = mistral
+    lm = sources.load("synthetic:mistral-tiny", "float16")
+    result = _steps_result(Engine(model_dir, ["ring:8"]), tmp_path / "ring8-f16", lm, store_as="float16")
+    assert result["dtype"] == "float16"
+    assert result["status"] == "match" and result["localized"] is None and result["not_replayed"] == []
+    for step in result["steps"][1:]:
+        assert all(e["local_ratio"] is not None and e["local_ratio"] <= 1 for e in step["stages"]), step["stages"]

@@ -73,9 +73,10 @@ ZEROS = "zeros"
 
 def key_columns(theirs: np.ndarray, q: np.ndarray, keys: np.ndarray, kv_map: np.ndarray,
                 tolerance: float) -> list[int | str | None]:
-    """Per column of their scores [H, T, S']: the cached position p whose Q·K_p it holds (within
-    `tolerance`, an NMSE scaled by the scores' own mean square), ZEROS for a column of zeros (a slot
-    never written), None for no cached key. `keys` [KV, S, D], query head h reads KV head kv_map[h]."""
+    """Per column of their scores [H, T, S']: the cached position p whose Q·K_p it holds (its error,
+    a mean square scaled by the scores' own, within `tolerance`, the stage's NMSE tolerance), ZEROS
+    for a column of zeros (a slot never written), None for no cached key. `keys` [KV, S, D], query
+    head h reads KV head kv_map[h]."""
     ours = np.einsum("htd,hsd->hts", q.astype(np.float64), keys.astype(np.float64)[kv_map])
     a = theirs.astype(np.float64).reshape(-1, theirs.shape[-1])  # [H*T, S']
     b = ours.reshape(-1, ours.shape[-1])  # [H*T, S]
