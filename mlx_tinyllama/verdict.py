@@ -103,6 +103,10 @@ def steps_verdict(result: dict) -> dict:
         line = f"match: {of}"
     if min(counts) < total:
         line += f"; not compared: {total * len(steps) - sum(counts)} stage(s) missing from their dumps"
+    unreplayed = result.get("not_replayed") or []
+    if unreplayed:  # their attention was compared with ours, but not checked against their own cache
+        line += (f"; not replayed from their own cache: {sum(len(s['stages']) for s in unreplayed)} attention "
+                 f"stage(s) of {len(unreplayed)} step(s) (not_replayed says why)")
     other = len(result.get("not_compared") or [])
     if other:
         line += f"; {other} of their tensor(s) with no canonical name (ignored by --ignore-unmapped)"

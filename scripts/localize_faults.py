@@ -61,6 +61,8 @@ def decode_row(fault: str, tmp: Path) -> str:
     ids = list(SEED_IDS)
     out = tmp / fault
     out.mkdir()
+    # the prefill's dump too: its K/V rows are the cache the decode steps' attention is replayed from
+    engine.dump(out / "prefill.safetensors", ids, position=0)
     for k in range(3):
         ids.append(int(np.argmax(taps["logits"][-1])))
         taps = engine.step(ids[-1])
@@ -68,9 +70,10 @@ def decode_row(fault: str, tmp: Path) -> str:
     result = compare_steps(load_steps([str(out)]), lm, None, Tolerances())
     f = result["first_divergence"]
     loc = result["localized"]
-    diag = ", ".join(f"`{d['transform']}`" for d in f["diagnosis"]) or (f["note"].split(":")[0] if f["note"] else "—")
+    diag = ", ".join(f"`{d['transform']}`" for d in f["diagnosis"]) or (loc or {}).get("keys") or \
+        (f["note"].split(":")[0] if f["note"] else "—")
     loc_text = f"position {loc['position']}, {loc['stage']}" if loc else "—"
-    return f"| `{fault}` (tiny, 3 steps) | position {f['position']}, {f['tap']} | {loc_text} | {diag} |"
+    return f"| `{fault}` (tiny, prefill + 3 steps) | position {f['position']}, {f['tap']} | {loc_text} | {diag} |"
 
 
 def main() -> None:
@@ -81,12 +84,16 @@ def main() -> None:
         tmp = Path(d)
         print(prefill_row("tiny", [], tmp))
         for name, (kind, stage, _) in FAULTS.items():
-            if kind in ("decode", "bias"):  # bias faults need a model with biases: tests/test_feature_hints.py
+            # bias faults need a model with biases (tests/test_feature_hints.py); window faults a window (below)
+            if kind in ("decode", "bias", "window"):
                 continue
             spec = {"drift": f"drift:{eps[2]:.3g}", "rope_offset": "rope_offset:2@1",
                     "mask_offset": "mask_offset:-2@1"}.get(name, name if stage == "embed" else f"{name}@1")
             print(prefill_row("tiny", [spec], tmp))
         print(prefill_row("small", [f"drift:{eps[4]:.3g}", "wrong_scale@2"], tmp))
+        for name, (kind, _, _) in FAULTS.items():
+            if kind == "window":  # Mistral's sliding window of 8, shorter than the 38 ids
+                print(prefill_row("mistral-tiny", [f"{name}@1"], tmp))
         for name, (kind, _, _) in FAULTS.items():
             if kind == "decode":
                 print(decode_row(name, tmp))

@@ -15,7 +15,8 @@ Arithmetic is float64; dumps are float32 (or half precision) through kit/tap_dum
 Faults (`Engine(model_dir, faults=["missing_scale@1", "rope_offset:2"])`: NAME[:ARG][@LAYER],
 layer 0 unless given). Each is one mistake that real engines make; FAULTS says which stage it
 breaks and whether it changes the arithmetic ("compute"; "bias": only on a model whose projections
-carry biases), only how a tensor is written to the dump ("dump"), or only decode steps ("decode").
+carry biases), only how a tensor is written to the dump ("dump"), only decode steps ("decode"), or
+only a model with a sliding window ("window").
 A projection's bias (Qwen2's q/k/v, Llama's attention_bias) is added when the checkpoint has one.
 """
 
@@ -63,6 +64,13 @@ FAULTS = {
     "cache_stops_growing": ("decode", "attn.scores", "the KV cache keeps at most ARG entries (default: prefill + 1)"),
     "positions_stuck": ("decode", "attn.q_rope", "decode steps all use the first decode position"),
     "zeros_after_first_step": ("decode", "attn.context", "attn.context reads as zeros from the second decode step"),
+    # KV-cache faults of decode steps (issue 22 item 3): what a step's attention reads from the cache.
+    "kv_late": ("decode", "attn.scores", "decode steps write K/V one cache slot late (the prefill's are right): "
+                                         "a step reads a zero slot where its own key belongs"),
+    "ring": ("decode", "attn.scores", "decode steps read a ring of the last ARG cache slots (default 4)"),
+    "extra_key": ("decode", "attn.scores", "decode steps read ARG zero slots past the current position (default 1)"),
+    "window_off_by_one": ("window", "attn.scores_masked", "a sliding window of ARG more keys than the config's "
+                                                           "(default 1; a model with sliding_window)"),
 }
 MASK_VALUE = float(np.finfo(np.float32).min)  # what a float32 engine adds above the diagonal
 
@@ -114,6 +122,8 @@ class Engine:
         self.theta = cfg["rope_theta"] if "rope_theta" in cfg else rope["rope_theta"]
         self.w = {k: v.astype(np.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
         self.tied = cfg.get("tie_word_embeddings", False)
+        # Mistral: query p sees keys p - window + 1 .. p (the config's own key, as HF's MistralConfig reads it)
+        self.window = int(cfg.get("sliding_window") or 0) if cfg.get("model_type") == "mistral" else 0
         self.faults = [f if isinstance(f, Fault) else Fault.parse(f) for f in faults]
         self.cache: list[tuple[np.ndarray, np.ndarray]] = []
         self.steps = 0
@@ -132,6 +142,12 @@ class Engine:
         if self.fault("bos_shift"):
             ids = [1] + ids[:-1]
         return self._forward(np.array(ids), 0)
+
+    def chunk(self, ids) -> dict[str, np.ndarray]:
+        """A further prefill chunk (chunked prefill): its T tokens at the positions after the cache's."""
+        start = self.cache[0][0].shape[1]
+        self._prefill_len = start + len(ids)
+        return self._forward(np.array(list(ids)), start)
 
     def step(self, token: int) -> dict[str, np.ndarray]:
         """One decode step: the token at position len(cache); returns that row's taps."""
@@ -214,7 +230,7 @@ class Engine:
         sign = -1.0 if self.fault("rope_sin_sign", i) else 1.0
         q = taps[t + "attn.q_rope"] = self._rope(q, positions, interleaved, sign)
         k = taps[t + "attn.k_rope"] = self._rope(k, positions, interleaved, sign)
-        k_all, v_all = self._cache_update(i, k, v)
+        k_all, v_all = self._cache_update(i, k, v, start)
         S = k_all.shape[1]
         if self.fault("kv_head_mapping", i):
             kv_of = np.arange(self.H) % self.KV
@@ -230,11 +246,15 @@ class Engine:
         if (f := self.fault("wrong_scale", i)):
             scale = scale * (f.arg or 1.25)
         s = taps[t + "attn.scores_scaled"] = s * scale
-        query_pos = np.arange(S - T, S)[:, None]  # absolute position of each query row
+        query_pos = np.arange(start, start + T)[:, None]  # absolute position of each query row
+        key_pos = self._read_positions(i, S, start + T)
         if (f := self.fault("mask_offset", i)):
             query_pos = query_pos + int(f.arg or 1)
-        masked = np.arange(S)[None, :] > query_pos
-        if T > 1 and not self.fault("mask_off", i):
+        masked = key_pos[None, :] > query_pos
+        window = self.window + (int(f.arg or 1) if (f := self.fault("window_off_by_one", i)) else 0)
+        if self.window:
+            masked |= key_pos[None, :] <= query_pos - window
+        if (T > 1 or self.window) and not self.fault("mask_off", i):
             s = np.where(masked[None], MASK_VALUE, s)
         taps[t + "attn.scores_masked"] = s
         axis = -2 if self.fault("softmax_axis", i) else -1
@@ -256,7 +276,14 @@ class Engine:
         taps[t + "attn.out"] = out
         return out
 
-    def _cache_update(self, i: int, k: np.ndarray, v: np.ndarray):
+    def _cache_update(self, i: int, k: np.ndarray, v: np.ndarray, position: int):
+        """Store this call's K/V (rows from `position`) and return what its attention reads ([KV, S, D] each)."""
+        if self.steps and self.fault("kv_late", i):  # written at slot position + 1, read up to the position
+            pad = np.zeros((self.KV, position + 1 - self.cache[i][0].shape[1], self.D))
+            k_all = np.concatenate([self.cache[i][0], pad, k], axis=1)
+            v_all = np.concatenate([self.cache[i][1], pad, v], axis=1)
+            self.cache[i] = (k_all, v_all)
+            return k_all[:, :position + 1], v_all[:, :position + 1]
         k_all = np.concatenate([self.cache[i][0], k], axis=1)
         v_all = np.concatenate([self.cache[i][1], v], axis=1)
         stop = self.fault("cache_stops_growing")
@@ -264,7 +291,19 @@ class Engine:
             cap = int(stop.arg) if stop.arg else self._prefill_len + 1
             k_all, v_all = k_all[:, :cap], v_all[:, :cap]  # a fixed-size cache drops what does not fit
         self.cache[i] = (k_all, v_all)
+        if self.steps and (f := self.fault("ring", i)):
+            cap = int(f.arg or 4)
+            return k_all[:, -cap:], v_all[:, -cap:]  # the oldest slots overwritten
+        if self.steps and (f := self.fault("extra_key", i)):
+            spare = np.zeros((self.KV, int(f.arg or 1), self.D))
+            return np.concatenate([k_all, spare], axis=1), np.concatenate([v_all, spare], axis=1)
         return k_all, v_all
+
+    def _read_positions(self, i: int, S: int, end: int) -> np.ndarray:
+        """The position each of the S keys read holds, for the mask (`end`: one past the last query)."""
+        if self.steps and self.fault("ring", i):
+            return np.arange(end - S, end)
+        return np.arange(S)
 
     # --- dumps ---------------------------------------------------------------------------------
 

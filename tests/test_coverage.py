@@ -417,7 +417,9 @@ def test_decode_steps_have_the_same_verdict_rules(tiny_dir, tmp_path, capsys):
     rc = cli(["compare", "--against-steps", str(clean), *TINY, "--json", str(out_json)])
     out, result = capsys.readouterr().out, json.loads(out_json.read_text())
     assert rc == 0 and result["status"] == "match"
-    assert result["verdict"]["line"] == f"match: 3 step(s) at positions 38-40, {N}/{N} stages each"
+    # no prefill dump: the cache positions 0-37 are in no file, so the steps' attention is not replayed, said
+    unreplayed = "not replayed from their own cache: 12 attention stage(s) of 3 step(s) (not_replayed says why)"
+    assert result["verdict"]["line"] == f"match: 3 step(s) at positions 38-40, {N}/{N} stages each; {unreplayed}"
     assert last_line(out) == result["verdict"]["line"]
     bad = _step_dumps(tiny_dir, tmp_path / "bad", ["zeros_after_first_step"])
     rc = cli(["compare", "--against-steps", str(bad), *TINY, "--json", str(out_json)])
@@ -432,7 +434,7 @@ def test_decode_steps_have_the_same_verdict_rules(tiny_dir, tmp_path, capsys):
     out, result = capsys.readouterr().out, json.loads(out_json.read_text())
     assert rc == 0 and last_line(out) == result["verdict"]["line"] == (
         f"match: 3 step(s) at positions 38-40, {N - 1}/{N} stages each; not compared: 3 stage(s) missing from their "
-        "dumps; 3 of their tensor(s) with no canonical name (ignored by --ignore-unmapped)")
+        f"dumps; {unreplayed}; 3 of their tensor(s) with no canonical name (ignored by --ignore-unmapped)")
 
 
 @pytest.mark.skipif(os.name == "nt", reason="a shebang script stands in for the binary")

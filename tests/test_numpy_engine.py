@@ -21,6 +21,8 @@ from mlx_tinyllama.metrics import metrics
 from mlx_tinyllama.trace import main as cli
 from numpy_engine import FAULTS, Engine, Fault
 
+# ("bias" faults need a model with biases: test_feature_hints.py; "window" faults a sliding window:
+# test_steps.py runs them on synthetic:mistral-tiny)
 PREFILL_FAULTS = sorted(n for n, (kind, _, _) in FAULTS.items() if kind in ("compute", "dump") and n != "drift")
 DECODE_FAULTS = sorted(n for n, (kind, _, _) in FAULTS.items() if kind == "decode")
 
@@ -159,6 +161,9 @@ DECODE_CASES = [
     ("cache_stops_growing", 1, "layers.0.attn.scores"),  # step 0 still fits in the cache
     ("positions_stuck", 1, "layers.0.attn.q_rope"),  # step 0 is at the right position by luck
     ("zeros_after_first_step", 1, "layers.0.attn.context"),
+    ("kv_late", 0, "layers.0.attn.scores"),  # the first step's own key is in the slot after the one read
+    ("ring", 0, "layers.0.attn.scores"),  # 4 of 39 keys
+    ("extra_key", 0, "layers.0.attn.scores"),  # 40 keys at position 38
 ]
 
 

@@ -354,4 +354,15 @@ def print_steps(result: dict) -> None:
             con.print(f"[bold]hint[/]: {escape(f['hint'])}")
         for d in f["diagnosis"]:
             con.print(f"[bold]diagnosis[/]: matches after [bold]{d['transform']}[/]: {escape(d['words'])}")
+    # the keys the next steps read show how the fault goes on (the first step's are in the hint)
+    told = (f or {}).get("hint") or ""
+    later = [s for s in result["steps"] if (s.get("localized") or {}).get("keys") and s["localized"]["keys"] not in told]
+    for s in later[:2]:
+        con.print(f"[bold]keys read[/] (position {s['position']}, {s['localized']['stage']}): "
+                  f"{escape(s['localized']['keys'])}")
+    lines = [(s["position"], tap, why) for s in result.get("not_replayed") or [] for tap, why in s["stages"].items()]
+    for pos, tap, why in lines[:4]:  # the first few; --json's not_replayed has them all
+        con.print(f"[yellow]not replayed[/]: position {pos}, {tap}: {escape(why)}")
+    if len(lines) > 4:
+        con.print(f"[yellow]not replayed[/]: {len(lines) - 4} more stage(s) of later steps (--json: not_replayed)")
     cli_common.print_verdict(result)  # the outcome, with the steps and stages it covers: the last line

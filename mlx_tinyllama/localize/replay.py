@@ -19,9 +19,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..ops import Ops, Rope
-from ..stages import inputs_of, split_name, stage_of, tap_names
+from ..stages import LAYER_STAGES, inputs_of, split_name, stage_of, tap_names
 from ..tolerances import Tolerances
 from ..metrics import metrics
+from .kvcache import StepCache, explain, key_columns
 
 F32 = mx.float32
 EXPLICIT = Ops("hf", "explicit")
@@ -176,13 +177,36 @@ def local_ratio(tap: str, theirs: np.ndarray, ours: np.ndarray, tolerance: float
 
 
 def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolerances, their_dtype: str | None,
-           position: int = 0) -> Replay:
+           position: int = 0, kv: StepCache | None = None) -> Replay:
     """Replay every dumped stage whose inputs can be had from the dump (`theirs`: canonical tap ->
-    tensor in the canonical layout). `position`: the first token row's position (decode steps)."""
+    tensor in the canonical layout). `position`: the first token row's position (decode steps).
+    `kv`: a decode step's cache rebuilt from the engine's own step dumps (kvcache.py): Q·Kᵀ and
+    probs·V read it instead of this step's rows, and the scores' columns are matched to its keys."""
     n_layers = lm.config.num_hidden_layers
     ops = StageOps(lm, ids, position)
     out = Replay()
     recomputed: dict[str, np.ndarray | None] = {}
+
+    def cached(tap: str, ins: list[str], vals: list) -> tuple[list | None, str]:
+        """The op's inputs with the cache in place of this step's K or V rows; (None, why) without it."""
+        op = stage_of(tap).op
+        if kv is None or op not in ("qk", "pv") or vals[0] is None:
+            return vals, ""
+        if ins[1] in kv.missing:
+            return None, f"the engine's cache is not in the step dumps: {kv.missing[ins[1]]}"
+        full = kv.tensors[ins[1]]
+        if op == "pv" and vals[0].shape[-1] != full.shape[1]:  # their probs weigh other keys than 0..S-1
+            layer, _ = split_name(tap)
+            qk = next(f"layers.{layer}.{st.name}" for st in LAYER_STAGES if st.op == "qk")  # the keys it weighs
+            scores = out.stages.get(qk, {})
+            cols = scores.get("key_columns")
+            if cols is None or not all(isinstance(c, int) for c in cols) or len(cols) != vals[0].shape[-1]:
+                unknown = "every column (the scores were not matched to cached keys)" if cols is None else \
+                    "column(s) " + ", ".join(str(j) for j, c in enumerate(cols) if not isinstance(c, int))
+                return None, (f"their probs weigh {vals[0].shape[-1]} keys and the cache holds {full.shape[1]}; "
+                              f"no cached value is known for {unknown}")
+            full = full[:, cols]
+        return [vals[0], full, *vals[2:]], ""
 
     def value(tap: str) -> np.ndarray | None:
         """Their tensor, or ours recomputed from their nearest dumped ancestors (None: none dumped)."""
@@ -192,8 +216,8 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
             recomputed[tap] = None
             ins = recipe_inputs(tap, n_layers)
             if ins:  # the embedding is never recomputed: that would not use their numbers
-                vals = [value(i) for i in ins]
-                if all(v is not None for v in vals):
+                vals, _ = cached(tap, ins, [value(i) for i in ins])
+                if vals is not None and all(v is not None for v in vals):
                     try:
                         recomputed[tap] = ops.run(tap, vals)
                     except (ValueError, IndexError) as e:  # their ancestors' shapes do not fit, or no op
@@ -213,6 +237,10 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
             missing = [i for i, v in zip(ins, vals) if v is None]
             out.stages[tap] = {"tap": tap, "skipped": f"input(s) not dumped: {', '.join(missing)}"}
             continue
+        vals, why = cached(tap, ins, vals)
+        if vals is None:
+            out.stages[tap] = {"tap": tap, "skipped": why}
+            continue
         try:
             ours = ops.run(tap, vals)
         except NotReplayable as e:
@@ -221,20 +249,44 @@ def replay(theirs: dict[str, np.ndarray], lm, ids: list[int] | None, tol: Tolera
         except (ValueError, IndexError) as e:
             out.stages[tap] = {"tap": tap, "skipped": f"their inputs do not fit the op: {e}"}
             continue
+        tolerance = tol.get(tap, "nmse", their_dtype or "float32", "float32", n_layers)
+        # A step's scores are matched to the cached keys where they do not match ours column for column
+        # (only then: the match costs a column's worth of Q·Kᵀ per column).
+        keys = None
+        if kv is not None and stage_of(tap).op == "qk" and ours.shape[:-1] == theirs[tap].shape[:-1] and \
+                ours.shape != theirs[tap].shape:
+            keys = _key_columns(theirs[tap], vals, ops, tolerance, position, kv)
+            if keys["consistent"]:  # a window's keys only, as the model reads them
+                ours = ours[..., keys["key_columns"]]
         if ours.shape != theirs[tap].shape:
+            if keys is not None:  # their scores read other keys than the cache holds: the step's own fault
+                out.stages[tap] = {"tap": tap, "local_ratio": math.inf, "local_nmse": math.inf,
+                                   "tolerance": tolerance, "inputs": [i for i in ins if i in theirs],
+                                   "recomputed": [i for i in ins if i not in theirs], **keys}
+                out.inputs[tap] = vals
+                continue
             out.stages[tap] = {"tap": tap, "skipped": f"shape {list(theirs[tap].shape)}, ours from their inputs "
                                                       f"{list(ours.shape)}"}
             continue
-        tolerance = tol.get(tap, "nmse", their_dtype or "float32", "float32", n_layers)
         allowed = tol.get(tap, "mask_mismatch", their_dtype or "float32", "float32", n_layers) \
             if stage_of(tap).masked else 0.0
         ratio, nmse = local_ratio(tap, theirs[tap], ours, tolerance, their_dtype, allowed)
         out.stages[tap] = {"tap": tap, "local_ratio": ratio, "local_nmse": nmse, "tolerance": tolerance,
                            "inputs": [i for i in ins if i in theirs] or (["token ids"] if tap == "embed" else []),
                            "recomputed": [i for i in ins if i not in theirs]}
+        if kv is not None and stage_of(tap).op == "qk" and (keys is not None or ratio > 1.0):
+            out.stages[tap].update(keys or _key_columns(theirs[tap], vals, ops, tolerance, position, kv))
         out.outputs[tap] = ours
         out.inputs[tap] = vals
     return out
+
+
+def _key_columns(theirs, vals, ops: StageOps, tolerance: float, position: int, kv: StepCache) -> dict:
+    """Which cached key each column of a step's scores holds, and what that says (kvcache.explain)."""
+    H, KV = ops.cfg.num_attention_heads, ops.cfg.num_key_value_heads
+    cols = key_columns(theirs, vals[0], vals[1], np.arange(H) // (H // KV), tolerance)
+    consistent, words = explain(cols, position, kv.n_keys - position, ops.cfg.window)
+    return {"key_columns": cols, "consistent": consistent, "keys": words}
 
 
 def localized(rep: Replay, stage_ratios: dict[str, float]) -> dict | None:

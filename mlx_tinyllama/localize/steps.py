@@ -28,6 +28,7 @@ from ..taps import Taps
 from ..tolerances import Basis, Tolerances, candidate_basis, coarsest
 from ..metrics import metrics
 from .diagnose import diagnose
+from .kvcache import CacheBuilder, placed
 from .replay import StageOps, recipe_inputs, replay
 from .transforms import Case
 
@@ -188,14 +189,20 @@ def _shape_note(tap: str, theirs: tuple, ours: tuple, pos: int) -> str:
     return f"shape {list(theirs)}, expected {list(ours)}"
 
 
-def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tuple, n_layers: int) -> list[dict]:
+def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tuple, n_layers: int,
+                 window: int = 0) -> list[dict]:
     """Per tap (forward order) of one step: {tap, ok, ratio, metric, value, tolerance, note}.
-    `dtypes`: (theirs, ours), for an unpinned `tol`; the mask dtype is theirs."""
+    `dtypes`: (theirs, ours), for an unpinned `tol`; the mask dtype is theirs. `window`: the model's
+    sliding window, whose keys alone a decode step's cache may hold (a ring of `window` slots)."""
     out = []
     for tap in tap_names(n_layers):
         if tap not in theirs or tap not in ours:
             continue
         a, b = theirs[tap], ours[tap]
+        window_only = any(tap.endswith(s) for s in KEY_AXIS_STAGES) and window and a.shape[-2] == 1 and \
+            a.shape[:-1] == b.shape[:-1] and window <= a.shape[-1] < b.shape[-1]
+        if window_only:  # a ring of the window's keys (or more): ours masks the older ones alike
+            b = b[..., -a.shape[-1]:]
         if a.shape != b.shape:
             out.append({"tap": tap, "ok": False, "ratio": math.inf, "metric": "shape", "value": math.inf,
                         "tolerance": 0.0, "note": _shape_note(tap, a.shape, b.shape, pos)})
@@ -211,6 +218,10 @@ def compare_step(theirs: dict, ours: dict, pos: int, tol: Tolerances, dtypes: tu
         if ratio > 1 and not np.any(a):
             note = ("their tensor is all zeros: read before the GPU finished writing it (wait for the command "
                     "buffer to complete), or never written")
+        if window_only:
+            note = (note + "; " if note else "") + (f"{a.shape[-1]} key positions (a cache of the sliding window "
+                                                    f"of {window} or more): compared on positions "
+                                                    f"{pos + 1 - a.shape[-1]}-{pos}")
         out.append({"tap": tap, "ok": ratio <= 1, "ratio": ratio, "metric": "nmse", "value": value,
                     "tolerance": tolerance, "note": note})
     return out
@@ -245,11 +256,13 @@ def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, 
     dtype = basis.dtype
     decode, rows = reference_steps(lm, ids, chunks)
     out_steps, first, first_row, localized = [], None, None, None
+    caches = CacheBuilder(L)
     for s in dumps.steps:
         pos = s.position
-        stages = compare_step(s.tensors, decode[pos], pos, tol, (dtype, lm.dtype), L)
-        row = compare_step(s.tensors, rows[pos], pos, tol, (dtype, lm.dtype), L)
-        rep = replay(s.tensors, lm, ids[pos:pos + s.n_tokens], tol, dtype, pos)
+        stages = compare_step(s.tensors, decode[pos], pos, tol, (dtype, lm.dtype), L, lm.config.window)
+        row = compare_step(s.tensors, rows[pos], pos, tol, (dtype, lm.dtype), L, lm.config.window)
+        kv = caches.add(pos, s.n_tokens, s.tensors)
+        rep = replay(s.tensors, lm, ids[pos:pos + s.n_tokens], tol, dtype, pos, kv)
         for e in stages:
             e["local_ratio"] = rep.stages.get(e["tap"], {}).get("local_ratio")
         bad = next((e for e in stages if not e["ok"]), None)
@@ -260,22 +273,42 @@ def compare_steps(dumps: StepDumps, lm, ids: list[int] | None, tol: Tolerances, 
                 "missing": [t for t in tap_names(L) if t not in s.tensors],
                 "prefill_row": {"status": "diverged" if bad_row else "match",
                                 "first_divergence": bad_row["tap"] if bad_row else None}}
+        not_replayed = _not_replayed(s.tensors, rep, L)
+        if not_replayed:
+            step["not_replayed"] = not_replayed
         local = rep.first_local() if bad else None  # beside a step that matches there is nothing to localize
         if local:
             step["localized"] = {"stage": local, "local_ratio": rep.stages[local]["local_ratio"]}
+            if "keys" in rep.stages[local]:  # which cached key each of their score columns holds
+                step["localized"].update({k: rep.stages[local][k] for k in ("keys", "key_columns")})
             localized = localized or {"position": pos, **step["localized"]}
         if bad and first is None:
             first = {"position": pos, "tap": bad["tap"], "metric": bad["metric"], "ratio": bad["ratio"],
                      "note": bad["note"]}
             first["diagnosis"] = _diagnose_step(s, bad["tap"], rep, decode[pos], lm, ids, pos, free, dtype)
             first.update(_explain_step(bad, stages, s.tensors, decode[pos], lm.config.as_dict(), L))
+            if local and "keys" in step["localized"]:  # which cached keys the step read explains it
+                if placed(step["localized"]["key_columns"]):  # a cache slot, not a kernel: that is the hint
+                    first["hint"] = (step["localized"]["keys"] + "; check the KV cache: the slot each step "
+                                     "writes its K/V row to, and the slots (and how many) its attention reads")
+                else:
+                    first["hint"] += "; " + step["localized"]["keys"]
         if bad_row and first_row is None:
             first_row = {"position": pos, "tap": bad_row["tap"], "note": bad_row["note"]}
         out_steps.append(step)
     return {"status": "diverged" if first else "match", "tokens": ids[:at], "first_divergence": first,
             "first_prefill_row_divergence": first_row, "localized": localized, "steps": out_steps,
             "dtype": dtype, "tolerance_basis": basis.as_dict(), "reference": {"model": lm.source.spec, "dtype": lm.dtype},
-            "not_compared": dumps.not_comparable, "tolerances": tol.describe()}
+            "not_compared": dumps.not_comparable, "tolerances": tol.describe(),
+            "not_replayed": [{"position": s["position"], "stages": s["not_replayed"]} for s in out_steps
+                             if s.get("not_replayed")]}
+
+
+def _not_replayed(theirs: dict, rep, n_layers: int) -> dict[str, str]:
+    """{tap: why} for the attention stages a step dumped but its replay could not recompute (a step
+    or the cached K/V missing from the dumps): said, never passed over."""
+    return {t: rep.stages[t]["skipped"] for t in tap_names(n_layers)
+            if t in theirs and stage_of(t).op in ("qk", "pv") and "skipped" in rep.stages.get(t, {})}
 
 
 def _explain_step(bad: dict, stages: list[dict], theirs: dict, ours: dict, cfg: dict, n_layers: int) -> dict:

@@ -286,9 +286,8 @@ C_FAULTS = {
     "PARTIAL_ROWS": (0, "layers.0.mlp.gate", None),
     "RING4": (4, "layers.0.attn.scores", None),
 }
-# A step with the wrong number of keys cannot be replayed (its scores need the engine's cache,
-# which a step dump does not hold: localize.md): nothing is localized.
-C_NOT_LOCALIZED = ("EXTRA_KEY", "RING4")
+# Every fault is localized where it first shows: a step's scores and context are replayed from the
+# cache its own step dumps hold (localize/kvcache.py), also a step with the wrong number of keys.
 
 
 def c_cases() -> list[Case]:
@@ -307,8 +306,7 @@ def c_cases() -> list[Case]:
     ]
     for fault, (pos, tap, diagnosis) in C_FAULTS.items():
         cases.append(Case(eng, f"-DFAULT_{fault}", base + " --dtype float32", 1, f"position {pos}, {tap}",
-                          _c_case(fault, ("--dtype", "float32")), want_diagnosis=diagnosis,
-                          want_localized=None if fault in C_NOT_LOCALIZED else SAME))
+                          _c_case(fault, ("--dtype", "float32")), want_diagnosis=diagnosis))
     # Taps stored as float16 (the metadata says so), judged at float16's tolerance: still clean,
     # and a wrong KV head is still found where it is.
     f16 = base.replace("float32,", "float32 stored as float16 (-DSTORE_F16),") + " --dtype float16"

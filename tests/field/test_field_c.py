@@ -31,11 +31,51 @@ def test_c_case(case, work):
     assert not case.misses(got), "; ".join(case.misses(got)) + "\n" + got.output[-3000:]
 
 
-def _first_note(work, fault: str) -> str:
-    case = next(c for c in CASES if c.name == f"-DFAULT_{fault}")
+def _result(work, fault: str) -> dict:
+    case = next(c for c in CASES if c.name == f"-DFAULT_{fault}" and "float16" not in c.settings)
     rc, data, _ = C.run_compare(case.build(work), work / f"{fault}.json")
     assert rc == 1
-    return data["first_divergence"]["note"]
+    return data
+
+
+def _first_note(work, fault: str) -> str:
+    return _result(work, fault)["first_divergence"]["note"]
+
+
+def _keys(data: dict, position: int) -> str:
+    return data["steps"][position]["localized"]["keys"]
+
+
+def test_kv_late_is_localized_at_every_step_with_the_keys_it_read(work):
+    """Layer 1 writes K/V one slot late: every step's scores, replayed from the keys its own step
+    dumps hold, are localized, and the words say which key sits where (issue 22 item 3)."""
+    data = _result(work, "KV_LATE")
+    assert [s["localized"]["stage"] for s in data["steps"]] == ["layers.1.attn.scores"] * len(C.C_IDS)
+    assert "do not hold this step's own key (position 0) in the last column, which is zeros" in _keys(data, 0)
+    assert ("step 3's scores used the key of position 0 in column 1 where its own cache holds position 1 "
+            "(columns 1-3 hold positions 0-2); column 0 is zeros (a slot never written); position 3 (this step's "
+            "own key) is never read: the KV cache is written one position late") in _keys(data, 3)
+    assert data["first_divergence"]["hint"].startswith(_keys(data, 0))
+
+
+def test_ring_and_extra_key_are_localized_with_which_way(work):
+    """A ring of 4 slots drops position 0 at position 4; an extra key is one past the current one."""
+    ring = _result(work, "RING4")
+    assert ring["localized"]["position"] == 4 and ring["localized"]["stage"] == "layers.0.attn.scores"
+    assert "hold only the last 4 keys (positions 1-4): position 0 was dropped" in ring["localized"]["keys"]
+    assert "hold only the last 4 keys (positions 2-5): positions 0-1 were dropped" in _keys(ring, 5)
+    extra = _result(work, "EXTRA_KEY")
+    assert "read one key past the current position 0: column 1 is zeros" in extra["localized"]["keys"]
+    assert "read one key past the current position 5: column 6 is zeros" in _keys(extra, 5)
+    assert {s["position"] for s in extra["not_replayed"]} == set(range(len(C.C_IDS)))  # their extra value: in no dump
+
+
+def test_kv_head_is_localized_at_every_step(work):
+    """Query head h reading KV head h % n_kv in layer 1: localized at every step (was: position 0
+    only, whose one key a step dump holds), the diagnosis naming the mapping."""
+    data = _result(work, "KV_HEAD")
+    assert [s["localized"]["stage"] for s in data["steps"]] == ["layers.1.attn.scores"] * len(C.C_IDS)
+    assert data["first_divergence"]["diagnosis"][0]["transform"] == "kv_head_mapping"
 
 
 def test_ring_cache_note_names_the_missing_positions(work):
