@@ -562,7 +562,9 @@ def explain(candidate, reference, *, token_axis: int, budget: float, kernel: str
             if heads is not None:
                 return heads
     if np.isfinite(a).all():
-        offset = explain_offset(a2, b2, ROW_SLACK * budget, kernel)
+        # values flushed to zero where the reference is small can repeat on every row, which also
+        # reads as one offset vector: the zeros are the more specific shape
+        offset = explain_flushed(a, b, kernel) or explain_offset(a2, b2, ROW_SLACK * budget, kernel)
         if offset is not None:
             return offset
         values = explain_values(a, b, budget, token_axis, kernel)
@@ -611,7 +613,11 @@ def _over_keys(tap: str, pattern: Pattern | None) -> Pattern | None:
     Likewise the first printed rows right and the last wrong, with the boundary unseen: causal query
     row r sees keys 0..r, so the early rows are those that see fewer keys than one key block of a
     tiled kernel; a row loop bound is the matmul reading, not the first one here."""
-    if pattern is None or not tap.endswith(("attn.probs", "attn.context")):
+    from .stages import all_stages
+
+    # a tap ("layers.3.attn.probs") or a layer stage's own name ("attn.probs": a vectors case)
+    stage = next((s for s in all_stages() if tap == s.name or tap.endswith("." + s.name)), None)
+    if pattern is None or stage is None or not stage.combines_keys:
         return pattern
     if pattern.name in ("rows_wrong_from", "rows_stale_from") and "likely_tile" in pattern.evidence:
         ev = pattern.evidence
@@ -975,7 +981,8 @@ def printed_reordering(tap: str, candidate, reference, known, tolerance: float, 
     def fits(x, y) -> bool:
         return bool(np.isfinite(x).all() and np.abs(x - y).max() <= bound)
 
-    if stage.name in ("attn.q", "attn.k") and a.ndim == 3 and a.shape[-1] % 2 == 0:
+    # the projections a GGUF stores permuted, before RoPE (after it the values are no permutation)
+    if stage.gguf_permuted and stage.op == "heads" and a.ndim == 3 and a.shape[-1] % 2 == 0:
         from .gguf import permute_qk, unpermute_qk
 
         H, _, D = a.shape

@@ -84,6 +84,12 @@ class Stage:
         return self.dims.index("key") if "key" in self.dims else None
 
     @property
+    def combines_keys(self) -> bool:
+        """Whether its op weighs several keys together (the softmax over keys, probs·V): query row 0
+        sees one key only, so a fault in combining keys cannot show there (errorshape.py)."""
+        return self.op in ("softmax", "pv")
+
+    @property
     def head_major(self) -> bool:
         return self.dims[0] in HEAD_AXES
 
