@@ -19,6 +19,7 @@ import numpy as np
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
 from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
+from .refs.fused import split_fused
 from .refs.layout import to_canonical
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
@@ -108,7 +109,7 @@ class _Ctx:
         if k not in self._canon:
             x, _, rows, notes = to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
             self._canon[k] = np.asarray(x, np.float64), rows
-            self.layout[k] = notes
+            self.layout[k] = ([side.origins[tap]] if tap in side.origins else []) + notes
         return self._canon[k]
 
 
@@ -402,6 +403,7 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
     """Compare the candidate with every compatible reference; the result dict (see module doc).
     `basis`: the dtype each candidate tensor is judged at (default: judging_basis(candidate))."""
     basis = basis or judging_basis(candidate)
+    split_fused(candidate, cfg)  # their fused q|k|v or gate|up, judged as the taps they hold
     mismatch = _token_count_mismatch(candidate, cfg, n_tokens)
     if mismatch:
         raise UserError(mismatch)

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
 from ..localize.coverage import UNMAPPED_REASON, required_not_compared, unmapped_message, unmapped_names, where_it_stops
-from ..refs.loaders import load, read_name_map, refuse_decode_step
+from ..refs.loaders import load, read_name_map, refuse_decode_step, refuse_fused
 from ..refs.side import SHORTCUT_TAPS, Side, is_known_tap
 from ..taps import split_name
 from ..results import PromptRecord, ResultHeader
@@ -246,7 +246,9 @@ def _steps(args) -> int:
     if args.report or args.plots:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
-    dumps = load_steps(args.against_steps, read_name_map(args.map))
+    name_map = read_name_map(args.map)
+    refuse_fused(name_map, "--against-steps")
+    dumps = load_steps(args.against_steps, name_map)
     unknown = [n["key"] for n in dumps.not_comparable if n.get("reason") == UNMAPPED_REASON]
     if unknown and not args.ignore_unmapped:
         raise UserError(unmapped_message(unknown, args.against_steps[0]))
