@@ -220,14 +220,16 @@ def _suggest(args, candidate, name_map, tol) -> int:
     reference = run_side(lm, prompt.ids)
     raw = read_raw_tensors(args.against)
     lines = suggest_map(raw, reference.tensors, lm.config.as_dict(), len(prompt.ids), candidate.dtype or lm.dtype,
-                        lm.dtype, tol, candidate.layout, name_map)
+                        lm.dtype, tol, candidate.layout, name_map, fused=True)
     mapping = {ln["name"]: ln["tap"] for ln in lines if ln["tap"] and ln["name"] != ln["tap"]}
     write_json(args.suggest_map, mapping)
     for ln in lines:
         print(describe(ln))
     n_sure = sum(ln["confidence"] == "match" for ln in lines)
+    n_fused = sum(ln["confidence"] == "match" and bool(ln.get("taps")) for ln in lines)
     print(f"wrote {args.suggest_map}: {len(mapping)} name(s) mapped ({n_sure} of {len(lines)} tensors within "
-          f"tolerance of one tap); check the lines that are not `match`, then give --map {args.suggest_map}")
+          f"tolerance of one tap{f', {n_fused} of them fused (one block per tap)' if n_fused else ''}); check the "
+          f"lines that are not `match`, then give --map {args.suggest_map}")
     return 0
 
 
