@@ -502,6 +502,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
     if notes:
         text += "; " + "; ".join(notes)
+    split = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if " (fused " in part})
+    if split:  # their engine computed it in one matmul with its neighbours: the fault is in this block of it
+        text += f"; in their dump this is {split[0]}: look at that block of the fused matmul"
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm, "pattern": shape,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
