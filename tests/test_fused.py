@@ -257,3 +257,45 @@ def test_a_tap_in_two_entries_and_fused_entries_where_nothing_splits_are_exit_2(
     bad_meta = write(tmp_path / "bm.safetensors", {"x": np.zeros((2, 4), np.float32)}, {"fused": "[1, 2]"})
     assert cli(["compare", "--against", str(bad_meta), *TINY]) == 2
     assert "metadata 'fused' must be a JSON object" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Unlike the above: Qwen2 (q/k/v biases), whose fused qkv matmul adds one concatenated bias
+
+
+def test_qwen2_fused_qkv_with_biases_and_a_bias_missing_from_its_k_block(tmp_path, capsys):
+    """A Qwen2 engine computing q|k|v as one matmul plus one concatenated bias [b_q | b_k | b_v]:
+    clean it matches every stage (--suggest-map finds the map); with the k part of that bias left
+    out (a bias vector built as [b_q | 0 | b_v]) it diverges at attn.k, with q and v clean, replay
+    placing the fault in k's own arithmetic and the hint naming the k block of the fused tensor.
+    (No errorshape pattern names a per-column offset yet: the pattern is None here.)"""
+    from safetensors.numpy import load_file
+
+    from mlx_tinyllama.synthetic import materialize
+
+    model = ["--model", "synthetic:qwen2-tiny", "--dtype", "float32"]
+    lm = sources.load("synthetic:qwen2-tiny", "float32")
+    taps = {t: np.asarray(x, np.float32) for t, x in run_side(lm, SEED_IDS).tensors.items()}
+    n = len(tap_names(lm.config.num_hidden_layers))
+    tensors, mapping = fuse(taps, lm.config.num_hidden_layers)
+    dump = write(tmp_path / "qwen2.safetensors", tensors)
+    rc, result, _, _ = run(tmp_path, capsys, "--against", dump, *model, "--map", write_map(tmp_path / "m.json", mapping))
+    assert rc == 0 and result["verdict"]["line"] == f"match: {n}/{n} stages"
+    out = tmp_path / "suggested.json"
+    assert cli(["compare", "--against", str(dump), *model, "--suggest-map", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text()) == mapping
+
+    bias = load_file(str(materialize("qwen2-tiny", 0) / "model.safetensors"))["model.layers.0.self_attn.k_proj.bias"]
+    H, D = lm.config.num_attention_heads, lm.config.hidden_size // lm.config.num_attention_heads
+    assert np.abs(bias).max() > 0  # the fault below changes something
+    tensors["model.layers.0.qkv"] = tensors["model.layers.0.qkv"].copy()
+    tensors["model.layers.0.qkv"][:, H * D:H * D + bias.size] -= bias
+    dump = write(tmp_path / "nobias.safetensors", tensors)
+    rc, result, _, _ = run(tmp_path, capsys, "--against", dump, *model, "--map", tmp_path / "m.json")
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.k"
+    ok = {s["tap"]: s["ok"] for s in result["stages"]}
+    assert ok["layers.0.attn.q"] and ok["layers.0.attn.v"]
+    assert result["localized"]["stage"] == "layers.0.attn.k"  # replayed with the bias: k's own arithmetic
+    assert f"in their dump this is columns {H * D}:{H * D + bias.size} of their model.layers.0.qkv" \
+        in result["first_divergence"]["hint"]
