@@ -189,6 +189,16 @@ def test_a_wrong_kv_heads_columns_in_the_k_block_diverge_at_attn_k(ours, tiny_di
     assert (f"in their dump this is columns {H * D}:{(H + KV) * D} of their model.layers.0.qkv"
             in result["first_divergence"]["hint"])
     assert result["localized"]["stage"] == "layers.0.attn.k"  # its own arithmetic, from their attn_norm
+    # --suggest-map tells the run by the blocks that match (q, v): a `likely` line, and the compare
+    # with its map (the later layers' fused tensors, off everywhere, are left out) finds attn.k
+    out = tmp_path / "suggested.json"
+    assert cli(["compare", "--against", str(dump), *TINY, "--suggest-map", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == {"model.layers.0.qkv": mapping["model.layers.0.qkv"]}
+    assert "model.layers.0.qkv -> layers.0.attn.q | layers.0.attn.k | layers.0.attn.v  likely (" in printed
+    assert "model.layers.1.qkv -> ?  none: fused: no run of taps" in printed
+    rc, result, _, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", out, "--ignore-unmapped")
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.k"
     clean, _ = fuse(engine_taps(tiny_dir), 2)  # the same engine without the fault: not flagged
     rc, result, _, _ = run(tmp_path, capsys, "--against", write(tmp_path / "c.safetensors", clean), *TINY,
                            "--map", tmp_path / "m.json")

@@ -222,19 +222,24 @@ def _fused_line(name, x, ours, cfg, n_tokens, claimed, their_dtype, our_dtype, t
     tried.sort(key=lambda c: c[0])
     within = [c for c in tried if c[1] <= 1.0]
     blocks = lambda c: ", ".join(f"{t} {fmt_ratio(r)}x" for t, r in zip(c[2].taps, c[3]))  # noqa: E731
+    listed = lambda cs: [{"tap": list(c[2].taps), "layout": c[2].layout, "ratio": c[1]} for c in cs[:4]]  # noqa: E731
     if len(within) == 1:
         c = within[0]
         return _fused(name, c[2], "match", c[1], tried, f"fused: every block within its tap's tolerance ({blocks(c)})")
     if len(within) > 1:
-        return _line(name, None, "ambiguous", None, [{"tap": list(c[2].taps), "layout": c[2].layout, "ratio": c[1]}
-                                                     for c in within[:4]],
-                     note="fused: several runs of taps fit within tolerance")
-    best = tried[0]
-    if best[0] < LIKELY_NMSE and (len(tried) == 1 or tried[1][0] >= LIKELY_MARGIN * best[0]):
+        return _line(name, None, "ambiguous", None, listed(within), note="fused: several runs of taps fit within tolerance")
+    # Some blocks equal their taps and others do not (a fault inside one block of the matmul): the
+    # run is told by the blocks that match, when no other run has any.
+    partly = [c for c in tried if any(r <= 1.0 for r in c[3])]
+    best = partly[0] if len(partly) == 1 else tried[0]
+    if len(partly) == 1 or (not partly and best[0] < LIKELY_NMSE and
+                            (len(tried) == 1 or tried[1][0] >= LIKELY_MARGIN * best[0])):
         return _fused(name, best[2], "likely", best[1], tried,
-                      f"fused: the closest run of taps of its width, but over tolerance ({blocks(best)}): "
-                      "that block's stage (or one before it) is off; check the line")
-    return None
+                      f"fused: {'the one run of its width with blocks that match' if partly else 'the closest run'}, "
+                      f"but over tolerance ({blocks(best)}): the block over it (or a stage before) is off; check "
+                      "the line")
+    return _line(name, None, "none", None, listed(tried),
+                 note="fused: no run of taps of its width is within tolerance or clearly the closest")
 
 
 def _fused(name, f: Fused, confidence, ratio, tried, note) -> dict:
@@ -308,6 +313,10 @@ def describe(line: dict) -> str:
         return (f"{line['name']} -> {line['tap']}  {line['confidence']} ({fmt(line['ratio'])}x tolerance"
                 + (f"; next closest {nxt['tap']} at {fmt(nxt['ratio'])}x" if nxt else "; no other tap of its size")
                 + (f"; {line['note']}" if line["confidence"] == "likely" else "") + ")")
-    cands = ", ".join(f"{' | '.join(c['tap']) if isinstance(c['tap'], list) else c['tap']} ({fmt(c['ratio'])}x)"
-                      for c in line["candidates"])
+    def cand(c) -> str:
+        if not isinstance(c["tap"], list):
+            return c["tap"]
+        return " | ".join(c["tap"]) + ("" if c.get("layout", "concat") == "concat" else f" {c['layout']}")
+
+    cands = ", ".join(f"{cand(c)} ({fmt(c['ratio'])}x)" for c in line["candidates"])
     return f"{line['name']} -> ?  {line['confidence']}: {line['note']}" + (f": {cands}" if cands else "")
