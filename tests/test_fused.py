@@ -309,3 +309,30 @@ def test_qwen2_fused_qkv_with_biases_and_a_bias_missing_from_its_k_block(tmp_pat
     assert result["localized"]["stage"] == "layers.0.attn.k"  # replayed with the bias: k's own arithmetic
     assert f"in their dump this is columns {H * D}:{H * D + bias.size} of their model.layers.0.qkv" \
         in result["first_divergence"]["hint"]
+
+
+# ---------------------------------------------------------------------------
+# The split itself, on shapes the CLI tests do not write
+
+
+def test_split_reads_heads_split_and_batched_forms_and_refuses_unequal_interleaving():
+    from mlx_tinyllama.errors import UserError
+    from mlx_tinyllama.refs.fused import Fused, split
+
+    cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32, "intermediate_size": 24,
+           "num_hidden_layers": 1, "vocab_size": 50}
+    T, D = 3, 8
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(T, 4 * D)), rng.normal(size=(T, 2 * D)), rng.normal(size=(T, 2 * D))
+    qkv = np.concatenate([q, k, v], -1)
+    f = Fused("qkv", ("layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v"))
+    for form in (qkv, qkv[None], qkv.reshape(T, 8, D), qkv.reshape(1, T, 8, D)):  # [T, (H+2KV)*D] in its forms
+        parts = split(f, form, cfg)
+        assert [p[0] for p in parts] == list(f.taps)
+        assert all(np.array_equal(p[1], want) for p, want in zip(parts, (q, k, v)))
+    grouped = split(Fused("qkv", f.taps, "grouped"), megatron_qkv(q, k, v, 2), cfg)
+    assert all(np.array_equal(p[1], want) for p, want in zip(grouped, (q, k, v)))
+    with pytest.raises(UserError, match="alternates equal parts"):
+        split(Fused("qkv", f.taps, "interleaved"), qkv, cfg)
+    with pytest.raises(UserError, match=r"holds 63 values per token.*attn.q 32 \+ attn.k 16 \+ attn.v 16 = 64"):
+        split(f, qkv[:, :63], cfg)
