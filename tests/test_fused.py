@@ -177,7 +177,8 @@ def test_a_wrong_kv_heads_columns_in_the_k_block_diverge_at_attn_k(ours, tiny_di
     taps = engine_taps(tiny_dir, ["qkv_k_head_wrong:1"])
     tensors, mapping = fuse(taps, 2)
     dump = write(tmp_path / "k.safetensors", tensors)
-    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", write_map(tmp_path / "m.json", mapping))
+    mapped = write_map(tmp_path / "m.json", mapping)
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", mapped)
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.attn.k"
     ok = {s["tap"]: s["ok"] for s in result["stages"]}
     assert ok["layers.0.attn.q"] and ok["layers.0.attn.v"] and not ok["layers.0.attn.k"]
@@ -211,7 +212,8 @@ def test_a_tile_fault_in_the_fused_gate_up_matmul_is_the_row_pattern_at_mlp_gate
     taps = engine_taps(tiny_dir, ["gate_up_rows_zero:32"])
     tensors, mapping = fuse(taps, 2)
     dump = write(tmp_path / "gu.safetensors", tensors)
-    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", write_map(tmp_path / "m.json", mapping))
+    mapped = write_map(tmp_path / "m.json", mapping)
+    rc, result, out, _ = run(tmp_path, capsys, "--against", dump, *TINY, "--map", mapped)
     assert rc == 1 and result["first_divergence"]["tap"] == "layers.0.mlp.gate"
     hint = result["first_divergence"]["hint"]
     assert f"token rows 0-31 match, rows 32-{len(SEED_IDS) - 1} are zero" in hint, hint
@@ -229,7 +231,8 @@ def test_widths_that_do_not_add_up_are_exit_2_naming_them(ours, tmp_path, capsys
     H, KV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
     mapping["model.layers.0.qkv"] = ["layers.0.attn.q", "layers.0.attn.k"]  # v forgotten
     dump = write(tmp_path / "fused.safetensors", tensors)
-    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY, "--map", write_map(tmp_path / "m.json", mapping))
+    mapped = write_map(tmp_path / "m.json", mapping)
+    rc, result, out, err = run(tmp_path, capsys, "--against", dump, *TINY, "--map", mapped)
     assert rc == 2 and result is None and len(err.strip().splitlines()) == 1
     assert f"holds {(H + 2 * KV) * D} values per token" in err
     assert f"attn.q {H * D} + attn.k {KV * D} = {(H + KV) * D}" in err
@@ -289,7 +292,8 @@ def test_qwen2_fused_qkv_with_biases_and_a_bias_missing_from_its_k_block(tmp_pat
     n = len(tap_names(lm.config.num_hidden_layers))
     tensors, mapping = fuse(taps, lm.config.num_hidden_layers)
     dump = write(tmp_path / "qwen2.safetensors", tensors)
-    rc, result, _, _ = run(tmp_path, capsys, "--against", dump, *model, "--map", write_map(tmp_path / "m.json", mapping))
+    mapped = write_map(tmp_path / "m.json", mapping)
+    rc, result, _, _ = run(tmp_path, capsys, "--against", dump, *model, "--map", mapped)
     assert rc == 0 and result["verdict"]["line"] == f"match: {n}/{n} stages"
     out = tmp_path / "suggested.json"
     assert cli(["compare", "--against", str(dump), *model, "--suggest-map", str(out)]) == 0

@@ -227,7 +227,8 @@ def _fused_line(name, x, ours, cfg, n_tokens, claimed, their_dtype, our_dtype, t
         c = within[0]
         return _fused(name, c[2], "match", c[1], tried, f"fused: every block within its tap's tolerance ({blocks(c)})")
     if len(within) > 1:
-        return _line(name, None, "ambiguous", None, listed(within), note="fused: several runs of taps fit within tolerance")
+        return _line(name, None, "ambiguous", None, listed(within),
+                     note="fused: several runs of taps fit within tolerance")
     # Some blocks equal their taps and others do not (a fault inside one block of the matmul): the
     # run is told by the blocks that match, when no other run has any.
     partly = [c for c in tried if any(r <= 1.0 for r in c[3])]
