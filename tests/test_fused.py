@@ -340,3 +340,36 @@ def test_split_reads_heads_split_and_batched_forms_and_refuses_unequal_interleav
         split(Fused("qkv", f.taps, "interleaved"), qkv, cfg)
     with pytest.raises(UserError, match=r"holds 63 values per token.*attn.q 32 \+ attn.k 16 \+ attn.v 16 = 64"):
         split(f, qkv[:, :63], cfg)
+
+
+def test_float16_fused_dump_against_the_stored_reference_without_a_model(tmp_path, capsys):
+    """Unlike the runs above: no model (the config comes from a stored reference,
+    refs/synthetic-tiny-fp16.json), tensors stored as float16 (their tolerance follows the
+    storage). The reference's own tensors fused match; the v block of layer 1 scaled by 1.05
+    diverges at layers.1.attn.v, not at q or k."""
+    from mlx_tinyllama import refs as R
+
+    repo = Path(__file__).resolve().parents[1]
+    ref = repo / "refs" / "synthetic-tiny-fp16.json"
+    side = R.load(ref)[0]
+    taps = {t: np.asarray(x, np.float32) for t, x in side.tensors.items()}
+    tensors, mapping = fuse(taps, 2)
+    mapped = write_map(tmp_path / "m.json", mapping)
+
+    def save(name, ts):
+        save_file({k: np.ascontiguousarray(v, np.float16) for k, v in ts.items()}, str(tmp_path / name),
+                  metadata={"tokens": json.dumps(side.ids)})
+        return tmp_path / name
+
+    rc, result, _, _ = run(tmp_path, capsys, "--against", save("f16.safetensors", tensors), "--ref", ref,
+                           "--map", mapped)
+    assert rc == 0 and result["status"] == "match" and result["tolerance_basis"]["dtype"] == "float16"
+    assert {"layers.1.attn.v", "layers.1.mlp.up"} <= set(result["coverage"]["compared"])
+    qkv = tensors["model.layers.1.qkv"].copy()
+    width = taps["layers.1.attn.v"].shape[0] * taps["layers.1.attn.v"].shape[2]
+    qkv[:, -width:] *= 1.05
+    faulty = save("v.safetensors", dict(tensors, **{"model.layers.1.qkv": qkv}))
+    rc, result, _, _ = run(tmp_path, capsys, "--against", faulty, "--ref", ref, "--map", mapped)
+    assert rc == 1 and result["first_divergence"]["tap"] == "layers.1.attn.v"
+    ok = {s["tap"]: s["ok"] for s in result["stages"]}
+    assert ok["layers.1.attn.q"] and ok["layers.1.attn.k"]
