@@ -267,6 +267,11 @@ def test_a_tap_in_two_entries_and_fused_entries_where_nothing_splits_are_exit_2(
     assert "only a .safetensors/.npz dump" in capsys.readouterr().err
     assert cli(["compare", "--against-steps", str(dump), *TINY, "--map", str(fused)]) == 2
     assert "not --against-steps" in capsys.readouterr().err
+    twice = write(tmp_path / "tw.safetensors", {"x": np.zeros((2, 4), np.float32),
+                                                "layers.0.attn.k": np.zeros((2, 2), np.float32)})
+    assert cli(["compare", "--against", str(twice), *TINY, "--map", str(fused)]) == 2  # x holds k too: which one?
+    err = capsys.readouterr().err
+    assert "are both layers.0.attn.k" in err and "'x'" in err and "'layers.0.attn.k'" in err
     bad_meta = write(tmp_path / "bm.safetensors", {"x": np.zeros((2, 4), np.float32)}, {"fused": "[1, 2]"})
     assert cli(["compare", "--against", str(bad_meta), *TINY]) == 2
     assert "metadata 'fused' must be a JSON object" in capsys.readouterr().err
