@@ -339,6 +339,8 @@ def test_split_reads_heads_split_and_batched_forms_and_refuses_unequal_interleav
         parts = split(f, form, cfg)
         assert [p[0] for p in parts] == list(f.taps)
         assert all(np.array_equal(p[1], want) for p, want in zip(parts, (q, k, v)))
+    one = split(f, qkv[:1].reshape(1, 8, D), cfg)  # one token, heads split: [1, H+2KV, D]
+    assert all(np.array_equal(p[1], want[:1]) for p, want in zip(one, (q, k, v)))
     grouped = split(Fused("qkv", f.taps, "grouped"), megatron_qkv(q, k, v, 2), cfg)
     assert all(np.array_equal(p[1], want) for p, want in zip(grouped, (q, k, v)))
     with pytest.raises(UserError, match="alternates equal parts"):

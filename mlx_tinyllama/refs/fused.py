@@ -123,10 +123,10 @@ def split(f: Fused, x: np.ndarray, cfg: dict) -> list[tuple[str, np.ndarray, str
     total = sum(widths)
     a = np.asarray(x)
     shape = list(a.shape)
+    if a.ndim >= 2 and a.shape[-1] != total and a.shape[-2] * a.shape[-1] == total:
+        a = a.reshape(a.shape[:-2] + (total,))  # [T, heads, D] with the parts' heads side by side
     while a.ndim > 2 and a.shape[0] == 1:  # a batch axis of 1
         a = a[0]
-    if a.ndim == 3 and a.shape[1] * a.shape[2] == total:  # [T, heads, D] with the parts' heads side by side
-        a = a.reshape(a.shape[0], -1)
     if a.ndim == 1:  # one token's row (ggml drops the 1-token axis)
         a = a[None]
     if a.ndim != 2 or a.shape[1] != total:
