@@ -116,10 +116,11 @@ def _widths_text(f: Fused, widths: list[int]) -> str:
     return " + ".join(f"{split_name(t)[1] or t} {w}" for t, w in zip(f.taps, widths)) + f" = {sum(widths)}"
 
 
-def split(f: Fused, x: np.ndarray, cfg: dict) -> list[tuple[str, np.ndarray, str]]:
+def split(f: Fused, x: np.ndarray, cfg: dict, widths: list[int] | None = None) -> list[tuple[str, np.ndarray, str]]:
     """Their fused tensor -> [(tap, [T, width] part, note)]. Its last axis holds the features
-    ([T, W], [1, T, W], or [T, heads, D] merged); a width that does not add up is bad input."""
-    widths = [width(t, cfg) for t in f.taps]
+    ([T, W], [1, T, W], or [T, heads, D] merged); a width that does not add up is bad input.
+    `widths`: the taps' widths when the caller has them (--suggest-map tries many runs)."""
+    widths = list(widths) if widths is not None else [width(t, cfg) for t in f.taps]
     total = sum(widths)
     a = np.asarray(x)
     shape = list(a.shape)

@@ -11,9 +11,12 @@ everything after one) gets the closest free tap of its size when it is clearly t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..errors import UserError
+from ..stages import stage_of
 from ..taps import split_name, tap_names
 from .fused import Fused, split, width
 from .layout import expected_shape, to_canonical
@@ -23,6 +26,7 @@ LIKELY_NMSE = 0.5  # a tensor this far from a tap still follows it (a fault, or 
 LIKELY_MARGIN = 4.0  # ... when the next closest tap is this much further
 SAMPLE = 1 << 16  # a pair of big tensors is first compared on this many positions (scores at 2,048
 NEAR = 4.0  # tokens hold 134M values); within NEAR x the tolerance there, on every position
+QUICK_COLS = 512  # a fused run is first measured on 4 token rows of this many features per block
 
 
 def read_raw_tensors(path) -> dict[str, np.ndarray]:
@@ -126,8 +130,10 @@ def suggest_map(theirs: dict[str, np.ndarray], ours: dict[str, np.ndarray], cfg:
                                 note="equals several taps within tolerance" if len(options) > 1 else
                                 f"{', '.join(rivals)} equal(s) {options[0]} too")
     if fused:
+        runs, flat = list(_fused_runs(cfg, n_layers)), {}
         for name in [n for n in rest if n not in lines]:
-            line = _fused_line(name, theirs[name], ours, cfg, n_tokens, claimed, their_dtype, our_dtype, tol)
+            line = _fused_line(name, theirs[name], ours, cfg, n_tokens, claimed, their_dtype, our_dtype, tol,
+                               runs, flat)
             if line is not None:
                 lines[name] = line
                 if line["tap"] is not None:
@@ -193,29 +199,54 @@ def _fused_runs(cfg: dict, n_layers: int):
                     yield taps, widths, "interleaved"
 
 
-def _fused_line(name, x, ours, cfg, n_tokens, claimed, their_dtype, our_dtype, tol) -> dict | None:
+def _tokens_major(tap: str, x: np.ndarray) -> np.ndarray:
+    """Our tap as [T, features] (heads merged head-major), the layout a fused block is in."""
+    dims = stage_of(tap).dims
+    x = np.moveaxis(np.asarray(x), dims.index("token"), 0)
+    return x.reshape(x.shape[0], -1)
+
+
+def _fused_line(name, x, ours, cfg, n_tokens, claimed, their_dtype, our_dtype, tol, runs=None,
+                flat=None) -> dict | None:
     """A tensor tried as consecutive taps side by side: a `match` when exactly one packing puts
     every block within its tap's tolerance; `likely` when one is clearly the closest (every block
-    under LIKELY_NMSE, the next packing LIKELY_MARGIN further); None when no run has its width."""
+    under LIKELY_NMSE, the next packing LIKELY_MARGIN further); None when no run has its width.
+    A run whose every block is over LIKELY_NMSE on four token rows (the first two, the last two;
+    their first QUICK_COLS features) is judged on those only: most runs are other layers' taps."""
     rows = _feature_rows(x)
     if rows is None or rows[0] != n_tokens:
         return None
     n_layers = int(cfg["num_hidden_layers"])
+    runs = runs if runs is not None else list(_fused_runs(cfg, n_layers))
+    flat = flat if flat is not None else {}
+    few = sorted({0, 1, n_tokens - 2, n_tokens - 1} & set(range(n_tokens)))
     tried = []  # (worst nmse, worst ratio, Fused, [ratios])
-    for taps, widths, packing in _fused_runs(cfg, n_layers):
+    for taps, widths, packing in runs:
         if sum(widths) != rows[1] or any(t in claimed or t not in ours for t in taps):
             continue
         f = Fused(name, taps, packing)
         try:
-            parts = split(f, x, cfg)
+            parts = split(f, x, cfg, widths)
         except UserError:
+            continue
+        limits = [tol.get(t, "nmse", their_dtype, our_dtype, n_layers) for t in taps]
+        quick = []
+        for tap, part, _ in parts:
+            if tap not in flat:
+                flat[tap] = _tokens_major(tap, ours[tap])
+            quick.append(nmse(part[few, :QUICK_COLS], flat[tap][few, :QUICK_COLS]) if part.shape == flat[tap].shape
+                         else float("inf"))
+        if min(quick) > LIKELY_NMSE:
+            tried.append((max(quick), max(e / lim for e, lim in zip(quick, limits)), f,
+                          [e / lim for e, lim in zip(quick, limits)]))
             continue
         errs, ratios = [], []
         for tap, part, _ in parts:
             y = _canonical(tap, part, cfg, n_tokens, "hf")
-            e = nmse(y, ours[tap]) if y is not None else float("inf")
+            limit = tol.get(tap, "nmse", their_dtype, our_dtype, n_layers)
+            e = float("inf") if y is None else _nmse_sampled(y, ours[tap], NEAR * limit)
             errs.append(e)
-            ratios.append(e / tol.get(tap, "nmse", their_dtype, our_dtype, n_layers))
+            ratios.append(e / limit)
         tried.append((max(errs), max(ratios), f, ratios))
     if not tried:
         return None
@@ -272,6 +303,20 @@ def _settle(close: dict[str, set[str]]) -> dict[str, str]:
         taken.update(sure)
         done = set(sure.values())
         left = {n: ts - done for n, ts in left.items() if n not in sure}
+
+
+def _nmse_sampled(y: np.ndarray, ref: np.ndarray, near: float) -> float:
+    """nmse on SAMPLE positions of a big pair; on every position when that comes within `near`."""
+    idx = _sample_cached(y.size)
+    if idx is None:
+        return nmse(y, ref)
+    e = nmse(y.reshape(-1)[idx], ref.reshape(-1)[idx])
+    return nmse(y, ref) if e <= near else e
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_cached(size: int) -> np.ndarray | None:
+    return _sample(size)
 
 
 def _sample(size: int) -> np.ndarray | None:
