@@ -202,15 +202,14 @@ class Engine:
         if (f := self.fault("tile_rows_zero", i)):
             qm[int(f.arg or 32):] = 0.0
         q = taps[t + "attn.q"] = self._heads(qm, self.H)
-        k = self._heads(h @ w[p + "k_proj.weight"].T, self.KV)
-        if (f := self.fault("qkv_k_head_wrong", i)):
-            k[int(f.arg or 1)] = k[0]
-        taps[t + "attn.k"] = k
+        k = taps[t + "attn.k"] = self._heads(h @ w[p + "k_proj.weight"].T, self.KV)
         v = taps[t + "attn.v"] = self._heads(h @ w[p + "v_proj.weight"].T, self.KV)
         offset = self.fault("rope_offset", i)
         positions = np.arange(start, start + T, dtype=np.float64) + (offset.arg or 1 if offset else 0)
         interleaved = self.fault("rope_interleaved", i) is not None
         sign = -1.0 if self.fault("rope_sin_sign", i) else 1.0
+        if (f := self.fault("qkv_k_head_wrong", i)):  # in place: the attn.k tap is this array
+            k[int(f.arg or 1)] = k[0]
         q = taps[t + "attn.q_rope"] = self._rope(q, positions, interleaved, sign)
         k = taps[t + "attn.k_rope"] = self._rope(k, positions, interleaved, sign)
         k_all, v_all = self._cache_update(i, k, v)
