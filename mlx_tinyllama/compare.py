@@ -19,8 +19,8 @@ import numpy as np
 from .divergence import QK_STAGES, describe, fused_hint, hint, qk_hint, qk_permutation, stage_key
 from .errors import UserError
 from .errorshape import Pattern, printed_pattern, stage_pattern, unprinted
-from .refs.fused import split_fused
 from .refs.layout import to_canonical
+from .refs.fused import split_fused
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
@@ -499,12 +499,12 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     fused = fused_hint(first, engine) if engine else None
     if fused:
         text += "; " + fused
-    notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
-    if notes:
-        text += "; " + "; ".join(notes)
     split = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if " (fused " in part})
     if split:  # their engine computed it in one matmul with its neighbours: the fault is in this block of it
         text += f"; in their dump this is {split[0]}: look at that block of the fused matmul"
+    notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
+    if notes:
+        text += "; " + "; ".join(notes)
     return {"tap": first, "what": describe(first), "hint": text, "qk_permutation": perm, "pattern": shape,
             "before": before, "after": after,
             "error": {"metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
