@@ -69,6 +69,14 @@ int tap_dump_add_f32(tap_dump *d, const char *name, const float *data, int ndim,
 int tap_dump_add_f16(tap_dump *d, const char *name, const uint16_t *half_bits, int ndim, const int64_t *shape);
 int tap_dump_add_bf16(tap_dump *d, const char *name, const uint16_t *bf16_bits, int ndim, const int64_t *shape);
 
+/* Name a fused tensor: `name` (added with tap_dump_add_*) holds the n_taps taps side by side on
+ * its last axis, in this order, because the engine computed them as one matmul (q|k|v against a
+ * concatenated weight, gate|up). layout: NULL or "concat" (the parts one after the other),
+ * "grouped" (q/k/v per KV group, Megatron-LM's linear_qkv), "interleaved" (the parts' columns
+ * alternate). Recorded in the "fused" metadata, which compare reads as --map entries; shape it
+ * [T, width] (or [T, heads, head_dim]). Returns 0, or -1 (bad arguments, a name given twice). */
+int tap_dump_set_fused(tap_dump *d, const char *name, const char *const *taps, int n_taps, const char *layout);
+
 /* Write every tensor added so far to path (temp file + rename). 0 on success, -1 with errno. */
 int tap_dump_write(const tap_dump *d, const char *path);
 
@@ -127,6 +135,9 @@ struct tap_dump {
     size_t n, cap;
     tap_dump_meta_ *meta;
     size_t n_meta, cap_meta;
+    char *fused;        /* the "fused" metadata's entries so far, comma-separated (NULL: none) */
+    char **fused_names; /* their tensor names, to refuse one given twice */
+    size_t n_fused;
 };
 
 static char *tap_dump_strdup_(const char *s) {
@@ -149,6 +160,9 @@ void tap_dump_free(tap_dump *d) {
         free(d->meta[i].key);
         free(d->meta[i].value);
     }
+    for (i = 0; i < d->n_fused; i++) free(d->fused_names[i]);
+    free(d->fused_names);
+    free(d->fused);
     free(d->tensors);
     free(d->meta);
     free(d);
@@ -407,6 +421,54 @@ static void tap_dump_json_str_(tap_dump_buf_ *b, const char *s) {
         }
     }
     tap_dump_cat_(b, "\"");
+}
+
+int tap_dump_set_fused(tap_dump *d, const char *name, const char *const *taps, int n_taps, const char *layout) {
+    tap_dump_buf_ b = {0, 0, 0, 0};
+    char **names;
+    size_t i;
+    int k;
+    if (!d || !name || !*name || !taps || n_taps < 2) return -1;
+    if (layout && strcmp(layout, "concat") && strcmp(layout, "grouped") && strcmp(layout, "interleaved")) return -1;
+    for (k = 0; k < n_taps; k++)
+        if (!taps[k] || !*taps[k]) return -1;
+    for (i = 0; i < d->n_fused; i++)
+        if (strcmp(d->fused_names[i], name) == 0) return -1;
+    tap_dump_cat_(&b, "{");
+    if (d->fused) {
+        tap_dump_cat_(&b, d->fused);
+        tap_dump_cat_(&b, ",");
+    }
+    tap_dump_json_str_(&b, name);
+    tap_dump_cat_(&b, layout && strcmp(layout, "concat") ? ":{\"taps\":[" : ":[");
+    for (k = 0; k < n_taps; k++) {
+        if (k) tap_dump_cat_(&b, ",");
+        tap_dump_json_str_(&b, taps[k]);
+    }
+    tap_dump_cat_(&b, "]");
+    if (layout && strcmp(layout, "concat")) {
+        tap_dump_cat_(&b, ",\"layout\":");
+        tap_dump_json_str_(&b, layout);
+        tap_dump_cat_(&b, "}");
+    }
+    tap_dump_cat_(&b, "}");
+    names = b.failed ? NULL : (char **)realloc(d->fused_names, (d->n_fused + 1) * sizeof *names);
+    if (!names) {
+        free(b.s);
+        return -1;
+    }
+    d->fused_names = names;
+    if (!(names[d->n_fused] = tap_dump_strdup_(name)) || tap_dump_set_meta(d, "fused", b.s) != 0) {
+        free(names[d->n_fused]);
+        free(b.s);
+        return -1;
+    }
+    d->n_fused++;
+    b.s[b.n - 1] = '\0'; /* the entries without the closing brace, for the next call */
+    free(d->fused);
+    d->fused = tap_dump_strdup_(b.s + 1);
+    free(b.s);
+    return d->fused ? 0 : -1;
 }
 
 int tap_dump_write(const tap_dump *d, const char *path) {

@@ -9,6 +9,7 @@ only (not safetensors, torch or mlx_tinyllama). Public domain / CC0.
     d = TapDump(tokens=ids, position=0, dtype="float16")   # dtype: the precision you computed in
     d.add(name(3, "attn.q"), q)                             # [heads, T, head_dim], batch dim dropped
     d.add("logits", logits, store_as="bfloat16")            # stored as f32 (default), f16 or bf16
+    d.add_fused("qkv.0", qkv, [name(0, "attn.q"), name(0, "attn.k"), name(0, "attn.v")])  # [T, (H+2KV)*D]
     d.write("dump.safetensors")                             # temp file + rename
 
 Shapes drop the batch dimension: [T, hidden] for norms and residuals, [heads, T, head_dim]
@@ -97,6 +98,26 @@ class TapDump:
         else:
             data = np.ascontiguousarray(a, np.dtype(store_as).newbyteorder("<")).tobytes()
         self.tensors[tap] = (_TAGS[store_as], tuple(int(d) for d in a.shape), data)
+
+    def add_fused(self, name: str, x, taps, layout: str = "concat", store_as: str = "float32") -> None:
+        """Add one matmul's output that holds several taps side by side on its last axis (q|k|v
+        against a concatenated weight, gate|up), shaped [T, width] or [T, heads, head_dim], and
+        record which taps, in order, in the `fused` metadata (compare reads it as --map entries).
+        layout: "concat" (one after the other), "grouped" (q/k/v per KV group: Megatron-LM's
+        linear_qkv) or "interleaved" (the parts' columns alternate)."""
+        self.add(name, x, store_as)
+        self.set_fused(name, taps, layout)
+
+    def set_fused(self, name: str, taps, layout: str = "concat") -> None:
+        """Record that tensor `name` (added with `add`) holds `taps` side by side: see add_fused."""
+        taps = [str(t) for t in taps]
+        fused = json.loads(self.metadata.get("fused", "{}"))
+        if len(taps) < 2 or len(set(taps)) != len(taps) or layout not in ("concat", "grouped", "interleaved") \
+                or name in fused:
+            raise ValueError(f"fused {name!r}: 2 or more distinct taps, a layout of concat, grouped or interleaved, "
+                             f"and a name given once; not {taps} {layout!r}")
+        fused[name] = taps if layout == "concat" else {"taps": taps, "layout": layout}
+        self.metadata["fused"] = json.dumps(fused)
 
     def header(self) -> bytes:
         h: dict = {"__metadata__": self.metadata} if self.metadata else {}

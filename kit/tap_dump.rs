@@ -76,6 +76,7 @@ struct Tensor {
 pub struct TapDump {
     tensors: Vec<Tensor>,
     metadata: BTreeMap<String, String>,
+    fused: Vec<(String, String)>, // (tensor name, its "fused" metadata entry as JSON)
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -84,7 +85,30 @@ fn invalid(msg: String) -> io::Error {
 
 impl TapDump {
     pub fn new() -> TapDump {
-        TapDump { tensors: Vec::new(), metadata: BTreeMap::new() }
+        TapDump { tensors: Vec::new(), metadata: BTreeMap::new(), fused: Vec::new() }
+    }
+
+    /// Name a fused tensor: `name` holds `taps` side by side on its last axis, in this order (one
+    /// matmul: q|k|v against a concatenated weight, gate|up), shaped [T, width]. layout: "concat"
+    /// (one after the other), "grouped" (q/k/v per KV group: Megatron-LM's linear_qkv) or
+    /// "interleaved" (the parts' columns alternate). Recorded in the "fused" metadata, which
+    /// compare reads as --map entries.
+    pub fn set_fused(&mut self, name: &str, taps: &[&str], layout: &str) -> io::Result<()> {
+        let distinct = taps.iter().enumerate().all(|(i, t)| !t.is_empty() && !taps[..i].contains(t));
+        if name.is_empty() || taps.len() < 2 || !distinct || !["concat", "grouped", "interleaved"].contains(&layout)
+            || self.fused.iter().any(|(n, _)| n == name)
+        {
+            return Err(invalid(format!("fused {:?}: 2 or more distinct taps, a layout of concat, grouped or \
+                                        interleaved, and a name given once ({:?}, {:?})", name, taps, layout)));
+        }
+        let list: Vec<String> = taps.iter().map(|t| json_str(t)).collect();
+        let list = format!("[{}]", list.join(","));
+        let entry = if layout == "concat" { list } else { format!("{{\"taps\":{},\"layout\":{}}}", list, json_str(layout)) };
+        self.fused.push((name.to_string(), entry));
+        let items: Vec<String> = self.fused.iter().map(|(n, e)| format!("{}:{}", json_str(n), e)).collect();
+        let value = format!("{{{}}}", items.join(","));
+        self.set_meta("fused", &value);
+        Ok(())
     }
 
     pub fn set_meta(&mut self, key: &str, value: &str) {

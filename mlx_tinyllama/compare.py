@@ -22,6 +22,7 @@ from .errors import UserError
 from .errorshape import Pattern, printed_pattern, printed_reordering, reordering_words, stage_pattern, unprinted
 from .ggml_kernels import kernel_of
 from .refs.layout import to_canonical
+from .refs.fused import split_fused
 from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
@@ -110,7 +111,7 @@ class _Ctx:
         if k not in self._canon:
             x, _, rows, notes = to_canonical(tap, side.tensors[tap], None, self.cfg, self.T, side.layout)
             self._canon[k] = np.asarray(x, np.float64), rows
-            self.layout[k] = notes
+            self.layout[k] = ([side.origins[tap]] if tap in side.origins else []) + notes
         return self._canon[k]
 
 
@@ -424,6 +425,7 @@ def compare(candidate: Side, references: list[Side], tol: Tolerances, cfg: dict,
     """Compare the candidate with every compatible reference; the result dict (see module doc).
     `basis`: the dtype each candidate tensor is judged at (default: judging_basis(candidate))."""
     basis = basis or judging_basis(candidate)
+    split_fused(candidate, cfg)  # their fused q|k|v or gate|up, judged as the taps they hold
     mismatch = _token_count_mismatch(candidate, cfg, n_tokens)
     if mismatch:
         raise UserError(mismatch)
@@ -536,6 +538,9 @@ def _divergence(first: str, stages: list[dict], entries: list[dict], n_layers: i
     fused = fused_hint(first, engine) if engine else None
     if fused:
         text += "; " + fused
+    split = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if " (fused " in part})
+    if split:  # their engine computed it in one matmul with its neighbours: the fault is in this block of it
+        text += f"; in their dump this is {split[0]}: look at that block of the fused matmul"
     notes = sorted({part for e in bad for part in (e.get("note") or "").split("; ") if part.startswith("llama.cpp ")})
     if notes:
         text += "; " + "; ".join(notes)

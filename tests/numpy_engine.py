@@ -57,6 +57,11 @@ FAULTS = {
     "tail_tile_stale": ("compute", "mlp.gate", "the gate_proj matmul never loads the last partial tile of ARG rows "
                                                "(default 32): those rows keep the first tile's rows"),
     "down_rows_zero": ("compute", "mlp.down", "the down_proj matmul computes token rows 0..ARG-1 only (default 16)"),
+    # Faults of an engine that computes q|k|v and gate|up as one matmul each (fused projections).
+    "qkv_k_head_wrong": ("compute", "attn.k", "the fused qkv matmul writes KV head ARG's k columns (default 1) "
+                                              "from KV head 0's weight rows (a wrong offset in the k block)"),
+    "gate_up_rows_zero": ("compute", "mlp.gate", "the fused gate_up matmul computes token rows 0..ARG-1 only "
+                                                 "(default 32): both halves' rows from ARG on are zero"),
     "cols_zero": ("compute", "attn.out", "the o_proj matmul writes output columns 0..ARG-1 only (default: hidden - 8)"),
     "rope_sin_sign": ("compute", "attn.q_rope", "RoPE with the sin sign flipped (rotating backwards)"),
     "flash_no_rescale": ("compute", "attn.context", "attention over key blocks of ARG (default 8) without the "
@@ -175,12 +180,15 @@ class Engine:
             x = taps[f"layers.{i}.resid_mid"] = x + a
             h = taps[f"layers.{i}.mlp_norm"] = _rms(x, w[p + "post_attention_layernorm.weight"], self.eps)
             gate = h @ w[p + "mlp.gate_proj.weight"].T
+            up = h @ w[p + "mlp.up_proj.weight"].T
+            if (f := self.fault("gate_up_rows_zero", i)):
+                gate[int(f.arg or 32):], up[int(f.arg or 32):] = 0.0, 0.0
             if (f := self.fault("tail_tile_stale", i)):
                 tile = int(f.arg or 32)
                 full = gate.shape[0] // tile * tile
                 gate[full:] = gate[:gate.shape[0] - full]  # the buffer still holds the first tile
             taps[f"layers.{i}.mlp.gate"] = gate
-            up = taps[f"layers.{i}.mlp.up"] = h @ w[p + "mlp.up_proj.weight"].T
+            taps[f"layers.{i}.mlp.up"] = up
             act = taps[f"layers.{i}.mlp.act"] = _silu(gate)
             prod = taps[f"layers.{i}.mlp.prod"] = act * up
             m = prod @ w[p + "mlp.down_proj.weight"].T
@@ -228,6 +236,8 @@ class Engine:
         positions = np.arange(start, start + T, dtype=np.float64) + (offset.arg or 1 if offset else 0)
         interleaved = self.fault("rope_interleaved", i) is not None
         sign = -1.0 if self.fault("rope_sin_sign", i) else 1.0
+        if (f := self.fault("qkv_k_head_wrong", i)):  # in place: the attn.k tap is this array
+            k[int(f.arg or 1)] = k[0]
         q = taps[t + "attn.q_rope"] = self._rope(q, positions, interleaved, sign)
         k = taps[t + "attn.k_rope"] = self._rope(k, positions, interleaved, sign)
         k_all, v_all = self._cache_update(i, k, v, start)

@@ -339,3 +339,56 @@ def test_rust_step_dumps_of_a_faulty_decode_are_localized(rust_writers, tiny_dir
     assert rc == 1 and (first["position"], first["tap"]) == (len(SEED_IDS) + 1, "layers.0.attn.q_rope")
     assert [d["transform"] for d in first["diagnosis"]] == ["rope_offset:-1"]
     assert result["steps"][0]["status"] == "match"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_tensors_named_by_the_writer_are_split_without_a_map(request, kind, tmp_path, reference_tensors):
+    """Each writer names fused tensors (C tap_dump_set_fused, Rust set_fused, Python set_fused) in the
+    `fused` metadata: q|k|v of layer 0 concatenated, layer 1's in Megatron's per-KV-group packing,
+    gate|up concatenated. compare splits them with no --map and matches every stage; the same dump
+    with layer 1's up block off by 1% diverges at layers.1.mlp.up (the block, not gate)."""
+    from test_fused import megatron_qkv, _tokens_major
+
+    from mlx_tinyllama import sources
+
+    kv = sources.load("synthetic:tiny", "float32").config.num_key_value_heads
+    taps = {t: np.asarray(x, np.float32) for t, x in reference_tensors.items()}
+
+    def fused_dump(cmd, tensors, out_name):
+        out, lines = {}, []
+        for t, x in tensors.items():
+            if t.split(".", 2)[-1] not in ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"):
+                out[t] = x
+        for i in range(2):
+            p = f"layers.{i}."
+            q, k, v = (_tokens_major(tensors[p + s]) for s in ("attn.q", "attn.k", "attn.v"))
+            out[f"qkv.{i}"] = np.concatenate([q, k, v], -1) if i == 0 else megatron_qkv(q, k, v, kv)
+            out[f"gate_up.{i}"] = np.concatenate([tensors[p + "mlp.gate"], tensors[p + "mlp.up"]], -1)
+            lines.append(f"@fused qkv.{i} {'concat' if i == 0 else 'grouped'} {p}attn.q,{p}attn.k,{p}attn.v")
+            lines.append(f"@fused gate_up.{i} concat {p}mlp.gate,{p}mlp.up")
+        manifest, data = _write_raw(tmp_path, out)
+        with open(manifest, "a") as m:
+            m.write("\n".join(lines) + "\n")
+        dump = tmp_path / out_name
+        subprocess.run([*cmd, str(manifest), str(data), str(dump), "f32", ",".join(map(str, SEED_IDS)), "0"],
+                       check=True)
+        return dump
+
+    for cmd in _writers(request, kind):
+        dump = fused_dump(cmd, taps, "fused.safetensors")
+        meta = R.safetensors_metadata(dump)
+        assert json.loads(meta["fused"])["qkv.1"] == {"taps": [f"layers.1.attn.{s}" for s in "qkv"],
+                                                      "layout": "grouped"}
+        rc, result = _compare(dump, tmp_path)
+        assert rc == 0 and result["verdict"]["line"] == f"match: {len(T.tap_names(2))}/{len(T.tap_names(2))} stages"
+        bad = dict(taps, **{"layers.1.mlp.up": taps["layers.1.mlp.up"] * np.float32(1.01)})
+        rc, result = _compare(fused_dump(cmd, bad, "bad.safetensors"), tmp_path)
+        assert rc == 1 and result["first_divergence"]["tap"] == "layers.1.mlp.up"
+        assert {s["tap"]: s["ok"] for s in result["stages"]}["layers.1.mlp.gate"]
+        # a fused tensor of one tap is refused by the writer itself (exit 2 of the example)
+        manifest, data = _write_raw(tmp_path, {"embed": np.ones((1, 2), np.float32)})
+        with open(manifest, "a") as m:
+            m.write("@fused embed concat embed\n")
+        rc = subprocess.run([*cmd, str(manifest), str(data), str(tmp_path / "x.safetensors"), "f32", "1", "0"],
+                            capture_output=True).returncode
+        assert rc != 0 and not (tmp_path / "x.safetensors").exists()

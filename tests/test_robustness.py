@@ -1313,6 +1313,12 @@ def test_reference_manifest(name, change, words, lab, capfd):
     ("map-value-int", lambda d: _write(d / "m.json", b'{"a": 1}'), "JSON object"),
     ("map-two-names-one-tap", lambda d: _write(d / "m.json", b'{"a": "embed", "b": "embed"}'),
      "'a' and 'b' both map to embed"),
+    ("map-fused-tap-twice", lambda d: _write(d / "m.json", b'{"a": ["embed", "layers.0.attn_norm"], "b": "embed"}'),
+     "'a' and 'b' both map to embed"),
+    ("map-fused-bad-layout", lambda d: _write(d / "m.json", b'{"a": {"taps": ["layers.0.attn.q", "layers.0.attn.k"], '
+                                                            b'"layout": "x"}}'), "not one of concat"),
+    ("map-fused-on-stats", lambda d: _write(d / "m.json", b'{"a": ["layers.0.attn.q", "layers.0.attn.k"]}'),
+     "only a .safetensors/.npz dump"),
 ])
 def test_name_map(name, setup, words, lab, stats_ref, capfd):
     d = lab / "maps" / name

@@ -5,7 +5,8 @@
  *     ./raw_dump MANIFEST DATA OUT.safetensors f32|f16|bf16 TOKENS POSITION
  *
  * MANIFEST: one line per tensor, "NAME NDIM D0 D1 ...", in the order of DATA, which holds
- * the tensors' float32 values back to back (little-endian, row-major). TOKENS: "1,529,..."
+ * the tensors' float32 values back to back (little-endian, row-major), or "@fused NAME LAYOUT
+ * TAP1,TAP2,..." naming a fused tensor (tap_dump_set_fused). TOKENS: "1,529,..."
  * POSITION: the position of the first token row.
  */
 #define TAP_DUMP_IMPLEMENTATION
@@ -48,7 +49,17 @@ int main(int argc, char **argv) {
     tap_dump_set_position(d, strtoll(argv[6], NULL, 10));
     tap_dump_set_dtype(d, store == TAP_DUMP_F32 ? "float32" : store == TAP_DUMP_F16 ? "float16" : "bfloat16");
     tap_dump_set_meta(d, "engine", "kit/examples/raw_dump.c");
-    while (fscanf(manifest, "%255s %d", name, &ndim) == 2) {
+    while (fscanf(manifest, "%255s", name) == 1) {
+        if (!strcmp(name, "@fused")) { /* "@fused NAME LAYOUT TAP1,TAP2,...": NAME holds those taps side by side */
+            char fused[256], layout[32], list[4096], *taps[16], *t;
+            int n_taps = 0;
+            if (fscanf(manifest, "%255s %31s %4095s", fused, layout, list) != 3) return fail("bad @fused line");
+            for (t = strtok(list, ","); t && n_taps < 16; t = strtok(NULL, ",")) taps[n_taps++] = t;
+            if (tap_dump_set_fused(d, fused, (const char *const *)taps, n_taps, layout) != 0)
+                return fail("tap_dump_set_fused failed");
+            continue;
+        }
+        if (fscanf(manifest, "%d", &ndim) != 1) return fail("bad NDIM in MANIFEST");
         int64_t shape[8];
         size_t count = 1;
         float *buf;

@@ -3,7 +3,8 @@
     python kit/examples/raw_dump.py MANIFEST DATA OUT.safetensors f32|f16|bf16 TOKENS POSITION
 
 MANIFEST: one line per tensor, "NAME NDIM D0 D1 ...", in the order of DATA, which holds the
-tensors' float32 values back to back (little-endian, row-major). TOKENS: "1,529,..."
+tensors' float32 values back to back (little-endian, row-major), or "@fused NAME LAYOUT
+TAP1,TAP2,..." naming a fused tensor (set_fused). TOKENS: "1,529,..."
 """
 
 import os
@@ -29,6 +30,9 @@ def main(argv) -> int:
         for line in f:
             fields = line.split()
             if not fields:
+                continue
+            if fields[0] == "@fused":  # "@fused NAME LAYOUT TAP1,TAP2,...": NAME holds those taps side by side
+                d.set_fused(fields[1], fields[3].split(","), fields[2])
                 continue
             shape = [int(s) for s in fields[2:2 + int(fields[1])]]
             count = int(np.prod(shape))

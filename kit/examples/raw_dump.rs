@@ -5,7 +5,8 @@
 //!     ./raw_dump MANIFEST DATA OUT.safetensors f32|f16|bf16 TOKENS POSITION
 //!
 //! MANIFEST: one line per tensor, "NAME NDIM D0 D1 ...", in the order of DATA, which holds the
-//! tensors' float32 values back to back (little-endian, row-major). TOKENS: "1,529,..."
+//! tensors' float32 values back to back (little-endian, row-major), or "@fused NAME LAYOUT
+//! TAP1,TAP2,..." naming a fused tensor (set_fused). TOKENS: "1,529,..."
 
 #[path = "../tap_dump.rs"]
 mod tap_dump;
@@ -51,6 +52,17 @@ fn main() {
     let mut at = 0usize;
     for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields[0] == "@fused" {
+            // "@fused NAME LAYOUT TAP1,TAP2,...": NAME holds those taps side by side
+            if fields.len() != 4 {
+                fail("bad @fused line");
+            }
+            let taps: Vec<&str> = fields[3].split(',').collect();
+            if let Err(e) = d.set_fused(fields[1], &taps, fields[2]) {
+                fail(&e.to_string());
+            }
+            continue;
+        }
         let ndim: usize = fields.get(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| fail("bad NDIM"));
         if fields.len() != 2 + ndim {
             fail("bad shape in MANIFEST");

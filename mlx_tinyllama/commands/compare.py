@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..formatting import fmt
 from ..localize import localize
 from ..localize.coverage import UNMAPPED_REASON, required_not_compared, unmapped_message, unmapped_names, where_it_stops
-from ..refs.loaders import load, read_name_map, refuse_decode_step
+from ..refs.loaders import load, read_name_map, refuse_decode_step, refuse_fused
 from ..refs.side import SHORTCUT_TAPS, Side, is_known_tap
 from ..taps import split_name
 from ..results import PromptRecord, ResultHeader
@@ -220,14 +220,16 @@ def _suggest(args, candidate, name_map, tol) -> int:
     reference = run_side(lm, prompt.ids)
     raw = read_raw_tensors(args.against)
     lines = suggest_map(raw, reference.tensors, lm.config.as_dict(), len(prompt.ids), candidate.dtype or lm.dtype,
-                        lm.dtype, tol, candidate.layout, name_map)
+                        lm.dtype, tol, candidate.layout, name_map, fused=True)
     mapping = {ln["name"]: ln["tap"] for ln in lines if ln["tap"] and ln["name"] != ln["tap"]}
     write_json(args.suggest_map, mapping)
     for ln in lines:
         print(describe(ln))
     n_sure = sum(ln["confidence"] == "match" for ln in lines)
+    n_fused = sum(ln["confidence"] == "match" and bool(ln.get("taps")) for ln in lines)
     print(f"wrote {args.suggest_map}: {len(mapping)} name(s) mapped ({n_sure} of {len(lines)} tensors within "
-          f"tolerance of one tap); check the lines that are not `match`, then give --map {args.suggest_map}")
+          f"tolerance of one tap{f', {n_fused} of them fused (one block per tap)' if n_fused else ''}); check the "
+          f"lines that are not `match`, then give --map {args.suggest_map}")
     return 0
 
 
@@ -246,7 +248,9 @@ def _steps(args) -> int:
     if args.report or args.plots:
         raise UserError("--report/--plots are not drawn for --against-steps yet: use --json")
     tol = Tolerances.from_overrides(args.tol)
-    dumps = load_steps(args.against_steps, read_name_map(args.map))
+    name_map = read_name_map(args.map)
+    refuse_fused(name_map, "--against-steps")
+    dumps = load_steps(args.against_steps, name_map)
     unknown = [n["key"] for n in dumps.not_comparable if n.get("reason") == UNMAPPED_REASON]
     if unknown and not args.ignore_unmapped:
         raise UserError(unmapped_message(unknown, args.against_steps[0]))

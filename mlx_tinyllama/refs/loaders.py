@@ -17,6 +17,7 @@ from .side import Item, Selector, Side, is_known_tap
 from .seed import SEED_FORMAT, topk_value, seed_entries, seed_format_of, side_from_entries
 from .llamacpp import map_name, parse_llamacpp_log
 from .npz_bounds import check_npz
+from .fused import Fused, declared_fused, parse_entry
 
 
 MANIFEST_FORMAT = "mlx_tinyllama.reference/1"  # the manifest that reference/hf.py writes
@@ -44,6 +45,8 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         check_single(path)
+    if suffix not in (".safetensors", ".npz"):
+        refuse_fused(name_map, path)
     if suffix == ".json":
         return _load_json(path, name_map)
     if suffix in (".safetensors", ".npz"):
@@ -56,6 +59,15 @@ def load(path: str | Path, name_map: dict | None = None, layout: str | None = No
         return [parse_llamacpp_log(text, path.name, name_map, layout)]
     raise UserError(f"{path}: not a recognised reference or dump (expected .json, .safetensors, .npz, "
                     "or a llama.cpp eval-callback log with 'ggml_debug: NAME = (type) OP(...) = {shape}' lines)")
+
+
+def refuse_fused(name_map: dict | None, where) -> None:
+    """A map entry naming several taps splits a full tensor of a .safetensors/.npz dump; a log or a
+    stats JSON holds no such tensor, and the decode steps' reader does not split (not built)."""
+    fused = next((k for k, v in (name_map or {}).items() if isinstance(v, Fused)), None)
+    if fused:
+        raise UserError(f"--map: {fused!r} names several taps (a fused tensor): only a .safetensors/.npz dump "
+                        f"given to --against is split, not {where}")
 
 
 def _read_text(path: Path) -> str:
@@ -315,7 +327,20 @@ def _load_tensors(path: Path, name_map: dict | None, layout: str | None) -> Side
     side = Side(name=path.name, kind="dump", dtype=declared_dtype(meta, path), ids=ids,
                 n_tokens=len(ids) if ids else None, layout=layout, provenance={"metadata": meta})
     source: dict = {}
+    fused = declared_fused(meta, path)  # the kit's `fused` metadata; a --map entry of the name wins
+    fused.update({k: v for k, v in (name_map or {}).items() if isinstance(v, Fused)})
+    fused = {k: v for k, v in fused.items() if not isinstance((name_map or {}).get(k), str)}
     for their, x in tensors.items():
+        if their in fused:
+            for tap in fused[their].taps:
+                if tap in source:
+                    raise UserError(f"{path}: tensors {source[tap]!r} and {their!r} are both {tap} (by their "
+                                    "names, --map or the fused metadata); keep one")
+                source[tap] = their
+                if their in storage:
+                    side.tensor_dtypes[tap] = storage[their]
+            side.fused.append((fused[their], np.asarray(x, np.float32)))
+            continue
         tap = map_name(their, name_map)
         if tap is None:
             side.not_comparable.append({"key": their, "reason": "no canonical tap for this name (give --map)"})
@@ -353,6 +378,7 @@ def _load_sharded(path: Path, name_map: dict | None, layout: str | None) -> Side
         more = _load_tensors(shard, name_map, layout)
         side.tensors.update(more.tensors)
         side.tensor_dtypes.update(more.tensor_dtypes)
+        side.fused += more.fused
         side.not_comparable += more.not_comparable
     side.name = path.name
     return side
@@ -374,14 +400,18 @@ def read_name_map(path: str | Path | None) -> dict | None:
         data = json.loads(read_bytes(p, "--map"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"--map: {p} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise UserError(f"--map: {p} must be a JSON object {{their name: canonical tap}}")
-    bad = [v for v in data.values() if not is_known_tap(v)]
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, (str, list, dict))
+                                             for k, v in data.items()):
+        raise UserError(f"--map: {p} must be a JSON object {{their name: canonical tap, or [taps] for a fused "
+                        "tensor}}")
+    data = {k: parse_entry(k, v, f"--map {p.name}") or v for k, v in data.items()}
+    bad = [v for v in data.values() if isinstance(v, str) and not is_known_tap(v)]
     if bad:
         raise UserError(f"--map: {bad[0]!r} is not a canonical tap name (e.g. layers.0.attn.q, logits)")
     first: dict = {}
-    for their, tap in data.items():  # one tap holds one tensor: a second would silently replace the first
-        if tap in first:
-            raise UserError(f"--map: {first[tap]!r} and {their!r} both map to {tap}; map one name to each tap")
-        first[tap] = their
+    for their, entry in data.items():  # one tap holds one tensor: a second would silently replace the first
+        for tap in (entry.taps if isinstance(entry, Fused) else (entry,)):
+            if tap in first:
+                raise UserError(f"--map: {first[tap]!r} and {their!r} both map to {tap}; map one name to each tap")
+            first[tap] = their
     return data

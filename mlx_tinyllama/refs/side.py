@@ -124,13 +124,20 @@ class Side:
     provenance: dict = field(default_factory=dict)
     layout: str = "hf"  # hf | gguf (Q/K rows permuted per head)
     ids_note: str = ""
+    # Fused tensors (refs/fused.py): (Fused, their array), the array None once split into `tensors`;
+    # `origins` says where each split tap came from (a layout note of its comparison).
+    fused: list = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
 
     def taps(self) -> set[str]:
-        return set(self.tensors) | {i.tap for i in self.items}
+        return set(self.tensors) | {i.tap for i in self.items} | {t for f, _ in self.fused for t in f.taps}
 
     def header(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "n_tokens": self.n_tokens,
-                "provenance": self.provenance, "layout": self.layout}
+        out = {"name": self.name, "kind": self.kind, "dtype": self.dtype, "n_tokens": self.n_tokens,
+               "provenance": self.provenance, "layout": self.layout}
+        if self.fused:
+            out["fused"] = [{"name": f.name, "taps": list(f.taps), "layout": f.layout} for f, _ in self.fused]
+        return out
 
 
 def tap_order(n_layers: int) -> list[str]:
