@@ -223,7 +223,7 @@ class Tolerances:
         source = scores_of(tap)
         if source is None or not amplification > 0 or metric in COUNT_METRICS or self.overridden(tap, metric):
             return base
-        widened = self.get(source, "nmse", dtype_a, dtype_b, n_layers) * amplification
+        widened = self.get(source, "nmse", dtype_a, dtype_b, n_layers) * amplification / A_CALIBRATED
         return max(base, widened if metric == "nmse" else AMPLITUDE_FACTOR[metric] * math.sqrt(widened))
 
     def pinned(self, basis: "Basis") -> "Pinned":
@@ -237,8 +237,10 @@ class Tolerances:
                          "rel_rms/logit_err/sum_rel/sum_err <= AMPLITUDE_FACTOR*sqrt(nmse tolerance); counts must be 0",
                 "C_ROUND": C_ROUND, "C_ACC": C_ACC, "C_EMULATED": C_EMULATED, "GROWTH_EXPONENT": GROWTH_EXPONENT, "SAFETY": SAFETY,
                 "AMPLITUDE_FACTOR": AMPLITUDE_FACTOR, "scale": self.scale,
-                "softmax_readers": "attn.probs/attn.context: nmse <= max(the above, scores' nmse tolerance * A), "
-                                   "A = mean(s^2) * sum p^2 (1 - 2p + sum p^2) / sum p^2 from the reference's scores",
+                "softmax_readers": "attn.probs/attn.context/attn.out: nmse <= max(the above, scores' nmse tolerance "
+                                   "* A / A_CALIBRATED), A = mean(s^2) * sum p^2 (1 - 2p + sum p^2) / sum p^2 "
+                                   "from the reference's scores",
+                "A_CALIBRATED": A_CALIBRATED,
                 "overrides": [f"{p}:{m}={v}" for p, m, v in self.overrides]}
 
 
@@ -279,23 +281,31 @@ class Pinned(Tolerances):
 #
 #     NMSE(p) <= tol_s * A,   A = mean(s**2) * F
 #
+# The stage rule's constants were fitted to the worst stage of synthetic:small and :medium, their
+# last layers' probabilities (docs/compare.md), at A <= A_CALIBRATED (the largest A of their
+# layers, `python scripts/measure_tolerances.py --amplification small medium`: 1.71-2.32): the
+# fixed budget already holds the scores' error carried through a softmax of that amplification.
+# What it does not hold is the part beyond it, so the readers get
+#
+#     nmse <= max(their stage budget, tol_s * A / A_CALIBRATED)
+#
 # over the heads of a token row (paths compares rows) or the whole tensor (compare: the means
 # and sums run over every row). attn.context = p.V is an average of V rows with the weights p,
 # and attn.out = o_proj(context) a fixed linear map of it: both carry p's relative error
 # (measured: 1.50x and 1.63x of their fixed budget where probs was 1.42x; the residual add
-# after attn.out is dominated by the residual). All three read the scores' tolerance times A
-# where that is above their own budget, and nothing
-# changes where A <= 1 (|s| of a few units: every synthetic model and fixture). A comes from the
+# after attn.out is dominated by the residual). All three take the rule above, which changes
+# nothing where A <= A_CALIBRATED (synthetic:tiny, small and medium on the seed prompt: A
+# 1.58-2.32, scores up to 16). A comes from the
 # REFERENCE's scores, never the candidate's: a fault cannot widen its own tolerance, and since
 # the widened budget is the scores' tolerance carried through the softmax, a fault that shows in
 # the scores (scores in float16 inside a float32 engine) stays over it at the probabilities.
 # Measured (docs/family.md: seed 7's 3-layer Llama, scores up to +-68, rms 15-20, `paths`):
 # A = 0-36 per row; the probabilities' row NMSE is 2-29x the scores' (up to 4x the spread-evenly
 # model: the error is not even over heads), and the scores sit at <= 0.10 of their own
-# tolerance, so the widened budget holds every row with room (probs/context/out at <= 0.18/
-# 0.19/0.21 of it; the path's worst stage is then layers.2.mlp.prod at 0.29), where the fixed
-# one had them at 1.42/1.50/1.63x.
+# tolerance, so the widened budget (up to 15.6x the fixed one there) holds every row with room:
+# probs/context/out at <= 0.42/0.44/0.48 of it, where the fixed one had them at 1.42/1.50/1.63x.
 SOFTMAX_READERS = ("attn.probs", "attn.context", "attn.out")
+A_CALIBRATED = 2.32  # the largest A of the models the stage rule's constants were measured on (above)
 
 
 def scores_of(tap: str) -> str | None:
