@@ -186,13 +186,22 @@ def test_a_float16_model_with_large_scores_keeps_its_paths_in_agreement(scaled_d
     assert worst > 1.0  # over the fixed budget: the false alarm this fixes
 
 
+@pytest.mark.parametrize("fault", ["rope-decode-offset", "drop-kv:9"])
+def test_path_faults_on_large_float16_scores_still_diverge(fault, scaled_dir):
+    lm = sources.load(str(scaled_dir), "float16")
+    r = paths.check_paths(lm.model, SEED_IDS, chunks=(2,), continue_n=0, dtype="float16", fault=fault)
+    assert not r["agree"]
+    assert r["first_divergence"]["tap"].startswith("layers.0.attn.")
+
+
 @pytest.fixture(scope="module")
 def scaled_ref(scaled_dir):
     lm = sources.load(str(scaled_dir), "float32")
     return lm, run_side(lm, SEED_IDS)
 
 
-@pytest.mark.parametrize("fault", ["softmax_axis", "mask_offset", "flash_no_rescale", "heads_order"])
+@pytest.mark.parametrize("fault", ["softmax_axis", "mask_offset", "flash_no_rescale", "heads_order", "cols_zero",
+                                   "transpose"])
 def test_softmax_faults_on_large_scores_still_diverge_at_their_stage(fault, scaled_dir, scaled_ref, tmp_path):
     from numpy_engine import Engine, Fault
 
