@@ -238,3 +238,21 @@ def test_scores_rounded_to_float16_in_a_float32_engine_diverge_at_the_probabilit
     assert d["tap"] == "layers.1.attn.probs" and d["error"]["ratio"] > 10, d
     amp = next(e for e in r["entries"] if e["tap"] == "layers.1.attn.probs" and e["metric"] == "nmse")
     assert amp["tolerance"] > 10 * tolerance_for("layers.1.attn.probs", "nmse", "float32", "float32", 2)
+
+
+@pytest.mark.xfail(strict=True, reason="known (docs/compare.md, Not done): the widening stops at attn.out; with a "
+                                       "small residual the amplified error reaches layers.0.mlp.prod at ~1.1x")
+def test_an_exact_engine_against_large_float16_scores_matches(scaled_dir, tmp_path):
+    from numpy_engine import Engine
+
+    from mlx_tinyllama import refs as R
+
+    lm = sources.load(str(scaled_dir), "float16")
+    engine = Engine(scaled_dir)
+    engine.prefill(SEED_IDS)
+    dump = engine.dump(tmp_path / "exact.safetensors", SEED_IDS, dtype="float16")
+    r = compare(R.load(dump)[0], [run_side(lm, SEED_IDS)], Tolerances(), lm.config.as_dict(), len(SEED_IDS))
+    ratio = {e["tap"]: e["value"] / e["tolerance"] for e in r["entries"] if e["metric"] == "nmse"}
+    assert ratio["layers.0.attn.out"] < 0.1  # the readers are inside their widened budget
+    assert r["status"] == "match", (r["first_divergence"]["tap"], ratio.get("layers.0.resid_mid"),
+                                    ratio.get("layers.0.mlp.prod"))
