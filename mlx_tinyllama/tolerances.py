@@ -223,7 +223,8 @@ class Tolerances:
         source = scores_of(tap)
         if source is None or not amplification > 0 or metric in COUNT_METRICS or self.overridden(tap, metric):
             return base
-        widened = self.get(source, "nmse", dtype_a, dtype_b, n_layers) * amplification / A_CALIBRATED
+        widened = min(self.get(source, "nmse", dtype_a, dtype_b, n_layers) * amplification / A_CALIBRATED,
+                      WIDENED_NMSE_CAP)
         return max(base, widened if metric == "nmse" else AMPLITUDE_FACTOR[metric] * math.sqrt(widened))
 
     def pinned(self, basis: "Basis") -> "Pinned":
@@ -237,10 +238,10 @@ class Tolerances:
                          "rel_rms/logit_err/sum_rel/sum_err <= AMPLITUDE_FACTOR*sqrt(nmse tolerance); counts must be 0",
                 "C_ROUND": C_ROUND, "C_ACC": C_ACC, "C_EMULATED": C_EMULATED, "GROWTH_EXPONENT": GROWTH_EXPONENT, "SAFETY": SAFETY,
                 "AMPLITUDE_FACTOR": AMPLITUDE_FACTOR, "scale": self.scale,
-                "softmax_readers": "attn.probs/attn.context/attn.out: nmse <= max(the above, scores' nmse tolerance "
-                                   "* A / A_CALIBRATED), A = mean(s^2) * sum p^2 (1 - 2p + sum p^2) / sum p^2 "
-                                   "from the reference's scores",
-                "A_CALIBRATED": A_CALIBRATED,
+                "softmax_readers": "attn.probs/attn.context/attn.out: nmse <= max(the above, min(scores' nmse "
+                                   "tolerance * A / A_CALIBRATED, WIDENED_NMSE_CAP)), A = mean(s^2) * "
+                                   "sum p^2 (1 - 2p + sum p^2) / sum p^2 from the reference's scores",
+                "A_CALIBRATED": A_CALIBRATED, "WIDENED_NMSE_CAP": WIDENED_NMSE_CAP,
                 "overrides": [f"{p}:{m}={v}" for p, m, v in self.overrides]}
 
 
@@ -287,7 +288,7 @@ class Pinned(Tolerances):
 # fixed budget already holds the scores' error carried through a softmax of that amplification.
 # What it does not hold is the part beyond it, so the readers get
 #
-#     nmse <= max(their stage budget, tol_s * A / A_CALIBRATED)
+#     nmse <= max(their stage budget, min(tol_s * A / A_CALIBRATED, WIDENED_NMSE_CAP))
 #
 # over the heads of a token row (paths compares rows) or the whole tensor (compare: the means
 # and sums run over every row). attn.context = p.V is an average of V rows with the weights p,
@@ -303,9 +304,17 @@ class Pinned(Tolerances):
 # A = 0-36 per row; the probabilities' row NMSE is 2-29x the scores' (up to 4x the spread-evenly
 # model: the error is not even over heads), and the scores sit at <= 0.10 of their own
 # tolerance, so the widened budget (up to 15.6x the fixed one there) holds every row with room:
-# probs/context/out at <= 0.42/0.44/0.48 of it, where the fixed one had them at 1.42/1.50/1.63x.
+# probs/context/out at <= 0.41/0.44/0.47 of it, where the fixed one had them at 1.42/1.50/1.63x
+# (`PYTHONPATH=.:tests python scripts/softmax_readers.py`).
+#
+# The widening stops at WIDENED_NMSE_CAP, a tenth of the NMSE every injected fault gives at its
+# stage (>= 1e-2, module docstring): scores of +-450 in float16 may be off by ~5 units within
+# their own tolerance, which leaves a softmax nothing to be judged by (A up to 3089 per row on
+# synthetic:tiny with q/k x7); a stage the scores cannot vouch for keeps a bound that still sees a
+# fault, at the price of a possible false alarm (never a silent pass). It never lowers a budget.
 SOFTMAX_READERS = ("attn.probs", "attn.context", "attn.out")
 A_CALIBRATED = 2.32  # the largest A of the models the stage rule's constants were measured on (above)
+WIDENED_NMSE_CAP = 1e-3
 
 
 def scores_of(tap: str) -> str | None:
@@ -327,7 +336,8 @@ def softmax_amplification(scores, token_axis: int = 1, dtype=None) -> dict[str, 
     finite = np.where(np.isfinite(s), s, -np.inf)
     top = finite.max(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore"):
-        keep = np.isfinite(s) & (s > MASKED_BELOW) & (s - top >= ZERO_WEIGHT_BELOW.get(key, ZERO_WEIGHT_BELOW["float32"]))
+        zero_below = ZERO_WEIGHT_BELOW.get(key, ZERO_WEIGHT_BELOW["float32"])
+        keep = np.isfinite(s) & (s > MASKED_BELOW) & (s - top >= zero_below)
         e = np.where(keep, np.exp(np.where(keep, s - top, 0.0)), 0.0)
     total = e.sum(axis=-1, keepdims=True)
     p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
