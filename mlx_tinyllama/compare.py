@@ -27,7 +27,8 @@ from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
 from .taps import tap_names
-from .tolerances import PRINT_SAFETY, Basis, Tolerances, candidate_basis
+from .tolerances import (PRINT_SAFETY, Basis, Tolerances, candidate_basis, scores_of, softmax_amplification,
+                         total_amplification)
 from .metrics import metrics
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -94,9 +95,26 @@ class _Ctx:
         self.L = int(cfg["num_hidden_layers"])
         self._canon: dict = {}
         self.layout: dict = {}  # (side id, tap) -> the notes of the layout brought to canonical
+        self._amplification: dict = {}  # tap -> softmax_amplification of the reference's scores
 
     def tolerance(self, tap, metric):
-        return self.tol.get(tap, metric, n_layers=self.L)
+        return self.tol.amplified(tap, metric, self.amplification(tap), n_layers=self.L)
+
+    def amplification(self, tap) -> float:
+        """How much of the scores' tolerance a stage that reads them through exp() may carry, from the
+        REFERENCE's scores (a fault cannot widen its own tolerance); 0 for every other stage, and
+        when the reference holds no full scores (tolerances.py: Stages that read the scores)."""
+        source = scores_of(tap)
+        if source is None:
+            return 0.0
+        if tap not in self._amplification:
+            try:
+                rf, rows = self.full(self.r, source)
+            except ValueError:
+                rf, rows = None, None
+            self._amplification[tap] = 0.0 if rf is None or rows is not None else total_amplification(
+                softmax_amplification(rf, token_axis_of(source), self.mask_dtype(source)))
+        return self._amplification[tap]
 
     def mask_dtype(self, tap):
         """The dtype whose softmax decides what "masked" means (metrics.masked_positions)."""

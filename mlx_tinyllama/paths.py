@@ -32,7 +32,7 @@ from . import faults
 from .errors import UserError
 from .generate import Sampling, generate_tokens, greedy_by_recompute
 from .taps import Taps, stage_of, tap_names
-from .tolerances import Tolerances
+from .tolerances import Tolerances, row_amplification, scores_of, softmax_amplification
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -62,9 +62,10 @@ def row_errors(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def tap_tolerance(tolerances: Tolerances, dtype: str, n_layers: int):
-    """tap name -> the NMSE a cached step may differ from the prefill by: both sides run in
-    `dtype` (two computations of one dtype, as two engines of that dtype)."""
-    return lambda tap: tolerances.get(tap, "nmse", dtype, dtype, n_layers)
+    """(tap, amplification=0) -> the NMSE a cached step's row may differ from the prefill's by: both
+    sides run in `dtype` (two computations of one dtype, as two engines of that dtype); a stage that
+    reads the scores through exp() is widened by its row's amplification (tolerances.py)."""
+    return lambda tap, amplification=0.0: tolerances.amplified(tap, "nmse", amplification, dtype, dtype, n_layers)
 
 
 # --- running the paths -------------------------------------------------------------
@@ -197,17 +198,26 @@ def _numpy(x: mx.array) -> np.ndarray:
     return np.array(x.astype(mx.float32)) if x.dtype != mx.float32 else np.array(x)
 
 
-def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[[str], float]) -> PathComparison:
+def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[..., float],
+                 dtype: str = "float32") -> PathComparison:
     """Every tap of every step of `run` against the prefill's rows, in the order the
     path computed them (step by step, taps in forward order within a step).
-    `tolerance(tap)` is the NMSE a row may be off by."""
+    `tolerance(tap, amplification)` is the NMSE a row may be off by; the amplification of a row
+    that reads the scores through exp() is the prefill's (the reference's) own (tolerances.py)."""
     ref_taps = prefill.steps[0].taps
-    first, worst, worst_ratio, worst_err = None, "", -1.0, 0.0
+    first, worst, worst_ratio, worst_err, worst_tol = None, "", -1.0, 0.0, 0.0
     n_positions = sum(s.length for s in run.steps)
     by_position: dict[str, list[float]] = {}
+    amplification: dict[str, np.ndarray] = {}
+    for name in ref_taps:
+        source = scores_of(name)
+        if source is not None and source in ref_taps:
+            amplification[name] = row_amplification(softmax_amplification(_numpy(ref_taps[source]), 1, dtype))
     for k, step in enumerate(run.steps):
         for name, x in step.taps.items():
-            tol = tolerance(name)
+            a = amplification.get(name)
+            tol = np.array([tolerance(name, float(a[step.start + i]) if a is not None else 0.0)
+                            for i in range(step.length)])
             rows = step_rows(_numpy(x), _numpy(ref_taps[name]), name, step.start)
             if isinstance(rows, str):
                 err, reason = np.full(step.length, np.inf), rows
@@ -215,19 +225,21 @@ def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[[str], floa
                 err, reason = row_errors(*rows), ""
             row = by_position.setdefault(name, [float("nan")] * n_positions)
             row[step.start:step.start + step.length] = [float(e) for e in err]
-            ratio = float(err.max()) / tol if tol > 0 else (0.0 if err.max() == 0 else np.inf)
-            if ratio > worst_ratio:
-                worst, worst_ratio, worst_err = name, ratio, float(err.max())
-            if first is None and err.max() > tol:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(tol > 0, err / tol, np.where(err == 0, 0.0, np.inf))
+            w = int(np.argmax(ratios))
+            if ratios[w] > worst_ratio:
+                worst, worst_ratio, worst_err, worst_tol = name, float(ratios[w]), float(err[w]), float(tol[w])
+            if first is None and (err > tol).any():
                 bad = int(np.argmax(err > tol))
-                first = Divergence(run.name, name, step.start + bad, k, float(err[bad]), tol,
-                                   reason or f"row NMSE {err[bad]:.3g} > tolerance {tol:.3g}")
+                first = Divergence(run.name, name, step.start + bad, k, float(err[bad]), float(tol[bad]),
+                                   reason or f"row NMSE {err[bad]:.3g} > tolerance {tol[bad]:.3g}")
     a, ref = _numpy(run.logits), _numpy(prefill.logits)
     diff = np.abs(a.astype(np.float64) - ref)
     logits_err = row_errors(a, ref)
     return PathComparison(run.name, run.chunk, len(run.steps), first,
                           float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf"),
-                          float(logits_err.max()), worst, worst_err, tolerance(worst),
+                          float(logits_err.max()), worst, worst_err, worst_tol,
                           [float(e) for e in logits_err], by_position)
 
 
@@ -314,7 +326,7 @@ def check_paths(model, ids: list[int], chunks=(), continue_n: int = 0, dtype: st
 
         prefill = run_path(model, ids, None)
         runs = [run_path(model, ids, k, cache=cache()) for k in (1, *chunks)] + [run_compiled(model, ids)]
-        comparisons = [compare_path(run, prefill, tolerance) for run in runs]
+        comparisons = [compare_path(run, prefill, tolerance, dtype) for run in runs]
         continuation = greedy_continuation(model, ids, continue_n, cache()) if continue_n else None
     finally:
         model.ops = saved_ops

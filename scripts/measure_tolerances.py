@@ -3,6 +3,7 @@ synthetic models (ours and transformers, fp32/fp16/bf16, fused and explicit kern
 NMSE / u_eff^2 and the headroom against the derived tolerance (docs/compare.md quotes its output).
 
     python scripts/measure_tolerances.py small medium [--json=rows.json]
+    python scripts/measure_tolerances.py --amplification small medium   (A_CALIBRATED: no torch needed)
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import numpy as np
 from mlx_tinyllama.metrics import metrics
 from mlx_tinyllama.tolerances import UNIT_ROUNDOFF, depth_of, tolerance_for, unit_roundoff
 
+SEED_IDS = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451, 29889, 2, 29871, 13,
+            29966, 29989, 1792, 29989, 29958, 13, 10994, 29991, 1128, 526, 366, 29973, 2, 29871, 13,
+            29966, 29989, 465, 22137, 29989, 29958, 13]
+
 
 def measure(presets=("small", "medium"), kernels=("fused", "explicit")) -> list[dict]:
     """NMSE per tap of several (side a, side b) pairs on synthetic models, with NMSE/u_eff^2."""
@@ -24,9 +29,7 @@ def measure(presets=("small", "medium"), kernels=("fused", "explicit")) -> list[
     from mlx_tinyllama.synthetic import materialize
     from mlx_tinyllama.taps import Taps, tap_names
 
-    ids = [529, 29989, 5205, 29989, 29958, 13, 3492, 526, 263, 19780, 13563, 7451, 29889, 2, 29871, 13,
-           29966, 29989, 1792, 29989, 29958, 13, 10994, 29991, 1128, 526, 366, 29973, 2, 29871, 13,
-           29966, 29989, 465, 22137, 29989, 29958, 13]
+    ids = SEED_IDS
     rows = []
     for preset in presets:
         model_dir = materialize(preset, 0)
@@ -57,6 +60,22 @@ def measure(presets=("small", "medium"), kernels=("fused", "explicit")) -> list[
     return rows
 
 
+def amplification(presets=("small", "medium")) -> dict[str, list[float]]:
+    """The softmax amplification A (tolerances.py) of each layer's scores, our float32 run of the
+    seed ids, per preset: the largest is A_CALIBRATED, what the constants above already absorb."""
+    from mlx_tinyllama import sources
+    from mlx_tinyllama.compare import run_side
+    from mlx_tinyllama.tolerances import softmax_amplification, total_amplification
+
+    out = {}
+    for preset in presets:
+        lm = sources.load(f"synthetic:{preset}", "float32")
+        scores = run_side(lm, SEED_IDS).tensors  # [H, T, S] per layer
+        out[preset] = [total_amplification(softmax_amplification(scores[f"layers.{i}.attn.scores_masked"]))
+                       for i in range(lm.config.num_hidden_layers)]
+    return out
+
+
 def _summarize(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -82,7 +101,11 @@ if __name__ == "__main__":  # a measurement tool: its output is in docs/compare.
     import json
     import sys
 
-    args = [a for a in sys.argv[1:] if not a.startswith("--json=")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--amplification" in sys.argv:
+        for preset, a in amplification(tuple(args) or ("small", "medium")).items():
+            print(f"{preset}: A per layer " + " ".join(f"{x:.2f}" for x in a) + f" (max {max(a):.2f})")
+        sys.exit(0)
     rows = measure(tuple(args) or ("small", "medium"))
     for a in sys.argv[1:]:
         if a.startswith("--json="):
