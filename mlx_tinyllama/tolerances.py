@@ -312,16 +312,34 @@ class Pinned(Tolerances):
 # their own tolerance, which leaves a softmax nothing to be judged by (A up to 3089 per row on
 # synthetic:tiny with q/k x7); a stage the scores cannot vouch for keeps a bound that still sees a
 # fault, at the price of a possible false alarm (never a silent pass). It never lowers a budget.
-SOFTMAX_READERS = ("attn.probs", "attn.context", "attn.out")
+
+
+def _softmax_readers() -> tuple[tuple[str, ...], str]:
+    """(the layer stages that carry the softmax's relative error: the softmax and what reads it
+    within its block (probs·V, o_proj), the scores stage the softmax reads), from the stage table:
+    the residual add after them is another kind of stage, where the residual absorbs it."""
+    from .stages import LAYER_STAGES
+
+    soft = next(s for s in LAYER_STAGES if s.op == "softmax")
+    readers = [soft.name]
+    for s in LAYER_STAGES:  # forward order: one pass follows the data flow
+        if s.kind == soft.kind and s.name not in readers and any(i in readers for i in s.inputs):
+            readers.append(s.name)
+    return tuple(readers), soft.inputs[0]
+
+
+SOFTMAX_READERS, _SOFTMAX_INPUT = _softmax_readers()
 A_CALIBRATED = 2.32  # the largest A of the models the stage rule's constants were measured on (above)
 WIDENED_NMSE_CAP = 1e-3
 
 
 def scores_of(tap: str) -> str | None:
     """The scores tap a softmax-reading stage reads through exp() (None for every other stage)."""
-    head, _, rest = tap.partition(".attn.")
-    if head.startswith("layers.") and f"attn.{rest}" in SOFTMAX_READERS:
-        return f"{head}.attn.scores_masked"
+    from .stages import split_name
+
+    layer, stage = split_name(tap)
+    if layer is not None and stage in SOFTMAX_READERS:
+        return f"layers.{layer}.{_SOFTMAX_INPUT}"
     return None
 
 
