@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-DEFAULT = ["cpu/2026-12-08-family-real-*.json", "h100/2026-12-08-family/family-*.json",
+DEFAULT = ["cpu/2026-12-08-family-real-*.json", "cpu/2026-12-08-family-profile-*.json", "h100/2026-12-08-family/family-*.json",
            "h200/2026-12-08-family/family-*.json"]
 ORDER = ["tinyllama", "smollm2-135m", "qwen2.5-0.5b", "llama3.2-1b", "mistral-7b"]
 SLOW = 1 / 1.2
@@ -52,18 +52,18 @@ def load(patterns: list[str]) -> list[dict]:
         [Path(p) for p in patterns]
     runs = [json.loads(f.read_text()) for f in files]
     return sorted(runs, key=lambda d: (device(d) != "CPU", device(d),
-                                       ORDER.index(preset(d)) if preset(d) in ORDER else len(ORDER)))
+                                       ORDER.index(preset(d)) if preset(d) in ORDER else len(ORDER), d["date"]))
 
 
 def table(runs: list[dict]) -> list[str]:
     lengths = sorted({r["tokens"] for d in runs for r in d["prefill"]})
-    head = (["preset", "device", "dtype"] + [f"prefill {t}" for t in lengths]
+    head = (["preset", "device", "run (UTC)", "dtype"] + [f"prefill {t}" for t in lengths]
             + ["decode eager", "decode compiled", "greedy ids equal"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in runs:
         pre = {r["tokens"]: r for r in d["prefill"]}
         dec = d["decode"]
-        row = [f"`{preset(d)}`", device(d), d["dtype"]]
+        row = [f"`{preset(d)}`", device(d), d["date"][5:16].replace("T", " "), d["dtype"]]
         row += [cell(paired(pre[t], "ours")) if t in pre else "" for t in lengths]
         row += [cell(paired(dec, "ours")), cell(paired(dec, "ours_compiled")),
                 f"{dec['greedy_tokens_agree'].get('mlx_lm', 0):.2f}"]

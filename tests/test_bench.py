@@ -242,6 +242,7 @@ def _run(ours: list[float], compiled: list[float], mlx_lm: list[float], preset="
         return {"engines": {n: {"samples_s": s} for n, s in e.items()}}
 
     return {"model": {"spec": f"synthetic:{preset}", "details": {"preset": preset}}, "dtype": "float32",
+            "date": "2026-12-08T01:02:03+00:00",
             "hardware": {"backend": backend, "name": "NVIDIA H100 80GB HBM3" if backend == "cuda" else "cpu"},
             "prefill": [{"tokens": 38, **engines(ours=ours, mlx_lm=mlx_lm)}],
             "decode": {**engines(ours=ours, ours_compiled=compiled, mlx_lm=mlx_lm),
@@ -266,8 +267,8 @@ def test_family_table_marks_slow_rows_and_only_those():
     slow = _run(ours=[1.0] * 3, compiled=[1.0] * 3, mlx_lm=[0.8] * 3)  # mlx-lm 1.25x faster
     fine = _run(ours=[1.0] * 3, compiled=[1.0] * 3, mlx_lm=[0.9] * 3, preset="mistral-7b", backend="cuda")
     lines = t.table([slow, fine])
-    assert lines[0].startswith("| preset | device | dtype | prefill 38 | decode eager | decode compiled")
-    assert lines[2] == "| `qwen2.5-0.5b` | CPU | float32 | 0.80 [0.80-0.80] slow | 0.80 [0.80-0.80] slow | " \
-                       "0.80 [0.80-0.80] slow | 1.00 |"
+    assert lines[0].startswith("| preset | device | run (UTC) | dtype | prefill 38 | decode eager | decode compiled")
+    assert lines[2] == "| `qwen2.5-0.5b` | CPU | 12-08 01:02 | float32 | 0.80 [0.80-0.80] slow | " \
+                       "0.80 [0.80-0.80] slow | 0.80 [0.80-0.80] slow | 1.00 |"
     assert "slow" not in lines[3] and lines[3].startswith("| `mistral-7b` | H100 80GB HBM3 |")
 
