@@ -168,7 +168,8 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
 
 SHARD_BYTES = 4 << 30  # a model bigger than this is written in shards of at most this size (with
 # model.safetensors.index.json, as HF checkpoints are): the generator then holds one shard, not the model
-# (Mistral-7B's 14.5 GB of float16 was 29 GB at the peak when written in one piece). Every smaller preset,
+# (written in one piece, Mistral-7B's 14.5 GB of float16 is held twice: the arrays, and safetensors'
+# serialized copy of them; estimated from the code, not measured). Every smaller preset,
 # TinyLlama-1.1B and Llama-3.2-1B included, stays one model.safetensors, byte for byte as before.
 WORKERS = min(8, os.cpu_count() or 1)  # tensors drawn in parallel: numpy's generators and casts release
 # the GIL, and each tensor has its own generator, so the bytes do not depend on the order or the count
