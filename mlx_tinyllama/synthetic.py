@@ -142,8 +142,6 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         if verify(out):
             return out
         _discard(out)  # damaged, edited or from an older writer: rebuilt below
-    from safetensors.numpy import save_file
-
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -151,16 +149,7 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         raise UserError(f"cannot write the synthetic model cache {out.parent}: {e.strerror or e} "
                         "(set MLX_TINYLLAMA_CACHE to a writable directory)") from None
     try:
-        tweak = WEIGHT_TWEAKS.get(preset)
-        shapes = cfg.weight_shapes()
-        tensors = {}
-        for k, (name, shape) in enumerate(shapes.items()):
-            w = generate_weight(name, shape, seed)
-            tensors[name] = tweak(name, w) if tweak else w
-            if progress:
-                progress(k + 1, len(shapes), "generating synthetic weights")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
+        _write_weights(tmp, cfg, preset, seed, progress)
         hf = cfg.to_hf_dict()
         hf["mlx_tinyllama_synthetic"] = {"preset": preset, "seed": seed, "version": FORMAT_VERSION}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
@@ -175,6 +164,64 @@ def materialize(preset: str = DEFAULT_PRESET, seed: int = 0, root: Path | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+SHARD_BYTES = 4 << 30  # a model bigger than this is written in shards of at most this size (with
+# model.safetensors.index.json, as HF checkpoints are): the generator then holds one shard, not the model
+# (written in one piece, Mistral-7B's 14.5 GB of float16 is held twice: the arrays, and safetensors'
+# serialized copy of them; estimated from the code, not measured). Every smaller preset,
+# TinyLlama-1.1B and Llama-3.2-1B included, stays one model.safetensors, byte for byte as before.
+WORKERS = min(8, os.cpu_count() or 1)  # tensors drawn in parallel: numpy's generators and casts release
+# the GIL, and each tensor has its own generator, so the bytes do not depend on the order or the count
+
+
+def shard_plan(shapes: dict[str, tuple[int, ...]], limit: int) -> list[list[str]]:
+    """Tensor names in checkpoint order, cut into shards of at most `limit` float16 bytes (a tensor
+    bigger than the limit gets a shard of its own); one shard when the whole fits."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_weights(d: Path, cfg: ModelConfig, preset: str, seed: int, progress=None,
+                   shard_bytes: int | None = None) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.numpy import save_file
+
+    tweak = WEIGHT_TWEAKS.get(preset)
+    shapes = cfg.weight_shapes()
+    plan = shard_plan(shapes, shard_bytes or SHARD_BYTES)
+    names = ["model.safetensors"] if len(plan) == 1 else [
+        f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
+    done = 0
+
+    def one(name: str) -> np.ndarray:
+        w = generate_weight(name, shapes[name], seed)
+        return tweak(name, w) if tweak else w
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for file, shard in zip(names, plan):
+            tensors = {}
+            for name, w in zip(shard, pool.map(one, shard)):
+                tensors[name] = w
+                done += 1
+                if progress:
+                    progress(done, len(shapes), "generating synthetic weights")
+            save_file(tensors, str(d / file), metadata={"format": "pt"})
+            del tensors
+    if len(plan) > 1:
+        total = sum(2 * int(np.prod(s)) for s in shapes.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: file for file, shard in zip(names, plan) for n in shard}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 MANIFEST = "manifest.json"

@@ -7,6 +7,10 @@
 #   bash scripts/bench_gpu.sh run       # device call 2 (carry .whl/gpu2), at once: install, bench -> $OUT
 #   bash scripts/bench_gpu.sh tests     # (same call or the next) the differential tests on the GPU
 #
+# The family at the real shapes (issue 25): the weights are drawn in the stash call, benched in the next:
+#   bash scripts/bench_gpu.sh stash && bash scripts/bench_gpu.sh generate   # device call 1 (carry .whl/gpu1)
+#   bash scripts/bench_gpu.sh family                                        # device call 2 (carry .whl/gpu2)
+#
 # Why two calls: the mlx-cuda-13 wheel (86 MiB) is over the 64 MiB a device call
 # may carry, so it travels split in two, and the machine stays warm only ~30 s
 # between calls. The device image already has Python 3.12, torch, transformers,
@@ -104,6 +108,41 @@ gpu_tests() {
   timeout 120 python3 scripts/gpu_internals.py 2>&1 | tee -a "$OUT/gpu_tests.log"
 }
 
+# The presets at their published shapes (synthetic.py), TinyLlama first as the baseline row.
+FAMILY=${FAMILY:-tinyllama smollm2-135m qwen2.5-0.5b llama3.2-1b mistral-7b}
+export MLX_TINYLLAMA_CACHE=${MLX_TINYLLAMA_CACHE:-/root/mlx_tinyllama_cache}
+
+# Weights drawn on the device's CPUs (numpy only: MLX is not needed yet), kept on its disk for `family`.
+generate() {
+  PYTHONPATH="$PWD" python3 -c '
+import sys, time
+from mlx_tinyllama.synthetic import materialize
+for preset in sys.argv[1:]:
+    t = time.perf_counter()
+    print(preset, materialize(preset, 0), f"{time.perf_counter() - t:.1f} s", flush=True)
+' $FAMILY
+  du -sh "$MLX_TINYLLAMA_CACHE"/synthetic-*
+}
+
+# Every family preset in float16 (the bench's default dtype), one bench process each, ours vs mlx-lm:
+# prefill at 38..2048 tokens, decode (eager and compiled) of 128 tokens, the per-stage cost.
+family() {
+  : "${OUT:?run on the device machine, where \$OUT is set}"
+  install
+  export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  set -o pipefail
+  { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+    python3 -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, mx.default_device(), mx.device_info(), "| mlx_lm", mlx_lm.__version__)'
+  } 2>&1 | tee "$OUT/family.log"
+  local p
+  for p in $FAMILY; do
+    echo "=== $p $(date -u +%T)" | tee -a "$OUT/family.log"
+    timeout "${FAMILY_TIMEOUT:-150}" python3 -m mlx_tinyllama.trace bench --model "synthetic:$p" --dtype float16 \
+      --prompt-lengths 38,128,512,2048 --decode-tokens 128 --repeats 10 --warmup 2 --no-tap-overhead \
+      --json "$OUT/family-$p.json" 2>&1 | tee -a "$OUT/family.log" || echo "=== $p failed: $?" | tee -a "$OUT/family.log"
+  done
+}
+
 # Any command with the CUDA build of MLX installed, e.g. `exec python3 -m mlx_tinyllama.trace ...`.
 gpu_exec() {
   install
@@ -116,6 +155,8 @@ case "${1:-}" in
   stash) stash ;;
   run) run ;;
   tests) gpu_tests ;;
+  generate) generate ;;
+  family) family ;;
   exec) shift; gpu_exec "$@" ;;
-  *) echo "usage: $0 prepare|stash|run|tests|exec CMD..." >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|stash|run|tests|generate|family|exec CMD..." >&2; exit 2 ;;
 esac

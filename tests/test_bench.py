@@ -221,3 +221,54 @@ def test_the_cuda_graph_batch_size_is_recorded(monkeypatch):
     assert device_report(None)["mlx_max_ops_per_buffer"] is None
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "50")
     assert device_report(None)["mlx_max_ops_per_buffer"] == "50"
+
+
+# --- the family table (scripts/family_bench_table.py) ------------------------------------------
+
+
+def _table_script():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("family_bench_table", REPO / "scripts" / "family_bench_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(ours: list[float], compiled: list[float], mlx_lm: list[float], preset="qwen2.5-0.5b", backend="cpu"):
+    def engines(**e):
+        return {"engines": {n: {"samples_s": s} for n, s in e.items()}}
+
+    return {"model": {"spec": f"synthetic:{preset}", "details": {"preset": preset}}, "dtype": "float32",
+            "date": "2026-12-08T01:02:03+00:00",
+            "hardware": {"backend": backend, "name": "NVIDIA H100 80GB HBM3" if backend == "cuda" else "cpu"},
+            "prefill": [{"tokens": 38, **engines(ours=ours, mlx_lm=mlx_lm)}],
+            "decode": {**engines(ours=ours, ours_compiled=compiled, mlx_lm=mlx_lm),
+                       "greedy_tokens_agree": {"mlx_lm": 1.0}}}
+
+
+def test_family_table_pairs_the_alternated_samples():
+    """The ratio is the median of t_mlx_lm[i] / t_ours[i] (samples taken back to back), not the ratio of
+    the medians: a machine that slowed down for samples 1-2 moves both engines alike."""
+    t = _table_script()
+    ours = [1.0, 3.0, 3.0, 1.0, 1.0]
+    mlx = [1.1, 3.3, 3.3, 1.1, 1.1]  # always 1.1x ours's time, in the same slow and fast phases
+    assert t.paired({"engines": {"ours": {"samples_s": ours}, "mlx_lm": {"samples_s": mlx}}}, "ours") == \
+        pytest.approx((1.1, 1.1, 1.1))
+    skewed = [1.0, 1.0, 3.0, 3.0, 3.0]  # medians 1.0 vs 3.0 would say 3x; pairs say otherwise
+    med, lo, hi = t.paired({"engines": {"ours": {"samples_s": skewed}, "mlx_lm": {"samples_s": mlx}}}, "ours")
+    assert med == pytest.approx(1.1) and lo == pytest.approx(1.1 / 3) and hi == pytest.approx(3.3)
+
+
+def test_family_table_marks_slow_rows_and_only_those():
+    t = _table_script()
+    slow = _run(ours=[1.0] * 3, compiled=[1.0] * 3, mlx_lm=[0.8] * 3)  # mlx-lm 1.25x faster
+    fine = _run(ours=[1.0] * 3, compiled=[1.0] * 3, mlx_lm=[0.9] * 3, preset="mistral-7b", backend="cuda")
+    lines = t.table([slow, fine])
+    assert lines[0].startswith("| preset | device | run (UTC) | dtype | prefill 38 | decode eager | decode compiled")
+    assert lines[2] == "| `qwen2.5-0.5b` | CPU | 12-08 01:02 | float32 | 0.80 [0.80-0.80] slow | " \
+                       "0.80 [0.80-0.80] slow | 0.80 [0.80-0.80] slow | 1.00 |"
+    assert "slow" not in lines[3] and lines[3].startswith("| `mistral-7b` | H100 80GB HBM3 |")
+

@@ -180,6 +180,14 @@ EXCLUDED = {
     "python3 scripts/profile_gpu.py graph decode prefill sweep": "a GPU profile (NVIDIA GPU only)",
     "python3 scripts/profile_taps.py synthetic:tinyllama float16 --cprofile": "a recorded profile of the 1.1B shape",
     "bash scripts/bench_gpu.sh stash": "stages wheels for the GPU machine",
+    # docs/family.md: the bench at the real shapes (a GPU machine; minutes each on this CPU)
+    "bash scripts/bench_gpu.sh stash && bash scripts/bench_gpu.sh generate": "runs on the GPU machine",
+    "bash scripts/bench_gpu.sh family": "runs on the GPU machine",
+    "python3 -m mlx_tinyllama.trace bench --model synthetic:PRESET --dtype float16 --prompt-lengths 38,128,512,2048 "
+    "--decode-tokens 128 --repeats 10 --warmup 2 --no-tap-overhead": "what `bench_gpu.sh family` runs on the GPU machine",
+    "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python -m mlx_tinyllama.trace bench --model "
+    "synthetic:qwen2.5-0.5b --dtype float32 --prompt-lengths 38,128 --decode-tokens 16 --repeats 5 --warmup 1 "
+    "--no-tap-overhead --no-stages --json real.json": "a recorded CPU benchmark of a 0.5B shape (minutes)",
     "bash scripts/bench_gpu.sh tests; bash scripts/bench_gpu.sh run": "runs on the GPU machine",
     "python3 -m mlx_tinyllama.trace bench --model synthetic:tinyllama --dtype float16 --prompt-lengths "
     "38,128,512,2048 --decode-tokens 128 --repeats 5 --warmup 2 --with-transformers --json $OUT/bench_h200_fp16.json":
@@ -231,8 +239,23 @@ def table_as_printed(doc: str, heading: str):
     return check
 
 
+def table_verbatim(doc: str, heading: str):
+    """A check: every line the command prints (a table from committed JSON, the same on every machine)
+    is in `doc` under `heading`, the table's rows in the printed order."""
+    def check(out: str) -> None:
+        section = (REPO / doc).read_text(encoding="utf-8").split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+        printed = [ln for ln in out.splitlines() if ln.strip()]
+        shown = section.splitlines()
+        assert printed and all(ln in shown for ln in printed), f"{doc} under {heading!r} lacks lines of:\n{out}"
+        rows = [ln for ln in printed if ln.startswith("|")]
+        at = shown.index(rows[0])
+        assert shown[at:at + len(rows)] == rows, f"{doc}'s table under {heading!r} differs from the command's:\n{out}"
+    return check
+
+
 # extra checks of a command's output: what the doc says it prints
 CHECKS = {
+    "python scripts/family_bench_table.py": table_verbatim("docs/family.md", "## bench at the real shapes"),
     "PYTHONPATH=$PWD python scripts/llamacpp/table.py": table_as_printed("docs/llamacpp.md", "## Results"),
     "python scripts/llamacpp/table.py --sums": table_as_printed("docs/llamacpp.md",
                                                                 "### The sum's own tolerance (`sum_err`)"),
