@@ -177,8 +177,12 @@ def _prefixes(path: str) -> list[str]:
 def structure_map(model) -> tuple[dict[str, str], dict[str, str]]:
     """({ONNX value name: tap} for every stage the structure settles, {tap: why not} for the rest).
     Each tap is looked up on its own, so a graph whose attention is fused or written otherwise still
-    maps its norms, projections and MLP; a tap whose lookup needs an unsettled one is unsettled too."""
-    from .taps import tap_names
+    maps its norms, projections and MLP; a tap whose lookup needs an unsettled one is unsettled too.
+    What to look for comes from the stage table: a stage with a weight is its module's output (the
+    module path is the table's `weight`, as transformers names it); a stage without one that the
+    next stage's module reads whole is that module's input (probs·V -> o_proj, the product ->
+    down_proj); the others are found by their op's node in the data flow from their inputs."""
+    from .stages import GLOBAL_HEAD, GLOBAL_TAIL, LAYER_STAGES, tap_names
 
     g = Graph(model)
     n_layers = len(g.layer_scopes())
@@ -193,53 +197,16 @@ def structure_map(model) -> tuple[dict[str, str], dict[str, str]]:
             why[tap] = (f"needs {e.args[0]}" if isinstance(e, KeyError) else
                         "no op of the expected type in its data flow" if isinstance(e, StopIteration) else str(e))
 
-    put("embed", lambda: g.module_output(g.scopes("embed_tokens")[0]))
-    casts = ("Cast",)
-    view = ("Reshape", "Transpose", "Cast")
+    for stage in GLOBAL_HEAD:
+        put(stage.name, lambda s=stage: g.module_output(g.scopes(s.weight)[0]))
     for layer_scope in g.layer_scopes():
         i = int(_LAYER.search(layer_scope).group(1))
-        p = f"layers.{i}."
-        attn = layer_scope + ".self_attn"
-        mlp = layer_scope + ".mlp"
-        put(p + "attn_norm", lambda: g.module_output(layer_scope + ".input_layernorm"))
-        for w in "qkv":
-            put(p + "attn." + w, lambda w=w: g.after(g.module_output(f"{attn}.{w}_proj"), view))
-
-        def rope(proj):  # the first Add both of whose inputs come from the projection
-            d = g.descendants(names[proj])
-            return g.first_node("Add", lambda n: g.in_scope(n, attn) and all(x in d for x in n.input)).output[0]
-
-        put(p + "attn.q_rope", lambda: rope(p + "attn.q"))
-        put(p + "attn.k_rope", lambda: rope(p + "attn.k"))
-        for tap, src in ((p + "attn.k_rep", p + "attn.k_rope"), (p + "attn.v_rep", p + "attn.v")):
-            if tap in known:  # taps after the GQA repeat, where the table has them
-                def rep(src=src):
-                    if g.repeated(names[src]) == names[src]:
-                        raise LookupError("no GQA repeat (Unsqueeze/Expand/Reshape) after " + src)
-                    return g.repeated(names[src])
-                put(tap, rep)
-        put(p + "attn.scores", lambda: g.first_node(
-            "MatMul", lambda n: g.before(n.input[0], casts) == names[p + "attn.q_rope"]).output[0])
-        put(p + "attn.scores_scaled", lambda: next(
-            u for u in g.consumers[names[p + "attn.scores"]] if u.op_type in ("Mul", "Div")).output[0])
-        put(p + "attn.scores_masked", lambda: next(
-            u for u in g.consumers[names[p + "attn.scores_scaled"]] if u.op_type == "Add").output[0])
-        put(p + "attn.probs", lambda: g.first_node(
-            "MatMul", lambda n: n.input[1] in g.descendants(names[p + "attn.v"])
-            and n.input[0] in g.descendants(names[p + "attn.scores_masked"])).input[0])
-        put(p + "attn.context", lambda: g.module_input(f"{attn}.o_proj"))
-        put(p + "attn.out", lambda: g.module_output(attn))
-        put(p + "resid_mid", lambda: g.first_node(
-            "Add", lambda n: g.module[id(n)] == layer_scope and names[p + "attn.out"] in n.input).output[0])
-        put(p + "mlp_norm", lambda: g.module_output(layer_scope + ".post_attention_layernorm"))
-        put(p + "mlp.gate", lambda: g.module_output(mlp + ".gate_proj"))
-        put(p + "mlp.up", lambda: g.module_output(mlp + ".up_proj"))
-        put(p + "mlp.act", lambda: g.module_output(mlp + ".act_fn"))
-        put(p + "mlp.prod", lambda: g.module_input(mlp + ".down_proj"))
-        put(p + "mlp.down", lambda: g.module_output(mlp))
-        put(p + "out", lambda: g.module_output(layer_scope))
-    put("final_norm", lambda: g.module_output(g.scopes("model.norm")[0]))
-    put("logits", lambda: g.module_output(g.scopes("lm_head")[0]))
+        for stage in LAYER_STAGES:
+            tap = f"layers.{i}.{stage.name}"
+            if tap in known:
+                put(tap, lambda s=stage, p=f"layers.{i}.", ls=layer_scope: _find(g, s, p, ls, names))
+    for stage in GLOBAL_TAIL:
+        put(stage.name, lambda s=stage: g.module_output(g.scopes(s.weight)[0]))
     inverse: dict[str, str] = {}
     for tap, value in names.items():
         if value in inverse:  # two stages on one value: the structure did not settle either
@@ -248,6 +215,53 @@ def structure_map(model) -> tuple[dict[str, str], dict[str, str]]:
     for tap in known - set(names) - set(why):
         why[tap] = "no such module or op in the graph"
     return {v: t for v, t in inverse.items() if t not in why}, why
+
+
+_VIEW = ("Reshape", "Transpose", "Cast")  # what a value passes through to become [heads, T, D]
+
+
+def _find(g: Graph, stage, p: str, layer_scope: str, names: dict[str, str]) -> str:
+    """The ONNX value of layer stage `stage` (tap prefix `p`) in the layer at `layer_scope`."""
+    from .stages import LAYER_INPUT, LAYER_STAGES
+
+    def scope(weight: str) -> str:  # a module path of the layer, as transformers names it
+        return f"{layer_scope}.{weight}"
+
+    def parent(ref: str) -> str:  # the module that holds the stage `ref`'s weight (self_attn, mlp)
+        weight = next(s.weight for s in LAYER_STAGES if s.name == ref)
+        return scope(weight.rsplit(".", 1)[0])
+
+    inputs = [r for r in stage.inputs if r != LAYER_INPUT]
+    if stage.weight:
+        value = g.module_output(scope(stage.weight))
+        return g.after(value, _VIEW) if stage.op == "heads" else value
+    reader = next((s for s in LAYER_STAGES if s.weight and s.inputs == (stage.name,)), None)
+    if reader is not None:  # read whole by the next module: its input
+        return g.module_input(scope(reader.weight))
+    src = [names[p + r] for r in inputs]  # KeyError: an input is unsettled
+    if stage.op == "rope":  # the first Add both of whose inputs come from the projection
+        d = g.descendants(src[0])
+        attn = parent(inputs[0])
+        return g.first_node("Add", lambda n: g.in_scope(n, attn) and all(x in d for x in n.input)).output[0]
+    if stage.op == "repeat_kv":
+        if g.repeated(src[0]) == src[0]:
+            raise LookupError(f"no GQA repeat (Unsqueeze/Expand/Reshape) after {p + inputs[0]}")
+        return g.repeated(src[0])
+    if stage.op == "qk":
+        return g.first_node("MatMul", lambda n: g.before(n.input[0], ("Cast",)) == src[0]).output[0]
+    if stage.op in ("scale", "mask"):
+        ops = ("Mul", "Div") if stage.op == "scale" else ("Add",)
+        return next(u for u in g.consumers[src[0]] if u.op_type in ops).output[0]
+    if stage.op == "softmax":  # what the probs·V MatMul reads: from these scores, beside the values
+        pv = next(s for s in LAYER_STAGES if stage.name in s.inputs)
+        other = names[p + next(r for r in pv.inputs if r != stage.name)]
+        return g.first_node("MatMul", lambda n: n.input[1] in g.descendants(other)
+                            and n.input[0] in g.descendants(src[0])).input[0]
+    if stage.op == "silu":  # transformers' activation module beside the projection it reads
+        return g.module_output(parent(inputs[0]) + ".act_fn")
+    if stage.op == "add":  # the residual Add of the layer's own scope that reads the branch
+        return g.first_node("Add", lambda n: g.module[id(n)] == layer_scope and src[-1] in n.input).output[0]
+    raise LookupError(f"no rule for op {stage.op}")
 
 
 def tap_map(model) -> dict[str, str]:

@@ -151,8 +151,7 @@ def test_the_clean_table_names_no_unplotted_stage(tiny):
 
 # The modules that may name stages: the table, the model, the transformers capture, the fault
 # library, and the per-engine name maps (llama.cpp's graph names, the seed's published values).
-ALLOWED = {"stages.py", "model.py", "reference/hf.py", "faults.py", "refs/llamacpp.py", "refs/seed.py",
-           "onnx_engine.py"}  # onnx_engine: the ONNX export's per-engine map (module scopes -> taps)
+ALLOWED = {"stages.py", "model.py", "reference/hf.py", "faults.py", "refs/llamacpp.py", "refs/seed.py"}
 
 
 def stages_named(source: str) -> set[str]:
