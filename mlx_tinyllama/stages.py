@@ -231,12 +231,13 @@ def stage_of(name: str) -> Stage:
 def inputs_of(tap: str, n_layers: int) -> list[str]:
     """The canonical taps that `tap`'s op reads (the forward pass's data flow)."""
     layer, _ = split_name(tap)
+    first, last = GLOBAL_HEAD[-1].name, LAYER_STAGES[-1].name  # what enters layer 0; a layer's output
     out = []
     for ref in stage_of(tap).inputs:
         if ref == LAYER_INPUT:
-            out.append("embed" if not layer else f"layers.{layer - 1}.out")
+            out.append(first if not layer else f"layers.{layer - 1}.{last}")
         elif ref == LAST_OUTPUT:
-            out.append(f"layers.{n_layers - 1}.out" if n_layers else "embed")
+            out.append(f"layers.{n_layers - 1}.{last}" if n_layers else first)
         elif layer is None or any(ref == s.name for s in GLOBAL_HEAD + GLOBAL_TAIL):
             out.append(ref)
         else:
