@@ -27,9 +27,8 @@ from .refs.loaders import load
 from .refs.side import (SHORTCUT_LOGITS, SHORTCUT_NORM, SHORTCUT_TAPS, Item, Selector, Side, tap_order,
                         token_axis_of)
 from .taps import tap_names
-from .tolerances import (PRINT_SAFETY, Basis, Tolerances, candidate_basis, scores_of, softmax_amplification,
-                         total_amplification)
-from .metrics import metrics
+from .tolerances import PRINT_SAFETY, Basis, Tolerances, candidate_basis, scores_of
+from .metrics import metrics, softmax_amplification, total_amplification
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "vocab_size", "head_dim")

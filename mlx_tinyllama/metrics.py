@@ -113,3 +113,37 @@ def metrics(a, b, known=None, masked: bool = False, mask_dtype=None) -> dict:
     if out["nonfinite"]:  # NaN where the reference is finite: nothing else matters
         out["nmse"] = out["rel_rms"] = math.inf
     return out
+
+
+# The softmax's amplification of its scores' error (tolerances.py, "softmax readers"): a
+# property of the reference's scores, measured with the verdict's own mask rule.
+def softmax_amplification(scores, token_axis: int = 1, dtype=None) -> dict[str, np.ndarray]:
+    """Per token row of the reference's masked scores (keys on the last axis, heads and any other
+    axis summed): s2 = sum s**2 and n = count over the keys that are not masked (as
+    masked_positions masks: -inf, the dtype's minimum, or zero weight after a softmax in `dtype`), f = sum p**2 (1 -
+    2p + P2) and p2 = sum p**2 over the softmax rows. A of rows R = (sum s2 / sum n) * (sum f /
+    sum p2) over R (row_amplification, total_amplification)."""
+    s = np.moveaxis(np.asarray(scores, np.float64), token_axis, 0)
+    keep = np.isfinite(s) & ~masked_positions(s, dtype)  # the one mask rule, the verdict's
+    top = np.where(keep, s, -np.inf).max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        e = np.where(keep, np.exp(np.where(keep, s - top, 0.0)), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    P2 = (p * p).sum(axis=-1, keepdims=True)
+    rows = tuple(range(1, s.ndim))
+    return {"s2": np.where(keep, s * s, 0.0).sum(axis=rows), "n": keep.sum(axis=rows),
+            "f": (p * p * (1.0 - 2.0 * p + P2)).sum(axis=rows), "p2": P2.sum(axis=rows)}
+
+
+def row_amplification(a: dict[str, np.ndarray]) -> np.ndarray:
+    """A of each token row (softmax_amplification)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (a["s2"] / a["n"]) * (a["f"] / a["p2"])
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def total_amplification(a: dict[str, np.ndarray]) -> float:
+    """A of the whole tensor (softmax_amplification): its NMSE is over every row at once."""
+    n, p2 = float(a["n"].sum()), float(a["p2"].sum())
+    return float(a["s2"].sum() / n * a["f"].sum() / p2) if n > 0 and p2 > 0 else 0.0

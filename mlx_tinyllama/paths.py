@@ -32,7 +32,8 @@ from . import faults
 from .errors import UserError
 from .generate import Sampling, generate_tokens, greedy_by_recompute
 from .taps import Taps, stage_of, tap_names
-from .tolerances import Tolerances, row_amplification, scores_of, softmax_amplification
+from .metrics import row_amplification, softmax_amplification
+from .tolerances import Tolerances, scores_of
 
 PREFILL = "prefill"
 DECODE = "decode"

@@ -343,41 +343,6 @@ def scores_of(tap: str) -> str | None:
     return None
 
 
-def softmax_amplification(scores, token_axis: int = 1, dtype=None) -> dict[str, np.ndarray]:
-    """Per token row of the reference's masked scores (keys on the last axis, heads and any other
-    axis summed): s2 = sum s**2 and n = count over the keys that are not masked (as metrics.py
-    masks: -inf, the dtype's minimum, or zero weight after a softmax in `dtype`), f = sum p**2 (1 -
-    2p + P2) and p2 = sum p**2 over the softmax rows. A of rows R = (sum s2 / sum n) * (sum f /
-    sum p2) over R (row_amplification, total_amplification)."""
-    s = np.moveaxis(np.asarray(scores, np.float64), token_axis, 0)
-    key = EMULATED.get(dtype_key(dtype), dtype_key(dtype)) if dtype is not None else "float32"
-    finite = np.where(np.isfinite(s), s, -np.inf)
-    top = finite.max(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        zero_below = ZERO_WEIGHT_BELOW.get(key, ZERO_WEIGHT_BELOW["float32"])
-        keep = np.isfinite(s) & (s > MASKED_BELOW) & (s - top >= zero_below)
-        e = np.where(keep, np.exp(np.where(keep, s - top, 0.0)), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
-    p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-    P2 = (p * p).sum(axis=-1, keepdims=True)
-    rows = tuple(range(1, s.ndim))
-    return {"s2": np.where(keep, s * s, 0.0).sum(axis=rows), "n": keep.sum(axis=rows),
-            "f": (p * p * (1.0 - 2.0 * p + P2)).sum(axis=rows), "p2": P2.sum(axis=rows)}
-
-
-def row_amplification(a: dict[str, np.ndarray]) -> np.ndarray:
-    """A of each token row (softmax_amplification)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = (a["s2"] / a["n"]) * (a["f"] / a["p2"])
-    return np.where(np.isfinite(out), out, 0.0)
-
-
-def total_amplification(a: dict[str, np.ndarray]) -> float:
-    """A of the whole tensor (softmax_amplification): its NMSE is over every row at once."""
-    n, p2 = float(a["n"].sum()), float(a["p2"].sum())
-    return float(a["s2"].sum() / n * a["f"].sum() / p2) if n > 0 and p2 > 0 else 0.0
-
-
 # ---------------------------------------------------------------------------
 # Which precision the candidate is judged at
 

@@ -65,7 +65,7 @@ def amplification(presets=("small", "medium")) -> dict[str, list[float]]:
     seed ids, per preset: the largest is A_CALIBRATED, what the constants above already absorb."""
     from mlx_tinyllama import sources
     from mlx_tinyllama.compare import run_side
-    from mlx_tinyllama.tolerances import softmax_amplification, total_amplification
+    from mlx_tinyllama.metrics import softmax_amplification, total_amplification
 
     out = {}
     for preset in presets:

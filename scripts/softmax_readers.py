@@ -22,7 +22,8 @@ READERS = ("probs", "context", "out")
 def worst_rows(lm, ids, dtype: str, chunks=(2,)) -> dict[str, tuple[float, float, float]]:
     """{reader stage: (worst row / fixed budget, worst row / widened budget, largest A)} over every path."""
     from mlx_tinyllama.paths import _numpy, compare_path, run_compiled, run_path, tap_tolerance
-    from mlx_tinyllama.tolerances import Tolerances, row_amplification, softmax_amplification
+    from mlx_tinyllama.metrics import row_amplification, softmax_amplification
+    from mlx_tinyllama.tolerances import Tolerances
 
     model, L = lm.model, lm.config.num_hidden_layers
     tol = tap_tolerance(Tolerances(), dtype, L)
