@@ -676,8 +676,8 @@ def explain_mask(hidden_a: np.ndarray, hidden_b: np.ndarray, kernel: str) -> Pat
     distance back from the query (d = query position - key position): d < 0 are future keys (the
     causal bound), d >= W the keys a sliding window of W hides. A mask bug is a wrong bound, so
     the wrong pairs fill a band of d; the row shape alone ("rows 8-11 wrong") would read like a
-    tile bound. The causal-only case (future keys shown) is left to the row shapes, which name it.
-    None when the masks agree or the wrong pairs fill no band."""
+    tile bound. Future keys shown up to N past every query is the causal bound off by N (or
+    missing). None when the masks agree or the wrong pairs fill no band."""
     if hidden_a.shape != hidden_b.shape or hidden_a.ndim < 2:
         return None
     # A mask bound is the same for every head. "Hidden" here is by effect (the verdict's rule), so a
@@ -731,6 +731,22 @@ def explain_mask(hidden_a: np.ndarray, hidden_b: np.ndarray, kernel: str) -> Pat
             return Pattern("mask_window_off" if window_ref is not None else "mask_window_extra",
                            f"queries at positions {_span(rows)} do not see keys {_span_d(d[hid])} positions back, which the "
                            f"reference shows", f"the mask applies {what}", step_w, evidence)
+    if shown.any() and not hid.any() and (d[shown] < 0).all():  # future keys: the causal bound
+        ahead = int(-d[shown].min())
+        if np.array_equal(shown, hb & (d < 0) & (d >= -ahead)):  # every key up to `ahead` past, none further
+            rows = np.flatnonzero(shown.any(axis=1))
+            extra = shown.sum(axis=1)
+            missing = not (hb & (d < 0) & ~shown).any()
+            T = ha.shape[0]
+            words = (f"every token row but the last ({first_pos + T - 1}) differs"
+                     if np.array_equal(rows, np.arange(T - 1)) else
+                     f"queries at positions {_span(first_pos + rows)} see keys after their own position")
+            cause = ("every query sees every key: the causal mask is missing" if missing else
+                     f"each query sees {ahead} key(s) past its own position: the causal mask is off by {ahead}")
+            evidence["extra_visible_keys"] = [int(e) for e in extra]
+            return Pattern("all_rows_but_last", words, cause + " (the last query has no later key to peek at)",
+                           f"check the mask's bound (key j is visible to query i only if j <= i) in the {kernel}",
+                           evidence)
     return None  # no single bound: the row shapes say what they can
 
 
@@ -755,16 +771,7 @@ def stage_pattern(tap: str, candidate, reference, budget: float, cfg: dict, mask
         a = np.where(hidden_a, 0.0, a)
         b = np.where(hidden_b, 0.0, b)
         a = np.where(hidden_a != hidden_b, a + np.where(hidden_b, 1.0, -1.0) * (np.abs(b).max() + 1.0), a)
-        shape = explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what)
-        if shape is not None and shape.name == "all_rows_but_last":
-            extra = (hidden_b & ~hidden_a).sum(axis=-1).max(axis=0)  # per query row, keys seen too many
-            ahead = int(extra.max())
-            shape.evidence["extra_visible_keys"] = [int(e) for e in extra]
-            if np.array_equal(extra, np.minimum(ahead, np.arange(len(extra))[::-1])):
-                shape.cause = (f"each query sees {ahead} key(s) past its own position: the causal mask is off by "
-                               f"{ahead}" if ahead < len(extra) - 1 else
-                               "every query sees every key: the causal mask is missing")
-        return shape
+        return explain(a, b, token_axis=stage.token_axis, budget=budget, kernel=stage.kernel or stage.what)
     head_axis = 0 if stage.head_major else None
     merged = "head*dim" in stage.dims
     if merged and a.shape == b.shape and a.ndim == 2:

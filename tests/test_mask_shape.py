@@ -56,6 +56,15 @@ def test_a_window_of_the_wrong_size_says_by_how_much(cand, ref, name, words):
         assert f"off by {abs(cand - ref)}" in p.cause
 
 
+@pytest.mark.parametrize("extra, cause", [(1, "off by 1"), (3, "off by 3"), (7, "the causal mask is missing")])
+def test_future_keys_are_the_causal_bound(extra, cause):
+    """The causal bound read the same way as the window: by distance, in the mask itself (it was a
+    row-shape reading with the keys counted afterwards); the words stay the row shape's."""
+    p = explain_mask(hidden(8, causal_extra=extra), hidden(8), "causal mask")
+    assert p.name == "all_rows_but_last" and p.words == "every token row but the last (7) differs"
+    assert cause in p.cause and p.evidence["extra_visible_keys"][:2] == [min(extra, 7), min(extra, 6)]
+
+
 def test_a_strict_causal_bound_is_the_diagonal():
     p = explain_mask(hidden(6, strict=True), hidden(6), "causal mask")
     assert p.name == "mask_hides_diagonal" and "j < i instead of j <= i" in p.cause
@@ -70,7 +79,9 @@ def test_a_decode_step_is_read_at_its_own_position():
 
 def test_what_is_not_a_bound_is_left_to_the_row_shapes():
     assert explain_mask(hidden(8), hidden(8), "m") is None  # same masks
-    assert explain_mask(hidden(8, causal_extra=1), hidden(8), "m") is None  # future keys: the causal rows say it
+    stray = hidden(8)
+    stray[:, 2, 5] = False  # one future key shown to one query: no bound
+    assert explain_mask(stray, hidden(8), "m") is None
     a = hidden(8, window=4)
     a[1] = hidden(8, heads=1)[0]  # one head only: not a mask bound
     assert explain_mask(a, hidden(8, window=4), "m") is None
