@@ -106,14 +106,14 @@ class _Ctx:
         source = scores_of(tap)
         if source is None:
             return 0.0
-        if tap not in self._amplification:
+        if source not in self._amplification:  # once per layer's scores: probs, context and out share them
             try:
                 rf, rows = self.full(self.r, source)
             except ValueError:
                 rf, rows = None, None
-            self._amplification[tap] = 0.0 if rf is None or rows is not None else total_amplification(
+            self._amplification[source] = 0.0 if rf is None or rows is not None else total_amplification(
                 softmax_amplification(rf, token_axis_of(source), self.mask_dtype(source)))
-        return self._amplification[tap]
+        return self._amplification[source]
 
     def mask_dtype(self, tap):
         """The dtype whose softmax decides what "masked" means (metrics.masked_positions)."""

@@ -210,10 +210,13 @@ def compare_path(run: PathRun, prefill: PathRun, tolerance: Callable[..., float]
     n_positions = sum(s.length for s in run.steps)
     by_position: dict[str, list[float]] = {}
     amplification: dict[str, np.ndarray] = {}
+    by_source: dict[str, np.ndarray] = {}  # once per layer's scores: probs, context and out share them
     for name in ref_taps:
         source = scores_of(name)
         if source is not None and source in ref_taps:
-            amplification[name] = row_amplification(softmax_amplification(_numpy(ref_taps[source]), 1, dtype))
+            if source not in by_source:
+                by_source[source] = row_amplification(softmax_amplification(_numpy(ref_taps[source]), 1, dtype))
+            amplification[name] = by_source[source]
     for k, step in enumerate(run.steps):
         for name, x in step.taps.items():
             a = amplification.get(name)
